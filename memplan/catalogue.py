@@ -1,0 +1,156 @@
+"""The bundled catalogue (profiles/models, profiles/gpus) and MODEL / GPU name resolution.
+
+MODEL resolves, in order: a path to a directory holding config.json or to a config file; a
+catalogue name, alias or hub id (case-insensitive); a hub id fetched through huggingface_hub when it
+is installed and online.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import MemplanError, UnknownNameError
+from .gpu import GPUSpec
+from .model import ModelSpec, model_from_config
+
+_HERE = Path(__file__).resolve().parent
+
+
+def profiles_dir() -> Path:
+    """profiles/ from a checkout (next to the package) or from an installed wheel (inside it)."""
+    env = os.environ.get("MEMPLAN_PROFILES")
+    for cand in ([Path(env)] if env else []) + [_HERE.parent / "profiles", _HERE / "profiles"]:
+        if (cand / "models").is_dir():
+            return cand
+    raise MemplanError("cannot find the bundled profiles/ folder; reinstall memplan or set MEMPLAN_PROFILES")
+
+
+def _load_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=None)
+def _model_entries() -> dict[str, dict[str, Any]]:
+    return {p.stem: _load_json(p) for p in sorted((profiles_dir() / "models").glob("*.json"))}
+
+
+@lru_cache(maxsize=None)
+def _gpu_entries() -> dict[str, dict[str, Any]]:
+    return {p.stem: _load_json(p) for p in sorted((profiles_dir() / "gpus").glob("*.json"))}
+
+
+def _index(entries: dict[str, dict[str, Any]], extra_keys: tuple[str, ...]) -> dict[str, str]:
+    idx: dict[str, str] = {}
+    for key, e in entries.items():
+        names = [e.get("name", key), *e.get("aliases", ())]
+        for k in extra_keys:
+            v = e.get(k)
+            names += v if isinstance(v, list) else [v] if v else []
+        for n in names:
+            idx.setdefault(str(n).lower(), key)
+    return idx
+
+
+@lru_cache(maxsize=None)
+def _model_index() -> dict[str, str]:
+    return _index(_model_entries(), ("hub_id",))
+
+
+@lru_cache(maxsize=None)
+def _gpu_index() -> dict[str, str]:
+    return _index(_gpu_entries(), ("full_name", "nvml_names"))
+
+
+def _spec_from_entry(e: dict[str, Any]) -> ModelSpec:
+    return model_from_config(e["config"], name=e["name"], hub_id=e.get("hub_id", ""),
+                             aliases=tuple(e.get("aliases", ())), source=e.get("source", ""))
+
+
+@lru_cache(maxsize=512)
+def load_model(model: str) -> ModelSpec:
+    """A ModelSpec from a catalogue name/alias/hub id, a local directory or config.json, or the hub."""
+    if not isinstance(model, str) or not model.strip():
+        raise MemplanError("MODEL is empty; give a catalogue name (see `memplan models`), a hub id or a path")
+    text = model.strip()
+    path = Path(os.path.expanduser(text))
+    if path.is_dir() or path.suffix == ".json" or text.startswith((".", "/", "~")):
+        return _from_path(path)
+    key = _model_index().get(text.lower())
+    if key is not None:
+        return _spec_from_entry(_model_entries()[key])
+    if "/" in text and text.count("/") == 1:
+        return _from_hub(text)
+    raise UnknownNameError("model", text, [e["name"] for e in _model_entries().values()]
+                           + [a for e in _model_entries().values() for a in e.get("aliases", ())],
+                           hint="see `memplan models`, or pass a hub id or a path to a config.json")
+
+
+def _from_path(path: Path) -> ModelSpec:
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise MemplanError(f"no config.json at {str(cfg_path)!r}; pass a directory holding config.json, "
+                           "a config.json path, or a catalogue name (see `memplan models`)")
+    try:
+        cfg = _load_json(cfg_path)
+    except (OSError, ValueError) as e:
+        raise MemplanError(f"cannot read {str(cfg_path)!r} as JSON: {e}") from None
+    name = cfg.get("_name_or_path") or (path.name if path.is_dir() else path.parent.name)
+    return model_from_config(cfg, name=str(name), source=str(cfg_path))
+
+
+def _from_hub(repo_id: str) -> ModelSpec:
+    offline_msg = (f"{repo_id!r} is not in the bundled catalogue and the hub cannot be reached; "
+                   "see `memplan models` for bundled models, or pass a local directory or config.json path")
+    try:
+        from huggingface_hub import hf_hub_download  # optional extra [hf]
+    except ImportError:
+        raise MemplanError(offline_msg + " (or pip install 'memplan[hf]' to fetch configs from the hub)") from None
+    try:
+        cfg_path = hf_hub_download(repo_id, "config.json")
+    except Exception as e:  # offline, gated, missing repo: one line, not a traceback
+        raise MemplanError(f"{offline_msg} ({type(e).__name__})") from None
+    cfg = _load_json(Path(cfg_path))
+    return model_from_config(cfg, name=repo_id, hub_id=repo_id, source=f"hub:{repo_id}")
+
+
+def load_gpu(gpu: str | GPUSpec) -> GPUSpec:
+    """A GPUSpec from a catalogue name, alias or NVML name (case-insensitive)."""
+    if isinstance(gpu, GPUSpec):
+        return gpu
+    key = _gpu_index().get(str(gpu).strip().lower())
+    if key is None:
+        raise UnknownNameError("GPU", str(gpu), [e["name"] for e in _gpu_entries().values()],
+                               hint="see `memplan gpus`")
+    return GPUSpec.from_dict(_gpu_entries()[key])
+
+
+def list_models() -> list[ModelSpec]:
+    return [_spec_from_entry(e) for e in _model_entries().values()]
+
+
+def list_gpus() -> list[GPUSpec]:
+    return sorted((GPUSpec.from_dict(e) for e in _gpu_entries().values()), key=lambda g: g.memory_bytes)
+
+
+def model_entry(spec: ModelSpec) -> dict[str, Any] | None:
+    """The raw catalogue entry behind a spec, when it came from the catalogue."""
+    key = _model_index().get(spec.name.lower())
+    return _model_entries().get(key) if key else None
+
+
+def resolve_model(model: Any) -> ModelSpec:
+    """Anything a user may pass as MODEL: ModelSpec, name/path string, config dict or PretrainedConfig."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, dict) or hasattr(model, "to_dict"):
+        name = (model.get("_name_or_path") if isinstance(model, dict) else getattr(model, "_name_or_path", "")) or ""
+        return model_from_config(model, name=str(name) or "custom")
+    raise MemplanError(f"cannot read a model from {type(model).__name__}; pass a catalogue name, hub id, "
+                       "path, config.json dict or transformers PretrainedConfig")

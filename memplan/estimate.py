@@ -1,0 +1,234 @@
+"""estimate: every Term at the peak of a steady-state training step, in closed form.
+
+Peak = static + max(loss stage, a layer's backward window, optimizer step), each moment built from
+the per-term functions in `formulas` and the saved-tensor walk in `activations`:
+
+- loss stage (forward through the loss and the log-softmax backward): every saved activation, the
+  [T x V] buffers (bf16 logits + fp32 copy + log-softmax = 10 T V during the loss forward;
+  log-softmax output + its gradient + the logits gradient = 12 T V in its backward), autocast's cache
+  of LoRA weight copies (forward only);
+- the first layer backward (the largest window): activations still saved, the layer's recomputed
+  set under checkpointing, gradients in flight and the backward dequantization transient;
+- the optimizer step: every gradient plus the optimizer's scratch.
+Gradient accumulation keeps all gradients alive through the later micro-batches' forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from math import ceil
+from typing import Any
+
+from . import formulas as F
+from .activations import ActivationProfile, activation_profile
+from .gpu import GPUSpec
+from .model import ModelSpec
+from .optim import OPTIMIZERS
+from .plan import TrainPlan, plan_from
+from .terms import ALLOCATED_TERMS, Term
+from .units import round_up
+
+SCHEMA = "memplan.estimate/1"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per Term at the peak moment of one steady-state training step."""
+
+    model: ModelSpec
+    plan: TrainPlan
+    terms: dict[Term, int]
+    peak_phase: str
+    paged_bytes: int
+    gpu: GPUSpec | None = None
+    notes: tuple[str, ...] = ()
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(self.terms[t] for t in ALLOCATED_TERMS)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.allocated_bytes + self.terms[Term.ALLOCATOR_OVERHEAD]
+
+    @property
+    def device_bytes(self) -> int:
+        return self.reserved_bytes + self.terms[Term.CUDA_CONTEXT]
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.gpu is None else self.gpu.memory_bytes - self.device_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu is None else self.device_bytes <= self.gpu.memory_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": self.model.to_dict(),
+            "plan": self.plan.to_dict(),
+            "device": self.plan.device,
+            "gpu": self.gpu.to_dict() if self.gpu else None,
+            "terms": {str(t): int(v) for t, v in self.terms.items()},
+            "peak": {"phase": self.peak_phase, "allocated_bytes": self.allocated_bytes,
+                     "reserved_bytes": self.reserved_bytes, "device_bytes": self.device_bytes},
+            "phase_peaks": dict(self.phase_peaks),
+            "paged_bytes": self.paged_bytes,
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+            "versions": dict(F.MODELED_VERSIONS),
+            "notes": list(self.notes),
+        }
+
+
+def _moment(static: dict[Term, int], **extra: int) -> dict[Term, int]:
+    out = dict(static)
+    for k, v in extra.items():
+        out[Term(k)] = out.get(Term(k), 0) + v
+    return out
+
+
+def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
+    """The estimate for a resolved model and plan (the pure core behind `estimate`)."""
+    cuda = plan.device == "cuda"
+    rnd = 512 if cuda else 1
+    r = (lambda n: round_up(n, 512) if n else 0) if cuda else (lambda n: n)  # noqa: E731
+    notes: list[str] = []
+    T, V, H, L = plan.tokens, model.vocab_size, model.hidden_size, model.num_layers
+    if model.is_moe:
+        from .errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(
+            f"the closed form does not cover mixture-of-experts activations yet ({model.model_type}); "
+            "use `memplan simulate` for an exact trace")
+
+    if model.model_type == "gemma2" and plan.attn_implementation == "sdpa":
+        from .errors import InvalidSpecError
+
+        raise InvalidSpecError("plan", ["transformers 5.24 has no SDPA attention for gemma2 (attention "
+                                        "softcapping); use --attn-implementation eager or flash_attention_2"])
+    opt_dev, paged = F.optimizer_state_bytes(model, plan, rnd, cuda=cuda)
+    static = {t: 0 for t in Term}
+    static[Term.BASE_WEIGHTS] = F.base_weights_bytes(model, plan, rnd)
+    static[Term.QUANT_STATE] = F.quant_state_bytes(model, plan, rnd)
+    static[Term.OTHER_PARAMS] = F.other_params_bytes(model, plan, rnd)
+    static[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
+    static[Term.OPTIMIZER_STATE] = opt_dev
+    grads = F.gradient_bytes(model, plan, rnd)
+    ga_grads = grads if plan.gradient_accumulation_steps > 1 else 0
+
+    ap = activation_profile(model, plan, cpu=not cuda)
+    moments: dict[str, dict[Term, int]] = {}
+    gc = plan.gradient_checkpointing
+    if gc:
+        layers_saved = L * ap.layer_input_bytes
+    else:
+        layers_saved = ap.first_layer_bytes + (L - 1) * ap.layer_bytes
+    model_saved = ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes
+    labels = r(8 * plan.batch_size * (plan.seq_len + 1))  # labels padded by one (-100) for the shift
+
+    # ---- loss stage ---------------------------------------------------------------------------
+    tv = T * V
+    fp32_copy = r(4 * tv) if ap.logits_dt != 4 else 0
+    loss_fwd_logits = r(ap.logits_dt * tv) + fp32_copy + r(4 * tv)
+    loss_fwd = _moment(static, gradients=ga_grads,
+                       activations=layers_saved + model_saved + (ap.lora_weight_copies - (0 if gc else ap.saved_copies))
+                       + r(T * H * ap.stream_dt) + labels + 2 * r(4),
+                       logits=loss_fwd_logits)
+    loss_bwd = _moment(static, gradients=ga_grads, activations=layers_saved + model_saved + 2 * r(4),
+                       logits=3 * r(4 * tv))
+
+    # ---- layer backward windows ------------------------------------------------------------------
+    # Two moments per layer i: the end of its recompute (checkpointing), when its whole saved set, the
+    # MLP input and the last Linear's forward transients are alive; and its MLP backward, when the
+    # down projection's saved tensors are gone and three [T x I] gradients are in flight.
+    per_layer_grads = grads // L
+    I = model.intermediate_size
+    cd = 4 if plan.compute_dtype == "fp32" else 2
+    pos_ids = r(8 * plan.seq_len) if gc else 0  # position ids, an argument every checkpointed layer keeps
+    g_res = r(T * H * ap.stream_dt)
+    down_grads = (r(4 * plan.lora_r * I) + r(4 * H * plan.lora_r)) if plan.method != "full" else 0
+    for i in ((L - 1, 0) if gc else (L - 1,)):
+        saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+        if gc:
+            below = i * ap.layer_input_bytes + (0 if ap.input_in_saved else ap.layer_input_bytes)
+        else:
+            below = (ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0)
+        base = dict(gradients=grads if ga_grads else per_layer_grads * (L - 1 - i),
+                    activations=below + ap.rope_bytes + pos_ids + 2 * r(4))
+        if gc:
+            moments[f"recompute:{i}"] = _moment(
+                static, gradients=base["gradients"],
+                activations=base["activations"] + saved_i + ap.mlp_input_extra,
+                temporaries=g_res + r(T * H * cd) + ap.last_transient)
+        moments[f"backward:{i}"] = _moment(
+            static, gradients=base["gradients"] + down_grads,
+            activations=base["activations"] + saved_i - ap.down_saved,
+            temporaries=g_res + 3 * r(T * I * ap.prod_dt))
+    loss_fwd[Term.ACTIVATIONS] += pos_ids
+    loss_bwd[Term.ACTIVATIONS] += pos_ids
+
+    # ---- optimizer step -------------------------------------------------------------------------
+    opt = _moment(static, gradients=grads, temporaries=_optimizer_scratch(model, plan, cuda, rnd))
+
+    moments.update({"loss": loss_fwd, "backward": loss_bwd, "optimizer": opt})
+    totals = {k: sum(v[t] for t in ALLOCATED_TERMS) for k, v in moments.items()}
+    phase_key = max(totals, key=totals.get)
+    terms = dict(moments[phase_key])
+    phase = phase_key.split(":")[0]
+
+    if cuda:
+        g = gpu or GPUSpec(name="generic")
+        terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
+        alloc = sum(terms[t] for t in ALLOCATED_TERMS)
+        terms[Term.ALLOCATOR_OVERHEAD] = int(alloc * g.reserve_ratio)
+        terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
+        if gpu is None:
+            notes.append("no --gpu given: CUDA context, workspace and allocator overhead use generic defaults")
+        if paged:
+            notes.append(f"paged optimizer: {paged} B of state live in CUDA managed memory (paged_bytes), "
+                         "outside torch's allocator; NVML counts it when resident")
+    if plan.prepare and plan.method != "full":
+        notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    if model.max_position_embeddings and plan.seq_len > model.max_position_embeddings:
+        notes.append(f"seq_len {plan.seq_len} is longer than the model's max_position_embeddings "
+                     f"{model.max_position_embeddings}")
+    if gpu is not None and plan.mixed_precision == "bf16" and not gpu.bf16:
+        notes.append(f"{gpu.name} has no bf16 support (compute capability {gpu.compute_capability}); "
+                     "use --mixed-precision fp16 --compute-dtype fp16 --dtype fp16")
+    return Estimate(model=model, plan=plan, terms=terms, peak_phase=phase, paged_bytes=paged if cuda else 0,
+                    gpu=gpu, notes=tuple(notes), phase_peaks=totals)
+
+
+def _optimizer_scratch(model: ModelSpec, plan: TrainPlan, cuda: bool, rnd: int) -> int:
+    """Transient buffers during optimizer.step()."""
+    spec = OPTIMIZERS[plan.optim]
+    sizes = [n * dt for n, dt in F.trainable_tensors(model, plan)]
+    if not sizes:
+        return 0
+    if spec.impl == "foreach" and cuda and spec.states:
+        return sum(round_up(s, rnd) for s in sizes)  # foreach: one param-sized temporary per tensor
+    if spec.impl == "fused" or spec.bits == 8 and cuda:
+        return 0
+    return max(sizes)  # single-tensor loop: the denominator of one tensor at a time
+
+
+def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu: str | GPUSpec | None = None,
+             bnb_config: Any = None, lora_config: Any = None, training_args: Any = None,
+             **plan_kwargs: Any) -> Estimate:
+    """Estimate the peak memory of one training step.
+
+    `model`: a catalogue name, hub id, local path, ModelSpec, config.json dict or PretrainedConfig.
+    Plan fields come from `plan`, the user's HF objects (`bnb_config`, `lora_config`,
+    `training_args`) and keyword arguments (which win), e.g. `estimate("llama-2-7b", seq_len=4096)`.
+    """
+    from .catalogue import load_gpu, resolve_model
+
+    spec = resolve_model(model)
+    p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
+                  **plan_kwargs)
+    g = load_gpu(gpu) if gpu is not None else None
+    return compute(spec, p, g)

@@ -1,0 +1,191 @@
+"""One pure function per static term: weights, quant state, other params, adapters, grads, optimizer.
+
+Bytes are exact for the libraries named in `MODELED_VERSIONS` (FACTS.md). `rnd` is the allocation
+granularity: 512 on CUDA (every tensor is its own allocation), 1 on the CPU.
+"""
+
+from __future__ import annotations
+
+from math import ceil
+
+from .model import Linear, ModelSpec
+from .optim import BNB_STATE_BLOCK, MIN_8BIT_SIZE, OPTIMIZERS, PAGED_MIN_NUMEL
+from .plan import TrainPlan
+from .units import round_up
+
+MODELED_VERSIONS = {"torch": "2.13", "transformers": "5.24", "peft": "0.21.2", "bitsandbytes": "0.50.2",
+                    "accelerate": "1.15"}
+
+BNB_BLOCKSIZE = 64        # 4-bit blocksize on every backend in bitsandbytes 0.50
+NESTED_BLOCKSIZE = 256    # double-quant second level, hard-coded
+
+
+def _r(n: int, rnd: int) -> int:
+    return round_up(n, rnd) if rnd > 1 and n else n
+
+
+def _dt(name: str) -> int:
+    return 4 if name == "fp32" else 2
+
+
+def quantized_linears(model: ModelSpec, plan: TrainPlan) -> list[Linear]:
+    """The Linears bitsandbytes replaces: every nn.Linear of the decoder layers (lm_head skipped)."""
+    if plan.method != "qlora":
+        return []
+    return list(model.layer_linears) * model.num_layers
+
+
+def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
+    """Stored base Linear weights: packed 4-bit ceil(n/2) B, int8 n B, or the 16/32-bit weight.
+
+    bitsandbytes functional.quantize_4bit packs two 4-bit codes per byte; `bnb_4bit_quant_storage`
+    changes the packed dtype, not the byte count. For LoRA/full the Linear weights stay in the load
+    dtype (fp32 after prepare_model_for_kbit_training).
+    """
+    per_layer = 0
+    for lin in model.layer_linears:
+        if plan.method == "qlora":
+            n = lin.numel if plan.quant == "int8" else ceil(lin.numel / 2)
+        else:
+            n = lin.numel * (4 if plan.prepare else _dt(plan.dtype))
+        per_layer += _r(n, rnd)
+    return per_layer * model.num_layers
+
+
+def quant_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
+    """Block constants stored beside 4-bit weights (bitsandbytes functional.quantize_4bit).
+
+    Double quant on, per weight with nb = ceil(n/64) blocks: absmax nb B (uint8) + second-level absmax
+    4*ceil(nb/256) B + offset 4 B + 16-entry fp32 code (64 B) + 256-entry fp32 code (1024 B) -- the
+    code tables are copied per weight. Double quant off: 4*nb B absmax + the 64 B code.
+    int8 (LLM.int8): one fp32 scale per output row (SCB).
+    """
+    if plan.method != "qlora":
+        return 0
+    total = 0
+    for lin in model.layer_linears:
+        if plan.quant == "int8":
+            total += _r(4 * lin.out_features, rnd)
+            continue
+        nb = ceil(lin.numel / BNB_BLOCKSIZE)
+        if plan.double_quant:
+            total += (_r(nb, rnd) + _r(4 * ceil(nb / NESTED_BLOCKSIZE), rnd) + _r(4, rnd) + _r(64, rnd)
+                      + _r(1024, rnd))
+        else:
+            total += _r(4 * nb, rnd) + _r(64, rnd)
+    return total * model.num_layers
+
+
+def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
+    """Every other parameter and buffer: embeddings, lm_head, norms, biases, routers, MoE experts.
+
+    prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit to fp32.
+    For LoRA/full the Linear weights themselves are `base_weights`, not counted here.
+    """
+    dt = 4 if plan.prepare else _dt(plan.dtype)
+    H, L = model.hidden_size, model.num_layers
+    tensors = [model.embedding_params]
+    if not model.tie_word_embeddings:
+        tensors.append(model.lm_head_params)
+    tensors.append(H)  # final norm
+    per_layer = [n for _, n in model.layer_norms]
+    per_layer += [lin.out_features for lin in model.layer_linears if lin.bias]
+    if model.is_moe:
+        E, I = model.num_experts, model.intermediate_size
+        per_layer += [E * 2 * I * H, E * H * I]
+    total = sum(_r(n * dt, rnd) for n in tensors) + L * sum(_r(n * dt, rnd) for n in per_layer)
+    buffers = [model.head_dim // 2] * (model.rotary_buffer_elements // (model.head_dim // 2))
+    total += sum(_r(4 * n, rnd) for n in buffers)  # rotary inv_freq buffers stay fp32
+    if model.family == "gemma":
+        total += _r(_dt(plan.dtype), rnd)  # embed_scale: a load-dtype buffer, which prepare does not touch
+    return total
+
+
+def lora_tensors(model: ModelSpec, plan: TrainPlan) -> list[int]:
+    """Element counts of every LoRA A [r, in] and B [out, r] tensor, all layers."""
+    if plan.method not in ("qlora", "lora"):
+        return []
+    from .activations import LayerModel, Walk
+
+    probe = LayerModel(model, plan, Walk(), cpu=True)
+    out: list[int] = []
+    for lin in model.layer_linears:
+        if probe.targeted(lin):
+            out += [plan.lora_r * lin.in_features, lin.out_features * plan.lora_r]
+    return out * model.num_layers
+
+
+def trainable_tensors(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
+    """(numel, dtype bytes) of every trainable parameter."""
+    if plan.method == "full":
+        dt = 4 if plan.prepare else _dt(plan.dtype)
+        per_layer = [l.numel for l in model.layer_linears] + [l.out_features for l in model.layer_linears if l.bias]
+        per_layer += [n for _, n in model.layer_norms]
+        if model.is_moe:
+            E, I, H = model.num_experts, model.intermediate_size, model.hidden_size
+            per_layer += [E * 2 * I * H, E * H * I]
+        top = [model.embedding_params, model.hidden_size] + ([model.lm_head_params] if model.lm_head_params else [])
+        return [(n, dt) for n in per_layer * model.num_layers + top]
+    return [(n, 4) for n in lora_tensors(model, plan)]
+
+
+def adapter_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
+    """LoRA A/B in fp32 (peft get_peft_model(autocast_adapter_dtype=True) upcasts them)."""
+    if plan.method == "full":
+        return 0
+    return sum(_r(n * dt, rnd) for n, dt in trainable_tensors(model, plan))
+
+
+def gradient_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
+    """One gradient per trainable parameter, in its dtype (all alive after backward)."""
+    return sum(_r(n * dt, rnd) for n, dt in trainable_tensors(model, plan))
+
+
+def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda: bool = True) -> tuple[int, int]:
+    """(device-resident, paged) optimizer state bytes after the first step.
+
+    torch AdamW: exp_avg + exp_avg_sq in the param dtype and a `step` scalar (on the device only for
+    fused). bitsandbytes 8-bit: uint8 state + one fp32 absmax per 256 elements per state; tensors
+    under 4096 elements keep 32-bit state. Paged variants put state1/state2 of tensors with at least
+    100,000 elements in cudaMallocManaged memory (NVML sees it, torch does not); on the CPU they are
+    ordinary tensors. Adafactor (factored, no first moment): a row and a column vector per matrix.
+    """
+    spec = OPTIMIZERS[plan.optim]
+    dev = paged = 0
+    shapes = _trainable_shapes(model, plan)
+    for (rows, cols), dt in shapes:
+        n = rows * cols
+        if spec.impl in ("foreach", "fused", "single"):
+            dev += spec.states * _r(n * dt, rnd)
+            if spec.states and (spec.impl == "fused" or not cuda):
+                dev += _r(4, rnd)  # `step` tensor: a device tensor for fused, a CPU tensor otherwise
+            continue
+        if spec.impl == "adafactor":
+            dev += _r(4 * rows, rnd) + _r(4 * cols, rnd) if rows > 1 and cols > 1 else _r(4 * n, rnd)
+            continue
+        eight = spec.bits == 8 and n >= MIN_8BIT_SIZE
+        state = n * (1 if eight else 4)
+        is_paged = spec.paged and cuda and n >= PAGED_MIN_NUMEL
+        for _ in range(spec.states):
+            if is_paged:
+                paged += state
+            else:
+                dev += _r(state, rnd)
+            if eight:
+                dev += _r(4 * ceil(n / BNB_STATE_BLOCK), rnd)
+    if spec.bits == 8 and any(r * c >= MIN_8BIT_SIZE for (r, c), _ in shapes):
+        dev += spec.states * _r(256 * 4, rnd)  # the shared dynamic quantization maps (qmap1/qmap2)
+    return dev, paged
+
+
+def _trainable_shapes(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int, int], int]]:
+    if plan.method in ("qlora", "lora"):
+        out = []
+        from .activations import LayerModel, Walk
+
+        probe = LayerModel(model, plan, Walk(), cpu=True)
+        for lin in model.layer_linears:
+            if probe.targeted(lin):
+                out += [((plan.lora_r, lin.in_features), 4), ((lin.out_features, plan.lora_r), 4)]
+        return out * model.num_layers
+    return [((n, 1), dt) for n, dt in trainable_tensors(model, plan)]

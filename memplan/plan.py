@@ -1,0 +1,227 @@
+"""TrainPlan: how a run trains, in Hugging Face's names (see DESIGN.md, "The plan")."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from .errors import InvalidSpecError
+from .optim import OPTIMIZERS
+
+METHODS = ("qlora", "lora", "full")
+QUANTS = ("nf4", "fp4", "int8", "none")
+DTYPES = ("bf16", "fp16", "fp32")
+ATTN = ("sdpa", "flash_attention_2", "eager")
+MIXED = ("bf16", "fp16", "no")
+DEVICES = ("cuda", "cpu")
+
+_DTYPE_ALIASES = {
+    "bfloat16": "bf16", "torch.bfloat16": "bf16", "bf16": "bf16",
+    "float16": "fp16", "half": "fp16", "torch.float16": "fp16", "fp16": "fp16",
+    "float32": "fp32", "float": "fp32", "torch.float32": "fp32", "fp32": "fp32",
+}
+_AUTO = "auto"
+
+
+def norm_dtype(value: Any) -> str:
+    """'torch.bfloat16', torch.bfloat16, 'bfloat16', 'bf16' -> 'bf16' (unknown values pass through)."""
+    s = str(value).strip().lower()
+    return _DTYPE_ALIASES.get(s, s)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """One training configuration. Defaults are today's common HF QLoRA recipe.
+
+    `quant="auto"` resolves to nf4 for qlora and none otherwise; `prepare=None` resolves to on for
+    qlora. Construct with keyword arguments; every problem is reported at once (InvalidSpecError).
+    """
+
+    method: str = "qlora"
+    quant: str = _AUTO
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+    dtype: str = "bf16"
+    prepare: bool | None = None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+    batch_size: int = 1
+    seq_len: int = 2048
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_8bit"
+    attn_implementation: str = "sdpa"
+    mixed_precision: str = "bf16"
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        method = str(self.method).lower()
+        set_("method", method)
+        for k in ("compute_dtype", "dtype"):
+            set_(k, norm_dtype(getattr(self, k)))
+        set_("mixed_precision", {"none": "no", "false": "no", "fp32": "no"}.get(
+            str(self.mixed_precision).lower(), str(self.mixed_precision).lower()))
+        quant = str(self.quant).lower()
+        if quant == _AUTO:
+            quant = "nf4" if method == "qlora" else "none"
+        set_("quant", quant)
+        if self.prepare is None:
+            set_("prepare", method == "qlora")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            tm = tm if tm == "all-linear" else tuple(t.strip() for t in tm.split(",") if t.strip())
+        else:
+            tm = tuple(tm)
+        set_("target_modules", tm)
+        set_("optim", str(self.optim).lower())
+        problems = self.problems()
+        if problems:
+            raise InvalidSpecError("plan", problems)
+
+    def problems(self) -> list[str]:
+        """Every problem with this plan, in the words of the CLI flags."""
+        p: list[str] = []
+
+        def choice(flag: str, value: str, allowed) -> None:
+            if value not in allowed:
+                p.append(f"{flag} {value!r} is not one of: {', '.join(allowed)}")
+
+        choice("--method", self.method, METHODS)
+        choice("--quant", self.quant, QUANTS)
+        choice("--compute-dtype", self.compute_dtype, DTYPES)
+        choice("--dtype", self.dtype, DTYPES)
+        choice("--attn-implementation", self.attn_implementation, ATTN)
+        choice("--mixed-precision", self.mixed_precision, MIXED)
+        choice("--device", self.device, DEVICES)
+        if self.optim not in OPTIMIZERS:
+            import difflib
+
+            close = difflib.get_close_matches(self.optim, OPTIMIZERS, n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            p.append(f"--optim {self.optim!r} is not a known optimizer{hint} (known: {', '.join(OPTIMIZERS)})")
+        for flag, v in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
+                        ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                p.append(f"{flag} must be a positive integer, got {v!r}")
+        if self.method in ("qlora", "lora"):
+            if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
+                p.append(f"--lora-r must be a positive integer, got {self.lora_r!r}")
+            if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+                p.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+            if not self.target_modules:
+                p.append("--target-modules is empty; use all-linear or a comma-separated list like q_proj,v_proj")
+        if self.method == "qlora" and self.quant == "none":
+            p.append("--method qlora needs a quantized base (--quant nf4, fp4 or int8); for a 16-bit base use --method lora")
+        if self.method in ("lora", "full") and self.quant != "none":
+            p.append(f"--quant {self.quant} quantizes the base, which --method {self.method} does not do; use --method qlora")
+        if self.mixed_precision == "bf16" and self.compute_dtype == "fp16":
+            pass  # allowed: HF lets them differ
+        return p
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def autocast(self) -> str | None:
+        """The autocast dtype the HF Trainer would run under, or None."""
+        return None if self.mixed_precision == "no" else self.mixed_precision
+
+    def replace(self, **changes: Any) -> "TrainPlan":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["target_modules"], tuple):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def plan_from(base: TrainPlan | None = None, *, bnb_config: Any = None, lora_config: Any = None,
+              training_args: Any = None, **kwargs: Any) -> TrainPlan:
+    """Build a plan from keyword arguments and/or a user's real HF objects, read by attribute.
+
+    `bnb_config` is a transformers BitsAndBytesConfig, `lora_config` a peft LoraConfig,
+    `training_args` a transformers TrainingArguments (or anything with the same attributes, or a
+    dict). Explicit keyword arguments win over values read from the objects.
+    """
+    values: dict[str, Any] = {}
+    if bnb_config is not None:
+        values.update(_from_bnb(bnb_config))
+    if lora_config is not None:
+        values.update(_from_lora(lora_config))
+    if training_args is not None:
+        values.update(_from_training_args(training_args))
+    unknown = sorted(k for k in kwargs if k not in TrainPlan.field_names())
+    if unknown:
+        raise InvalidSpecError("plan", [f"unknown plan field {k!r} (known: {', '.join(TrainPlan.field_names())})"
+                                        for k in unknown])
+    values.update({k: v for k, v in kwargs.items() if v is not None})
+    if base is not None:
+        return replace(base, **values)
+    return TrainPlan(**values)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _from_bnb(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if _get(cfg, "load_in_4bit", False):
+        out["method"] = "qlora"
+        out["quant"] = str(_get(cfg, "bnb_4bit_quant_type", "fp4")).lower()
+        out["double_quant"] = bool(_get(cfg, "bnb_4bit_use_double_quant", False))
+        cd = _get(cfg, "bnb_4bit_compute_dtype", None)
+        if cd is not None:
+            out["compute_dtype"] = norm_dtype(cd)
+    elif _get(cfg, "load_in_8bit", False):
+        out["method"] = "qlora"
+        out["quant"] = "int8"
+    return out
+
+
+def _from_lora(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ours, theirs in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        v = _get(cfg, theirs)
+        if v is not None:
+            out[ours] = v
+    tm = _get(cfg, "target_modules")
+    if tm is not None:
+        out["target_modules"] = tm if isinstance(tm, str) else tuple(sorted(tm))
+    return out
+
+
+def _from_training_args(args: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bs = _get(args, "per_device_train_batch_size")
+    if bs is not None:
+        out["batch_size"] = bs
+    ga = _get(args, "gradient_accumulation_steps")
+    if ga is not None:
+        out["gradient_accumulation_steps"] = ga
+    gc = _get(args, "gradient_checkpointing")
+    if gc is not None:
+        out["gradient_checkpointing"] = bool(gc)
+    optim = _get(args, "optim")
+    if optim is not None:
+        out["optim"] = str(getattr(optim, "value", optim))
+    if _get(args, "bf16", False):
+        out["mixed_precision"] = "bf16"
+    elif _get(args, "fp16", False):
+        out["mixed_precision"] = "fp16"
+    elif _get(args, "bf16") is not None or _get(args, "fp16") is not None:
+        out["mixed_precision"] = "no"
+    if _get(args, "use_cpu", False):
+        out["device"] = "cpu"
+    return out
