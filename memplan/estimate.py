@@ -44,6 +44,7 @@ class Estimate:
     gpu: GPUSpec | None = None
     notes: tuple[str, ...] = ()
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    moments: dict[str, dict[Term, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def allocated_bytes(self) -> int:
@@ -141,32 +142,42 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     loss_bwd = _moment(static, gradients=ga_grads, activations=layers_saved + model_saved + 2 * r(4),
                        logits=3 * r(4 * tv))
 
-    # ---- layer backward windows ------------------------------------------------------------------
-    # Two moments per layer i: the end of its recompute (checkpointing), when its whole saved set, the
-    # MLP input and the last Linear's forward transients are alive; and its MLP backward, when the
-    # down projection's saved tensors are gone and three [T x I] gradients are in flight.
+    # ---- layer windows -----------------------------------------------------------------------------
+    # Per layer i: its forward (no checkpointing: every earlier layer's saved set plus this layer's
+    # live peak); its recompute under checkpointing (live bytes when its last tensor is saved: torch
+    # stops recomputing there); and its MLP backward, when the down projection's saved tensors are
+    # gone and three [T x I] gradients are in flight.
     per_layer_grads = grads // L
-    I = model.intermediate_size
     cd = 4 if plan.compute_dtype == "fp32" else 2
     pos_ids = r(8 * plan.seq_len) if gc else 0  # position ids, an argument every checkpointed layer keeps
     g_res = r(T * H * ap.stream_dt)
+    I = model.intermediate_size
     down_grads = (r(4 * plan.lora_r * I) + r(4 * H * plan.lora_r)) if plan.method != "full" else 0
+    small = 2 * r(4)  # the loss and its gradient seed
+    # NB: measured on CPU steps: [T x H] gradients in flight while a layer recomputes -- an fp32
+    # stream's gradient and a 16-bit one; with a 16-bit stream, two 16-bit and one fp32.
+    recompute_inflight = (g_res + r(T * H * 2) if ap.stream_dt == 4
+                          else 2 * g_res + r(T * H * 4))
+    if not gc:
+        moments["forward"] = _moment(static, gradients=ga_grads, activations=(
+            ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0) + ap.rope_bytes + ap.forward_peak)
     for i in ((L - 1, 0) if gc else (L - 1,)):
         saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
         if gc:
-            below = i * ap.layer_input_bytes + (0 if ap.input_in_saved else ap.layer_input_bytes)
+            below = i * ap.layer_input_bytes
+            own_input = 0 if ap.input_in_saved else ap.layer_input_bytes
         else:
-            below = (ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0)
-        base = dict(gradients=grads if ga_grads else per_layer_grads * (L - 1 - i),
-                    activations=below + ap.rope_bytes + pos_ids + 2 * r(4))
+            below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+            own_input = 0
+        grads_i = grads if ga_grads else per_layer_grads * (L - 1 - i)
+        fixed = below + ap.rope_bytes + pos_ids + small
         if gc:
-            moments[f"recompute:{i}"] = _moment(
-                static, gradients=base["gradients"],
-                activations=base["activations"] + saved_i + ap.mlp_input_extra,
-                temporaries=g_res + r(T * H * cd) + ap.last_transient)
+            moments[f"recompute:{i}"] = _moment(static, gradients=grads_i,
+                                                activations=fixed + ap.recompute_peak,
+                                                temporaries=recompute_inflight)
         moments[f"backward:{i}"] = _moment(
-            static, gradients=base["gradients"] + down_grads,
-            activations=base["activations"] + saved_i - ap.down_saved,
+            static, gradients=grads_i + down_grads,
+            activations=fixed + own_input + saved_i - ap.down_saved,
             temporaries=g_res + 3 * r(T * I * ap.prod_dt))
     loss_fwd[Term.ACTIVATIONS] += pos_ids
     loss_bwd[Term.ACTIVATIONS] += pos_ids
@@ -181,7 +192,7 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     phase = phase_key.split(":")[0]
 
     if cuda:
-        g = gpu or GPUSpec(name="generic")
+        g = gpu or GPUSpec(name="generic", memory_bytes=0)
         terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
         alloc = sum(terms[t] for t in ALLOCATED_TERMS)
         terms[Term.ALLOCATOR_OVERHEAD] = int(alloc * g.reserve_ratio)
@@ -200,7 +211,7 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
         notes.append(f"{gpu.name} has no bf16 support (compute capability {gpu.compute_capability}); "
                      "use --mixed-precision fp16 --compute-dtype fp16 --dtype fp16")
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=phase, paged_bytes=paged if cuda else 0,
-                    gpu=gpu, notes=tuple(notes), phase_peaks=totals)
+                    gpu=gpu, notes=tuple(notes), phase_peaks=totals, moments=moments)
 
 
 def _optimizer_scratch(model: ModelSpec, plan: TrainPlan, cuda: bool, rnd: int) -> int:

@@ -1,0 +1,71 @@
+"""Benchmark: closed-form estimates per second, and the cold start of the `memplan` command.
+
+1. `memplan.estimate.compute(spec, plan)` for a cached ModelSpec over varying seq_len, for ~2 s on one
+   core: estimates/second (sweeps of 100k configurations should take seconds, not hours).
+2. Cold wall time of `python -m memplan fit llama-2-7b --gpu a10g` in a fresh subprocess, median of 5.
+
+    python benchmarks/bench_estimate.py [--model llama-2-7b] [--seconds 2] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def estimates_per_second(model: str, gpu: str, seconds: float) -> tuple[float, int]:
+    from memplan.catalogue import load_gpu, load_model
+    from memplan.estimate import compute  # NB: `memplan.estimate` (the attribute) is the function
+    from memplan.plan import TrainPlan
+
+    spec, g = load_model(model), load_gpu(gpu)
+    plans = [TrainPlan(seq_len=s) for s in range(256, 8193, 256)]  # built outside the timed loop
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for p in plans:
+            compute(spec, p, g)
+        n += len(plans)
+    return n / (time.perf_counter() - t0), n
+
+
+def cold_cli_seconds(runs: int) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "memplan", "fit", "llama-2-7b", "--gpu", "a10g"],
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+        times.append(time.perf_counter() - t0)
+        if r.returncode not in (0, 1):
+            raise SystemExit(f"memplan fit failed ({r.returncode}): {r.stderr}")
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-2-7b")
+    ap.add_argument("--gpu", default="a10g")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args(argv)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+    rate, n = estimates_per_second(a.model, a.gpu, a.seconds)
+    print(f"estimate.compute  {a.model} on {a.gpu}: {rate:,.0f} estimates/s on one core "
+          f"({1e6 / rate:.1f} us each, {n} estimates)")
+    times = cold_cli_seconds(a.runs)
+    print(f"cold `memplan fit llama-2-7b --gpu a10g`: median {statistics.median(times) * 1000:.0f} ms "
+          f"over {a.runs} runs (min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

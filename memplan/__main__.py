@@ -1,0 +1,5 @@
+"""`python -m memplan`."""
+
+from .cli import main
+
+raise SystemExit(main())

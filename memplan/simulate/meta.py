@@ -1,0 +1,658 @@
+"""simulate: a real HF-Trainer-like QLoRA/LoRA training step, traced on the `meta` device.
+
+The model is built from its config.json on `meta` exactly as `from_pretrained` builds it (same
+quantizer, same skip rules), each 4-bit weight is quantized on meta (bitsandbytes' fake kernels give
+the true packed/absmax shapes), then the very same `adapt` (prepare_model_for_kbit_training,
+get_peft_model, checkpointing), optimizer and `run_steps` as the real CPU step run on meta tensors
+under the live-storage tracker. No memory is allocated for any tensor: a 70B step takes seconds.
+
+`plan.device` names the real device being emulated:
+
+- ``"cpu"``: no rounding; CPU kernels (SDPA → the CPU flash kernel, bitsandbytes' CPU/default
+  Python kernels run on meta so their internal buffers count). The tests check this against a real
+  CPU step (`step.cpu_step`) to the byte.
+- ``"cuda"``: each storage rounded up to 512 B (the caching allocator's granularity); CUDA kernels
+  (SDPA flash / mem-efficient, the dequantize+linear fallback of `gemm_4bit` for more than 1536
+  tokens, fused dropout with a bool mask, foreach AdamW); paged optimizer state (tensors of at least
+  100,000 elements) is reported as `paged_bytes`, outside the device peak.
+
+Patches (all applied only inside `simulate`, restored afterwards)
+-----------------------------------------------------------------
+1. ``transformers.masking_utils.find_packed_sequence_indices`` → returns None. It decides with a
+   data-dependent ``.all()`` whether position ids describe packed sequences; the step feeds one
+   unpacked sequence per row, for which the real function returns None too.
+2. SDPA routing (a ``TorchFunctionMode``). On meta, ``scaled_dot_product_attention`` would choose the
+   math kernel and materialize the S×S scores. Instead it calls the kernel the real device runs:
+   CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (any mask, GQA native; dropout > 0 falls
+   back to math, as on CPU; a bool mask is first turned into a float mask, as on CPU).
+   CUDA (torch's priority flash > mem-efficient > math): flash
+   (``aten._scaled_dot_product_flash_attention``: fp16/bf16, no mask, head_dim ≤ 256 and a multiple
+   of 8, GQA native) saves output + fp32 logsumexp [B, H, S]; mem-efficient
+   (``aten._scaled_dot_product_efficient_attention``: a mask, or fp32; not GQA) saves output +
+   logsumexp padded to a multiple of 32; otherwise math, like CUDA.
+3. Autocast emulation (the same ``TorchFunctionMode``). Meta tensors have no autocast dispatch key,
+   so ``torch.autocast`` does nothing to them. The step enters ``torch.autocast("cpu", dtype)`` as
+   the state carrier (checkpoint recomputation captures and restores it like the real one) and the
+   mode applies the real device's autocast op lists: lower precision for linear/matmul/bmm/
+   baddbmm/addmm/mm/conv/SDPA (CUDA also einsum, addmv, addr, mv, ...), fp32 for the loss functions
+   (CUDA also exp/log/pow/rsqrt/layer_norm/softplus/...), "fp32 unless a dtype is given" for
+   softmax/log_softmax/sum/cumsum/prod/... on CUDA, widest-type promotion for cat/stack/index_copy
+   (+addcmul/addcdiv/... on CUDA). It keeps autocast's weight cache (bf16 copies of fp32 leaf
+   tensors that require grad, freed when the outermost autocast exits: ``torch.clear_autocast_cache``
+   is wrapped). For ``"cuda"``, ``torch.is_autocast_enabled()`` / ``("cuda")`` report the carrier's
+   state (peft skips its fp32 input cast under CUDA autocast).
+4. bitsandbytes kernels (tracker ``bnb_impls``): on meta the registered fake kernels only allocate
+   the outputs. For ``"cpu"`` the CPU/default Python kernels run on meta instead (``gemm_4bit``
+   dequantizes absmax + weight then ``F.linear``; the 8-bit and 32-bit optimizer updates dequantize
+   their state to fp32 and requantize). For ``"cuda"`` ``gemm_4bit`` follows the CUDA dispatch:
+   dequantize + ``F.linear`` past 1536 tokens (or an unaligned K), otherwise the fused kernel (output
+   only). ``bitsandbytes.functional.name2qmap`` is kept on CPU (quantizing on meta would otherwise
+   cache a meta code table there for the rest of the process).
+5. Dropout (CUDA only): ``F.dropout`` on meta goes to ``native_dropout`` (output + bool mask saved),
+   which CUDA uses; on meta (as on CPU) torch would build full-dtype noise instead.
+6. Optimizers: ``adamw_torch_fused`` needs "meta" among the fused-kernel devices (patched in
+   ``torch.optim.optimizer._get_fused_kernels_supported_devices``); on ``"cuda"`` torch's default
+   foreach implementation is requested explicitly (on meta torch would pick the single-tensor loop,
+   which is what it picks on CPU). bitsandbytes paged state: on ``"cuda"`` tensors of ≥ 100,000
+   elements are created outside the tracker and added to ``paged_bytes``; on ``"cpu"`` they are
+   ordinary tensors, as bitsandbytes does on CPU.
+7. Mixture of experts: routing is data-dependent (``nonzero``/``where`` on the router's top-k). On
+   meta, ``torch.topk`` inside a router (a module whose name ends in ``gate``/``router``) returns a
+   deterministic balanced assignment: token t's k-th choice is expert ``(t·top_k + k) mod E``, so the
+   T·top_k token slots are spread evenly (±1) over the experts; ``nonzero``/``where``/``unique`` on
+   the resulting one-hot mask are answered from that assignment. Real routing is unbalanced: the
+   per-expert activation sizes then differ, the total does not.
+
+Known limitations
+-----------------
+- Other data-dependent ops (``.item()``, ``bool(tensor)``, ``torch.isnan(x).any()`` checks,
+  ``nonzero`` outside MoE routing, cross-entropy with ``num_items_in_batch``) raise on meta.
+  The step does not call them for the supported architectures (llama, mistral, qwen2, gemma,
+  gemma2, phi3, mixtral).
+- CUDA kernels' *internal* workspaces allocated through the caching allocator (flash-attention's
+  backward dq accumulator, cuBLAS workspace) are not modelled here (see `workspace` in estimate).
+  The CUDA kernel choice follows torch's source, not a measurement.
+- ``gemm_4bit`` for ≤ 1536 tokens on CUDA: bitsandbytes' per-architecture heuristic may pick
+  dequantize + linear on some GPUs; the simulation assumes the fused kernel.
+- Allocator segments, fragmentation and the CUDA context are not simulated (terms
+  `allocator_overhead`, `cuda_context` stay 0); see the calibrated overheads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+from ..errors import MissingExtraError
+from ..plan import TrainPlan
+
+_NEEDED = ("torch", "transformers", "peft", "bitsandbytes")
+_PAGED_MIN_NUMEL = 100_000
+_GEMM_4BIT_CUSTOM_MAX_M = 1536
+
+
+def _check_extras() -> None:
+    for mod in _NEEDED:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtraError("simulate", "torch, transformers, peft and bitsandbytes", "sim")
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+    """'memplan: building model…' lines on stderr, only once the run is longer than `after` s."""
+
+    def __init__(self, enabled: bool | None, after: float = 2.0):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.t0 = time.perf_counter()
+        self.after = after
+        self.pending: list[str] = []
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if time.perf_counter() - self.t0 < self.after:
+            self.pending = [msg]
+            return
+        for m in self.pending:
+            pass
+        self.pending = []
+        print(f"memplan: {msg}…", file=sys.stderr, flush=True)
+
+    def tick(self) -> None:
+        if self.pending and self.enabled and time.perf_counter() - self.t0 >= self.after:
+            msg, self.pending = self.pending[-1], []
+            print(f"memplan: {msg}…", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def build_meta_model(config: dict[str, Any], plan: TrainPlan):
+    """The model `from_pretrained(..., quantization_config=...)` would load, with meta tensors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .step import _TORCH_DTYPE, bnb_config, hf_config
+
+    dtype = _TORCH_DTYPE[plan.dtype]
+    cfg = hf_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=plan.attn_implementation)
+    if plan.quant != "none":
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        try:
+            from transformers.modeling_utils import local_torch_dtype  # type: ignore[attr-defined]
+            dtype_ctx = local_torch_dtype(dtype, type(model).__name__)
+        except ImportError:  # pragma: no cover - older transformers
+            dtype_ctx = contextlib.nullcontext()
+        bcfg = bnb_config(plan)
+        model.config.quantization_config = bcfg
+        quantizer = AutoHfQuantizer.from_config(bcfg, pre_quantized=False)
+        with dtype_ctx, torch.device("meta"):
+            # replace_with_bnb_linear with from_pretrained's skip rules (lm_head, tied weights, ...)
+            quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
+        _quantize_on_meta(model, dtype, plan)
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)  # is_loaded_in_4bit/8bit, config.quantization_config
+    model.eval()  # as from_pretrained leaves it
+    return model
+
+
+def _quantize_on_meta(model, dtype, plan: TrainPlan) -> None:
+    import bitsandbytes as bnb
+    import torch
+
+    with _bnb_qmap_on_cpu():
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                old = mod.weight
+                kw = {k: v for k, v in old.__dict__.items() if k != "data"}
+                w = bnb.nn.Params4bit(torch.empty(old.shape, dtype=dtype, device="meta"), requires_grad=False, **kw)
+                mod.weight = w._quantize("meta")
+                mod._is_hf_initialized = True
+            elif isinstance(mod, bnb.nn.Linear8bitLt):
+                old = mod.weight
+                kw = {k: v for k, v in old.__dict__.items() if k not in ("data", "SCB", "CB")}
+                w = bnb.nn.Int8Params(torch.empty(old.shape, dtype=dtype, device="meta"), requires_grad=False, **kw)
+                mod.weight = _int8_on_meta(w)
+                mod._is_hf_initialized = True
+
+
+def _int8_on_meta(w):
+    """Int8Params._quantize on meta: int8 weight [out, in] + fp32 row scales SCB [out]."""
+    import torch
+
+    B = w.data.contiguous().to(torch.float16)
+    CB, SCB, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(B, 0.0)
+    w.data = CB
+    w.CB = CB
+    w.SCB = SCB
+    return w
+
+
+@contextlib.contextmanager
+def _bnb_qmap_on_cpu() -> Iterator[None]:
+    from bitsandbytes import functional as bf
+
+    saved = bf.name2qmap.get("dynamic")
+    if saved is None or saved.is_meta:
+        bf.name2qmap["dynamic"] = bf.create_dynamic_map()
+    try:
+        yield
+    finally:
+        if saved is None or saved.is_meta:
+            bf.name2qmap["dynamic"] = bf.create_dynamic_map()
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulation mode (autocast, SDPA, dropout, MoE routing)
+# ---------------------------------------------------------------------------------------------
+_LOWER_CPU = frozenset({
+    "conv1d", "conv2d", "conv3d", "bmm", "mm", "linalg_vecdot", "baddbmm", "addmm", "addbmm", "linear",
+    "_convolution", "matmul", "__matmul__", "__rmatmul__", "conv_tbc", "mkldnn_rnn_layer", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "prelu", "scaled_dot_product_attention", "_native_multi_head_attention",
+    # einsum is not on the CPU list, but decomposes into bmm, which is
+    "einsum",
+})
+_LOWER_CUDA = frozenset({
+    "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "convolution", "prelu", "addmm", "addmv", "addr", "matmul", "__matmul__", "__rmatmul__",
+    "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul",
+    "linalg_multi_dot", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell",
+    "rnn_tanh_cell", "rnn_relu_cell", "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+})
+_FP32_COMMON = frozenset({
+    "nll_loss", "nll_loss2d", "cross_entropy", "cross_entropy_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
+    "huber_loss", "kl_div", "binary_cross_entropy_with_logits", "poisson_nll_loss", "cosine_embedding_loss",
+    "hinge_embedding_loss", "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss",
+    "triplet_margin_loss", "multi_margin_loss", "cdist", "grid_sampler",
+})
+_FP32_CPU = _FP32_COMMON | frozenset({
+    "avg_pool3d", "binary_cross_entropy", "polar", "prod", "quantile", "nanquantile", "stft", "trace",
+    "view_as_complex", "cholesky", "cholesky_inverse", "cholesky_solve", "inverse", "lu_solve", "orgqr", "ormqr",
+    "pinverse", "max_pool3d", "max_unpool2d", "max_unpool3d", "adaptive_avg_pool3d", "reflection_pad1d",
+    "reflection_pad2d", "replication_pad1d", "replication_pad2d", "replication_pad3d", "ctc_loss",
+})
+_FP32_CUDA = _FP32_COMMON | frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "native_layer_norm", "group_norm",
+    "frobenius_norm", "nuclear_norm", "cosine_similarity", "dist", "pdist", "renorm", "logsumexp",
+})
+_FP32_OPT_CUDA = frozenset({
+    "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum",
+    "_softmax", "_log_softmax",
+})
+_PROMOTE_CPU = frozenset({"stack", "cat", "index_copy"})
+_PROMOTE_CUDA = frozenset({
+    "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put", "tensordot",
+    "scatter_add", "stack", "cat", "index_copy",
+})
+
+
+class MetaEmulation:
+    """A TorchFunctionMode making meta tensors behave like the emulated device's (see module doc)."""
+
+    def __new__(cls, *a, **k):  # build the subclass lazily so importing this module needs no torch
+        from torch.overrides import TorchFunctionMode
+
+        if not issubclass(cls, TorchFunctionMode):
+            cls = type("MetaEmulation", (cls, TorchFunctionMode), {})
+        return object.__new__(cls)
+
+    def __init__(self, device: str, model=None):
+        import torch
+
+        super().__init__()
+        self.device = device
+        self.cuda = device == "cuda"
+        self.lower = _LOWER_CUDA if self.cuda else _LOWER_CPU
+        self.fp32 = _FP32_CUDA if self.cuda else _FP32_CPU
+        self.fp32_opt = _FP32_OPT_CUDA if self.cuda else frozenset()
+        self.promote = _PROMOTE_CUDA if self.cuda else _PROMOTE_CPU
+        self.interesting = (self.lower | self.fp32 | self.fp32_opt | self.promote
+                            | {"scaled_dot_product_attention", "dropout", "backward"})
+        self.cache: dict[int, tuple[Any, Any]] = {}
+        self._torch = torch
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+        self._dropout = torch.nn.functional.dropout
+
+    # -- autocast ------------------------------------------------------------------------------
+    def _autocast(self):
+        t = self._torch
+        if not t.is_autocast_enabled("cpu"):  # the carrier (see run_steps)
+            return None
+        return t.get_autocast_dtype("cpu")
+
+    def _eligible(self, x) -> bool:
+        t = self._torch
+        return isinstance(x, t.Tensor) and x.is_floating_point() and x.dtype is not t.float64
+
+    def _cast(self, x, dtype, cache_ok: bool):
+        t = self._torch
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, dtype, cache_ok) for v in x)
+        if not self._eligible(x) or x.dtype is dtype:
+            return x
+        if (cache_ok and x.dtype is t.float32 and x.requires_grad and x.is_leaf and not x._is_view()
+                and t.is_autocast_cache_enabled()):
+            hit = self.cache.get(id(x))
+            if hit is not None and hit[0] is x:
+                return hit[1]
+            y = x.to(dtype)
+            self.cache[id(x)] = (x, y)
+            return y
+        return x.to(dtype)
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name not in self.interesting:
+            return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        ac = self._autocast()
+        if ac is not None and name:
+            if name in self.lower:
+                args = self._cast(args, ac, True)
+                kwargs = {k: self._cast(v, ac, True) for k, v in kwargs.items()}
+            elif name in self.fp32:
+                args = self._cast(args, self._torch.float32, False)
+                kwargs = {k: self._cast(v, self._torch.float32, False) for k, v in kwargs.items()}
+            elif name in self.fp32_opt:
+                if kwargs.get("dtype") is None and any(self._eligible(a) and a.dtype is not self._torch.float32
+                                                       for a in args[:1]):
+                    kwargs = dict(kwargs, dtype=self._torch.float32)
+            elif name in self.promote:
+                args = self._promote(args)
+        if name == "backward":
+            # Tensor.backward: the handler runs with this mode popped, but backward (checkpoint
+            # recomputation) needs it; torch.autograd.backward does not re-enter __torch_function__
+            return self._backward(*args, **kwargs)
+        if name == "scaled_dot_product_attention":
+            return self.sdpa(*args, **kwargs)
+        if name == "dropout" and self.cuda:
+            return self.dropout(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _backward(self, tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None,
+                  grad_tensors=None):
+        """torch.autograd.backward's tail, run with this mode pushed (it would be popped here)."""
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+
+        t = self._torch
+        tensors = (tensor,) if isinstance(tensor, t.Tensor) else tuple(tensor)
+        grads = gradient if gradient is not None else grad_tensors
+        inputs_t = () if inputs is None else ((inputs,) if isinstance(inputs, t.Tensor) else tuple(inputs))
+        with self:
+            g = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
+            _engine_run_backward(tensors, g, create_graph if retain_graph is None else retain_graph, create_graph,
+                                 inputs_t, allow_unreachable=True, accumulate_grad=True)
+
+    def _promote(self, args):
+        t = self._torch
+        flat = args[0] if len(args) and isinstance(args[0], (list, tuple)) else args
+        dts = {a.dtype for a in flat if self._eligible(a)}
+        if len(dts) <= 1:
+            return args
+        wide = None
+        for d in dts:
+            wide = d if wide is None else t.promote_types(wide, d)
+        return self._cast(args, wide, False)
+
+    # -- SDPA ----------------------------------------------------------------------------------
+    def sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        t = self._torch
+        aten = t.ops.aten
+        if not q.is_meta:
+            return self._sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
+        math_path = lambda: self._sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,  # noqa: E731
+                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if q.dim() != 4:
+            return math_path()
+        gqa = k.size(1) != q.size(1)
+        if gqa and not enable_gqa:
+            return math_path()  # shape error, as torch would raise
+        if not self.cuda:
+            if dropout_p > 0.0:
+                return math_path()
+            if attn_mask is not None and attn_mask.dtype is t.bool:
+                attn_mask = _bool_mask_to_float(attn_mask, q.dtype)
+            out, _lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+            return out
+        hd = q.size(-1)
+        same_hd = hd == k.size(-1) == v.size(-1)
+        if (attn_mask is None and q.dtype in (t.float16, t.bfloat16) and same_hd and hd <= 256 and hd % 8 == 0
+                and not (is_causal and q.size(2) != k.size(2) and q.size(2) > 1 and False)):
+            out = aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+            return out
+        align = 4 if q.dtype is t.float32 else 8
+        if not gqa and same_hd and hd % align == 0:
+            bias = attn_mask
+            if bias is not None:
+                if bias.dtype is t.bool:
+                    bias = _bool_mask_to_float(bias, q.dtype)
+                last = bias.size(-1)
+                if last % 16:
+                    pad = t.nn.functional.pad(bias, (0, 16 - last % 16))
+                    bias = pad[..., :last]
+                bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+            need_lse = t.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            out = aten._scaled_dot_product_efficient_attention(q, k, v, bias, need_lse, dropout_p, is_causal,
+                                                               scale=scale)[0]
+            return out
+        return math_path()
+
+    # -- dropout (CUDA) ------------------------------------------------------------------------
+    def dropout(self, func, input, p=0.5, training=True, inplace=False):
+        t = self._torch
+        if input.is_meta and training and 0.0 < p < 1.0 and not inplace and input.numel() > 0:
+            return t.native_dropout(input, p, True)[0]
+        return func(input, p, training, inplace)
+
+
+def _bool_mask_to_float(mask, dtype):
+    import torch
+
+    zero = torch.scalar_tensor(0.0, dtype=dtype, device=mask.device)
+    ninf = torch.scalar_tensor(float("-inf"), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, ninf)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes kernels on meta
+# ---------------------------------------------------------------------------------------------
+def bnb_impls(device: str) -> dict[str, Callable[..., Any]]:
+    """Python kernels that reproduce the real device's bitsandbytes kernels' allocations on meta."""
+    import torch
+
+    if device == "cpu":
+        impls: dict[str, Callable[..., Any]] = {}
+        try:
+            from bitsandbytes.backends.default import ops as dflt
+
+            impls["gemm_4bit.default"] = dflt._gemm_4bit_default_impl
+        except (ImportError, AttributeError):  # pragma: no cover - other bnb versions
+            pass
+        try:
+            from bitsandbytes.backends.cpu import ops as cpu
+
+            impls["optimizer_update_8bit_blockwise.default"] = cpu._optimizer_update_8bit_blockwise_cpu
+            impls["optimizer_update_32bit.default"] = cpu._optimizer_update_32bit_cpu
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+        return impls
+
+    def gemm_4bit_cuda(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                       absmax_code=None, absmax_offset=None):
+        K = A.shape[-1]
+        M = A.numel() // K
+        N = shapeB[0]
+        if M > _GEMM_4BIT_CUSTOM_MAX_M or K % blocksize != 0:
+            # bitsandbytes.backends.cuda.ops._dequant_linear_fallback
+            if absmax_8bit is not None:
+                absmax_dq = torch.empty_like(absmax_8bit, dtype=torch.float32)
+                absmax = absmax_dq + absmax_offset
+            B_dq = torch.empty(shapeB, dtype=A.dtype, device=A.device)
+            return torch.nn.functional.linear(A, B_dq, bias)
+        A = A.contiguous()
+        return torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
+
+    return {"gemm_4bit.default": gemm_4bit_cuda}
+
+
+# ---------------------------------------------------------------------------------------------
+# patches
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _setattr(obj, name: str, value) -> Iterator[None]:
+    missing = object()
+    old = getattr(obj, name, missing)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if old is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def build_patches() -> Iterator[None]:
+    """Patches needed while building, adapting and stepping (see the module docstring)."""
+    import torch
+    import transformers.masking_utils as mu
+    import torch.optim.optimizer as topt
+
+    orig_fused = topt._get_fused_kernels_supported_devices
+
+    def fused_devices():
+        return list(orig_fused()) + ["meta"]
+
+    def find_packed(position_ids):
+        if position_ids is not None and position_ids.is_meta:
+            return None
+        return orig_find(position_ids)
+
+    orig_find = mu.find_packed_sequence_indices
+    with contextlib.ExitStack() as st:
+        st.enter_context(_setattr(mu, "find_packed_sequence_indices", find_packed))
+        st.enter_context(_setattr(topt, "_get_fused_kernels_supported_devices", fused_devices))
+        st.enter_context(_bnb_qmap_on_cpu())
+        yield
+
+
+def _grouped_mm_meta_patch(device: str):
+    """`torch._meta_registrations._meta_grouped_mm_common` for the emulated device.
+
+    torch's meta kernel mirrors the CUDA kernel: bf16 only, output rows padded to 16 bytes when torch
+    is a CUDA build. The CPU kernel takes any float dtype and pads nothing.
+    """
+    import torch
+    import torch._meta_registrations as mr
+
+    orig = mr._meta_grouped_mm_common
+
+    def common(mat_a, mat_b, scale_a=None, scale_b=None, offs=None, bias=None, scale_result=None,
+               out_dtype=None, use_fast_accum=False):
+        if device == "cpu":
+            if scale_a is None and mat_a.dtype == mat_b.dtype:
+                return mr._create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
+            return orig(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
+        out = orig(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
+        if torch.version.cuda is None:  # pad as the CUDA kernel does
+            size = list(out.shape)
+            align = 16 // out.dtype.itemsize
+            padded = (size[-1] + align - 1) // align * align
+            stride = [size[1] * padded, padded, 1] if len(size) == 3 else [padded, 1]
+            out = torch.empty_strided(size, stride, dtype=out.dtype, device=out.device)
+        return out
+
+    return _setattr(mr, "_meta_grouped_mm_common", common)
+
+
+@contextlib.contextmanager
+def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
+    """Patches active during the steps: the emulation mode, autocast cache and flag."""
+    import torch
+
+    orig_clear = torch.clear_autocast_cache
+    orig_enabled = torch.is_autocast_enabled
+
+    def clear_autocast_cache():
+        emu.clear_cache()
+        return orig_clear()
+
+    def is_autocast_enabled(device_type=None):
+        if device_type is None or device_type == "cuda":
+            return orig_enabled("cpu")
+        return orig_enabled(device_type)
+
+    class autocast(torch.amp.autocast_mode.autocast):  # noqa: N801 - stands in for torch.autocast
+        """torch.autocast(device_type="meta", ...) → the CPU carrier (meta has no autocast state)."""
+
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    with contextlib.ExitStack() as st:
+        st.enter_context(_setattr(torch, "clear_autocast_cache", clear_autocast_cache))
+        st.enter_context(_setattr(torch, "autocast", autocast))
+        st.enter_context(_setattr(torch.amp, "autocast", autocast))
+        st.enter_context(_grouped_mm_meta_patch(device))
+        if device == "cuda":
+            st.enter_context(_setattr(torch, "is_autocast_enabled", is_autocast_enabled))
+        st.enter_context(emu)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer
+# ---------------------------------------------------------------------------------------------
+def make_meta_optimizer(model, plan: TrainPlan, tracker):
+    """`step.make_optimizer`, adjusted so that it behaves on meta as it would on `plan.device`."""
+    import torch
+
+    from .step import make_optimizer
+
+    opt = make_optimizer(model, plan)
+    if isinstance(opt, torch.optim.Optimizer) and plan.device == "cuda":
+        for g in opt.param_groups:
+            if "foreach" in g and g.get("foreach") is None and not g.get("fused"):
+                g["foreach"] = True  # torch's default for CUDA tensors
+    if hasattr(opt, "get_state_buffer") and hasattr(opt, "is_paged"):
+        def get_state_buffer(p, dtype=torch.float32, _opt=opt):
+            if plan.device == "cuda" and _opt.is_paged and p.numel() >= _PAGED_MIN_NUMEL:
+                from torch.utils._python_dispatch import _disable_current_modes
+
+                with _disable_current_modes():
+                    buf = torch.zeros_like(p, dtype=dtype, device=p.device)
+                tracker.add_paged(buf)
+                return buf
+            return torch.zeros_like(p, dtype=dtype, device=p.device)
+
+        opt.get_state_buffer = get_state_buffer
+    if plan.device == "cpu" and isinstance(getattr(opt, "name2qmap", None), dict):
+        # bitsandbytes builds its code tables on CPU at construction and moves them to the parameters'
+        # device at the first step: a no-op on CPU, a copy on meta. Move them now, untracked, as on CPU.
+        opt.name2qmap = {k: v.to("meta") for k, v in opt.name2qmap.items()}
+    return opt
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def simulate(config: dict[str, Any], plan: TrainPlan, steps: int = 2, round_to: int | None = None,
+             progress: bool | None = None):
+    """Trace `steps` training steps of `plan` on the meta device; return the last step's peak.
+
+    `config` is a config.json dict (with `model_type`). `plan.device` is the device emulated;
+    `round_to` defaults to 512 for "cuda" and 1 for "cpu". Returns a `step.StepResult`.
+    """
+    _check_extras()
+    from .tracker import LiveTensorTracker
+
+    if round_to is None:
+        round_to = 512 if plan.device == "cuda" else 1
+    say = _Progress(progress)
+    counted = ("meta", "cpu") if plan.device == "cpu" else ("meta",)
+    tracker = LiveTensorTracker(round_to=round_to, device=counted, bnb_impls=bnb_impls(plan.device))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # ~10^5 short-lived records and tensors: the cyclic collector would cost ~40% of the run
+    try:
+        return _simulate(config, plan, steps, tracker, say)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _simulate(config, plan, steps, tracker, say):
+    from .step import adapt, run_steps
+
+    round_to = tracker.round_to
+    with build_patches():
+        say("building model")
+        model = build_meta_model(config, plan)
+        model = adapt(model, plan)
+        opt = make_meta_optimizer(model, plan, tracker)
+        emu = MetaEmulation(plan.device, model)
+        result = run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="meta",
+                           round_to=round_to, optimizer=opt, tracker=tracker,
+                           step_context=lambda: step_patches(emu, plan.device), progress=say)
+    return result
