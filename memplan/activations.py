@@ -18,6 +18,7 @@ checked against a real step; mixture-of-experts layers are not covered (use `sim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import count
 
 from .model import Linear, ModelSpec
@@ -27,14 +28,64 @@ from .units import round_up
 _ids = count()
 
 
+class Lin:
+    """A size that is linear in the step's shape: t*T + s*B*S + q*B*S^2 + c.
+
+    T = batch * seq tokens; B*S rows appear in attention's logsumexp, B*S^2 in eager attention's
+    probabilities. A layer is walked once per model and plan with symbolic sizes; evaluating the
+    result for a batch and sequence length is then a few multiplications.
+    """
+
+    __slots__ = ("t", "s", "q", "c")
+
+    def __init__(self, t: int = 0, s: int = 0, q: int = 0, c: int = 0):
+        self.t, self.s, self.q, self.c = t, s, q, c
+
+    @staticmethod
+    def of(x: "Lin | int") -> "Lin":
+        return x if isinstance(x, Lin) else Lin(c=x)
+
+    def __add__(self, o: "Lin | int") -> "Lin":
+        o = Lin.of(o)
+        return Lin(self.t + o.t, self.s + o.s, self.q + o.q, self.c + o.c)
+
+    __radd__ = __add__
+
+    def __sub__(self, o: "Lin | int") -> "Lin":
+        o = Lin.of(o)
+        return Lin(self.t - o.t, self.s - o.s, self.q - o.q, self.c - o.c)
+
+    def __mul__(self, k: int) -> "Lin":
+        return Lin(self.t * k, self.s * k, self.q * k, self.c * k)
+
+    __rmul__ = __mul__
+
+    def at(self, T: int, BS: int, BSS: int) -> int:
+        return self.t * T + self.s * BS + self.q * BSS + self.c
+
+    def key(self) -> tuple[int, int, int, int]:
+        return (self.t, self.s, self.q, self.c)
+
+    def __repr__(self) -> str:
+        return f"Lin(t={self.t}, s={self.s}, q={self.q}, c={self.c})"
+
+
+def envelope(cands: list[Lin]) -> tuple[Lin, ...]:
+    """The candidates that can be the maximum for some shape (drop those dominated everywhere)."""
+    uniq = {c.key(): c for c in cands}
+    keys = list(uniq)
+    keep = [k for k in keys if not any(o != k and all(a >= b for a, b in zip(o, k)) for o in keys)]
+    return tuple(uniq[k] for k in keep)
+
+
 @dataclass(eq=False)
 class Sym:
     """A symbolic tensor: `numel` elements of `dt` bytes in storage `sid` of `nbytes`."""
 
-    numel: int
+    numel: Lin
     dt: int
     sid: int
-    nbytes: int
+    nbytes: Lin
     rg: bool = True
 
 
@@ -43,29 +94,30 @@ class Walk:
     """Liveness bookkeeping over symbolic tensors.
 
     `saved`: storages autograd keeps for backward. `live`: every storage alive now (saved ones and
-    locals still referenced). `peak`: the largest live total seen at a `mark`, including the
-    transient bytes named there. `peak_at_last_save`: the running peak when the last tensor was
-    saved -- a checkpointed layer's recompute stops there (torch's non-reentrant early stop).
+    locals still referenced). `moments`: the live total at every allocation and `mark` (plus the
+    transient bytes named there) -- the peak is their maximum for a given shape.
+    `last_save`: how many moments had passed when the last tensor was saved -- a checkpointed
+    layer's recompute stops there (torch's non-reentrant early stop).
+    NB: sizes inside a layer are not rounded to 512 B on CUDA (each tensor is off by < 512 B).
     """
 
-    rnd: int = 1
-    live: dict[int, int] = field(default_factory=dict)
+    live: dict[int, Lin] = field(default_factory=dict)
     saved: set[int] = field(default_factory=set)
-    live_bytes: int = 0
-    saved_bytes: int = 0
-    peak: int = 0
-    peak_at_last_save: int = 0
-    copies: int = 0  # saved autocast copies of LoRA weights (also held by autocast's cache)
+    live_bytes: Lin = field(default_factory=Lin)
+    saved_bytes: Lin = field(default_factory=Lin)
+    moments: list[Lin] = field(default_factory=list)
+    last_save: int = 0
+    copies: Lin = field(default_factory=Lin)  # saved autocast copies of LoRA weights
 
-    def new(self, numel: int, dt: int, rg: bool = True, hold: bool = True) -> Sym:
-        n = numel * dt
-        t = Sym(numel, dt, next(_ids), round_up(n, self.rnd) if self.rnd > 1 and n else n, rg)
+    def new(self, numel: "Lin | int", dt: int, rg: bool = True, hold: bool = True) -> Sym:
+        numel = Lin.of(numel)
+        t = Sym(numel, dt, next(_ids), numel * dt, rg)
         if hold:
             self.hold(t)
         return t
 
-    def view(self, t: Sym, numel: int) -> Sym:
-        return Sym(numel, t.dt, t.sid, t.nbytes, t.rg)
+    def view(self, t: Sym, numel: "Lin | int") -> Sym:
+        return Sym(Lin.of(numel), t.dt, t.sid, t.nbytes, t.rg)
 
     def cast(self, t: Sym, dt: int) -> Sym:
         return t if t.dt == dt else self.new(t.numel, dt, t.rg)
@@ -74,25 +126,24 @@ class Walk:
         for t in ts:
             if t.sid not in self.live:
                 self.live[t.sid] = t.nbytes
-                self.live_bytes += t.nbytes
-        self.peak = max(self.peak, self.live_bytes)  # every allocation may be the peak
+                self.live_bytes = self.live_bytes + t.nbytes
+        self.moments.append(self.live_bytes)  # every allocation may be the peak
 
     def drop(self, *ts: Sym) -> None:
         for t in ts:
             if t.sid in self.live and t.sid not in self.saved:
-                self.live_bytes -= self.live.pop(t.sid)
+                self.live_bytes = self.live_bytes - self.live.pop(t.sid)
 
     def save(self, *ts: Sym) -> None:
         for t in ts:
             self.hold(t)
             if t.sid not in self.saved:
                 self.saved.add(t.sid)
-                self.saved_bytes += t.nbytes
-        self.mark()
-        self.peak_at_last_save = self.peak
+                self.saved_bytes = self.saved_bytes + t.nbytes
+        self.last_save = len(self.moments)
 
-    def mark(self, transient: int = 0) -> None:
-        self.peak = max(self.peak, self.live_bytes + transient)
+    def mark(self, transient: "Lin | int" = 0) -> None:
+        self.moments.append(self.live_bytes + transient)
 
 
 def _promote(a: int, b: int) -> int:
@@ -104,7 +155,7 @@ class LayerModel:
 
     def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool):
         self.m, self.p, self.w, self.cpu = model, plan, walk, cpu
-        self.T = plan.batch_size * plan.seq_len
+        self.T = Lin(t=1)  # tokens, symbolic: the walk is shape-independent
         self.ac = 2 if plan.autocast else 0  # autocast dtype bytes (bf16/fp16 both 2), 0 = off
         self.cd = 4 if plan.compute_dtype == "fp32" else 2
         self.weights_dt = 4 if plan.prepare or plan.dtype == "fp32" else 2
@@ -114,10 +165,7 @@ class LayerModel:
         self.r = plan.lora_r
         self.dropout = plan.lora_dropout if plan.method in ("qlora", "lora") else 0.0
         self.lins = {l.name.rsplit(".", 1)[-1]: l for l in model.layer_linears}
-        self.down_saved = self.prod_dt = self.prod_bytes = 0
-
-    def _r(self, n: int) -> int:
-        return round_up(n, self.w.rnd) if self.w.rnd > 1 and n else n
+        self.down_saved, self.prod_dt, self.prod_bytes, self.saved_before_down = Lin(), 0, Lin(), Lin()
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -138,7 +186,7 @@ class LayerModel:
         """
         w = self.w
         x32 = w.cast(x, 4)
-        w.mark(self._r(x.numel * 4))  # pow(2)
+        w.mark(x.numel * 4)  # pow(2)
         rs = w.new(rows, 4, x.rg)
         if x.rg:
             w.save(x32, rs)
@@ -171,8 +219,8 @@ class LayerModel:
             # F.linear; .to(x dtype). Nothing is saved for the frozen weight.
             xc = w.cast(x, cd)
             nb = -(-lin.numel // 64)
-            wq = self._r(lin.numel * cd)
-            w.mark(wq + (self._r(4 * nb) if self.p.double_quant and self.p.quant != "int8" else 0))
+            wq = lin.numel * cd
+            w.mark(wq + (4 * nb if self.p.double_quant and self.p.quant != "int8" else 0))
             oc = w.new(n_out, cd, x.rg)
             w.mark(wq)
             res = w.cast(oc, x.dt)
@@ -256,7 +304,7 @@ class LayerModel:
         return out
 
     def attention(self, x: Sym, cos_dt: int) -> Sym:
-        m, w, T, B, S = self.m, self.w, self.T, self.p.batch_size, self.p.seq_len
+        m, w, T = self.m, self.w, self.T
         lins = self.lins
         if "qkv_proj" in lins:
             qkv = self.linear(x, lins["qkv_proj"])
@@ -286,8 +334,8 @@ class LayerModel:
             cdt = self.ac or max(qe.dt, ke.dt, v.dt)
             qc, kc, vc = (w.cast(t, cdt) for t in (qe, ke, v))
             out = w.new(T * m.q_dim, qc.dt)
-            rows = B * m.num_heads * (S if self.cpu or attn == "flash_attention_2" else round_up(S, 32))
-            lse = w.new(rows, 4, False)
+            # logsumexp [B, heads, S] fp32 (flash kernels, no mask: no padding)
+            lse = w.new(Lin(s=m.num_heads), 4, False)
             w.save(qc, kc, vc, out, lse)
             w.drop(qe, ke, v)
         if self.cpu and self.ac:
@@ -302,17 +350,17 @@ class LayerModel:
 
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
         """NB: eager attention, modelled op by op (matmul, fp32 softmax, dropout-free), not yet verified."""
-        m, w, B, S = self.m, self.w, self.p.batch_size, self.p.seq_len
+        m, w = self.m, self.w
         if m.num_kv_heads != m.num_heads:  # repeat_kv materialises K/V at full head count
             kr, vr = w.new(self.T * m.q_dim, k.dt), w.new(self.T * m.q_dim, v.dt)
             w.drop(k, v)
             k, v = kr, vr
         cdt = self.ac or q.dt
         qc, kc, vc = (w.cast(t, cdt) for t in (q, k, v))
-        probs = B * m.num_heads * S * S
+        probs = Lin(q=m.num_heads)  # [B, heads, S, S]
         w.save(qc, kc)
         scores = w.new(probs, cdt)
-        if m.config.get("attn_logit_softcapping"):
+        if m.attn_logit_softcapping:
             s2 = w.new(probs, cdt)  # scores / cap -> tanh (saved) -> * cap
             w.save(s2)
             w.drop(scores)
@@ -344,9 +392,8 @@ class LayerModel:
         w.save(g)  # silu / gelu(tanh) backward needs the input
         prod = w.new(g.numel, _promote(act.dt, u.dt))
         w.save(act, u)
-        before = w.saved_bytes
+        self.saved_before_down = w.saved_bytes
         out = self.linear(prod, lins["down_proj"])
-        self.down_saved = w.saved_bytes - before  # freed first when the layer's backward starts
         self.prod_dt, self.prod_bytes = prod.dt, prod.nbytes
         w.drop(prod)
         return out
@@ -373,12 +420,48 @@ class LayerModel:
             f = fn
         out = w.new(T * H, _promote(res.dt, f.dt), True)
         w.drop(res, f)
+        # saved from the down projection on (its LoRA, a sandwich norm): freed before the MLP backward
+        self.down_saved = w.saved_bytes - self.saved_before_down
         return out
 
 
 def stream_dtype(model: ModelSpec, plan: TrainPlan) -> int:
     """Bytes per element of the residual stream: the embedding's dtype (fp32 after prepare)."""
     return 4 if plan.prepare or plan.dtype == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """A layer walked once with symbolic sizes (see `Lin`), for one model and plan."""
+
+    layer: Lin                 # one layer's saved set (layers >= 1)
+    first_layer: Lin           # layer 0 (saves less when its input does not require grad)
+    recompute: tuple[Lin, ...]  # candidate peaks of a checkpointed recompute (up to the last save)
+    forward: tuple[Lin, ...]   # candidate peaks of a layer's forward
+    down_saved: Lin            # what the down projection saved (freed as the layer's backward starts)
+    copies: Lin                # LoRA weight copies saved by the layers (layer 0 + one other)
+    copies_first: Lin
+    prod_dt: int
+
+
+@lru_cache(maxsize=4096)
+def layer_trace(model: ModelSpec, plan: TrainPlan, cpu: bool) -> LayerTrace:
+    """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter)."""
+    a = stream_dtype(model, plan)
+    # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
+    input_grad = plan.gradient_checkpointing or plan.method == "full"
+    T = Lin(t=1)
+    w = Walk()
+    lm = LayerModel(model, plan, w, cpu)
+    lm.layer(w.new(T * model.hidden_size, a, True), a)
+    if input_grad:
+        w0 = w
+    else:
+        w0 = Walk()
+        LayerModel(model, plan, w0, cpu).layer(w0.new(T * model.hidden_size, a, False), a)
+    return LayerTrace(layer=w.saved_bytes, first_layer=w0.saved_bytes,
+                      recompute=envelope(w.moments[:w.last_save]), forward=envelope(w.moments),
+                      down_saved=lm.down_saved, copies=w.copies, copies_first=w0.copies, prod_dt=lm.prod_dt)
 
 
 @dataclass(frozen=True)
@@ -402,33 +485,35 @@ class ActivationProfile:
     stream_dt: int
 
 
-def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> ActivationProfile:
+def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool,
+                       key: TrainPlan | None = None) -> ActivationProfile:
+    """Evaluate the cached layer trace for `plan`'s batch and sequence length.
+
+    `key`: `plan` with batch_size, seq_len and gradient_accumulation_steps set to 1 (the trace's cache
+    key), when the caller has it already.
+    """
     rnd = 1 if cpu else 512
-    T, H, S, L = plan.tokens, model.hidden_size, plan.seq_len, model.num_layers
+    B, S = plan.batch_size, plan.seq_len
+    T, H, L = B * S, model.hidden_size, model.num_layers
+    if key is None:
+        key = plan.replace(batch_size=1, seq_len=1, gradient_accumulation_steps=1)
+    tr = layer_trace(model, key, cpu)
+    shape = (T, B * S, B * S * S)
+    at = lambda x: x.at(*shape)  # noqa: E731
     a = stream_dtype(model, plan)
-    # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
-    input_grad = plan.gradient_checkpointing or plan.method == "full"
-
-    w = Walk(rnd)
-    lm = LayerModel(model, plan, w, cpu)
-    lm.layer(w.new(T * H, a, True), a)
-    w0 = Walk(rnd)
-    LayerModel(model, plan, w0, cpu).layer(w0.new(T * H, a, input_grad), a)
-
     r = lambda n: round_up(n, rnd) if rnd > 1 and n else n  # noqa: E731
-    rope = 2 * r(S * model.head_dim * a)
-    final_norm = r(T * H * 4) + r(T * 4)  # x.to(float32) (a copy unless fp32) and rsqrt
     head_frozen_dt = 4 if plan.prepare or plan.dtype == "fp32" else 2
-    head_w = r(model.vocab_size * H * 2) if plan.autocast and head_frozen_dt != 2 else 0
-    logits_dt = 2 if plan.autocast else head_frozen_dt
     copies = 0
     if plan.autocast and plan.method in ("qlora", "lora"):
-        from .formulas import lora_tensors
+        from .formulas import _per_layer_lora
 
-        copies = sum(r(numel * 2) for numel in lora_tensors(model, plan))
+        copies = L * sum(r(rows * cols * 2) for rows, cols in _per_layer_lora(model, plan))
     return ActivationProfile(
-        layer_bytes=w.saved_bytes, first_layer_bytes=w0.saved_bytes,
-        recompute_peak=w.peak_at_last_save, forward_peak=w.peak, down_saved=lm.down_saved,
-        prod_dt=lm.prod_dt, input_in_saved=a == 4, layer_input_bytes=r(T * H * a), rope_bytes=rope,
-        final_norm_bytes=final_norm, head_bytes=head_w, lora_weight_copies=copies,
-        saved_copies=w0.copies + (L - 1) * w.copies, logits_dt=logits_dt, stream_dt=a)
+        layer_bytes=at(tr.layer), first_layer_bytes=at(tr.first_layer),
+        recompute_peak=max(map(at, tr.recompute)), forward_peak=max(map(at, tr.forward)),
+        down_saved=at(tr.down_saved), prod_dt=tr.prod_dt, input_in_saved=a == 4,
+        layer_input_bytes=r(T * H * a), rope_bytes=2 * r(S * model.head_dim * a),
+        final_norm_bytes=r(T * H * 4) + r(T * 4),  # x.to(float32) (a copy unless fp32) and rsqrt
+        head_bytes=r(model.vocab_size * H * 2) if plan.autocast and head_frozen_dt != 2 else 0,
+        lora_weight_copies=copies, saved_copies=at(tr.copies_first) + (L - 1) * at(tr.copies),
+        logits_dt=2 if plan.autocast else head_frozen_dt, stream_dt=a)

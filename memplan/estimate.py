@@ -15,8 +15,8 @@ Gradient accumulation keeps all gradients alive through the later micro-batches'
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from math import ceil
 from typing import Any
 
@@ -44,6 +44,7 @@ class Estimate:
     gpu: GPUSpec | None = None
     notes: tuple[str, ...] = ()
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    moment: str = ""
     moments: dict[str, dict[Term, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -74,7 +75,7 @@ class Estimate:
             "device": self.plan.device,
             "gpu": self.gpu.to_dict() if self.gpu else None,
             "terms": {str(t): int(v) for t, v in self.terms.items()},
-            "peak": {"phase": self.peak_phase, "allocated_bytes": self.allocated_bytes,
+            "peak": {"phase": self.peak_phase, "moment": self.moment, "allocated_bytes": self.allocated_bytes,
                      "reserved_bytes": self.reserved_bytes, "device_bytes": self.device_bytes},
             "phase_peaks": dict(self.phase_peaks),
             "paged_bytes": self.paged_bytes,
@@ -85,10 +86,14 @@ class Estimate:
         }
 
 
+_TERM = {t.value: t for t in Term}
+
+
 def _moment(static: dict[Term, int], **extra: int) -> dict[Term, int]:
     out = dict(static)
     for k, v in extra.items():
-        out[Term(k)] = out.get(Term(k), 0) + v
+        t = _TERM[k]
+        out[t] += v
     return out
 
 
@@ -111,17 +116,12 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
 
         raise InvalidSpecError("plan", ["transformers 5.24 has no SDPA attention for gemma2 (attention "
                                         "softcapping); use --attn-implementation eager or flash_attention_2"])
-    opt_dev, paged = F.optimizer_state_bytes(model, plan, rnd, cuda=cuda)
-    static = {t: 0 for t in Term}
-    static[Term.BASE_WEIGHTS] = F.base_weights_bytes(model, plan, rnd)
-    static[Term.QUANT_STATE] = F.quant_state_bytes(model, plan, rnd)
-    static[Term.OTHER_PARAMS] = F.other_params_bytes(model, plan, rnd)
-    static[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
-    static[Term.OPTIMIZER_STATE] = opt_dev
-    grads = F.gradient_bytes(model, plan, rnd)
+    key = plan.replace(batch_size=1, seq_len=1, gradient_accumulation_steps=1)  # shape-free plan
+    static_items, grads, paged, scratch = _static_part(model, key, cuda)
+    static = dict(static_items)
     ga_grads = grads if plan.gradient_accumulation_steps > 1 else 0
 
-    ap = activation_profile(model, plan, cpu=not cuda)
+    ap = activation_profile(model, plan, cpu=not cuda, key=key)
     moments: dict[str, dict[Term, int]] = {}
     gc = plan.gradient_checkpointing
     if gc:
@@ -134,13 +134,15 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     # ---- loss stage ---------------------------------------------------------------------------
     tv = T * V
     fp32_copy = r(4 * tv) if ap.logits_dt != 4 else 0
-    loss_fwd_logits = r(ap.logits_dt * tv) + fp32_copy + r(4 * tv)
+    # Gemma-2 final soft-capping: logits / cap -> tanh (its output saved) -> * cap
+    softcap = r(ap.logits_dt * tv) if model.final_logit_softcapping else 0
+    loss_fwd_logits = r(ap.logits_dt * tv) + fp32_copy + r(4 * tv) + softcap
     loss_fwd = _moment(static, gradients=ga_grads,
                        activations=layers_saved + model_saved + (ap.lora_weight_copies - (0 if gc else ap.saved_copies))
                        + r(T * H * ap.stream_dt) + labels + 2 * r(4),
                        logits=loss_fwd_logits)
     loss_bwd = _moment(static, gradients=ga_grads, activations=layers_saved + model_saved + 2 * r(4),
-                       logits=3 * r(4 * tv))
+                       logits=3 * r(4 * tv) + softcap)
 
     # ---- layer windows -----------------------------------------------------------------------------
     # Per layer i: its forward (no checkpointing: every earlier layer's saved set plus this layer's
@@ -183,17 +185,19 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     loss_bwd[Term.ACTIVATIONS] += pos_ids
 
     # ---- optimizer step -------------------------------------------------------------------------
-    opt = _moment(static, gradients=grads, temporaries=_optimizer_scratch(model, plan, cuda, rnd))
+    opt = _moment(static, gradients=grads, temporaries=scratch)
 
-    moments.update({"loss": loss_fwd, "backward": loss_bwd, "optimizer": opt})
+    moments.update({"loss:forward": loss_fwd, "loss:backward": loss_bwd, "optimizer": opt})
     totals = {k: sum(v[t] for t in ALLOCATED_TERMS) for k, v in moments.items()}
-    phase_key = max(totals, key=totals.get)
-    terms = dict(moments[phase_key])
-    phase = phase_key.split(":")[0]
+    moment = max(totals, key=totals.get)
+    terms = dict(moments[moment])
+    phase = _PHASE[moment.split(":")[0]] if moment != "loss:forward" else "loss"
+    notes.append(f"peak: {_describe(moment, L)}")
 
     if cuda:
         g = gpu or GPUSpec(name="generic", memory_bytes=0)
         terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
+        totals = {k: v + terms[Term.WORKSPACE] for k, v in totals.items()}
         alloc = sum(terms[t] for t in ALLOCATED_TERMS)
         terms[Term.ALLOCATOR_OVERHEAD] = int(alloc * g.reserve_ratio)
         terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
@@ -211,17 +215,53 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
         notes.append(f"{gpu.name} has no bf16 support (compute capability {gpu.compute_capability}); "
                      "use --mixed-precision fp16 --compute-dtype fp16 --dtype fp16")
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=phase, paged_bytes=paged if cuda else 0,
-                    gpu=gpu, notes=tuple(notes), phase_peaks=totals, moments=moments)
+                    gpu=gpu, notes=tuple(notes), phase_peaks=totals, moment=moment, moments=moments)
+
+
+@lru_cache(maxsize=4096)
+def _static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[tuple[tuple[Term, int], ...], int, int, int]:
+    """Terms that do not depend on batch or sequence length: (static terms, gradients, paged, scratch)."""
+    rnd = 512 if cuda else 1
+    opt_dev, paged = F.optimizer_state_bytes(model, plan, rnd, cuda=cuda)
+    static = {t: 0 for t in Term}
+    static[Term.BASE_WEIGHTS] = F.base_weights_bytes(model, plan, rnd)
+    static[Term.QUANT_STATE] = F.quant_state_bytes(model, plan, rnd)
+    static[Term.OTHER_PARAMS] = F.other_params_bytes(model, plan, rnd)
+    static[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
+    static[Term.OPTIMIZER_STATE] = opt_dev
+    grads = F.gradient_bytes(model, plan, rnd)
+    return tuple(static.items()), grads, paged, _optimizer_scratch(model, plan, cuda, rnd)
+
+
+_PHASE = {"forward": "forward", "loss": "backward", "recompute": "backward", "backward": "backward",
+          "optimizer": "optimizer"}
+
+
+def _describe(moment: str, layers: int) -> str:
+    """A reader's description of the peak moment."""
+    kind, _, idx = moment.partition(":")
+    if moment == "loss:forward":
+        return "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]"
+    if moment == "loss:backward":
+        return "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"
+    if kind == "recompute":
+        return f"recomputing checkpointed layer {idx} of {layers} during backward"
+    if kind == "backward":
+        return f"the MLP backward of layer {idx} of {layers}: [tokens x intermediate] gradients in flight"
+    if kind == "forward":
+        return f"the forward of the last layer ({layers - 1}), every earlier layer's activations saved"
+    return "the optimizer step: every gradient plus the optimizer's state and scratch"
 
 
 def _optimizer_scratch(model: ModelSpec, plan: TrainPlan, cuda: bool, rnd: int) -> int:
     """Transient buffers during optimizer.step()."""
     spec = OPTIMIZERS[plan.optim]
-    sizes = [n * dt for n, dt in F.trainable_tensors(model, plan)]
-    if not sizes:
+    groups = F._trainable_groups(model, plan)
+    if not groups:
         return 0
     if spec.impl == "foreach" and cuda and spec.states:
-        return sum(round_up(s, rnd) for s in sizes)  # foreach: one param-sized temporary per tensor
+        return sum(k * round_up(r * c * dt, rnd) for (r, c), dt, k in groups)  # one temporary per tensor
+    sizes = [r * c * dt for (r, c), dt, _ in groups]
     if spec.impl == "fused" or spec.bits == 8 and cuda:
         return 0
     return max(sizes)  # single-tensor loop: the denominator of one tensor at a time

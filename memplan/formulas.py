@@ -101,91 +101,95 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     return total
 
 
+def _per_layer_lora(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
+    """(rows, cols) of the LoRA A [r, in] and B [out, r] tensors of one layer."""
+    from .activations import LayerModel, Walk
+
+    probe = LayerModel(model, plan, Walk(), cpu=True)
+    out: list[tuple[int, int]] = []
+    for lin in model.layer_linears:
+        if probe.targeted(lin):
+            out += [(plan.lora_r, lin.in_features), (lin.out_features, plan.lora_r)]
+    return out
+
+
 def lora_tensors(model: ModelSpec, plan: TrainPlan) -> list[int]:
     """Element counts of every LoRA A [r, in] and B [out, r] tensor, all layers."""
     if plan.method not in ("qlora", "lora"):
         return []
-    from .activations import LayerModel, Walk
+    return [r * c for r, c in _per_layer_lora(model, plan)] * model.num_layers
 
-    probe = LayerModel(model, plan, Walk(), cpu=True)
-    out: list[int] = []
-    for lin in model.layer_linears:
-        if probe.targeted(lin):
-            out += [plan.lora_r * lin.in_features, lin.out_features * plan.lora_r]
-    return out * model.num_layers
+
+def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int, int], int, int]]:
+    """((rows, cols), dtype bytes, count) of the trainable parameters, grouped per layer."""
+    L = model.num_layers
+    if plan.method in ("qlora", "lora"):
+        return [(shape, 4, L) for shape in _per_layer_lora(model, plan)]
+    dt = 4 if plan.prepare else _dt(plan.dtype)
+    per_layer = [(l.out_features, l.in_features) for l in model.layer_linears]
+    per_layer += [(l.out_features, 1) for l in model.layer_linears if l.bias]
+    per_layer += [(n, 1) for _, n in model.layer_norms]
+    if model.is_moe:
+        E, I, H = model.num_experts, model.intermediate_size, model.hidden_size
+        per_layer += [(E * 2 * I, H), (E * H, I)]
+    top = [(model.vocab_size, model.hidden_size), (model.hidden_size, 1)]
+    if model.lm_head_params:
+        top.append((model.vocab_size, model.hidden_size))
+    return [(shape, dt, L) for shape in per_layer] + [(shape, dt, 1) for shape in top]
 
 
 def trainable_tensors(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
     """(numel, dtype bytes) of every trainable parameter."""
-    if plan.method == "full":
-        dt = 4 if plan.prepare else _dt(plan.dtype)
-        per_layer = [l.numel for l in model.layer_linears] + [l.out_features for l in model.layer_linears if l.bias]
-        per_layer += [n for _, n in model.layer_norms]
-        if model.is_moe:
-            E, I, H = model.num_experts, model.intermediate_size, model.hidden_size
-            per_layer += [E * 2 * I * H, E * H * I]
-        top = [model.embedding_params, model.hidden_size] + ([model.lm_head_params] if model.lm_head_params else [])
-        return [(n, dt) for n in per_layer * model.num_layers + top]
-    return [(n, 4) for n in lora_tensors(model, plan)]
+    return [(r * c, dt) for (r, c), dt, k in _trainable_groups(model, plan) for _ in range(k)]
 
 
 def adapter_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     """LoRA A/B in fp32 (peft get_peft_model(autocast_adapter_dtype=True) upcasts them)."""
     if plan.method == "full":
         return 0
-    return sum(_r(n * dt, rnd) for n, dt in trainable_tensors(model, plan))
+    return gradient_bytes(model, plan, rnd)
 
 
 def gradient_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     """One gradient per trainable parameter, in its dtype (all alive after backward)."""
-    return sum(_r(n * dt, rnd) for n, dt in trainable_tensors(model, plan))
+    return sum(k * _r(r * c * dt, rnd) for (r, c), dt, k in _trainable_groups(model, plan))
 
 
 def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda: bool = True) -> tuple[int, int]:
     """(device-resident, paged) optimizer state bytes after the first step.
 
-    torch AdamW: exp_avg + exp_avg_sq in the param dtype and a `step` scalar (on the device only for
-    fused). bitsandbytes 8-bit: uint8 state + one fp32 absmax per 256 elements per state; tensors
-    under 4096 elements keep 32-bit state. Paged variants put state1/state2 of tensors with at least
-    100,000 elements in cudaMallocManaged memory (NVML sees it, torch does not); on the CPU they are
-    ordinary tensors. Adafactor (factored, no first moment): a row and a column vector per matrix.
+    torch AdamW: exp_avg + exp_avg_sq in the param dtype and a `step` scalar (a device tensor for
+    fused, a CPU tensor otherwise). bitsandbytes 8-bit: uint8 state + one fp32 absmax per 256
+    elements per state; tensors under 4096 elements keep 32-bit state. Paged variants put
+    state1/state2 of tensors with at least 100,000 elements in cudaMallocManaged memory (NVML sees
+    it, torch does not); on the CPU they are ordinary tensors. Adafactor (factored, no first
+    moment): a row and a column vector per matrix.
     """
     spec = OPTIMIZERS[plan.optim]
     dev = paged = 0
-    shapes = _trainable_shapes(model, plan)
-    for (rows, cols), dt in shapes:
+    groups = _trainable_groups(model, plan)
+    for (rows, cols), dt, k in groups:
         n = rows * cols
+        d = p = 0
         if spec.impl in ("foreach", "fused", "single"):
-            dev += spec.states * _r(n * dt, rnd)
+            d = spec.states * _r(n * dt, rnd)
             if spec.states and (spec.impl == "fused" or not cuda):
-                dev += _r(4, rnd)  # `step` tensor: a device tensor for fused, a CPU tensor otherwise
-            continue
-        if spec.impl == "adafactor":
-            dev += _r(4 * rows, rnd) + _r(4 * cols, rnd) if rows > 1 and cols > 1 else _r(4 * n, rnd)
-            continue
-        eight = spec.bits == 8 and n >= MIN_8BIT_SIZE
-        state = n * (1 if eight else 4)
-        is_paged = spec.paged and cuda and n >= PAGED_MIN_NUMEL
-        for _ in range(spec.states):
-            if is_paged:
-                paged += state
-            else:
-                dev += _r(state, rnd)
-            if eight:
-                dev += _r(4 * ceil(n / BNB_STATE_BLOCK), rnd)
-    if spec.bits == 8 and any(r * c >= MIN_8BIT_SIZE for (r, c), _ in shapes):
+                d += _r(4, rnd)  # `step` tensor: a device tensor for fused, a CPU tensor otherwise
+        elif spec.impl == "adafactor":
+            d = _r(4 * rows, rnd) + _r(4 * cols, rnd) if rows > 1 and cols > 1 else _r(4 * n, rnd)
+        else:
+            eight = spec.bits == 8 and n >= MIN_8BIT_SIZE
+            state = n * (1 if eight else 4)
+            is_paged = spec.paged and cuda and n >= PAGED_MIN_NUMEL
+            for _ in range(spec.states):
+                if is_paged:
+                    p += state
+                else:
+                    d += _r(state, rnd)
+                if eight:
+                    d += _r(4 * ceil(n / BNB_STATE_BLOCK), rnd)
+        dev += k * d
+        paged += k * p
+    if spec.bits == 8 and any(r * c >= MIN_8BIT_SIZE for (r, c), _, _ in groups):
         dev += spec.states * _r(256 * 4, rnd)  # the shared dynamic quantization maps (qmap1/qmap2)
     return dev, paged
-
-
-def _trainable_shapes(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int, int], int]]:
-    if plan.method in ("qlora", "lora"):
-        out = []
-        from .activations import LayerModel, Walk
-
-        probe = LayerModel(model, plan, Walk(), cpu=True)
-        for lin in model.layer_linears:
-            if probe.targeted(lin):
-                out += [((plan.lora_r, lin.in_features), 4), ((lin.out_features, plan.lora_r), 4)]
-        return out * model.num_layers
-    return [((n, 1), dt) for n, dt in trainable_tensors(model, plan)]

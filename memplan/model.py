@@ -69,6 +69,7 @@ class ModelSpec:
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
+    attn_logit_softcapping: float | None = None
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -222,6 +223,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
         layer_linears=tuple(linears), layer_norms=tuple(norms), num_experts=E, experts_per_token=k,
         hub_id=hub_id, aliases=tuple(aliases), source=source, config=dict(config),
-        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
         sliding_window=cfg.get("sliding_window"),
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
     )

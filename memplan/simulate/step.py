@@ -131,13 +131,17 @@ def _lora_base_layers(model) -> set[int]:
 
 def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: str = "cpu",
               round_to: int = 1, optimizer=None, keep_outputs: bool = False, seed: int = 0,
-              tracker: LiveTensorTracker | None = None, step_context=None, progress=None) -> StepResult:
+              tracker: LiveTensorTracker | None = None, step_context=None, progress=None,
+              fast_warmup: bool = False) -> StepResult:
     """Run `steps` training steps under the tracker; return the peak of the last step, per term.
 
     `device="meta"` runs on meta tensors (see meta.py): autocast then uses the CPU autocast state as
     its carrier (meta has no autocast of its own) and `step_context()` supplies the emulation.
     `tracker` lets the caller configure the tracker (devices counted, bitsandbytes kernels);
     `progress(msg)` is called at the start of each step.
+    `fast_warmup`: the steps before the last one only create the optimizer state (zero gradients,
+    `opt.step()`, `zero_grad`) instead of running forward and backward. The optimizer state is the
+    only thing a step leaves behind, so the last step sees the same memory (simulate uses this).
     """
     if tracker is None:
         tracker = LiveTensorTracker(round_to=round_to, device=None if device == "meta" else device)
@@ -145,6 +149,9 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     tracker.register_model(model, lambda n, p: Term.BASE_WEIGHTS if n in base_names else classify_param(n, p))
     tracker.attach_modules(model)
     opt = optimizer or make_optimizer(model, plan)
+    for name, t in getattr(opt, "name2qmap", {}).items():  # bitsandbytes' shared 8-bit maps, made at init
+        if isinstance(t, torch.Tensor):
+            tracker.register(t, Term.OPTIMIZER_STATE, f"optimizer.qmap.{name}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (plan.batch_size, plan.seq_len), generator=g)
     if device != "cpu":
@@ -160,6 +167,14 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                     progress(f"step {step + 1}/{steps}")
                 if step == steps - 1:
                     tracker.reset_peak()
+                elif fast_warmup:
+                    tracker.set_phase(Phase.OPTIMIZER)
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    continue
                 for _micro in range(plan.gradient_accumulation_steps):  # grads accumulate across micro-batches
                     tracker.set_phase(Phase.FORWARD)
                     with autocast:

@@ -1,0 +1,73 @@
+"""ModelSpec from config.json values equals what transformers builds, to the parameter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from memplan.catalogue import _model_entries, list_models
+from memplan.errors import UnsupportedArchitectureError
+from memplan.model import SUPPORTED, model_from_config
+
+
+def test_catalogue_has_the_popular_models():
+    names = {m.name for m in list_models()}
+    assert len(names) >= 25
+    for must in ("llama-2-7b", "llama-3-70b", "llama-3.1-405b", "mistral-7b-v0.1", "mixtral-8x7b", "qwen2.5-72b",
+                 "gemma-2-27b", "phi-3-mini-4k", "tinyllama-1.1b"):
+        assert must in names
+
+
+@pytest.mark.parametrize("key", sorted(_model_entries()))
+def test_param_count_equals_the_catalogue_count(key):
+    """`params` in each catalogue file was counted by transformers (scripts/verify_catalogue.py)."""
+    e = _model_entries()[key]
+    assert model_from_config(e["config"]).params == e["params"]
+
+
+def test_published_counts():
+    by = {m.name: m.params for m in list_models()}
+    assert by["llama-2-7b"] == 6_738_415_616
+    assert by["llama-3-8b"] == 8_030_261_248
+    assert by["mistral-7b-v0.1"] == 7_241_732_096
+    assert by["mixtral-8x7b"] == 46_702_792_704
+    assert by["qwen2.5-7b"] == 7_615_616_512
+    assert by["gemma-2-9b"] == 9_241_705_984
+    assert by["phi-3-mini-4k"] == 3_821_079_552
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        model_from_config({"model_type": "gpt2", "n_embd": 768})
+    assert "gpt2" in str(e.value) and "llama" in str(e.value) and "simulate" in str(e.value)
+    assert len(SUPPORTED) >= 9
+
+
+@pytest.fixture(scope="module")
+def transformers_mod():
+    return pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("key", sorted(_model_entries()))
+def test_shapes_match_transformers_on_meta(transformers_mod, key):
+    """Build each catalogue model on the meta device: total and every layer module's shape agree."""
+    import torch
+
+    from memplan.simulate.step import hf_config
+
+    e = _model_entries()[key]
+    spec = model_from_config(e["config"])
+    with torch.device("meta"):
+        model = transformers_mod.AutoModelForCausalLM.from_config(hf_config(copy.deepcopy(e["config"])))
+    assert sum(p.numel() for p in model.parameters()) == spec.params
+    layer = model.model.layers[0]
+    linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
+    assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
+    biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
+    assert biases == {l.name for l in spec.layer_linears if l.bias}
+    norms = {n: p.numel() for n, p in layer.named_parameters() if "norm" in n or n.endswith("gate.weight")}
+    assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec.layer_norms}
+    assert model.config.tie_word_embeddings == spec.tie_word_embeddings
+    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    assert bufs == 4 * spec.rotary_buffer_elements
