@@ -5,7 +5,7 @@
     >>> e.fits, e.device_bytes
 
 The core imports nothing heavy (no torch, transformers, numpy); `memplan.simulate` loads the `sim`
-extra on first access.
+extra and `memplan.sweep` the `report` extra (pandas, matplotlib) on first access.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ from .fit import Fit, check_fit
 from .gpu import GPUSpec
 from .model import ModelSpec
 from .plan import TrainPlan
+# NB: imported eagerly (stdlib only, a few ms) because the function shares its name with its module:
+# a lazy import would leave `memplan.recommend` bound to the module once anything imported it.
+from .recommend import Recommendation, recommend
 from .terms import Term
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "estimate", "check_fit", "simulate", "Term", "TrainPlan", "ModelSpec", "GPUSpec", "Estimate", "Fit",
+    "estimate", "check_fit", "recommend", "sweep", "simulate", "Term", "TrainPlan", "ModelSpec", "GPUSpec",
+    "Estimate", "Fit", "Recommendation", "profile", "MeasuredRun",
     "load_model", "load_gpu", "list_models", "list_gpus", "MemplanError", "__version__",
 ]
 
@@ -37,4 +41,16 @@ def __getattr__(name: str) -> Any:
         # importing the subpackage bound `memplan.simulate` to the module; expose the function
         globals()["simulate"] = simulate
         return simulate
+    if name in ("profile", "MeasuredRun"):
+        # the package memplan.profile is callable (memplan.profile(...) runs profile.profile); torch & co.
+        # load only when a profile runs
+        import importlib
+
+        _profile_pkg = importlib.import_module(".profile", __name__)  # not `from . import`: that recurses here
+        return _profile_pkg if name == "profile" else _profile_pkg.MeasuredRun
+    if name == "sweep":  # pandas + matplotlib (the `report` extra)
+        from .report import sweep
+
+        globals()["sweep"] = sweep
+        return sweep
     raise AttributeError(f"module 'memplan' has no attribute {name!r}")

@@ -110,12 +110,29 @@ def _from_hub(repo_id: str) -> ModelSpec:
         from huggingface_hub import hf_hub_download  # optional extra [hf]
     except ImportError:
         raise MemplanError(offline_msg + " (or pip install 'memplan[hf]' to fetch configs from the hub)") from None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise MemplanError(f"{offline_msg} (HF_HUB_OFFLINE is set)")
+    if not _hub_resolves():  # fail in milliseconds, not after huggingface_hub's five retries
+        raise MemplanError(f"{offline_msg} (no network)")
     try:
-        cfg_path = hf_hub_download(repo_id, "config.json")
+        cfg_path = hf_hub_download(repo_id, "config.json", etag_timeout=5)
     except Exception as e:  # offline, gated, missing repo: one line, not a traceback
         raise MemplanError(f"{offline_msg} ({type(e).__name__})") from None
     cfg = _load_json(Path(cfg_path))
     return model_from_config(cfg, name=repo_id, hub_id=repo_id, source=f"hub:{repo_id}")
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves (HF_ENDPOINT respected)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def load_gpu(gpu: str | GPUSpec) -> GPUSpec:

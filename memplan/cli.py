@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .catalogue import list_gpus, list_models, load_model
+from .catalogue import list_gpus, list_models, load_gpu, load_model
 from .errors import MemplanError
 from .estimate import Estimate, estimate
 from .fit import Fit, check_fit
@@ -30,6 +30,10 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--seq-len` must not silently become `--seq-lens`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:  # never print usage + exit from inside argparse
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -48,9 +52,21 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def add_plan_flags(p: argparse.ArgumentParser) -> None:
-    """Flags for every TrainPlan field; each defaults to None so an unset flag keeps TrainPlan's default."""
-    g = p.add_argument_group("plan (defaults: today's common HF QLoRA recipe)")
+class _Group:
+    """An argument group that skips the flags a command replaces with its own (report's grids)."""
+
+    def __init__(self, group: Any, exclude: Sequence[str]):
+        self._g, self._exclude = group, set(exclude)
+
+    def add_argument(self, flag: str, **kw: Any) -> None:
+        if flag.lstrip("-").replace("-", "_") not in self._exclude:
+            self._g.add_argument(flag, **kw)
+
+
+def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """Flags for every TrainPlan field; each defaults to None so an unset flag keeps TrainPlan's default.
+    `exclude`: TrainPlan field names to leave out."""
+    g = _Group(p.add_argument_group("plan (defaults: today's common HF QLoRA recipe)"), exclude)
     bool_flag = argparse.BooleanOptionalAction
     g.add_argument("--method", choices=METHODS, help=f"training method (default {_D.method})")
     g.add_argument("--quant", choices=QUANTS, help="base weight quantization (default nf4 for qlora, none otherwise)")
@@ -103,6 +119,66 @@ def fit_data(args: argparse.Namespace) -> Fit:
         raise MemplanError(f"--reserve must be >= 0 GiB, got {args.reserve}")
     return check_fit(args.model, args.gpu, reserve_bytes=int(round((args.reserve or 0) * GiB)),
                      **plan_kwargs(args))
+
+
+def _reserve_bytes(args: argparse.Namespace, default: int = 0) -> int:
+    if args.reserve is None:
+        return default
+    if args.reserve < 0:
+        raise MemplanError(f"--reserve must be >= 0 GiB, got {args.reserve}")
+    return int(round(args.reserve * GiB))
+
+
+def recommend_data(args: argparse.Namespace) -> Any:
+    from .recommend import DEFAULT_RESERVE_BYTES, recommend
+
+    return recommend(args.model, args.gpu, reserve_bytes=_reserve_bytes(args, DEFAULT_RESERVE_BYTES),
+                     **plan_kwargs(args))
+
+
+def _int_list(flag: str, text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if text is None:
+        return default
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise MemplanError(f"{flag} is empty; give a comma-separated list like {','.join(map(str, default))}")
+    try:
+        values = tuple(int(t) for t in items)
+    except ValueError:
+        raise MemplanError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise MemplanError(f"{flag} values must be positive integers, got {', '.join(map(str, bad))}")
+    return values
+
+
+def _name_list(flag: str, text: str | None, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in (text or "").split(",") if t.strip())
+    if not items:
+        if default is not None and text is None:
+            return default
+        raise MemplanError(f"{flag} is empty; give a comma-separated list (see `memplan report --help`)")
+    return items
+
+
+def report_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything (names, grids, the output folder) before the sweep, then sweep and write."""
+    from .report import DEFAULT_BATCH_SIZES, DEFAULT_RANKS, DEFAULT_SEQ_LENS, prepare_out_dir, run_report
+
+    models = _name_list("--models", args.models)
+    gpus = _name_list("--gpus", args.gpus)
+    methods = _name_list("--methods", args.methods, ("qlora",))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise MemplanError(f"--methods: unknown method {', '.join(map(repr, bad))} (known: {', '.join(METHODS)})")
+    grids = dict(seq_lens=_int_list("--seq-lens", args.seq_lens, DEFAULT_SEQ_LENS),
+                 batch_sizes=_int_list("--batch-sizes", args.batch_sizes, DEFAULT_BATCH_SIZES),
+                 ranks=_int_list("--ranks", args.ranks, DEFAULT_RANKS))
+    specs = [load_model(m) for m in models]  # unknown names fail here, before any work
+    gspecs = [load_gpu(g) for g in gpus]
+    out = prepare_out_dir(args.out, force=args.force)
+    return run_report(specs, gspecs, methods=methods, out=out, checked=True, reserve_bytes=_reserve_bytes(args),
+                      progress=not args.no_progress, **grids, **plan_kwargs(args))
 
 
 def models_data() -> list[dict[str, Any]]:
@@ -230,6 +306,78 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return EXIT_OK if f.fits else EXIT_NO_FIT
 
 
+def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
+    from .recommend import describe_reserve
+
+    e, g, p = r.estimate, r.gpu, r.plan
+    out(f"{r.model.name} ({r.model.architecture}, {r.model.params / 1e9:.2f} B params) "
+        f"on {g.name} ({_gib(g.memory_bytes)} GiB)")
+    out("plan: " + "\n      ".join(plan_lines(p)))
+    out(describe_reserve(r.reserve_bytes))
+    out("")
+    verdict = "fits" if r.fits else "DOES NOT FIT"
+    out(f"as given: {_gib(e.device_bytes)} GiB on the device at the peak ({e.peak_phase}), "
+        f"headroom {_gib(r.headroom_bytes)} GiB -> {verdict}")
+    cap = " (search limit)" if r.max_batch_capped else ""
+    mb = (f"{r.max_batch_size}{cap}" if r.max_batch_size else "none (batch 1 does not fit)")
+    out(f"largest micro-batch at seq len {p.seq_len}: {mb}")
+    cap = " (search limit)" if r.max_seq_len_capped else ""
+    ms = f"{r.max_seq_len} tokens{cap}" if r.max_seq_len else "none (1 token does not fit)"
+    out(f"longest seq len at micro-batch {p.batch_size}: {ms}")
+
+    def change(i: int | str, c: Any) -> None:
+        out(f"  {i}. {c.summary}: {c.flags}")
+        out(f"     -> {_gib(c.device_bytes)} GiB, headroom {_gib(c.headroom_bytes)} GiB")
+        out(f"     cost: {c.cost}")
+
+    if not r.fits:
+        out("")
+        ranked = ([r.combined] if r.combined is not None and r.combined.fits else []) + list(r.changes)
+        if ranked:
+            out("changes that make it fit, cheapest first:")
+            for i, c in enumerate(ranked, 1):
+                change(i, c)
+        elif r.combined is not None:
+            out("no change fits on its own; all of them together:")
+            out(f"  * {r.combined.flags}")
+            out(f"     -> {_gib(r.combined.device_bytes)} GiB, headroom {_gib(r.combined.headroom_bytes)} GiB"
+                "  (still DOES NOT FIT)")
+        if r.not_enough:
+            out("not enough on their own:")
+            for c in r.not_enough:
+                out(f"  - {c.summary}: {c.flags} -> {_gib(c.device_bytes)} GiB, "
+                    f"headroom {_gib(c.headroom_bytes)} GiB")
+    out("")
+    if r.smallest_gpu:
+        s = next(f for f in r.gpus if f.name == r.smallest_gpu)
+        out(f"smallest catalogue GPU for the plan as given: {s.name} ({_gib(s.memory_bytes)} GiB, "
+            f"headroom {_gib(s.headroom_bytes)} GiB)")
+    else:
+        out("smallest catalogue GPU for the plan as given: none fits")
+    if r.notes:
+        out("notes:")
+        for n in r.notes:
+            out(f"  - {n}")
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    r = recommend_data(args)
+    _print_json(r.to_dict()) if args.json else _recommend_table(r, print)
+    return EXIT_OK if r.fits else EXIT_NO_FIT
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    d = report_data(args)
+    if args.json:
+        _print_json(d)
+    else:
+        print(f"{d['rows']} rows in {d['seconds']:.1f} s ({d['rows_per_second']:.0f} rows/s)")
+        print(f"report: {d['html']}")
+        for f in d["files"]:
+            print(f"  {f}")
+    return EXIT_OK
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     d = simulate_data(args)
     _print_json(d) if args.json else _table(d, print)
@@ -260,6 +408,60 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------
+# profile / compare (memplan.profile: real steps on the device, run records)
+# ---------------------------------------------------------------------------------------------
+def profile_data(args: argparse.Namespace) -> Any:
+    """A MeasuredRun, or a SearchResult with --find-max-batch / --find-max-seq."""
+    from .profile.runner import profile
+    from .profile.search import find_max
+
+    limit = None
+    if args.memory_limit is not None:
+        if args.memory_limit <= 0:
+            raise MemplanError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
+        limit = int(args.memory_limit * GiB)
+    progress = None if args.quiet else (lambda msg: print(f"memplan: {msg}", file=sys.stderr, flush=True))
+    try:  # transformers' own "Loading weights" bars; memplan prints its progress unless --quiet
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    common = dict(weights=args.weights, memory_limit_bytes=limit, track=not args.no_track, seed=args.seed,
+                  progress=progress, gpu=args.gpu)
+    dim = "batch_size" if args.find_max_batch else "seq_len" if args.find_max_seq else None
+    if dim is not None:
+        return find_max(args.model, plan_from_args(args), dimension=dim, steps=args.steps or 2,
+                        granularity=args.granularity, max_trials=args.max_trials, out=args.out, **common)
+    return profile(args.model, plan_from_args(args), steps=args.steps or 3, out=args.out, **common)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile.report import print_run, print_search
+    from .profile.search import SearchResult
+
+    res = profile_data(args)
+    if isinstance(res, SearchResult):
+        _print_json(res.to_dict()) if args.json else print_search(res)
+        return EXIT_OK if res.largest > 0 else EXIT_NO_FIT
+    _print_json(res.to_dict()) if args.json else print_run(res)
+    if args.out and not args.json:
+        from .profile.record import run_filename
+
+        path = args.out if str(args.out).lower().endswith(".json") else f"{args.out.rstrip('/')}/{run_filename(res)}"
+        print(f"run record written to {path}")
+    return EXIT_OK if res.status == "success" else EXIT_NO_FIT
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .profile.report import compare_runs, print_compare
+
+    rows = compare_runs(args.runs, stored=args.stored)
+    _print_json({"schema": "memplan.compare/1", "runs": rows}) if args.json else print_compare(rows)
+    return EXIT_OK
+
+
 MODEL_HELP = ("catalogue name or alias (see `memplan models`), Hugging Face repo id, "
               "or a path to a directory or config.json")
 
@@ -269,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memplan",
         description="GPU memory for QLoRA/LoRA fine-tuning: where every byte of a training step goes, "
                     "and whether it fits.",
-        epilog="Run `memplan COMMAND --help` for the plan flags. Exit status: 0 ok (fit: fits), "
+        epilog="Run `memplan COMMAND --help` for the plan flags. Exit status: 0 ok (fit, recommend: fits), "
                "1 does not fit, 2 bad input.")
     parser.add_argument("--version", action="version", version=f"memplan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -291,9 +493,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0)")
+    p = command("recommend", cmd_recommend,
+                "largest micro-batch and sequence length that fit, the cheapest changes that make a plan fit, "
+                "and the smallest GPU for it; exit 0 fits as given, 1 does not fit, 2 bad input")
+    p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
+    p.add_argument("--reserve", metavar="GiB", type=float, default=None,
+                   help="GiB to keep free for other processes or as a margin (default 0, as fit: the estimate "
+                        "already counts CUDA context, workspace and allocator overhead)")
+    p = command("report", cmd_report,
+                "capacity planning: sweep models x GPUs x plans into a CSV table and an HTML report with charts",
+                model=False, plan=False)
+    p.add_argument("--models", metavar="A,B", required=True, help="comma-separated models (see `memplan models`)")
+    p.add_argument("--gpus", metavar="X,Y", required=True, help="comma-separated GPUs (see `memplan gpus`)")
+    p.add_argument("--methods", metavar="M,M", help="comma-separated methods: qlora, lora, full (default qlora)")
+    p.add_argument("--seq-lens", metavar="N,N", help="comma-separated sequence lengths (default 512,1024,2048,4096)")
+    p.add_argument("--batch-sizes", metavar="N,N", help="comma-separated micro-batch sizes (default 1,2,4,8)")
+    p.add_argument("--ranks", metavar="R,R", help="comma-separated LoRA ranks (default 16)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for report.html, sweep.csv and the PNG charts")
+    p.add_argument("--force", action="store_true", help="overwrite the report files in an existing non-empty --out")
+    p.add_argument("--reserve", metavar="GiB", type=float, default=None,
+                   help="GiB to keep free on every GPU (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_plan_flags(p, exclude=("method", "batch_size", "seq_len", "lora_r"))
     command("simulate", cmd_simulate,
             "exact meta-device trace of a real training step (needs the sim extra: torch, transformers, "
             "peft, bitsandbytes)")
+    p = command("profile", cmd_profile,
+                "run real training steps on the device and measure them per phase and per term against the "
+                "estimate (needs the profile extra); exit 0 ran, 1 out of memory or failed, 2 bad input")
+    p.add_argument("--steps", type=_positive_int, metavar="N", default=None,
+                   help="training steps; the peak is taken over steps >= 2 (default 3; 2 per search trial)")
+    p.add_argument("--weights", choices=("random", "pretrained"), default="random",
+                   help="random: random weights from the config, no download (memory does not depend on the "
+                        "values); pretrained: the real checkpoint from MODEL's folder or hub id (default random)")
+    p.add_argument("--out", metavar="PATH", help="write the run record (memplan.run/1) to PATH: a .json file or a "
+                                                  "folder such as profiles/runs (a search writes every trial)")
+    p.add_argument("--memory-limit", metavar="GiB", type=float, default=None,
+                   help="CPU: a measured peak above this is an out-of-memory result; CUDA: caps torch's allocator "
+                        "(set_per_process_memory_fraction)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--find-max-batch", action="store_true",
+                   help="search the largest micro-batch that runs: start from the estimate, confirm with real steps")
+    g.add_argument("--find-max-seq", action="store_true", help="search the longest sequence that runs, likewise")
+    p.add_argument("--granularity", type=_positive_int, metavar="N", default=None,
+                   help="search step: batch 1, seq 64 by default")
+    p.add_argument("--max-trials", type=_positive_int, metavar="N", default=12, help="search trial budget (default 12)")
+    p.add_argument("--no-track", action="store_true",
+                   help="no per-term attribution (the live-tensor tracker is off): allocator/NVML peaks only")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and tokens (default 0)")
+    p.add_argument("--gpu", metavar="GPU", help="catalogue GPU to estimate against (default: the one detected)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p = command("compare", cmd_compare, "estimate vs measured, term by term, for run records written by profile",
+                model=False, plan=False)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run record files (RUN.json) or folders of them")
+    p.add_argument("--stored", action="store_true",
+                   help="use the estimate stored in each record (made at run time) instead of the current one")
     command("models", cmd_models, "list the bundled model catalogue", model=False, plan=False)
     command("gpus", cmd_gpus, "list the bundled GPU catalogue", model=False, plan=False)
     return parser
@@ -309,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
-            return _error("give a command: estimate, fit, simulate, models or gpus (see `memplan --help`)")
+            return _error("give a command: estimate, fit, recommend, report, simulate, models or gpus "
+                          "(see `memplan --help`)")
         return args.func(args)
     except _UsageError as e:
         return _error(str(e))

@@ -104,18 +104,33 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     r = (lambda n: round_up(n, 512) if n else 0) if cuda else (lambda n: n)  # noqa: E731
     notes: list[str] = []
     T, V, H, L = plan.tokens, model.vocab_size, model.hidden_size, model.num_layers
+    if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
+        leaves = {lin.name.rsplit(".", 1)[-1] for lin in model.layer_linears}
+        unknown = [t for t in plan.target_modules if t not in leaves and not any(
+            lin.name == t for lin in model.layer_linears)]
+        if unknown and len(unknown) == len(plan.target_modules):  # peft raises when nothing matches
+            from .errors import InvalidSpecError
+
+            raise InvalidSpecError("plan", [
+                f"--target-modules {','.join(unknown)}: no such Linear in {model.name} (peft would raise); "
+                f"its Linears are {','.join(sorted(leaves))}, or use all-linear"])
+        if unknown:
+            notes.append(f"--target-modules {','.join(unknown)} match no Linear in {model.name} (peft ignores them)")
     if model.is_moe:
         from .errors import UnsupportedArchitectureError
 
+        # transformers 5 fuses the experts into 3-D tensors that peft wraps (ParamWrapper, which merges
+        # a per-expert LoRA delta in every forward) and routes tokens data-dependently: not closed-form.
         raise UnsupportedArchitectureError(
-            f"the closed form does not cover mixture-of-experts activations yet ({model.model_type}); "
-            "use `memplan simulate` for an exact trace")
+            f"the closed form does not cover mixture-of-experts models ({model.model_type}: fused experts "
+            f"wrapped by peft, data-dependent routing); run `memplan simulate {model.name}` for an exact trace "
+            "(peft 0.21 also needs --lora-dropout 0 to wrap the fused experts)")
 
     if model.model_type == "gemma2" and plan.attn_implementation == "sdpa":
-        from .errors import InvalidSpecError
-
-        raise InvalidSpecError("plan", ["transformers 5.24 has no SDPA attention for gemma2 (attention "
-                                        "softcapping); use --attn-implementation eager or flash_attention_2"])
+        # transformers 5.24 has no SDPA for gemma2 (attention soft-capping): from_pretrained picks eager
+        plan = plan.replace(attn_implementation="eager")
+        notes.append("gemma2 has no SDPA attention in transformers 5.24 (soft-capping): estimated with eager, "
+                     "which from_pretrained picks; pass --attn-implementation flash_attention_2 if you use it")
     key = plan.replace(batch_size=1, seq_len=1, gradient_accumulation_steps=1)  # shape-free plan
     static_items, grads, paged, scratch = _static_part(model, key, cuda)
     static = dict(static_items)
@@ -204,8 +219,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
         if gpu is None:
             notes.append("no --gpu given: CUDA context, workspace and allocator overhead use generic defaults")
         if paged:
-            notes.append(f"paged optimizer: {paged} B of state live in CUDA managed memory (paged_bytes), "
-                         "outside torch's allocator; NVML counts it when resident")
+            notes.append("paged optimizer: state of tensors with >= 100,000 elements lives in CUDA managed memory "
+                         "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
     if model.max_position_embeddings and plan.seq_len > model.max_position_embeddings:

@@ -1,0 +1,440 @@
+"""matplotlib charts for reports and notebooks, in GiB, labelled for a reader who never saw memplan.
+
+Every function returns a `matplotlib.figure.Figure` built with the object API (no pyplot, so no global
+backend or figure registry is touched); `to_png(fig)` renders it.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator
+
+from ..estimate import Estimate
+from ..gpu import GPUSpec
+from ..terms import ALLOCATED_TERMS, Term
+from ..units import GiB
+
+#: Plain-words names for the terms (DESIGN.md, "One vocabulary").
+TERM_LABELS = {
+    Term.BASE_WEIGHTS: "base weights (frozen Linear layers)",
+    Term.QUANT_STATE: "quantization constants",
+    Term.OTHER_PARAMS: "embeddings, norms, lm_head",
+    Term.ADAPTER_WEIGHTS: "trainable weights (LoRA adapters)",
+    Term.GRADIENTS: "gradients",
+    Term.OPTIMIZER_STATE: "optimizer state",
+    Term.ACTIVATIONS: "activations saved for backward",
+    Term.LOGITS: "logits and loss buffers",
+    Term.TEMPORARIES: "temporary buffers",
+    Term.WORKSPACE: "cuBLAS workspace",
+    Term.ALLOCATOR_OVERHEAD: "allocator overhead (reserved - allocated)",
+    Term.CUDA_CONTEXT: "CUDA context",
+}
+#: One colour per term, the same in every chart: weights in blues, training state in greens/oranges,
+#: per-token memory in reds, device overheads in greys.
+TERM_COLORS = {
+    Term.BASE_WEIGHTS: "#1f4e79",
+    Term.QUANT_STATE: "#6c8ebf",
+    Term.OTHER_PARAMS: "#9ecae1",
+    Term.ADAPTER_WEIGHTS: "#31a354",
+    Term.GRADIENTS: "#a1d99b",
+    Term.OPTIMIZER_STATE: "#fd8d3c",
+    Term.ACTIVATIONS: "#d62728",
+    Term.LOGITS: "#f4a6a6",
+    Term.TEMPORARIES: "#9467bd",
+    Term.WORKSPACE: "#c7c7c7",
+    Term.ALLOCATOR_OVERHEAD: "#8c8c8c",
+    Term.CUDA_CONTEXT: "#4d4d4d",
+}
+PAGED_LABEL = "paged optimizer state (CUDA managed memory, not counted in the fit)"
+METHOD_LABELS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full fine-tune"}
+_METHOD_TICKS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full\nfine-tune"}
+
+
+def _wrap(text: str, width: int = 110) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def to_png(fig: Figure, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def _gib(n: float) -> float:
+    return float(n) / GiB
+
+
+def _tokens(n: float, _pos: Any = None) -> str:
+    n = int(round(n))
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return f"{n:,}"
+
+
+def _legend_terms(fig: Figure, used: Sequence[Term], paged: bool = False, ncol: int = 4) -> None:
+    handles = [Patch(facecolor=TERM_COLORS[t], label=TERM_LABELS[t]) for t in used]
+    if paged:
+        handles.append(Patch(facecolor="white", edgecolor="#fd8d3c", hatch="///", label=PAGED_LABEL))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(ncol, len(handles)), fontsize=9,
+               frameon=False)
+
+
+def _stack(ax: Any, x: Sequence[float], stacks: Sequence[Mapping[Term, float]], used: Sequence[Term],
+           width: float, paged: Sequence[float] | None = None) -> list[float]:
+    """Stacked bars in GiB; returns each bar's total (without the paged part)."""
+    bottoms = [0.0] * len(x)
+    for t in used:
+        h = [_gib(s.get(t, 0)) for s in stacks]
+        ax.bar(x, h, width, bottom=bottoms, color=TERM_COLORS[t], edgecolor="white", linewidth=0.4)
+        bottoms = [b + v for b, v in zip(bottoms, h)]
+    if paged is not None and any(paged):
+        ax.bar(x, [_gib(p) for p in paged], width, bottom=bottoms, facecolor="white", edgecolor="#fd8d3c",
+               hatch="///", linewidth=0.6)
+    return bottoms
+
+
+def _used_terms(stacks: Sequence[Mapping[Term, float]]) -> list[Term]:
+    return [t for t in Term if any(s.get(t, 0) for s in stacks)]
+
+
+def _merge_close(gpu_lines: Sequence[tuple[str, float]], span: float, frac: float = 0.045
+                 ) -> list[tuple[float, str]]:
+    """GPUs whose memory lies within `frac` of the axis `span` of a group's first GPU share one label,
+    so that labels never overprint: [(position, label)]."""
+    groups: list[list[tuple[str, float]]] = []
+    for name, gib in sorted(gpu_lines, key=lambda x: x[1]):
+        if groups and gib - groups[-1][0][1] <= frac * span:
+            groups[-1].append((name, gib))
+        else:
+            groups.append([(name, gib)])
+    out = []
+    for g in groups:
+        sizes = sorted({round(x) for _, x in g})
+        size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        names = " / ".join(n for n, _ in g) if len(g) <= 2 else f"{g[0][0]} ... {g[-1][0]} ({len(g)} GPUs)"
+        out.append((sum(x for _, x in g) / len(g), f"{names}: {size} GiB"))
+    return out
+
+
+def _gpu_lines(ax: Any, gpu_lines: Sequence[tuple[str, float]], ymax: float) -> None:
+    """Dashed horizontal lines at each GPU's memory (GiB), named on a right-hand axis, when in view."""
+    shown = [(n, g) for n, g in gpu_lines if g <= ymax]
+    for _, gib in shown:
+        ax.axhline(gib, color="#333333", linestyle="--", linewidth=0.8, zorder=0.5)
+    sec = ax.secondary_yaxis("right")
+    merged = _merge_close(shown, ymax)
+    sec.set_yticks([p for p, _ in merged], [label for _, label in merged], fontsize=8, color="#333333")
+    sec.tick_params(length=0)
+    sec.spines["right"].set_visible(False)
+
+
+def _grid(n: int, ncols: int = 3) -> tuple[int, int]:
+    ncols = max(1, min(ncols, n))
+    return (n + ncols - 1) // ncols, ncols
+
+
+# ---------------------------------------------------------------------------------------------
+# fit matrix
+# ---------------------------------------------------------------------------------------------
+def fit_matrix_chart(cells: Sequence[Mapping[str, Any]], models: Sequence[str], gpus: Sequence[GPUSpec],
+                     subtitle: str) -> Figure:
+    """Models x GPUs coloured by headroom (GiB, red = does not fit); each cell names the largest
+    micro-batch that fits. `cells`: dicts with model, gpu, headroom_bytes, max_batch_size, fits,
+    gpu_note, error."""
+    by = {(c["model"], c["gpu"]): c for c in cells}
+    vals = [[_cell_headroom(by.get((m, g.name))) for g in gpus] for m in models]
+    flat = [v for row in vals for v in row if v is not None]
+    lo, hi = min(flat + [-1.0]), max(flat + [1.0])
+    fig = Figure(figsize=(max(6.5, 1.45 * len(gpus) + 3.2), max(3.2, 0.62 * len(models) + 2.4)),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    masked = [[(v if v is not None else float("nan")) for v in row] for row in vals]
+    im = ax.imshow(masked, cmap=_fit_cmap(), norm=TwoSlopeNorm(vmin=lo, vcenter=0.0, vmax=hi), aspect="auto")
+    for i, m in enumerate(models):
+        for j, g in enumerate(gpus):
+            c = by.get((m, g.name))
+            text, v = _cell_text(c), vals[i][j]
+            dark = v is not None and (v < lo * 0.45 or v > hi * 0.6)
+            ax.text(j, i, text, ha="center", va="center", fontsize=8.5, color="white" if dark else "black")
+    ax.set_xticks(range(len(gpus)), [f"{g.name}\n{g.memory_bytes / GiB:.0f} GiB" for g in gpus], fontsize=9)
+    ax.set_yticks(range(len(models)), list(models), fontsize=9)
+    ax.tick_params(top=True, labeltop=True, bottom=False, labelbottom=False)
+    ax.set_xticks([x - 0.5 for x in range(1, len(gpus))], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, len(models))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="minor", length=0)
+    cb = fig.colorbar(im, ax=ax, shrink=0.9)
+    cb.set_label("headroom: GPU memory left at the peak (GiB)\nnegative = does not fit", fontsize=9)
+    fig.suptitle("Does it fit? Headroom per model and GPU, with the largest micro-batch that fits", fontsize=12)
+    ax.set_title(_wrap(subtitle), fontsize=9, color="#444444")
+    return fig
+
+
+def _fit_cmap() -> ListedColormap:
+    """Reds below zero (does not fit), greens above (fits): the boundary is a change of hue, not of shade."""
+    reds = colormaps["Reds_r"](np.linspace(0.1, 0.72, 128))
+    greens = colormaps["Greens"](np.linspace(0.28, 0.88, 128))
+    return ListedColormap(np.vstack([reds, greens]), name="memplan_fit").with_extremes(bad="#e6e6e6")
+
+
+def _short_error(err: str) -> str:
+    if "mixture-of-experts" in err:
+        return "not estimated:\nMoE, use simulate"
+    if "SDPA" in err or "sdpa" in err:
+        return "not estimated:\nneeds eager attention"
+    return "not estimated\n(see notes)"
+
+
+def _cell_headroom(c: Mapping[str, Any] | None) -> float | None:
+    if c is None or c.get("error") or c.get("headroom_bytes") is None:
+        return None
+    try:
+        return _gib(int(c["headroom_bytes"]))
+    except (TypeError, ValueError):
+        return None
+
+
+def _cell_text(c: Mapping[str, Any] | None) -> str:
+    if c is None:
+        return ""
+    if c.get("error"):
+        return _short_error(str(c["error"]))
+    h = _gib(int(c["headroom_bytes"]))
+    mb = int(c["max_batch_size"]) if c.get("max_batch_size") is not None else None
+    if c.get("fits"):
+        text = f"batch ≤ {mb}\n{h:+.1f} GiB" if mb is not None else f"fits\n{h:+.1f} GiB"
+    else:
+        text = f"does not fit\n{h:+.1f} GiB"
+    if c.get("gpu_note"):
+        text += "\n(no bf16)" if "bf16" in c["gpu_note"] else "\n(unsupported)"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# per-term breakdown
+# ---------------------------------------------------------------------------------------------
+def breakdown_chart(per_model: Mapping[str, Sequence[tuple[int, Mapping[Term, int], int]]],
+                    gpu_lines: Sequence[tuple[str, float]], subtitle: str) -> Figure:
+    """One panel per model: stacked per-term bars (GiB) for each sequence length, with the GPUs'
+    memory as dashed lines. `per_model[name]` = [(seq_len, terms, paged_bytes), ...]."""
+    names = list(per_model)
+    nrows, ncols = _grid(len(names))
+    fig = Figure(figsize=(5.2 * ncols + 0.6, 3.5 * nrows + 1.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    all_stacks = [s for rows in per_model.values() for _, s, _ in rows]
+    used = _used_terms(all_stacks)
+    any_paged = any(p for rows in per_model.values() for *_, p in rows)
+    for k, name in enumerate(names):
+        ax = axes[k // ncols][k % ncols]
+        rows = per_model[name]
+        x = list(range(len(rows)))
+        tops = _stack(ax, x, [s for _, s, _ in rows], used, 0.7, [p for *_, p in rows])
+        ymax = max(tops + [0.1]) * 1.25
+        for xi, top in zip(x, tops):
+            ax.annotate(f"{top:.1f}", (xi, top), xytext=(0, 2), textcoords="offset points", ha="center",
+                        fontsize=8)
+        _gpu_lines(ax, gpu_lines, ymax)
+        ax.set_ylim(0, ymax)
+        ax.set_xticks(x, [_tokens(s) for s, _, _ in rows])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("sequence length (tokens)", fontsize=9)
+        ax.set_ylabel("peak memory on the GPU (GiB)", fontsize=9)
+        ax.spines[["top", "right"]].set_visible(False)
+    for k in range(len(names), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    fig.suptitle(f"Where the memory goes: each term at the peak of a training step (GiB)\n{_wrap(subtitle)}",
+                 fontsize=11)
+    _legend_terms(fig, used, paged=any_paged, ncol=3)
+    return fig
+
+
+def estimate_chart(e: Estimate) -> Figure:
+    """One estimate, term by term (horizontal bars in GiB), with the GPU's memory when known."""
+    terms = [t for t in Term if e.terms.get(t, 0)]
+    fig = Figure(figsize=(9, 0.42 * len(terms) + 2.2), layout="constrained")
+    ax = fig.add_subplot()
+    vals = [_gib(e.terms[t]) for t in terms]
+    ax.barh(range(len(terms)), vals, color=[TERM_COLORS[t] for t in terms])
+    for i, v in enumerate(vals):
+        ax.annotate(f"{v:.2f} GiB", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8.5)
+    ax.set_yticks(range(len(terms)), [TERM_LABELS[t] for t in terms], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("GiB at the peak of one training step", fontsize=9)
+    ax.set_xlim(0, max(vals + [0.1]) * 1.22)
+    ax.spines[["top", "right"]].set_visible(False)
+    p = e.plan
+    what = f"{e.model.name}, {METHOD_LABELS.get(p.method, p.method)}"
+    if p.method != "full":
+        what += f" r={p.lora_r}"
+    what += f", micro-batch {p.batch_size} x {p.seq_len} tokens"
+    total = f"peak {_gib(e.device_bytes):.2f} GiB on the device (phase: {e.peak_phase})"
+    if e.gpu is not None:
+        verdict = "fits" if e.fits else "does NOT fit"
+        total += f"; {e.gpu.name} has {_gib(e.gpu.memory_bytes):.2f} GiB -> {verdict}"
+    if e.paged_bytes:
+        total += f"; plus {_gib(e.paged_bytes):.2f} GiB of paged optimizer state in CUDA managed memory (not counted)"
+    fig.suptitle(f"Where the memory goes: {what}\n{_wrap(total, 95)}", fontsize=10.5)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# max sequence length vs GPU memory
+# ---------------------------------------------------------------------------------------------
+def max_seq_chart(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]],
+                  points: Sequence[tuple[str, str, float, int]], gpu_lines: Sequence[tuple[str, float]],
+                  subtitle: str) -> Figure:
+    """Longest sequence that fits (log scale) against GPU memory (GiB), one curve per model.
+
+    `curves[model]` = (device GiB needed, seq_len) pairs; `points` = (model, gpu, GPU GiB, exact max
+    seq len) drawn as dots on each swept GPU's memory line."""
+    fig = Figure(figsize=(9, 5.6), layout="constrained")
+    ax = fig.add_subplot()
+    colors = {}
+    for name, (mem, seq) in curves.items():
+        (line,) = ax.plot(mem, seq, linewidth=1.8, label=name)
+        colors[name] = line.get_color()
+    for model, _gpu, gib, ms in points:
+        if ms > 0:
+            ax.plot([gib], [ms], "o", color=colors.get(model, "black"), markersize=5, zorder=3)
+    xmax = max([g for _, g in gpu_lines] + [1.0]) * 1.08
+    for _, gib in gpu_lines:
+        ax.axvline(gib, color="#555555", linestyle=":", linewidth=1, zorder=0.5)
+    top = ax.secondary_xaxis("top")
+    merged = _merge_close(gpu_lines, xmax, frac=0.03)
+    top.set_xticks([p for p, _ in merged], [label for _, label in merged], fontsize=8, rotation=45,
+                   ha="left", rotation_mode="anchor")
+    top.tick_params(length=0)
+    ax.set_xlim(0, xmax)
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_locator(LogLocator(base=2))
+    ax.yaxis.set_major_formatter(FuncFormatter(_tokens))
+    ax.set_xlabel("GPU memory (GiB)", fontsize=10)
+    ax.set_ylabel("longest sequence that fits (tokens, log scale)", fontsize=10)
+    ax.grid(True, which="major", color="#e5e5e5")
+    ax.legend(title="model", fontsize=9, loc="lower right")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle("Longest training sequence that fits, by GPU memory\n" + _wrap(subtitle), fontsize=11)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA vs LoRA vs full
+# ---------------------------------------------------------------------------------------------
+def methods_chart(per_model: Mapping[str, Mapping[str, tuple[Mapping[Term, int], int]]],
+                  gpu_lines: Sequence[tuple[str, float]], subtitle: str) -> Figure:
+    """One panel per model: QLoRA, LoRA and full fine-tuning side by side, stacked by term (GiB).
+    `per_model[name][method]` = (terms, paged_bytes)."""
+    names = list(per_model)
+    nrows, ncols = _grid(len(names))
+    fig = Figure(figsize=(5.2 * ncols + 0.6, 3.7 * nrows + 1.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    all_stacks = [s for d in per_model.values() for s, _ in d.values()]
+    used = _used_terms(all_stacks)
+    any_paged = any(p for d in per_model.values() for _, p in d.values())
+    for k, name in enumerate(names):
+        ax = axes[k // ncols][k % ncols]
+        d = per_model[name]
+        methods = list(d)
+        x = list(range(len(methods)))
+        tops = _stack(ax, x, [d[m][0] for m in methods], used, 0.62, [d[m][1] for m in methods])
+        ymax = max(t + _gib(d[m][1]) for t, m in zip(tops, methods)) * 1.2
+        for xi, top in zip(x, tops):
+            ax.annotate(f"{top:.1f}", (xi, top), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+        _gpu_lines(ax, gpu_lines, ymax)
+        ax.set_ylim(0, ymax)
+        ax.set_xticks(x, [_METHOD_TICKS.get(m, m) for m in methods], fontsize=9)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("peak memory on the GPU (GiB)", fontsize=9)
+        ax.spines[["top", "right"]].set_visible(False)
+    for k in range(len(names), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    fig.suptitle(f"QLoRA vs LoRA vs full fine-tuning: peak memory by term (GiB)\n{_wrap(subtitle)}", fontsize=11)
+    _legend_terms(fig, used, paged=any_paged, ncol=3)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# memory over one step
+# ---------------------------------------------------------------------------------------------
+_FIXED_MOMENTS = {  # name -> (position in the step, label); old and new spellings of the estimator
+    "forward": (0, "forward\n(last layer)"),
+    "loss": (1, "loss\nforward"), "loss:forward": (1, "loss\nforward"),
+    "backward": (2, "loss\nbackward"), "loss:backward": (2, "loss\nbackward"),
+    "optimizer": (9, "optimizer\nstep"),
+}
+
+
+def moment_order(keys: Sequence[str]) -> list[str]:
+    """The estimator's moments in the order they happen in a step: forward, loss forward and backward,
+    each checkpointed layer's recompute and backward from the last layer down, the optimizer step;
+    names it does not know go just before the optimizer step, in their given order."""
+    def rank(item: tuple[int, str]) -> tuple[int, int, int, int]:
+        i, k = item
+        if k in _FIXED_MOMENTS:
+            return (_FIXED_MOMENTS[k][0], 0, 0, i)
+        head, _, idx = k.partition(":")
+        if idx.isdigit():
+            return (5, -int(idx), {"recompute": 0, "backward": 1}.get(head, 2), i)
+        return (8, 0, 0, i)
+    return [k for _, k in sorted(enumerate(keys), key=rank)]
+
+
+def moment_label(k: str, num_layers: int | None = None) -> str:
+    if k in _FIXED_MOMENTS:
+        return _FIXED_MOMENTS[k][1]
+    head, _, idx = k.partition(":")
+    if idx.isdigit():
+        which = f"layer {idx}" + (" (last)" if num_layers and idx == str(num_layers - 1) else
+                                  " (first)" if idx == "0" else "")
+        return f"{which}\n{head}"
+    return k.replace(":", "\n")
+
+
+def timeline_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "estimator phase model") -> Figure:
+    """Stacked bytes by term at each moment of one steady-state training step (GiB), the peak marked."""
+    gpu = gpu or e.gpu
+    keys = moment_order(list(e.moments))
+    stacks = [e.moments[k] for k in keys]
+    used = [t for t in ALLOCATED_TERMS if any(s.get(t, 0) for s in stacks)]
+    fig = Figure(figsize=(max(8.0, 1.25 * len(keys) + 2.5), 5.6), layout="constrained")
+    ax = fig.add_subplot()
+    x = list(range(len(keys)))
+    tops = _stack(ax, x, stacks, used, 0.68)
+    peak_i = max(x, key=lambda i: tops[i]) if x else 0
+    for xi, top in zip(x, tops):
+        ax.annotate(f"{top:.1f}", (xi, top), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8,
+                    fontweight="bold" if xi == peak_i else "normal")
+    ymax = max(tops + [_gib(e.device_bytes), 0.1]) * 1.18
+    if gpu is not None and _gib(gpu.memory_bytes) <= 2.5 * ymax:  # show the GPU's line unless it squashes the bars
+        ymax = max(ymax, _gib(gpu.memory_bytes) * 1.06)
+    ax.axhline(_gib(e.device_bytes), color="#d62728", linestyle="-.", linewidth=1)
+    ax.annotate(f"peak on the device incl. allocator overhead + CUDA context: {_gib(e.device_bytes):.1f} GiB",
+                xy=(0.0, _gib(e.device_bytes)), xycoords=("axes fraction", "data"), xytext=(3, 2),
+                textcoords="offset points", fontsize=8, color="#d62728")
+    if gpu is not None:
+        _gpu_lines(ax, [(gpu.name, _gib(gpu.memory_bytes))], ymax)
+    ax.set_ylim(0, ymax)
+    ax.set_xticks(x, [moment_label(k, e.model.num_layers) for k in keys], fontsize=8.5)
+    ax.set_xlabel("moments of one training step, in order (time runs left to right; not to scale)", fontsize=9)
+    ax.set_ylabel("bytes allocated by torch (GiB)", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    p = e.plan
+    what = f"{e.model.name}, {METHOD_LABELS.get(p.method, p.method)}"
+    if p.method != "full":
+        what += f" r={p.lora_r}"
+    what += (f", micro-batch {p.batch_size} x {p.seq_len} tokens, checkpointing "
+             f"{'on' if p.gradient_checkpointing else 'off'}, {p.optim}")
+    fig.suptitle("Memory over one training step", fontsize=12)
+    ax.set_title(f"{what}\n(source: {source}; bold = the peak)", fontsize=9, color="#444444")
+    _legend_terms(fig, used, ncol=3)
+    return fig
