@@ -1,81 +1,107 @@
 """simulate: a real HF-Trainer-like QLoRA/LoRA training step, traced on the `meta` device.
 
-The model is built from its config.json on `meta` exactly as `from_pretrained` builds it (same
-quantizer, same skip rules), each 4-bit weight is quantized on meta (bitsandbytes' fake kernels give
-the true packed/absmax shapes), then the very same `adapt` (prepare_model_for_kbit_training,
-get_peft_model, checkpointing), optimizer and `run_steps` as the real CPU step run on meta tensors
-under the live-storage tracker. No memory is allocated for any tensor: a 70B step takes seconds.
+The model is built from its config.json on `meta` the way `from_pretrained` builds it (the same
+`HfQuantizer.preprocess_model`, so the same Linear replacement and skip rules: lm_head, tied weights),
+each 4-bit weight is quantized on meta (`Params4bit._quantize("meta")`: bitsandbytes' fake kernels
+give the true packed/absmax shapes), then the very same `step.adapt` (prepare_model_for_kbit_training,
+get_peft_model, checkpointing as the HF Trainer sets it), the HF optimizer and `step.run_steps` run on
+meta tensors under the live-storage tracker. No tensor memory is allocated: a Llama-3-70B step takes
+seconds and < 1 GB of RAM (benchmarks/bench_simulate.py).
 
 `plan.device` names the real device being emulated:
 
-- ``"cpu"``: no rounding; CPU kernels (SDPA → the CPU flash kernel, bitsandbytes' CPU/default
-  Python kernels run on meta so their internal buffers count). The tests check this against a real
-  CPU step (`step.cpu_step`) to the byte.
-- ``"cuda"``: each storage rounded up to 512 B (the caching allocator's granularity); CUDA kernels
-  (SDPA flash / mem-efficient, the dequantize+linear fallback of `gemm_4bit` for more than 1536
-  tokens, fused dropout with a bool mask, foreach AdamW); paged optimizer state (tensors of at least
-  100,000 elements) is reported as `paged_bytes`, outside the device peak.
+- ``"cpu"``: no rounding; the CPU kernels. tests/test_simulate.py checks this against real CPU steps
+  (`step.cpu_step`): peak, every term and every phase peak agree to the byte on all tested configs.
+- ``"cuda"``: each storage rounded up to 512 B (the caching allocator's granularity) and the CUDA
+  kernels' allocations, as far as torch's and bitsandbytes' sources say (not measured on a GPU
+  here); paged optimizer state (tensors of ≥ 100,000 elements) goes to `paged_bytes`, outside the
+  device peak.
 
-Patches (all applied only inside `simulate`, restored afterwards)
------------------------------------------------------------------
-1. ``transformers.masking_utils.find_packed_sequence_indices`` → returns None. It decides with a
-   data-dependent ``.all()`` whether position ids describe packed sequences; the step feeds one
+The steps before the last only create the optimizer state (`run_steps(fast_warmup=True)`; the
+optimizer state is all a step leaves behind); `simulate(full_warmup=True)` traces them too, with the
+same result (tested).
+
+Patches (all applied only inside `simulate` and restored afterwards; the test suite checks that)
+--------------------------------------------------------------------------------------------------
+1. ``transformers.masking_utils.find_packed_sequence_indices`` → None for meta position ids. It asks
+   the data (``.all()``) whether the position ids describe packed sequences; the step feeds one
    unpacked sequence per row, for which the real function returns None too.
-2. SDPA routing (a ``TorchFunctionMode``). On meta, ``scaled_dot_product_attention`` would choose the
-   math kernel and materialize the S×S scores. Instead it calls the kernel the real device runs:
-   CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (any mask, GQA native; dropout > 0 falls
-   back to math, as on CPU; a bool mask is first turned into a float mask, as on CPU).
-   CUDA (torch's priority flash > mem-efficient > math): flash
+2. SDPA routing (``MetaEmulation``, a ``TorchFunctionMode``). On meta, ``scaled_dot_product_attention``
+   picks the math kernel and would materialize the S×S scores. It is routed to the kernel the real
+   device runs, whose saved tensors it then has:
+   CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (any mask, GQA native; saves output +
+   logsumexp; dropout > 0 stays on math, as on CPU; a bool mask first becomes a float mask, as on CPU).
+   CUDA, torch's priority flash > mem-efficient > math: flash
    (``aten._scaled_dot_product_flash_attention``: fp16/bf16, no mask, head_dim ≤ 256 and a multiple
-   of 8, GQA native) saves output + fp32 logsumexp [B, H, S]; mem-efficient
-   (``aten._scaled_dot_product_efficient_attention``: a mask, or fp32; not GQA) saves output +
-   logsumexp padded to a multiple of 32; otherwise math, like CUDA.
-3. Autocast emulation (the same ``TorchFunctionMode``). Meta tensors have no autocast dispatch key,
-   so ``torch.autocast`` does nothing to them. The step enters ``torch.autocast("cpu", dtype)`` as
-   the state carrier (checkpoint recomputation captures and restores it like the real one) and the
-   mode applies the real device's autocast op lists: lower precision for linear/matmul/bmm/
-   baddbmm/addmm/mm/conv/SDPA (CUDA also einsum, addmv, addr, mv, ...), fp32 for the loss functions
-   (CUDA also exp/log/pow/rsqrt/layer_norm/softplus/...), "fp32 unless a dtype is given" for
-   softmax/log_softmax/sum/cumsum/prod/... on CUDA, widest-type promotion for cat/stack/index_copy
-   (+addcmul/addcdiv/... on CUDA). It keeps autocast's weight cache (bf16 copies of fp32 leaf
-   tensors that require grad, freed when the outermost autocast exits: ``torch.clear_autocast_cache``
-   is wrapped). For ``"cuda"``, ``torch.is_autocast_enabled()`` / ``("cuda")`` report the carrier's
-   state (peft skips its fp32 input cast under CUDA autocast).
-4. bitsandbytes kernels (tracker ``bnb_impls``): on meta the registered fake kernels only allocate
-   the outputs. For ``"cpu"`` the CPU/default Python kernels run on meta instead (``gemm_4bit``
-   dequantizes absmax + weight then ``F.linear``; the 8-bit and 32-bit optimizer updates dequantize
-   their state to fp32 and requantize). For ``"cuda"`` ``gemm_4bit`` follows the CUDA dispatch:
-   dequantize + ``F.linear`` past 1536 tokens (or an unaligned K), otherwise the fused kernel (output
-   only). ``bitsandbytes.functional.name2qmap`` is kept on CPU (quantizing on meta would otherwise
-   cache a meta code table there for the rest of the process).
-5. Dropout (CUDA only): ``F.dropout`` on meta goes to ``native_dropout`` (output + bool mask saved),
-   which CUDA uses; on meta (as on CPU) torch would build full-dtype noise instead.
-6. Optimizers: ``adamw_torch_fused`` needs "meta" among the fused-kernel devices (patched in
-   ``torch.optim.optimizer._get_fused_kernels_supported_devices``); on ``"cuda"`` torch's default
-   foreach implementation is requested explicitly (on meta torch would pick the single-tensor loop,
-   which is what it picks on CPU). bitsandbytes paged state: on ``"cuda"`` tensors of ≥ 100,000
-   elements are created outside the tracker and added to ``paged_bytes``; on ``"cpu"`` they are
-   ordinary tensors, as bitsandbytes does on CPU.
-7. Mixture of experts: routing is data-dependent (``nonzero``/``where`` on the router's top-k). On
-   meta, ``torch.topk`` inside a router (a module whose name ends in ``gate``/``router``) returns a
-   deterministic balanced assignment: token t's k-th choice is expert ``(t·top_k + k) mod E``, so the
-   T·top_k token slots are spread evenly (±1) over the experts; ``nonzero``/``where``/``unique`` on
-   the resulting one-hot mask are answered from that assignment. Real routing is unbalanced: the
-   per-expert activation sizes then differ, the total does not.
+   of 8, GQA native) saves output + fp32 logsumexp [B, H, S] + rng state; mem-efficient
+   (``aten._scaled_dot_product_efficient_attention``: a mask, or fp32) saves output + logsumexp
+   padded to a multiple of 32 (mask padded to a multiple of 16 and expanded); for GQA, k/v are
+   expanded to the query heads first (torch's meta backward cannot do GQA; an upper bound); else math.
+3. Autocast emulation (the same mode). Meta tensors have no autocast dispatch key, so
+   ``torch.autocast`` does nothing to them. The step enters ``torch.autocast("cpu", dtype)`` as the
+   state carrier (checkpoint recomputation captures and restores it like the real one; code asking
+   ``torch.autocast(device_type="meta")`` gets the carrier) and the mode applies the emulated
+   device's autocast op lists: lower precision for linear/matmul/bmm/baddbmm/addmm/mm/conv/SDPA
+   (CUDA also einsum/addmv/addr/mv...), fp32 for the losses (CUDA also exp/log/pow/rsqrt/layer_norm/
+   softplus/...), fp32-unless-dtype-given for softmax/log_softmax/sum/cumsum/prod (CUDA), widest-type
+   promotion for cat/stack/index_copy (+addcmul/addcdiv/... on CUDA). It keeps autocast's weight
+   cache (low-precision copies of fp32 leaf tensors that require grad, dropped when the outermost
+   autocast exits: ``torch.clear_autocast_cache`` is wrapped). For ``"cuda"``,
+   ``torch.is_autocast_enabled()`` (no argument, i.e. CUDA) reports the carrier, as peft asks it
+   to decide whether to cast the LoRA input to fp32. ``Tensor.backward`` re-enters the mode, which
+   torch pops while it handles a call.
+4. bitsandbytes kernels (tracker ``bnb_impls``). The registered fake kernels only allocate outputs.
+   CPU: ``gemm_4bit`` runs bitsandbytes' default kernel (dequantized absmax + weight, ``F.linear``)
+   and the 8-/32-bit optimizer updates run the CPU kernels (state dequantized to fp32, requantized),
+   all on meta. CUDA: ``gemm_4bit`` dequantizes + ``F.linear`` past 1536 tokens (or an unaligned K),
+   else the fused kernel (output only). ``int8_vectorwise_quant`` assumes no LLM.int8 outlier
+   columns (their number depends on the data) and on CPU the int8 training matmul is bitsandbytes'
+   CPU one (``MatMul8bitFp``: dequantize + linear), chosen there by device type.
+   ``bitsandbytes.functional.name2qmap`` is kept on CPU (quantizing on meta would otherwise leave
+   a meta code table cached there for the rest of the process); 8-bit optimizers' code tables are
+   moved to meta untracked on CPU (a no-op ``.to`` there, a tracked copy on CUDA).
+5. CUDA kernel workspaces (tracker ``kernel_temps``): flash-attention backward allocates, for the
+   duration of the op, ``softmax_d``, an fp32 ``dq_accum`` and for GQA expanded ``dk``/``dv``
+   (torch's flash_api.cpp ``mha_bwd``).
+6. Dropout (CUDA): ``F.dropout`` on meta → ``native_dropout`` (output + bool mask saved), what CUDA
+   runs; on meta, as on CPU, torch would build full-dtype noise.
+7. Optimizers: ``adamw_torch_fused`` needs "meta" in
+   ``torch.optim.optimizer._get_fused_kernels_supported_devices``; on ``"cuda"`` AdamW/SGD get
+   ``foreach=True`` (torch's CUDA default; on meta, as on CPU, torch picks the per-tensor loop).
+   Paged bitsandbytes state on ``"cuda"`` (≥ 100,000 elements) is created outside the tracker and
+   added to ``paged_bytes``; on ``"cpu"`` it is ordinary memory, as bitsandbytes does on CPU.
+8. Mixture of experts. transformers 5's default experts implementation (``grouped_mm``) is
+   data-independent: all T·top_k token slots go through one grouped matmul whatever the routing,
+   so memory does not depend on it. torch's meta ``grouped_mm`` checks CUDA's bf16-only rule; on
+   ``"cpu"`` that check is lifted (the CPU kernel takes fp32), on ``"cuda"`` fp32 experts (after
+   prepare) raise, as the real CUDA kernel would. With ``experts_implementation="eager"`` (the
+   per-expert loop, which asks ``nonzero``/``where``) the loop runs with a deterministic balanced
+   routing: token t's j-th choice is expert (t·top_k + j) mod E, so every expert gets T·top_k/E
+   slots (±1) (`eager_experts_balanced`, which makes the same tensors as transformers' loop). Real
+   routing is unbalanced: per-expert transients then differ (0.3–0.4 % of the peak on the tiny
+   test models); with the same routing imposed on a real CPU step the two agree to the byte.
+9. ``gc`` is disabled during the run (the collector's passes over ~10^5 records cost ~40 % of the
+   time); warnings about transformers' own deprecations are silenced.
+
+The tracker also computes the outputs of simple elementwise ops, ``*_like`` and dropout on
+contiguous meta tensors itself (torch's Python reference meta kernels cost ~100 µs each); a test
+checks them against torch's own (`LiveTensorTracker.check_fast`).
 
 Known limitations
 -----------------
-- Other data-dependent ops (``.item()``, ``bool(tensor)``, ``torch.isnan(x).any()`` checks,
-  ``nonzero`` outside MoE routing, cross-entropy with ``num_items_in_batch``) raise on meta.
-  The step does not call them for the supported architectures (llama, mistral, qwen2, gemma,
-  gemma2, phi3, mixtral).
-- CUDA kernels' *internal* workspaces allocated through the caching allocator (flash-attention's
-  backward dq accumulator, cuBLAS workspace) are not modelled here (see `workspace` in estimate).
-  The CUDA kernel choice follows torch's source, not a measurement.
-- ``gemm_4bit`` for ≤ 1536 tokens on CUDA: bitsandbytes' per-architecture heuristic may pick
-  dequantize + linear on some GPUs; the simulation assumes the fused kernel.
-- Allocator segments, fragmentation and the CUDA context are not simulated (terms
-  `allocator_overhead`, `cuda_context` stay 0); see the calibrated overheads.
+- Other data-dependent ops (``.item()``, ``bool(tensor)``, ``torch.isnan(x).any()``, ``nonzero``
+  outside the eager MoE loop, cross-entropy with ``num_items_in_batch``) raise on meta. The step
+  calls none of them for llama, mistral, qwen2/3, gemma/2/3, phi3 and mixtral.
+- CUDA: kernel choice and kernel-internal buffers follow torch's / bitsandbytes' sources (flash >
+  mem-efficient > math for SDPA), not a GPU measurement. Recent torch prefers cuDNN attention on
+  sm90/sm100 with cuDNN > 9.15 (`check_prefer_cudnn_attention`); it saves the same output + fp32
+  softmax statistics as flash, but its backward workspace is not modelled.
+  Not modelled: cuBLAS workspaces, mem-efficient attention's backward workspace, split-KV
+  accumulators of flash forward (small problems only), and bitsandbytes' per-architecture choice
+  of the fused ``gemm_4bit`` kernel for ≤ 1536 tokens (assumed fused; some GPUs dequantize there).
+- Allocator segments, fragmentation and the CUDA context are not simulated (`allocator_overhead`,
+  `cuda_context` and `workspace` stay 0): those come from the calibrated GPU profiles.
+- LLM.int8 outlier columns are assumed absent.
 """
 
 from __future__ import annotations
@@ -83,9 +109,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
-import math
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 from ..errors import MissingExtraError
@@ -110,28 +136,18 @@ def _check_extras() -> None:
 # progress
 # ---------------------------------------------------------------------------------------------
 class _Progress:
-    """'memplan: building model…' lines on stderr, only once the run is longer than `after` s."""
+    """'memplan: building model…' lines on stderr, once the run has lasted `after` seconds.
+
+    Short runs (tiny models, tests) stay silent; `enabled=None` means "when stderr is a terminal".
+    """
 
     def __init__(self, enabled: bool | None, after: float = 2.0):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.t0 = time.perf_counter()
         self.after = after
-        self.pending: list[str] = []
 
     def __call__(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if time.perf_counter() - self.t0 < self.after:
-            self.pending = [msg]
-            return
-        for m in self.pending:
-            pass
-        self.pending = []
-        print(f"memplan: {msg}…", file=sys.stderr, flush=True)
-
-    def tick(self) -> None:
-        if self.pending and self.enabled and time.perf_counter() - self.t0 >= self.after:
-            msg, self.pending = self.pending[-1], []
+        if self.enabled and time.perf_counter() - self.t0 >= self.after:
             print(f"memplan: {msg}…", file=sys.stderr, flush=True)
 
 
@@ -163,14 +179,14 @@ def build_meta_model(config: dict[str, Any], plan: TrainPlan):
         with dtype_ctx, torch.device("meta"):
             # replace_with_bnb_linear with from_pretrained's skip rules (lm_head, tied weights, ...)
             quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
-        _quantize_on_meta(model, dtype, plan)
+        _quantize_on_meta(model, dtype)
         model.hf_quantizer = quantizer
         quantizer.postprocess_model(model)  # is_loaded_in_4bit/8bit, config.quantization_config
     model.eval()  # as from_pretrained leaves it
     return model
 
 
-def _quantize_on_meta(model, dtype, plan: TrainPlan) -> None:
+def _quantize_on_meta(model, dtype) -> None:
     import bitsandbytes as bnb
     import torch
 
@@ -195,7 +211,7 @@ def _int8_on_meta(w):
     import torch
 
     B = w.data.contiguous().to(torch.float16)
-    CB, SCB, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(B, 0.0)
+    CB, SCB, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(B)  # threshold 0: no outliers
     w.data = CB
     w.CB = CB
     w.SCB = SCB
@@ -217,7 +233,7 @@ def _bnb_qmap_on_cpu() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the emulation mode (autocast, SDPA, dropout, MoE routing)
+# the emulation mode (autocast, SDPA, dropout)
 # ---------------------------------------------------------------------------------------------
 _LOWER_CPU = frozenset({
     "conv1d", "conv2d", "conv3d", "bmm", "mm", "linalg_vecdot", "baddbmm", "addmm", "addbmm", "linear",
@@ -261,17 +277,26 @@ _PROMOTE_CUDA = frozenset({
 })
 
 
+_EMULATION_CLS: list[type] = []
+
+
 class MetaEmulation:
-    """A TorchFunctionMode making meta tensors behave like the emulated device's (see module doc)."""
+    """A TorchFunctionMode making meta tensors behave like the emulated device's (see module doc).
 
-    def __new__(cls, *a, **k):  # build the subclass lazily so importing this module needs no torch
-        from torch.overrides import TorchFunctionMode
+    The class mixes in torch's TorchFunctionMode when first instantiated, so that importing this
+    module does not import torch.
+    """
 
-        if not issubclass(cls, TorchFunctionMode):
-            cls = type("MetaEmulation", (cls, TorchFunctionMode), {})
+    def __new__(cls, *a, **k):
+        if cls is MetaEmulation:
+            if not _EMULATION_CLS:
+                from torch.overrides import TorchFunctionMode
+
+                _EMULATION_CLS.append(type("MetaEmulation", (MetaEmulation, TorchFunctionMode), {}))
+            cls = _EMULATION_CLS[0]
         return object.__new__(cls)
 
-    def __init__(self, device: str, model=None):
+    def __init__(self, device: str):
         import torch
 
         super().__init__()
@@ -286,7 +311,6 @@ class MetaEmulation:
         self.cache: dict[int, tuple[Any, Any]] = {}
         self._torch = torch
         self._sdpa = torch.nn.functional.scaled_dot_product_attention
-        self._dropout = torch.nn.functional.dropout
 
     # -- autocast ------------------------------------------------------------------------------
     def _autocast(self):
@@ -398,12 +422,21 @@ class MetaEmulation:
             return out
         hd = q.size(-1)
         same_hd = hd == k.size(-1) == v.size(-1)
-        if (attn_mask is None and q.dtype in (t.float16, t.bfloat16) and same_hd and hd <= 256 and hd % 8 == 0
-                and not (is_causal and q.size(2) != k.size(2) and q.size(2) > 1 and False)):
+        if attn_mask is None and q.dtype in (t.float16, t.bfloat16) and same_hd and hd <= 256:
+            # torch pads the head dim to a multiple of 8 for flash (pad_last_dim<8>) and slices back
+            scale = scale if scale is not None else hd ** -0.5
+            if hd % 8:
+                pad = (0, 8 - hd % 8)
+                q, k, v = (t.nn.functional.pad(x, pad) for x in (q, k, v))
             out = aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
-            return out
+            return out[..., :hd] if hd % 8 else out
         align = 4 if q.dtype is t.float32 else 8
-        if not gqa and same_hd and hd % align == 0:
+        if same_hd and hd % align == 0:
+            if gqa:
+                # torch (source) lets mem-efficient take GQA, but its meta backward cannot: expand k/v to
+                # the query heads (an upper bound: the expanded copies are saved for backward)
+                rep = q.size(1) // k.size(1)
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             bias = attn_mask
             if bias is not None:
                 if bias.dtype is t.bool:
@@ -427,6 +460,78 @@ class MetaEmulation:
         return func(input, p, training, inplace)
 
 
+def balanced_counts(tokens: int, top_k: int, experts: int) -> list[int]:
+    """Token slots per expert under the simulation's routing: slot j of token t → expert (t·k + j) mod E."""
+    slots = tokens * top_k
+    return [slots // experts + (1 if e < slots % experts else 0) for e in range(experts)]
+
+
+def eager_experts_balanced(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop (MixtralExperts.forward, 5.x) on meta, with balanced routing.
+
+    The real loop asks the data which experts were hit (`nonzero`) and which tokens each got
+    (`torch.where`); on meta there is no data. Here expert e gets `balanced_counts(...)[e]` token
+    slots; every tensor the real loop makes (the one-hot mask, the per-expert index copies, the
+    `nonzero` results, the gathered states, the expert weight copies made by tensor indexing) is made
+    with the same shape and dtype.
+    """
+    import torch
+    from torch import nn
+
+    final_hidden_states = torch.zeros_like(hidden_states)
+    n_tok, k = top_k_index.shape
+    counts = balanced_counts(n_tok, k, self.num_experts)
+    hit = [e for e, n in enumerate(counts) if n]
+    dev = hidden_states.device
+    with torch.no_grad():
+        # F.one_hot: aminmax (checks the range, then .item()), zeros, scatter_
+        torch.aminmax(top_k_index)
+        expert_mask = torch.zeros((*top_k_index.shape, self.num_experts + 1), dtype=torch.long, device=dev)
+        expert_mask.scatter_(-1, top_k_index.unsqueeze(-1), 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        torch.greater(expert_mask.sum(dim=(-1, -2)), 0)
+        expert_hit = torch.empty((len(hit), 1), dtype=torch.long, device=dev)  # .nonzero()
+    for i, e in enumerate(hit):
+        expert_idx = expert_hit[i][0]
+        _ = expert_idx == self.num_experts  # `if expert_idx == num_experts` (a 0-dim bool)
+        sel = expert_mask[e]  # a 0-dim index tensor indexes like an int (.item()): a view
+        nz = torch.empty((counts[e], sel.dim()), dtype=torch.long, device=dev)  # torch.where(sel)
+        top_k_pos, token_idx = nz.unbind(1)
+        del sel, nz, expert_idx, _
+        current_state = hidden_states[token_idx]
+        gate, up = nn.functional.linear(current_state, self.gate_up_proj[e]).chunk(2, dim=-1)
+        current_hidden_states = self.act_fn(gate) * up
+        current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[e])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+def _experts_patch():
+    """Route the eager experts implementation to `eager_experts_balanced` on meta tensors."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:  # pragma: no cover - transformers without MoE integration
+        return contextlib.nullcontext()
+    orig = ALL_EXPERTS_FUNCTIONS.get_interface
+
+    def get_interface(experts_implementation, default):
+        fn = orig(experts_implementation, default)
+        if experts_implementation != "eager":
+            return fn
+
+        def forward(self, hidden_states, *args, **kwargs):
+            if (hidden_states.is_meta and hasattr(self, "gate_up_proj") and hasattr(self, "down_proj")
+                    and not getattr(self, "has_bias", False) and getattr(self, "has_gate", True)
+                    and not getattr(self, "is_transposed", False)):
+                return eager_experts_balanced(self, hidden_states, *args, **kwargs)
+            return fn(self, hidden_states, *args, **kwargs)
+
+        return forward
+
+    return _setattr(ALL_EXPERTS_FUNCTIONS, "get_interface", get_interface)
+
+
 def _bool_mask_to_float(mask, dtype):
     import torch
 
@@ -442,8 +547,15 @@ def bnb_impls(device: str) -> dict[str, Callable[..., Any]]:
     """Python kernels that reproduce the real device's bitsandbytes kernels' allocations on meta."""
     import torch
 
+    def int8_vectorwise_quant(A, threshold=0.0):
+        # LLM.int8 outlier columns are data-dependent: the simulation assumes none
+        out_row = torch.empty(A.shape, device=A.device, dtype=torch.int8)
+        row_stats = torch.empty(A.numel() // A.shape[-1], device=A.device, dtype=torch.float32)
+        cols = None if threshold == 0.0 else torch.empty(0, device=A.device, dtype=torch.int64)
+        return out_row, row_stats, cols
+
     if device == "cpu":
-        impls: dict[str, Callable[..., Any]] = {}
+        impls: dict[str, Callable[..., Any]] = {"int8_vectorwise_quant.default": int8_vectorwise_quant}
         try:
             from bitsandbytes.backends.default import ops as dflt
 
@@ -467,14 +579,44 @@ def bnb_impls(device: str) -> dict[str, Callable[..., Any]]:
         if M > _GEMM_4BIT_CUSTOM_MAX_M or K % blocksize != 0:
             # bitsandbytes.backends.cuda.ops._dequant_linear_fallback
             if absmax_8bit is not None:
-                absmax_dq = torch.empty_like(absmax_8bit, dtype=torch.float32)
-                absmax = absmax_dq + absmax_offset
+                absmax_dq = torch.empty_like(absmax_8bit, dtype=torch.float32)  # dequantized in place
+                absmax = absmax_dq + absmax_offset  # noqa: F841 - alive (as in the kernel) until return
             B_dq = torch.empty(shapeB, dtype=A.dtype, device=A.device)
             return torch.nn.functional.linear(A, B_dq, bias)
         A = A.contiguous()
         return torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
 
-    return {"gemm_4bit.default": gemm_4bit_cuda}
+    return {"gemm_4bit.default": gemm_4bit_cuda, "int8_vectorwise_quant.default": int8_vectorwise_quant}
+
+
+def kernel_temps(device: str) -> dict[str, Callable[..., list]]:
+    """Buffers the real device's kernels allocate internally (through the caching allocator).
+
+    CUDA flash-attention backward (torch's flash_api.cpp `mha_bwd`, non-deterministic): `softmax_d`
+    [B, H, ⌈Sq/128⌉·128] fp32, `dq_accum` [B, ⌈Sq/128⌉·128, H, D rounded to 32 (D ≤ 128) or 64]
+    fp32 and, for GQA, `dk_expanded`/`dv_expanded` [B, Sk, H, D] in the input dtype (summed into dk/dv).
+    """
+    import torch
+
+    if device != "cuda":
+        return {}
+
+    def r(x: int, m: int) -> int:
+        return (x + m - 1) // m * m
+
+    def flash_bwd(grad_out, q, k, v, out, lse, *args, **kwargs):
+        if not q.is_meta:
+            return []
+        B, H, Sq, D = q.shape
+        Hk, Sk = k.shape[1], k.shape[2]
+        d8 = r(D, 8)
+        temps = [torch.empty((B, H, r(Sq, 128)), dtype=torch.float32, device="meta"),
+                 torch.empty((B, r(Sq, 128), H, r(d8, 32 if d8 <= 128 else 64)), dtype=torch.float32, device="meta")]
+        if Hk != H:
+            temps += [torch.empty((B, Sk, H, d8), dtype=q.dtype, device="meta") for _ in range(2)]
+        return temps
+
+    return {"_scaled_dot_product_flash_attention_backward.default": flash_bwd}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,9 +639,8 @@ def _setattr(obj, name: str, value) -> Iterator[None]:
 @contextlib.contextmanager
 def build_patches() -> Iterator[None]:
     """Patches needed while building, adapting and stepping (see the module docstring)."""
-    import torch
-    import transformers.masking_utils as mu
     import torch.optim.optimizer as topt
+    import transformers.masking_utils as mu
 
     orig_fused = topt._get_fused_kernels_supported_devices
 
@@ -536,6 +677,11 @@ def _grouped_mm_meta_patch(device: str):
             if scale_a is None and mat_a.dtype == mat_b.dtype:
                 return mr._create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
             return orig(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
+        if scale_a is None and (mat_a.dtype != torch.bfloat16 or mat_b.dtype != torch.bfloat16):
+            raise RuntimeError(
+                f"grouped_mm on CUDA takes bf16 inputs only (torch's kernel and meta function), but the experts "
+                f"are {mat_b.dtype} (prepare_model_for_kbit_training upcasts them to fp32): the real CUDA step "
+                f"would fail the same way. Try --no-prepare, or experts_implementation='eager' in the config.")
         out = orig(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
         if torch.version.cuda is None:  # pad as the CUDA kernel does
             size = list(out.shape)
@@ -546,6 +692,28 @@ def _grouped_mm_meta_patch(device: str):
         return out
 
     return _setattr(mr, "_meta_grouped_mm_common", common)
+
+
+def _int8_matmul_patch(device: str):
+    """bitsandbytes picks its int8 training matmul by device type (CPU: dequantize + linear)."""
+    if device != "cpu":
+        return contextlib.nullcontext()
+    import bitsandbytes as bnb
+    from bitsandbytes.autograd import _functions as bf
+
+    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+        state = state or bf.MatmulLtState()
+        if threshold > 0.0:
+            state.threshold = threshold
+        if state.is_training and A.device.type == "meta":
+            return bf.MatMul8bitFp.apply(A, B, out, bias, state)
+        return orig(A, B, out=out, state=state, threshold=threshold, bias=bias)
+
+    orig = bf.matmul
+    st = contextlib.ExitStack()
+    st.enter_context(_setattr(bnb, "matmul", matmul))
+    st.enter_context(_setattr(bf, "matmul", matmul))
+    return st
 
 
 @contextlib.contextmanager
@@ -576,6 +744,8 @@ def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
         st.enter_context(_setattr(torch, "autocast", autocast))
         st.enter_context(_setattr(torch.amp, "autocast", autocast))
         st.enter_context(_grouped_mm_meta_patch(device))
+        st.enter_context(_experts_patch())
+        st.enter_context(_int8_matmul_patch(device))
         if device == "cuda":
             st.enter_context(_setattr(torch, "is_autocast_enabled", is_autocast_enabled))
         st.enter_context(emu)
@@ -619,40 +789,81 @@ def make_meta_optimizer(model, plan: TrainPlan, tracker):
 # entry point
 # ---------------------------------------------------------------------------------------------
 def simulate(config: dict[str, Any], plan: TrainPlan, steps: int = 2, round_to: int | None = None,
-             progress: bool | None = None):
+             progress: bool | None = None, full_warmup: bool = False):
     """Trace `steps` training steps of `plan` on the meta device; return the last step's peak.
 
     `config` is a config.json dict (with `model_type`). `plan.device` is the device emulated;
-    `round_to` defaults to 512 for "cuda" and 1 for "cpu". Returns a `step.StepResult`.
+    `round_to` defaults to 512 for "cuda" and 1 for "cpu". The steps before the last one only create
+    the optimizer state (what a step leaves behind) unless `full_warmup`, which traces them fully
+    (same result, twice the time; the tests check both). `progress`: lines on stderr (default: when
+    stderr is a terminal). Returns a `step.StepResult`.
     """
+    say = _Progress(progress)
     _check_extras()
     from .tracker import LiveTensorTracker
 
     if round_to is None:
         round_to = 512 if plan.device == "cuda" else 1
-    say = _Progress(progress)
     counted = ("meta", "cpu") if plan.device == "cpu" else ("meta",)
-    tracker = LiveTensorTracker(round_to=round_to, device=counted, bnb_impls=bnb_impls(plan.device))
+    tracker = LiveTensorTracker(round_to=round_to, device=counted, bnb_impls=bnb_impls(plan.device),
+                                kernel_temps=kernel_temps(plan.device))
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10^5 short-lived records and tensors: the cyclic collector would cost ~40% of the run
     try:
-        return _simulate(config, plan, steps, tracker, say)
+        with warnings.catch_warnings():
+            # transformers' deprecation notices for gradient_checkpointing_enable & co. are not ours
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _simulate(config, plan, steps, tracker, say, full_warmup)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _simulate(config, plan, steps, tracker, say):
+def _simulate(config, plan, steps, tracker, say, full_warmup):
+    import torch
+
     from .step import adapt, run_steps
 
     round_to = tracker.round_to
     with build_patches():
         say("building model")
         model = build_meta_model(config, plan)
-        model = adapt(model, plan)
+        with torch.device("meta"):  # LoRA layers born on meta: no real init of ~10^9 numbers
+            model = adapt(model, plan)
         opt = make_meta_optimizer(model, plan, tracker)
-        emu = MetaEmulation(plan.device, model)
+        emu = MetaEmulation(plan.device)
         result = run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="meta",
                            round_to=round_to, optimizer=opt, tracker=tracker,
-                           step_context=lambda: step_patches(emu, plan.device), progress=say)
+                           step_context=lambda: step_patches(emu, plan.device), progress=say,
+                           fast_warmup=not full_warmup)
+    result.versions = _versions()
+    result.notes = _notes(config, plan, model)
     return result
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            pass
+    return out
+
+
+def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
+    notes = [f"meta-device trace emulating {plan.device}"
+             + (" (512 B allocation rounding; CUDA kernels per torch/bitsandbytes sources, not measured)"
+                if plan.device == "cuda" else "")]
+    if plan.quant == "int8":
+        notes.append("LLM.int8 outlier columns assumed absent")
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if config.get("num_local_experts") or config.get("num_experts"):
+        if impl == "eager":
+            notes.append("MoE eager experts loop: balanced routing (T*top_k slots spread evenly over experts)")
+        else:
+            notes.append(f"MoE experts implementation {impl!r}: memory independent of routing")
+    return notes

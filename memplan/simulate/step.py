@@ -35,6 +35,10 @@ class StepResult:
     paged_bytes: int = 0
     #: per phase: the terms at that phase's own peak
     phase_terms: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: library versions whose behaviour was traced (simulate fills it)
+    versions: dict[str, str] = field(default_factory=dict)
+    #: assumptions worth telling the user (simulate fills it)
+    notes: list[str] = field(default_factory=list)
 
 
 def hf_config(config: dict[str, Any]):
@@ -74,6 +78,8 @@ def load_model(config: dict[str, Any], plan: TrainPlan, device: str = "cpu", see
         model.save_pretrained(tmp)
         del model
         kw: dict[str, Any] = {"dtype": _TORCH_DTYPE[plan.dtype], "attn_implementation": plan.attn_implementation}
+        if config.get("experts_implementation"):  # a load-time option, not saved in config.json
+            kw["experts_implementation"] = config["experts_implementation"]
         if plan.method == "qlora":
             kw["quantization_config"] = bnb_config(plan)
         if device != "cpu":

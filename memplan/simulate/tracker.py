@@ -17,6 +17,12 @@ Labelling (`Term`) happens after the step, when lifetimes are known:
 Ops run inside bitsandbytes' Python kernels are seen by redispatching those ops below the Python
 key with the mode still pushed (otherwise their internal buffers would be invisible).
 
+On the meta device (simulate): `bnb_impls` replaces bitsandbytes' fake kernels by Python kernels
+that allocate what the emulated device's kernels allocate, `kernel_temps` adds the buffers a kernel
+allocates internally for the duration of one op, `add_paged` counts managed (paged) memory apart,
+and simple elementwise/factory/dropout ops get their outputs from `_fast_meta` instead of torch's
+slow Python meta kernels (`check_fast` compares the two).
+
 Known limitations: storages created outside the mode (before `start`) are invisible unless
 registered; the module attribution is the innermost `nn.Module` call at creation.
 """
@@ -38,7 +44,7 @@ _BNB_NS = "bitsandbytes"
 _INF = float("inf")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StorageRecord:
     nbytes: int
     created: float  # op counter at creation (-1 for registered storages)
@@ -56,6 +62,16 @@ class StorageRecord:
 
     def alive_at(self, t: float) -> bool:
         return self.created <= t < self.freed
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
 
 
 @dataclass
@@ -77,7 +93,8 @@ class LiveTensorTracker(TorchDispatchMode):
     check_fast = False
 
     def __init__(self, round_to: int = 1, device: str | tuple[str, ...] | None = None,
-                 bnb_impls: dict[str, Callable[..., Any]] | None = None):
+                 bnb_impls: dict[str, Callable[..., Any]] | None = None,
+                 kernel_temps: dict[str, Callable[..., list[torch.Tensor]]] | None = None):
         super().__init__()
         self.round_to = round_to
         #: device types whose storages count (None: all)
@@ -85,6 +102,9 @@ class LiveTensorTracker(TorchDispatchMode):
         #: bitsandbytes op name -> Python implementation run (with this mode pushed) on meta tensors,
         #: to emulate the real device's kernel (its internal buffers) instead of the bare fake kernel.
         self.bnb_impls = dict(bnb_impls or {})
+        #: op name -> fn(*args, **kwargs) returning the buffers the real device's kernel allocates
+        #: internally (through the caching allocator) while it runs, on meta; alive during the op only
+        self.kernel_temps = dict(kernel_temps or {})
         #: storages kept out of the live count (e.g. paged optimizer state in managed memory)
         self.paged_bytes = 0
         self.records: list[StorageRecord] = []
@@ -125,7 +145,7 @@ class LiveTensorTracker(TorchDispatchMode):
             phase=self.current_phase,
             module=module,
             shape=tuple(t.shape) if t is not None else (st.nbytes(),),
-            dtype=str(t.dtype).replace("torch.", "") if t is not None else "uint8",
+            dtype=_dtype_name(t.dtype) if t is not None else "uint8",
             grad_mode=torch.is_grad_enabled(),
             frame=frame,
             term=term,
@@ -218,6 +238,13 @@ class LiveTensorTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.clock += 1
+        temps = None
+        if self.kernel_temps:
+            mk = self.kernel_temps.get(func.__name__)
+            if mk is not None:
+                temps = mk(*args, **kwargs)
+                for i in range(len(temps)):
+                    self._track(temps[i].untyped_storage(), temps[i])
         if func.namespace == _BNB_NS:
             out = self._run_bnb(func, args, kwargs)
         else:
@@ -238,6 +265,9 @@ class LiveTensorTracker(TorchDispatchMode):
                 rec = self._track(t.untyped_storage(), t)
                 if rec is not None and not rec.op:
                     rec.op = func.__name__
+        if temps:
+            self.clock += 1  # the kernel's internal buffers go once its outputs exist
+            del temps
         return out
 
     def _run_bnb(self, func, args, kwargs):
@@ -419,12 +449,14 @@ def _fast_meta(kind: str, args, kwargs):
         if not x.is_meta or not x.is_contiguous():
             return None
         dtype = x.dtype
+        keep = True
         for k, v in kwargs.items():
             if k == "dtype":
                 dtype = v if v is not None else dtype
             elif k == "memory_format":
                 if v not in (None, torch.preserve_format, torch.contiguous_format):
                     return None
+                keep = v is not torch.contiguous_format
             elif k in ("layout", "pin_memory"):
                 if v not in (None, False, torch.strided):
                     return None
@@ -433,13 +465,15 @@ def _fast_meta(kind: str, args, kwargs):
                     return None
             else:
                 return None
+        if keep:  # preserve_format keeps a dense input's exact strides
+            return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device="meta")
         return torch.empty(x.shape, dtype=dtype, device="meta")
     if kind == "dropout":
         x = args[0]
         if not x.is_meta or not x.is_contiguous() or kwargs:
             return None
-        return (torch.empty(x.shape, dtype=x.dtype, device="meta"),
-                torch.empty(x.shape, dtype=torch.bool, device="meta"))
+        return (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"),
+                torch.empty_strided(x.shape, x.stride(), dtype=torch.bool, device="meta"))
     return None
 
 
