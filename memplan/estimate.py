@@ -284,17 +284,54 @@ def _optimizer_scratch(model: ModelSpec, plan: TrainPlan, cuda: bool, rnd: int) 
 
 def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu: str | GPUSpec | None = None,
              bnb_config: Any = None, lora_config: Any = None, training_args: Any = None,
-             **plan_kwargs: Any) -> Estimate:
+             fallback_simulate: bool = True, **plan_kwargs: Any) -> Estimate:
     """Estimate the peak memory of one training step.
 
     `model`: a catalogue name, hub id, local path, ModelSpec, config.json dict or PretrainedConfig.
     Plan fields come from `plan`, the user's HF objects (`bnb_config`, `lora_config`,
     `training_args`) and keyword arguments (which win), e.g. `estimate("llama-2-7b", seq_len=4096)`.
+    Where the closed form does not cover the architecture (mixture-of-experts) and the [sim] extras
+    are installed, the terms come from `memplan.simulate` instead and the notes say so
+    (`fallback_simulate=False` raises UnsupportedArchitectureError instead).
     """
     from .catalogue import load_gpu, resolve_model
+
+    from .errors import UnsupportedArchitectureError
 
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
                   **plan_kwargs)
     g = load_gpu(gpu) if gpu is not None else None
-    return compute(spec, p, g)
+    try:
+        return compute(spec, p, g)
+    except UnsupportedArchitectureError as e:
+        if not fallback_simulate or not _sim_available():
+            raise
+        return from_simulation(spec, p, g, reason=str(e))
+
+
+def _sim_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft", "bitsandbytes"))
+
+
+def from_simulation(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None, reason: str = "") -> Estimate:
+    """An Estimate whose allocated terms come from `memplan.simulate` (a meta-device trace of the step).
+
+    Used where the closed form does not cover an architecture; the CUDA overheads (workspace,
+    allocator overhead, context) are added as in `compute`, and the notes say so.
+    """
+    from .simulate import simulate
+
+    res = simulate(dict(model.config), plan)
+    terms = {t: int(res.terms.get(t.value, 0)) for t in Term}
+    notes = [f"closed form unavailable ({reason.split(';')[0]}): terms are an exact `memplan simulate` trace",
+             *res.notes]
+    if plan.device == "cuda":
+        g = gpu or GPUSpec(name="generic", memory_bytes=0)
+        terms[Term.WORKSPACE] = 2 * g.workspace_bytes
+        terms[Term.ALLOCATOR_OVERHEAD] = int(sum(terms[t] for t in ALLOCATED_TERMS) * g.reserve_ratio)
+        terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
+    return Estimate(model=model, plan=plan, terms=terms, peak_phase=res.peak_phase, paged_bytes=res.paged_bytes,
+                    gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate")

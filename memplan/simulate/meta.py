@@ -114,7 +114,7 @@ import time
 import warnings
 from typing import Any, Callable, Iterator
 
-from ..errors import MissingExtraError
+from ..errors import MemplanError, MissingExtraError
 from ..plan import TrainPlan
 
 _NEEDED = ("torch", "transformers", "peft", "bitsandbytes")
@@ -130,6 +130,10 @@ def _check_extras() -> None:
             found = False
         if not found:
             raise MissingExtraError("simulate", "torch, transformers, peft and bitsandbytes", "sim")
+    # bitsandbytes warns at import, on AVX512-BF16 CPUs, that an optional hub kernel is missing: not ours
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +682,7 @@ def _grouped_mm_meta_patch(device: str):
                 return mr._create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
             return orig(mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum)
         if scale_a is None and (mat_a.dtype != torch.bfloat16 or mat_b.dtype != torch.bfloat16):
-            raise RuntimeError(
+            raise StepWouldFail(
                 f"grouped_mm on CUDA takes bf16 inputs only (torch's kernel and meta function), but the experts "
                 f"are {mat_b.dtype} (prepare_model_for_kbit_training upcasts them to fp32): the real CUDA step "
                 f"would fail the same way. Try --no-prepare, or experts_implementation='eager' in the config.")
@@ -788,6 +792,10 @@ def make_meta_optimizer(model, plan: TrainPlan, tracker):
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
+class StepWouldFail(MemplanError):
+    """The traced step fails the way the real one would (a library refuses the configuration)."""
+
+
 def simulate(config: dict[str, Any], plan: TrainPlan, steps: int = 2, round_to: int | None = None,
              progress: bool | None = None, full_warmup: bool = False):
     """Trace `steps` training steps of `plan` on the meta device; return the last step's peak.
@@ -814,7 +822,14 @@ def simulate(config: dict[str, Any], plan: TrainPlan, steps: int = 2, round_to: 
             # transformers' deprecation notices for gradient_checkpointing_enable & co. are not ours
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", module="peft")  # e.g. rank_pattern keys of a wrapped MoE
             return _simulate(config, plan, steps, tracker, say, full_warmup)
+    except MemplanError:
+        raise
+    except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
+        # transformers / peft / torch refusing the configuration: the real step would fail the same way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StepWouldFail(f"the step cannot run with this plan ({type(e).__name__} from the HF stack): {first}") from e
     finally:
         if gc_was_enabled:
             gc.enable()
