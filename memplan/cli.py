@@ -563,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
-            return _error("give a command: estimate, fit, recommend, report, simulate, models or gpus "
+            return _error("give a command: estimate, fit, recommend, report, simulate, profile, compare, models or gpus "
                           "(see `memplan --help`)")
         return args.func(args)
     except _UsageError as e:

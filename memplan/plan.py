@@ -198,7 +198,12 @@ def _from_lora(cfg: Any) -> dict[str, Any]:
             out[ours] = v
     tm = _get(cfg, "target_modules")
     if tm is not None:
-        out["target_modules"] = tm if isinstance(tm, str) else tuple(sorted(tm))
+        if isinstance(tm, str):
+            out["target_modules"] = tm
+        else:
+            # get_peft_model expands "all-linear" into full module paths (model.layers.0.mlp.down_proj):
+            # peft matches names by suffix, so the leaf names say the same
+            out["target_modules"] = tuple(sorted({str(t).rsplit(".", 1)[-1] for t in tm}))
     return out
 
 

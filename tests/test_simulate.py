@@ -229,7 +229,9 @@ def test_cuda_paged_optimizer_state_is_outside_the_peak():
 
 def test_cuda_grouped_mm_fp32_experts_raise_like_cuda():
     plan = TrainPlan(device="cuda", seq_len=64, lora_dropout=0.0)  # prepare upcasts the experts to fp32
-    with pytest.raises(RuntimeError, match="bf16 inputs only"):
+    from memplan.errors import MemplanError
+
+    with pytest.raises(MemplanError, match="bf16 inputs only"):  # a one-line error for the CLI, exit 2
         simulate(CONFIGS["mixtral-moe"], plan)
 
 
