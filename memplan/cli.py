@@ -219,9 +219,26 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         "paged_bytes": int(getattr(res, "paged_bytes", 0) or 0),
         "fits": None,
         "headroom_bytes": None,
+        "top": list(getattr(res, "top", []) or []),
+        "versions": dict(getattr(res, "versions", {}) or {}),
+        "estimate": _estimate_check(spec, plan, res),
         "notes": ["simulate traces logical bytes of a real step on the meta device; "
-                  "allocator overhead, workspace and CUDA context are not traced"],
+                  "allocator overhead, workspace and CUDA context are not traced", *getattr(res, "notes", [])],
     }
+
+
+def _estimate_check(spec, plan: TrainPlan, res) -> dict[str, Any] | None:
+    """The closed-form estimate of the same plan next to the trace (None where there is no closed form)."""
+    from .errors import UnsupportedArchitectureError
+    from .estimate import compute
+
+    try:
+        e = compute(spec, plan)
+    except UnsupportedArchitectureError:
+        return None
+    est = e.allocated_bytes - e.terms[Term.WORKSPACE]  # a trace sees no cuBLAS workspace
+    return {"allocated_bytes": est, "moment": e.moment,
+            "error_pct": round((est - res.peak_bytes) / res.peak_bytes * 100, 4) if res.peak_bytes else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +292,13 @@ def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0
         out(f"{'headroom':<20} {_gib(d['headroom_bytes']):>9} GiB  -> {verdict}")
     if d.get("paged_bytes"):
         out(f"{'paged (managed mem)':<20} {_gib(d['paged_bytes']):>9} GiB  paged optimizer state, outside the allocator")
+    if d.get("estimate"):
+        e = d["estimate"]
+        out(f"{'closed-form estimate':<20} {_gib(e['allocated_bytes']):>9} GiB  ({e['error_pct']:+.3f}% vs this trace)")
+    if d.get("top"):
+        out("largest tensors alive at the peak:")
+        for t in d["top"][:8]:
+            out(f"  {_gib(t['bytes']):>7} GiB  {t['term']:<16} {t['dtype']:<9} {str(tuple(t['shape'])):<20} {t['name']}")
     if d.get("notes"):
         out("notes:")
         for n in d["notes"]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -224,29 +223,7 @@ def allocated_of_terms(terms: Mapping[str, int]) -> int:
 
 
 # ---- files -----------------------------------------------------------------------------------------
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write JSON to `path` through a temporary file in the same folder and `os.replace`.
-
-    Readers see the old file or the new one, never a half-written one (os.replace is atomic on POSIX
-    and Windows when both names are on one file system, which the same folder guarantees).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+from ..fileio import write_json_atomic  # noqa: E402  (re-exported: matrix.py imports it from here)
 
 
 def run_filename(run: MeasuredRun) -> str:
