@@ -220,9 +220,8 @@ class LayerModel:
             xc = w.cast(x, cd)
             nb = -(-lin.numel // 64)
             wq = lin.numel * cd
+            oc = w.new(n_out, cd, x.rg)  # F.linear's output, with the dequantized W and absmax still alive
             w.mark(wq + (4 * nb if self.p.double_quant and self.p.quant != "int8" else 0))
-            oc = w.new(n_out, cd, x.rg)
-            w.mark(wq)
             res = w.cast(oc, x.dt)
             w.drop(*{xc, oc} - {x, res})
             if self.p.quant != "int8":  # peft Linear4bit defensively clones the base output
@@ -249,49 +248,51 @@ class LayerModel:
         return self._lora(x, lin, res)
 
     def _lora(self, x: Sym, lin: Linear, res: Sym) -> Sym:
-        """result + lora_B(lora_A(dropout(x))) * scaling (peft LoRA Linear / Linear4bit forward)."""
-        w, T, r, n_out = self.w, self.T, self.r, self.T * lin.out_features
-        if self.ac:
+        """result + lora_B(lora_A(dropout(x))) * scaling (peft LoRA Linear / Linear4bit forward).
+
+        peft casts x to the adapter dtype (fp32) and the LoRA output back to the result's dtype
+        ("conversion") in lora.Linear always, and in Linear4bit when `torch.is_autocast_enabled()`
+        -- asked without a device, i.e. about CUDA -- is False: always on the CPU, never under CUDA
+        autocast. Under autocast the LoRA matmuls then run in bf16 on a cast of that input.
+        """
+        w, T, r, n_out, ac = self.w, self.T, self.r, self.T * lin.out_features, self.ac
+        conv = not self.quantized or not ac or self.cpu
+        mm_dt = ac or self.adapter_dt  # dtype of the LoRA matmuls and their outputs
+        xa = w.cast(x, self.adapter_dt) if conv else x
+        d = self._dropout(xa) if self.dropout > 0 else xa
+        a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
+        w.save(a_in)
+        if ac:
             # autocast casts the fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
-            # lora.Linear (16-bit base) casts x to the adapter dtype first; Linear4bit does not under autocast
-            xa = x if self.quantized else w.cast(x, self.adapter_dt)
-            d = self._dropout(xa) if self.dropout > 0 else xa
-            a_in = w.cast(d, self.ac)
-            a_copy = w.new(r * lin.in_features, self.ac, False)
-            w.save(a_in)
+            a_copy = w.new(r * lin.in_features, ac, False)
             if x.rg:
                 w.save(a_copy)
-            a = w.new(T * r, self.ac)
+            a = w.new(T * r, ac)
             w.save(a)
-            w.drop(a_copy)
-            b_copy = w.new(lin.out_features * r, self.ac, False)
+            w.drop(a_copy, *{d, a_in} - {x, xa})  # lora_A has returned: dropout's output is released
+            # (the fp32 cast of x, rebound to `x` inside peft's forward, lives until the forward returns)
+            b_copy = w.new(lin.out_features * r, ac, False)
             w.save(b_copy)
             w.copies += b_copy.nbytes + (a_copy.nbytes if x.rg else 0)
-            w.drop(*{xa, d, a_in} - {x})
-            b = w.new(n_out, self.ac)
-            bs = w.new(n_out, self.ac)
-            w.drop(b)
-            out = w.new(n_out, _promote(res.dt, self.ac))
-            w.drop(res, bs)
-            return out
-        xa = w.cast(x, self.adapter_dt)
-        d = self._dropout(xa) if self.dropout > 0 else xa
-        w.save(d)
-        a = w.new(T * r, self.adapter_dt)
-        w.save(a)
-        b = w.new(n_out, self.adapter_dt)
-        bs = w.new(n_out, self.adapter_dt)
+        else:
+            a = w.new(T * r, mm_dt)
+            w.save(a)
+            w.drop(*{d, a_in} - {x, xa})
+        b = w.new(n_out, mm_dt)
+        bs = w.new(n_out, mm_dt)  # * scaling
         w.drop(b)
-        if self.quantized:  # Linear4bit: output.to(expected dtype), then result + output
-            bc = w.cast(bs, res.dt)
-            out = w.new(n_out, res.dt)
-            w.drop(*{xa, d, res, bs, bc} - {x})
+        if self.quantized:
+            bc = w.cast(bs, res.dt) if conv else bs  # output = output.to(expected dtype): bs is released
+            if bc is not bs:
+                w.drop(bs)
+            out = w.new(n_out, _promote(res.dt, bc.dt))
+            w.drop(*{res, bs, bc, xa} - {out, x})
             return out
-        # lora.Linear: result + fp32 output (promoted), then result.to(the base output's dtype)
-        summed = w.new(n_out, _promote(res.dt, self.adapter_dt))
+        # lora.Linear: result + output (promoted), then result.to(the base output's dtype)
+        summed = w.new(n_out, _promote(res.dt, mm_dt))
         w.drop(bs)
         out = w.cast(summed, res.dt)
-        w.drop(*{xa, d, res, summed} - {x, out})
+        w.drop(*{res, summed, xa} - {out, x})
         return out
 
     def _dropout(self, x: Sym) -> Sym:
@@ -321,7 +322,7 @@ class LayerModel:
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
         qe = w.new(q.numel, _promote(q.dt, cos_dt))
         ke = w.new(k.numel, _promote(k.dt, cos_dt))
-        w.drop(*{q, k} - {v})
+        w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
         attn = self.p.attn_implementation
         if attn == "eager":
             out = self._eager(qe, ke, v)
@@ -338,14 +339,8 @@ class LayerModel:
             lse = w.new(Lin(s=m.num_heads), 4, False)
             w.save(qc, kc, vc, out, lse)
             w.drop(qe, ke, v)
-        if self.cpu and self.ac:
-            # NB: measured on CPU under autocast: o_proj receives an fp32 copy of the attention output
-            # (its LoRA then saves a bf16 cast of it); elsewhere the kernel's output is used in place.
-            o_in = w.new(out.numel, 4)
-        else:
-            o_in = out
-        o = self.linear(o_in, lins["o_proj"])
-        w.drop(o_in)
+        o = self.linear(out, lins["o_proj"])
+        w.drop(out)
         return o
 
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
