@@ -313,6 +313,12 @@ def _c_seq(spec: ModelSpec, p: TrainPlan, gpu: GPUSpec, reserve: int) -> _Try:
     return [({"seq_len": n}, f"--seq-len {n}")] if 0 < n < p.seq_len else []
 
 
+def _c_no_prepare(spec: ModelSpec, p: TrainPlan) -> _Try:
+    if p.method != "qlora" or not p.prepare:
+        return []
+    return [({"prepare": False}, "--no-prepare")]
+
+
 def _c_lora(spec: ModelSpec, p: TrainPlan) -> _Try:
     if p.method != "full":
         return []
@@ -329,6 +335,11 @@ CHANGES: tuple[tuple[str, str, str, Callable[..., _Try]], ...] = (
     ("double_quant", "turn double quantization on",
      "no measurable quality change (QLoRA paper); quantizes the absmax constants, ~0.37 bit/param less",
      _c_double_quant),
+    ("prepare", "skip prepare_model_for_kbit_training's fp32 upcast (call model.enable_input_require_grads() "
+     "and gradient_checkpointing_enable() yourself)",
+     "embeddings, norms and lm_head stay in 16 bits and so does the residual stream: less memory, "
+     "slightly less numerical headroom than fp32 norms and logits (common in QLoRA scripts)",
+     _c_no_prepare),
     ("optim:paged_adamw_8bit", "use the paged 8-bit AdamW (paged_adamw_8bit)",
      "8-bit block-wise Adam state, on par with 32-bit Adam in published fine-tuning results; the state "
      "lives in CUDA managed memory and pages to CPU RAM under pressure (slower when it does)",
