@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import count
 
+from .formulas import lora_shapes, lora_targets
 from .model import Linear, ModelSpec
 from .plan import TrainPlan
 from .units import round_up
@@ -109,11 +110,11 @@ class Walk:
     last_save: int = 0
     copies: Lin = field(default_factory=Lin)  # saved autocast copies of LoRA weights
 
-    def new(self, numel: "Lin | int", dt: int, rg: bool = True, hold: bool = True) -> Sym:
+    def new(self, numel: "Lin | int", dt: int, rg: bool = True) -> Sym:
+        """A fresh tensor, alive (held) from now on."""
         numel = Lin.of(numel)
         t = Sym(numel, dt, next(_ids), numel * dt, rg)
-        if hold:
-            self.hold(t)
+        self.hold(t)
         return t
 
     def view(self, t: Sym, numel: "Lin | int") -> Sym:
@@ -165,17 +166,12 @@ class LayerModel:
         self.r = plan.lora_r
         self.dropout = plan.lora_dropout if plan.method in ("qlora", "lora") else 0.0
         self.lins = {l.name.rsplit(".", 1)[-1]: l for l in model.layer_linears}
+        self.targets = {lin.name for lin in lora_targets(model, plan)}
         self.down_saved, self.prod_dt, self.prod_bytes, self.saved_before_down = Lin(), 0, Lin(), Lin()
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
-        if self.p.method not in ("qlora", "lora"):
-            return False
-        tm = self.p.target_modules
-        if tm == "all-linear":
-            return lin.kind != "head"
-        leaf = lin.name.rsplit(".", 1)[-1]
-        return leaf in tm or lin.name in tm
+        return lin.name in self.targets
 
     # ---- blocks ------------------------------------------------------------------------------------
     def norm(self, x: Sym, dim: int, rows: int) -> Sym:
@@ -373,7 +369,7 @@ class LayerModel:
         return ot
 
     def mlp(self, x: Sym) -> Sym:
-        m, w, T, I = self.m, self.w, self.T, self.m.intermediate_size
+        w, T, I = self.w, self.T, self.m.intermediate_size
         lins = self.lins
         # down(act(gate(x)) * up(x)): act runs before up (Python evaluates left to right)
         if "gate_up_proj" in lins:
@@ -420,7 +416,7 @@ class LayerModel:
         return out
 
 
-def stream_dtype(model: ModelSpec, plan: TrainPlan) -> int:
+def stream_dtype(plan: TrainPlan) -> int:
     """Bytes per element of the residual stream: the embedding's dtype (fp32 after prepare)."""
     return 4 if plan.prepare or plan.dtype == "fp32" else 2
 
@@ -442,7 +438,7 @@ class LayerTrace:
 @lru_cache(maxsize=4096)
 def layer_trace(model: ModelSpec, plan: TrainPlan, cpu: bool) -> LayerTrace:
     """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter)."""
-    a = stream_dtype(model, plan)
+    a = stream_dtype(plan)
     # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
     input_grad = plan.gradient_checkpointing or plan.method == "full"
     T = Lin(t=1)
@@ -495,14 +491,12 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool,
     tr = layer_trace(model, key, cpu)
     shape = (T, B * S, B * S * S)
     at = lambda x: x.at(*shape)  # noqa: E731
-    a = stream_dtype(model, plan)
+    a = stream_dtype(plan)
     r = lambda n: round_up(n, rnd) if rnd > 1 and n else n  # noqa: E731
     head_frozen_dt = 4 if plan.prepare or plan.dtype == "fp32" else 2
     copies = 0
     if plan.autocast and plan.method in ("qlora", "lora"):
-        from .formulas import _per_layer_lora
-
-        copies = L * sum(r(rows * cols * 2) for rows, cols in _per_layer_lora(model, plan))
+        copies = L * sum(r(rows * cols * 2) for rows, cols in lora_shapes(model, plan))
     return ActivationProfile(
         layer_bytes=at(tr.layer), first_layer_bytes=at(tr.first_layer),
         recompute_peak=max(map(at, tr.recompute)), forward_peak=max(map(at, tr.forward)),

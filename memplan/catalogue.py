@@ -154,12 +154,6 @@ def list_gpus() -> list[GPUSpec]:
     return sorted((GPUSpec.from_dict(e) for e in _gpu_entries().values()), key=lambda g: g.memory_bytes)
 
 
-def model_entry(spec: ModelSpec) -> dict[str, Any] | None:
-    """The raw catalogue entry behind a spec, when it came from the catalogue."""
-    key = _model_index().get(spec.name.lower())
-    return _model_entries().get(key) if key else None
-
-
 def resolve_model(model: Any) -> ModelSpec:
     """Anything a user may pass as MODEL: ModelSpec, name/path string, config dict or PretrainedConfig."""
     if isinstance(model, ModelSpec):

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from math import ceil
 from typing import Any
 
 from . import formulas as F
-from .activations import ActivationProfile, activation_profile
+from .activations import activation_profile
 from .gpu import GPUSpec
 from .model import ModelSpec
 from .optim import OPTIMIZERS
@@ -115,14 +114,13 @@ def _moment(static: dict[Term, int], **extra: int) -> dict[Term, int]:
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`)."""
     cuda = plan.device == "cuda"
-    rnd = 512 if cuda else 1
     r = (lambda n: round_up(n, 512) if n else 0) if cuda else (lambda n: n)  # noqa: E731
     notes: list[str] = []
     T, V, H, L = plan.tokens, model.vocab_size, model.hidden_size, model.num_layers
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
-        leaves = {lin.name.rsplit(".", 1)[-1] for lin in model.layer_linears}
-        unknown = [t for t in plan.target_modules if t not in leaves and not any(
-            lin.name == t for lin in model.layer_linears)]
+        leaves = set(model.linear_leaves)
+        unknown = [t for t in plan.target_modules
+                   if t not in leaves and all(lin.name != t for lin in model.layer_linears)]
         if unknown and len(unknown) == len(plan.target_modules):  # peft raises when nothing matches
             from .errors import InvalidSpecError
 
@@ -160,6 +158,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
         layers_saved = ap.first_layer_bytes + (L - 1) * ap.layer_bytes
     model_saved = ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes
     labels = r(8 * plan.batch_size * (plan.seq_len + 1))  # labels padded by one (-100) for the shift
+    pos_ids = r(8 * plan.seq_len) if gc else 0  # position ids, an argument every checkpointed layer keeps
+    small = 2 * r(4)  # the loss and its gradient seed
 
     # ---- loss stage ---------------------------------------------------------------------------
     tv = T * V
@@ -169,9 +169,9 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     loss_fwd_logits = r(ap.logits_dt * tv) + fp32_copy + r(4 * tv) + softcap
     loss_fwd = _moment(static, gradients=ga_grads,
                        activations=layers_saved + model_saved + (ap.lora_weight_copies - (0 if gc else ap.saved_copies))
-                       + r(T * H * ap.stream_dt) + labels + 2 * r(4),
+                       + r(T * H * ap.stream_dt) + labels + pos_ids + small,
                        logits=loss_fwd_logits)
-    loss_bwd = _moment(static, gradients=ga_grads, activations=layers_saved + model_saved + 2 * r(4),
+    loss_bwd = _moment(static, gradients=ga_grads, activations=layers_saved + model_saved + pos_ids + small,
                        logits=3 * r(4 * tv) + softcap)
 
     # ---- layer windows -----------------------------------------------------------------------------
@@ -180,12 +180,9 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     # stops recomputing there); and its MLP backward, when the down projection's saved tensors are
     # gone and three [T x I] gradients are in flight.
     per_layer_grads = grads // L
-    cd = 4 if plan.compute_dtype == "fp32" else 2
-    pos_ids = r(8 * plan.seq_len) if gc else 0  # position ids, an argument every checkpointed layer keeps
     g_res = r(T * H * ap.stream_dt)
     I = model.intermediate_size
     down_grads = (r(4 * plan.lora_r * I) + r(4 * H * plan.lora_r)) if plan.method != "full" else 0
-    small = 2 * r(4)  # the loss and its gradient seed
     # NB: the [T x H] gradients in flight while a layer recomputes are measured (see _inflight_bytes)
     recompute_inflight = r(T * H * _inflight_bytes(ap.stream_dt, bool(plan.autocast), plan.method))
     if not gc:
@@ -209,8 +206,6 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
             static, gradients=grads_i + down_grads,
             activations=fixed + own_input + saved_i - ap.down_saved,
             temporaries=g_res + 3 * r(T * I * ap.prod_dt))
-    loss_fwd[Term.ACTIVATIONS] += pos_ids
-    loss_bwd[Term.ACTIVATIONS] += pos_ids
 
     # ---- optimizer step -------------------------------------------------------------------------
     opt = _moment(static, gradients=grads, temporaries=scratch)
@@ -223,12 +218,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     notes.append(f"peak: {_describe(moment, L)}")
 
     if cuda:
-        g = gpu or GPUSpec(name="generic", memory_bytes=0)
-        terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
+        _add_cuda_overheads(terms, gpu)
         totals = {k: v + terms[Term.WORKSPACE] for k, v in totals.items()}
-        alloc = sum(terms[t] for t in ALLOCATED_TERMS)
-        terms[Term.ALLOCATOR_OVERHEAD] = int(alloc * g.reserve_ratio)
-        terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
         if gpu is None:
             notes.append("no --gpu given: CUDA context, workspace and allocator overhead use generic defaults")
         if paged:
@@ -274,6 +265,14 @@ def _inflight_bytes(stream_dt: int, autocast: bool, method: str) -> int:
     if autocast:
         return 4
     return 6 if method == "qlora" else 8
+
+
+def _add_cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None) -> None:
+    """Workspace, allocator overhead and CUDA context, from the GPU's calibrated overheads."""
+    g = gpu or GPUSpec(name="generic", memory_bytes=0)  # GPUSpec's defaults when no GPU is named
+    terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
+    terms[Term.ALLOCATOR_OVERHEAD] = int(sum(terms[t] for t in ALLOCATED_TERMS) * g.reserve_ratio)
+    terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
 
 
 _PHASE = {"forward": "forward", "loss": "backward", "recompute": "backward", "backward": "backward",
@@ -357,9 +356,6 @@ def from_simulation(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = Non
     notes = [f"closed form unavailable ({reason.split(';')[0]}): terms are an exact `memplan simulate` trace",
              *res.notes]
     if plan.device == "cuda":
-        g = gpu or GPUSpec(name="generic", memory_bytes=0)
-        terms[Term.WORKSPACE] = 2 * g.workspace_bytes
-        terms[Term.ALLOCATOR_OVERHEAD] = int(sum(terms[t] for t in ALLOCATED_TERMS) * g.reserve_ratio)
-        terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
+        _add_cuda_overheads(terms, gpu)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=res.peak_phase, paged_bytes=res.paged_bytes,
                     gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate")

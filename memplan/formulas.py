@@ -28,13 +28,6 @@ def _dt(name: str) -> int:
     return 4 if name == "fp32" else 2
 
 
-def quantized_linears(model: ModelSpec, plan: TrainPlan) -> list[Linear]:
-    """The Linears bitsandbytes replaces: every nn.Linear of the decoder layers (lm_head skipped)."""
-    if plan.method != "qlora":
-        return []
-    return list(model.layer_linears) * model.num_layers
-
-
 def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     """Stored base Linear weights: packed 4-bit ceil(n/2) B, int8 n B, or the 16/32-bit weight.
 
@@ -101,15 +94,22 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     return total
 
 
-def _per_layer_lora(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
-    """(rows, cols) of the LoRA A [r, in] and B [out, r] tensors of one layer."""
-    from .activations import LayerModel, Walk
+def lora_targets(model: ModelSpec, plan: TrainPlan) -> tuple[Linear, ...]:
+    """The layer Linears peft adapts: "all-linear" is every Linear but the output layer (which is not
+    a layer Linear); a list matches module names by their last component or in full."""
+    if plan.method not in ("qlora", "lora"):
+        return ()
+    if plan.target_modules == "all-linear":
+        return model.layer_linears
+    tm = set(plan.target_modules)
+    return tuple(lin for lin in model.layer_linears if lin.name.rsplit(".", 1)[-1] in tm or lin.name in tm)
 
-    probe = LayerModel(model, plan, Walk(), cpu=True)
+
+def lora_shapes(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
+    """(rows, cols) of the LoRA A [r, in] and B [out, r] tensors of one layer."""
     out: list[tuple[int, int]] = []
-    for lin in model.layer_linears:
-        if probe.targeted(lin):
-            out += [(plan.lora_r, lin.in_features), (lin.out_features, plan.lora_r)]
+    for lin in lora_targets(model, plan):
+        out += [(plan.lora_r, lin.in_features), (lin.out_features, plan.lora_r)]
     return out
 
 
@@ -117,14 +117,14 @@ def lora_tensors(model: ModelSpec, plan: TrainPlan) -> list[int]:
     """Element counts of every LoRA A [r, in] and B [out, r] tensor, all layers."""
     if plan.method not in ("qlora", "lora"):
         return []
-    return [r * c for r, c in _per_layer_lora(model, plan)] * model.num_layers
+    return [r * c for r, c in lora_shapes(model, plan)] * model.num_layers
 
 
 def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int, int], int, int]]:
     """((rows, cols), dtype bytes, count) of the trainable parameters, grouped per layer."""
     L = model.num_layers
     if plan.method in ("qlora", "lora"):
-        return [(shape, 4, L) for shape in _per_layer_lora(model, plan)]
+        return [(shape, 4, L) for shape in lora_shapes(model, plan)]
     dt = 4 if plan.prepare else _dt(plan.dtype)
     per_layer = [(l.out_features, l.in_features) for l in model.layer_linears]
     per_layer += [(l.out_features, 1) for l in model.layer_linears if l.bias]
@@ -136,11 +136,6 @@ def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int
     if model.lm_head_params:
         top.append((model.vocab_size, model.hidden_size))
     return [(shape, dt, L) for shape in per_layer] + [(shape, dt, 1) for shape in top]
-
-
-def trainable_tensors(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
-    """(numel, dtype bytes) of every trainable parameter."""
-    return [(r * c, dt) for (r, c), dt, k in _trainable_groups(model, plan) for _ in range(k)]
 
 
 def adapter_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:

@@ -102,6 +102,11 @@ class ModelSpec:
         return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
 
     @property
+    def linear_leaves(self) -> tuple[str, ...]:
+        """Leaf names of the layer Linears (q_proj ... down_proj): what peft's target_modules match."""
+        return tuple(lin.name.rsplit(".", 1)[-1] for lin in self.layer_linears)
+
+    @property
     def layer_linear_params(self) -> int:
         return sum(l.numel for l in self.layer_linears)
 

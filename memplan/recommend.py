@@ -291,7 +291,7 @@ def _c_rank(spec: ModelSpec, p: TrainPlan) -> _Try:
 
 def small_targets(spec: ModelSpec) -> tuple[str, ...]:
     """The attention-only LoRA targets of the original LoRA paper, in this architecture's names."""
-    leaves = {lin.name.rsplit(".", 1)[-1] for lin in spec.layer_linears}
+    leaves = set(spec.linear_leaves)
     if {"q_proj", "v_proj"} <= leaves:
         return ("q_proj", "v_proj")
     if "qkv_proj" in leaves:

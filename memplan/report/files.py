@@ -38,4 +38,3 @@ def prepare_out_dir(out: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
-from ..fileio import write_bytes_atomic, write_text_atomic  # noqa: E402,F401  (used by html.py)

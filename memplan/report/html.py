@@ -29,7 +29,8 @@ from ..recommend import MAX_SEQ_LEN
 from ..terms import Term
 from ..units import GiB
 from . import charts as C
-from .files import prepare_out_dir, write_bytes_atomic, write_text_atomic
+from ..fileio import write_bytes_atomic, write_text_atomic
+from .files import prepare_out_dir
 from .sweep import row_plan, sweep
 
 #: section id -> (PNG file, heading)

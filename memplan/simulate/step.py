@@ -131,10 +131,6 @@ def classify_param(name: str, p: torch.Tensor) -> Term:
     return Term.OTHER_PARAMS
 
 
-def _lora_base_layers(model) -> set[int]:
-    return set()
-
-
 def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: str = "cpu",
               round_to: int = 1, optimizer=None, keep_outputs: bool = False, seed: int = 0,
               tracker: LiveTensorTracker | None = None, step_context=None, progress=None,

@@ -30,7 +30,7 @@ registered; the module attribution is the innermost `nn.Module` call at creation
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
