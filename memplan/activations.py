@@ -18,12 +18,12 @@ checked against a real step; mixture-of-experts layers are not covered (use `sim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from typing import NamedTuple
 from itertools import count
 
-from .formulas import lora_shapes, lora_targets
+from .formulas import BNB_BLOCKSIZE, lora_shapes, lora_targets
 from .model import Linear, ModelSpec
-from .plan import TrainPlan
+from .plan import TrainPlan, shape_free_cache
 from .units import round_up
 
 _ids = count()
@@ -157,12 +157,13 @@ class LayerModel:
     def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool):
         self.m, self.p, self.w, self.cpu = model, plan, walk, cpu
         self.T = Lin(t=1)  # tokens, symbolic: the walk is shape-independent
-        self.ac = 2 if plan.autocast else 0  # autocast dtype bytes (bf16/fp16 both 2), 0 = off
-        self.cd = 4 if plan.compute_dtype == "fp32" else 2
-        self.weights_dt = 4 if plan.prepare or plan.dtype == "fp32" else 2
+        pr = plan.precision
+        self.ac = pr.autocast  # autocast dtype bytes (bf16/fp16 both 2), 0 = off
+        self.cd = pr.compute
+        self.weights_dt = pr.params
         self.quantized = plan.method == "qlora"
         self.full = plan.method == "full"
-        self.adapter_dt = 4  # peft autocast_adapter_dtype=True upcasts LoRA to fp32
+        self.adapter_dt = pr.adapter
         self.r = plan.lora_r
         self.dropout = plan.lora_dropout if plan.method in ("qlora", "lora") else 0.0
         self.lins = {l.name.rsplit(".", 1)[-1]: l for l in model.layer_linears}
@@ -187,7 +188,7 @@ class LayerModel:
         if x.rg:
             w.save(x32, rs)
         h = w.new(x.numel, 4, x.rg)
-        if self.m.family == "gemma":
+        if self.m.arch.gemma_norm:
             if x.rg:
                 w.save(w.new(dim, 4, False))  # (1 + weight.float()) is a fresh tensor, saved by the mul
             if self.full and x.rg:
@@ -214,7 +215,7 @@ class LayerModel:
             # bnb Linear4bit: x.to(compute dtype); dequantize W (fp32 absmax first with double quant);
             # F.linear; .to(x dtype). Nothing is saved for the frozen weight.
             xc = w.cast(x, cd)
-            nb = -(-lin.numel // 64)
+            nb = -(-lin.numel // BNB_BLOCKSIZE)
             wq = lin.numel * cd
             oc = w.new(n_out, cd, x.rg)  # F.linear's output, with the dequantized W and absmax still alive
             w.mark(wq + (4 * nb if self.p.double_quant and self.p.quant != "int8" else 0))
@@ -310,7 +311,7 @@ class LayerModel:
             q = self.linear(x, lins["q_proj"])
             k = self.linear(x, lins["k_proj"])
             v = self.linear(x, lins["v_proj"])
-        if m.model_type in ("qwen3", "gemma3_text"):
+        if m.arch.qk_norm:
             qn = self.norm(q, m.head_dim, T * m.num_heads)
             kn = self.norm(k, m.head_dim, T * m.num_kv_heads)
             w.drop(q, k)
@@ -392,7 +393,7 @@ class LayerModel:
     def layer(self, x: Sym, cos_dt: int) -> Sym:
         """One decoder layer; `x` (held) is the residual stream; returns the next one (held)."""
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
-        sandwich = m.model_type in ("gemma2", "gemma3_text")
+        sandwich = m.arch.sandwich_norms
         h = self.norm(x, H, T)
         a = self.attention(h, cos_dt)
         w.drop(h)
@@ -416,29 +417,25 @@ class LayerModel:
         return out
 
 
-def stream_dtype(plan: TrainPlan) -> int:
-    """Bytes per element of the residual stream: the embedding's dtype (fp32 after prepare)."""
-    return 4 if plan.prepare or plan.dtype == "fp32" else 2
+class LayerTrace(NamedTuple):
+    """A layer walked once with symbolic sizes, for one model and shape-free plan: every size is a
+    `Lin` key (t, s, q, c), evaluated at a shape by `_at`."""
 
-
-@dataclass(frozen=True)
-class LayerTrace:
-    """A layer walked once with symbolic sizes (see `Lin`), for one model and plan."""
-
-    layer: Lin                 # one layer's saved set (layers >= 1)
-    first_layer: Lin           # layer 0 (saves less when its input does not require grad)
-    recompute: tuple[Lin, ...]  # candidate peaks of a checkpointed recompute (up to the last save)
-    forward: tuple[Lin, ...]   # candidate peaks of a layer's forward
-    down_saved: Lin            # what the down projection saved (freed as the layer's backward starts)
-    copies: Lin                # LoRA weight copies saved by the layers (layer 0 + one other)
-    copies_first: Lin
+    layer: tuple[int, ...]              # one layer's saved set (layers >= 1)
+    first_layer: tuple[int, ...]        # layer 0 (saves less when its input does not require grad)
+    recompute: tuple[tuple[int, ...], ...]  # candidate peaks of a checkpointed recompute (up to the last save)
+    forward: tuple[tuple[int, ...], ...]    # candidate peaks of a layer's forward
+    down_saved: tuple[int, ...]         # what the down projection saved (freed as the layer's backward starts)
+    copies: tuple[int, ...]             # LoRA weight copies saved by one layer (not layer 0)
+    copies_first: tuple[int, ...]       # ... by layer 0
     prod_dt: int
+    lora_weight_copies: int             # autocast's cache of 16-bit LoRA weights, every layer (bytes)
 
 
-@lru_cache(maxsize=4096)
+@shape_free_cache()
 def layer_trace(model: ModelSpec, plan: TrainPlan, cpu: bool) -> LayerTrace:
     """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter)."""
-    a = stream_dtype(plan)
+    a = plan.precision.params  # the residual stream starts as the embedding's output
     # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
     input_grad = plan.gradient_checkpointing or plan.method == "full"
     T = Lin(t=1)
@@ -450,14 +447,19 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, cpu: bool) -> LayerTrace:
     else:
         w0 = Walk()
         LayerModel(model, plan, w0, cpu).layer(w0.new(T * model.hidden_size, a, False), a)
-    return LayerTrace(layer=w.saved_bytes, first_layer=w0.saved_bytes,
-                      recompute=envelope(w.moments[:w.last_save]), forward=envelope(w.moments),
-                      down_saved=lm.down_saved, copies=w.copies, copies_first=w0.copies, prod_dt=lm.prod_dt)
+    copies = 0
+    if plan.autocast and plan.method in ("qlora", "lora"):
+        rnd = 1 if cpu else 512
+        copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in lora_shapes(model, plan))
+    return LayerTrace(layer=w.saved_bytes.key(), first_layer=w0.saved_bytes.key(),
+                      recompute=tuple(x.key() for x in envelope(w.moments[:w.last_save])),
+                      forward=tuple(x.key() for x in envelope(w.moments)),
+                      down_saved=lm.down_saved.key(), copies=w.copies.key(), copies_first=w0.copies.key(),
+                      prod_dt=lm.prod_dt, lora_weight_copies=copies)
 
 
-@dataclass(frozen=True)
-class ActivationProfile:
-    """What one step keeps alive, split the way the phase model in `estimate` needs it."""
+class ActivationProfile(NamedTuple):
+    """What one step keeps alive, split the way the moments in `estimate` need it."""
 
     layer_bytes: int          # one layer's saved set (layers >= 1)
     first_layer_bytes: int    # layer 0 (saves less when its input does not require grad)
@@ -474,35 +476,51 @@ class ActivationProfile:
     saved_copies: int         # of which saved for backward by the layers (no checkpointing)
     logits_dt: int            # dtype bytes of the lm_head output
     stream_dt: int
+    recompute_inflight: int   # [T x H] gradients in flight while a checkpointed layer recomputes
 
 
-def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool,
-                       key: TrainPlan | None = None) -> ActivationProfile:
-    """Evaluate the cached layer trace for `plan`'s batch and sequence length.
+def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str) -> int:
+    """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
-    `key`: `plan` with batch_size, seq_len and gradient_accumulation_steps set to 1 (the trace's cache
-    key), when the caller has it already.
+    NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
+    layer's output plus the partial gradients of the layer above still in the autograd engine's
+    buffers, whose dtypes follow the regime. fp32 stream: fp32 + 16-bit. 16-bit stream: two 16-bit
+    under autocast; 16-bit + fp32 for QLoRA without autocast; two 16-bit + fp32 for LoRA without
+    autocast. tests/test_agreement_sim.py has cases whose peak is such a recompute at real shapes.
     """
-    rnd = 1 if cpu else 512
+    if stream_dt == 4:
+        return 6
+    if autocast:
+        return 4
+    return 6 if method == "qlora" else 8
+
+
+def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> ActivationProfile:
+    """Evaluate the layer trace (walked once per model and shape-free plan) at `plan`'s batch and
+    sequence length."""
     B, S = plan.batch_size, plan.seq_len
     T, H, L = B * S, model.hidden_size, model.num_layers
-    if key is None:
-        key = plan.replace(batch_size=1, seq_len=1, gradient_accumulation_steps=1)
-    tr = layer_trace(model, key, cpu)
-    shape = (T, B * S, B * S * S)
-    at = lambda x: x.at(*shape)  # noqa: E731
-    a = stream_dtype(plan)
-    r = lambda n: round_up(n, rnd) if rnd > 1 and n else n  # noqa: E731
-    head_frozen_dt = 4 if plan.prepare or plan.dtype == "fp32" else 2
-    copies = 0
-    if plan.autocast and plan.method in ("qlora", "lora"):
-        copies = L * sum(r(rows * cols * 2) for rows, cols in lora_shapes(model, plan))
+    BSS = T * S
+    tr = layer_trace(model, plan, cpu)
+    pr = plan.precision
+    a = pr.params
+    if cpu:
+        r = int
+    else:
+        def r(n: int) -> int:
+            return -(-n // 512) * 512
+
+    def at(k: tuple[int, ...]) -> int:
+        return k[0] * T + k[1] * T + k[2] * BSS + k[3]
+
+    ct = tr.copies
     return ActivationProfile(
-        layer_bytes=at(tr.layer), first_layer_bytes=at(tr.first_layer),
-        recompute_peak=max(map(at, tr.recompute)), forward_peak=max(map(at, tr.forward)),
-        down_saved=at(tr.down_saved), prod_dt=tr.prod_dt, input_in_saved=a == 4,
-        layer_input_bytes=r(T * H * a), rope_bytes=2 * r(S * model.head_dim * a),
-        final_norm_bytes=r(T * H * 4) + r(T * 4),  # x.to(float32) (a copy unless fp32) and rsqrt
-        head_bytes=r(model.vocab_size * H * 2) if plan.autocast and head_frozen_dt != 2 else 0,
-        lora_weight_copies=copies, saved_copies=at(tr.copies_first) + (L - 1) * at(tr.copies),
-        logits_dt=2 if plan.autocast else head_frozen_dt, stream_dt=a)
+        at(tr.layer), at(tr.first_layer), max(map(at, tr.recompute)), max(map(at, tr.forward)),
+        at(tr.down_saved), tr.prod_dt, a == 4,
+        r(T * H * a), 2 * r(S * model.head_dim * a),
+        r(T * H * 4) + r(T * 4),  # final norm: x.to(float32) (a copy unless fp32) and rsqrt
+        r(model.vocab_size * H * 2) if pr.autocast and pr.params != 2 else 0,
+        tr.lora_weight_copies,
+        at(tr.copies_first) + (L - 1) * (ct[0] * T + ct[1] * T + ct[2] * BSS + ct[3]),
+        pr.logits, a,
+        r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method)))

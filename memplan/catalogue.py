@@ -71,15 +71,40 @@ def _spec_from_entry(e: dict[str, Any]) -> ModelSpec:
                              aliases=tuple(e.get("aliases", ())), source=e.get("source", ""))
 
 
-@lru_cache(maxsize=512)
 def load_model(model: str) -> ModelSpec:
-    """A ModelSpec from a catalogue name/alias/hub id, a local directory or config.json, or the hub."""
+    """A ModelSpec from a catalogue name/alias/hub id, a local directory or config.json, or the hub.
+
+    Catalogue and hub answers are cached for the process; a local file is re-read when it changes
+    (cached by its path, modification time and size).
+    """
     if not isinstance(model, str) or not model.strip():
         raise MemplanError("MODEL is empty; give a catalogue name (see `memplan models`), a hub id or a path")
     text = model.strip()
-    path = Path(os.path.expanduser(text))
-    if path.is_dir() or path.suffix == ".json" or text.startswith((".", "/", "~")):
-        return _from_path(path)
+    if text.startswith((".", "/", "~")) or text.endswith(".json") or os.path.isdir(text):
+        path = Path(os.path.expanduser(text))
+        cfg_path = path / "config.json" if path.is_dir() else path
+        try:
+            st = cfg_path.stat()
+            stamp: tuple[Any, ...] | None = (str(cfg_path.resolve()), st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp in _by_file:
+            return _by_file[stamp]
+        spec = _from_path(path)
+        if stamp is not None:
+            _by_file[stamp] = spec
+        return spec
+    spec = _by_name.get(text) or _load_named(text)
+    if len(_by_name) < 512:
+        _by_name[text] = spec
+    return spec
+
+
+_by_name: dict[str, ModelSpec] = {}
+_by_file: dict[tuple[Any, ...], ModelSpec] = {}
+
+
+def _load_named(text: str) -> ModelSpec:
     key = _model_index().get(text.lower())
     if key is not None:
         return _spec_from_entry(_model_entries()[key])
@@ -143,6 +168,11 @@ def load_gpu(gpu: str | GPUSpec) -> GPUSpec:
     if key is None:
         raise UnknownNameError("GPU", str(gpu), [e["name"] for e in _gpu_entries().values()],
                                hint="see `memplan gpus`")
+    return _gpu_spec(key)
+
+
+@lru_cache(maxsize=None)
+def _gpu_spec(key: str) -> GPUSpec:
     return GPUSpec.from_dict(_gpu_entries()[key])
 
 

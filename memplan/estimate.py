@@ -1,20 +1,23 @@
 """estimate: every Term at the peak of a steady-state training step, in closed form.
 
-The peak is the largest of a few candidate moments ("moments", in step order), each built from the
-per-term functions in `formulas` and the symbolic layer walk in `activations`:
+The peak is the largest of a few candidate moments of the step, each a `Moment` (name, kind, phase,
+terms, description) built by one function from the shared `Step` (the shape-free `static_part`, the
+symbolic layer walk of `activations`, the per-term functions of `formulas`), in step order:
 
-- ``forward``: the last layer's forward with every earlier layer's activations saved (no checkpointing);
-- ``loss:forward``: every saved activation plus bf16 logits, their fp32 copy and the log-softmax
-  (10 T V bytes), autocast's cache of bf16 LoRA weight copies, the final norm's output;
-- ``loss:backward``: log-softmax output + its gradient + the logits gradient (12 T V bytes);
-- ``recompute:i`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
+- ``forward_moment``: the last layer's forward with every earlier layer's activations saved (no
+  checkpointing);
+- ``loss_forward_moment``: every saved activation plus bf16 logits, their fp32 copy and the
+  log-softmax (10 T V bytes), autocast's cache of bf16 LoRA weight copies, the final norm's output;
+- ``loss_backward_moment``: log-softmax output + its gradient + the logits gradient (12 T V bytes);
+- ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
-- ``backward:i``: layer i's MLP backward: the down projection's saved tensors released, three
-  [T x I] gradients in flight;
-- ``optimizer``: every gradient plus the optimizer's scratch.
+- ``layer_backward_moment(i)``: layer i's MLP backward: the down projection's saved tensors released,
+  three [T x I] gradients in flight;
+- ``optimizer_moment``: every gradient plus the optimizer's scratch.
 i is the last and the first layer (per-layer sizes are equal, so the extremes bound the rest).
-Gradient accumulation keeps every gradient alive through the later micro-batches.
+Gradient accumulation keeps every gradient alive through the later micro-batches. Dtypes come from
+`plan.precision`, per-architecture facts from `model.arch` (memplan/arch.py).
 
 Measured agreement (tests/test_agreement_cpu.py, tests/test_agreement_sim.py): median 0.000 %, max
 0.55 % of peak bytes against real CPU steps; max 0.12 % against `simulate` on real catalogue shapes.
@@ -31,19 +34,36 @@ Known limitations (NB):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any
+from operator import attrgetter
+from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
-from .activations import activation_profile
+from .activations import ActivationProfile, activation_profile
+from .errors import InvalidSpecError, UnsupportedArchitectureError
 from .gpu import GPUSpec
 from .model import ModelSpec
-from .optim import OPTIMIZERS
-from .plan import TrainPlan, plan_from
-from .terms import ALLOCATED_TERMS, Term
-from .units import round_up
+from .plan import TrainPlan, plan_from, shape_free_cache
+from .terms import ALLOCATED_TERMS, Phase, Term
 
 SCHEMA = "memplan.estimate/1"
+
+
+class Moment(NamedTuple):
+    """One moment of a training step at which the peak can occur, and the allocated terms alive then.
+
+    `name` is a stable label ("loss:backward", "recompute:31") used as a key in `phase_peaks` and the
+    JSON; code reads `kind` and `layer`, never the name. Kinds, in step order: forward (the last
+    layer's forward, no checkpointing), loss_forward, loss_backward, recompute (a checkpointed
+    layer recomputed during backward), layer_backward (a layer's MLP backward), optimizer.
+    """
+
+    name: str
+    kind: str
+    phase: str
+    terms: Mapping[Term, int]   # the allocated terms (WORKSPACE 0: added to the estimate's peak)
+    allocated_bytes: int        # their sum
+    description: str
+    layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +79,13 @@ class Estimate:
     notes: tuple[str, ...] = ()
     phase_peaks: dict[str, int] = field(default_factory=dict)
     moment: str = ""
-    moments: dict[str, dict[Term, int]] = field(default_factory=dict, compare=False, repr=False)
+    #: every moment the estimator checked, in step order (empty when the terms come from simulate)
+    moments: tuple[Moment, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def peak(self) -> Moment | None:
+        """The moment at which the step peaks (None when the terms come from simulate)."""
+        return next((m for m in self.moments if m.name == self.moment), None)
 
     @property
     def allocated_bytes(self) -> int:
@@ -100,131 +126,244 @@ class Estimate:
         }
 
 
-_TERM = {t.value: t for t in Term}
+# ---- the pieces every moment shares ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Static:
+    """What does not depend on batch or sequence length (cached per model and shape-free plan)."""
+
+    terms: Mapping[Term, int]   # weights, quant state, other params, adapters, optimizer state
+    total: int                  # their sum
+    gradients: int              # every gradient, alive after backward
+    paged: int                  # paged optimizer state in managed memory (CUDA)
+    scratch: int                # the optimizer step's temporaries
 
 
-def _moment(static: dict[Term, int], **extra: int) -> dict[Term, int]:
-    out = dict(static)
-    for k, v in extra.items():
-        t = _TERM[k]
-        out[t] += v
-    return out
+@shape_free_cache()
+def static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Static:
+    """The terms of `plan` that do not depend on its shape (cached per model and shape-free plan)."""
+    rnd = 512 if cuda else 1
+    opt_dev, paged = F.optimizer_state_bytes(model, plan, rnd, cuda=cuda)
+    terms = dict.fromkeys(ALLOCATED_TERMS, 0)
+    terms[Term.BASE_WEIGHTS] = F.base_weights_bytes(model, plan, rnd)
+    terms[Term.QUANT_STATE] = F.quant_state_bytes(model, plan, rnd)
+    terms[Term.OTHER_PARAMS] = F.other_params_bytes(model, plan, rnd)
+    terms[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
+    terms[Term.OPTIMIZER_STATE] = opt_dev
+    return Static(terms, sum(terms.values()), F.gradient_bytes(model, plan, rnd), paged,
+                  F.optimizer_scratch_bytes(model, plan, rnd, cuda))
 
 
-def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
-    """The estimate for a resolved model and plan (the pure core behind `estimate`)."""
-    cuda = plan.device == "cuda"
-    r = (lambda n: round_up(n, 512) if n else 0) if cuda else (lambda n: n)  # noqa: E731
+class Step(NamedTuple):
+    """One step's shared quantities: the static part, the activation profile and the small tensors
+    that every moment after the forward keeps (position ids, the loss and its gradient seed)."""
+
+    model: ModelSpec
+    plan: TrainPlan
+    static: Static
+    ap: ActivationProfile
+    r: Callable[[int], int]     # allocation rounding: 512 B on CUDA, none on the CPU
+    tokens: int                 # T = batch x sequence
+    ga_grads: int               # gradients kept across micro-batches (gradient accumulation)
+    layers_saved: int           # every layer's saved set (checkpointing: each layer's input)
+    model_saved: int            # rotary cos/sin, the final norm's saved tensors, lm_head's autocast copy
+    pos_ids: int                # position ids: an argument every checkpointed layer keeps
+    small: int                  # the loss and its gradient seed
+
+    def moment(self, name: str, kind: str, phase: str, description: str, layer: int | None = None, *,
+               gradients: int = 0, activations: int = 0, logits: int = 0, temporaries: int = 0) -> Moment:
+        """A moment: the static terms plus what is alive then (the allocated terms only)."""
+        st = self.static
+        t = dict(st.terms)
+        t[_GRADIENTS] = gradients
+        t[_ACTIVATIONS] = activations
+        t[_LOGITS] = logits
+        t[_TEMPORARIES] = temporaries
+        return Moment(name, kind, phase, t, st.total + gradients + activations + logits + temporaries,
+                      description, layer)
+
+    def below(self, i: int) -> int:
+        """Activations of the layers below layer i kept while layer i runs its backward."""
+        ap = self.ap
+        if self.plan.gradient_checkpointing:
+            return i * ap.layer_input_bytes
+        return ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+
+    def grads_above(self, i: int) -> int:
+        """Gradients alive when layer i's backward starts: those of the layers above it (or all of
+        them, kept from the previous micro-batch, with gradient accumulation)."""
+        L = self.model.num_layers
+        return self.static.gradients if self.ga_grads else self.static.gradients // L * (L - 1 - i)
+
+
+def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
+    static = static_part(model, plan, cuda)
+    ap = activation_profile(model, plan, cpu=not cuda)
+    r = _round512 if cuda else int
+    L, gc = model.num_layers, plan.gradient_checkpointing
+    layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes
+    return Step(model=model, plan=plan, static=static, ap=ap, r=r, tokens=plan.batch_size * plan.seq_len,
+                ga_grads=static.gradients if plan.gradient_accumulation_steps > 1 else 0,
+                layers_saved=layers_saved, model_saved=ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,
+                pos_ids=r(8 * plan.seq_len) if gc else 0, small=2 * r(4))
+
+
+def _round512(n: int) -> int:
+    """The CUDA caching allocator's granularity: every tensor is rounded up to 512 B."""
+    return -(-n // 512) * 512
+
+
+_allocated = attrgetter("allocated_bytes")
+_GRADIENTS, _ACTIVATIONS, _LOGITS, _TEMPORARIES = Term.GRADIENTS, Term.ACTIVATIONS, Term.LOGITS, Term.TEMPORARIES
+_FORWARD, _LOSS, _BACKWARD, _OPTIMIZER = (p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, Phase.OPTIMIZER))
+
+
+# ---- the moments, one function each, in step order ---------------------------------------------------
+
+def forward_moment(s: Step) -> Moment:
+    """No checkpointing: the last layer's forward, every earlier layer's saved set alive."""
+    ap, L = s.ap, s.model.num_layers
+    earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
+    return s.moment("forward", "forward", _FORWARD,
+                    f"the forward of the last layer ({L - 1}), every earlier layer's activations saved", L - 1,
+                    gradients=s.ga_grads, activations=earlier + ap.rope_bytes + ap.forward_peak)
+
+
+def _softcap_bytes(s: Step) -> int:
+    """Gemma-2 final soft-capping: logits / cap -> tanh (its output saved) -> * cap."""
+    return s.r(s.ap.logits_dt * s.tokens * s.model.vocab_size) if s.model.final_logit_softcapping else 0
+
+
+def loss_forward_moment(s: Step) -> Moment:
+    """The loss forward: 16-bit logits, their fp32 copy and the log-softmax over [tokens x vocab], with
+    every saved activation, autocast's cache of 16-bit LoRA weight copies and the final norm's output
+    (loss/loss_utils.py ForCausalLMLoss)."""
+    ap, r, p, T = s.ap, s.r, s.plan, s.tokens
+    tv = T * s.model.vocab_size
+    fp32_copy = r(4 * tv) if ap.logits_dt != 4 else 0
+    logits = r(ap.logits_dt * tv) + fp32_copy + r(4 * tv) + _softcap_bytes(s)
+    labels = r(8 * p.batch_size * (p.seq_len + 1))  # labels padded by one (-100) for the shift
+    copies = ap.lora_weight_copies - (0 if p.gradient_checkpointing else ap.saved_copies)
+    acts = (s.layers_saved + s.model_saved + copies + r(T * s.model.hidden_size * ap.stream_dt) + labels
+            + s.pos_ids + s.small)
+    return s.moment("loss:forward", "loss_forward", _LOSS,
+                    "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]",
+                    gradients=s.ga_grads, activations=acts, logits=logits)
+
+
+def loss_backward_moment(s: Step) -> Moment:
+    """The start of backward: log-softmax output + its gradient + the logits' gradient (12 T V B)."""
+    tv = s.tokens * s.model.vocab_size
+    return s.moment("loss:backward", "loss_backward", _BACKWARD,
+                    "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)",
+                    gradients=s.ga_grads, activations=s.layers_saved + s.model_saved + s.pos_ids + s.small,
+                    logits=3 * s.r(4 * tv) + _softcap_bytes(s))
+
+
+def _layer_fixed(s: Step, i: int) -> int:
+    """Activations alive during layer i's backward besides its own: the layers below, cos/sin, ids."""
+    own_input = 0 if not s.plan.gradient_checkpointing or s.ap.input_in_saved else s.ap.layer_input_bytes
+    return s.below(i) + s.ap.rope_bytes + s.pos_ids + s.small + own_input
+
+
+def recompute_moment(s: Step, i: int) -> Moment:
+    """Checkpointing: layer i recomputed up to its last saved tensor (torch's non-reentrant early stop),
+    with the checkpoint inputs below it, the gradients of the layers above and the [T x H] gradients
+    in flight (activations.inflight_bytes_per_element)."""
+    return s.moment(f"recompute:{i}", "recompute", _BACKWARD,
+                    f"recomputing checkpointed layer {i} of {s.model.num_layers} during backward", i,
+                    gradients=s.grads_above(i), activations=_layer_fixed(s, i) + s.ap.recompute_peak,
+                    temporaries=s.ap.recompute_inflight)
+
+
+def layer_backward_moment(s: Step, i: int) -> Moment:
+    """Layer i's MLP backward: the down projection's saved tensors released, the [T x H] output
+    gradient and three [T x I] gradients in flight, down_proj's LoRA gradients just made."""
+    ap, r, p, m, T = s.ap, s.r, s.plan, s.model, s.tokens
+    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    down_grads = (r(4 * p.lora_r * m.intermediate_size) + r(4 * m.hidden_size * p.lora_r)) if p.method != "full" else 0
+    return s.moment(f"backward:{i}", "layer_backward", _BACKWARD,
+                    f"the MLP backward of layer {i} of {m.num_layers}: [tokens x intermediate] gradients in flight", i,
+                    gradients=s.grads_above(i) + down_grads,
+                    activations=_layer_fixed(s, i) + saved_i - ap.down_saved,
+                    temporaries=r(T * m.hidden_size * ap.stream_dt) + 3 * r(T * m.intermediate_size * ap.prod_dt))
+
+
+def optimizer_moment(s: Step) -> Moment:
+    """optimizer.step(): every gradient plus the optimizer's scratch."""
+    return s.moment("optimizer", "optimizer", _OPTIMIZER,
+                    "the optimizer step: every gradient plus the optimizer's state and scratch",
+                    gradients=s.static.gradients, temporaries=s.static.scratch)
+
+
+def moments(s: Step) -> tuple[Moment, ...]:
+    """Every candidate peak, in step order. Per-layer sizes are equal, so layers are checked at the
+    extremes: with checkpointing the last layer (every checkpoint below it) and the first (every
+    gradient above it) bound the rest; without, the last layer (every other saved set below it)."""
+    gc = s.plan.gradient_checkpointing
+    out = [] if gc else [forward_moment(s)]
+    out += [loss_forward_moment(s), loss_backward_moment(s)]
+    for i in dict.fromkeys((s.model.num_layers - 1, 0) if gc else (s.model.num_layers - 1,)):
+        if gc:
+            out.append(recompute_moment(s, i))
+        out.append(layer_backward_moment(s, i))
+    out.append(optimizer_moment(s))
+    return tuple(out)
+
+
+# ---- the estimate ----------------------------------------------------------------------------------
+
+def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]:
+    """What the HF stack would refuse or change before a step runs: the plan actually run, and notes."""
     notes: list[str] = []
-    T, V, H, L = plan.tokens, model.vocab_size, model.hidden_size, model.num_layers
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
         leaves = set(model.linear_leaves)
         unknown = [t for t in plan.target_modules
                    if t not in leaves and all(lin.name != t for lin in model.layer_linears)]
         if unknown and len(unknown) == len(plan.target_modules):  # peft raises when nothing matches
-            from .errors import InvalidSpecError
-
             raise InvalidSpecError("plan", [
                 f"--target-modules {','.join(unknown)}: no such Linear in {model.name} (peft would raise); "
                 f"its Linears are {','.join(sorted(leaves))}, or use all-linear"])
         if unknown:
             notes.append(f"--target-modules {','.join(unknown)} match no Linear in {model.name} (peft ignores them)")
     if model.is_moe:
-        from .errors import UnsupportedArchitectureError
-
         # transformers 5 fuses the experts into 3-D tensors that peft wraps (ParamWrapper, which merges
         # a per-expert LoRA delta in every forward) and routes tokens data-dependently: not closed-form.
         raise UnsupportedArchitectureError(
             f"the closed form does not cover mixture-of-experts models ({model.model_type}: fused experts "
             f"wrapped by peft, data-dependent routing); run `memplan simulate {model.name}` for an exact trace "
             "(peft 0.21 also needs --lora-dropout 0 to wrap the fused experts)")
-
-    if model.model_type == "gemma2" and plan.attn_implementation == "sdpa":
-        # transformers 5.24 has no SDPA for gemma2 (attention soft-capping): from_pretrained picks eager
+    if not model.arch.sdpa and plan.attn_implementation == "sdpa":
         plan = plan.replace(attn_implementation="eager")
-        notes.append("gemma2 has no SDPA attention in transformers 5.24 (soft-capping): estimated with eager, "
-                     "which from_pretrained picks; pass --attn-implementation flash_attention_2 if you use it")
-    key = plan.replace(batch_size=1, seq_len=1, gradient_accumulation_steps=1)  # shape-free plan
-    static_items, grads, paged, scratch = _static_part(model, key, cuda)
-    static = dict(static_items)
-    ga_grads = grads if plan.gradient_accumulation_steps > 1 else 0
+        notes.append(f"{model.model_type} has no SDPA attention in transformers 5.24 (soft-capping): estimated "
+                     "with eager, which from_pretrained picks; pass --attn-implementation flash_attention_2 if "
+                     "you use it")
+    return plan, notes
 
-    ap = activation_profile(model, plan, cpu=not cuda, key=key)
-    moments: dict[str, dict[Term, int]] = {}
-    gc = plan.gradient_checkpointing
-    if gc:
-        layers_saved = L * ap.layer_input_bytes
-    else:
-        layers_saved = ap.first_layer_bytes + (L - 1) * ap.layer_bytes
-    model_saved = ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes
-    labels = r(8 * plan.batch_size * (plan.seq_len + 1))  # labels padded by one (-100) for the shift
-    pos_ids = r(8 * plan.seq_len) if gc else 0  # position ids, an argument every checkpointed layer keeps
-    small = 2 * r(4)  # the loss and its gradient seed
 
-    # ---- loss stage ---------------------------------------------------------------------------
-    tv = T * V
-    fp32_copy = r(4 * tv) if ap.logits_dt != 4 else 0
-    # Gemma-2 final soft-capping: logits / cap -> tanh (its output saved) -> * cap
-    softcap = r(ap.logits_dt * tv) if model.final_logit_softcapping else 0
-    loss_fwd_logits = r(ap.logits_dt * tv) + fp32_copy + r(4 * tv) + softcap
-    loss_fwd = _moment(static, gradients=ga_grads,
-                       activations=layers_saved + model_saved + (ap.lora_weight_copies - (0 if gc else ap.saved_copies))
-                       + r(T * H * ap.stream_dt) + labels + pos_ids + small,
-                       logits=loss_fwd_logits)
-    loss_bwd = _moment(static, gradients=ga_grads, activations=layers_saved + model_saved + pos_ids + small,
-                       logits=3 * r(4 * tv) + softcap)
-
-    # ---- layer windows -----------------------------------------------------------------------------
-    # Per layer i: its forward (no checkpointing: every earlier layer's saved set plus this layer's
-    # live peak); its recompute under checkpointing (live bytes when its last tensor is saved: torch
-    # stops recomputing there); and its MLP backward, when the down projection's saved tensors are
-    # gone and three [T x I] gradients are in flight.
-    per_layer_grads = grads // L
-    g_res = r(T * H * ap.stream_dt)
-    I = model.intermediate_size
-    down_grads = (r(4 * plan.lora_r * I) + r(4 * H * plan.lora_r)) if plan.method != "full" else 0
-    # NB: the [T x H] gradients in flight while a layer recomputes are measured (see _inflight_bytes)
-    recompute_inflight = r(T * H * _inflight_bytes(ap.stream_dt, bool(plan.autocast), plan.method))
-    if not gc:
-        moments["forward"] = _moment(static, gradients=ga_grads, activations=(
-            ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0) + ap.rope_bytes + ap.forward_peak)
-    for i in ((L - 1, 0) if gc else (L - 1,)):
-        saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-        if gc:
-            below = i * ap.layer_input_bytes
-            own_input = 0 if ap.input_in_saved else ap.layer_input_bytes
-        else:
-            below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
-            own_input = 0
-        grads_i = grads if ga_grads else per_layer_grads * (L - 1 - i)
-        fixed = below + ap.rope_bytes + pos_ids + small
-        if gc:
-            moments[f"recompute:{i}"] = _moment(static, gradients=grads_i,
-                                                activations=fixed + own_input + ap.recompute_peak,
-                                                temporaries=recompute_inflight)
-        moments[f"backward:{i}"] = _moment(
-            static, gradients=grads_i + down_grads,
-            activations=fixed + own_input + saved_i - ap.down_saved,
-            temporaries=g_res + 3 * r(T * I * ap.prod_dt))
-
-    # ---- optimizer step -------------------------------------------------------------------------
-    opt = _moment(static, gradients=grads, temporaries=scratch)
-
-    moments.update({"loss:forward": loss_fwd, "loss:backward": loss_bwd, "optimizer": opt})
-    totals = {k: sum(v[t] for t in ALLOCATED_TERMS) for k, v in moments.items()}
-    moment = max(totals, key=totals.get)
-    terms = dict(moments[moment])
-    phase = _PHASE[moment.split(":")[0]] if moment != "loss:forward" else "loss"
-    notes.append(f"peak: {_describe(moment, L)}")
-
+def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
+    """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
+    the step, the peak is the largest."""
+    plan, notes = check_plan(model, plan)
+    cuda = plan.device == "cuda"
+    step = make_step(model, plan, cuda)
+    ms = moments(step)
+    peak = max(ms, key=_allocated)  # the first in step order on a tie
+    terms = {**peak.terms, Term.WORKSPACE: 0, Term.ALLOCATOR_OVERHEAD: 0, Term.CUDA_CONTEXT: 0}
+    notes.append(f"peak: {peak.description}")
+    paged = 0
     if cuda:
-        _add_cuda_overheads(terms, gpu)
-        totals = {k: v + terms[Term.WORKSPACE] for k, v in totals.items()}
+        cuda_overheads(terms, gpu)
+        ws = terms[Term.WORKSPACE]
+        totals = {m.name: m.allocated_bytes + ws for m in ms}
         if gpu is None:
             notes.append("no --gpu given: CUDA context, workspace and allocator overhead use generic defaults")
+        paged = step.static.paged
         if paged:
             notes.append("paged optimizer: state of tensors with >= 100,000 elements lives in CUDA managed memory "
                          "(paged_bytes), outside torch's allocator; NVML counts it when resident")
+    else:
+        totals = {m.name: m.allocated_bytes for m in ms}
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
     if model.max_position_embeddings and plan.seq_len > model.max_position_embeddings:
@@ -233,80 +372,20 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     if gpu is not None and plan.mixed_precision == "bf16" and not gpu.bf16:
         notes.append(f"{gpu.name} has no bf16 support (compute capability {gpu.compute_capability}); "
                      "use --mixed-precision fp16 --compute-dtype fp16 --dtype fp16")
-    return Estimate(model=model, plan=plan, terms=terms, peak_phase=phase, paged_bytes=paged if cuda else 0,
-                    gpu=gpu, notes=tuple(notes), phase_peaks=totals, moment=moment, moments=moments)
+    return Estimate(model=model, plan=plan, terms=terms, peak_phase=peak.phase, paged_bytes=paged, gpu=gpu,
+                    notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=ms)
 
 
-@lru_cache(maxsize=4096)
-def _static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[tuple[tuple[Term, int], ...], int, int, int]:
-    """Terms that do not depend on batch or sequence length: (static terms, gradients, paged, scratch)."""
-    rnd = 512 if cuda else 1
-    opt_dev, paged = F.optimizer_state_bytes(model, plan, rnd, cuda=cuda)
-    static = {t: 0 for t in Term}
-    static[Term.BASE_WEIGHTS] = F.base_weights_bytes(model, plan, rnd)
-    static[Term.QUANT_STATE] = F.quant_state_bytes(model, plan, rnd)
-    static[Term.OTHER_PARAMS] = F.other_params_bytes(model, plan, rnd)
-    static[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
-    static[Term.OPTIMIZER_STATE] = opt_dev
-    grads = F.gradient_bytes(model, plan, rnd)
-    return tuple(static.items()), grads, paged, _optimizer_scratch(model, plan, cuda, rnd)
-
-
-def _inflight_bytes(stream_dt: int, autocast: bool, method: str) -> int:
-    """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
-
-    NB: measured on CPU steps (tracker), not derived: the accumulated gradient of the layer's output
-    plus the partial gradients of the layer above still in the engine's buffers, whose dtypes
-    follow the regime. fp32 stream: fp32 + 16-bit. 16-bit stream: two 16-bit under autocast;
-    16-bit + fp32 for QLoRA without autocast; two 16-bit + fp32 for LoRA without autocast.
-    """
-    if stream_dt == 4:
-        return 6
-    if autocast:
-        return 4
-    return 6 if method == "qlora" else 8
-
-
-def _add_cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None) -> None:
-    """Workspace, allocator overhead and CUDA context, from the GPU's calibrated overheads."""
-    g = gpu or GPUSpec(name="generic", memory_bytes=0)  # GPUSpec's defaults when no GPU is named
+def cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None) -> None:
+    """Workspace, allocator overhead and CUDA context, from the GPU's calibrated overheads (in place)."""
+    g = gpu or GENERIC_GPU
     terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
     terms[Term.ALLOCATOR_OVERHEAD] = int(sum(terms[t] for t in ALLOCATED_TERMS) * g.reserve_ratio)
     terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
 
 
-_PHASE = {"forward": "forward", "loss": "backward", "recompute": "backward", "backward": "backward",
-          "optimizer": "optimizer"}
-
-
-def _describe(moment: str, layers: int) -> str:
-    """A reader's description of the peak moment."""
-    kind, _, idx = moment.partition(":")
-    if moment == "loss:forward":
-        return "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]"
-    if moment == "loss:backward":
-        return "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"
-    if kind == "recompute":
-        return f"recomputing checkpointed layer {idx} of {layers} during backward"
-    if kind == "backward":
-        return f"the MLP backward of layer {idx} of {layers}: [tokens x intermediate] gradients in flight"
-    if kind == "forward":
-        return f"the forward of the last layer ({layers - 1}), every earlier layer's activations saved"
-    return "the optimizer step: every gradient plus the optimizer's state and scratch"
-
-
-def _optimizer_scratch(model: ModelSpec, plan: TrainPlan, cuda: bool, rnd: int) -> int:
-    """Transient buffers during optimizer.step()."""
-    spec = OPTIMIZERS[plan.optim]
-    groups = F._trainable_groups(model, plan)
-    if not groups:
-        return 0
-    if spec.impl == "foreach" and cuda and spec.states:
-        return sum(k * round_up(r * c * dt, rnd) for (r, c), dt, k in groups)  # one temporary per tensor
-    sizes = [r * c * dt for (r, c), dt, _ in groups]
-    if spec.impl == "fused" or spec.bits == 8 and cuda:
-        return 0
-    return max(sizes)  # single-tensor loop: the denominator of one tensor at a time
+#: GPUSpec's default overheads, for a CUDA estimate without a named GPU
+GENERIC_GPU = GPUSpec(name="generic", memory_bytes=0)
 
 
 def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu: str | GPUSpec | None = None,
@@ -356,6 +435,6 @@ def from_simulation(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = Non
     notes = [f"closed form unavailable ({reason.split(';')[0]}): terms are an exact `memplan simulate` trace",
              *res.notes]
     if plan.device == "cuda":
-        _add_cuda_overheads(terms, gpu)
+        cuda_overheads(terms, gpu)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=res.peak_phase, paged_bytes=res.paged_bytes,
                     gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate")

@@ -24,10 +24,6 @@ def _r(n: int, rnd: int) -> int:
     return round_up(n, rnd) if rnd > 1 and n else n
 
 
-def _dt(name: str) -> int:
-    return 4 if name == "fp32" else 2
-
-
 def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     """Stored base Linear weights: packed 4-bit ceil(n/2) B, int8 n B, or the 16/32-bit weight.
 
@@ -40,7 +36,7 @@ def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
         if plan.method == "qlora":
             n = lin.numel if plan.quant == "int8" else ceil(lin.numel / 2)
         else:
-            n = lin.numel * (4 if plan.prepare else _dt(plan.dtype))
+            n = lin.numel * plan.precision.params
         per_layer += _r(n, rnd)
     return per_layer * model.num_layers
 
@@ -75,7 +71,7 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not Params4bit to fp32.
     For LoRA/full the Linear weights themselves are `base_weights`, not counted here.
     """
-    dt = 4 if plan.prepare else _dt(plan.dtype)
+    dt = plan.precision.params
     H, L = model.hidden_size, model.num_layers
     tensors = [model.embedding_params]
     if not model.tie_word_embeddings:
@@ -89,8 +85,8 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     total = sum(_r(n * dt, rnd) for n in tensors) + L * sum(_r(n * dt, rnd) for n in per_layer)
     buffers = [model.head_dim // 2] * (model.rotary_buffer_elements // (model.head_dim // 2))
     total += sum(_r(4 * n, rnd) for n in buffers)  # rotary inv_freq buffers stay fp32
-    if model.family == "gemma":
-        total += _r(_dt(plan.dtype), rnd)  # embed_scale: a load-dtype buffer, which prepare does not touch
+    if model.arch.embed_scale:
+        total += _r(plan.precision.load, rnd)  # embed_scale: a load-dtype buffer, which prepare does not touch
     return total
 
 
@@ -124,8 +120,8 @@ def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int
     """((rows, cols), dtype bytes, count) of the trainable parameters, grouped per layer."""
     L = model.num_layers
     if plan.method in ("qlora", "lora"):
-        return [(shape, 4, L) for shape in lora_shapes(model, plan)]
-    dt = 4 if plan.prepare else _dt(plan.dtype)
+        return [(shape, plan.precision.adapter, L) for shape in lora_shapes(model, plan)]
+    dt = plan.precision.params
     per_layer = [(l.out_features, l.in_features) for l in model.layer_linears]
     per_layer += [(l.out_features, 1) for l in model.layer_linears if l.bias]
     per_layer += [(n, 1) for _, n in model.layer_norms]
@@ -188,3 +184,21 @@ def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda:
     if spec.bits == 8 and any(r * c >= MIN_8BIT_SIZE for (r, c), _, _ in groups):
         dev += spec.states * _r(256 * 4, rnd)  # the shared dynamic quantization maps (qmap1/qmap2)
     return dev, paged
+
+
+def optimizer_scratch_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda: bool = True) -> int:
+    """Transient buffers during optimizer.step() (the `temporaries` of the optimizer moment).
+
+    torch foreach on CUDA: one temporary per state-holding tensor (torch/optim/adamw.py
+    `_multi_tensor_adamw`); fused and bitsandbytes 8-bit on CUDA: none; the single-tensor loop (CPU,
+    bitsandbytes 32-bit/CPU kernels): the largest tensor's denominator, one at a time.
+    """
+    spec = OPTIMIZERS[plan.optim]
+    groups = _trainable_groups(model, plan)
+    if not groups:
+        return 0
+    if spec.impl == "foreach" and cuda and spec.states:
+        return sum(k * _r(r * c * dt, rnd) for (r, c), dt, k in groups)
+    if spec.impl == "fused" or spec.bits == 8 and cuda:
+        return 0
+    return max(r * c * dt for (r, c), dt, _ in groups)

@@ -7,6 +7,11 @@ from typing import Any, Mapping
 
 from .units import MiB
 
+#: Overheads of a GPU whose profile does not give them (literature values; profiles/gpus/README).
+DEFAULT_CUDA_CONTEXT_BYTES = 500 * MiB
+DEFAULT_WORKSPACE_BYTES = 8 * MiB
+DEFAULT_RESERVE_RATIO = 0.03
+
 
 @dataclass(frozen=True)
 class GPUSpec:
@@ -18,9 +23,9 @@ class GPUSpec:
     compute_capability: str = ""
     bf16: bool = True
     architecture: str = ""
-    cuda_context_bytes: int = 500 * MiB
-    workspace_bytes: int = 8 * MiB
-    reserve_ratio: float = 0.03
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    reserve_ratio: float = DEFAULT_RESERVE_RATIO
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -31,9 +36,9 @@ class GPUSpec:
             aliases=tuple(d.get("aliases", ())), nvml_names=tuple(d.get("nvml_names", ())),
             compute_capability=str(d.get("compute_capability", "")), bf16=bool(d.get("bf16", True)),
             architecture=d.get("architecture", ""),
-            cuda_context_bytes=int(o.get("cuda_context_bytes", 500 * MiB)),
-            workspace_bytes=int(o.get("workspace_bytes", 8 * MiB)),
-            reserve_ratio=float(o.get("reserve_ratio", 0.03)),
+            cuda_context_bytes=int(o.get("cuda_context_bytes", DEFAULT_CUDA_CONTEXT_BYTES)),
+            workspace_bytes=int(o.get("workspace_bytes", DEFAULT_WORKSPACE_BYTES)),
+            reserve_ratio=float(o.get("reserve_ratio", DEFAULT_RESERVE_RATIO)),
             sources={k: v for k, v in {**d, **o}.items() if k.endswith("_source")},
         )
 

@@ -7,24 +7,13 @@ importing transformers. Shapes follow transformers 5.24's modeling files for eac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .errors import InvalidSpecError, UnsupportedArchitectureError
+from .arch import SUPPORTED, Arch, arch_of
+from .errors import InvalidSpecError
 
-#: model_type -> family. A family decides module names, norms and MLP kind.
-FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma": "gemma",
-    "gemma2": "gemma",
-    "gemma3_text": "gemma",
-    "phi3": "phi3",
-    "mixtral": "moe",
-}
-SUPPORTED = tuple(FAMILIES)
+__all__ = ["Linear", "ModelSpec", "model_from_config", "SUPPORTED"]
 
 
 @dataclass(frozen=True)
@@ -70,11 +59,24 @@ class ModelSpec:
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     attn_logit_softcapping: float | None = None
+    #: the architecture table's row (memplan/arch.py): every per-family fact
+    arch: Arch | None = None
+    #: rotary embedding modules (gemma3: one per attention type in `layer_types`), read from the
+    #: config at construction: no derived value reads `config` (excluded from equality) later
+    rotary_modules: int = 1
+
+    def __post_init__(self) -> None:
+        if self.arch is None:
+            object.__setattr__(self, "arch", arch_of(self.model_type))
+
+    def __hash__(self) -> int:  # specs key the estimator's caches: hash the fields once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     # ---- derived sizes -------------------------------------------------------------------------
-    @property
-    def family(self) -> str:
-        return FAMILIES[self.model_type]
 
     @property
     def q_dim(self) -> int:
@@ -86,7 +88,7 @@ class ModelSpec:
 
     @property
     def is_moe(self) -> bool:
-        return self.num_experts > 0
+        return self.arch.is_moe
 
     @property
     def expert_params_per_layer(self) -> int:
@@ -128,18 +130,7 @@ class ModelSpec:
     @property
     def rotary_buffer_elements(self) -> int:
         """fp32 buffers of the rotary embedding(s): inv_freq and original_inv_freq, head_dim/2 each."""
-        n_rotary = 1
-        if self.model_type == "gemma3_text":  # one rotary module per attention type present
-            types = self.config.get("layer_types") or [
-                "full_attention" if (i + 1) % int(self.config.get("sliding_window_pattern", 6)) == 0
-                else "sliding_attention" for i in range(self.num_layers)]
-            n_rotary = len(set(types))
-        return n_rotary * 2 * (self.head_dim // 2)
-
-    @property
-    def buffer_bytes(self) -> int:
-        """Non-parameter buffers (fp32): rotary frequencies, Gemma's embed_scale."""
-        return 4 * (self.rotary_buffer_elements + (1 if self.family == "gemma" else 0))
+        return self.rotary_modules * 2 * (self.head_dim // 2)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.hub_id or self.name, "architecture": self.architecture, "params": self.params}
@@ -164,11 +155,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     cfg = dict(config)
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper: the text tower trains
         cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
-    model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
-        raise UnsupportedArchitectureError(
-            f"the closed-form estimator does not cover model_type {model_type!r} "
-            f"(supported: {', '.join(SUPPORTED)}); use `memplan simulate` for any architecture transformers knows")
+    arch = arch_of(cfg.get("model_type"))
+    model_type = arch.model_type
     problems: list[str] = []
     H = _int(cfg, "hidden_size", problems)
     L = _int(cfg, "num_hidden_layers", problems)
@@ -181,42 +169,45 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if not isinstance(hd, int) or hd <= 0:
         problems.append(f"config head_dim must be a positive integer, got {hd!r}")
         hd = 1
+    E = k = 0
+    if arch.moe is not None:
+        E = _int(cfg, arch.moe.experts_key, problems)
+        k = _int(cfg, arch.moe.top_k_key, problems)
     if problems:
         raise InvalidSpecError("model config", problems)
-    family = FAMILIES[model_type]
-    tied_default = family == "gemma"
-    tied = bool(cfg.get("tie_word_embeddings", tied_default))
+    tied = bool(cfg.get("tie_word_embeddings", arch.tied_default))
     qd, kvd = nh * hd, nkv * hd
     attn_bias = bool(cfg.get("attention_bias", False))
     mlp_bias = bool(cfg.get("mlp_bias", False))
-    linears: list[Linear]
-    if family == "phi3":
-        linears = [Linear("self_attn.qkv_proj", qd + 2 * kvd, H, attn_bias),
-                   Linear("self_attn.o_proj", H, qd, attn_bias),
-                   Linear("mlp.gate_up_proj", 2 * I, H, False, "mlp"),
-                   Linear("mlp.down_proj", H, I, False, "mlp")]
+    qkv_bias = attn_bias if arch.qkv_bias is None else arch.qkv_bias
+    o_bias = attn_bias if arch.o_bias is None else arch.o_bias
+    if arch.fused_qkv:
+        linears = [Linear("self_attn.qkv_proj", qd + 2 * kvd, H, qkv_bias)]
     else:
-        qkv_bias = True if model_type == "qwen2" else attn_bias
-        o_bias = False if model_type == "qwen2" else attn_bias
         linears = [Linear("self_attn.q_proj", qd, H, qkv_bias),
                    Linear("self_attn.k_proj", kvd, H, qkv_bias),
-                   Linear("self_attn.v_proj", kvd, H, qkv_bias),
-                   Linear("self_attn.o_proj", H, qd, o_bias)]
-        if family != "moe":
-            linears += [Linear("mlp.gate_proj", I, H, mlp_bias, "mlp"),
-                        Linear("mlp.up_proj", I, H, mlp_bias, "mlp"),
-                        Linear("mlp.down_proj", H, I, mlp_bias, "mlp")]
+                   Linear("self_attn.v_proj", kvd, H, qkv_bias)]
+    linears.append(Linear("self_attn.o_proj", H, qd, o_bias))
+    if arch.moe is None:
+        if arch.fused_gate_up:
+            linears.append(Linear("mlp.gate_up_proj", 2 * I, H, mlp_bias, "mlp"))
+        else:
+            linears += [Linear("mlp.gate_proj", I, H, mlp_bias, "mlp"), Linear("mlp.up_proj", I, H, mlp_bias, "mlp")]
+        linears.append(Linear("mlp.down_proj", H, I, mlp_bias, "mlp"))
     norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
-    if model_type in ("gemma2", "gemma3_text"):
+    if arch.sandwich_norms:
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
-    if model_type in ("qwen3", "gemma3_text"):
+    if arch.qk_norm:
         norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
-    E = k = 0
-    if family == "moe":
-        E = _int(cfg, "num_local_experts", problems)
-        k = _int(cfg, "num_experts_per_tok", problems)
+    if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
         norms += [("mlp.gate.weight", E * H)]
+    rotary_modules = 1
+    if arch.rotary == "per_layer_type":  # one set of rotary buffers per attention type present
+        types = cfg.get("layer_types") or [
+            "full_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) == 0
+            else "sliding_attention" for i in range(L)]
+        rotary_modules = len(set(types))
     archs = cfg.get("architectures") or []
     return ModelSpec(
         name=name or hub_id or model_type,
@@ -228,7 +219,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
         layer_linears=tuple(linears), layer_norms=tuple(norms), num_experts=E, experts_per_token=k,
         hub_id=hub_id, aliases=tuple(aliases), source=source, config=dict(config),
-        final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
+        final_logit_softcapping=cfg.get("final_logit_softcapping", arch.final_logit_softcapping),
         sliding_window=cfg.get("sliding_window"),
-        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
+        arch=arch, rotary_modules=rotary_modules,
     )

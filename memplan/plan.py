@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from operator import attrgetter
 from typing import Any, Mapping
 
 from .errors import InvalidSpecError
@@ -27,6 +28,42 @@ def norm_dtype(value: Any) -> str:
     """'torch.bfloat16', torch.bfloat16, 'bfloat16', 'bf16' -> 'bf16' (unknown values pass through)."""
     s = str(value).strip().lower()
     return _DTYPE_ALIASES.get(s, s)
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a normalised dtype name (bf16, fp16, fp32)."""
+    return 4 if name == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of each class of tensor, resolved once from a plan (FACTS.md, dtypes).
+
+    params: every parameter that is neither 4-/8-bit nor a LoRA adapter, and the residual stream that
+      the embedding starts: fp32 after prepare_model_for_kbit_training (it upcasts every 16-bit
+      parameter that is not Params4bit), else the load dtype.
+    load: the load dtype (`dtype=`): the quant_state dtype, buffers that prepare does not touch.
+    compute: bnb_4bit_compute_dtype (the 4-bit layers' matmul dtype).
+    autocast: 2 under bf16/fp16 autocast (HF Trainer `bf16=True`/`fp16=True`), 0 without.
+    adapter: LoRA A/B, fp32 (get_peft_model(autocast_adapter_dtype=True) upcasts them).
+    logits: the lm_head output: the autocast dtype, else the (frozen) lm_head's dtype.
+    """
+
+    params: int
+    load: int
+    compute: int
+    autocast: int
+    adapter: int = 4
+
+    @property
+    def logits(self) -> int:
+        return self.autocast or self.params
+
+
+#: Non-shape fields of a plan (everything but batch_size, seq_len, gradient_accumulation_steps): their
+#: normalisation and validation are cached, so a sweep over shapes re-checks only three integers.
+_SHAPE_FIELDS = ("batch_size", "seq_len", "gradient_accumulation_steps")
+_CHECKED: dict[tuple[Any, ...], tuple[dict[str, Any], list[str]]] = {}
 
 
 @dataclass(frozen=True)
@@ -57,6 +94,33 @@ class TrainPlan:
     device: str = "cuda"
 
     def __post_init__(self) -> None:
+        given = _other_fields(self)
+        raw = given + tuple(map(type, given))  # 16.0 == 16 and 1 == True, but not the same input
+        try:
+            done = _CHECKED.get(raw)
+        except TypeError:  # an unhashable value (a list of target modules): no cache
+            done = raw = None
+        if done is None:
+            done = self._normalise(given)
+            if raw is not None and len(_CHECKED) < 4096:
+                _CHECKED[raw] = done
+        changes, problems, key, precision = done
+        for k, v in changes:
+            object.__setattr__(self, k, v)
+        #: the normalised non-shape fields: equal for plans that differ only in batch/seq/accumulation
+        object.__setattr__(self, "shape_free_key", key)
+        #: bytes per element of each class of tensor under this plan (see `Precision`)
+        object.__setattr__(self, "precision", precision)
+        b, s, g = self.batch_size, self.seq_len, self.gradient_accumulation_steps
+        if type(b) is not int or type(s) is not int or type(g) is not int or b < 1 or s < 1 or g < 1:
+            problems = (*problems, *self._shape_problems())
+        if problems:
+            raise InvalidSpecError("plan", list(problems))
+
+    def _normalise(self, given: tuple[Any, ...]) -> tuple[tuple[tuple[str, Any], ...], tuple[str, ...],
+                                                         tuple[Any, ...], Precision | None]:
+        """What `__post_init__` caches for the non-shape fields: the normalised values that differ
+        from the given ones, the problems, the shape-free key and the precision."""
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         method = str(self.method).lower()
         set_("method", method)
@@ -77,9 +141,23 @@ class TrainPlan:
             tm = tuple(tm)
         set_("target_modules", tm)
         set_("optim", str(self.optim).lower())
-        problems = self.problems()
-        if problems:
-            raise InvalidSpecError("plan", problems)
+        problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
+        key = _other_fields(self)
+        changes = tuple((k, v) for k, v, g in zip(_OTHER_FIELDS, key, given) if v is not g)
+        precision = None
+        if not problems:
+            params = 4 if self.prepare else dtype_bytes(self.dtype)
+            precision = Precision(params=params, load=dtype_bytes(self.dtype),
+                                  compute=dtype_bytes(self.compute_dtype), autocast=2 if self.autocast else 0)
+        return changes, problems, key, precision
+
+    def _shape_problems(self) -> list[str]:
+        p = []
+        for flag, v in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
+                        ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                p.append(f"{flag} must be a positive integer, got {v!r}")
+        return p
 
     def problems(self) -> list[str]:
         """Every problem with this plan, in the words of the CLI flags."""
@@ -102,10 +180,7 @@ class TrainPlan:
             close = difflib.get_close_matches(self.optim, OPTIMIZERS, n=2)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             p.append(f"--optim {self.optim!r} is not a known optimizer{hint} (known: {', '.join(OPTIMIZERS)})")
-        for flag, v in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
-                        ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                p.append(f"{flag} must be a positive integer, got {v!r}")
+        p += self._shape_problems()
         if self.method in ("qlora", "lora"):
             if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
                 p.append(f"--lora-r must be a positive integer, got {self.lora_r!r}")
@@ -133,6 +208,13 @@ class TrainPlan:
     def replace(self, **changes: Any) -> "TrainPlan":
         return replace(self, **changes)
 
+    def __hash__(self) -> int:  # plans key the estimator's caches: hash the fields once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self.shape_free_key + (self.batch_size, self.seq_len, self.gradient_accumulation_steps))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
@@ -141,7 +223,13 @@ class TrainPlan:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return _FIELD_NAMES
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
+_OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
+_other_fields = attrgetter(*_OTHER_FIELDS)
+_SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")
 
 
 def plan_from(base: TrainPlan | None = None, *, bnb_config: Any = None, lora_config: Any = None,
@@ -165,7 +253,7 @@ def plan_from(base: TrainPlan | None = None, *, bnb_config: Any = None, lora_con
                                         for k in unknown])
     values.update({k: v for k, v in kwargs.items() if v is not None})
     if base is not None:
-        return replace(base, **values)
+        return replace(base, **values) if values else base
     return TrainPlan(**values)
 
 
@@ -230,3 +318,25 @@ def _from_training_args(args: Any) -> dict[str, Any]:
     if _get(args, "use_cpu", False):
         out["device"] = "cpu"
     return out
+
+
+def shape_free_cache(maxsize: int = 4096):
+    """Cache `fn(model, plan, flag)` by the model, the plan's non-shape fields and the flag: for
+    quantities that do not depend on batch size, sequence length or gradient accumulation (the
+    static terms, the symbolic layer walk), so a sweep over shapes computes them once."""
+    def wrap(fn):
+        cache: dict[tuple[Any, ...], Any] = {}
+
+        def cached(model: Any, plan: TrainPlan, flag: bool) -> Any:
+            k = (model, plan.shape_free_key, flag)
+            v = cache.get(k)
+            if v is None:
+                v = fn(model, plan, flag)
+                if len(cache) >= maxsize:
+                    cache.clear()
+                cache[k] = v
+            return v
+
+        cached.__doc__, cached.__name__, cached.cache = fn.__doc__, fn.__name__, cache
+        return cached
+    return wrap

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from ..estimate import Estimate
+from ..estimate import Estimate, Moment
 from ..gpu import GPUSpec
 from ..terms import ALLOCATED_TERMS, Term
 from ..units import GiB
@@ -366,45 +366,23 @@ def methods_chart(per_model: Mapping[str, Mapping[str, tuple[Mapping[Term, int],
 # ---------------------------------------------------------------------------------------------
 # memory over one step
 # ---------------------------------------------------------------------------------------------
-_FIXED_MOMENTS = {  # name -> (position in the step, label); old and new spellings of the estimator
-    "forward": (0, "forward\n(last layer)"),
-    "loss": (1, "loss\nforward"), "loss:forward": (1, "loss\nforward"),
-    "backward": (2, "loss\nbackward"), "loss:backward": (2, "loss\nbackward"),
-    "optimizer": (9, "optimizer\nstep"),
-}
+_MOMENT_LABELS = {"forward": "forward\n(last layer)", "loss_forward": "loss\nforward",
+                  "loss_backward": "loss\nbackward", "optimizer": "optimizer\nstep"}
 
 
-def moment_order(keys: Sequence[str]) -> list[str]:
-    """The estimator's moments in the order they happen in a step: forward, loss forward and backward,
-    each checkpointed layer's recompute and backward from the last layer down, the optimizer step;
-    names it does not know go just before the optimizer step, in their given order."""
-    def rank(item: tuple[int, str]) -> tuple[int, int, int, int]:
-        i, k = item
-        if k in _FIXED_MOMENTS:
-            return (_FIXED_MOMENTS[k][0], 0, 0, i)
-        head, _, idx = k.partition(":")
-        if idx.isdigit():
-            return (5, -int(idx), {"recompute": 0, "backward": 1}.get(head, 2), i)
-        return (8, 0, 0, i)
-    return [k for _, k in sorted(enumerate(keys), key=rank)]
-
-
-def moment_label(k: str, num_layers: int | None = None) -> str:
-    if k in _FIXED_MOMENTS:
-        return _FIXED_MOMENTS[k][1]
-    head, _, idx = k.partition(":")
-    if idx.isdigit():
-        which = f"layer {idx}" + (" (last)" if num_layers and idx == str(num_layers - 1) else
-                                  " (first)" if idx == "0" else "")
-        return f"{which}\n{head}"
-    return k.replace(":", "\n")
+def moment_label(m: Moment, num_layers: int) -> str:
+    """A two-line axis label for one of the estimator's moments."""
+    if m.layer is None or m.kind == "forward":
+        return _MOMENT_LABELS.get(m.kind, m.name)
+    which = f"layer {m.layer}" + (" (last)" if m.layer == num_layers - 1 else " (first)" if m.layer == 0 else "")
+    return f"{which}\n{'recompute' if m.kind == 'recompute' else 'backward'}"
 
 
 def timeline_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "estimator phase model") -> Figure:
     """Stacked bytes by term at each moment of one steady-state training step (GiB), the peak marked."""
     gpu = gpu or e.gpu
-    keys = moment_order(list(e.moments))
-    stacks = [e.moments[k] for k in keys]
+    keys = list(e.moments)  # in step order
+    stacks = [m.terms for m in keys]
     used = [t for t in ALLOCATED_TERMS if any(s.get(t, 0) for s in stacks)]
     fig = Figure(figsize=(max(8.0, 1.25 * len(keys) + 2.5), 5.6), layout="constrained")
     ax = fig.add_subplot()
@@ -424,7 +402,7 @@ def timeline_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "estim
     if gpu is not None:
         _gpu_lines(ax, [(gpu.name, _gib(gpu.memory_bytes))], ymax)
     ax.set_ylim(0, ymax)
-    ax.set_xticks(x, [moment_label(k, e.model.num_layers) for k in keys], fontsize=8.5)
+    ax.set_xticks(x, [moment_label(m, e.model.num_layers) for m in keys], fontsize=8.5)
     ax.set_xlabel("moments of one training step, in order (time runs left to right; not to scale)", fontsize=9)
     ax.set_ylabel("bytes allocated by torch (GiB)", fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)

@@ -59,3 +59,16 @@ def test_gpus_as_the_driver_reports_them():
     assert load_gpu("t4").bf16 is False and load_gpu("a10g").bf16 is True
     with pytest.raises(UnknownNameError, match="did you mean"):
         load_gpu("a100-80")
+
+
+def test_an_edited_local_config_is_read_again(tmp_path):
+    """Bug (issue 8): local config paths were cached for the process with no way to see an edit."""
+    cfg = json.loads((profiles_dir() / "models" / "tinyllama-1.1b.json").read_text())["config"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    first = load_model(str(tmp_path))
+    assert load_model(str(tmp_path)) is first  # unchanged: cached
+    # NB: a longer file, so the edit shows even within the file system's timestamp granularity
+    path.write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}, indent=2))
+    assert load_model(str(tmp_path)).num_layers == first.num_layers + 1
+    assert load_model(str(path)).num_layers == first.num_layers + 1

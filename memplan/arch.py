@@ -1,0 +1,100 @@
+"""The architecture table: every per-family fact the estimator needs, one row per `model_type`.
+
+A row says how transformers builds a family's decoder (which Linears, fused or not, which biases and
+norms, how the embedding is scaled, whether lm_head is tied by default, soft-capping defaults,
+attention kernels, rotary buffers, the mixture-of-experts layout) and names the transformers source
+it was read from. Nothing else in memplan asks for a `model_type`: `ModelSpec` carries its row
+(`spec.arch`) and the formulas, the layer walk and the estimator read the row's fields.
+
+Adding an architecture = one row here, one config in profiles/models, one case in
+tests/test_agreement_cpu.py (a real CPU step of a tiny random-init model of the family).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UnsupportedArchitectureError
+
+#: The transformers release the rows were read from (see formulas.MODELED_VERSIONS).
+_SRC = "transformers v5.24.0 src/transformers/models/{0}/modeling_{0}.py"
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Mixture-of-experts keys of a family's config and how transformers stores the experts.
+
+    transformers 5 fuses the experts into 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj`
+    [E, H, I]) and the router is not an `nn.Linear`: bitsandbytes leaves all of them 16-bit.
+    """
+
+    experts_key: str
+    top_k_key: str
+    fused_experts: bool = True
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One decoder family as transformers builds it.
+
+    qkv_bias / o_bias: None reads `attention_bias` from the config, True/False is hard-coded by the
+    modeling file. gemma_norm: RMSNorm computes `x * (1 + w.float())` in fp32 (the `1 + w` saved).
+    rotary: "single" (one rotary module) or "per_layer_type" (one per attention type present in
+    `layer_types`). sdpa: whether `from_pretrained` accepts `attn_implementation="sdpa"`.
+    sliding: where a sliding window comes from ("none", "config": `sliding_window` on every layer,
+    "layer_types": the layers typed sliding_attention).
+    """
+
+    model_type: str
+    source: str
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    gemma_norm: bool = False
+    embed_scale: bool = False
+    tied_default: bool = False
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    sdpa: bool = True
+    rotary: str = "single"
+    sliding: str = "none"
+    moe: MoELayout | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+
+ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
+    Arch("llama", _SRC.format("llama")),
+    Arch("mistral", _SRC.format("mistral"), qkv_bias=False, o_bias=False, sliding="config"),
+    # q/k/v carry a bias, o_proj does not (Qwen2Attention)
+    Arch("qwen2", _SRC.format("qwen2"), qkv_bias=True, o_bias=False, sliding="layer_types"),
+    Arch("qwen3", _SRC.format("qwen3"), qk_norm=True, sliding="layer_types"),
+    Arch("gemma", _SRC.format("gemma"), gemma_norm=True, embed_scale=True, tied_default=True),
+    # no SDPA in 5.24 (attention soft-capping): from_pretrained picks eager
+    Arch("gemma2", _SRC.format("gemma2"), sandwich_norms=True, gemma_norm=True, embed_scale=True,
+         tied_default=True, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sdpa=False,
+         sliding="layer_types"),
+    Arch("gemma3_text", _SRC.format("gemma3"), qk_norm=True, sandwich_norms=True, gemma_norm=True,
+         embed_scale=True, tied_default=True, rotary="per_layer_type", sliding="layer_types"),
+    # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
+    Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False),
+    Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
+         moe=MoELayout("num_local_experts", "num_experts_per_tok")),
+)}
+
+SUPPORTED = tuple(ARCHITECTURES)
+
+
+def arch_of(model_type: object) -> Arch:
+    """The row for `model_type`, or UnsupportedArchitectureError naming the fallback."""
+    row = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if row is None:
+        raise UnsupportedArchitectureError(
+            f"the closed-form estimator does not cover model_type {model_type!r} "
+            f"(supported: {', '.join(SUPPORTED)}); use `memplan simulate` for any architecture transformers knows")
+    return row
