@@ -419,7 +419,8 @@ class LayerModel:
 
 class LayerTrace(NamedTuple):
     """A layer walked once with symbolic sizes, for one model and shape-free plan: every size is a
-    `Lin` key (t, s, q, c), evaluated at a shape by `_at`."""
+    (tokens, B*S^2, constant) coefficient triple (`_coef`: a `Lin`'s t and s both count tokens, as
+    B*S = T), evaluated at a shape by `activation_profile`."""
 
     layer: tuple[int, ...]              # one layer's saved set (layers >= 1)
     first_layer: tuple[int, ...]        # layer 0 (saves less when its input does not require grad)
@@ -451,11 +452,15 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, cpu: bool) -> LayerTrace:
     if plan.autocast and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
         copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in lora_shapes(model, plan))
-    return LayerTrace(layer=w.saved_bytes.key(), first_layer=w0.saved_bytes.key(),
-                      recompute=tuple(x.key() for x in envelope(w.moments[:w.last_save])),
-                      forward=tuple(x.key() for x in envelope(w.moments)),
-                      down_saved=lm.down_saved.key(), copies=w.copies.key(), copies_first=w0.copies.key(),
+    return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
+                      recompute=tuple(map(_coef, envelope(w.moments[:w.last_save]))),
+                      forward=tuple(map(_coef, envelope(w.moments))),
+                      down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, lora_weight_copies=copies)
+
+
+def _coef(x: Lin) -> tuple[int, int, int]:
+    return (x.t + x.s, x.q, x.c)
 
 
 class ActivationProfile(NamedTuple):
@@ -511,16 +516,17 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
             return -(-n // 512) * 512
 
     def at(k: tuple[int, ...]) -> int:
-        return k[0] * T + k[1] * T + k[2] * BSS + k[3]
+        return k[0] * T + k[1] * BSS + k[2]
 
     ct = tr.copies
     return ActivationProfile(
-        at(tr.layer), at(tr.first_layer), max(map(at, tr.recompute)), max(map(at, tr.forward)),
+        at(tr.layer), at(tr.first_layer), max([t * T + q * BSS + c for t, q, c in tr.recompute]),
+        max([t * T + q * BSS + c for t, q, c in tr.forward]),
         at(tr.down_saved), tr.prod_dt, a == 4,
         r(T * H * a), 2 * r(S * model.head_dim * a),
         r(T * H * 4) + r(T * 4),  # final norm: x.to(float32) (a copy unless fp32) and rsqrt
         r(model.vocab_size * H * 2) if pr.autocast and pr.params != 2 else 0,
         tr.lora_weight_copies,
-        at(tr.copies_first) + (L - 1) * (ct[0] * T + ct[1] * T + ct[2] * BSS + ct[3]),
+        at(tr.copies_first) + (L - 1) * (ct[0] * T + ct[1] * BSS + ct[2]),
         pr.logits, a,
         r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method)))
