@@ -17,8 +17,9 @@ checked against a real step; mixture-of-experts layers are not covered (use `sim
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 from itertools import count
 
 from .formulas import BNB_BLOCKSIZE, lora_shapes, lora_targets
@@ -27,6 +28,9 @@ from .plan import TrainPlan, shape_free_cache
 from .units import round_up
 
 _ids = count()
+
+#: bitsandbytes CUDA `gemm_4bit`: dequantize + F.linear past this many tokens, the fused kernel below
+FUSED_4BIT_MAX_TOKENS = 1536
 
 
 class Lin:
@@ -71,9 +75,12 @@ class Lin:
         return f"Lin(t={self.t}, s={self.s}, q={self.q}, c={self.c})"
 
 
-def envelope(cands: list[Lin]) -> tuple[Lin, ...]:
-    """The candidates that can be the maximum for some shape (drop those dominated everywhere)."""
-    uniq = {c.key(): c for c in cands}
+def envelope(cands: list[tuple[Lin, Lin]]) -> tuple[tuple[Lin, Lin], ...]:
+    """The (total, temporaries) candidates whose total can be the maximum for some shape (drop those
+    dominated everywhere; of equal totals, the first)."""
+    uniq: dict[tuple[int, int, int, int], tuple[Lin, Lin]] = {}
+    for c in cands:
+        uniq.setdefault(c[0].key(), c)
     keys = list(uniq)
     keep = [k for k in keys if not any(o != k and all(a >= b for a, b in zip(o, k)) for o in keys)]
     return tuple(uniq[k] for k in keep)
@@ -109,11 +116,28 @@ class Walk:
     moments: list[Lin] = field(default_factory=list)
     last_save: int = 0
     copies: Lin = field(default_factory=Lin)  # saved autocast copies of LoRA weights
+    # module frames, to tell activations from temporaries as the tracker does (`split`)
+    frames: list[int] = field(default_factory=lambda: [0])
+    born: dict[int, int] = field(default_factory=dict)                 # sid -> frame that made it
+    gone: dict[int, tuple[int, bool]] = field(default_factory=dict)    # sid -> (time freed, inside its frame)
+    sizes: dict[int, Lin] = field(default_factory=dict)
+    snapshots: list[tuple[tuple[int, ...], Lin]] = field(default_factory=list)  # per moment: live sids, transient
+
+    @contextmanager
+    def frame(self) -> Iterator[None]:
+        """An nn.Module call: what is made inside and freed before it returns is a temporary."""
+        self.frames.append(next(_ids))
+        try:
+            yield
+        finally:
+            self.frames.pop()
 
     def new(self, numel: "Lin | int", dt: int, rg: bool = True) -> Sym:
         """A fresh tensor, alive (held) from now on."""
         numel = Lin.of(numel)
         t = Sym(numel, dt, next(_ids), numel * dt, rg)
+        self.born[t.sid] = self.frames[-1]
+        self.sizes[t.sid] = t.nbytes
         self.hold(t)
         return t
 
@@ -129,11 +153,13 @@ class Walk:
                 self.live[t.sid] = t.nbytes
                 self.live_bytes = self.live_bytes + t.nbytes
         self.moments.append(self.live_bytes)  # every allocation may be the peak
+        self.snapshots.append((tuple(self.live), Lin()))
 
     def drop(self, *ts: Sym) -> None:
         for t in ts:
             if t.sid in self.live and t.sid not in self.saved:
                 self.live_bytes = self.live_bytes - self.live.pop(t.sid)
+                self.gone[t.sid] = (len(self.moments), self.born.get(t.sid, 0) in self.frames)
 
     def save(self, *ts: Sym) -> None:
         for t in ts:
@@ -145,6 +171,27 @@ class Walk:
 
     def mark(self, transient: "Lin | int" = 0) -> None:
         self.moments.append(self.live_bytes + transient)
+        self.snapshots.append((tuple(self.live), Lin.of(transient)))
+
+    def split(self, limit: int) -> list[tuple[Lin, Lin]]:
+        """(live total, temporaries) at each of the first `limit` moments.
+
+        The tracker's rule (memplan's runtime tracker): a tensor made during forward (or a
+        recompute) is a temporary when it is freed before the module call that made it returns,
+        else an activation. Frees after `limit` never happen before the step moves on: a
+        checkpointed recompute stops at its last save (torch raises to stop it; the frames then
+        unwind with their tensors still referenced by the traceback), so they count as activations.
+        The transient bytes of a `mark` (a dequantized weight, a pow) are temporaries.
+        """
+        out = []
+        for k in range(min(limit, len(self.moments))):
+            sids, temps = self.snapshots[k]
+            for sid in sids:
+                g = self.gone.get(sid)
+                if g is not None and g[1] and g[0] <= limit:
+                    temps = temps + self.sizes[sid]
+            out.append((self.moments[k], temps))
+        return out
 
 
 def _promote(a: int, b: int) -> int:
@@ -154,8 +201,8 @@ def _promote(a: int, b: int) -> int:
 class LayerModel:
     """Walks one decoder layer of `model` under `plan` (T tokens, B sequences of S)."""
 
-    def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool):
-        self.m, self.p, self.w, self.cpu = model, plan, walk, cpu
+    def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool, fused: bool = False):
+        self.m, self.p, self.w, self.cpu, self.fused = model, plan, walk, cpu, fused
         self.T = Lin(t=1)  # tokens, symbolic: the walk is shape-independent
         pr = plan.precision
         self.ac = pr.autocast  # autocast dtype bytes (bf16/fp16 both 2), 0 = off
@@ -169,13 +216,29 @@ class LayerModel:
         self.lins = {l.name.rsplit(".", 1)[-1]: l for l in model.layer_linears}
         self.targets = {lin.name for lin in lora_targets(model, plan)}
         self.down_saved, self.prod_dt, self.prod_bytes, self.saved_before_down = Lin(), 0, Lin(), Lin()
+        self.down_out_dt = 0
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
         return lin.name in self.targets
 
+    def fused_kernel(self, lin: Linear) -> bool:
+        """Whether the 4-bit forward runs bitsandbytes' fused kernel (output only, no dequantized W).
+
+        CUDA `gemm_4bit` (backends/cuda/ops.py): for at most 1536 tokens and an inner dimension that
+        is a multiple of the block size; beyond, dequantize + F.linear. The walk for few tokens on
+        CUDA is the `fused` one (see `activation_profile`). NB: below 1536 tokens bitsandbytes asks a
+        per-architecture heuristic that sometimes picks dequantize + F.linear: assumed fused, as
+        `simulate` assumes.
+        """
+        return self.fused and self.p.quant != "int8" and lin.in_features % BNB_BLOCKSIZE == 0
+
     # ---- blocks ------------------------------------------------------------------------------------
     def norm(self, x: Sym, dim: int, rows: int) -> Sym:
+        with self.w.frame():  # the RMSNorm module
+            return self._norm(x, dim, rows)
+
+    def _norm(self, x: Sym, dim: int, rows: int) -> Sym:
         """RMSNorm over `dim` for `rows` vectors (llama: weight * h.to(in); gemma: h * (1 + w)).
 
         x.to(float32) and rsqrt are saved when x needs grad (pow and mul save them); the output is
@@ -205,6 +268,15 @@ class LayerModel:
         return out
 
     def linear(self, x: Sym, lin: Linear) -> Sym:
+        """A Linear module call: peft's LoRA layer wrapping the base layer, or the base layer alone."""
+        with self.w.frame():
+            if not self.targeted(lin):
+                return self._base(x, lin)
+            with self.w.frame():
+                res = self._base(x, lin)
+            return self._lora(x, lin, res)
+
+    def _base(self, x: Sym, lin: Linear) -> Sym:
         """A base Linear (4-bit, 8-bit or 16-bit) and its LoRA adapter, as peft runs them.
 
         The caller holds `x`; the result comes back held.
@@ -215,16 +287,17 @@ class LayerModel:
             # bnb Linear4bit: x.to(compute dtype); dequantize W (fp32 absmax first with double quant);
             # F.linear; .to(x dtype). Nothing is saved for the frozen weight.
             xc = w.cast(x, cd)
-            nb = -(-lin.numel // BNB_BLOCKSIZE)
-            wq = lin.numel * cd
-            oc = w.new(n_out, cd, x.rg)  # F.linear's output, with the dequantized W and absmax still alive
-            w.mark(wq + (4 * nb if self.p.double_quant and self.p.quant != "int8" else 0))
+            if not self.fused_kernel(lin):
+                nb = -(-lin.numel // BNB_BLOCKSIZE)
+                # double quant: the fp32 absmax, dequantized first (CUDA's fallback keeps it and its
+                # offset-added copy: backends/cuda/ops.py _dequant_linear_fallback). F.linear's output
+                # is made while they are alive; NB: the runtime tracker sees that moment's output as a
+                # temporary in every regime (measured), so it is counted with the transients here.
+                absmax = 4 * nb * (1 if self.cpu else 2) if self.p.double_quant and self.p.quant != "int8" else 0
+                w.mark(lin.numel * cd + absmax + n_out * cd)
+            oc = w.new(n_out, cd, x.rg)  # F.linear's output
             res = w.cast(oc, x.dt)
             w.drop(*{xc, oc} - {x, res})
-            if self.p.quant != "int8":  # peft Linear4bit defensively clones the base output
-                c = w.new(n_out, res.dt, x.rg)
-                w.drop(res)
-                res = c
         else:
             wdt = self.weights_dt
             if self.ac:
@@ -240,9 +313,7 @@ class LayerModel:
                 if self.full:
                     w.save(w.cast(x, wdt))
                 res = w.new(n_out, _promote(wdt, x.dt), x.rg or self.full)
-        if not self.targeted(lin):
-            return res
-        return self._lora(x, lin, res)
+        return res
 
     def _lora(self, x: Sym, lin: Linear, res: Sym) -> Sym:
         """result + lora_B(lora_A(dropout(x))) * scaling (peft LoRA Linear / Linear4bit forward).
@@ -253,29 +324,44 @@ class LayerModel:
         autocast. Under autocast the LoRA matmuls then run in bf16 on a cast of that input.
         """
         w, T, r, n_out, ac = self.w, self.T, self.r, self.T * lin.out_features, self.ac
+        if self.quantized and self.p.quant != "int8":  # peft Linear4bit defensively clones the base output
+            c = w.new(n_out, res.dt, x.rg)
+            w.drop(res)
+            res = c
         conv = not self.quantized or not ac or self.cpu
         mm_dt = ac or self.adapter_dt  # dtype of the LoRA matmuls and their outputs
         xa = w.cast(x, self.adapter_dt) if conv else x
-        d = self._dropout(xa) if self.dropout > 0 else xa
-        a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
-        w.save(a_in)
+        if self.dropout > 0:
+            with w.frame():
+                d = self._dropout(xa)
+        else:
+            d = xa
         if ac:
-            # autocast casts the fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
-            a_copy = w.new(r * lin.in_features, ac, False)
-            if x.rg:
-                w.save(a_copy)
-            a = w.new(T * r, ac)
-            w.save(a)
+            with w.frame():  # lora_A
+                a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
+                w.save(a_in)
+                # autocast casts the fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
+                a_copy = w.new(r * lin.in_features, ac, False)
+                if x.rg:
+                    w.save(a_copy)
+                a = w.new(T * r, ac)
+                w.save(a)
             w.drop(a_copy, *{d, a_in} - {x, xa})  # lora_A has returned: dropout's output is released
             # (the fp32 cast of x, rebound to `x` inside peft's forward, lives until the forward returns)
-            b_copy = w.new(lin.out_features * r, ac, False)
-            w.save(b_copy)
-            w.copies += b_copy.nbytes + (a_copy.nbytes if x.rg else 0)
+            with w.frame():  # lora_B
+                b_copy = w.new(lin.out_features * r, ac, False)
+                w.save(b_copy)
+                w.copies += b_copy.nbytes + (a_copy.nbytes if x.rg else 0)
+                b = w.new(n_out, mm_dt)
         else:
-            a = w.new(T * r, mm_dt)
-            w.save(a)
+            with w.frame():  # lora_A
+                a_in = w.cast(d, mm_dt)
+                w.save(a_in)
+                a = w.new(T * r, mm_dt)
+                w.save(a)
             w.drop(*{d, a_in} - {x, xa})
-        b = w.new(n_out, mm_dt)
+            with w.frame():  # lora_B
+                b = w.new(n_out, mm_dt)
         bs = w.new(n_out, mm_dt)  # * scaling
         w.drop(b)
         if self.quantized:
@@ -302,6 +388,10 @@ class LayerModel:
         return out
 
     def attention(self, x: Sym, cos_dt: int) -> Sym:
+        with self.w.frame():  # the attention module
+            return self._attention(x, cos_dt)
+
+    def _attention(self, x: Sym, cos_dt: int) -> Sym:
         m, w, T = self.m, self.w, self.T
         lins = self.lins
         if "qkv_proj" in lins:
@@ -370,28 +460,38 @@ class LayerModel:
         return ot
 
     def mlp(self, x: Sym) -> Sym:
+        with self.w.frame():  # the MLP module
+            return self._mlp(x)
+
+    def _mlp(self, x: Sym) -> Sym:
         w, T, I = self.w, self.T, self.m.intermediate_size
         lins = self.lins
         # down(act(gate(x)) * up(x)): act runs before up (Python evaluates left to right)
         if "gate_up_proj" in lins:
             gu = self.linear(x, lins["gate_up_proj"])
             g, u = w.view(gu, T * I), w.view(gu, T * I)
-            act = w.new(g.numel, g.dt)
+            with w.frame():  # act_fn
+                act = w.new(g.numel, g.dt)
         else:
             g = self.linear(x, lins["gate_proj"])
-            act = w.new(g.numel, g.dt)
+            with w.frame():  # act_fn
+                act = w.new(g.numel, g.dt)
             u = self.linear(x, lins["up_proj"])
         w.save(g)  # silu / gelu(tanh) backward needs the input
         prod = w.new(g.numel, _promote(act.dt, u.dt))
         w.save(act, u)
         self.saved_before_down = w.saved_bytes
         out = self.linear(prod, lins["down_proj"])
-        self.prod_dt, self.prod_bytes = prod.dt, prod.nbytes
+        self.prod_dt, self.prod_bytes, self.down_out_dt = prod.dt, prod.nbytes, out.dt
         w.drop(prod)
         return out
 
     def layer(self, x: Sym, cos_dt: int) -> Sym:
         """One decoder layer; `x` (held) is the residual stream; returns the next one (held)."""
+        with self.w.frame():
+            return self._layer(x, cos_dt)
+
+    def _layer(self, x: Sym, cos_dt: int) -> Sym:
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
         sandwich = m.arch.sandwich_norms
         h = self.norm(x, H, T)
@@ -424,39 +524,43 @@ class LayerTrace(NamedTuple):
 
     layer: tuple[int, ...]              # one layer's saved set (layers >= 1)
     first_layer: tuple[int, ...]        # layer 0 (saves less when its input does not require grad)
-    recompute: tuple[tuple[int, ...], ...]  # candidate peaks of a checkpointed recompute (up to the last save)
-    forward: tuple[tuple[int, ...], ...]    # candidate peaks of a layer's forward
+    recompute: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # candidate peaks of a checkpointed
+    forward: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]    # recompute / a layer's forward: (total, temps)
     down_saved: tuple[int, ...]         # what the down projection saved (freed as the layer's backward starts)
     copies: tuple[int, ...]             # LoRA weight copies saved by one layer (not layer 0)
     copies_first: tuple[int, ...]       # ... by layer 0
-    prod_dt: int
+    prod_dt: int                        # dtype bytes of the MLP product (down_proj's input)
+    down_out_dt: int                    # dtype bytes of down_proj's output (the gradient arriving there)
     lora_weight_copies: int             # autocast's cache of 16-bit LoRA weights, every layer (bytes)
 
 
 @shape_free_cache()
-def layer_trace(model: ModelSpec, plan: TrainPlan, cpu: bool) -> LayerTrace:
-    """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter)."""
+def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> LayerTrace:
+    """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter);
+    `flags` = (cpu, fused): the device, and whether 4-bit forwards run the fused kernel (few tokens
+    on CUDA)."""
+    cpu, fused = flags
     a = plan.precision.params  # the residual stream starts as the embedding's output
     # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
     input_grad = plan.gradient_checkpointing or plan.method == "full"
     T = Lin(t=1)
     w = Walk()
-    lm = LayerModel(model, plan, w, cpu)
+    lm = LayerModel(model, plan, w, cpu, fused)
     lm.layer(w.new(T * model.hidden_size, a, True), a)
     if input_grad:
         w0 = w
     else:
         w0 = Walk()
-        LayerModel(model, plan, w0, cpu).layer(w0.new(T * model.hidden_size, a, False), a)
+        LayerModel(model, plan, w0, cpu, fused).layer(w0.new(T * model.hidden_size, a, False), a)
     copies = 0
     if plan.autocast and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
         copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in lora_shapes(model, plan))
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
-                      recompute=tuple(map(_coef, envelope(w.moments[:w.last_save]))),
-                      forward=tuple(map(_coef, envelope(w.moments))),
+                      recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
+                      forward=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(len(w.moments)))),
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
-                      prod_dt=lm.prod_dt, lora_weight_copies=copies)
+                      prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies)
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -469,9 +573,12 @@ class ActivationProfile(NamedTuple):
     layer_bytes: int          # one layer's saved set (layers >= 1)
     first_layer_bytes: int    # layer 0 (saves less when its input does not require grad)
     recompute_peak: int       # a checkpointed layer's recompute: live bytes at its last save
+    recompute_temps: int      # of which temporaries (made and freed inside one module call)
     forward_peak: int         # a layer's forward: most live bytes (saved so far + locals + transients)
+    forward_temps: int        # of which temporaries
     down_saved: int           # what the down projection saved (freed as the layer's backward starts)
     prod_dt: int              # dtype bytes of the MLP product (and of its gradients in flight)
+    down_out_dt: int          # dtype bytes of down_proj's output (the gradient arriving there)
     input_in_saved: bool      # the layer input is itself saved (fp32 stream: x.to(float32) is x)
     layer_input_bytes: int    # what a checkpointed layer keeps: its input
     rope_bytes: int           # cos / sin, saved once
@@ -484,17 +591,27 @@ class ActivationProfile(NamedTuple):
     recompute_inflight: int   # [T x H] gradients in flight while a checkpointed layer recomputes
 
 
+def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
+    """The largest candidate total at this shape, and its temporaries."""
+    best = (-1, 0)
+    for (t, q, c), (tt, tq, tc) in cands:
+        v = t * T + q * BSS + c
+        if v > best[0]:
+            best = (v, tt * T + tq * BSS + tc)
+    return best
+
+
 def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str) -> int:
     """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
     NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
     layer's output plus the partial gradients of the layer above still in the autograd engine's
-    buffers, whose dtypes follow the regime. fp32 stream: fp32 + 16-bit. 16-bit stream: two 16-bit
-    under autocast; 16-bit + fp32 for QLoRA without autocast; two 16-bit + fp32 for LoRA without
+    buffers, whose dtypes follow the regime. fp32 stream: fp32 + 16-bit under autocast, two fp32
+    without. 16-bit stream: two 16-bit under autocast; 16-bit + fp32 for QLoRA without autocast; two 16-bit + fp32 for LoRA without
     autocast. tests/test_agreement_sim.py has cases whose peak is such a recompute at real shapes.
     """
     if stream_dt == 4:
-        return 6
+        return 6 if autocast else 8
     if autocast:
         return 4
     return 6 if method == "qlora" else 8
@@ -506,7 +623,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     B, S = plan.batch_size, plan.seq_len
     T, H, L = B * S, model.hidden_size, model.num_layers
     BSS = T * S
-    tr = layer_trace(model, plan, cpu)
+    # CUDA gemm_4bit: the fused kernel for at most 1536 tokens (bitsandbytes backends/cuda/ops.py)
+    tr = layer_trace(model, plan, (cpu, not cpu and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS))
     pr = plan.precision
     a = pr.params
     if cpu:
@@ -519,10 +637,11 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         return k[0] * T + k[1] * BSS + k[2]
 
     ct = tr.copies
+    rec, rec_tmp = _peak(tr.recompute, T, BSS)
+    fwd, fwd_tmp = _peak(tr.forward, T, BSS)
     return ActivationProfile(
-        at(tr.layer), at(tr.first_layer), max([t * T + q * BSS + c for t, q, c in tr.recompute]),
-        max([t * T + q * BSS + c for t, q, c in tr.forward]),
-        at(tr.down_saved), tr.prod_dt, a == 4,
+        at(tr.layer), at(tr.first_layer), rec, rec_tmp, fwd, fwd_tmp,
+        at(tr.down_saved), tr.prod_dt, tr.down_out_dt, a == 4,
         r(T * H * a), 2 * r(S * model.head_dim * a),
         r(T * H * 4) + r(T * 4),  # final norm: x.to(float32) (a copy unless fp32) and rsqrt
         r(model.vocab_size * H * 2) if pr.autocast and pr.params != 2 else 0,

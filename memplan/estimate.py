@@ -226,7 +226,8 @@ def forward_moment(s: Step) -> Moment:
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
     return s.moment("forward", "forward", _FORWARD,
                     f"the forward of the last layer ({L - 1}), every earlier layer's activations saved", L - 1,
-                    gradients=s.ga_grads, activations=earlier + ap.rope_bytes + ap.forward_peak)
+                    gradients=s.ga_grads, activations=earlier + ap.rope_bytes + ap.forward_peak - ap.forward_temps,
+                    temporaries=ap.forward_temps)
 
 
 def _softcap_bytes(s: Step) -> int:
@@ -272,8 +273,9 @@ def recompute_moment(s: Step, i: int) -> Moment:
     in flight (activations.inflight_bytes_per_element)."""
     return s.moment(f"recompute:{i}", "recompute", _BACKWARD,
                     f"recomputing checkpointed layer {i} of {s.model.num_layers} during backward", i,
-                    gradients=s.grads_above(i), activations=_layer_fixed(s, i) + s.ap.recompute_peak,
-                    temporaries=s.ap.recompute_inflight)
+                    gradients=s.grads_above(i),
+                    activations=_layer_fixed(s, i) + s.ap.recompute_peak - s.ap.recompute_temps,
+                    temporaries=s.ap.recompute_inflight + s.ap.recompute_temps)
 
 
 def layer_backward_moment(s: Step, i: int) -> Moment:
@@ -287,6 +289,42 @@ def layer_backward_moment(s: Step, i: int) -> Moment:
                     gradients=s.grads_above(i) + down_grads,
                     activations=_layer_fixed(s, i) + saved_i - ap.down_saved,
                     temporaries=r(T * m.hidden_size * ap.stream_dt) + 3 * r(T * m.intermediate_size * ap.prod_dt))
+
+
+def dequant_backward_moments(s: Step, i: int) -> tuple[Moment, ...]:
+    """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
+    `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
+    dequantized into the quant_state (load) dtype with its fp32 absmax, cast to the gradient's
+    (compute) dtype, then the input gradient. Its LoRA branch has run: down_proj's LoRA gradients
+    exist and its saved tensors are released; in flight are the gradient arriving at the output,
+    its cast to the compute dtype and the LoRA branch's gradient of the input. Two moments: the
+    dequantization (absmax, or the load-dtype weight and its cast, alive) and the matmul.
+    NB: down_proj is the first 4-bit backward of a layer and usually the largest; the others run
+    with fewer saved tensors alive."""
+    p, m, ap, r, T = s.plan, s.model, s.ap, s.r, s.tokens
+    if p.method != "qlora" or p.quant == "int8":
+        return ()
+    lin = next((x for x in m.layer_linears if x.name.endswith("down_proj")), None)
+    if lin is None:
+        return ()
+    pr = p.precision
+    n, N, K = lin.numel, lin.out_features, lin.in_features
+    nb = -(-n // F.BNB_BLOCKSIZE)
+    targeted = any(x.name == lin.name for x in F.lora_targets(m, p))
+    down_grads = (r(4 * p.lora_r * K) + r(4 * N * p.lora_r)) if targeted else 0
+    in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * pr.compute) if ap.down_out_dt != pr.compute else 0)
+                 + (r(T * K * ap.prod_dt) if targeted else 0))
+    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    acts = _layer_fixed(s, i) + saved_i - ap.down_saved
+    grads = s.grads_above(i) + down_grads
+    w_load = r(n * pr.load)
+    dequant = w_load + max(r(4 * nb) if p.double_quant else 0, r(n * pr.compute) if pr.load != pr.compute else 0)
+    w_grad = r(n * pr.compute)
+    desc = f"the 4-bit backward of layer {i}'s down projection (of {m.num_layers}): its weight dequantized"
+    return (s.moment(f"dequant:{i}", "dequant_backward", _BACKWARD, desc, i, gradients=grads, activations=acts,
+                     temporaries=in_flight + dequant),
+            s.moment(f"dequant_matmul:{i}", "dequant_backward", _BACKWARD, desc + ", the input gradient made", i,
+                     gradients=grads, activations=acts, temporaries=in_flight + w_grad + r(T * K * pr.compute)))
 
 
 def optimizer_moment(s: Step) -> Moment:
@@ -306,6 +344,7 @@ def moments(s: Step) -> tuple[Moment, ...]:
     for i in dict.fromkeys((s.model.num_layers - 1, 0) if gc else (s.model.num_layers - 1,)):
         if gc:
             out.append(recompute_moment(s, i))
+        out += dequant_backward_moments(s, i)
         out.append(layer_backward_moment(s, i))
     out.append(optimizer_moment(s))
     return tuple(out)

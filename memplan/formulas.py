@@ -78,11 +78,15 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
         tensors.append(model.lm_head_params)
     tensors.append(H)  # final norm
     per_layer = [n for _, n in model.layer_norms]
-    per_layer += [lin.out_features for lin in model.layer_linears if lin.bias]
+    biases = [lin.out_features for lin in model.layer_linears if lin.bias]
     if model.is_moe:
         E, I = model.num_experts, model.intermediate_size
         per_layer += [E * 2 * I * H, E * H * I]
-    total = sum(_r(n * dt, rnd) for n in tensors) + L * sum(_r(n * dt, rnd) for n in per_layer)
+    # A 4-bit Linear's bias is cast to the compute dtype by its first forward (bitsandbytes
+    # nn/modules.py Linear4bit.forward: `bias.data = bias.data.to(x.dtype)`), whatever prepare made it.
+    bias_dt = plan.precision.compute if plan.method == "qlora" and plan.quant != "int8" else dt
+    total = (sum(_r(n * dt, rnd) for n in tensors) + L * sum(_r(n * dt, rnd) for n in per_layer)
+             + L * sum(_r(n * bias_dt, rnd) for n in biases))
     buffers = [model.head_dim // 2] * (model.rotary_buffer_elements // (model.head_dim // 2))
     total += sum(_r(4 * n, rnd) for n in buffers)  # rotary inv_freq buffers stay fp32
     if model.arch.embed_scale:

@@ -1,15 +1,19 @@
-"""estimate vs simulate (the meta-device trace of a real step) over real model shapes.
+"""estimate vs simulate (the meta-device trace of a real step) over real model shapes, term by term.
 
 Catalogue configs with their real widths, vocabularies and head layouts, cut to 2 decoder layers to
 keep the trace quick (the closed form and the trace see the same config). Both devices: "cpu"
-(exact kernels as on a CPU step) and "cuda" (512-B rounding, CUDA kernels' saved tensors).
-Target (DESIGN.md): within 1 % of peak logical bytes; the estimate's `workspace` (cuBLAS, outside
-what a trace sees) is left out of the comparison. `python tests/test_agreement_sim.py` prints the table.
+(exact kernels as on a CPU step) and "cuda" (512-B rounding, CUDA kernels' saved tensors). Every
+term is compared, not only the peak: a term labelled differently by the two (a weight counted as
+`base_weights` by one and `other_params` by the other) fails even when the totals agree. The
+estimate's `workspace`, `allocator_overhead` and `cuda_context` (outside what a trace sees) are left
+out. The limits are the ones README.md quotes (`readme_claim`); `python tests/test_agreement_sim.py`
+prints the table that README row is regenerated from.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 
 import pytest
@@ -23,7 +27,9 @@ from memplan.catalogue import load_model  # noqa: E402
 from memplan.estimate import compute  # noqa: E402
 from memplan.model import model_from_config  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402
-from memplan.terms import Term  # noqa: E402
+from memplan.terms import ALLOCATED_TERMS, Term  # noqa: E402
+
+from readme_claims import readme_claim  # noqa: E402
 
 SEQ = 512
 CASES = [
@@ -58,8 +64,23 @@ CASES = [
     ("phi4-default", "phi-4", {}),
     ("tinyllama-eager", "tinyllama-1.1b", dict(attn_implementation="eager", seq_len=256)),
     ("llama3-8b-default", "llama-3-8b", {}),
+    # partial LoRA targets: every decoder Linear is base_weights, targeted or not
+    ("llama2-7b-lora-qv", "llama-2-7b", dict(method="lora", target_modules="q_proj,v_proj", optim="adamw_torch")),
+    ("qwen2.5-7b-qlora-o-down", "qwen2.5-7b", dict(target_modules="o_proj,down_proj")),
+    # the peak is a checkpointed layer's recompute or its 4-bit backward (real widths, moderate vocab)
+    ("llama2-70b-default", "llama-2-70b", {}),
+    ("llama2-70b-seq2048", "llama-2-70b", dict(seq_len=2048)),
+    ("llama2-7b-fp32-no-autocast", "llama-2-7b", dict(mixed_precision="no", lora_dropout=0.0)),
+    ("mistral-7b-no-prepare", "mistral-7b-v0.1", dict(prepare=False, mixed_precision="no")),
+    ("llama3-70b-no-prepare", "llama-3-70b", dict(prepare=False, mixed_precision="no")),
+    ("llama2-13b-lora-fused", "llama-2-13b", dict(method="lora", optim="adamw_torch_fused")),
+    ("llama2-7b-lora-seq64", "llama-2-7b", dict(method="lora", seq_len=64)),
 ]
 DEVICES = ("cpu", "cuda")
+#: moments that are not the loss stage (a layer's forward, recompute or backward)
+LAYER_KINDS = ("forward", "recompute", "dequant_backward", "layer_backward")
+#: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
+ROUNDING_SLACK = 4096
 
 
 def config_of(model: str) -> dict:
@@ -69,43 +90,60 @@ def config_of(model: str) -> dict:
     return cfg
 
 
-def run_case(model: str, over: dict, device: str) -> tuple[int, int]:
+@functools.lru_cache(maxsize=None)
+def run_case(name: str, device: str) -> dict:
+    """Estimate and simulate one case: peak error, every term of both, the estimate's peak moment."""
     from memplan.simulate import simulate
 
+    _, model, over = next(c for c in CASES if c[0] == name)
     cfg = config_of(model)
     plan = TrainPlan(device=device, **{"seq_len": SEQ, **over})
     e = compute(model_from_config(cfg), plan)
-    est = e.allocated_bytes - e.terms[Term.WORKSPACE]
-    return est, simulate(cfg, plan).peak_bytes
+    s = simulate(cfg, plan)
+    est = {str(t): e.terms[t] for t in ALLOCATED_TERMS if t != Term.WORKSPACE}
+    sim = {str(t): int(s.terms.get(str(t), 0)) for t in ALLOCATED_TERMS if t != Term.WORKSPACE}
+    peak_e, peak_s = sum(est.values()), s.peak_bytes
+    return {"error": (peak_e - peak_s) / peak_s * 100, "est": est, "sim": sim, "peak": peak_s,
+            "kind": e.peak.kind, "moment": e.moment}
 
 
-_ERR: dict[str, float] = {}
+def _ids():
+    return [(c[0], d) for c in CASES for d in DEVICES]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model,over", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_estimate_matches_simulate(request, model, over, device):
-    est, sim = run_case(model, over, device)
-    err = (est - sim) / sim * 100
-    _ERR[request.node.callspec.id] = err
-    print(f"\n{request.node.callspec.id:40s} estimate {est:>14,d}  simulate {sim:>14,d}  {err:+.3f} %")
-    assert abs(err) <= 3.0
+@pytest.mark.parametrize("name,device", _ids(), ids=[f"{n}-{d}" for n, d in _ids()])
+def test_estimate_matches_simulate_term_by_term(name, device):
+    r = run_case(name, device)
+    _, worst = readme_claim("tests/test_agreement_sim.py")
+    print(f"\n{name}-{device}: {r['moment']} {r['error']:+.4f} %")
+    assert abs(r["error"]) <= worst
+    # every term within the same limit, as a share of the peak (a term labelled differently by the
+    # two fails even where the totals agree)
+    limit = max(worst / 100 * r["peak"], ROUNDING_SLACK if device == "cuda" else 0)
+    off = {t: r["est"][t] - r["sim"][t] for t in r["est"] if abs(r["est"][t] - r["sim"][t]) > limit}
+    assert not off, f"terms differ by more than {worst} % of the peak (estimate - simulate, bytes): {off}"
 
 
-def test_summary():
-    if len(_ERR) < len(CASES) * len(DEVICES):
-        pytest.skip("run the whole matrix for the summary")
-    errs = sorted(abs(e) for e in _ERR.values())
+def test_summary_over_the_whole_matrix():
+    """The README row, checked over every case (runs the ones not run yet: never skips under -k)."""
+    errs = sorted(abs(run_case(n, d)["error"]) for n, d in _ids())
+    median, worst = readme_claim("tests/test_agreement_sim.py")
     print(f"\n{len(errs)} comparisons: median |error| {statistics.median(errs):.3f} %, max {errs[-1]:.3f} %")
-    assert statistics.median(errs) <= 1.0
+    assert statistics.median(errs) <= median and errs[-1] <= worst
+    assert len(CASES) >= 30 and len({load_model(c[1]).model_type for c in CASES}) >= 6
+
+
+def test_layer_moments_are_the_peak_in_at_least_six_cases():
+    """The recompute / 4-bit backward moments are checked where they are the peak, at real shapes."""
+    layer_peaks = [(n, d) for n, d in _ids() if run_case(n, d)["kind"] in LAYER_KINDS]
+    assert len(layer_peaks) >= 6, layer_peaks
 
 
 if __name__ == "__main__":
     rows = []
-    for name, model, over in CASES:
-        for dev in DEVICES:
-            e, s = run_case(model, over, dev)
-            rows.append((e - s) / s * 100)
-            print(f"| {name} | {dev} | {e:,} | {s:,} | {rows[-1]:+.3f} % |", flush=True)
-    errs = [abs(x) for x in rows]
-    print(f"{len(errs)} comparisons: median |error| {statistics.median(errs):.3f} %, max {max(errs):.3f} %")
+    for n, d in _ids():
+        r = run_case(n, d)
+        rows.append(abs(r["error"]))
+        print(f"| {n} | {d} | {r['moment']} | {sum(r['est'].values()):,} | {r['peak']:,} | {r['error']:+.3f} % |",
+              flush=True)
+    print(f"{len(rows)} comparisons: median |error| {statistics.median(rows):.3f} %, max {max(rows):.3f} %")
