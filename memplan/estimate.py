@@ -12,6 +12,8 @@ symbolic layer walk of `activations`, the per-term functions of `formulas`), in 
 - ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
+- ``dequant_backward_moments(i)`` (QLoRA): layer i's 4-bit down projection backward: its weight
+  dequantized again (bitsandbytes MatMul4Bit.backward), then the input gradient made;
 - ``layer_backward_moment(i)``: layer i's MLP backward: the down projection's saved tensors released,
   three [T x I] gradients in flight;
 - ``optimizer_moment``: every gradient plus the optimizer's scratch.
@@ -29,6 +31,9 @@ Known limitations (NB):
   workspace and allocator-overhead defaults in profiles/gpus are not yet calibrated on hardware;
   flash-attention backward workspaces and cuBLAS workspaces other than the two handles are not counted;
 - the gradients in flight while a layer recomputes are measured on CPU steps, not derived;
+- CUDA, at most 1536 tokens: bitsandbytes picks the fused 4-bit kernel or dequantize + F.linear by
+  a per-architecture heuristic (backends/cuda/ops.py); assumed fused, as `simulate` assumes;
+- only the down projection's 4-bit backward is a candidate peak (the first and usually largest);
 - sequences are unpadded (no attention mask), as in the synthetic batches of `profile`.
 """
 from __future__ import annotations
@@ -54,7 +59,9 @@ class Moment(NamedTuple):
     `name` is a stable label ("loss:backward", "recompute:31") used as a key in `phase_peaks` and the
     JSON; code reads `kind` and `layer`, never the name. Kinds, in step order: forward (the last
     layer's forward, no checkpointing), loss_forward, loss_backward, recompute (a checkpointed
-    layer recomputed during backward), layer_backward (a layer's MLP backward), optimizer.
+    layer recomputed during backward), dequant and dequant_matmul (a layer's 4-bit down projection
+    backward: its weight dequantized, then the input gradient made), layer_backward (a layer's MLP
+    backward), optimizer.
     """
 
     name: str
@@ -321,9 +328,9 @@ def dequant_backward_moments(s: Step, i: int) -> tuple[Moment, ...]:
     dequant = w_load + max(r(4 * nb) if p.double_quant else 0, r(n * pr.compute) if pr.load != pr.compute else 0)
     w_grad = r(n * pr.compute)
     desc = f"the 4-bit backward of layer {i}'s down projection (of {m.num_layers}): its weight dequantized"
-    return (s.moment(f"dequant:{i}", "dequant_backward", _BACKWARD, desc, i, gradients=grads, activations=acts,
+    return (s.moment(f"dequant:{i}", "dequant", _BACKWARD, desc, i, gradients=grads, activations=acts,
                      temporaries=in_flight + dequant),
-            s.moment(f"dequant_matmul:{i}", "dequant_backward", _BACKWARD, desc + ", the input gradient made", i,
+            s.moment(f"dequant_matmul:{i}", "dequant_matmul", _BACKWARD, desc + ", the input gradient made", i,
                      gradients=grads, activations=acts, temporaries=in_flight + w_grad + r(T * K * pr.compute)))
 
 
