@@ -39,7 +39,6 @@ Known limitations (NB):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
@@ -67,10 +66,26 @@ class Moment(NamedTuple):
     name: str
     kind: str
     phase: str
-    terms: Mapping[Term, int]   # the allocated terms (WORKSPACE 0: added to the estimate's peak)
-    allocated_bytes: int        # their sum
     description: str
-    layer: int | None = None
+    layer: int | None
+    static: Mapping[Term, int]  # the shape-free terms (shared by every moment of the step)
+    static_bytes: int           # their sum
+    gradients: int
+    activations: int
+    logits: int
+    temporaries: int
+
+    @property
+    def terms(self) -> dict[Term, int]:
+        """The allocated terms at this moment (WORKSPACE 0: the estimate adds it to its peak)."""
+        t = dict(self.static)
+        t[Term.GRADIENTS], t[Term.ACTIVATIONS] = self.gradients, self.activations
+        t[Term.LOGITS], t[Term.TEMPORARIES] = self.logits, self.temporaries
+        return t
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.static_bytes + self.gradients + self.activations + self.logits + self.temporaries
 
 
 @dataclass(frozen=True)
@@ -144,6 +159,7 @@ class Static:
     gradients: int              # every gradient, alive after backward
     paged: int                  # paged optimizer state in managed memory (CUDA)
     scratch: int                # the optimizer step's temporaries
+    down: "DownProj"            # the down projection, for the layer backward moments
 
 
 @shape_free_cache()
@@ -158,7 +174,34 @@ def static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Static:
     terms[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
     terms[Term.OPTIMIZER_STATE] = opt_dev
     return Static(terms, sum(terms.values()), F.gradient_bytes(model, plan, rnd), paged,
-                  F.optimizer_scratch_bytes(model, plan, rnd, cuda))
+                  F.optimizer_scratch_bytes(model, plan, rnd, cuda), _down_proj(model, plan, rnd))
+
+
+class DownProj(NamedTuple):
+    """Shape-free facts of a layer's down projection, for the moments of its backward."""
+
+    in_features: int
+    out_features: int
+    targeted: bool          # LoRA adapts it
+    lora_grads: int         # its LoRA gradients (0 when not adapted)
+    dequant: int            # 4-bit: the weight dequantized into the load dtype + its absmax or its cast
+    w_grad: int             # 4-bit: the dequantized weight in the gradient's dtype (0: not 4-bit)
+
+
+def _down_proj(model: ModelSpec, plan: TrainPlan, rnd: int) -> DownProj:
+    r = (lambda n: -(-n // rnd) * rnd) if rnd > 1 else int  # noqa: E731
+    lin = next((x for x in model.layer_linears if x.name.endswith("down_proj")), model.layer_linears[-1])
+    n, N, K = lin.numel, lin.out_features, lin.in_features
+    targeted = any(x.name == lin.name for x in F.lora_targets(model, plan))
+    lora_grads = r(4 * plan.lora_r * K) + r(4 * N * plan.lora_r) if targeted else 0
+    dequant = w_grad = 0
+    if plan.method == "qlora" and plan.quant != "int8":
+        pr = plan.precision
+        nb = -(-n // F.BNB_BLOCKSIZE)
+        dequant = r(n * pr.load) + max(r(4 * nb) if plan.double_quant else 0,
+                                       r(n * pr.compute) if pr.load != pr.compute else 0)
+        w_grad = r(n * pr.compute)
+    return DownProj(K, N, targeted, lora_grads, dequant, w_grad)
 
 
 class Step(NamedTuple):
@@ -181,13 +224,8 @@ class Step(NamedTuple):
                gradients: int = 0, activations: int = 0, logits: int = 0, temporaries: int = 0) -> Moment:
         """A moment: the static terms plus what is alive then (the allocated terms only)."""
         st = self.static
-        t = dict(st.terms)
-        t[_GRADIENTS] = gradients
-        t[_ACTIVATIONS] = activations
-        t[_LOGITS] = logits
-        t[_TEMPORARIES] = temporaries
-        return Moment(name, kind, phase, t, st.total + gradients + activations + logits + temporaries,
-                      description, layer)
+        return Moment(name, kind, phase, description, layer, st.terms, st.total, gradients, activations, logits,
+                      temporaries)
 
     def below(self, i: int) -> int:
         """Activations of the layers below layer i kept while layer i runs its backward."""
@@ -220,8 +258,6 @@ def _round512(n: int) -> int:
     return -(-n // 512) * 512
 
 
-_allocated = attrgetter("allocated_bytes")
-_GRADIENTS, _ACTIVATIONS, _LOGITS, _TEMPORARIES = Term.GRADIENTS, Term.ACTIVATIONS, Term.LOGITS, Term.TEMPORARIES
 _FORWARD, _LOSS, _BACKWARD, _OPTIMIZER = (p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, Phase.OPTIMIZER))
 
 
@@ -268,37 +304,45 @@ def loss_backward_moment(s: Step) -> Moment:
                     logits=3 * s.r(4 * tv) + _softcap_bytes(s))
 
 
-def _layer_fixed(s: Step, i: int) -> int:
-    """Activations alive during layer i's backward besides its own: the layers below, cos/sin, ids."""
-    own_input = 0 if not s.plan.gradient_checkpointing or s.ap.input_in_saved else s.ap.layer_input_bytes
-    return s.below(i) + s.ap.rope_bytes + s.pos_ids + s.small + own_input
+class LayerBackward(NamedTuple):
+    """What every moment of layer i's backward shares."""
+
+    i: int
+    fixed: int          # activations besides the layer's own: the layers below, cos/sin, ids, its input
+    after_down: int     # activations once down_proj's saved tensors are released (fixed + the layer's rest)
+    grads: int          # gradients of the layers above (all of them with gradient accumulation)
 
 
-def recompute_moment(s: Step, i: int) -> Moment:
+def layer_backward_state(s: Step, i: int) -> LayerBackward:
+    ap = s.ap
+    own_input = 0 if not s.plan.gradient_checkpointing or ap.input_in_saved else ap.layer_input_bytes
+    fixed = s.below(i) + ap.rope_bytes + s.pos_ids + s.small + own_input
+    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved, s.grads_above(i))
+
+
+def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
     """Checkpointing: layer i recomputed up to its last saved tensor (torch's non-reentrant early stop),
     with the checkpoint inputs below it, the gradients of the layers above and the [T x H] gradients
     in flight (activations.inflight_bytes_per_element)."""
+    i, ap = lb.i, s.ap
     return s.moment(f"recompute:{i}", "recompute", _BACKWARD,
                     f"recomputing checkpointed layer {i} of {s.model.num_layers} during backward", i,
-                    gradients=s.grads_above(i),
-                    activations=_layer_fixed(s, i) + s.ap.recompute_peak - s.ap.recompute_temps,
-                    temporaries=s.ap.recompute_inflight + s.ap.recompute_temps)
+                    gradients=lb.grads, activations=lb.fixed + ap.recompute_peak - ap.recompute_temps,
+                    temporaries=ap.recompute_inflight + ap.recompute_temps)
 
 
-def layer_backward_moment(s: Step, i: int) -> Moment:
+def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:
     """Layer i's MLP backward: the down projection's saved tensors released, the [T x H] output
     gradient and three [T x I] gradients in flight, down_proj's LoRA gradients just made."""
-    ap, r, p, m, T = s.ap, s.r, s.plan, s.model, s.tokens
-    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-    down_grads = (r(4 * p.lora_r * m.intermediate_size) + r(4 * m.hidden_size * p.lora_r)) if p.method != "full" else 0
+    i, ap, r, m, T = lb.i, s.ap, s.r, s.model, s.tokens
     return s.moment(f"backward:{i}", "layer_backward", _BACKWARD,
                     f"the MLP backward of layer {i} of {m.num_layers}: [tokens x intermediate] gradients in flight", i,
-                    gradients=s.grads_above(i) + down_grads,
-                    activations=_layer_fixed(s, i) + saved_i - ap.down_saved,
+                    gradients=lb.grads + s.static.down.lora_grads, activations=lb.after_down,
                     temporaries=r(T * m.hidden_size * ap.stream_dt) + 3 * r(T * m.intermediate_size * ap.prod_dt))
 
 
-def dequant_backward_moments(s: Step, i: int) -> tuple[Moment, ...]:
+def dequant_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, ...]:
     """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
     `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
     dequantized into the quant_state (load) dtype with its fp32 absmax, cast to the gradient's
@@ -308,30 +352,19 @@ def dequant_backward_moments(s: Step, i: int) -> tuple[Moment, ...]:
     dequantization (absmax, or the load-dtype weight and its cast, alive) and the matmul.
     NB: down_proj is the first 4-bit backward of a layer and usually the largest; the others run
     with fewer saved tensors alive."""
-    p, m, ap, r, T = s.plan, s.model, s.ap, s.r, s.tokens
-    if p.method != "qlora" or p.quant == "int8":
+    d = s.static.down
+    if not d.w_grad:
         return ()
-    lin = next((x for x in m.layer_linears if x.name.endswith("down_proj")), None)
-    if lin is None:
-        return ()
-    pr = p.precision
-    n, N, K = lin.numel, lin.out_features, lin.in_features
-    nb = -(-n // F.BNB_BLOCKSIZE)
-    targeted = any(x.name == lin.name for x in F.lora_targets(m, p))
-    down_grads = (r(4 * p.lora_r * K) + r(4 * N * p.lora_r)) if targeted else 0
-    in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * pr.compute) if ap.down_out_dt != pr.compute else 0)
-                 + (r(T * K * ap.prod_dt) if targeted else 0))
-    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-    acts = _layer_fixed(s, i) + saved_i - ap.down_saved
-    grads = s.grads_above(i) + down_grads
-    w_load = r(n * pr.load)
-    dequant = w_load + max(r(4 * nb) if p.double_quant else 0, r(n * pr.compute) if pr.load != pr.compute else 0)
-    w_grad = r(n * pr.compute)
+    i, m, ap, r, T, cd = lb.i, s.model, s.ap, s.r, s.tokens, s.plan.precision.compute
+    N, K = d.out_features, d.in_features
+    in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * cd) if ap.down_out_dt != cd else 0)
+                 + (r(T * K * ap.prod_dt) if d.targeted else 0))
+    acts, grads = lb.after_down, lb.grads + d.lora_grads
     desc = f"the 4-bit backward of layer {i}'s down projection (of {m.num_layers}): its weight dequantized"
     return (s.moment(f"dequant:{i}", "dequant", _BACKWARD, desc, i, gradients=grads, activations=acts,
-                     temporaries=in_flight + dequant),
+                     temporaries=in_flight + d.dequant),
             s.moment(f"dequant_matmul:{i}", "dequant_matmul", _BACKWARD, desc + ", the input gradient made", i,
-                     gradients=grads, activations=acts, temporaries=in_flight + w_grad + r(T * K * pr.compute)))
+                     gradients=grads, activations=acts, temporaries=in_flight + d.w_grad + r(T * K * cd)))
 
 
 def optimizer_moment(s: Step) -> Moment:
@@ -349,10 +382,11 @@ def moments(s: Step) -> tuple[Moment, ...]:
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
     for i in dict.fromkeys((s.model.num_layers - 1, 0) if gc else (s.model.num_layers - 1,)):
+        lb = layer_backward_state(s, i)
         if gc:
-            out.append(recompute_moment(s, i))
-        out += dequant_backward_moments(s, i)
-        out.append(layer_backward_moment(s, i))
+            out.append(recompute_moment(s, lb))
+        out += dequant_backward_moments(s, lb)
+        out.append(layer_backward_moment(s, lb))
     out.append(optimizer_moment(s))
     return tuple(out)
 
@@ -394,14 +428,15 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
     ms = moments(step)
-    peak = max(ms, key=_allocated)  # the first in step order on a tie
+    alloc = [m.allocated_bytes for m in ms]
+    peak = ms[alloc.index(max(alloc))]  # the first in step order on a tie
     terms = {**peak.terms, Term.WORKSPACE: 0, Term.ALLOCATOR_OVERHEAD: 0, Term.CUDA_CONTEXT: 0}
     notes.append(f"peak: {peak.description}")
     paged = 0
     if cuda:
         cuda_overheads(terms, gpu)
         ws = terms[Term.WORKSPACE]
-        totals = {m.name: m.allocated_bytes + ws for m in ms}
+        totals = {m.name: a + ws for m, a in zip(ms, alloc)}
         if gpu is None:
             notes.append("no --gpu given: CUDA context, workspace and allocator overhead use generic defaults")
         paged = step.static.paged
@@ -409,7 +444,7 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
             notes.append("paged optimizer: state of tensors with >= 100,000 elements lives in CUDA managed memory "
                          "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     else:
-        totals = {m.name: m.allocated_bytes for m in ms}
+        totals = {m.name: a for m, a in zip(ms, alloc)}
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
     if model.max_position_embeddings and plan.seq_len > model.max_position_embeddings:
