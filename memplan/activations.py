@@ -601,15 +601,20 @@ def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BS
     return best
 
 
-def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str) -> int:
+def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sandwich: bool = False) -> int:
     """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
     NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
     layer's output plus the partial gradients of the layer above still in the autograd engine's
     buffers, whose dtypes follow the regime. fp32 stream: fp32 + 16-bit under autocast, two fp32
-    without. 16-bit stream: two 16-bit under autocast; 16-bit + fp32 for QLoRA without autocast; two 16-bit + fp32 for LoRA without
-    autocast. tests/test_agreement_sim.py has cases whose peak is such a recompute at real shapes.
+    without. 16-bit stream: two 16-bit under autocast; 16-bit + fp32 for QLoRA without autocast;
+    two 16-bit + fp32 for LoRA without autocast. Sandwich norms (gemma2/3: the layer ends in a
+    norm): the fp32 gradient alone on an fp32 stream, 16-bit + fp32 on a 16-bit one (measured on
+    gemma3 over six regimes, tests/test_agreement_cpu.py). tests/test_agreement_sim.py has cases
+    whose peak is such a recompute at real shapes.
     """
+    if sandwich:
+        return 4 if stream_dt == 4 else 6
     if stream_dt == 4:
         return 6 if autocast else 8
     if autocast:
@@ -648,4 +653,4 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         tr.lora_weight_copies,
         at(tr.copies_first) + (L - 1) * (ct[0] * T + ct[1] * BSS + ct[2]),
         pr.logits, a,
-        r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method)))
+        r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method, model.arch.sandwich_norms)))
