@@ -589,6 +589,7 @@ class ActivationProfile(NamedTuple):
     logits_dt: int            # dtype bytes of the lm_head output
     stream_dt: int
     recompute_inflight: int   # [T x H] gradients in flight while a checkpointed layer recomputes
+    mask_bytes: int           # attention masks the model builds once per forward (`attention_masks`)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -648,9 +649,29 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         at(tr.layer), at(tr.first_layer), rec, rec_tmp, fwd, fwd_tmp,
         at(tr.down_saved), tr.prod_dt, tr.down_out_dt, a == 4,
         r(T * H * a), 2 * r(S * model.head_dim * a),
-        r(T * H * 4) + r(T * 4),  # final norm: x.to(float32) (a copy unless fp32) and rsqrt
+        # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
+        r(T * H * 4) + r(T * 4) + (r(H * 4) if model.arch.gemma_norm else 0),
         r(model.vocab_size * H * 2) if pr.autocast and pr.params != 2 else 0,
         tr.lora_weight_copies,
         at(tr.copies_first) + (L - 1) * (ct[0] * T + ct[1] * BSS + ct[2]),
         pr.logits, a,
-        r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method, model.arch.sandwich_norms)))
+        r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method, model.arch.sandwich_norms)),
+        attention_masks(model, plan, r))
+
+
+def attention_masks(model: ModelSpec, plan: TrainPlan, r=int) -> int:
+    """Bytes of the 4-D attention masks transformers builds once per forward and passes to every
+    layer (masking_utils.py; no padding here). Eager: a float mask [B, 1, S, S] in the embeddings'
+    dtype per attention type present (`eager_mask`: the bool mask through torch.where). SDPA: the
+    full causal mask is skipped (is_causal); a sliding-window layer gets a bool [1, 1, S, S] mask
+    (expanded to the batch as a view) once the sequence reaches the window
+    (`_ignore_causal_mask_sdpa`). FlashAttention-2 builds none. A checkpointed model keeps them as
+    the layers' arguments until backward is done; without checkpointing they die with the forward.
+    """
+    B, S = plan.batch_size, plan.seq_len
+    attn = plan.attn_implementation
+    if attn == "eager":
+        return len(model.attention_types) * r(B * S * S * plan.precision.params)
+    if attn == "sdpa" and model.sliding_window and S >= model.sliding_window:
+        return r(S * S)
+    return 0

@@ -13,6 +13,7 @@ tests/test_agreement_cpu.py (a real CPU step of a tiny random-init model of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from .errors import UnsupportedArchitectureError
 
@@ -41,8 +42,12 @@ class Arch:
     modeling file. gemma_norm: RMSNorm computes `x * (1 + w.float())` in fp32 (the `1 + w` saved).
     rotary: "single" (one rotary module) or "per_layer_type" (one per attention type present in
     `layer_types`). sdpa: whether `from_pretrained` accepts `attn_implementation="sdpa"`.
-    sliding: where a sliding window comes from ("none", "config": `sliding_window` on every layer,
-    "layer_types": the layers typed sliding_attention).
+    sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
+    "layer_types": the layers typed sliding_attention, defaulting as the family's config class
+    does, see `layer_types`).
+    default_layer_types: the config class's default when `layer_types` is absent: "alternate"
+    (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
+    default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`).
     """
 
     model_type: str
@@ -61,6 +66,7 @@ class Arch:
     sdpa: bool = True
     rotary: str = "single"
     sliding: str = "none"
+    default_layer_types: str = ""
     moe: MoELayout | None = None
 
     @property
@@ -72,15 +78,17 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("llama", _SRC.format("llama")),
     Arch("mistral", _SRC.format("mistral"), qkv_bias=False, o_bias=False, sliding="config"),
     # q/k/v carry a bias, o_proj does not (Qwen2Attention)
-    Arch("qwen2", _SRC.format("qwen2"), qkv_bias=True, o_bias=False, sliding="layer_types"),
-    Arch("qwen3", _SRC.format("qwen3"), qk_norm=True, sliding="layer_types"),
+    Arch("qwen2", _SRC.format("qwen2"), qkv_bias=True, o_bias=False, sliding="layer_types",
+         default_layer_types="qwen"),
+    Arch("qwen3", _SRC.format("qwen3"), qk_norm=True, sliding="layer_types", default_layer_types="qwen"),
     Arch("gemma", _SRC.format("gemma"), gemma_norm=True, embed_scale=True, tied_default=True),
     # no SDPA in 5.24 (attention soft-capping): from_pretrained picks eager
     Arch("gemma2", _SRC.format("gemma2"), sandwich_norms=True, gemma_norm=True, embed_scale=True,
          tied_default=True, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sdpa=False,
-         sliding="layer_types"),
+         sliding="layer_types", default_layer_types="alternate"),
     Arch("gemma3_text", _SRC.format("gemma3"), qk_norm=True, sandwich_norms=True, gemma_norm=True,
-         embed_scale=True, tied_default=True, rotary="per_layer_type", sliding="layer_types"),
+         embed_scale=True, tied_default=True, rotary="per_layer_type", sliding="layer_types",
+         default_layer_types="pattern"),
     # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
     Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
@@ -98,3 +106,29 @@ def arch_of(model_type: object) -> Arch:
             f"the closed-form estimator does not cover model_type {model_type!r} "
             f"(supported: {', '.join(SUPPORTED)}); use `memplan simulate` for any architecture transformers knows")
     return row
+
+
+def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """Each decoder layer's attention type ("full_attention" / "sliding_attention") and the sliding
+    window, as the family's transformers config class resolves them (configuration_*.py
+    `__post_init__`)."""
+    window = cfg.get("sliding_window")
+    if arch.sliding == "none":
+        return ("full_attention",) * num_layers, None
+    if arch.sliding == "config":
+        return (("sliding_attention" if window else "full_attention"),) * num_layers, window or None
+    if arch.default_layer_types == "qwen" and not cfg.get("use_sliding_window", False):
+        window = None  # Qwen2Config: sliding_window = sliding_window if use_sliding_window else None
+    types = cfg.get("layer_types")
+    if not types:
+        if arch.default_layer_types == "alternate":
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        elif arch.default_layer_types == "pattern":
+            every = int(cfg.get("sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+        else:  # qwen
+            first = int(cfg.get("max_window_layers", num_layers))
+            types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                     for i in range(num_layers)]
+    types = tuple(types)
+    return types, (window if "sliding_attention" in types else None)

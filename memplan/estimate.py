@@ -217,7 +217,7 @@ class Step(NamedTuple):
     ga_grads: int               # gradients kept across micro-batches (gradient accumulation)
     layers_saved: int           # every layer's saved set (checkpointing: each layer's input)
     model_saved: int            # rotary cos/sin, the final norm's saved tensors, lm_head's autocast copy
-    pos_ids: int                # position ids: an argument every checkpointed layer keeps
+    layer_args: int                # position ids and attention masks: arguments every checkpointed layer keeps
     small: int                  # the loss and its gradient seed
 
     def moment(self, name: str, kind: str, phase: str, description: str, layer: int | None = None, *,
@@ -250,7 +250,7 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     return Step(model=model, plan=plan, static=static, ap=ap, r=r, tokens=plan.batch_size * plan.seq_len,
                 ga_grads=static.gradients if plan.gradient_accumulation_steps > 1 else 0,
                 layers_saved=layers_saved, model_saved=ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,
-                pos_ids=r(8 * plan.seq_len) if gc else 0, small=2 * r(4))
+                layer_args=(r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, small=2 * r(4))
 
 
 def _round512(n: int) -> int:
@@ -269,7 +269,8 @@ def forward_moment(s: Step) -> Moment:
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
     return s.moment("forward", "forward", _FORWARD,
                     f"the forward of the last layer ({L - 1}), every earlier layer's activations saved", L - 1,
-                    gradients=s.ga_grads, activations=earlier + ap.rope_bytes + ap.forward_peak - ap.forward_temps,
+                    gradients=s.ga_grads,
+                    activations=earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps,
                     temporaries=ap.forward_temps)
 
 
@@ -289,7 +290,7 @@ def loss_forward_moment(s: Step) -> Moment:
     labels = r(8 * p.batch_size * (p.seq_len + 1))  # labels padded by one (-100) for the shift
     copies = ap.lora_weight_copies - (0 if p.gradient_checkpointing else ap.saved_copies)
     acts = (s.layers_saved + s.model_saved + copies + r(T * s.model.hidden_size * ap.stream_dt) + labels
-            + s.pos_ids + s.small)
+            + s.layer_args + s.small)
     return s.moment("loss:forward", "loss_forward", _LOSS,
                     "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]",
                     gradients=s.ga_grads, activations=acts, logits=logits)
@@ -300,7 +301,7 @@ def loss_backward_moment(s: Step) -> Moment:
     tv = s.tokens * s.model.vocab_size
     return s.moment("loss:backward", "loss_backward", _BACKWARD,
                     "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)",
-                    gradients=s.ga_grads, activations=s.layers_saved + s.model_saved + s.pos_ids + s.small,
+                    gradients=s.ga_grads, activations=s.layers_saved + s.model_saved + s.layer_args + s.small,
                     logits=3 * s.r(4 * tv) + _softcap_bytes(s))
 
 
@@ -316,7 +317,7 @@ class LayerBackward(NamedTuple):
 def layer_backward_state(s: Step, i: int) -> LayerBackward:
     ap = s.ap
     own_input = 0 if not s.plan.gradient_checkpointing or ap.input_in_saved else ap.layer_input_bytes
-    fixed = s.below(i) + ap.rope_bytes + s.pos_ids + s.small + own_input
+    fixed = s.below(i) + ap.rope_bytes + s.layer_args + s.small + own_input
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved, s.grads_above(i))
 

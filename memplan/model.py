@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .arch import SUPPORTED, Arch, arch_of
+from .arch import SUPPORTED, Arch, arch_of, layer_types
 from .errors import InvalidSpecError
 
 __all__ = ["Linear", "ModelSpec", "model_from_config", "SUPPORTED"]
@@ -59,6 +59,9 @@ class ModelSpec:
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     attn_logit_softcapping: float | None = None
+    #: the attention types its layers use ("full_attention", "sliding_attention"); `sliding_window` is
+    #: the window of the sliding ones (None when no layer slides)
+    attention_types: tuple[str, ...] = ("full_attention",)
     #: the architecture table's row (memplan/arch.py): every per-family fact
     arch: Arch | None = None
     #: rotary embedding modules (gemma3: one per attention type in `layer_types`), read from the
@@ -202,12 +205,9 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
         norms += [("mlp.gate.weight", E * H)]
-    rotary_modules = 1
-    if arch.rotary == "per_layer_type":  # one set of rotary buffers per attention type present
-        types = cfg.get("layer_types") or [
-            "full_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) == 0
-            else "sliding_attention" for i in range(L)]
-        rotary_modules = len(set(types))
+    types, window = layer_types(arch, cfg, L)
+    # one set of rotary buffers per attention type present (gemma3), else one
+    rotary_modules = len(set(types)) if arch.rotary == "per_layer_type" else 1
     archs = cfg.get("architectures") or []
     return ModelSpec(
         name=name or hub_id or model_type,
@@ -220,7 +220,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         layer_linears=tuple(linears), layer_norms=tuple(norms), num_experts=E, experts_per_token=k,
         hub_id=hub_id, aliases=tuple(aliases), source=source, config=dict(config),
         final_logit_softcapping=cfg.get("final_logit_softcapping", arch.final_logit_softcapping),
-        sliding_window=cfg.get("sliding_window"),
+        sliding_window=window, attention_types=tuple(sorted(set(types))),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
         arch=arch, rotary_modules=rotary_modules,
     )
