@@ -19,10 +19,11 @@ pytest.importorskip("bitsandbytes")
 
 from memplan.errors import MissingExtraError  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402
+from memplan.runtime import tracker as rt_tracker  # noqa: E402
+from memplan.runtime.step import cpu_step  # noqa: E402
+from memplan.simulate import driver as sim_driver  # noqa: E402
+from memplan.simulate import moe as sim_moe  # noqa: E402
 from memplan.simulate import simulate  # noqa: E402
-from memplan.simulate import meta as sim_meta  # noqa: E402
-from memplan.simulate import tracker as sim_tracker  # noqa: E402
-from memplan.simulate.step import cpu_step  # noqa: E402
 
 TOL = 1e-3  # DESIGN.md: simulate vs a real CPU step within 0.1 % of peak live bytes
 
@@ -136,7 +137,7 @@ def test_moe_eager_loop_balanced_routing(plan_id, monkeypatch):
     assert abs(sim.peak_bytes - real.peak_bytes) <= 0.02 * real.peak_bytes
     _balanced_router(monkeypatch)
     _assert_close(cpu_step(cfg, plan), sim)
-    assert sim_meta.balanced_counts(5, 2, 4) == [3, 3, 2, 2]
+    assert sim_moe.balanced_counts(5, 2, 4) == [3, 3, 2, 2]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -155,7 +156,7 @@ def test_fast_warmup_equals_full_warmup(cfg_id, plan_id, device):
 @pytest.mark.parametrize("cfg_id", ["llama", "gemma-tied", "mixtral-moe"])
 def test_fast_meta_kernels_agree_with_torch(cfg_id, device, monkeypatch):
     """The tracker's shortcut meta kernels give what torch's own meta kernels give."""
-    monkeypatch.setattr(sim_tracker.LiveTensorTracker, "check_fast", True)
+    monkeypatch.setattr(rt_tracker.LiveTensorTracker, "check_fast", True)
     plan = _plan(cfg_id, "nogc-autocast-adamw-drop.05").replace(device=device)
     if device == "cuda" and cfg_id.startswith("mixtral"):
         plan = plan.replace(prepare=False)  # CUDA grouped_mm: bf16 experts only
@@ -166,7 +167,7 @@ def test_fast_meta_kernels_agree_with_torch(cfg_id, device, monkeypatch):
 @pytest.fixture
 def capture(monkeypatch):
     """The tracker simulate used (its per-storage records)."""
-    cls = sim_tracker.LiveTensorTracker
+    cls = rt_tracker.LiveTensorTracker
     seen = []
 
     class Capturing(cls):
@@ -174,7 +175,7 @@ def capture(monkeypatch):
             super().__init__(*a, **k)
             seen.append(self)
 
-    monkeypatch.setattr(sim_tracker, "LiveTensorTracker", Capturing)
+    monkeypatch.setattr(rt_tracker, "LiveTensorTracker", Capturing)
     return seen
 
 
@@ -257,6 +258,42 @@ def test_patches_are_restored():
     assert "meta" not in topt._get_fused_kernels_supported_devices()
 
 
+@pytest.mark.parametrize("cfg_id,over,match", [
+    ("llama", dict(target_modules=("nonexistent_proj",)), r"\(NoMatchingPeftModuleError from peft\): Target modules"),
+    ("mixtral-moe", dict(lora_dropout=0.05), r"\(ValueError from peft\): lora.ParamWrapper does not work"),
+])
+def test_hf_stack_refusal_is_a_one_line_error(cfg_id, over, match):
+    """What peft/transformers/torch refuse becomes StepWouldFail (a MemplanError: one line, exit 2)."""
+    from memplan.errors import MemplanError
+
+    with pytest.raises(MemplanError, match=match) as e:
+        simulate(CONFIGS[cfg_id], TrainPlan(device="cpu", seq_len=32, **over))
+    assert type(e.value).__name__ == "StepWouldFail" and "\n" not in str(e.value)
+
+
+def test_memplan_bugs_are_not_called_hf_refusals(monkeypatch):
+    """An exception raised by memplan's own code (or anything outside the HF stack) propagates unchanged."""
+    from memplan.errors import MemplanError
+    from memplan.simulate import build, emulation
+    from memplan.units import round_up
+
+    def broken_sdpa(self, *args, **kwargs):
+        raise ValueError("a bug in the SDPA emulation")
+
+    plan = TrainPlan(device="cpu", seq_len=32)
+    with monkeypatch.context() as m:
+        m.setattr(emulation.MetaEmulation, "sdpa", broken_sdpa)  # called from torch, inside transformers' forward
+        with pytest.raises(ValueError, match="a bug in the SDPA emulation") as e:
+            simulate(CONFIGS["llama"], plan)
+        assert not isinstance(e.value, MemplanError)
+    with monkeypatch.context() as m:
+        m.setattr(build, "quantize_on_meta", round_up)  # raises TypeError inside memplan/units.py
+        with pytest.raises(TypeError) as e:
+            simulate(CONFIGS["llama"], plan)
+        assert not isinstance(e.value, MemplanError)
+    assert simulate(CONFIGS["llama"], plan).peak_bytes > 0  # and the patches were restored
+
+
 def test_missing_extra(monkeypatch):
     import importlib.util
 
@@ -269,10 +306,10 @@ def test_missing_extra(monkeypatch):
 
 
 def test_progress_lines(capsys):
-    p = sim_meta._Progress(True, after=0.0)
+    p = sim_driver.Progress(True, after=0.0)
     p("building model")
     assert capsys.readouterr().err == "memplan: building model…\n"
-    quiet = sim_meta._Progress(True, after=60.0)
+    quiet = sim_driver.Progress(True, after=60.0)
     quiet("step 1/2")
     assert capsys.readouterr().err == ""
 

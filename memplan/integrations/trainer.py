@@ -185,12 +185,12 @@ class MemplanCallback(TrainerCallback):
     def _start_cpu_tracker(self, optimizer) -> None:
         import torch
 
-        from ..simulate.step import classify_param
-        from ..simulate.tracker import LiveTensorTracker
+        from ..runtime.classify import param_classifier
+        from ..runtime.tracker import LiveTensorTracker
         from ..terms import Term
 
         t = LiveTensorTracker(device="cpu")
-        t.register_model(self._model, classify_param)
+        t.register_model(self._model, param_classifier(self._model))
         for p in self._model.parameters():
             if p.grad is not None:
                 t.register(p.grad, Term.GRADIENTS)

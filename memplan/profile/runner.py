@@ -1,7 +1,7 @@
 """Real training steps on the device, measured per phase and per term (the `profile` engine).
 
 One `Session` holds a loaded, adapted model; `Session.run(plan, steps)` builds the optimizer the HF
-Trainer builds for `plan.optim`, runs `steps` Trainer-like steps through `simulate.step.run_steps`
+Trainer builds for `plan.optim`, runs `steps` Trainer-like steps through `runtime.step.run_steps`
 (the same code path as simulate and the CPU agreement tests) and returns a `MeasuredRun`. Plans that
 differ only in batch size, sequence length, gradient accumulation, optimizer or autocast reuse the
 loaded model (a search or a sweep loads once); anything else reloads.
@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from ..errors import MemplanError
+from ..formulas import MODELED_VERSIONS
 from ..model import ModelSpec
 from ..plan import TrainPlan
 from ..terms import Term
@@ -76,7 +77,7 @@ def package_versions(nvml: Any = None) -> dict[str, Any]:
     from .. import __version__
 
     v: dict[str, Any] = {"memplan": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "nvidia-ml-py"):
+    for pkg in (*MODELED_VERSIONS, "nvidia-ml-py"):
         try:
             v[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -137,12 +138,11 @@ def _process_paged_bytes() -> int:
 
 def _static_terms(model, plan: TrainPlan, round_to: int, device: str | None) -> dict[str, int]:
     """Terms of the parameters, buffers and quant state that exist now (registered, not traced)."""
-    from ..simulate.step import _base_weight_names, classify_param
-    from ..simulate.tracker import LiveTensorTracker
+    from ..runtime.classify import param_classifier
+    from ..runtime.tracker import LiveTensorTracker
 
     t = LiveTensorTracker(round_to=round_to, device=device)
-    base = _base_weight_names(model, plan)
-    t.register_model(model, lambda n, p: Term.BASE_WEIGHTS if n in base else classify_param(n, p))
+    t.register_model(model, param_classifier(model))
     return t.terms_at(0)
 
 
@@ -152,7 +152,7 @@ def _static_terms(model, plan: TrainPlan, round_to: int, device: str | None) -> 
 def _make_tracker(session: "Session", track: bool, round_to: int, device: str):
     if not track:
         return _NullTracker(session)
-    from ..simulate.tracker import LiveTensorTracker
+    from ..runtime.tracker import LiveTensorTracker
 
     class PhaseTracker(LiveTensorTracker):
         """The live-tensor tracker, plus per-step peaks and phase callbacks."""
@@ -352,8 +352,8 @@ class Session:
         return 512 if self.device == "cuda" else 1
 
     def _load(self, plan: TrainPlan) -> None:
-        from ..simulate.step import adapt
-        from .weights import load_model
+        from ..runtime.load import adapt, load_model
+        from .weights import checkpoint_path
 
         self.unload()
         self._load_readings, self._load_terms, self._load_wall = [], {}, {}
@@ -368,8 +368,9 @@ class Session:
             t0 = time.perf_counter()
             if phase == "load":
                 self.progress(f"loading {self.spec.name} ({self.weights} weights, {plan.method})")
-                self._model = load_model(dict(self.spec.config), plan, self.torch_device, weights=self.weights,
-                                         source=self.source, seed=self.seed, progress=self.progress)
+                config = dict(self.spec.config)
+                path = checkpoint_path(config, plan, self.weights, self.source, self.seed, self.progress)
+                self._model = load_model(config, plan, self.torch_device, seed=self.seed, checkpoint=path)
             else:
                 self._model = adapt(self._model, plan)
             self._load_wall[phase] = round(time.perf_counter() - t0, 3)
@@ -474,7 +475,6 @@ class Session:
 
     def _estimate(self, plan: TrainPlan) -> tuple[dict[str, Any] | None, list[str]]:
         from ..estimate import compute
-        from ..formulas import MODELED_VERSIONS
 
         try:
             e = compute(self.spec, plan, self.gpu_spec if self.device == "cuda" else None)
@@ -486,7 +486,7 @@ class Session:
 
     # ---- the steps -----------------------------------------------------------------------------
     def _steps(self, plan: TrainPlan, steps: int) -> dict[str, Any]:
-        from ..simulate.step import make_optimizer, run_steps
+        from ..runtime.step import make_optimizer, run_steps
 
         model = self._model
         opt = make_optimizer(model, plan)

@@ -1,4 +1,4 @@
-"""Loading the model the way a training script does: `from_pretrained` with `BitsAndBytesConfig`.
+"""Which checkpoint a profile loads; `memplan.runtime.load.load_model` (the one loader) loads it.
 
 `weights="random"`: memory does not depend on weight values, so a checkpoint of random weights is
 written once per (config, dtype) into a cache folder and loaded through the real `from_pretrained`
@@ -51,7 +51,7 @@ def random_checkpoint(config: dict[str, Any], dtype: str = "bf16", seed: int = 0
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..simulate.step import _TORCH_DTYPE, hf_config
+    from ..runtime.load import TORCH_DTYPE, hf_config
 
     root = cache_root() / "random-weights"
     final = root / f"{config.get('model_type', 'model')}-{dtype}-{_key(config, dtype, seed)}"
@@ -64,7 +64,7 @@ def random_checkpoint(config: dict[str, Any], dtype: str = "bf16", seed: int = 0
     try:
         cfg = hf_config(config)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=_TORCH_DTYPE[dtype])
+            model = AutoModelForCausalLM.from_config(cfg, dtype=TORCH_DTYPE[dtype])
         model.to_empty(device="cpu")
         g = torch.Generator().manual_seed(seed)
         block = (torch.randn(_FILL_BLOCK, generator=g) * 0.02)
@@ -93,28 +93,16 @@ def random_checkpoint(config: dict[str, Any], dtype: str = "bf16", seed: int = 0
     return final
 
 
-def load_model(config: dict[str, Any], plan: TrainPlan, device: str, weights: str = "random",
-               source: str | None = None, seed: int = 0, progress: Any = None):
-    """The model as `AutoModelForCausalLM.from_pretrained(..., quantization_config=...)` returns it."""
-    from transformers import AutoModelForCausalLM
-
-    from ..simulate.step import _TORCH_DTYPE, bnb_config
+def checkpoint_path(config: dict[str, Any], plan: TrainPlan, weights: str = "random", source: str | None = None,
+                    seed: int = 0, progress: Any = None) -> str:
+    """The folder (or hub id) to load for `weights`: the cached random checkpoint, or `source`."""
+    from ..errors import MemplanError
 
     if weights == "random":
-        path: str = str(random_checkpoint(config, plan.dtype, seed, progress=progress))
-    elif weights == "pretrained":
+        return str(random_checkpoint(config, plan.dtype, seed, progress=progress))
+    if weights == "pretrained":
         if not source:
-            from ..errors import MemplanError
-
             raise MemplanError("--weights pretrained needs a hub id or a local folder with weights as MODEL")
-        path = source
-    else:
-        from ..errors import MemplanError
+        return source
+    raise MemplanError(f"--weights {weights!r} is not one of: random, pretrained")
 
-        raise MemplanError(f"--weights {weights!r} is not one of: random, pretrained")
-    kw: dict[str, Any] = {"dtype": _TORCH_DTYPE[plan.dtype], "attn_implementation": plan.attn_implementation}
-    if plan.method == "qlora":
-        kw["quantization_config"] = bnb_config(plan)
-    if device != "cpu":
-        kw["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(path, **kw)

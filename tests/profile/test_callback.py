@@ -16,8 +16,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from memplan.integrations import MemplanCallback, plan_for_trainer  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402
 from memplan.profile.record import read_run, validate  # noqa: E402
-from memplan.profile.weights import load_model  # noqa: E402
-from memplan.simulate.step import adapt  # noqa: E402
+from memplan.runtime.load import adapt, load_model  # noqa: E402
 
 from _tiny import TINY  # noqa: E402
 

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 import memplan  # noqa: E402
-import memplan.simulate.step as step_mod  # noqa: E402
+import memplan.runtime.step as step_mod  # noqa: E402
 from memplan.cli import main  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402

@@ -54,7 +54,7 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     """Build each catalogue model on the meta device: total and every layer module's shape agree."""
     import torch
 
-    from memplan.simulate.step import hf_config
+    from memplan.runtime.load import hf_config
 
     e = _model_entries()[key]
     spec = model_from_config(e["config"])

@@ -3,10 +3,13 @@
 A `TorchDispatchMode` sees every op's outputs; each new storage gets a record and a weakref
 finalizer that marks it freed. Records keep the op counter at creation and at free, so the set
 alive at any moment (the peak in particular) is recovered after the step without snapshotting on
-every allocation. Works on real CPU/CUDA tensors and on the meta device.
+every allocation. Works on real CPU/CUDA tensors and on the meta device. The same tracker measures
+real CPU steps (tests, `profile`, the Trainer callback) and meta-device traces (`memplan.simulate`).
 
 Labelling (`Term`) happens after the step, when lifetimes are known:
-- parameters, buffers and bitsandbytes quant state are registered up front by what they are;
+- parameters, buffers and bitsandbytes quant state are registered up front by what they are
+  (`register_model`, with `memplan.runtime.classify` deciding base_weights / adapter_weights /
+  other_params);
 - a storage that is a parameter's `.grad` after backward -> gradients; one held in the optimizer's
   state after `step()` -> optimizer_state;
 - a storage whose shape ends in the vocabulary size and spans every token -> logits;
@@ -17,14 +20,15 @@ Labelling (`Term`) happens after the step, when lifetimes are known:
 Ops run inside bitsandbytes' Python kernels are seen by redispatching those ops below the Python
 key with the mode still pushed (otherwise their internal buffers would be invisible).
 
-On the meta device (simulate): `bnb_impls` replaces bitsandbytes' fake kernels by Python kernels
-that allocate what the emulated device's kernels allocate, `kernel_temps` adds the buffers a kernel
-allocates internally for the duration of one op, `add_paged` counts managed (paged) memory apart,
-and simple elementwise/factory/dropout ops get their outputs from `_fast_meta` instead of torch's
-slow Python meta kernels (`check_fast` compares the two).
+Hooks for the meta device (simulate fills them; a real step leaves them empty): `bnb_impls`
+replaces bitsandbytes' fake kernels by Python kernels that allocate what the emulated device's
+kernels allocate, `kernel_temps` adds the buffers a kernel allocates internally for the duration of
+one op, `fast_kernels` computes the outputs of simple ops instead of torch's slow Python meta
+kernels (`check_fast` compares the two), and `add_paged` counts managed (paged) memory apart.
 
 Known limitations: storages created outside the mode (before `start`) are invisible unless
-registered; the module attribution is the innermost `nn.Module` call at creation.
+registered; the module attribution is the innermost `nn.Module` call at creation. A storage freed by
+`untyped_storage().resize_(0)` (FSDP2) stays counted until its object dies.
 """
 
 from __future__ import annotations
@@ -89,12 +93,13 @@ class LiveTensorTracker(TorchDispatchMode):
     decision. `round_to` (512 on CUDA) rounds each storage up as the CUDA caching allocator does.
     """
 
-    #: compare every fast meta kernel result with torch's own meta kernel (a test switch)
+    #: compare every `fast_kernels` result with torch's own kernel (a test switch)
     check_fast = False
 
     def __init__(self, round_to: int = 1, device: str | tuple[str, ...] | None = None,
                  bnb_impls: dict[str, Callable[..., Any]] | None = None,
-                 kernel_temps: dict[str, Callable[..., list[torch.Tensor]]] | None = None):
+                 kernel_temps: dict[str, Callable[..., list[torch.Tensor]]] | None = None,
+                 fast_kernels: dict[Any, Callable[[tuple, dict], Any]] | None = None):
         super().__init__()
         self.round_to = round_to
         #: device types whose storages count (None: all)
@@ -105,6 +110,9 @@ class LiveTensorTracker(TorchDispatchMode):
         #: op name -> fn(*args, **kwargs) returning the buffers the real device's kernel allocates
         #: internally (through the caching allocator) while it runs, on meta; alive during the op only
         self.kernel_temps = dict(kernel_temps or {})
+        #: aten op -> fn(args, kwargs) giving the op's output directly (or None: run the op), e.g.
+        #: `memplan.simulate.fastmeta.FAST_KERNELS` on meta tensors
+        self.fast_kernels = dict(fast_kernels or {})
         #: storages kept out of the live count (e.g. paged optimizer state in managed memory)
         self.paged_bytes = 0
         self.records: list[StorageRecord] = []
@@ -189,7 +197,7 @@ class LiveTensorTracker(TorchDispatchMode):
             self.register(p, classify(name, p), name)
             qs = getattr(p, "quant_state", None)
             if qs is not None:
-                for qname, qt in _quant_state_tensors(qs):
+                for qname, qt in quant_state_tensors(qs):
                     self.register(qt, Term.QUANT_STATE, f"{name}.{qname}")
         for name, b in model.named_buffers(remove_duplicate=True):
             self.register(b, Term.OTHER_PARAMS, name)
@@ -248,8 +256,8 @@ class LiveTensorTracker(TorchDispatchMode):
         if func.namespace == _BNB_NS:
             out = self._run_bnb(func, args, kwargs)
         else:
-            kind = _FAST_META.get(func)
-            out = _fast_meta(kind, args, kwargs) if kind is not None else None
+            fast = self.fast_kernels.get(func)
+            out = fast(args, kwargs) if fast is not None else None
             if out is None:
                 out = func(*args, **kwargs)
             elif self.check_fast:
@@ -291,8 +299,18 @@ class LiveTensorTracker(TorchDispatchMode):
         return [r for r in self.records if r.alive_at(t)]
 
     def label(self, grads: Iterable[torch.Tensor] = (), optimizer_state: Iterable[torch.Tensor] = (),
-              vocab_size: int | None = None, tokens: int | None = None) -> None:
-        """Assign a Term to every unlabelled record (call after the step)."""
+              vocab_size: int | None = None, tokens: int | None = None,
+              params: Iterable[tuple[str, torch.Tensor, Term]] = ()) -> None:
+        """Assign a Term to every unlabelled record (call after the step).
+
+        `params`: (name, tensor, term) of the model's parameters and buffers now; a storage that
+        replaced a parameter's during the step (bitsandbytes' Linear4bit casts its bias to the input
+        dtype with `bias.data = ...` in forward) gets the parameter's term.
+        """
+        for name, t, term in params:
+            rec = self._by_id.get(id(t.untyped_storage()))
+            if rec is not None and rec.term is None:
+                rec.term, rec.name = term, name
         for t in grads:
             rec = self._by_id.get(id(t.untyped_storage()))
             if rec is not None:
@@ -327,157 +345,7 @@ class LiveTensorTracker(TorchDispatchMode):
                  "term": str(r.term), "phase": r.phase} for r in alive]
 
 
-# ---- fast meta kernels ---------------------------------------------------------------------------
-# torch's meta kernels for elementwise ops, *_like factories and dropout are Python reference
-# implementations (~100 µs each); a 70B step runs ~10^5 of them. For the plain case (meta tensors,
-# contiguous, no 0-dim tensor operands) the result is simply a contiguous empty tensor, which costs
-# ~2 µs. Anything else falls back to torch's own meta kernel.
-_aten = torch.ops.aten
-_FAST_META: dict[Any, str] = {}
-for _name in ("add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "maximum.default", "minimum.default",
-              "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "pow.Tensor_Scalar"):
-    _pk, _, _ov = _name.partition(".")
-    _FAST_META[getattr(getattr(_aten, _pk), _ov)] = "binary"
-for _name in ("neg", "silu", "rsqrt", "exp", "tanh", "sigmoid", "sqrt", "reciprocal", "gelu", "relu", "sin", "cos",
-              "silu_backward", "gelu_backward", "tanh_backward", "sigmoid_backward", "threshold_backward"):
-    _FAST_META[getattr(_aten, _name).default] = "binary"
-_FAST_META[_aten.mean.dim] = "reduce"
-_FAST_META[_aten.sum.dim_IntList] = "reduce"
-_FAST_META[_aten.empty_like.default] = "like"
-_FAST_META[_aten.zeros_like.default] = "like"
-_FAST_META[_aten.ones_like.default] = "like"
-_FAST_META[_aten.native_dropout.default] = "dropout"
-_FAST_META[_aten.native_dropout_backward.default] = "like"
-
-
-def _broadcast(shapes) -> tuple[int, ...] | None:
-    nd = max(len(s) for s in shapes)
-    out = [1] * nd
-    for s in shapes:
-        off = nd - len(s)
-        for i, d in enumerate(s):
-            j = off + i
-            if d != 1:
-                if out[j] != 1 and out[j] != d:
-                    return None
-                out[j] = d
-    return tuple(out)
-
-
-def _check_fast(func, fast, ref) -> None:
-    for a, b in zip(tree_flatten(fast)[0], tree_flatten(ref)[0]):
-        if (a.shape, a.dtype, a.stride(), a.device) != (b.shape, b.dtype, b.stride(), b.device):
-            raise AssertionError(f"fast meta kernel for {func} gave {tuple(a.shape)} {a.dtype} {a.stride()} "
-                                 f"{a.device}; torch gives {tuple(b.shape)} {b.dtype} {b.stride()} {b.device}")
-
-
-def _dense(shape, stride) -> bool:
-    """Non-overlapping and dense (a permutation of a contiguous layout)."""
-    dims = sorted((st, sz) for sz, st in zip(shape, stride) if sz != 1)
-    expect = 1
-    for st, sz in dims:
-        if st != expect:
-            return False
-        expect *= sz
-    return True
-
-
-def _fast_meta(kind: str, args, kwargs):
-    """Output of a simple op on contiguous meta tensors, or None to use torch's meta kernel."""
-    if kind == "binary":
-        dimmed = []
-        contiguous = True
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if a.dim():
-                    if not a.is_meta:
-                        return None
-                    contiguous = contiguous and a.is_contiguous()
-                    dimmed.append(a)
-                elif a.device.type not in ("meta", "cpu"):
-                    return None
-            elif isinstance(a, bool) or not isinstance(a, (int, float)):
-                return None
-        for k, v in kwargs.items():
-            if k != "alpha" and not (k == "approximate" and isinstance(v, str)):
-                return None
-        if not dimmed:
-            return None
-        stride = None
-        if not contiguous:
-            # a permuted dense layout shared by every operand is preserved (TensorIterator); else fall back
-            shape, stride = dimmed[0].shape, dimmed[0].stride()
-            if any(t.shape != shape or t.stride() != stride for t in dimmed[1:]) or not _dense(shape, stride):
-                return None
-        else:
-            shape = dimmed[0].shape if len(dimmed) == 1 else _broadcast([t.shape for t in dimmed])
-            if shape is None:
-                return None
-        if len(args) == 1:
-            dtype = args[0].dtype
-        else:
-            dtype = torch.result_type(args[0], args[1]) if len(args) == 2 else None
-            if dtype is None or any(t.dtype != dtype for t in dimmed[2:]):
-                return None
-        if not dtype.is_floating_point:
-            return None
-        if stride is None:
-            # TensorIterator keeps an operand's strides (they can differ from torch.empty's on size-1 dims)
-            for t in dimmed:
-                if t.shape == shape:
-                    stride = t.stride()
-                    break
-            else:
-                return torch.empty(shape, dtype=dtype, device="meta")
-        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-    if kind == "reduce":  # mean.dim / sum.dim_IntList (x, dims, keepdim=False, *, dtype=None)
-        x = args[0]
-        if not x.is_meta or not x.is_contiguous() or not x.dtype.is_floating_point or len(args) < 2:
-            return None
-        dims = args[1]
-        keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-        dtype = kwargs.get("dtype") or x.dtype
-        if any(k not in ("keepdim", "dtype") for k in kwargs) or not isinstance(dims, (list, tuple)) or not dims:
-            return None
-        nd = x.dim()
-        red = {d % nd for d in dims}
-        shape = [1 if i in red else s for i, s in enumerate(x.shape)] if keep else \
-            [s for i, s in enumerate(x.shape) if i not in red]
-        return torch.empty(shape, dtype=dtype, device="meta")
-    if kind == "like":
-        x = args[0]
-        if not x.is_meta or not x.is_contiguous():
-            return None
-        dtype = x.dtype
-        keep = True
-        for k, v in kwargs.items():
-            if k == "dtype":
-                dtype = v if v is not None else dtype
-            elif k == "memory_format":
-                if v not in (None, torch.preserve_format, torch.contiguous_format):
-                    return None
-                keep = v is not torch.contiguous_format
-            elif k in ("layout", "pin_memory"):
-                if v not in (None, False, torch.strided):
-                    return None
-            elif k == "device":
-                if v is not None and torch.device(v).type != "meta":
-                    return None
-            else:
-                return None
-        if keep:  # preserve_format keeps a dense input's exact strides
-            return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device="meta")
-        return torch.empty(x.shape, dtype=dtype, device="meta")
-    if kind == "dropout":
-        x = args[0]
-        if not x.is_meta or not x.is_contiguous() or kwargs:
-            return None
-        return (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"),
-                torch.empty_strided(x.shape, x.stride(), dtype=torch.bool, device="meta"))
-    return None
-
-
-def _quant_state_tensors(qs: Any) -> list[tuple[str, torch.Tensor]]:
+def quant_state_tensors(qs: Any) -> list[tuple[str, torch.Tensor]]:
     """Every tensor a bitsandbytes QuantState holds (absmax, code, offset, nested state)."""
     out = []
     for attr in ("absmax", "code", "offset"):
@@ -486,5 +354,12 @@ def _quant_state_tensors(qs: Any) -> list[tuple[str, torch.Tensor]]:
             out.append((attr, v))
     s2 = getattr(qs, "state2", None)
     if s2 is not None:
-        out += [(f"state2.{n}", t) for n, t in _quant_state_tensors(s2)]
+        out += [(f"state2.{n}", t) for n, t in quant_state_tensors(s2)]
     return out
+
+
+def _check_fast(func, fast, ref) -> None:
+    for a, b in zip(tree_flatten(fast)[0], tree_flatten(ref)[0]):
+        if (a.shape, a.dtype, a.stride(), a.device) != (b.shape, b.dtype, b.stride(), b.device):
+            raise AssertionError(f"fast kernel for {func} gave {tuple(a.shape)} {a.dtype} {a.stride()} "
+                                 f"{a.device}; torch gives {tuple(b.shape)} {b.dtype} {b.stride()} {b.device}")

@@ -1,0 +1,143 @@
+"""Patches of torch, transformers and bitsandbytes for the meta device, and the optimizer on meta.
+
+All are applied only inside `simulate` and restored afterwards (tests/test_simulate.py checks that).
+
+1. ``transformers.masking_utils.find_packed_sequence_indices`` → None for meta position ids. It asks
+   the data (``.all()``) whether the position ids describe packed sequences; the step feeds one
+   unpacked sequence per row, for which the real function returns None too (`build_patches`).
+7. Optimizers: ``adamw_torch_fused`` needs "meta" in
+   ``torch.optim.optimizer._get_fused_kernels_supported_devices`` (`build_patches`); on ``"cuda"``
+   AdamW/SGD get ``foreach=True`` (torch's CUDA default; on meta, as on CPU, torch picks the
+   per-tensor loop). Paged bitsandbytes state on ``"cuda"`` (tensors of at least
+   `memplan.optim.PAGED_MIN_NUMEL` elements) is created outside the tracker and added to
+   ``paged_bytes``; on ``"cpu"`` it is ordinary memory, as bitsandbytes does on CPU. 8-bit
+   optimizers' code tables are moved to meta untracked on CPU (a no-op ``.to`` there, a tracked copy
+   on CUDA) (`make_meta_optimizer`).
+
+`step_patches` enters, for the steps, the emulation mode (`emulation.MetaEmulation`: patches 2, 3
+and 6) with its autocast stand-ins (``torch.autocast``/``torch.amp.autocast`` accept
+``device_type="meta"``, ``torch.clear_autocast_cache`` also clears the emulated weight cache, and on
+``"cuda"`` ``torch.is_autocast_enabled()`` reports the carrier), the MoE patches (`moe`, patch 8) and
+the int8 matmul choice (`kernels`, patch 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Iterator
+
+from ..plan import TrainPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .emulation import MetaEmulation
+
+
+@contextlib.contextmanager
+def patch_attr(obj, name: str, value) -> Iterator[None]:
+    """Set `obj.name = value` for the duration of the block (deleted again if it did not exist)."""
+    missing = object()
+    old = getattr(obj, name, missing)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if old is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def build_patches() -> Iterator[None]:
+    """Patches needed while building, adapting and stepping (patches 1 and 7, name2qmap on CPU)."""
+    import torch.optim.optimizer as topt
+    import transformers.masking_utils as mu
+
+    from .build import bnb_qmap_on_cpu
+
+    orig_fused = topt._get_fused_kernels_supported_devices
+
+    def fused_devices():
+        return list(orig_fused()) + ["meta"]
+
+    def find_packed(position_ids):
+        if position_ids is not None and position_ids.is_meta:
+            return None
+        return orig_find(position_ids)
+
+    orig_find = mu.find_packed_sequence_indices
+    with contextlib.ExitStack() as st:
+        st.enter_context(patch_attr(mu, "find_packed_sequence_indices", find_packed))
+        st.enter_context(patch_attr(topt, "_get_fused_kernels_supported_devices", fused_devices))
+        st.enter_context(bnb_qmap_on_cpu())
+        yield
+
+
+@contextlib.contextmanager
+def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
+    """Patches active during the steps: the emulation mode, autocast cache and flag, MoE and int8 kernels."""
+    import torch
+
+    from .kernels import int8_matmul_patch
+    from .moe import experts_patch, grouped_mm_patch
+
+    orig_clear = torch.clear_autocast_cache
+    orig_enabled = torch.is_autocast_enabled
+
+    def clear_autocast_cache():
+        emu.clear_cache()
+        return orig_clear()
+
+    def is_autocast_enabled(device_type=None):
+        if device_type is None or device_type == "cuda":
+            return orig_enabled("cpu")
+        return orig_enabled(device_type)
+
+    class autocast(torch.amp.autocast_mode.autocast):  # noqa: N801 - stands in for torch.autocast
+        """torch.autocast(device_type="meta", ...) → the CPU carrier (meta has no autocast state)."""
+
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    with contextlib.ExitStack() as st:
+        st.enter_context(patch_attr(torch, "clear_autocast_cache", clear_autocast_cache))
+        st.enter_context(patch_attr(torch, "autocast", autocast))
+        st.enter_context(patch_attr(torch.amp, "autocast", autocast))
+        st.enter_context(grouped_mm_patch(device))
+        st.enter_context(experts_patch())
+        st.enter_context(int8_matmul_patch(device))
+        if device == "cuda":
+            st.enter_context(patch_attr(torch, "is_autocast_enabled", is_autocast_enabled))
+        st.enter_context(emu)
+        yield
+
+
+def make_meta_optimizer(model, plan: TrainPlan, tracker):
+    """`runtime.step.make_optimizer`, adjusted so that it behaves on meta as on `plan.device` (patch 7)."""
+    import torch
+
+    from ..optim import PAGED_MIN_NUMEL
+    from ..runtime.step import make_optimizer
+
+    opt = make_optimizer(model, plan)
+    if isinstance(opt, torch.optim.Optimizer) and plan.device == "cuda":
+        for g in opt.param_groups:
+            if "foreach" in g and g.get("foreach") is None and not g.get("fused"):
+                g["foreach"] = True  # torch's default for CUDA tensors
+    if hasattr(opt, "get_state_buffer") and hasattr(opt, "is_paged"):
+        def get_state_buffer(p, dtype=torch.float32, _opt=opt):
+            if plan.device == "cuda" and _opt.is_paged and p.numel() >= PAGED_MIN_NUMEL:
+                from torch.utils._python_dispatch import _disable_current_modes
+
+                with _disable_current_modes():
+                    buf = torch.zeros_like(p, dtype=dtype, device=p.device)
+                tracker.add_paged(buf)
+                return buf
+            return torch.zeros_like(p, dtype=dtype, device=p.device)
+
+        opt.get_state_buffer = get_state_buffer
+    if plan.device == "cpu" and isinstance(getattr(opt, "name2qmap", None), dict):
+        # bitsandbytes builds its code tables on CPU at construction and moves them to the parameters'
+        # device at the first step: a no-op on CPU, a copy on meta. Move them now, untracked, as on CPU.
+        opt.name2qmap = {k: v.to("meta") for k, v in opt.name2qmap.items()}
+    return opt
