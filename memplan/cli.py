@@ -16,9 +16,10 @@ from .catalogue import list_gpus, list_models, load_gpu, load_model
 from .errors import MemplanError
 from .estimate import Estimate, estimate
 from .fit import Fit, check_fit
+from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
 from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, QUANTS, TrainPlan, plan_from
-from .terms import Term
+from .present import gib, pct, plan_lines, reserve_line, share, verdict
 from .units import GiB
 
 EXIT_OK, EXIT_NO_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -115,24 +116,14 @@ def estimate_data(args: argparse.Namespace) -> Estimate:
 
 
 def fit_data(args: argparse.Namespace) -> Fit:
-    if args.reserve is not None and args.reserve < 0:
-        raise MemplanError(f"--reserve must be >= 0 GiB, got {args.reserve}")
-    return check_fit(args.model, args.gpu, reserve_bytes=int(round((args.reserve or 0) * GiB)),
-                     **plan_kwargs(args))
-
-
-def _reserve_bytes(args: argparse.Namespace, default: int = 0) -> int:
-    if args.reserve is None:
-        return default
-    if args.reserve < 0:
-        raise MemplanError(f"--reserve must be >= 0 GiB, got {args.reserve}")
-    return int(round(args.reserve * GiB))
+    return check_fit(args.model, args.gpu, reserve_bytes=reserve_from_gib(args.reserve), **plan_kwargs(args))
 
 
 def recommend_data(args: argparse.Namespace) -> Any:
-    from .recommend import DEFAULT_RESERVE_BYTES, recommend
+    from .recommend import DEFAULT_SIMULATE_BUDGET, recommend
 
-    return recommend(args.model, args.gpu, reserve_bytes=_reserve_bytes(args, DEFAULT_RESERVE_BYTES),
+    return recommend(args.model, args.gpu, reserve_bytes=reserve_from_gib(args.reserve),
+                     simulate_budget=DEFAULT_SIMULATE_BUDGET if args.simulate_budget is None else args.simulate_budget,
                      **plan_kwargs(args))
 
 
@@ -177,8 +168,9 @@ def report_data(args: argparse.Namespace) -> dict[str, Any]:
     specs = [load_model(m) for m in models]  # unknown names fail here, before any work
     gspecs = [load_gpu(g) for g in gpus]
     out = prepare_out_dir(args.out, force=args.force)
-    return run_report(specs, gspecs, methods=methods, out=out, checked=True, reserve_bytes=_reserve_bytes(args),
-                      progress=not args.no_progress, **grids, **plan_kwargs(args))
+    return run_report(specs, gspecs, methods=methods, out=out, checked=True,
+                      reserve_bytes=reserve_from_gib(args.reserve), progress=not args.no_progress, **grids,
+                      **plan_kwargs(args))
 
 
 def models_data() -> list[dict[str, Any]]:
@@ -203,111 +195,51 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         from .simulate import simulate
     except ImportError:
         raise MemplanError(SIM_MISSING) from None
-    res = simulate(dict(spec.config), plan)
-    terms = {str(t): 0 for t in Term}
-    terms.update({str(k): int(v) for k, v in res.terms.items()})
-    return {
-        "schema": "memplan.simulate/1",
-        "model": spec.to_dict(),
-        "plan": plan.to_dict(),
-        "device": plan.device,
-        "gpu": None,
-        "terms": terms,
-        "peak": {"phase": res.peak_phase, "allocated_bytes": int(res.peak_bytes),
-                 "reserved_bytes": None, "device_bytes": None},
-        "phase_peaks": {str(k): int(v) for k, v in res.phase_peaks.items()},
-        "paged_bytes": int(getattr(res, "paged_bytes", 0) or 0),
-        "fits": None,
-        "headroom_bytes": None,
-        "top": list(getattr(res, "top", []) or []),
-        "versions": dict(getattr(res, "versions", {}) or {}),
-        "estimate": _estimate_check(spec, plan, res),
-        "notes": ["simulate traces logical bytes of a real step on the meta device; "
-                  "allocator overhead, workspace and CUDA context are not traced", *getattr(res, "notes", [])],
-    }
-
-
-def _estimate_check(spec, plan: TrainPlan, res) -> dict[str, Any] | None:
-    """The closed-form estimate of the same plan next to the trace (None where there is no closed form)."""
-    from .errors import UnsupportedArchitectureError
-    from .estimate import compute
-
-    try:
-        e = compute(spec, plan)
-    except UnsupportedArchitectureError:
-        return None
-    est = e.allocated_bytes - e.terms[Term.WORKSPACE]  # a trace sees no cuBLAS workspace
-    return {"allocated_bytes": est, "moment": e.moment,
-            "error_pct": round((est - res.peak_bytes) / res.peak_bytes * 100, 4) if res.peak_bytes else None}
+    return simulate(spec, plan).to_dict()  # SimulateResult.to_dict: the trace, and the estimate beside it
 
 
 # ---------------------------------------------------------------------------------------------
 # printers
 # ---------------------------------------------------------------------------------------------
-def _gib(n: int | float) -> str:
-    return f"{n / GiB:.2f}"
-
-
-def plan_lines(plan: TrainPlan) -> list[str]:
-    """The plan assumed, in two lines."""
-    if plan.method == "full":
-        head = "full fine-tune"
-    else:
-        base = (f"{plan.quant}{' + double quant' if plan.double_quant and plan.quant in ('nf4', 'fp4') else ''} base"
-                if plan.quant != "none" else f"{plan.dtype} base")
-        tm = plan.target_modules if isinstance(plan.target_modules, str) else ",".join(plan.target_modules)
-        head = (f"{plan.method}: {base}, LoRA r={plan.lora_r} alpha={plan.lora_alpha} "
-                f"dropout={plan.lora_dropout} on {tm}")
-    head += (f"; compute {plan.compute_dtype}, load {plan.dtype}"
-             f"{', prepare_model_for_kbit_training' if plan.prepare else ''}")
-    run = (f"batch {plan.batch_size} x seq {plan.seq_len}, grad accum {plan.gradient_accumulation_steps}, "
-           f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {plan.optim}, "
-           f"{plan.attn_implementation}, mixed precision {plan.mixed_precision}, {plan.device}")
-    return [head, run]
-
-
+# Numbers and plans are formatted by memplan.present (shared with the report and the profile printers).
 def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0) -> None:
+    """The estimate-shaped dict (estimate, fit, simulate) as a table."""
     terms, peak = d["terms"], d["peak"]
     gpu = d.get("gpu")
     m = d["model"]
-    where = f" on {gpu['name']} ({_gib(gpu['memory_bytes'])} GiB)" if gpu else ""
+    where = f" on {gpu['name']} ({gib(gpu['memory_bytes'])} GiB)" if gpu else ""
     out(f"{m['name']} ({m['architecture']}, {m['params'] / 1e9:.2f} B params){where}")
-    out("plan: " + "\n      ".join(plan_lines(_plan_obj(d["plan"]))))
+    out("plan: " + "\n      ".join(plan_lines(d["plan"])))
     out("")
     total = peak["device_bytes"] or peak["allocated_bytes"] or 1
     out(f"{'term':<20} {'GiB':>9} {'share':>7}")
     for name, v in terms.items():
-        out(f"{name:<20} {_gib(v):>9} {100 * v / total:>6.1f}%")
+        out(f"{name:<20} {gib(v):>9} {share(v, total):>7}")
     out("-" * 38)
     out(f"peak phase: {peak['phase']}")
-    of = f" of {_gib(gpu['memory_bytes'])} GiB" if gpu else ""
+    of = f" of {gib(gpu['memory_bytes'])} GiB" if gpu else ""
     for label, key in (("allocated", "allocated_bytes"), ("reserved", "reserved_bytes"), ("device", "device_bytes")):
         if peak.get(key) is not None:
-            pct = f" ({100 * peak[key] / gpu['memory_bytes']:.1f}%)" if gpu else ""
-            out(f"{label:<20} {_gib(peak[key]):>9} GiB{of}{pct}")
+            used = f" ({share(peak[key], gpu['memory_bytes'])})" if gpu else ""
+            out(f"{label:<20} {gib(peak[key]):>9} GiB{of}{used}")
     if reserve_bytes:
-        out(f"{'reserve kept free':<20} {_gib(reserve_bytes):>9} GiB")
+        out(f"{'reserve kept free':<20} {gib(reserve_bytes):>9} GiB")
     if d.get("headroom_bytes") is not None:
-        verdict = "fits" if d["fits"] else "DOES NOT FIT"
-        out(f"{'headroom':<20} {_gib(d['headroom_bytes']):>9} GiB  -> {verdict}")
+        out(f"{'headroom':<20} {gib(d['headroom_bytes']):>9} GiB  -> {verdict(d['fits'])}")
     if d.get("paged_bytes"):
-        out(f"{'paged (managed mem)':<20} {_gib(d['paged_bytes']):>9} GiB  paged optimizer state, outside the allocator")
+        out(f"{'paged (managed mem)':<20} {gib(d['paged_bytes']):>9} GiB  paged optimizer state, outside the allocator")
     if d.get("estimate"):
         e = d["estimate"]
-        out(f"{'closed-form estimate':<20} {_gib(e['allocated_bytes']):>9} GiB  ({e['error_pct']:+.3f}% vs this trace)")
+        out(f"{'closed-form estimate':<20} {gib(e['allocated_bytes']):>9} GiB  "
+            f"({pct(e['error_pct'], 3)} vs this trace)")
     if d.get("top"):
         out("largest tensors alive at the peak:")
         for t in d["top"][:8]:
-            out(f"  {_gib(t['bytes']):>7} GiB  {t['term']:<16} {t['dtype']:<9} {str(tuple(t['shape'])):<20} {t['name']}")
+            out(f"  {gib(t['bytes']):>7} GiB  {t['term']:<16} {t['dtype']:<9} {str(tuple(t['shape'])):<20} {t['name']}")
     if d.get("notes"):
         out("notes:")
         for n in d["notes"]:
             out(f"  - {n}")
-
-
-def _plan_obj(d: dict[str, Any]) -> TrainPlan:
-    return TrainPlan(**{**d, "target_modules": d["target_modules"] if isinstance(d["target_modules"], str)
-                        else tuple(d["target_modules"])})
 
 
 def _print_json(obj: Any) -> None:
@@ -331,27 +263,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
-    from .recommend import describe_reserve
-
     e, g, p = r.estimate, r.gpu, r.plan
     out(f"{r.model.name} ({r.model.architecture}, {r.model.params / 1e9:.2f} B params) "
-        f"on {g.name} ({_gib(g.memory_bytes)} GiB)")
+        f"on {g.name} ({gib(g.memory_bytes)} GiB)")
     out("plan: " + "\n      ".join(plan_lines(p)))
-    out(describe_reserve(r.reserve_bytes))
+    out(reserve_line(r.reserve_bytes))
     out("")
-    verdict = "fits" if r.fits else "DOES NOT FIT"
-    out(f"as given: {_gib(e.device_bytes)} GiB on the device at the peak ({e.peak_phase}), "
-        f"headroom {_gib(r.headroom_bytes)} GiB -> {verdict}")
+    out(f"as given: {gib(e.device_bytes)} GiB on the device at the peak ({e.peak_phase}), "
+        f"headroom {gib(r.headroom_bytes)} GiB -> {verdict(r.fits)}")
     cap = " (search limit)" if r.max_batch_capped else ""
-    mb = (f"{r.max_batch_size}{cap}" if r.max_batch_size else "none (batch 1 does not fit)")
+    mb = ("not searched (see notes)" if r.max_batch_size is None else
+          f"{r.max_batch_size}{cap}" if r.max_batch_size else "none (batch 1 does not fit)")
     out(f"largest micro-batch at seq len {p.seq_len}: {mb}")
     cap = " (search limit)" if r.max_seq_len_capped else ""
-    ms = f"{r.max_seq_len} tokens{cap}" if r.max_seq_len else "none (1 token does not fit)"
+    ms = ("not searched (see notes)" if r.max_seq_len is None else
+          f"{r.max_seq_len} tokens{cap}" if r.max_seq_len else "none (1 token does not fit)")
     out(f"longest seq len at micro-batch {p.batch_size}: {ms}")
 
     def change(i: int | str, c: Any) -> None:
         out(f"  {i}. {c.summary}: {c.flags}")
-        out(f"     -> {_gib(c.device_bytes)} GiB, headroom {_gib(c.headroom_bytes)} GiB")
+        out(f"     -> {gib(c.device_bytes)} GiB, headroom {gib(c.headroom_bytes)} GiB")
         out(f"     cost: {c.cost}")
 
     if not r.fits:
@@ -364,18 +295,18 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
         elif r.combined is not None:
             out("no change fits on its own; all of them together:")
             out(f"  * {r.combined.flags}")
-            out(f"     -> {_gib(r.combined.device_bytes)} GiB, headroom {_gib(r.combined.headroom_bytes)} GiB"
-                "  (still DOES NOT FIT)")
+            out(f"     -> {gib(r.combined.device_bytes)} GiB, headroom {gib(r.combined.headroom_bytes)} GiB"
+                f"  (still {verdict(False)})")
         if r.not_enough:
             out("not enough on their own:")
             for c in r.not_enough:
-                out(f"  - {c.summary}: {c.flags} -> {_gib(c.device_bytes)} GiB, "
-                    f"headroom {_gib(c.headroom_bytes)} GiB")
+                out(f"  - {c.summary}: {c.flags} -> {gib(c.device_bytes)} GiB, "
+                    f"headroom {gib(c.headroom_bytes)} GiB")
     out("")
     if r.smallest_gpu:
         s = next(f for f in r.gpus if f.name == r.smallest_gpu)
-        out(f"smallest catalogue GPU for the plan as given: {s.name} ({_gib(s.memory_bytes)} GiB, "
-            f"headroom {_gib(s.headroom_bytes)} GiB)")
+        out(f"smallest catalogue GPU for the plan as given: {s.name} ({gib(s.memory_bytes)} GiB, "
+            f"headroom {gib(s.headroom_bytes)} GiB)")
     else:
         out("smallest catalogue GPU for the plan as given: none fits")
     if r.notes:
@@ -427,7 +358,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'name':<16} {'GiB':>7} {'cc':>5} {'bf16':>5}  full name")
     for r in rows:
-        print(f"{r['name']:<16} {_gib(r['memory_bytes']):>7} {r['compute_capability']:>5} "
+        print(f"{r['name']:<16} {gib(r['memory_bytes']):>7} {r['compute_capability']:>5} "
               f"{'yes' if r['bf16'] else 'no':>5}  {r['full_name']}")
     return EXIT_OK
 
@@ -462,7 +393,7 @@ def profile_data(args: argparse.Namespace) -> Any:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .profile.report import print_run, print_search
+    from .profile.compare import print_run, print_search
     from .profile.search import SearchResult
 
     res = profile_data(args)
@@ -479,7 +410,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .profile.report import compare_runs, print_compare
+    from .profile.compare import compare_runs, print_compare
 
     rows = compare_runs(args.runs, stored=args.stored)
     _print_json({"schema": "memplan.compare/1", "runs": rows}) if args.json else print_compare(rows)
@@ -524,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0, as fit: the estimate "
                         "already counts CUDA context, workspace and allocator overhead)")
+    p.add_argument("--simulate-budget", metavar="N", type=_positive_int, default=None,
+                   help="for a model without a closed form (mixture-of-experts): how many simulate traces "
+                        "(seconds each) to spend; the searches that need more are skipped and named in the notes "
+                        "(default 1: the plan as given)")
     p = command("report", cmd_report,
                 "capacity planning: sweep models x GPUs x plans into a CSV table and an HTML report with charts",
                 model=False, plan=False)

@@ -7,11 +7,19 @@ from typing import Iterable, Sequence
 
 
 class MemplanError(Exception):
-    """Bad input or an unavailable capability; the message says what to type instead."""
+    """Bad input or an unavailable capability; the message says what to type instead.
+
+    `error_kind`: a stable machine-readable name of the class of problem (sweep rows and charts
+    classify errors by it, never by the message text).
+    """
+
+    error_kind = "error"
 
 
 class UnknownNameError(MemplanError, LookupError):
     """A model, GPU or option name that is not known; suggests the closest known names."""
+
+    error_kind = "unknown_name"
 
     def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
         self.kind, self.name = kind, name
@@ -29,6 +37,8 @@ class UnknownNameError(MemplanError, LookupError):
 class InvalidSpecError(MemplanError, ValueError):
     """A plan or spec with one or more problems, all listed at once."""
 
+    error_kind = "invalid_spec"
+
     def __init__(self, what: str, problems: Sequence[str]):
         self.problems = list(problems)
         if len(self.problems) == 1:
@@ -43,9 +53,14 @@ class InvalidSpecError(MemplanError, ValueError):
 class UnsupportedArchitectureError(MemplanError):
     """The closed form does not cover this architecture."""
 
+    error_kind = "unsupported_architecture"
+
 
 class MissingExtraError(MemplanError, ImportError):
     """A feature needs an optional dependency group."""
 
+    error_kind = "missing_extra"
+
     def __init__(self, feature: str, packages: str, extra: str):
         super().__init__(f"{feature} needs {packages}: pip install 'memplan[{extra}]'")
+

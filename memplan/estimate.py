@@ -45,6 +45,7 @@ from . import formulas as F
 from .activations import ActivationProfile, activation_profile
 from .errors import InvalidSpecError, UnsupportedArchitectureError
 from .gpu import GPUSpec
+from .headroom import headroom_bytes
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
@@ -123,11 +124,13 @@ class Estimate:
 
     @property
     def headroom_bytes(self) -> int | None:
-        return None if self.gpu is None else self.gpu.memory_bytes - self.device_bytes
+        """GPU memory left after the step (no reserve; `Fit` keeps one): memplan.headroom."""
+        return None if self.gpu is None else headroom_bytes(self.gpu.memory_bytes, self.device_bytes)
 
     @property
     def fits(self) -> bool | None:
-        return None if self.gpu is None else self.device_bytes <= self.gpu.memory_bytes
+        h = self.headroom_bytes
+        return None if h is None else h >= 0
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,18 +1,27 @@
 """recommend: what fits on a GPU -- the largest micro-batch and sequence length, the cheapest changes
 that make a plan fit, and the smallest catalogue GPU that runs it as given.
 
-Every answer is a search over the closed form (`estimate.compute`), exact at the boundary: the search
-returns n such that n fits and n + 1 does not (integers, no coarse grid). It relies on `device_bytes`
-being non-decreasing in micro-batch and in sequence length, which holds for the phase model (the
-tests check it on a range of architectures); where it did not, the answer would still be a true
-boundary (n fits, n + 1 does not), though not necessarily the largest.
+Every answer is a search over `memplan.estimate` (the closed form, microseconds per plan), exact at
+the boundary: the search (`memplan.search.max_fitting`) returns n such that n fits and n + 1 does not
+(integers, no coarse grid). It relies on `device_bytes` being non-decreasing in micro-batch and in
+sequence length, which holds for the phase model (the tests check it on a range of architectures);
+where it did not, the answer would still be a true boundary (n fits, n + 1 does not), though not
+necessarily the largest.
 
-A plan fits a GPU when `device_bytes + reserve_bytes <= gpu.memory_bytes`, exactly as `memplan fit`.
-The default reserve is 0 bytes, the same as `fit`, so both commands give the same verdict for the
-same flags: the estimate already counts the CUDA context, cuBLAS workspaces and the caching
-allocator's overhead, calibrated per GPU (profiles/gpus). Keep a margin with `reserve_bytes` /
-`--reserve GiB` for another process on the GPU, a desktop, or the estimator's error (DESIGN.md
-targets 2% median, 4% max of peak reserved against measured runs).
+A plan fits a GPU when `device_bytes + reserve_bytes <= gpu.memory_bytes`, exactly as `memplan fit`:
+every verdict here is a `Fit.of(estimate, reserve_bytes)`. The default reserve is 0 bytes, the same
+as `fit`, so both commands give the same verdict for the same flags: the estimate already counts the
+CUDA context, cuBLAS workspaces and the caching allocator's overhead, calibrated per GPU
+(profiles/gpus). Keep a margin with `reserve_bytes` / `--reserve GiB` for another process on the GPU,
+a desktop, or the estimator's error (DESIGN.md targets 2% median, 4% max of peak reserved against
+measured runs).
+
+Models without a closed form (mixture-of-experts) get what `estimate()` gives them: a `memplan
+simulate` trace, seconds per plan. Every estimate a recommendation makes is cached by plan; the
+simulate traces are capped by `simulate_budget` (default 1: the plan as given). The catalogue GPUs
+reuse that one trace (the traced bytes do not depend on the GPU; each GPU's overheads are added as
+`estimate` adds them). The searches and changes that would need more traces than the budget allows
+are skipped, and the notes say which.
 
 Known limitations:
 - The candidate changes are one-at-a-time edits of the plan (plus one cumulative combination when
@@ -23,119 +32,117 @@ Known limitations:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .catalogue import list_gpus, load_gpu, resolve_model
-from .errors import MemplanError
-from .estimate import Estimate, compute
+from .errors import MemplanError, UnsupportedArchitectureError
+from .estimate import Estimate, estimate
+from .fit import Fit
 from .gpu import GPUSpec
+from .headroom import check_reserve, fit_limit_bytes
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from
-from .units import GiB
+from .search import MAX_BATCH_SIZE, MAX_SEQ_LEN, max_fitting
 
 SCHEMA = "memplan.recommend/1"
 
-#: Upper ends of the searches. 2**20 tokens is beyond every catalogued context window (the answer
-#: notes when the model's max_position_embeddings is exceeded); 2**16 sequences per micro-batch is
-#: beyond any practical micro-batch.
-MAX_SEQ_LEN = 2**20
-MAX_BATCH_SIZE = 2**16
 #: The smallest rank the "smaller rank" change goes down to.
 MIN_LORA_R = 4
 DEFAULT_RESERVE_BYTES = 0
+#: simulate traces one recommendation may make for a model without a closed form (each takes seconds)
+DEFAULT_SIMULATE_BUDGET = 1
+
+__all__ = ["recommend", "Recommendation", "Change", "GPUFit", "Estimator", "SimulateBudgetSpent", "CHANGES",
+           "max_batch_size", "max_seq_len", "gpu_fits", "gpu_support", "small_targets", "DEFAULT_RESERVE_BYTES",
+           "DEFAULT_SIMULATE_BUDGET", "MIN_LORA_R", "SCHEMA"]
+
+
+# ---------------------------------------------------------------------------------------------
+# every estimate of one recommendation
+# ---------------------------------------------------------------------------------------------
+class SimulateBudgetSpent(Exception):
+    """The next estimate would be one simulate trace more than the budget allows."""
+
+
+class Estimator:
+    """Every estimate one recommendation makes, cached by (plan, GPU).
+
+    Closed form first (`estimate(..., fallback_simulate=False)`). Where the closed form does not cover
+    the model, each estimate on `gpu` is `estimate()`'s simulate fallback and counts against
+    `simulate_budget` (past it: SimulateBudgetSpent); an estimate on another GPU reuses the trace made
+    on `gpu` with that GPU's CUDA overheads (no new trace).
+    """
+
+    def __init__(self, spec: ModelSpec, gpu: GPUSpec, simulate_budget: int = DEFAULT_SIMULATE_BUDGET):
+        self.spec, self.gpu, self.simulate_budget = spec, gpu, simulate_budget
+        self.simulated = False  # True once the closed form said it does not cover the model
+        self.traces = 0  # simulate traces made
+        self._cache: dict[tuple[TrainPlan, str], Estimate] = {}
+
+    def __call__(self, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
+        g = gpu or self.gpu
+        key = (plan, g.name)
+        e = self._cache.get(key)
+        if e is None:
+            e = self._cache[key] = self._estimate(plan, g)
+        return e
+
+    def device_bytes(self, plan: TrainPlan) -> int:
+        return self(plan).device_bytes
+
+    def known(self, plan: TrainPlan, dimension: str) -> dict[int, int]:
+        """{value: device_bytes} of the cached plans on `gpu` that differ from `plan` only in `dimension`."""
+        return {getattr(p, dimension): e.device_bytes for (p, g), e in self._cache.items()
+                if g == self.gpu.name and p == plan.replace(**{dimension: getattr(p, dimension)})}
+
+    def _estimate(self, plan: TrainPlan, g: GPUSpec) -> Estimate:
+        if not self.simulated:
+            try:
+                return estimate(self.spec, plan, gpu=g, fallback_simulate=False)
+            except UnsupportedArchitectureError:
+                self.simulated = True
+        if g.name != self.gpu.name:
+            return _with_overheads(self(plan), g)
+        if self.traces >= self.simulate_budget:
+            raise SimulateBudgetSpent
+        self.traces += 1
+        return estimate(self.spec, plan, gpu=g)  # the simulate fallback (or its UnsupportedArchitectureError)
+
+
+def _with_overheads(e: Estimate, gpu: GPUSpec) -> Estimate:
+    """A simulate-backed estimate moved to another GPU: the traced (allocated) terms do not depend on the
+    GPU; workspace, allocator overhead and CUDA context are `gpu`'s, added as `estimate` adds them."""
+    from .estimate import cuda_overheads
+
+    terms = dict(e.terms)
+    if e.plan.device == "cuda":
+        cuda_overheads(terms, gpu)
+    return dataclasses.replace(e, gpu=gpu, terms=terms)
 
 
 # ---------------------------------------------------------------------------------------------
 # exact integer search
 # ---------------------------------------------------------------------------------------------
-def max_fitting(value: Callable[[int], int], limit: int, *, lo: int = 1, cap: int,
-                known: Mapping[int, int] | None = None) -> tuple[int, bool]:
-    """The largest n in [lo, cap] with value(n) <= limit, for a non-decreasing `value`.
-
-    Returns (n, capped): n = lo - 1 when value(lo) > limit; capped is True when value(cap) <= limit
-    (the answer is "at least cap"). Exponential search brackets the boundary, then bisection closes
-    it; both are steered by linear interpolation of the byte counts (memory is close to linear in
-    batch and sequence length), and every interpolated step is followed by a bisection step unless it
-    at least halved the bracket, so the worst case stays O(log cap) evaluations and a typical search
-    takes 4-8. The invariant value(a) <= limit < value(b) holds throughout, so the result is exact:
-    n fits and n + 1 does not. `known`: values already computed ({n: value(n)}), used as a head start.
-    """
-    if cap < lo:
-        raise ValueError(f"cap {cap} < lo {lo}")
-    pts = sorted((n, v) for n, v in (known or {}).items() if lo <= n <= cap)
-    fit_pts = [(n, v) for n, v in pts if v <= limit]
-    over = [(n, v) for n, v in pts if v > limit and (not fit_pts or n > fit_pts[-1][0])]
-    if fit_pts:
-        a, fa = fit_pts[-1]
-    else:
-        fa = value(lo)
-        if fa > limit:
-            return lo - 1, False
-        a = lo
-    prev: tuple[int, int] | None = fit_pts[-2] if len(fit_pts) > 1 else None
-    b = fb = None  # first known n that does not fit
-    if over:
-        b, fb = over[0]
-    # ---- bracket: gallop upwards, guided by the slope of the last two points
-    while b is None:
-        if a >= cap:
-            return cap, True
-        nxt = 2 * a if a > 0 else 1
-        if prev is not None and fa > prev[1]:
-            slope = (fa - prev[1]) / (a - prev[0])
-            guess = a + int((limit - fa) / slope) + 1  # just past the linear boundary
-            nxt = max(a + 1, min(guess, 64 * a + 64))  # trust the slope, within reason
-        nxt = min(nxt, cap)
-        fn = value(nxt)
-        if fn <= limit:
-            prev, a, fa = (a, fa), nxt, fn
-        else:
-            b, fb = nxt, fn
-    # ---- close the bracket [a, b]
-    while b - a > 1:
-        width = b - a
-        g = a + int((limit - fa) * (b - a) / (fb - fa)) if fb > fa else (a + b) // 2
-        g = min(max(g, a + 1), b - 1)
-        fg = value(g)
-        if fg <= limit:
-            a, fa = g, fg
-            h = g + 1  # the boundary is usually right here: probe the neighbour
-        else:
-            b, fb = g, fg
-            h = g - 1
-        if a < h < b:
-            fh = value(h)
-            if fh <= limit:
-                a, fa = h, fh
-            else:
-                b, fb = h, fh
-        if b - a > 1 and b - a > width // 2:  # interpolation did not halve the bracket: bisect once
-            m = (a + b) // 2
-            fm = value(m)
-            if fm <= limit:
-                a, fa = m, fm
-            else:
-                b, fb = m, fm
-    return a, False
-
-
-def _limit(gpu: GPUSpec, reserve_bytes: int) -> int:
-    return gpu.memory_bytes - reserve_bytes
+def _max_along(dimension: str, spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec, reserve_bytes: int, cap: int,
+               estimator: Estimator | None) -> tuple[int, bool]:
+    est = estimator or Estimator(spec, gpu)
+    limit = fit_limit_bytes(gpu.memory_bytes, check_reserve(reserve_bytes))
+    return max_fitting(lambda n: est.device_bytes(plan.replace(**{dimension: n})), limit, cap=cap,
+                       known=est.known(plan, dimension))
 
 
 def max_batch_size(spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec, reserve_bytes: int = 0,
-                   cap: int = MAX_BATCH_SIZE) -> tuple[int, bool]:
+                   cap: int = MAX_BATCH_SIZE, *, estimator: Estimator | None = None) -> tuple[int, bool]:
     """(largest micro-batch that fits at plan.seq_len, capped); 0 when batch 1 does not fit."""
-    return max_fitting(lambda n: compute(spec, plan.replace(batch_size=n), gpu).device_bytes,
-                       _limit(gpu, reserve_bytes), cap=cap)
+    return _max_along("batch_size", spec, plan, gpu, reserve_bytes, cap, estimator)
 
 
 def max_seq_len(spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec, reserve_bytes: int = 0,
-                cap: int = MAX_SEQ_LEN) -> tuple[int, bool]:
+                cap: int = MAX_SEQ_LEN, *, estimator: Estimator | None = None) -> tuple[int, bool]:
     """(longest sequence that fits at plan.batch_size, capped); 0 when one token does not fit."""
-    return max_fitting(lambda n: compute(spec, plan.replace(seq_len=n), gpu).device_bytes,
-                       _limit(gpu, reserve_bytes), cap=cap)
+    return _max_along("seq_len", spec, plan, gpu, reserve_bytes, cap, estimator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +192,8 @@ class Recommendation:
 
     `fits`/`headroom_bytes` keep `reserve_bytes` free, as `Fit` does. `max_batch_size` is the largest
     micro-batch at `plan.seq_len` and `max_seq_len` the longest sequence at `plan.batch_size` (0 when
-    even 1 does not fit; `*_capped` when the search stopped at its upper end). `changes` are the
+    even 1 does not fit; `*_capped` when the search stopped at its upper end; None when it was not
+    searched: a model without a closed form past its simulate budget, see `notes`). `changes` are the
     single edits that make the plan fit, cheapest first; `not_enough` the edits tried that do not
     fit on their own; `combined` a cumulative set of edits when no single one is enough.
     """
@@ -197,9 +205,9 @@ class Recommendation:
     reserve_bytes: int
     fits: bool
     headroom_bytes: int
-    max_batch_size: int
+    max_batch_size: int | None
     max_batch_capped: bool
-    max_seq_len: int
+    max_seq_len: int | None
     max_seq_len_capped: bool
     changes: tuple[Change, ...] = ()
     not_enough: tuple[Change, ...] = ()
@@ -237,8 +245,9 @@ class Recommendation:
 # ---------------------------------------------------------------------------------------------
 # candidate changes, cheapest first
 # ---------------------------------------------------------------------------------------------
-# Each candidate maps (spec, plan, fits) to a list of (changes, flags) to try, least drastic first;
-# the first one that fits is the answer, else the last (most drastic) one is reported as not enough.
+# Each candidate maps (spec, plan) to a list of (changes, flags) to try, least drastic first (the
+# sequence-length one also searches, through the recommendation's Estimator); the first one that fits
+# is the answer, else the last (most drastic) one is reported as not enough.
 _Try = list[tuple[dict[str, Any], str]]
 
 
@@ -308,8 +317,8 @@ def _c_targets(spec: ModelSpec, p: TrainPlan) -> _Try:
     return [({"target_modules": small}, f"--target-modules {','.join(small)}")]
 
 
-def _c_seq(spec: ModelSpec, p: TrainPlan, gpu: GPUSpec, reserve: int) -> _Try:
-    n, _ = max_seq_len(spec, p, gpu, reserve, cap=max(1, p.seq_len - 1))
+def _c_seq(spec: ModelSpec, p: TrainPlan, est: Estimator, reserve: int) -> _Try:
+    n, _ = max_seq_len(spec, p, est.gpu, reserve, cap=max(1, p.seq_len - 1), estimator=est)
     return [({"seq_len": n}, f"--seq-len {n}")] if 0 < n < p.seq_len else []
 
 
@@ -368,36 +377,41 @@ CHANGES: tuple[tuple[str, str, str, Callable[..., _Try]], ...] = (
 )
 
 
-def _needs_gpu_search(func: Callable[..., _Try]) -> bool:
+def _needs_search(func: Callable[..., _Try]) -> bool:
     return func is _c_seq
 
 
-def _try(spec: ModelSpec, base: TrainPlan, gpu: GPUSpec, reserve: int, key: str, summary: str, cost: str,
+def _change(est: Estimator, reserve: int, key: str, summary: str, cost: str, flags: str,
+            changes: Mapping[str, Any], plan: TrainPlan) -> Change:
+    f = Fit.of(est(plan), reserve)
+    return Change(key=key, summary=summary, cost=cost, flags=flags, changes=dict(changes), plan=plan,
+                  device_bytes=f.estimate.device_bytes, headroom_bytes=f.headroom_bytes, fits=f.fits)
+
+
+def _try(est: Estimator, base: TrainPlan, reserve: int, key: str, summary: str, cost: str,
          func: Callable[..., _Try]) -> Change | None:
-    """The least drastic variant of one change that fits, else its most drastic variant (not fitting)."""
-    tries = func(spec, base, gpu, reserve) if _needs_gpu_search(func) else func(spec, base)
+    """The least drastic variant of one change that fits, else its most drastic variant (not fitting).
+    A variant the plan or the estimator refuses (MemplanError) is skipped; SimulateBudgetSpent propagates."""
+    tries = func(est.spec, base, est, reserve) if _needs_search(func) else func(est.spec, base)
     last = None
     for changes, flags in tries:
         try:
             plan = base.replace(**changes)
+            last = _change(est, reserve, key, summary, cost, flags, changes, plan)
         except MemplanError:
             continue
-        e = compute(spec, plan, gpu)
-        headroom = gpu.memory_bytes - e.device_bytes - reserve
-        last = Change(key=key, summary=summary, cost=cost, flags=flags, changes=changes, plan=plan,
-                      device_bytes=e.device_bytes, headroom_bytes=headroom, fits=headroom >= 0)
         if last.fits:
             return last
     return last
 
 
-def _combined(spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec, reserve: int) -> Change | None:
+def _combined(est: Estimator, plan: TrainPlan, reserve: int) -> Change | None:
     """Apply the changes cumulatively, cheapest first, until the plan fits (or none is left); then drop
     every earlier change the result does not need, costliest first."""
     parts: list[Change] = []
     p = plan
     for key, summary, cost, func in CHANGES:
-        c = _try(spec, p, gpu, reserve, key, summary, cost, func)
+        c = _try(est, p, reserve, key, summary, cost, func)
         if c is None:
             continue
         parts.append(c)
@@ -407,28 +421,23 @@ def _combined(spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec, reserve: int) -> C
     if not parts:
         return None
 
-    def build(cs: list[Change]) -> tuple[TrainPlan, int]:
+    def build(cs: list[Change]) -> Change:
         changes: dict[str, Any] = {}
         for c in cs:
             changes.update(c.changes)
-        q = plan.replace(**changes)
-        return q, compute(spec, q, gpu).device_bytes
+        return _change(est, reserve, "+".join(c.key for c in cs), " + ".join(c.summary for c in cs),
+                       "; ".join(c.cost for c in cs), " ".join(c.flags for c in cs), changes,
+                       plan.replace(**changes))
 
     if parts[-1].fits:
         for c in reversed(parts[:-1]):
             rest = [x for x in parts if x is not c]
             try:
-                _, dev = build(rest)
+                if build(rest).fits:
+                    parts = rest
             except MemplanError:
                 continue
-            if dev + reserve <= gpu.memory_bytes:
-                parts = rest
-    q, dev = build(parts)
-    headroom = gpu.memory_bytes - dev - reserve
-    changes = {k: v for c in parts for k, v in c.changes.items()}
-    return Change(key="+".join(c.key for c in parts), summary=" + ".join(c.summary for c in parts),
-                  cost="; ".join(c.cost for c in parts), flags=" ".join(c.flags for c in parts), changes=changes,
-                  plan=q, device_bytes=dev, headroom_bytes=headroom, fits=headroom >= 0)
+    return build(parts)
 
 
 def gpu_support(gpu: GPUSpec, plan: TrainPlan) -> str:
@@ -444,16 +453,19 @@ def gpu_support(gpu: GPUSpec, plan: TrainPlan) -> str:
     return ""
 
 
-def gpu_fits(spec: ModelSpec, plan: TrainPlan, reserve_bytes: int = 0,
-             gpus: list[GPUSpec] | None = None) -> tuple[GPUFit, ...]:
+def gpu_fits(spec: ModelSpec, plan: TrainPlan, reserve_bytes: int = 0, gpus: list[GPUSpec] | None = None, *,
+             estimator: Estimator | None = None) -> tuple[GPUFit, ...]:
     """The plan as given on every catalogue GPU (smallest memory first)."""
-    out = []
-    for g in gpus if gpus is not None else list_gpus():
-        e = compute(spec, plan, g)
-        headroom = g.memory_bytes - e.device_bytes - reserve_bytes
+    out: list[GPUFit] = []
+    fleet = gpus if gpus is not None else list_gpus()
+    if not fleet:
+        return ()
+    est = estimator or Estimator(spec, fleet[0])
+    for g in fleet:
+        f = Fit.of(est(plan, g), reserve_bytes)
         reason = gpu_support(g, plan)
-        out.append(GPUFit(name=g.name, memory_bytes=g.memory_bytes, device_bytes=e.device_bytes,
-                          headroom_bytes=headroom, fits=headroom >= 0 and not reason, supported=not reason,
+        out.append(GPUFit(name=g.name, memory_bytes=g.memory_bytes, device_bytes=f.estimate.device_bytes,
+                          headroom_bytes=f.headroom_bytes, fits=f.fits and not reason, supported=not reason,
                           reason=reason))
     return tuple(out)
 
@@ -463,32 +475,46 @@ def gpu_fits(spec: ModelSpec, plan: TrainPlan, reserve_bytes: int = 0,
 # ---------------------------------------------------------------------------------------------
 def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
               reserve_bytes: int = DEFAULT_RESERVE_BYTES, bnb_config: Any = None, lora_config: Any = None,
-              training_args: Any = None, **plan_kwargs: Any) -> Recommendation:
+              training_args: Any = None, simulate_budget: int = DEFAULT_SIMULATE_BUDGET,
+              **plan_kwargs: Any) -> Recommendation:
     """What fits `model` on `gpu`: max micro-batch and sequence length, changes that make the plan fit
     (cheapest first), and the smallest catalogue GPU that runs it as given.
 
     Arguments as for `memplan.estimate`; `reserve_bytes` is kept free on the GPU (default 0, as
     `memplan fit`: the estimate already includes context, workspace and allocator overhead).
+    `simulate_budget`: how many `memplan simulate` traces (seconds each) a model without a closed form
+    (mixture-of-experts) may cost; what needs more is skipped and named in the notes.
     """
     if gpu is None:
         raise MemplanError("recommend needs a GPU (--gpu NAME); see `memplan gpus`")
-    if not isinstance(reserve_bytes, int) or isinstance(reserve_bytes, bool) or reserve_bytes < 0:
-        raise MemplanError(f"reserve must be a non-negative number of bytes, got {reserve_bytes!r}")
+    reserve = check_reserve(reserve_bytes)
+    if isinstance(simulate_budget, bool) or not isinstance(simulate_budget, int) or simulate_budget < 1:
+        raise MemplanError(f"simulate_budget (--simulate-budget) must be a whole number >= 1, got {simulate_budget!r}")
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
                   **plan_kwargs)
     if p.device != "cuda":
         raise MemplanError("recommend sizes a GPU run; drop --device cpu (or use `memplan estimate --device cpu`)")
     g = load_gpu(gpu)
-    est = compute(spec, p, g)
-    headroom = g.memory_bytes - est.device_bytes - reserve_bytes
-    fits = headroom >= 0
-    notes = list(est.notes)
+    est = Estimator(spec, g, simulate_budget)
+    verdict = Fit.of(est(p), reserve)
+    e = verdict.estimate
+    notes = list(e.notes)
+    skipped: list[str] = []
 
-    mb, mb_cap = max_batch_size(spec, p, g, reserve_bytes)
-    ms, ms_cap = max_seq_len(spec, p, g, reserve_bytes)
+    mb: int | None = None
+    ms: int | None = None
+    mb_cap = ms_cap = False
+    try:
+        mb, mb_cap = max_batch_size(spec, p, g, reserve, estimator=est)
+    except SimulateBudgetSpent:
+        skipped.append("the largest micro-batch")
+    try:
+        ms, ms_cap = max_seq_len(spec, p, g, reserve, estimator=est)
+    except SimulateBudgetSpent:
+        skipped.append("the longest sequence")
     mpe = spec.max_position_embeddings
-    if mpe and ms > mpe:
+    if mpe and ms is not None and ms > mpe:
         notes.append(f"the longest sequence that fits ({ms}) is beyond the model's max_position_embeddings "
                      f"({mpe}); training past it needs RoPE scaling or a long-context variant")
     if mb_cap:
@@ -502,15 +528,26 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     changes: list[Change] = []
     not_enough: list[Change] = []
     combined = None
-    if not fits:
+    if not verdict.fits:
+        unchecked = []
         for key, summary, cost, func in CHANGES:
-            c = _try(spec, p, g, reserve_bytes, key, summary, cost, func)
+            try:
+                c = _try(est, p, reserve, key, summary, cost, func)
+            except SimulateBudgetSpent:
+                unchecked.append(key)
+                continue
             if c is not None:
                 (changes if c.fits else not_enough).append(c)
+        if unchecked:
+            skipped.append("the changes " + ", ".join(unchecked))
         # Several cheap changes together can beat the cheapest single one that fits (checkpointing
         # plus gradient accumulation rather than 135-token sequences): offer the combination when
         # every change in it ranks before that single one, or when no single change fits.
-        combo = _combined(spec, p, g, reserve_bytes)
+        try:
+            combo = _combined(est, p, reserve)
+        except SimulateBudgetSpent:
+            combo = None
+            skipped.append("a combination of changes")
         order = [k for k, *_ in CHANGES]
         first_fit = order.index(changes[0].key) if changes else len(order)
         if combo is not None and not changes:
@@ -519,18 +556,17 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
                                                              for k in combo.key.split("+")):
             combined = combo
 
-    fleet = gpu_fits(spec, p, reserve_bytes)
+    fleet = gpu_fits(spec, p, reserve, estimator=est)
     smallest = next((f.name for f in fleet if f.fits), None)
-    return Recommendation(model=spec, gpu=g, plan=p, estimate=est, reserve_bytes=reserve_bytes, fits=fits,
-                          headroom_bytes=headroom, max_batch_size=mb, max_batch_capped=mb_cap,
+    if est.simulated:
+        notes.append(f"no closed form for {spec.name}: every estimate here is a `memplan simulate` trace "
+                     f"({est.traces} made, simulate budget {simulate_budget}); the catalogue GPUs reuse the "
+                     "trace with their own overheads")
+    if skipped:
+        notes.append(f"not searched, each step of it needs another simulate trace (seconds): {'; '.join(skipped)}; "
+                     "raise the budget (--simulate-budget N, or simulate_budget=N) to search them")
+    return Recommendation(model=spec, gpu=g, plan=p, estimate=e, reserve_bytes=reserve, fits=verdict.fits,
+                          headroom_bytes=verdict.headroom_bytes, max_batch_size=mb, max_batch_capped=mb_cap,
                           max_seq_len=ms, max_seq_len_capped=ms_cap, changes=tuple(changes),
                           not_enough=tuple(not_enough), combined=combined, smallest_gpu=smallest,
                           gpus=fleet, notes=tuple(notes))
-
-
-def describe_reserve(reserve_bytes: int) -> str:
-    """One line stating the margin kept free (shown by the CLI)."""
-    if reserve_bytes == DEFAULT_RESERVE_BYTES:
-        return (f"reserve: {reserve_bytes / GiB:.2f} GiB kept free (default, as `memplan fit`: the estimate already "
-                "counts CUDA context, workspace and allocator overhead; --reserve GiB keeps a margin)")
-    return f"reserve: {reserve_bytes / GiB:.2f} GiB kept free (--reserve)"

@@ -143,3 +143,55 @@ def test_simulate_without_extras_is_one_line(capsys, monkeypatch):
     assert code == 2
     assert err.strip() == ("memplan: error: simulate needs torch, transformers, peft and bitsandbytes: "
                            "pip install 'memplan[sim]'")
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["fit", "llama-2-7b", "--gpu", "a10g"], id="fit"),
+    pytest.param(["recommend", "llama-2-7b", "--gpu", "a10g"], id="recommend"),
+    pytest.param(["report", "--models", "llama-3.2-1b", "--gpus", "a10g", "--no-progress", "--out", "{tmp}"],
+                 id="report"),
+])
+@pytest.mark.parametrize("reserve", ["-1", "inf", "nan", "-0.5"])
+def test_bad_reserve_is_one_error_line_everywhere(capsys, tmp_path, argv, reserve):
+    argv = [a.replace("{tmp}", str(tmp_path / "r")) for a in argv]
+    code, out, err = run(capsys, *argv, "--reserve", reserve)
+    assert code == 2 and "Traceback" not in out + err
+    assert err.strip().splitlines() == [f"memplan: error: --reserve must be a finite number of GiB >= 0, got "
+                                        f"{float(reserve)}"]
+
+
+def test_fit_table_uses_the_shared_formats(capsys):
+    from memplan.present import gib, plan_lines
+
+    code, out, _ = run(capsys, "fit", "llama-2-7b", "--gpu", "a10g", "--reserve", "1.5")
+    f = memplan.check_fit("llama-2-7b", "a10g", reserve_bytes=3 * 2**30 // 2)
+    assert code == 0
+    assert f"headroom             {gib(f.headroom_bytes):>9} GiB  -> fits" in out
+    assert f"reserve kept free    {gib(f.reserve_bytes):>9} GiB" in out
+    for line in plan_lines(f.estimate.plan):
+        assert line in out
+    assert "-0.00" not in out
+
+
+def test_fit_that_misses_by_a_byte_prints_no_negative_zero(capsys, monkeypatch):
+    e = memplan.estimate("llama-2-7b", gpu="a10g")
+    reserve = e.gpu.memory_bytes - e.device_bytes + 1  # headroom -1 byte
+    code, out, _ = run(capsys, "fit", "llama-2-7b", "--gpu", "a10g", "--reserve", repr(reserve / 2**30))
+    assert code == 1 and "DOES NOT FIT" in out
+    assert "-0.00" not in out and "headroom                  0.00 GiB" in out
+
+
+def test_recommend_simulate_budget_flag(capsys):
+    code, out, err = run(capsys, "recommend", "llama-2-7b", "--gpu", "a10g", "--simulate-budget", "0")
+    assert code == 2 and "--simulate-budget" in err
+    code, out, err = run(capsys, "recommend", "llama-2-7b", "--gpu", "a10g", "--simulate-budget", "3", "--json")
+    assert code in (0, 1) and json.loads(out)["schema"] == "memplan.recommend/1"
+
+
+def test_gpus_table_and_recommend_table_use_gib(capsys):
+    from memplan.present import gib
+
+    code, out, _ = run(capsys, "gpus")
+    assert code == 0
+    h200 = memplan.load_gpu("h200")
+    assert any(line.startswith("h200") and f" {gib(h200.memory_bytes)} " in line for line in out.splitlines())

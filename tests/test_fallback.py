@@ -37,3 +37,24 @@ def test_a_step_that_would_fail_is_bad_input_not_a_traceback(capsys):
     code = main(["estimate", "mixtral-8x7b", "--seq-len", "64", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("memplan: error:") and "Traceback" not in err
+
+
+def test_recommend_on_a_moe_catalogue_model_uses_simulate_within_its_budget():
+    """recommend() gets estimate()'s fallback (it used to call the closed form and raise), one trace by default."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from memplan.cli import _recommend_table
+
+    # NB: peft 0.21 wraps transformers 5's fused experts only with lora_dropout 0; prepare_model_for_kbit_training
+    # upcasts the experts to fp32, which CUDA's grouped_mm refuses
+    r = memplan.recommend("mixtral-8x7b", "h200", lora_dropout=0.0, prepare=False)
+    assert r.estimate.moment == "simulate" and r.estimate.device_bytes > 0
+    assert any("simulate" in n for n in r.estimate.notes)
+    assert any("no closed form" in n and "simulate" in n and "1 made" in n for n in r.notes)
+    assert r.max_batch_size is None and any("not searched" in n for n in r.notes)
+    assert len(r.gpus) == len(memplan.list_gpus()) and r.smallest_gpu is not None
+    h200 = next(g for g in r.gpus if g.name == "h200")
+    assert (h200.device_bytes, h200.fits) == (r.estimate.device_bytes, r.fits)
+    lines = []
+    _recommend_table(r, lines.append)
+    assert "largest micro-batch at seq len 2048: not searched (see notes)" in lines

@@ -16,7 +16,7 @@ import pytest
 
 from memplan.catalogue import profiles_dir
 from memplan.profile.record import read_run, validate
-from memplan.profile.report import current_estimate
+from memplan.profile.compare import current_estimate
 from memplan.profile.record import estimate_error
 
 RUNS = sorted((profiles_dir() / "runs").glob("*.json"))

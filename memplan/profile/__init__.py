@@ -1,9 +1,10 @@
 """Real training steps on the device, measured per phase and per term, saved as run records.
 
 `profile(model, plan, ...)` -> `MeasuredRun` (a `memplan.run/1` record); `find_max(...)` -> the largest
-micro-batch or sequence length that really fits; `read_run` / `write_run` / `stored_runs` for records;
-`compare_runs` for estimate-vs-measured tables. Needs the `profile` extra (torch, transformers, peft,
-bitsandbytes, accelerate, nvidia-ml-py) to run steps; reading and comparing records needs nothing.
+micro-batch or sequence length that really fits; `read_run` / `write_run` / `stored_runs` for records
+(`record`: the one reader of `memplan.run/1`); `compare_runs` for estimate-vs-measured tables
+(`compare`). Needs the `profile` extra (torch, transformers, peft, bitsandbytes, accelerate,
+nvidia-ml-py) to run steps; reading and comparing records needs nothing.
 Importing this package imports nothing heavy.
 """
 
@@ -13,7 +14,7 @@ import sys
 import types
 from typing import Any
 
-from .record import SCHEMA, MeasuredRun, read_run, run_paths, stored_runs, write_run
+from .record import SCHEMA, MeasuredRun, iter_runs, read_run, run_paths, stored_runs, write_run
 
 
 def profile(model: Any, plan: Any = None, **kwargs: Any) -> MeasuredRun:
@@ -44,13 +45,13 @@ def find_max(model: Any, plan: Any = None, **kwargs: Any):
 
 def compare_runs(paths: Any, stored: bool = False) -> list[dict[str, Any]]:
     """Estimate vs measured per term for run records (files or folders); see `memplan compare`."""
-    from .report import compare_runs as _compare
+    from .compare import compare_runs as _compare
 
     return _compare(paths, stored=stored)
 
 
 __all__ = ["profile", "find_max", "compare_runs", "MeasuredRun", "read_run", "write_run", "run_paths",
-           "stored_runs", "SCHEMA"]
+           "stored_runs", "iter_runs", "SCHEMA"]
 
 
 class _CallableModule(types.ModuleType):

@@ -1,4 +1,5 @@
-"""Tables for `memplan profile` and `memplan compare` (standard library only).
+"""Estimate vs measured for run records, and the tables of `memplan profile` and `memplan compare`
+(standard library only; numbers and plans are formatted by `memplan.present`).
 
 `compare_runs` re-estimates each stored run with the current estimator (or takes the estimate
 stored in the record, `stored=True`) and lines it up with the measurement, term by term.
@@ -8,31 +9,32 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from ..present import gib, mib, pct, plan_brief
 from ..terms import Term
-from ..units import GiB, MiB
 from .record import MeasuredRun, error_pct, estimate_error, read_run, run_paths
 
 Out = Callable[[str], None]
 
 
 def current_estimate(run: MeasuredRun) -> tuple[dict[str, Any] | None, str | None]:
-    """The estimate the current estimator makes for a stored run (None and the reason when it cannot)."""
-    from ..catalogue import load_gpu
+    """The estimate the current estimator makes for a stored run (None and the reason when it cannot).
+
+    Through `memplan.estimate` (a model without a closed form falls back to simulate when the `sim`
+    extra is installed); a CUDA run on a GPU the catalogue does not know is not re-estimated (its
+    calibrated overheads would be guessed).
+    """
     from ..errors import MemplanError
-    from ..estimate import compute
+    from ..estimate import estimate
     from ..model import model_from_config
-    from ..plan import TrainPlan
 
     try:
         spec = model_from_config(run.model["config"], name=str(run.model.get("name", "")))
-        d = dict(run.plan)
-        if isinstance(d.get("target_modules"), list):
-            d["target_modules"] = tuple(d["target_modules"])
-        plan = TrainPlan(**d)
-        gpu = None
-        if run.device == "cuda" and run.gpu and run.gpu.get("name"):
-            gpu = load_gpu(run.gpu["name"])
-        e = compute(spec, plan, gpu).to_dict()
+        plan = run.train_plan()
+        gpu = run.catalogue_gpu()
+        if run.device == "cuda" and run.gpu and gpu is None:
+            raise MemplanError(f"GPU {run.gpu.get('name') or run.gpu.get('nvml_name')!r} is not in the catalogue "
+                               "(see `memplan gpus`)")
+        e = estimate(spec, plan, gpu=gpu).to_dict()
     except MemplanError as err:
         return None, str(err)
     return {"terms": e["terms"], "peak": e["peak"], "paged_bytes": e["paged_bytes"]}, None
@@ -55,37 +57,19 @@ def compare_runs(paths: Iterable[Any], stored: bool = False) -> list[dict[str, A
 # ---------------------------------------------------------------------------------------------
 # printers
 # ---------------------------------------------------------------------------------------------
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / MiB:,.2f}"
-
-
-def _pct(p: float | None) -> str:
-    return "-" if p is None else f"{p:+.2f}%"
-
-
-def plan_summary(plan: dict[str, Any]) -> str:
-    gc = "gc" if plan.get("gradient_checkpointing") else "no-gc"
-    q = plan.get("quant")
-    dq = "+dq" if plan.get("double_quant") and q in ("nf4", "fp4") else ""
-    base = f"{q}{dq}" if q != "none" else plan.get("dtype")
-    return (f"{plan.get('method')} ({base}, r={plan.get('lora_r')}), batch {plan.get('batch_size')} x seq "
-            f"{plan.get('seq_len')}, ga {plan.get('gradient_accumulation_steps')}, {gc}, {plan.get('optim')}, "
-            f"{plan.get('attn_implementation')}, mp {plan.get('mixed_precision')}")
-
-
 def term_table(cmp: dict[str, Any], out: Out, device: str) -> None:
     out(f"{'term':<20} {'measured MiB':>14} {'estimate MiB':>14} {'diff MiB':>11} {'error':>9}")
     for t in Term if cmp.get("terms") else ():
         if device == "cpu" and t in (Term.WORKSPACE, Term.ALLOCATOR_OVERHEAD, Term.CUDA_CONTEXT):
             continue
         c = cmp["terms"][str(t)]
-        out(f"{str(t):<20} {_mib(c['measured']):>14} {_mib(c['estimate']):>14} {_mib(c['diff_bytes']):>11} "
-            f"{_pct(c['error_pct']):>9}")
+        out(f"{str(t):<20} {mib(c['measured']):>14} {mib(c['estimate']):>14} {mib(c['diff_bytes']):>11} "
+            f"{pct(c['error_pct']):>9}")
     out("-" * 72)
     for k, c in cmp["peak"].items():
         label = k.replace("_bytes", "") + (" (peak)" if k != "paged_bytes" else "")
-        out(f"{label:<20} {_mib(c['measured']):>14} {_mib(c['estimate']):>14} {_mib(c['diff_bytes']):>11} "
-            f"{_pct(c['error_pct']):>9}")
+        out(f"{label:<20} {mib(c['measured']):>14} {mib(c['estimate']):>14} {mib(c['diff_bytes']):>11} "
+            f"{pct(c['error_pct']):>9}")
 
 
 def print_run(run: MeasuredRun, out: Out = print) -> None:
@@ -95,7 +79,7 @@ def print_run(run: MeasuredRun, out: Out = print) -> None:
         f" = {gpu['name']})" if gpu.get("name") else ", not in the catalogue)") if run.device == "cuda" else "cpu"
     out(f"{run.model.get('name')} ({run.model.get('architecture')}), {run.weights} weights, {run.steps} steps "
         f"on {where}")
-    out(f"plan: {plan_summary(dict(run.plan))}")
+    out(f"plan: {plan_brief(run.plan)}")
     out(f"status: {run.status}" + (f" in {run.failure.get('phase')} (step {run.failure.get('step')}): "
                                    f"{run.failure.get('type')}: {run.failure.get('message')}" if run.failure else ""))
     m = run.measured
@@ -103,7 +87,7 @@ def print_run(run: MeasuredRun, out: Out = print) -> None:
         out("")
         term_table(d["estimate_error"], out, run.device)
     elif run.status == "success":
-        out("measured peak: " + ", ".join(f"{k} {_mib(v)} MiB" for k, v in (m.get("peak") or {}).items()
+        out("measured peak: " + ", ".join(f"{k} {mib(v)} MiB" for k, v in (m.get("peak") or {}).items()
                                           if k.endswith("_bytes") and v is not None))
     pk = m.get("peak") or {}
     if pk.get("phase"):
@@ -112,17 +96,17 @@ def print_run(run: MeasuredRun, out: Out = print) -> None:
     phases = m.get("phases") or {}
     if phases:
         out("per phase (steady state; load/adapters once), MiB: " + ", ".join(
-            f"{k} {_mib(v.get('allocated_bytes'))}" + (f"/{_mib(v.get('reserved_bytes'))}r"
+            f"{k} {mib(v.get('allocated_bytes'))}" + (f"/{mib(v.get('reserved_bytes'))}r"
                                                        if v.get("reserved_bytes") is not None else "")
             for k, v in phases.items()))
     if m.get("paged_bytes"):
-        out(f"paged optimizer state (managed memory, outside torch's allocator): {_mib(m['paged_bytes'])} MiB")
+        out(f"paged optimizer state (managed memory, outside torch's allocator): {mib(m['paged_bytes'])} MiB")
     nv = m.get("nvml") or {}
     if run.device == "cuda":
         if nv.get("available"):
-            out(f"NVML: baseline {_mib(nv.get('baseline_used_bytes'))} MiB, "
-                f"peak used {_mib(nv.get('peak_used_bytes'))} "
-                f"MiB (+{_mib(nv.get('peak_delta_bytes'))} MiB for this run)")
+            out(f"NVML: baseline {mib(nv.get('baseline_used_bytes'))} MiB, "
+                f"peak used {mib(nv.get('peak_used_bytes'))} "
+                f"MiB ({mib(nv.get('peak_delta_bytes'), signed=True)} MiB for this run)")
         else:
             out(f"NVML: not read ({nv.get('reason')})")
     w = m.get("wall_seconds") or {}
@@ -139,7 +123,7 @@ def print_compare(rows: list[dict[str, Any]], out: Out = print) -> None:
             out("")
         where = f"{r['device']}" + (f" ({r['gpu']})" if r.get("gpu") else "")
         out(f"{r['path']}: {r['model']} on {where}, {r['status']}")
-        out(f"  plan: {plan_summary(r['plan'])}")
+        out(f"  plan: {plan_brief(r['plan'])}")
         if r["failure"]:
             f = r["failure"]
             out(f"  {r['status']} in {f.get('phase')} (step {f.get('step')}): {f.get('message')}")
@@ -156,19 +140,20 @@ def print_compare(rows: list[dict[str, Any]], out: Out = print) -> None:
         if errs:
             errs.sort()
             out("")
-            out(f"{len(errs)} runs: |allocated peak error| median {errs[len(errs) // 2]:.2f}%, max {errs[-1]:.2f}%")
+            out(f"{len(errs)} runs: |allocated peak error| median {pct(errs[len(errs) // 2], signed=False)}, "
+                f"max {pct(errs[-1], signed=False)}")
 
 
 def print_search(res: Any, out: Out = print) -> None:
     d = res.to_dict()
     unit = "sequences" if res.dimension == "batch_size" else "tokens"
-    out(f"search {res.dimension} ({res.plan.device}), limit {res.limit_bytes / GiB:.3f} GiB on {res.measure}, "
+    out(f"search {res.dimension} ({res.plan.device}), limit {gib(res.limit_bytes, 3)} GiB on {res.measure}, "
         f"granularity {res.granularity}")
     out(f"{'value':>8} {'status':>8} {'peak MiB':>12}  phase")
     for t in d["trials"]:
-        out(f"{t['value']:>8} {t['status']:>8} {_mib(t['peak_bytes']):>12}  {t['phase'] or ''}")
+        out(f"{t['value']:>8} {t['status']:>8} {mib(t['peak_bytes']):>12}  {t['phase'] or ''}")
     out(f"estimate predicted {res.predicted} {unit}; largest that ran: {res.largest} {unit}"
-        + (f" (measured peak {_mib(d['largest_peak_bytes'])} MiB)" if d["largest_peak_bytes"] else ""))
+        + (f" (measured peak {mib(d['largest_peak_bytes'])} MiB)" if d["largest_peak_bytes"] else ""))
     for n in res.notes:
         out(f"note: {n}")
 

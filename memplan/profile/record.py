@@ -1,10 +1,12 @@
 """Run records: what `memplan profile` measured, as `memplan.run/1` JSON (profiles/runs/*.json).
 
-Standard library only, so `memplan compare` and the tests that check the estimator against stored
-runs need no torch. A record holds the model (with its config.json values, so the estimate can be
-recomputed offline), the resolved plan, device, GPU, package versions, status, the measurement
-(per phase, per step, per term at the steady-state peak) and the estimate made at the time with its
-per-term error.
+Standard library only, so `memplan compare`, the report (`memplan.report.measured_run`) and the
+tests that check the estimator against stored runs need no torch. This module is the one reader of
+stored records (`read_run`, `iter_runs`, `stored_runs`); `MeasuredRun.train_plan()` and
+`catalogue_gpu()` give what re-estimating a run needs. A record holds the model (with its
+config.json values, so the estimate can be recomputed offline), the resolved plan, device, GPU,
+package versions, status, the measurement (per phase, per step, per term at the steady-state peak)
+and the estimate made at the time with its per-term error.
 
 Shape (every size is int bytes):
 
@@ -38,10 +40,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..errors import MemplanError
 from ..terms import ALLOCATED_TERMS, Term
+
+if TYPE_CHECKING:
+    from ..plan import TrainPlan
 
 SCHEMA = "memplan.run/1"
 STATUSES = ("success", "oom", "failed")
@@ -132,6 +137,39 @@ class MeasuredRun:
     @property
     def ok(self) -> bool:
         return self.status == "success"
+
+    # ---- what the estimator needs to re-estimate the run ------------------------------------------
+    def train_plan(self) -> TrainPlan:
+        """The run's plan as a TrainPlan; MemplanError when this memplan cannot read it (a field it
+        does not know, or a value it refuses): never a plan with a field silently dropped."""
+        from ..plan import TrainPlan
+
+        d = dict(self.plan)
+        if isinstance(d.get("target_modules"), list):
+            d["target_modules"] = tuple(d["target_modules"])
+        unknown = sorted(set(d) - set(TrainPlan.field_names()))
+        if unknown:
+            raise MemplanError(f"run {self.run_id or '?'}: plan field(s) {', '.join(unknown)} unknown to this "
+                               "memplan version")
+        try:
+            return TrainPlan(**d)
+        except MemplanError as e:
+            raise MemplanError(f"run {self.run_id or '?'}: {e}") from None
+
+    def catalogue_gpu(self) -> str | None:
+        """The catalogue name of the run's GPU: its `catalogue` entry, else its `name`; None on the CPU
+        or when the catalogue knows neither."""
+        if self.device != "cuda" or not self.gpu:
+            return None
+        from ..catalogue import load_gpu
+
+        for name in (self.gpu.get("catalogue"), self.gpu.get("name")):
+            if name:
+                try:
+                    return load_gpu(str(name)).name
+                except MemplanError:
+                    continue
+        return None
 
     def estimate_error(self) -> dict[str, Any] | None:
         """Per-term and peak error of the stored estimate (runs that completed only)."""
@@ -276,6 +314,22 @@ def runs_dir() -> Path:
     return profiles_dir() / "runs"
 
 
-def stored_runs() -> list[MeasuredRun]:
-    d = runs_dir()
-    return [read_run(p) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+def iter_runs(folder: str | os.PathLike[str] | None = None, *, strict: bool = True
+              ) -> Iterator[tuple[Path, MeasuredRun]]:
+    """(path, record) for every *.json in `folder` (default profiles/runs), by file name. The one
+    reader of stored records: `strict=False` skips files that are not `memplan.run/1` records
+    (broken JSON, another schema, a record missing what its status requires) instead of raising."""
+    d = Path(folder) if folder is not None else runs_dir()
+    if not d.is_dir():
+        return
+    for p in run_paths([d]):
+        try:
+            yield p, read_run(p)
+        except MemplanError:
+            if strict:
+                raise
+
+
+def stored_runs(folder: str | os.PathLike[str] | None = None, *, strict: bool = True) -> list[MeasuredRun]:
+    """Every record in `folder` (default profiles/runs); see `iter_runs`."""
+    return [r for _, r in iter_runs(folder, strict=strict)]

@@ -1,12 +1,13 @@
 """The largest micro-batch (or sequence length) that really fits: predicted, then confirmed on the device.
 
 1. Predict with the estimator: the largest value whose estimate stays within the limit
-   (`memplan.recommend.max_fitting`, an exact integer search over `estimate.compute`).
+   (`memplan.search.max_fitting`, an exact integer search over the closed-form estimate).
 2. Confirm with real steps (one `Session`, the model loaded once): run the prediction; if it fits,
    gallop upwards (+1, +2, +4, ...) until a run does not fit; if it does not, gallop downwards;
-   then bisect between the largest value that fit and the smallest that did not. Each trial is a full
-   profiled run (OOM recovered in-process), so the answer is a value that ran and its neighbour
-   above did not (or the search cap / trial budget was reached, which the result says).
+   then bisect between the largest value that fit and the smallest that did not
+   (`memplan.search.gallop_bisect`). Each trial is a full profiled run (OOM recovered in-process),
+   so the answer is a value that ran and its neighbour above did not (or the search cap / trial
+   budget was reached, which the result says).
 
 The limit and the quantity compared with it:
 - CPU: `memory_limit_bytes` (required; nothing runs out of memory on the CPU) against the measured
@@ -25,7 +26,10 @@ from typing import Any, Callable
 
 from ..errors import MemplanError
 from ..plan import TrainPlan
+from ..search import MAX_BATCH_SIZE, MAX_SEQ_LEN, gallop_bisect, max_fitting
 from .record import MeasuredRun
+
+__all__ = ["find_max", "predict", "gallop_bisect", "SearchResult", "Trial", "DIMENSIONS"]
 
 DIMENSIONS = ("batch_size", "seq_len")
 _FLAG = {"batch_size": "--find-max-batch", "seq_len": "--find-max-seq"}
@@ -85,81 +89,23 @@ def _peak(run: MeasuredRun, measure: str) -> int | None:
     return run.peak.get(measure) if run.peak.get(measure) is not None else run.allocated_bytes
 
 
-class _Exhausted(Exception):
-    pass
-
-
 class _Failed(Exception):
     pass
 
 
-def gallop_bisect(fits: Callable[[int], bool], start: int, cap: int, max_trials: int) -> tuple[int, bool, bool]:
-    """(largest u in [1, cap] with fits(u), capped, exhausted) for a monotone `fits`, from `start`.
-
-    Returns 0 when fits(1) is False. `capped`: fits(cap) held; `exhausted`: the trial budget ran out
-    first (the result is then the largest value confirmed so far).
-    """
-    seen: dict[int, bool] = {}
-
-    def t(u: int) -> bool:
-        if u not in seen:
-            if len(seen) >= max_trials:
-                raise _Exhausted
-            seen[u] = fits(u)
-        return seen[u]
-
-    lo, hi = 0, None
-    capped = exhausted = False
-    start = min(max(1, start), cap)
-    try:
-        if t(start):
-            lo, step = start, 1
-            while True:
-                if lo >= cap:
-                    capped = True
-                    break
-                u = min(lo + step, cap)
-                if t(u):
-                    lo, step = u, step * 2
-                else:
-                    hi = u
-                    break
-        else:
-            hi, step = start, 1
-            while hi > 1:
-                u = max(hi - step, 1)
-                if t(u):
-                    lo = u
-                    break
-                hi, step = u, step * 2
-        while hi is not None and hi - lo > 1:
-            m = (lo + hi) // 2
-            if t(m):
-                lo = m
-            else:
-                hi = m
-    except _Exhausted:
-        exhausted = True
-    return lo, capped, exhausted
-
-
 def predict(spec: Any, plan: TrainPlan, dimension: str, limit: int, measure: str, gpu: Any, granularity: int,
             cap_units: int) -> int:
-    """The largest multiple of `granularity` (in units) whose estimate's `measure` is <= limit (0: none)."""
-    from ..estimate import compute
+    """The largest multiple of `granularity` (in units) whose estimate's `measure` is <= limit (0: none).
+
+    Closed form only (`fallback_simulate=False`): where it does not cover the architecture this
+    raises UnsupportedArchitectureError and the search starts from 1 instead of simulating each probe.
+    """
+    from ..estimate import estimate
 
     def value(u: int) -> int:
-        e = compute(spec, plan.replace(**{dimension: u * granularity}), gpu)
+        e = estimate(spec, plan.replace(**{dimension: u * granularity}), gpu=gpu, fallback_simulate=False)
         return int(getattr(e, measure))
 
-    try:
-        from ..recommend import max_fitting
-    except ImportError:  # pragma: no cover - recommend ships with the core
-        lo, hi = 0, cap_units + 1
-        while hi - lo > 1:
-            m = (lo + hi) // 2
-            lo, hi = (m, hi) if value(m) <= limit else (lo, m)
-        return lo
     n, _ = max_fitting(value, limit, cap=cap_units)
     return n
 
@@ -171,7 +117,6 @@ def find_max(model: Any, plan: TrainPlan | None = None, *, dimension: str = "bat
              gpu: Any = None, **plan_kwargs: Any) -> SearchResult:
     """Search the largest `dimension` ("batch_size" or "seq_len") that runs (see the module doc)."""
     from ..plan import plan_from
-    from ..recommend import MAX_BATCH_SIZE, MAX_SEQ_LEN
     from .record import write_run
     from .runner import open_session
 

@@ -17,8 +17,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from .. import present as P
 from ..estimate import Estimate, Moment
 from ..gpu import GPUSpec
+from ..present import METHOD_LABELS
 from ..terms import ALLOCATED_TERMS, Term
 from ..units import GiB
 
@@ -54,7 +56,13 @@ TERM_COLORS = {
     Term.CUDA_CONTEXT: "#4d4d4d",
 }
 PAGED_LABEL = "paged optimizer state (CUDA managed memory, not counted in the fit)"
-METHOD_LABELS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full fine-tune"}
+#: why a sweep row has no numbers, by `MemplanError.error_kind` (the sweep's error_kind column)
+ERROR_LABELS = {
+    "unsupported_architecture": "not estimated:\nno closed form,\nuse simulate",
+    "invalid_spec": "not estimated:\ninvalid plan",
+    "unknown_name": "not estimated:\nunknown name",
+    "missing_extra": "not estimated:\nextra missing",
+}
 _METHOD_TICKS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full\nfine-tune"}
 
 
@@ -187,12 +195,9 @@ def _fit_cmap() -> ListedColormap:
     return ListedColormap(np.vstack([reds, greens]), name="memplan_fit").with_extremes(bad="#e6e6e6")
 
 
-def _short_error(err: str) -> str:
-    if "mixture-of-experts" in err:
-        return "not estimated:\nMoE, use simulate"
-    if "SDPA" in err or "sdpa" in err:
-        return "not estimated:\nneeds eager attention"
-    return "not estimated\n(see notes)"
+def error_label(kind: Any) -> str:
+    """A short label for a row that could not be estimated, from its error_kind (never its message)."""
+    return ERROR_LABELS.get(str(kind or ""), "not estimated\n(see notes)")
 
 
 def _cell_headroom(c: Mapping[str, Any] | None) -> float | None:
@@ -208,13 +213,13 @@ def _cell_text(c: Mapping[str, Any] | None) -> str:
     if c is None:
         return ""
     if c.get("error"):
-        return _short_error(str(c["error"]))
-    h = _gib(int(c["headroom_bytes"]))
-    mb = int(c["max_batch_size"]) if c.get("max_batch_size") is not None else None
+        return error_label(c.get("error_kind"))
+    h = P.gib(c["headroom_bytes"], 1, signed=True)
+    mb = None if P.is_missing(c.get("max_batch_size")) else int(c["max_batch_size"])
     if c.get("fits"):
-        text = f"batch ≤ {mb}\n{h:+.1f} GiB" if mb is not None else f"fits\n{h:+.1f} GiB"
+        text = f"batch ≤ {mb}\n{h} GiB" if mb is not None else f"fits\n{h} GiB"
     else:
-        text = f"does not fit\n{h:+.1f} GiB"
+        text = f"does not fit\n{h} GiB"
     if c.get("gpu_note"):
         text += "\n(no bf16)" if "bf16" in c["gpu_note"] else "\n(unsupported)"
     return text
@@ -272,18 +277,13 @@ def estimate_chart(e: Estimate) -> Figure:
     ax.set_xlabel("GiB at the peak of one training step", fontsize=9)
     ax.set_xlim(0, max(vals + [0.1]) * 1.22)
     ax.spines[["top", "right"]].set_visible(False)
-    p = e.plan
-    what = f"{e.model.name}, {METHOD_LABELS.get(p.method, p.method)}"
-    if p.method != "full":
-        what += f" r={p.lora_r}"
-    what += f", micro-batch {p.batch_size} x {p.seq_len} tokens"
-    total = f"peak {_gib(e.device_bytes):.2f} GiB on the device (phase: {e.peak_phase})"
+    what = f"{e.model.name}, {P.plan_brief(e.plan)}"
+    total = f"peak {P.gib(e.device_bytes)} GiB on the device (phase: {e.peak_phase})"
     if e.gpu is not None:
-        verdict = "fits" if e.fits else "does NOT fit"
-        total += f"; {e.gpu.name} has {_gib(e.gpu.memory_bytes):.2f} GiB -> {verdict}"
+        total += f"; {e.gpu.name} has {P.gib(e.gpu.memory_bytes)} GiB -> {P.verdict(bool(e.fits))}"
     if e.paged_bytes:
-        total += f"; plus {_gib(e.paged_bytes):.2f} GiB of paged optimizer state in CUDA managed memory (not counted)"
-    fig.suptitle(f"Where the memory goes: {what}\n{_wrap(total, 95)}", fontsize=10.5)
+        total += f"; plus {P.gib(e.paged_bytes)} GiB of paged optimizer state in CUDA managed memory (not counted)"
+    fig.suptitle(f"Where the memory goes: {_wrap(what, 95)}\n{_wrap(total, 95)}", fontsize=10.5)
     return fig
 
 
@@ -375,7 +375,8 @@ def moment_label(m: Moment, num_layers: int) -> str:
     if m.layer is None or m.kind == "forward":
         return _MOMENT_LABELS.get(m.kind, m.name)
     which = f"layer {m.layer}" + (" (last)" if m.layer == num_layers - 1 else " (first)" if m.layer == 0 else "")
-    return f"{which}\n{'recompute' if m.kind == 'recompute' else 'backward'}"
+    what = {"recompute": "recompute", "dequant": "4-bit bwd", "dequant_matmul": "4-bit bwd dX"}.get(m.kind, "backward")
+    return f"{which}\n{what}"
 
 
 def timeline_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "estimator phase model") -> Figure:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
 
-from ..catalogue import profiles_dir
+from ..errors import MemplanError
 from ..estimate import Estimate
-from ..plan import TrainPlan
+from ..profile.record import iter_runs
 from ..terms import ALLOCATED_TERMS, Term
 
 
@@ -34,52 +33,23 @@ def compare_terms(estimate: Estimate, measured_terms: Mapping[str, int], measure
 
 
 def measured_run(runs_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """The first successful stored run in profiles/runs/ that names its model, plan and terms, or None.
+    """The first successful stored run in `runs_dir` (default profiles/runs/) with per-term measurements
+    and a plan this version reads, or None.
 
-    Returns {"path", "model" (config dict or catalogue name), "plan" (TrainPlan), "device", "gpu" (catalogue
-    name, or None when the run names none the catalogue knows: estimate with generic overheads), "terms",
-    "peak_bytes"} in the `memplan.run/1` shape that `memplan profile` writes. NB: read tolerantly (the
-    schema is young): the model may be a name or {"name", "config"}, the terms may sit at the top
-    level or under "measured"; records that cannot be read are skipped.
+    Returns {"path", "model" (the config.json dict), "plan" (TrainPlan), "device", "gpu" (catalogue name,
+    or None when the run names none the catalogue knows: estimate with generic overheads), "terms",
+    "peak_bytes"}. Records are read by `memplan.profile.record` (the one reader of `memplan.run/1`);
+    files that are not valid records are skipped.
     """
-    folder = Path(runs_dir) if runs_dir is not None else profiles_dir() / "runs"
-    for path in sorted(folder.glob("*.json")):
-        try:
-            run = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(run, dict) or run.get("status", "success") != "success":
-            continue
-        measured = run.get("measured") if isinstance(run.get("measured"), dict) else run
-        terms = measured.get("terms")
-        model = run.get("model")
-        if isinstance(model, dict):
-            model = model.get("config") or model.get("name") or model.get("hub_id")
-        if not isinstance(terms, dict) or not model or not isinstance(run.get("plan"), dict):
+    for path, run in iter_runs(runs_dir, strict=False):
+        terms = run.measured.get("terms")
+        if not run.ok or not isinstance(terms, Mapping):
             continue
         try:
-            plan_d = dict(run["plan"])
-            if isinstance(plan_d.get("target_modules"), list):
-                plan_d["target_modules"] = tuple(plan_d["target_modules"])
-            plan = TrainPlan(**{k: v for k, v in plan_d.items() if k in TrainPlan.field_names()})
-        except Exception:  # a run from an incompatible version: skip it
+            plan = run.train_plan()
+        except MemplanError:  # a run from an incompatible version: skip it
             continue
-        peak = measured.get("peak", {})
-        gpu = run.get("gpu") if isinstance(run.get("gpu"), dict) else {}
-        return {"path": str(path), "model": model, "plan": plan, "device": run.get("device", plan.device),
-                "gpu": _catalogue_gpu(gpu.get("catalogue") or gpu.get("name")),
-                "terms": {str(k): int(v) for k, v in terms.items() if v is not None},
-                "peak_bytes": (peak.get("allocated_bytes") if isinstance(peak, dict) else None)}
+        return {"path": str(path), "model": dict(run.model["config"]), "plan": plan, "device": run.device,
+                "gpu": run.catalogue_gpu(), "terms": {str(k): int(v) for k, v in terms.items() if v is not None},
+                "peak_bytes": run.allocated_bytes}
     return None
-
-
-def _catalogue_gpu(name: Any) -> str | None:
-    if not name:
-        return None
-    from ..catalogue import load_gpu
-    from ..errors import MemplanError
-
-    try:
-        return load_gpu(str(name)).name
-    except MemplanError:
-        return None

@@ -20,12 +20,13 @@ import pandas as pd
 from .. import __version__
 from ..catalogue import load_gpu, load_model
 from ..errors import MemplanError
-from ..estimate import compute
+from ..estimate import Estimate, estimate
 from ..formulas import MODELED_VERSIONS
 from ..gpu import GPUSpec
 from ..model import ModelSpec
 from ..plan import TrainPlan
-from ..recommend import MAX_SEQ_LEN
+from ..present import gib, is_missing, plan_brief, plan_text
+from ..search import MAX_SEQ_LEN
 from ..terms import Term
 from ..units import GiB
 from . import charts as C
@@ -77,21 +78,10 @@ def _select(df: pd.DataFrame, h: Mapping[str, Any], **extra: Any) -> pd.DataFram
     return df[m]
 
 
-def _plan_text(plan: TrainPlan, with_shape: bool = True) -> str:
-    from ..cli import plan_lines
-
-    head, run = plan_lines(plan)
-    return f"{head}; {run}" if with_shape else head
-
-
-def _short_plan(p: TrainPlan, seq: bool = True, batch: bool = True) -> str:
-    parts = [C.METHOD_LABELS.get(p.method, p.method) + (f" r={p.lora_r}" if p.method != "full" else "")]
-    if batch:
-        parts.append(f"micro-batch {p.batch_size}")
-    if seq:
-        parts.append(f"seq {p.seq_len}")
-    parts += [p.optim, f"checkpointing {'on' if p.gradient_checkpointing else 'off'}"]
-    return ", ".join(parts)
+def _closed_form(spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec) -> Estimate:
+    """The charts' estimates: closed form only, like the sweep (a simulate trace per point would take
+    minutes); a model without one raises UnsupportedArchitectureError and its curve is left out."""
+    return estimate(spec, plan, gpu=gpu, fallback_simulate=False)
 
 
 def _terms_of(row: Mapping[str, Any]) -> dict[Term, int]:
@@ -117,7 +107,7 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
     # fit matrix at the headline plan
     cells = _select(df, h, seq_len=h["seq_len"]).to_dict("records")
     figs["fit-matrix"] = C.fit_matrix_chart(cells, list(specs), gpus,
-                                            f"plan: {_short_plan(hplan)}; cell: largest micro-batch at seq "
+                                            f"plan: {plan_brief(hplan)}; cell: largest micro-batch at seq "
                                             f"{h['seq_len']} and headroom at micro-batch {h['batch_size']}")
 
     # breakdown per model over the swept sequence lengths, on the first GPU
@@ -128,7 +118,7 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
             per_model[name] = [(int(r["seq_len"]), _terms_of(r), int(r["paged_bytes"])) for r in rows]
     if per_model:
         figs["breakdown"] = C.breakdown_chart(per_model, gpu_lines,
-                                              f"{_short_plan(hplan, seq=False)}; overheads of {first_gpu.name}")
+                                              f"{plan_brief(hplan, seq=False)}; overheads of {first_gpu.name}")
 
     # max seq len vs GPU memory: curves from the closed form, dots = the sweep's exact answers
     curves, points = {}, []
@@ -138,12 +128,12 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
         if not pts:
             continue
         points += [(name, r["gpu"], meta["gpus"][r["gpu"]].memory_bytes / GiB, int(r["max_seq_len"]))
-                   for r in pts if not _na(r["max_seq_len"])]
+                   for r in pts if not is_missing(r["max_seq_len"])]
         curves[name] = _seq_curve(spec, hplan, gpus[-1], xmax)
     if curves:
         figs["max-seq-len"] = C.max_seq_chart(
             curves, points, gpu_lines,
-            f"{_short_plan(hplan, seq=False)}; lines: closed form with {gpus[-1].name}'s overheads, "
+            f"{plan_brief(hplan, seq=False)}; lines: closed form with {gpus[-1].name}'s overheads, "
             "dots: exact answer on each GPU")
 
     # methods side by side at the headline shape
@@ -154,7 +144,7 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
             try:
                 p = row_plan({k: v for k, v in base.items() if k not in ("quant", "prepare")}, method,
                              None if method == "full" else (h["rank"] or 16), h["seq_len"], h["batch_size"])
-                e = compute(spec, p, first_gpu)
+                e = _closed_form(spec, p, first_gpu)
             except MemplanError:
                 continue
             d[method] = (dict(e.terms), e.paged_bytes)
@@ -170,7 +160,7 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
     spec_t, plan_t = (resolve_timeline(timeline) if timeline else (None, None))
     for name, spec in ([(spec_t.name, spec_t)] if spec_t else specs.items()):
         try:
-            e = compute(spec, plan_t or hplan, first_gpu)
+            e = _closed_form(spec, plan_t or hplan, first_gpu)
         except MemplanError:
             continue
         figs["timeline"] = C.timeline_chart(e, first_gpu)
@@ -192,7 +182,7 @@ def _seq_curve(spec: ModelSpec, plan: TrainPlan, gpu: GPUSpec, xmax_bytes: float
     while s <= MAX_SEQ_LEN:
         n = int(s)
         try:
-            d = compute(spec, plan.replace(seq_len=n), gpu).device_bytes
+            d = _closed_form(spec, plan.replace(seq_len=n), gpu).device_bytes
         except MemplanError:
             break
         mem.append(d / GiB)
@@ -224,33 +214,28 @@ def _esc(x: Any) -> str:
     return _html.escape(str(x), quote=True)
 
 
-def _na(v: Any) -> bool:
-    return v is None or bool(pd.isna(v))
-
-
 def _gib_s(n: Any, signed: bool = False) -> str:
-    if _na(n):
-        return "–"
-    return f"{int(n) / GiB:+.2f}" if signed else f"{int(n) / GiB:.2f}"
+    return gib(n, signed=signed, na="–")
 
 
 def _fit_table(df: pd.DataFrame, meta: Mapping[str, Any], h: Mapping[str, Any]) -> str:
     gpus = sorted(meta["gpus"].values(), key=lambda g: g.memory_bytes)
     sel = {(r["model"], r["gpu"]): r for r in _select(df, h, seq_len=h["seq_len"]).to_dict("records")}
     out = ['<table class="fit-matrix"><tr><th class="name">model</th>']
-    out += [f"<th>{_esc(g.name)}<br>{g.memory_bytes / GiB:.1f} GiB</th>" for g in gpus]
+    out += [f"<th>{_esc(g.name)}<br>{gib(g.memory_bytes, 1)} GiB</th>" for g in gpus]
     out.append("</tr>")
     for name in meta["models"]:
         out.append(f'<tr><td class="name">{_esc(name)}</td>')
         for g in gpus:
             r = sel.get((name, g.name))
             if r is None or r["error"]:
-                why = C._short_error(str(r["error"])).replace("\n", " ") if r is not None else "not in the sweep"
+                why = (C.error_label(r.get("error_kind")).replace("\n", " ") if r is not None
+                       else "not in the sweep")
                 out.append(f'<td class="na" data-model="{_esc(name)}" data-gpu="{_esc(g.name)}">{_esc(why)}</td>')
                 continue
             cls = "fit" if r["fits"] else "nofit"
-            mb = None if _na(r["max_batch_size"]) else int(r["max_batch_size"])
-            ms = None if _na(r["max_seq_len"]) else int(r["max_seq_len"])
+            mb = None if is_missing(r["max_batch_size"]) else int(r["max_batch_size"])
+            ms = None if is_missing(r["max_seq_len"]) else int(r["max_seq_len"])
             text = (f"batch ≤ {mb}" if r["fits"] and mb is not None else "does not fit")
             note = f'<br><span class="small">{_esc(r["gpu_note"].split(";")[0])}</span>' if r["gpu_note"] else ""
             out.append(f'<td class="{cls}" data-model="{_esc(name)}" data-gpu="{_esc(g.name)}" '
@@ -277,7 +262,7 @@ def _rows_table(df: pd.DataFrame) -> str:
             v = r[c]
             if c in ("device_bytes", "headroom_bytes"):
                 s = _gib_s(v, signed=c == "headroom_bytes")
-            elif _na(v):
+            elif is_missing(v):
                 s = "–"
             elif c == "fits":
                 s = "yes" if v else "no"
@@ -285,7 +270,7 @@ def _rows_table(df: pd.DataFrame) -> str:
                 s = str(v)
             cls = ' class="name"' if c in ("model", "gpu", "method", "peak_phase") else ""
             cells.append(f"<td{cls}>{_esc(s)}</td>")
-        dev = "" if _na(r["device_bytes"]) else int(r["device_bytes"])
+        dev = "" if is_missing(r["device_bytes"]) else int(r["device_bytes"])
         out.append(f'<tr data-device-bytes="{dev}">' + "".join(cells) + "</tr>")
     out.append("</table>")
     if len(df) > MAX_TABLE_ROWS:
@@ -330,10 +315,10 @@ def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, byt
              f"micro-batches {', '.join(map(str, meta['batch_sizes']))}{speed}.</p>",
              "<nav>" + "".join(f"<a href='#{k}'>{_esc(v[1])}</a>" for k, v in CHARTS.items() if k in pngs)
              + "<a href='#rows'>All rows</a><a href='#notes'>How to read this</a></nav>",
-             f"<p><b>Headline plan</b> (used where a chart shows one plan): {_esc(_plan_text(hplan))}; "
+             f"<p><b>Headline plan</b> (used where a chart shows one plan): {_esc(plan_text(hplan))}; "
              f"GPU overheads of {_esc(first_gpu.name)} where one GPU is needed. Memory is in GiB (2<sup>30</sup> "
              f"bytes); a plan <i>fits</i> when its peak on the device plus the reserve "
-             f"({meta['reserve_bytes'] / GiB:.2f} GiB) is at most the GPU memory the driver reports.</p>"]
+             f"({gib(meta['reserve_bytes'])} GiB) is at most the GPU memory the driver reports.</p>"]
     for key, (fname, title) in CHARTS.items():
         if key not in pngs:
             continue

@@ -1,12 +1,18 @@
-"""sweep: one row per model x GPU x plan, every number from `estimate.compute`.
+"""sweep: one row per model x GPU x plan, every number from the closed form (`memplan.estimate`).
 
 Columns: model, gpu, gpu_memory_bytes, method, quant, lora_r (<NA> for full fine-tuning, which has
 no rank), seq_len, batch_size; one `<term>_bytes` column per Term; allocated/reserved/device/paged
-bytes, peak_phase, fits, headroom_bytes (GPU memory - device bytes - reserve); max_batch_size (the
-largest micro-batch that fits at the row's seq_len, everything else as in the row) and max_seq_len
-(the longest sequence at the row's batch), both exact (`recommend.max_fitting`; 0 when even 1 does
-not fit); gpu_note (why the GPU cannot run the plan at all, e.g. no bf16) and error (why the closed
-form could not estimate the row, e.g. mixture-of-experts; its numbers are then <NA>).
+bytes, peak_phase, fits, headroom_bytes (`Fit.of`: GPU memory - device bytes - reserve);
+max_batch_size (the largest micro-batch that fits at the row's seq_len, everything else as in the
+row) and max_seq_len (the longest sequence at the row's batch), both exact (`memplan.search.max_fitting`;
+0 when even 1 does not fit); gpu_note (why the GPU cannot run the plan at all, e.g. no bf16); error
+(why the row could not be estimated, e.g. a mixture-of-experts model; its numbers are then <NA>) and
+error_kind (the error's class, `MemplanError.error_kind`: "unsupported_architecture",
+"invalid_spec", ...; "" when the row was estimated), which charts and tables classify by.
+
+NB: a sweep never falls back to simulate (`fallback_simulate=False`): a trace takes seconds, a grid
+has thousands of rows. Rows of a model without a closed form carry the reason instead; `memplan
+recommend` or `memplan.estimate` give such a model its simulate trace.
 
 Speed: the limits do not depend on the row's own batch (max batch) or sequence length (max seq len),
 so each is searched once per group and shared; every evaluation inside a (model, GPU, method, rank)
@@ -23,11 +29,13 @@ import pandas as pd
 
 from ..catalogue import load_gpu, resolve_model
 from ..errors import MemplanError
-from ..estimate import compute
+from ..estimate import Estimate, estimate
+from ..fit import Fit, check_reserve, fit_limit_bytes
 from ..gpu import GPUSpec
 from ..model import ModelSpec
 from ..plan import METHODS, TrainPlan
-from ..recommend import MAX_BATCH_SIZE, MAX_SEQ_LEN, gpu_support, max_fitting
+from ..recommend import gpu_support
+from ..search import MAX_BATCH_SIZE, MAX_SEQ_LEN, max_fitting
 from ..terms import Term
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096)
@@ -38,7 +46,7 @@ INT_COLUMNS = TERM_COLUMNS + ("allocated_bytes", "reserved_bytes", "device_bytes
                               "headroom_bytes", "max_batch_size", "max_seq_len")
 COLUMNS = ("model", "gpu", "gpu_memory_bytes", "method", "quant", "lora_r", "seq_len", "batch_size") + \
     TERM_COLUMNS + ("allocated_bytes", "reserved_bytes", "device_bytes", "paged_bytes", "peak_phase", "fits",
-                    "headroom_bytes", "max_batch_size", "max_seq_len", "gpu_note", "error")
+                    "headroom_bytes", "max_batch_size", "max_seq_len", "gpu_note", "error", "error_kind")
 
 
 class Progress:
@@ -131,8 +139,7 @@ def sweep(models: Any, gpus: Any, methods: Sequence[str] = ("qlora",), seq_lens:
         raise MemplanError(f"unknown method {', '.join(map(repr, bad))} (known: {', '.join(METHODS)})")
     seq_lens, batch_sizes = _ints("seq_lens", seq_lens), _ints("batch_sizes", batch_sizes)
     ranks = _ints("ranks", ranks)
-    if not isinstance(reserve_bytes, int) or reserve_bytes < 0:
-        raise MemplanError(f"reserve must be a non-negative number of bytes, got {reserve_bytes!r}")
+    reserve_bytes = check_reserve(reserve_bytes)
     grid = set(plan_kwargs) & {"method", "seq_len", "batch_size", "lora_r"}
     if grid:
         raise MemplanError(f"{', '.join(sorted(grid))} are grid dimensions: pass methods, seq_lens, batch_sizes "
@@ -155,7 +162,7 @@ def sweep(models: Any, gpus: Any, methods: Sequence[str] = ("qlora",), seq_lens:
     try:
         for spec in specs.values():
             for gpu in gspecs.values():
-                limit = gpu.memory_bytes - reserve_bytes
+                limit = fit_limit_bytes(gpu.memory_bytes, reserve_bytes)
                 for method, rank in pairs:
                     rows += _group(spec, gpu, method, rank, seq_lens, batch_sizes, plan_kwargs, limit,
                                    reserve_bytes, limits, bar)
@@ -183,10 +190,13 @@ def _group(spec: ModelSpec, gpu: GPUSpec, method: str, rank: int | None, seq_len
     proto = row_plan(base, method, rank, seq_lens[0], batch_sizes[0])
     memo: dict[tuple[int, int], int] = {}
 
+    def est(batch: int, seq: int) -> Estimate:
+        return estimate(spec, proto.replace(batch_size=batch, seq_len=seq), gpu=gpu, fallback_simulate=False)
+
     def dev(batch: int, seq: int) -> int:
         key = (batch, seq)
         if key not in memo:
-            memo[key] = compute(spec, proto.replace(batch_size=batch, seq_len=seq), gpu).device_bytes
+            memo[key] = est(batch, seq).device_bytes
         return memo[key]
 
     note = gpu_support(gpu, proto)
@@ -195,21 +205,21 @@ def _group(spec: ModelSpec, gpu: GPUSpec, method: str, rank: int | None, seq_len
         for batch in batch_sizes:
             row: dict[str, Any] = {"model": spec.name, "gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes,
                                    "method": method, "quant": proto.quant, "lora_r": rank, "seq_len": seq,
-                                   "batch_size": batch, "gpu_note": note, "error": ""}
+                                   "batch_size": batch, "gpu_note": note, "error": "", "error_kind": ""}
             try:
-                e = compute(spec, proto.replace(batch_size=batch, seq_len=seq), gpu)
-            except MemplanError as err:  # e.g. MoE, gemma2 + sdpa: not estimable at this grid point
-                row["error"] = str(err)
+                e = est(batch, seq)
+            except MemplanError as err:  # e.g. MoE (no closed form): not estimable at this grid point
+                row.update(error=str(err), error_kind=err.error_kind)
                 out.append(row)
                 bar.update()
                 continue
             memo[(batch, seq)] = e.device_bytes
             for t in Term:
                 row[f"{t.value}_bytes"] = e.terms.get(t, 0)
-            headroom = gpu.memory_bytes - e.device_bytes - reserve
+            f = Fit.of(e, reserve)
             row.update(allocated_bytes=e.allocated_bytes, reserved_bytes=e.reserved_bytes,
                        device_bytes=e.device_bytes, paged_bytes=e.paged_bytes, peak_phase=e.peak_phase,
-                       fits=headroom >= 0, headroom_bytes=headroom)
+                       fits=f.fits, headroom_bytes=f.headroom_bytes)
             out.append(row)
             bar.update()
     if limits:  # after the rows, so that the grid points give every search a head start

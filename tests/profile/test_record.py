@@ -116,3 +116,68 @@ def test_compare_missing_file_is_one_error_line(tmp_path, capsys):
     code = main(["compare", str(tmp_path / "nope.json")])
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("memplan: error:") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the one reader of stored records
+# ---------------------------------------------------------------------------------------------
+def test_iter_runs_strict_and_tolerant(tmp_path):
+    from memplan.profile.record import iter_runs, stored_runs
+
+    write_run(_run(), tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("{broken")
+    (tmp_path / ".hidden.json").write_text("{}")
+    with pytest.raises(MemplanError, match="b.json"):
+        stored_runs(tmp_path)
+    pairs = list(iter_runs(tmp_path, strict=False))
+    assert [p.name for p, _ in pairs] == ["a.json"] and pairs[0][1].to_dict() == _run().to_dict()
+    assert stored_runs(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("edit, match", [
+    pytest.param(lambda d: d.update(warp_drive=True), "warp_drive", id="unknown-field"),
+    pytest.param(lambda d: d.update(batch_size=0), "batch", id="invalid-value"),
+])
+def test_train_plan_never_drops_or_guesses(edit, match):
+    r = _run()
+    plan = dict(r.plan)
+    edit(plan)
+    bad = MeasuredRun.from_dict({**r.to_dict(), "plan": plan})
+    with pytest.raises(MemplanError, match=match):
+        bad.train_plan()
+    assert r.train_plan() == TrainPlan(device="cpu", seq_len=64)
+
+
+@pytest.mark.parametrize("device, gpu, expect", [
+    pytest.param("cpu", None, None, id="cpu"),
+    pytest.param("cuda", {"name": "a10g"}, "a10g", id="catalogue-name"),
+    pytest.param("cuda", {"name": "NVIDIA A10G", "catalogue": "a10g"}, "a10g", id="catalogue-field"),
+    pytest.param("cuda", {"nvml_name": "NVIDIA A10G", "name": "NVIDIA A10G"}, "a10g", id="alias"),
+    pytest.param("cuda", {"name": "Mystery GPU 9000"}, None, id="unknown"),
+])
+def test_catalogue_gpu(device, gpu, expect):
+    r = MeasuredRun(model={"name": "tiny", "config": dict(TINY)}, plan=TrainPlan(device=device).to_dict(),
+                    device=device, status="success", measured={}, gpu=gpu)
+    assert r.catalogue_gpu() == expect
+
+
+def test_compare_an_unknown_gpu_says_why(tmp_path, capsys):
+    r = _run(device="cuda")
+    d = {**r.to_dict(), "gpu": {"name": "Mystery GPU 9000"}}
+    (tmp_path / "r.json").write_text(json.dumps(d))
+    code = main(["compare", str(tmp_path / "r.json")])
+    out, _ = capsys.readouterr()
+    assert code == 0 and "Mystery GPU 9000" in out and "not in the catalogue" in out
+
+
+def test_printers_use_the_shared_formats(capsys):
+    from memplan.present import mib, pct, plan_brief
+    from memplan.profile.compare import print_run
+
+    r = _run(scale=0.95)
+    print_run(r)
+    out = capsys.readouterr().out
+    e = r.estimate_error()["terms"]["activations"]
+    assert f"plan: {plan_brief(r.plan)}" in out
+    assert f"{mib(e['measured']):>14} {mib(e['estimate']):>14} {mib(e['diff_bytes']):>11} {pct(e['error_pct']):>9}" in out
+    assert "-0.00" not in out

@@ -57,3 +57,19 @@ def test_cpu_search_needs_a_memory_limit(capsys):
     code = main(["profile", "llama-3.2-1b", "--device", "cpu", "--find-max-seq", "--quiet"])
     _, err = capsys.readouterr()
     assert code == 2 and "--memory-limit" in err
+
+
+def test_prediction_is_the_shared_exact_search_over_the_closed_form():
+    from memplan.catalogue import load_model
+    from memplan.errors import UnsupportedArchitectureError
+    from memplan.search import gallop_bisect, max_fitting
+
+    assert search_mod.gallop_bisect is gallop_bisect
+    spec = model_from_config(TINY)
+    limit = _limit_between(3)
+    assert search_mod.predict(spec, PLAN, "batch_size", limit, "allocated_bytes", None, 1, 64) == 3
+    assert max_fitting(lambda n: compute(spec, PLAN.replace(batch_size=n)).allocated_bytes, limit, cap=64)[0] == 3
+    # no closed form: the search starts from 1 instead of a simulate trace per probe (seconds each)
+    with pytest.raises(UnsupportedArchitectureError):
+        search_mod.predict(load_model("mixtral-8x7b"), TrainPlan(), "batch_size", 80 * GiB, "device_bytes", None,
+                           1, 64)

@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib")
 import memplan  # noqa: E402
 from memplan.catalogue import load_gpu, load_model  # noqa: E402
 from memplan.cli import main  # noqa: E402
+from memplan.errors import UnsupportedArchitectureError  # noqa: E402
 from memplan.estimate import compute  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402
 from memplan.report import TERM_COLUMNS, sweep, write_report  # noqa: E402
@@ -101,11 +102,74 @@ def test_sweep_reserve_and_plan_kwargs():
     assert "bf16" in row["gpu_note"]
 
 
-def test_rows_the_closed_form_cannot_estimate_carry_the_reason():
+def test_rows_the_closed_form_cannot_estimate_carry_the_reason_and_its_kind():
     d = sweep(["mixtral-8x7b", "llama-3.2-1b"], ["h200"], seq_lens=(512,), batch_sizes=(1,), progress=False)
     mix = d[d["model"] == "mixtral-8x7b"].iloc[0]
     assert "mixture-of-experts" in mix["error"] and pd.isna(mix["device_bytes"])
-    assert d[d["model"] == "llama-3.2-1b"].iloc[0]["error"] == ""
+    assert mix["error_kind"] == UnsupportedArchitectureError.error_kind == "unsupported_architecture"
+    dense = d[d["model"] == "llama-3.2-1b"].iloc[0]
+    assert dense["error"] == "" and dense["error_kind"] == ""
+
+
+@pytest.mark.parametrize("kind, message, label", [
+    pytest.param("unsupported_architecture", "anything at all", "no closed form", id="no-closed-form"),
+    pytest.param("unsupported_architecture", "needs SDPA", "no closed form", id="message-is-not-read"),
+    pytest.param("invalid_spec", "mixture-of-experts", "invalid plan", id="kind-wins-over-words"),
+    pytest.param("", "mixture-of-experts", "see notes", id="unknown-kind"),
+    pytest.param(None, "SDPA", "see notes", id="no-kind"),
+])
+def test_charts_classify_errors_by_kind_not_by_message(kind, message, label):
+    from memplan.report.charts import _cell_text, error_label
+
+    assert label in error_label(kind)
+    assert _cell_text({"error": message, "error_kind": kind}) == error_label(kind)
+
+
+def test_every_error_kind_has_a_chart_label():
+    from memplan.errors import InvalidSpecError, MissingExtraError, UnknownNameError
+    from memplan.report.charts import ERROR_LABELS
+
+    kinds = {c.error_kind for c in (UnsupportedArchitectureError, InvalidSpecError, MissingExtraError,
+                                    UnknownNameError)}
+    assert kinds == set(ERROR_LABELS) and memplan.MemplanError.error_kind == "error"
+
+
+def test_fit_matrix_cell_of_a_moe_model_names_its_kind(tmp_path):
+    d = sweep(["mixtral-8x7b", "llama-3.2-1b"], ["h200"], seq_lens=(2048,), batch_sizes=(1,), progress=False)
+    html = (Path(write_report(d, tmp_path)["html"])).read_text(encoding="utf-8")
+    cell = re.search(r'<td class="na" data-model="mixtral-8x7b" data-gpu="h200">([^<]*)</td>', html)
+    assert cell and "no closed form" in cell.group(1)
+
+
+def test_report_does_not_import_the_cli():
+    r = subprocess.run([sys.executable, "-c",
+                        "import sys, memplan.report, memplan.report.html, memplan.report.charts; "
+                        "assert 'memplan.cli' not in sys.modules, 'report imports the CLI'"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_headroom_that_rounds_to_zero_prints_without_a_sign(tmp_path):
+    """A plan that misses by a byte is "does not fit" with 0.00 GiB headroom, never -0.00."""
+    from memplan.report.charts import _cell_text
+    from memplan.report.html import _gib_s
+
+    assert _gib_s(-1, signed=True) == "0.00" and _gib_s(None) == "–"
+    text = _cell_text({"error": "", "fits": False, "headroom_bytes": -1, "max_batch_size": 0, "gpu_note": ""})
+    assert text == "does not fit\n0.0 GiB"
+    e = compute(load_model("llama-3.2-1b"), TrainPlan(), load_gpu("a10g"))
+    d = sweep(["llama-3.2-1b"], ["a10g"], seq_lens=(2048,), batch_sizes=(1,), progress=False,
+              reserve_bytes=e.headroom_bytes + 1)
+    assert d.iloc[0]["headroom_bytes"] == -1 and not d.iloc[0]["fits"]
+    html = Path(write_report(d, tmp_path)["html"]).read_text(encoding="utf-8")
+    assert "-0.00" not in html and "0.00 GiB headroom" in html
+
+
+def test_headline_plan_is_described_by_present(report):
+    from memplan.present import plan_text
+
+    _, _, html = report
+    assert plan_text(TrainPlan(method="qlora", lora_r=16, seq_len=2048, batch_size=1)) in html
 
 
 def test_progress_bar_on_stderr(capsys):
@@ -299,3 +363,26 @@ def test_measured_run_reads_a_memplan_run_record(tmp_path):
     assert (cmp["diff_bytes"] == 0).all()
     assert cmp.loc[cmp["term"] == "base_weights", "ratio"].item() == 1.0
     assert measured_run(tmp_path / "empty") is None
+
+
+def test_measured_run_skips_what_the_record_reader_refuses(tmp_path):
+    """measured_run reads through memplan.profile.record: broken files, other schemas and plans with a field
+    this version does not know are skipped, never half-read."""
+    from memplan.profile.record import MeasuredRun
+    from memplan.report import measured_run
+
+    spec = load_model("llama-3.2-1b")
+    plan = TrainPlan(seq_len=256, device="cpu")
+    e = compute(spec, plan)
+    good = {"schema": "memplan.run/1", "status": "success", "device": "cpu",
+            "model": {"name": spec.name, "config": dict(spec.config)}, "plan": plan.to_dict(),
+            "measured": {"terms": {str(t): int(v) for t, v in e.terms.items()},
+                         "peak": {"allocated_bytes": e.allocated_bytes}}}
+    (tmp_path / "a-broken.json").write_text("{not json")
+    (tmp_path / "b-other-schema.json").write_text(json.dumps({**good, "schema": "memplan.run/0"}))
+    (tmp_path / "c-future-field.json").write_text(json.dumps({**good, "plan": {**plan.to_dict(), "warp": 9}}))
+    (tmp_path / "d-good.json").write_text(json.dumps(good))
+    run = measured_run(tmp_path)
+    assert run["path"].endswith("d-good.json") and run["plan"] == plan and run["gpu"] is None
+    assert run["peak_bytes"] == e.allocated_bytes and run["model"] == dict(spec.config)
+    assert MeasuredRun.from_dict(good).train_plan() == plan

@@ -1,0 +1,154 @@
+"""Presentation, once: a plan in words and sizes as text (standard library only).
+
+Used by the CLI's tables, the HTML report and the profile printers, so that every output describes a
+plan and formats a number the same way. Sizes are int bytes everywhere else (DESIGN.md); only these
+functions turn them into GiB / MiB text.
+
+Numbers: `gib`, `mib`, `pct` and `number` never print a negative zero: a value that rounds to zero
+prints as "0.00" (no sign), whether or not `signed` asks for one. A missing value (None, NaN,
+pandas' NA) prints as `na` ("-" unless given).
+
+Plans: `plan_lines` (the full plan in two lines: the CLI's "plan:" block), `plan_text` (the same on
+one line: the report's headline plan) and `plan_brief` (a compact summary: chart subtitles and the
+profile printers). They take a `TrainPlan` or its `to_dict()` form (a run record's plan).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from .units import GiB, MiB
+
+NA = "-"
+METHOD_LABELS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full fine-tune"}
+
+__all__ = ["NA", "METHOD_LABELS", "is_missing", "number", "gib", "mib", "pct", "share", "verdict",
+           "plan_lines", "plan_text", "plan_brief", "reserve_line"]
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers
+# ---------------------------------------------------------------------------------------------
+def is_missing(x: Any) -> bool:
+    """None, NaN and pandas' NA are missing (a NaN is not equal to itself; NA refuses to be a bool)."""
+    if x is None:
+        return True
+    if isinstance(x, float):
+        return math.isnan(x)
+    try:
+        return bool(x != x)
+    except TypeError:
+        return True
+
+
+def number(x: Any, digits: int = 2, *, signed: bool = False, sep: bool = False, na: str = NA) -> str:
+    """`x` with `digits` decimals (`signed`: a + on positives, `sep`: thousands separators); a value
+    that rounds to zero is "0.00", never "-0.00" or "+0.00"."""
+    if is_missing(x):
+        return na
+    v = float(x)
+    s = f"{v:{'+' if signed else ''}{',' if sep else ''}.{digits}f}"
+    if math.isfinite(v) and float(s.replace(",", "")) == 0:
+        return f"{0:.{digits}f}"
+    return s
+
+
+def gib(n_bytes: Any, digits: int = 2, *, signed: bool = False, na: str = NA) -> str:
+    """Bytes as GiB (2**30), e.g. "12.34"; the unit is the caller's to print."""
+    return na if is_missing(n_bytes) else number(float(n_bytes) / GiB, digits, signed=signed)
+
+
+def mib(n_bytes: Any, digits: int = 2, *, signed: bool = False, na: str = NA) -> str:
+    """Bytes as MiB (2**20) with thousands separators, e.g. "1,234.56"."""
+    return na if is_missing(n_bytes) else number(float(n_bytes) / MiB, digits, signed=signed, sep=True)
+
+
+def pct(p: Any, digits: int = 2, *, signed: bool = True, na: str = NA) -> str:
+    """A percentage that is already in percent, e.g. "+5.26%" (signed by default: an error)."""
+    return na if is_missing(p) else number(p, digits, signed=signed) + "%"
+
+
+def share(part: Any, total: Any, digits: int = 1, *, na: str = NA) -> str:
+    """part / total in percent, unsigned, e.g. "12.3%" (`na` when total is 0 or missing)."""
+    if is_missing(part) or is_missing(total) or not float(total):
+        return na
+    return pct(100.0 * float(part) / float(total), digits, signed=False)
+
+
+def verdict(fits: bool) -> str:
+    return "fits" if fits else "DOES NOT FIT"
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+# ---------------------------------------------------------------------------------------------
+def _get(plan: Any, key: str) -> Any:
+    return plan.get(key) if isinstance(plan, Mapping) else getattr(plan, key)
+
+
+def _targets(plan: Any) -> str:
+    tm = _get(plan, "target_modules")
+    return tm if isinstance(tm, str) else ",".join(tm)
+
+
+def _base(plan: Any) -> str:
+    """The stored form of the frozen Linear weights: "nf4 + double quant", "int8", "bf16"."""
+    q = _get(plan, "quant")
+    if q in (None, "none"):
+        return str(_get(plan, "dtype"))
+    dq = " + double quant" if _get(plan, "double_quant") and q in ("nf4", "fp4") else ""
+    return f"{q}{dq}"
+
+
+def plan_lines(plan: Any) -> tuple[str, str]:
+    """The plan in two lines: what is trained and stored, then the shape of the step and the run."""
+    if _get(plan, "method") == "full":
+        head = "full fine-tune"
+    else:
+        head = (f"{_get(plan, 'method')}: {_base(plan)} base, LoRA r={_get(plan, 'lora_r')} "
+                f"alpha={_get(plan, 'lora_alpha')} dropout={_get(plan, 'lora_dropout')} on {_targets(plan)}")
+    head += (f"; compute {_get(plan, 'compute_dtype')}, load {_get(plan, 'dtype')}"
+             f"{', prepare_model_for_kbit_training' if _get(plan, 'prepare') else ''}")
+    run = (f"batch {_get(plan, 'batch_size')} x seq {_get(plan, 'seq_len')}, "
+           f"grad accum {_get(plan, 'gradient_accumulation_steps')}, "
+           f"checkpointing {'on' if _get(plan, 'gradient_checkpointing') else 'off'}, {_get(plan, 'optim')}, "
+           f"{_get(plan, 'attn_implementation')}, mixed precision {_get(plan, 'mixed_precision')}, "
+           f"{_get(plan, 'device')}")
+    return head, run
+
+
+def plan_text(plan: Any, shape: bool = True) -> str:
+    """`plan_lines` on one line (`shape=False`: the first line only)."""
+    head, run = plan_lines(plan)
+    return f"{head}; {run}" if shape else head
+
+
+def plan_brief(plan: Any, *, seq: bool = True, batch: bool = True) -> str:
+    """A compact summary, e.g. "QLoRA r=16 (nf4 + double quant base), micro-batch 1 x seq 2048,
+    checkpointing on, paged_adamw_8bit, sdpa, mixed precision bf16"; `seq`/`batch`=False leave out
+    what a chart varies along an axis. Gradient accumulation is named when it is above 1."""
+    method = _get(plan, "method")
+    label = METHOD_LABELS.get(method, str(method))
+    if method == "full":
+        parts = [f"{label} ({_base(plan)})"]
+    else:
+        parts = [f"{label} r={_get(plan, 'lora_r')} ({_base(plan)} base)"]
+    shape = [f"micro-batch {_get(plan, 'batch_size')}"] if batch else []
+    shape += [f"seq {_get(plan, 'seq_len')}"] if seq else []
+    if shape:
+        parts.append(" x ".join(shape))
+    ga = _get(plan, "gradient_accumulation_steps")
+    if ga and ga > 1:
+        parts.append(f"grad accum {ga}")
+    parts += [f"checkpointing {'on' if _get(plan, 'gradient_checkpointing') else 'off'}", str(_get(plan, "optim")),
+              str(_get(plan, "attn_implementation")), f"mixed precision {_get(plan, 'mixed_precision')}"]
+    return ", ".join(parts)
+
+
+def reserve_line(reserve_bytes: int) -> str:
+    """One line stating the margin kept free on the GPU."""
+    if not reserve_bytes:
+        return (f"reserve: {gib(reserve_bytes)} GiB kept free (default, as `memplan fit`: the estimate already "
+                "counts CUDA context, workspace and allocator overhead; --reserve GiB keeps a margin)")
+    return f"reserve: {gib(reserve_bytes)} GiB kept free (--reserve)"
