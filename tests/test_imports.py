@@ -37,3 +37,32 @@ def test_simulate_is_lazy():
     r = _py("import memplan, sys; assert 'memplan.simulate' not in sys.modules; "
             "assert 'simulate' in memplan.__all__")
     assert r.returncode == 0, r.stderr
+
+
+def _memplan_imports():
+    """(module file, imported memplan module, imported names) for every import inside memplan/."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "memplan"
+    for path in sorted(root.rglob("*.py")):
+        pkg = path.relative_to(root.parent).with_suffix("").parts
+        pkg = pkg[:-1] if pkg[-1] != "__init__" else pkg[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("memplan")):
+                base = list(pkg[:len(pkg) - node.level + 1]) if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                yield path.relative_to(root.parent), target, [a.name for a in node.names]
+
+
+def test_no_module_imports_another_packages_private_names():
+    """Issue 8: public names across packages (the runtime is used by simulate, profile and the callback)."""
+    bad = [f"{f}: from {mod} import {n}" for f, mod, names in _memplan_imports() for n in names
+           if n.startswith("_") and n != "__version__"]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_report_does_not_import_the_cli():
+    bad = [f"{f}: {mod}" for f, mod, _ in _memplan_imports()
+           if str(f).startswith("memplan/report") and (mod == "memplan.cli" or mod.endswith(".cli"))]
+    assert not bad, bad
