@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import UnsupportedArchitectureError
+from .versions import MODELED_VERSIONS
 
-#: The transformers release the rows were read from (see formulas.MODELED_VERSIONS).
-_SRC = "transformers v5.24.0 src/transformers/models/{0}/modeling_{0}.py"
+#: The transformers release the rows were read from (memplan/versions.py).
+_SRC = f"transformers v{MODELED_VERSIONS['transformers']}.0 " + "src/transformers/models/{0}/modeling_{0}.py"
 
 
 @dataclass(frozen=True)

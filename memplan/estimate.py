@@ -49,6 +49,7 @@ from .headroom import headroom_bytes
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
+from .versions import TRANSFORMERS
 
 SCHEMA = "memplan.estimate/1"
 
@@ -419,7 +420,7 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
             "(peft 0.21 also needs --lora-dropout 0 to wrap the fused experts)")
     if not model.arch.sdpa and plan.attn_implementation == "sdpa":
         plan = plan.replace(attn_implementation="eager")
-        notes.append(f"{model.model_type} has no SDPA attention in transformers 5.24 (soft-capping): estimated "
+        notes.append(f"{model.model_type} has no SDPA attention in {TRANSFORMERS} (soft-capping): estimated "
                      "with eager, which from_pretrained picks; pass --attn-implementation flash_attention_2 if "
                      "you use it")
     return plan, notes

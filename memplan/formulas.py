@@ -13,8 +13,7 @@ from .optim import BNB_STATE_BLOCK, MIN_8BIT_SIZE, OPTIMIZERS, PAGED_MIN_NUMEL
 from .plan import TrainPlan
 from .units import round_up
 
-MODELED_VERSIONS = {"torch": "2.13", "transformers": "5.24", "peft": "0.21.2", "bitsandbytes": "0.50.2",
-                    "accelerate": "1.15"}
+from .versions import MODELED_VERSIONS  # noqa: F401  (re-exported: estimates name the versions they model)
 
 BNB_BLOCKSIZE = 64        # 4-bit blocksize on every backend in bitsandbytes 0.50
 NESTED_BLOCKSIZE = 256    # double-quant second level, hard-coded
