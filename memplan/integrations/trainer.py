@@ -35,6 +35,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import MemplanError
+from ..present import gib, share
 from ..units import GiB
 
 logger = logging.getLogger("memplan")
@@ -262,8 +263,8 @@ class MemplanCallback(TrainerCallback):
         rec["error_pct"] = round(100.0 * (est - meas) / meas, 3)
         if meas > est * (1 + self.margin):
             what = key.replace("_bytes", "")
-            msg = (f"memplan: step {rec['step']}: measured {what} {meas / GiB:.3f} GiB exceeds the "
-                   f"estimate {est / GiB:.3f} GiB by {100.0 * (meas - est) / est:.1f}% (margin "
+            msg = (f"memplan: step {rec['step']}: measured {what} {gib(meas, 3)} GiB exceeds the "
+                   f"estimate {gib(est, 3)} GiB by {share(meas - est, est)} (margin "
                    f"{100 * self.margin:.0f}%); plan: {self.plan}")
             self.warnings.append(msg)
             logger.warning(msg)

@@ -42,6 +42,7 @@ from typing import Any
 
 from ..errors import MemplanError
 from ..plan import TrainPlan
+from ..present import mib, pct
 from .measure import is_oom_text
 from .record import read_run, write_json_atomic
 
@@ -280,11 +281,11 @@ def _row(e: Entry, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mib(n: Any) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
+    return mib(n, 1, na="-")
 
 
 def _pct(p: Any) -> str:
-    return "-" if p is None else f"{p:+.2f}%"
+    return pct(p, na="-")
 
 
 def summary_markdown(rows: list[dict[str, Any]], device: str) -> str:
