@@ -473,6 +473,66 @@ def gpu_fits(spec: ModelSpec, plan: TrainPlan, reserve_bytes: int = 0, gpus: lis
 # ---------------------------------------------------------------------------------------------
 # the API
 # ---------------------------------------------------------------------------------------------
+def _limits(spec: ModelSpec, p: TrainPlan, g: GPUSpec, reserve: int, est: "Estimator", notes: list[str],
+            skipped: list[str]) -> tuple[tuple[int | None, bool], tuple[int | None, bool]]:
+    """(largest micro-batch, capped) and (longest sequence, capped) that fit; notes the caps, a
+    sequence past max_position_embeddings, and what the simulate budget left unsearched."""
+    mb: tuple[int | None, bool] = (None, False)
+    ms: tuple[int | None, bool] = (None, False)
+    try:
+        mb = max_batch_size(spec, p, g, reserve, estimator=est)
+    except SimulateBudgetSpent:
+        skipped.append("the largest micro-batch")
+    try:
+        ms = max_seq_len(spec, p, g, reserve, estimator=est)
+    except SimulateBudgetSpent:
+        skipped.append("the longest sequence")
+    mpe = spec.max_position_embeddings
+    if mpe and ms[0] is not None and ms[0] > mpe:
+        notes.append(f"the longest sequence that fits ({ms[0]}) is beyond the model's max_position_embeddings "
+                     f"({mpe}); training past it needs RoPE scaling or a long-context variant")
+    if mb[1]:
+        notes.append(f"the micro-batch search stopped at {MAX_BATCH_SIZE}")
+    if ms[1]:
+        notes.append(f"the sequence-length search stopped at {MAX_SEQ_LEN} tokens")
+    return mb, ms
+
+
+def _ranked_changes(est: "Estimator", p: TrainPlan, reserve: int, skipped: list[str]
+                    ) -> tuple[list[Change], list[Change], Change | None]:
+    """The single changes that make `p` fit (cheapest first), those that help but do not suffice, and
+    a combination worth offering."""
+    changes: list[Change] = []
+    not_enough: list[Change] = []
+    unchecked = []
+    for key, summary, cost, func in CHANGES:
+        try:
+            c = _try(est, p, reserve, key, summary, cost, func)
+        except SimulateBudgetSpent:
+            unchecked.append(key)
+            continue
+        if c is not None:
+            (changes if c.fits else not_enough).append(c)
+    if unchecked:
+        skipped.append("the changes " + ", ".join(unchecked))
+    # Several cheap changes together can beat the cheapest single one that fits (checkpointing
+    # plus gradient accumulation rather than 135-token sequences): offer the combination when
+    # every change in it ranks before that single one, or when no single change fits.
+    try:
+        combo = _combined(est, p, reserve)
+    except SimulateBudgetSpent:
+        combo = None
+        skipped.append("a combination of changes")
+    order = [k for k, *_ in CHANGES]
+    first_fit = order.index(changes[0].key) if changes else len(order)
+    combined = None
+    if combo is not None and not changes:
+        combined = combo
+    elif combo is not None and "+" in combo.key and all(order.index(k) < first_fit for k in combo.key.split("+")):
+        combined = combo
+    return changes, not_enough, combined
+
+
 def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
               reserve_bytes: int = DEFAULT_RESERVE_BYTES, bnb_config: Any = None, lora_config: Any = None,
               training_args: Any = None, simulate_budget: int = DEFAULT_SIMULATE_BUDGET,
@@ -502,59 +562,11 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     notes = list(e.notes)
     skipped: list[str] = []
 
-    mb: int | None = None
-    ms: int | None = None
-    mb_cap = ms_cap = False
-    try:
-        mb, mb_cap = max_batch_size(spec, p, g, reserve, estimator=est)
-    except SimulateBudgetSpent:
-        skipped.append("the largest micro-batch")
-    try:
-        ms, ms_cap = max_seq_len(spec, p, g, reserve, estimator=est)
-    except SimulateBudgetSpent:
-        skipped.append("the longest sequence")
-    mpe = spec.max_position_embeddings
-    if mpe and ms is not None and ms > mpe:
-        notes.append(f"the longest sequence that fits ({ms}) is beyond the model's max_position_embeddings "
-                     f"({mpe}); training past it needs RoPE scaling or a long-context variant")
-    if mb_cap:
-        notes.append(f"the micro-batch search stopped at {MAX_BATCH_SIZE}")
-    if ms_cap:
-        notes.append(f"the sequence-length search stopped at {MAX_SEQ_LEN} tokens")
+    (mb, mb_cap), (ms, ms_cap) = _limits(spec, p, g, reserve, est, notes, skipped)
     reason = gpu_support(g, p)
     if reason and not any("bf16" in n for n in notes):  # the estimate already notes a missing bf16
         notes.append(f"{g.name}: {reason}")
-
-    changes: list[Change] = []
-    not_enough: list[Change] = []
-    combined = None
-    if not verdict.fits:
-        unchecked = []
-        for key, summary, cost, func in CHANGES:
-            try:
-                c = _try(est, p, reserve, key, summary, cost, func)
-            except SimulateBudgetSpent:
-                unchecked.append(key)
-                continue
-            if c is not None:
-                (changes if c.fits else not_enough).append(c)
-        if unchecked:
-            skipped.append("the changes " + ", ".join(unchecked))
-        # Several cheap changes together can beat the cheapest single one that fits (checkpointing
-        # plus gradient accumulation rather than 135-token sequences): offer the combination when
-        # every change in it ranks before that single one, or when no single change fits.
-        try:
-            combo = _combined(est, p, reserve)
-        except SimulateBudgetSpent:
-            combo = None
-            skipped.append("a combination of changes")
-        order = [k for k, *_ in CHANGES]
-        first_fit = order.index(changes[0].key) if changes else len(order)
-        if combo is not None and not changes:
-            combined = combo
-        elif combo is not None and "+" in combo.key and all(order.index(k) < first_fit
-                                                             for k in combo.key.split("+")):
-            combined = combo
+    changes, not_enough, combined = ([], [], None) if verdict.fits else _ranked_changes(est, p, reserve, skipped)
 
     fleet = gpu_fits(spec, p, reserve, estimator=est)
     smallest = next((f.name for f in fleet if f.fits), None)
