@@ -400,6 +400,13 @@ def moments(s: Step) -> tuple[Moment, ...]:
 
 def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]:
     """What the HF stack would refuse or change before a step runs: the plan actually run, and notes."""
+    eager, notes = _plan_checks(model, plan, False)
+    return (plan.replace(attn_implementation="eager") if eager else plan), list(notes)
+
+
+@shape_free_cache()
+def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool, tuple[str, ...]]:
+    """check_plan's shape-free work, cached: (run with eager attention, notes)."""
     notes: list[str] = []
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
         leaves = set(model.linear_leaves)
@@ -418,12 +425,12 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
             f"the closed form does not cover mixture-of-experts models ({model.model_type}: fused experts "
             f"wrapped by peft, data-dependent routing); run `memplan simulate {model.name}` for an exact trace "
             "(peft 0.21 also needs --lora-dropout 0 to wrap the fused experts)")
-    if not model.arch.sdpa and plan.attn_implementation == "sdpa":
-        plan = plan.replace(attn_implementation="eager")
+    eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
+    if eager:
         notes.append(f"{model.model_type} has no SDPA attention in {TRANSFORMERS} (soft-capping): estimated "
                      "with eager, which from_pretrained picks; pass --attn-implementation flash_attention_2 if "
                      "you use it")
-    return plan, notes
+    return eager, tuple(notes)
 
 
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
@@ -435,11 +442,12 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     ms = moments(step)
     alloc = [m.allocated_bytes for m in ms]
     peak = ms[alloc.index(max(alloc))]  # the first in step order on a tie
-    terms = {**peak.terms, Term.WORKSPACE: 0, Term.ALLOCATOR_OVERHEAD: 0, Term.CUDA_CONTEXT: 0}
+    terms = peak.terms
+    terms[Term.WORKSPACE] = 0
     notes.append(f"peak: {peak.description}")
     paged = 0
     if cuda:
-        cuda_overheads(terms, gpu)
+        cuda_overheads(terms, gpu, max(alloc))
         ws = terms[Term.WORKSPACE]
         totals = {m.name: a + ws for m, a in zip(ms, alloc)}
         if gpu is None:
@@ -449,6 +457,7 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
             notes.append("paged optimizer: state of tensors with >= 100,000 elements lives in CUDA managed memory "
                          "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     else:
+        terms[Term.ALLOCATOR_OVERHEAD] = terms[Term.CUDA_CONTEXT] = 0
         totals = {m.name: a for m, a in zip(ms, alloc)}
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
@@ -462,11 +471,14 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
                     notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=ms)
 
 
-def cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None) -> None:
-    """Workspace, allocator overhead and CUDA context, from the GPU's calibrated overheads (in place)."""
+def cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None, allocated: int | None = None) -> None:
+    """Workspace, allocator overhead and CUDA context, from the GPU's calibrated overheads (in place).
+    `allocated`: the allocated terms' sum without the workspace, when the caller has it."""
     g = gpu or GENERIC_GPU
-    terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
-    terms[Term.ALLOCATOR_OVERHEAD] = int(sum(terms[t] for t in ALLOCATED_TERMS) * g.reserve_ratio)
+    ws = terms[Term.WORKSPACE] = 2 * g.workspace_bytes  # one cuBLAS workspace per handle: forward + autograd thread
+    if allocated is None:
+        allocated = sum(terms[t] for t in ALLOCATED_TERMS if t != Term.WORKSPACE)
+    terms[Term.ALLOCATOR_OVERHEAD] = int((allocated + ws) * g.reserve_ratio)
     terms[Term.CUDA_CONTEXT] = g.cuda_context_bytes
 
 

@@ -63,7 +63,8 @@ class Precision:
 #: Non-shape fields of a plan (everything but batch_size, seq_len, gradient_accumulation_steps): their
 #: normalisation and validation are cached, so a sweep over shapes re-checks only three integers.
 _SHAPE_FIELDS = ("batch_size", "seq_len", "gradient_accumulation_steps")
-_CHECKED: dict[tuple[Any, ...], tuple[dict[str, Any], list[str]]] = {}
+_CHECKED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_KEY_IDS: dict[tuple[Any, ...], int] = {}
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,13 @@ class TrainPlan:
             done = self._normalise(given)
             if raw is not None and len(_CHECKED) < 4096:
                 _CHECKED[raw] = done
-        changes, problems, key, precision = done
+        changes, problems, key, precision, key_id = done
         for k, v in changes:
             object.__setattr__(self, k, v)
         #: the normalised non-shape fields: equal for plans that differ only in batch/seq/accumulation
         object.__setattr__(self, "shape_free_key", key)
+        #: a small int naming `shape_free_key` in this process (cheap to hash: the caches key on it)
+        object.__setattr__(self, "shape_free_id", key_id)
         #: bytes per element of each class of tensor under this plan (see `Precision`)
         object.__setattr__(self, "precision", precision)
         b, s, g = self.batch_size, self.seq_len, self.gradient_accumulation_steps
@@ -118,7 +121,7 @@ class TrainPlan:
             raise InvalidSpecError("plan", list(problems))
 
     def _normalise(self, given: tuple[Any, ...]) -> tuple[tuple[tuple[str, Any], ...], tuple[str, ...],
-                                                         tuple[Any, ...], Precision | None]:
+                                                         tuple[Any, ...], Precision | None, int]:
         """What `__post_init__` caches for the non-shape fields: the normalised values that differ
         from the given ones, the problems, the shape-free key and the precision."""
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -149,7 +152,8 @@ class TrainPlan:
             params = 4 if self.prepare else dtype_bytes(self.dtype)
             precision = Precision(params=params, load=dtype_bytes(self.dtype),
                                   compute=dtype_bytes(self.compute_dtype), autocast=2 if self.autocast else 0)
-        return changes, problems, key, precision
+        key_id = _KEY_IDS.setdefault(key, len(_KEY_IDS)) if not problems else -1
+        return changes, problems, key, precision, key_id
 
     def _shape_problems(self) -> list[str]:
         p = []
@@ -207,6 +211,10 @@ class TrainPlan:
 
     def replace(self, **changes: Any) -> "TrainPlan":
         return replace(self, **changes)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuild from the fields (pickle, copy): the derived attributes (shape_free_id) are per process
+        return (TrainPlan, tuple(getattr(self, f) for f in _FIELD_NAMES))
 
     def __hash__(self) -> int:  # plans key the estimator's caches: hash the fields once
         h = self.__dict__.get("_hash")
@@ -328,7 +336,7 @@ def shape_free_cache(maxsize: int = 4096):
         cache: dict[tuple[Any, ...], Any] = {}
 
         def cached(model: Any, plan: TrainPlan, flag: bool) -> Any:
-            k = (model, plan.shape_free_key, flag)
+            k = (model, plan.shape_free_id, flag)
             v = cache.get(k)
             if v is None:
                 v = fn(model, plan, flag)

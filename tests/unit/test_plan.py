@@ -99,3 +99,20 @@ def test_plan_from_real_hf_objects(tmp_path):
     assert (p.optim, p.mixed_precision) == ("paged_adamw_32bit", "bf16")
     lora_all = peft.LoraConfig(r=16, target_modules="all-linear")
     assert plan_from(lora_config=lora_all).target_modules == "all-linear"
+
+
+def test_plans_pickle_and_copy_through_their_fields():
+    import copy
+    import pickle
+
+    p = TrainPlan(seq_len=512, target_modules=["q_proj", "v_proj"], lora_r=8)
+    for q in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p), copy.copy(p)):
+        assert q == p and hash(q) == hash(p) and q.precision == p.precision
+
+
+def test_normalisation_is_cached_but_types_still_checked():
+    assert TrainPlan(lora_r=16).lora_r == 16
+    with pytest.raises(InvalidSpecError, match="--lora-r"):
+        TrainPlan(lora_r=16.0)  # equal to 16 and hashed alike, but not an integer
+    with pytest.raises(InvalidSpecError, match="--seq-len"):
+        TrainPlan(seq_len=True)
