@@ -246,10 +246,12 @@ def test_patches_are_restored():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     before = (mu.find_packed_sequence_indices, torch.autocast, torch.amp.autocast, torch.is_autocast_enabled,
+              torch.get_rng_state, torch.random.get_rng_state, torch.random.fork_rng,
               torch.clear_autocast_cache, torch.nn.functional.scaled_dot_product_attention,
               topt._get_fused_kernels_supported_devices, ALL_EXPERTS_FUNCTIONS.get_interface, gc.isenabled())
     simulate(CONFIGS["llama"], _plan("llama", "gc-autocast-paged8bit-drop.05").replace(device="cuda"))
     after = (mu.find_packed_sequence_indices, torch.autocast, torch.amp.autocast, torch.is_autocast_enabled,
+              torch.get_rng_state, torch.random.get_rng_state, torch.random.fork_rng,
              torch.clear_autocast_cache, torch.nn.functional.scaled_dot_product_attention,
              topt._get_fused_kernels_supported_devices, ALL_EXPERTS_FUNCTIONS.get_interface, gc.isenabled())
     assert before == after

@@ -59,7 +59,7 @@ def make_optimizer(model, plan: TrainPlan):
 def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: str = "cpu",
               round_to: int = 1, optimizer=None, keep_outputs: bool = False, seed: int = 0,
               tracker: LiveTensorTracker | None = None, step_context=None, progress=None,
-              fast_warmup: bool = False) -> StepResult:
+              fast_warmup: bool = False, kernel_workspace: bool = False) -> StepResult:
     """Run `steps` training steps under the tracker; return the peak of the last step, per term.
 
     `device="meta"` runs on meta tensors (memplan.simulate): autocast then uses the CPU autocast state
@@ -69,9 +69,12 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     `fast_warmup`: the steps before the last one only create the optimizer state (zero gradients,
     `opt.step()`, `zero_grad`) instead of running forward and backward. The optimizer state is the
     only thing a step leaves behind, so the last step sees the same memory (simulate uses this).
+    `kernel_workspace` (real devices): also count the buffers kernels allocate internally, read from
+    torch.profiler's allocator events (`LiveTensorTracker.add_kernel_workspace`; term `workspace`).
     """
     if tracker is None:
-        tracker = LiveTensorTracker(round_to=round_to, device=None if device == "meta" else device)
+        tracker = LiveTensorTracker(round_to=round_to, device=None if device == "meta" else device,
+                                    kernel_workspace=kernel_workspace and device != "meta")
     classify = param_classifier(model)
     tracker.register_model(model, classify)
     tracker.attach_modules(model)
@@ -87,8 +90,10 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     hook = lm_head.register_forward_hook(lambda *_: tracker.set_phase(Phase.LOSS))
     autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                                dtype=TORCH_DTYPE[plan.autocast]) if plan.autocast else contextlib.nullcontext())
+    capture = getattr(tracker, "capture_kernel_workspace", None)  # duck-typed trackers may lack it
     try:
-        with tracker, (step_context() if step_context is not None else contextlib.nullcontext()):
+        with (capture() if capture is not None else contextlib.nullcontext()), tracker, \
+                (step_context() if step_context is not None else contextlib.nullcontext()):
             for step in range(steps):
                 if progress is not None:
                     progress(f"step {step + 1}/{steps}")
@@ -142,9 +147,16 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     )
 
 
-def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int = 0) -> StepResult:
-    """A real CPU training step of `plan` on random weights built from `config`."""
+def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int = 0,
+             kernel_workspace: bool = False) -> StepResult:
+    """A real CPU training step of `plan` on random weights built from `config`.
+
+    `kernel_workspace`: also count what kernels allocate internally (oneDNN's scratchpad in bf16
+    matmuls: up to ~200 KB per `mm` on 2 threads here, depending on shapes, threads and CPU ISA), as
+    term `workspace`; off by default because estimate and simulate do not model it (see run_steps).
+    """
     plan = plan.replace(device="cpu")
     model = load_model(config, plan, device="cpu", seed=seed)
     model = adapt(model, plan)
-    return run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="cpu", seed=seed)
+    return run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="cpu", seed=seed,
+                     kernel_workspace=kernel_workspace)

@@ -26,13 +26,29 @@ kernels allocate, `kernel_temps` adds the buffers a kernel allocates internally 
 one op, `fast_kernels` computes the outputs of simple ops instead of torch's slow Python meta
 kernels (`check_fast` compares the two), and `add_paged` counts managed (paged) memory apart.
 
+Checked against an independent instrument, torch's allocator events (`allocator.py`,
+tests/test_instrument.py): on real CPU steps the two agree to <= 152 B once the two blind spots
+below are covered.
+- Buffers a kernel allocates internally never reach the mode: on CPU, oneDNN's scratchpad inside a
+  bf16 `mm` (40-200 KB on the tiny test shapes, freed before the op returns) is alive at the peak of
+  a checkpointed step, which falls in the last matmul of the first layer's recomputation.
+  `kernel_workspace=True` (real devices) runs every op inside a profiler range `OP_MARK<clock>`;
+  `capture_kernel_workspace` profiles the step and `add_kernel_workspace` turns each op's own
+  allocator events into `Term.WORKSPACE` records (an in-op transient alive at the op's clock).
+- Tensors that C++ builds outside any op: checkpointing's saved CPU RNG states
+  (`torch.get_rng_state()`, 5056 B each; one per checkpointed layer until its recompute, one more
+  during a recompute). `torch.get_rng_state` is wrapped while the tracker is active, on every device.
+
 Known limitations: storages created outside the mode (before `start`) are invisible unless
-registered; the module attribution is the innermost `nn.Module` call at creation. A storage freed by
-`untyped_storage().resize_(0)` (FSDP2) stays counted until its object dies.
+registered; the module attribution is the innermost `nn.Module` call at creation; other tensors made
+in C++ outside any op (a few 8-byte scalars per step) are not seen; a storage resized in place
+(`resize_`, e.g. FSDP2's freeing of gathered parameters) keeps its first size (with
+`add_kernel_workspace`, its new block is added as workspace until freed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -45,6 +61,8 @@ from ..terms import Phase, Term
 from ..units import round_up
 
 _BNB_NS = "bitsandbytes"
+#: profiler range name prefix around each op (followed by the op's clock), see `kernel_workspace`
+OP_MARK = "memplan.op#"
 _INF = float("inf")
 
 
@@ -63,6 +81,7 @@ class StorageRecord:
     term: Term | None = None
     name: str = ""
     op: str = ""
+    ptr: int = 0  # data pointer (set when kernel workspace is captured, to match allocator events)
 
     def alive_at(self, t: float) -> bool:
         return self.created <= t < self.freed
@@ -99,11 +118,15 @@ class LiveTensorTracker(TorchDispatchMode):
     def __init__(self, round_to: int = 1, device: str | tuple[str, ...] | None = None,
                  bnb_impls: dict[str, Callable[..., Any]] | None = None,
                  kernel_temps: dict[str, Callable[..., list[torch.Tensor]]] | None = None,
-                 fast_kernels: dict[Any, Callable[[tuple, dict], Any]] | None = None):
+                 fast_kernels: dict[Any, Callable[[tuple, dict], Any]] | None = None,
+                 kernel_workspace: bool = False):
         super().__init__()
         self.round_to = round_to
         #: device types whose storages count (None: all)
         self.devices = (device,) if isinstance(device, str) else (tuple(device) if device else None)
+        #: mark every op for the profiler so that buffers a kernel allocates internally can be added
+        #: (see `add_kernel_workspace`); real devices only (named in `device`; never with meta)
+        self.kernel_workspace = bool(kernel_workspace and self.devices and "meta" not in self.devices)
         #: bitsandbytes op name -> Python implementation run (with this mode pushed) on meta tensors,
         #: to emulate the real device's kernel (its internal buffers) instead of the bare fake kernel.
         self.bnb_impls = dict(bnb_impls or {})
@@ -130,6 +153,14 @@ class LiveTensorTracker(TorchDispatchMode):
         self._next_frame = 1
         self._hooks: list[Any] = []
         self.step_index = 0
+        #: (clock, phase) of every set_phase, and the clock of the last reset_peak (for add_kernel_workspace)
+        self._phase_log: list[tuple[int, str]] = [(-1, self.current_phase)]
+        self._reset_clock = -1
+        self._depth = 0
+        self._saved_rng: Any = None
+        #: buffers added by `add_kernel_workspace`: how many, and the largest in-op excess (bytes)
+        self.workspace_ops = 0
+        self.workspace_max = 0
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _size(self, nbytes: int) -> int:
@@ -159,6 +190,8 @@ class LiveTensorTracker(TorchDispatchMode):
             term=term,
             name=name,
         )
+        if self.kernel_workspace:
+            rec.ptr = st.data_ptr()
         self.records.append(rec)
         self._by_id[key] = rec
         self._refs[key] = weakref.ref(st, lambda _r, key=key: self._free(key))
@@ -210,6 +243,7 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def set_phase(self, phase: str | Phase) -> None:
         self.current_phase = str(phase)
+        self._phase_log.append((self.clock, self.current_phase))
         pp = self.phase_peaks.get(self.current_phase)
         if pp is None or self.live > pp.bytes:
             self.phase_peaks[self.current_phase] = PhasePeak(self.current_phase, self.live, self.clock)
@@ -218,6 +252,7 @@ class LiveTensorTracker(TorchDispatchMode):
         """Start peak bookkeeping afresh (e.g. at the steady-state step)."""
         self.peak, self.peak_at, self.peak_phase = self.live, self.clock, self.current_phase
         self.phase_peaks = {self.current_phase: PhasePeak(self.current_phase, self.live, self.clock)}
+        self._reset_clock = self.clock
 
     # ---- module frames -----------------------------------------------------------------------
     def attach_modules(self, model: torch.nn.Module) -> None:
@@ -242,8 +277,183 @@ class LiveTensorTracker(TorchDispatchMode):
             h.remove()
         self._hooks.clear()
 
+    # ---- storages created outside the dispatcher ----------------------------------------------
+    def __enter__(self):
+        if self._depth == 0:
+            self._patch_rng()
+        self._depth += 1
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        try:
+            return super().__exit__(exc_type, exc_val, exc_tb)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._unpatch_rng()
+
+    def _patch_rng(self) -> None:
+        """`torch.get_rng_state()` builds its ByteTensor in C++ (no op reaches this mode): count it.
+
+        Checkpointing (`preserve_rng_state=True`, the default) keeps one per checkpointed layer from
+        forward to that layer's recompute, plus one inside `fork_rng` while a layer recomputes
+        (5056 B each for the CPU generator in torch 2.13).
+        """
+        import torch.random as trandom
+
+        orig = trandom.get_rng_state
+        tracker = self
+
+        def get_rng_state():
+            state = orig()
+            tracker.clock += 1  # a pseudo-op: created after the op before it
+            rec = tracker._track(state.untyped_storage(), state)
+            if rec is not None and not rec.op:
+                rec.op = "get_rng_state"
+            return state
+
+        self._saved_rng = (orig, torch.get_rng_state)
+        trandom.get_rng_state = get_rng_state
+        torch.get_rng_state = get_rng_state
+
+    def _unpatch_rng(self) -> None:
+        import torch.random as trandom
+
+        if self._saved_rng is not None:
+            trandom.get_rng_state, torch.get_rng_state = self._saved_rng
+            self._saved_rng = None
+
+    # ---- kernel workspace (real devices) --------------------------------------------------------
+    @contextlib.contextmanager
+    def capture_kernel_workspace(self):
+        """Profile the block (torch.profiler, `profile_memory=True`) and `add_kernel_workspace` after.
+
+        A no-op unless `kernel_workspace`. When a profiler is running already (an outer instrument,
+        see `allocator.allocator_peak`), profilers cannot nest: the block runs unprofiled and the
+        caller passes that profiler's events to `add_kernel_workspace` itself.
+        """
+        if not self.kernel_workspace or torch._C._autograd._profiler_enabled():
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        from .allocator import allocation_events
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            yield
+        self.add_kernel_workspace(allocation_events(prof, mark=OP_MARK))
+
+    def add_kernel_workspace(self, events: Iterable[Any]) -> int:
+        """Count the buffers kernels allocate below the Python dispatch key; return how many were added.
+
+        A kernel's internal buffers (oneDNN's scratchpad and packed operands inside a CPU bf16 `mm`,
+        flash-attention's per-thread buffers on CPU, cuBLAS workspaces) go through the device allocator
+        but never reach this mode as op outputs. `events` are that allocator's events, read by
+        `allocator.allocation_events(prof, mark=OP_MARK)` from a profiler that ran around the tracked
+        step (each op ran inside a `OP_MARK<clock>` range because `kernel_workspace` is set). Per op,
+        the largest running sum of its own events minus what it still holds when it returns is a
+        transient: a `Term.WORKSPACE` record alive at the op's clock only (the op's outputs are alive
+        then too, so the live count there is the op's in-kernel peak). A block the op allocated and
+        still holds at its return without being one of its tracked outputs (a persistent workspace)
+        becomes a `Term.WORKSPACE` record until the allocator frees it. Then the peaks are recomputed.
+
+        NB: allocations outside any op (e.g. a tensor built in C++ by Python code) are not added.
+        """
+        dev = self.devices
+        per_op: dict[int, list[Any]] = {}
+        frees: dict[int, list[tuple[int, int]]] = {}  # ptr -> [(ns, clock of the op it happened in or after)]
+        last_clock = -1
+        for e in events:
+            if dev is not None and e.device not in dev:
+                continue
+            c = int(e.mark[len(OP_MARK):]) if e.mark else None
+            if c is not None:
+                last_clock = c
+                per_op.setdefault(c, []).append(e)
+            if e.delta < 0:
+                frees.setdefault(e.ptr, []).append((e.ns, last_clock if c is None else c, c is not None))
+        tracked = {(r.ptr, r.created) for r in self.records if r.created >= 0}
+        added = []
+        for c, evs in per_op.items():
+            run = high = 0
+            held: dict[int, Any] = {}
+            for e in evs:
+                run += e.delta
+                high = max(high, run)
+                if e.delta > 0:
+                    held[e.ptr] = e
+                else:
+                    held.pop(e.ptr, None)
+            kept = sum(e.delta for e in held.values())
+            phase = self._phase_at(c)
+            if high > kept:
+                added.append(self._workspace_record(high - kept, c, c + 0.25, phase, evs[0]))
+            for ptr, e in held.items():
+                if (ptr, c) in tracked:
+                    continue
+                freed = _INF
+                for ns, fc, in_op in frees.get(ptr, ()):
+                    if ns > e.ns:
+                        freed = fc + (0.75 if in_op else 0.5)
+                        break
+                added.append(self._workspace_record(e.delta, c, freed, phase, e))
+        if added:
+            self.records.extend(added)
+            self.workspace_ops += len(added)
+            self.workspace_max = max(self.workspace_max, max(r.nbytes for r in added))
+            self._recompute_peaks()
+        return len(added)
+
+    def _workspace_record(self, nbytes: int, created: float, freed: float, phase: str, e: Any) -> StorageRecord:
+        op = next((s for s in getattr(e, "scope", ()) if not s.startswith(OP_MARK)), "")
+        return StorageRecord(nbytes=self._size(nbytes), created=created, phase=phase, module="", shape=(nbytes,),
+                             dtype="uint8", grad_mode=False, frame=-1, freed=freed, outlived_frame=False,
+                             term=Term.WORKSPACE, name="kernel workspace", op=op)
+
+    def _phase_at(self, t: float) -> str:
+        """The phase in effect for the op at clock `t` (set_phase calls made before it ran)."""
+        phase = self._phase_log[0][1]
+        for c, p in self._phase_log:
+            if c >= t:
+                break
+            phase = p
+        return phase
+
+    def _recompute_peaks(self) -> None:
+        """Peak and per-phase peaks since the last reset_peak, from the records (after records were added)."""
+        deltas: list[tuple[float, int]] = []
+        for r in self.records:
+            deltas.append((r.created, r.nbytes))
+            if r.freed != _INF:
+                deltas.append((r.freed, -r.nbytes))
+        deltas.sort(key=lambda d: (d[0], d[1] > 0))  # at one instant, frees first (alive_at: created <= t < freed)
+        live = 0
+        i = 0
+        n = len(deltas)
+        while i < n:
+            t = deltas[i][0]
+            grew = False
+            while i < n and deltas[i][0] == t:
+                live += deltas[i][1]
+                grew = grew or deltas[i][1] > 0
+                i += 1
+            if not grew or t <= self._reset_clock:
+                continue
+            phase = self._phase_at(t)
+            if live > self.peak:
+                self.peak, self.peak_at, self.peak_phase = live, t, phase
+            pp = self.phase_peaks.get(phase)
+            if pp is None or live > pp.bytes:
+                self.phase_peaks[phase] = PhasePeak(phase, live, t)
+
     # ---- dispatch ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.kernel_workspace:
+            with torch._C._profiler._RecordFunctionFast(f"{OP_MARK}{self.clock + 1}"):
+                return self._dispatch(func, types, args, kwargs)
+        return self._dispatch(func, types, args, kwargs)
+
+    def _dispatch(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.clock += 1
         temps = None

@@ -29,12 +29,16 @@ afterwards, which the tests check):
 - `fastmeta`: outputs of simple ops computed directly instead of torch's slow Python meta kernels
   (checked against torch's by `LiveTensorTracker.check_fast`).
 - `moe`: mixture-of-experts layers (patch 8).
-- `patches`: transformers' packed-sequence check (patch 1), the optimizer on meta (patch 7), and
-  the set of patches entered for the steps.
+- `patches`: transformers' packed-sequence check (patch 1), the optimizer on meta (patch 7), the
+  checkpoint's CPU RNG snapshot (patch 10), and the set of patches entered for the steps.
 - `result`: `SimulateResult` and its `to_dict()` (the `memplan.simulate/1` JSON).
 
 Known limitations
 -----------------
+- CPU kernel workspaces are not modelled: a bf16 matmul on CPU allocates oneDNN's scratchpad through
+  torch's allocator for the duration of the op (40-200 KB per ``mm`` on the test shapes; it depends
+  on the shapes, the thread count and the CPU's ISA; fp32 matmuls through MKL allocate none there).
+  A real CPU step measures it with ``cpu_step(kernel_workspace=True)`` (tests/runtime/test_instrument.py).
 - Other data-dependent ops (``.item()``, ``bool(tensor)``, ``torch.isnan(x).any()``, ``nonzero``
   outside the eager MoE loop, cross-entropy with ``num_items_in_batch``) raise on meta. The step
   calls none of them for llama, mistral, qwen2/3, gemma/2/3, phi3 and mixtral.

@@ -14,6 +14,11 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
    optimizers' code tables are moved to meta untracked on CPU (a no-op ``.to`` there, a tracked copy
    on CUDA) (`make_meta_optimizer`).
 
+10. ``torch.random.fork_rng(device_type="meta")`` returns at once on meta; on a real device it keeps
+   a snapshot of the CPU generator (``torch.get_rng_state()``, 5056 B) while a checkpointed layer
+   recomputes. The patch takes that snapshot on meta too; the tracker counts RNG states (it wraps
+   ``torch.get_rng_state``) when the CPU is the emulated device (`step_patches`).
+
 `step_patches` enters, for the steps, the emulation mode (`emulation.MetaEmulation`: patches 2, 3
 and 6) with its autocast stand-ins (``torch.autocast``/``torch.amp.autocast`` accept
 ``device_type="meta"``, ``torch.clear_autocast_cache`` also clears the emulated weight cache, and on
@@ -99,7 +104,24 @@ def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
         def __init__(self, device_type, *args, **kwargs):
             super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
+    orig_fork_rng = torch.random.fork_rng
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, enabled=True, _caller="fork_rng", _devices_kw="devices", device_type=None):
+        """On a real device fork_rng snapshots the CPU generator (checkpoint recomputation): on meta it
+        returns at once, so take the snapshot here (5056 B, counted when the CPU is the emulated device)."""
+        if not (enabled and device_type == "meta"):
+            with orig_fork_rng(devices, enabled, _caller, _devices_kw, device_type):
+                yield
+            return
+        cpu_state = torch.get_rng_state()
+        try:
+            yield
+        finally:
+            torch.set_rng_state(cpu_state)
+
     with contextlib.ExitStack() as st:
+        st.enter_context(patch_attr(torch.random, "fork_rng", fork_rng))
         st.enter_context(patch_attr(torch, "clear_autocast_cache", clear_autocast_cache))
         st.enter_context(patch_attr(torch, "autocast", autocast))
         st.enter_context(patch_attr(torch.amp, "autocast", autocast))
