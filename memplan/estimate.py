@@ -222,6 +222,7 @@ class Step(NamedTuple):
     layers_saved: int           # every layer's saved set (checkpointing: each layer's input)
     model_saved: int            # rotary cos/sin, the final norm's saved tensors, lm_head's autocast copy
     layer_args: int                # position ids and attention masks: arguments every checkpointed layer keeps
+    rng_state: int              # one saved CPU RNG state (CPU steps with checkpointing), see `RNG_STATE_BYTES`
     small: int                  # the loss and its gradient seed
 
     def moment(self, name: str, kind: str, phase: str, description: str, layer: int | None = None, *,
@@ -254,7 +255,15 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     return Step(model=model, plan=plan, static=static, ap=ap, r=r, tokens=plan.batch_size * plan.seq_len,
                 ga_grads=static.gradients if plan.gradient_accumulation_steps > 1 else 0,
                 layers_saved=layers_saved, model_saved=ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,
-                layer_args=(r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, small=2 * r(4))
+                layer_args=(r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, small=2 * r(4),
+                rng_state=RNG_STATE_BYTES if gc and not cuda else 0)
+
+
+#: torch.utils.checkpoint (preserve_rng_state=True) keeps `torch.get_rng_state()` of each checkpointed
+#: layer from its forward until its recompute, and `torch.random.fork_rng` one more during a
+#: recompute: the CPU generator's state, 5056 B (mt19937). On CUDA they are host memory (with the CUDA
+#: generator's), not device memory. Measured with torch's allocator events (tests/runtime/test_instrument.py).
+RNG_STATE_BYTES = 5056
 
 
 def _round512(n: int) -> int:
@@ -294,7 +303,7 @@ def loss_forward_moment(s: Step) -> Moment:
     labels = r(8 * p.batch_size * (p.seq_len + 1))  # labels padded by one (-100) for the shift
     copies = ap.lora_weight_copies - (0 if p.gradient_checkpointing else ap.saved_copies)
     acts = (s.layers_saved + s.model_saved + copies + r(T * s.model.hidden_size * ap.stream_dt) + labels
-            + s.layer_args + s.small)
+            + s.layer_args + s.small + s.model.num_layers * s.rng_state)
     return s.moment("loss:forward", "loss_forward", _LOSS,
                     "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]",
                     gradients=s.ga_grads, activations=acts, logits=logits)
@@ -305,7 +314,8 @@ def loss_backward_moment(s: Step) -> Moment:
     tv = s.tokens * s.model.vocab_size
     return s.moment("loss:backward", "loss_backward", _BACKWARD,
                     "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)",
-                    gradients=s.ga_grads, activations=s.layers_saved + s.model_saved + s.layer_args + s.small,
+                    gradients=s.ga_grads,
+                    activations=s.layers_saved + s.model_saved + s.layer_args + s.small + s.model.num_layers * s.rng_state,
                     logits=3 * s.r(4 * tv) + _softcap_bytes(s))
 
 
@@ -321,7 +331,8 @@ class LayerBackward(NamedTuple):
 def layer_backward_state(s: Step, i: int) -> LayerBackward:
     ap = s.ap
     own_input = 0 if not s.plan.gradient_checkpointing or ap.input_in_saved else ap.layer_input_bytes
-    fixed = s.below(i) + ap.rope_bytes + s.layer_args + s.small + own_input
+    # the RNG states of this layer and those below it (the layers above were recomputed already)
+    fixed = s.below(i) + ap.rope_bytes + s.layer_args + s.small + own_input + (i + 1) * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved, s.grads_above(i))
 
@@ -333,7 +344,8 @@ def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
     i, ap = lb.i, s.ap
     return s.moment(f"recompute:{i}", "recompute", _BACKWARD,
                     f"recomputing checkpointed layer {i} of {s.model.num_layers} during backward", i,
-                    gradients=lb.grads, activations=lb.fixed + ap.recompute_peak - ap.recompute_temps,
+                    gradients=lb.grads,
+                    activations=lb.fixed + s.rng_state + ap.recompute_peak - ap.recompute_temps,
                     temporaries=ap.recompute_inflight + ap.recompute_temps)
 
 
