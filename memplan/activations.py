@@ -532,6 +532,7 @@ class LayerTrace(NamedTuple):
     prod_dt: int                        # dtype bytes of the MLP product (down_proj's input)
     down_out_dt: int                    # dtype bytes of down_proj's output (the gradient arriving there)
     lora_weight_copies: int             # autocast's cache of 16-bit LoRA weights, every layer (bytes)
+    inflight: int                       # bytes per [T x H] element in flight at a recompute's start
 
 
 @shape_free_cache()
@@ -560,7 +561,9 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
                       forward=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(len(w.moments)))),
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
-                      prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies)
+                      prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
+                      inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
+                                                          model.arch.sandwich_norms))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -625,7 +628,7 @@ def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sand
 
 def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> ActivationProfile:
     """Evaluate the layer trace (walked once per model and shape-free plan) at `plan`'s batch and
-    sequence length."""
+    sequence length. Sizes of whole tensors are rounded to 512 B on CUDA (`g` = the granularity)."""
     B, S = plan.batch_size, plan.seq_len
     T, H, L = B * S, model.hidden_size, model.num_layers
     BSS = T * S
@@ -633,33 +636,27 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     tr = layer_trace(model, plan, (cpu, not cpu and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS))
     pr = plan.precision
     a = pr.params
-    if cpu:
-        r = int
-    else:
-        def r(n: int) -> int:
-            return -(-n // 512) * 512
-
-    def at(k: tuple[int, ...]) -> int:
-        return k[0] * T + k[1] * BSS + k[2]
-
-    ct = tr.copies
+    g = 1 if cpu else 512
+    c0, c1, c2 = tr.copies
+    f0, f1, f2 = tr.copies_first
     rec, rec_tmp = _peak(tr.recompute, T, BSS)
     fwd, fwd_tmp = _peak(tr.forward, T, BSS)
+    lay, first, down = tr.layer, tr.first_layer, tr.down_saved
     return ActivationProfile(
-        at(tr.layer), at(tr.first_layer), rec, rec_tmp, fwd, fwd_tmp,
-        at(tr.down_saved), tr.prod_dt, tr.down_out_dt, a == 4,
-        r(T * H * a), 2 * r(S * model.head_dim * a),
+        lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
+        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
+        -(-T * H * a // g) * g, 2 * (-(-S * model.head_dim * a // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
-        r(T * H * 4) + r(T * 4) + (r(H * 4) if model.arch.gemma_norm else 0),
-        r(model.vocab_size * H * 2) if pr.autocast and pr.params != 2 else 0,
+        -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
+        -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
         tr.lora_weight_copies,
-        at(tr.copies_first) + (L - 1) * (ct[0] * T + ct[1] * BSS + ct[2]),
+        f0 * T + f1 * BSS + f2 + (L - 1) * (c0 * T + c1 * BSS + c2),
         pr.logits, a,
-        r(T * H * inflight_bytes_per_element(a, bool(pr.autocast), plan.method, model.arch.sandwich_norms)),
-        attention_masks(model, plan, r))
+        -(-T * H * tr.inflight // g) * g,
+        attention_masks(model, plan, g))
 
 
-def attention_masks(model: ModelSpec, plan: TrainPlan, r=int) -> int:
+def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> int:
     """Bytes of the 4-D attention masks transformers builds once per forward and passes to every
     layer (masking_utils.py; no padding here). Eager: a float mask [B, 1, S, S] in the embeddings'
     dtype per attention type present (`eager_mask`: the bool mask through torch.where). SDPA: the
@@ -668,10 +665,10 @@ def attention_masks(model: ModelSpec, plan: TrainPlan, r=int) -> int:
     (`_ignore_causal_mask_sdpa`). FlashAttention-2 builds none. A checkpointed model keeps them as
     the layers' arguments until backward is done; without checkpointing they die with the forward.
     """
-    B, S = plan.batch_size, plan.seq_len
+    B, S, g = plan.batch_size, plan.seq_len, granularity
     attn = plan.attn_implementation
     if attn == "eager":
-        return len(model.attention_types) * r(B * S * S * plan.precision.params)
+        return len(model.attention_types) * (-(-B * S * S * plan.precision.params // g) * g)
     if attn == "sdpa" and model.sliding_window and S >= model.sliding_window:
-        return r(S * S)
+        return -(-S * S // g) * g
     return 0

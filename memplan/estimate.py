@@ -12,7 +12,7 @@ symbolic layer walk of `activations`, the per-term functions of `formulas`), in 
 - ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
-- ``dequant_backward_moments(i)`` (QLoRA): layer i's 4-bit down projection backward: its weight
+- ``dequant_backward_moment(i)`` (QLoRA): layer i's 4-bit down projection backward: its weight
   dequantized again (bitsandbytes MatMul4Bit.backward), then the input gradient made;
 - ``layer_backward_moment(i)``: layer i's MLP backward: the down projection's saved tensors released,
   three [T x I] gradients in flight;
@@ -39,6 +39,7 @@ Known limitations (NB):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
@@ -60,9 +61,8 @@ class Moment(NamedTuple):
     `name` is a stable label ("loss:backward", "recompute:31") used as a key in `phase_peaks` and the
     JSON; code reads `kind` and `layer`, never the name. Kinds, in step order: forward (the last
     layer's forward, no checkpointing), loss_forward, loss_backward, recompute (a checkpointed
-    layer recomputed during backward), dequant and dequant_matmul (a layer's 4-bit down projection
-    backward: its weight dequantized, then the input gradient made), layer_backward (a layer's MLP
-    backward), optimizer.
+    layer recomputed during backward), dequant (a layer's 4-bit down projection backward: its weight
+    dequantized again), layer_backward (a layer's MLP backward), optimizer.
     """
 
     name: str
@@ -71,7 +71,7 @@ class Moment(NamedTuple):
     description: str
     layer: int | None
     static: Mapping[Term, int]  # the shape-free terms (shared by every moment of the step)
-    static_bytes: int           # their sum
+    allocated_bytes: int        # the static terms + the four below
     gradients: int
     activations: int
     logits: int
@@ -84,10 +84,6 @@ class Moment(NamedTuple):
         t[Term.GRADIENTS], t[Term.ACTIVATIONS] = self.gradients, self.activations
         t[Term.LOGITS], t[Term.TEMPORARIES] = self.logits, self.temporaries
         return t
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self.static_bytes + self.gradients + self.activations + self.logits + self.temporaries
 
 
 @dataclass(frozen=True)
@@ -221,29 +217,19 @@ class Step(NamedTuple):
     ga_grads: int               # gradients kept across micro-batches (gradient accumulation)
     layers_saved: int           # every layer's saved set (checkpointing: each layer's input)
     model_saved: int            # rotary cos/sin, the final norm's saved tensors, lm_head's autocast copy
-    layer_args: int                # position ids and attention masks: arguments every checkpointed layer keeps
-    rng_state: int              # one saved CPU RNG state (CPU steps with checkpointing), see `RNG_STATE_BYTES`
+    layer_args: int             # position ids and attention masks: arguments every checkpointed layer keeps
     small: int                  # the loss and its gradient seed
+    rng_state: int              # one saved CPU RNG state (CPU steps with checkpointing), see `RNG_STATE_BYTES`
 
-    def moment(self, name: str, kind: str, phase: str, description: str, layer: int | None = None, *,
-               gradients: int = 0, activations: int = 0, logits: int = 0, temporaries: int = 0) -> Moment:
-        """A moment: the static terms plus what is alive then (the allocated terms only)."""
+    def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
+               temporaries: int, detail: str = "") -> Moment:
+        """A moment of `kind` (`MOMENT_KINDS`): the static terms plus what is alive then (the allocated
+        terms only)."""
         st = self.static
-        return Moment(name, kind, phase, description, layer, st.terms, st.total, gradients, activations, logits,
+        name, phase, description = _label(kind, layer, self.model.num_layers, detail)
+        return Moment(name, kind, phase, description, layer, st.terms,
+                      st.total + gradients + activations + logits + temporaries, gradients, activations, logits,
                       temporaries)
-
-    def below(self, i: int) -> int:
-        """Activations of the layers below layer i kept while layer i runs its backward."""
-        ap = self.ap
-        if self.plan.gradient_checkpointing:
-            return i * ap.layer_input_bytes
-        return ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
-
-    def grads_above(self, i: int) -> int:
-        """Gradients alive when layer i's backward starts: those of the layers above it (or all of
-        them, kept from the previous micro-batch, with gradient accumulation)."""
-        L = self.model.num_layers
-        return self.static.gradients if self.ga_grads else self.static.gradients // L * (L - 1 - i)
 
 
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
@@ -252,11 +238,11 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
     layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes
-    return Step(model=model, plan=plan, static=static, ap=ap, r=r, tokens=plan.batch_size * plan.seq_len,
-                ga_grads=static.gradients if plan.gradient_accumulation_steps > 1 else 0,
-                layers_saved=layers_saved, model_saved=ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,
-                layer_args=(r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, small=2 * r(4),
-                rng_state=RNG_STATE_BYTES if gc and not cuda else 0)
+    return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
+                static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
+                layers_saved, ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
+                (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
+                RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
 
 
 #: torch.utils.checkpoint (preserve_rng_state=True) keeps `torch.get_rng_state()` of each checkpointed
@@ -274,17 +260,35 @@ def _round512(n: int) -> int:
 _FORWARD, _LOSS, _BACKWARD, _OPTIMIZER = (p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, Phase.OPTIMIZER))
 
 
+#: kind -> (name, phase, description); {i}: the layer, {L}: the layer count, {detail}: the moment's own
+MOMENT_KINDS = {
+    "forward": ("forward", _FORWARD, "the forward of the last layer ({i}), every earlier layer's activations saved"),
+    "loss_forward": ("loss:forward", _LOSS,
+                     "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]"),
+    "loss_backward": ("loss:backward", _BACKWARD,
+                      "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"),
+    "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
+    "dequant": ("dequant:{i}", _BACKWARD, "the 4-bit backward of layer {i}'s down projection (of {L}): {detail}"),
+    "layer_backward": ("backward:{i}", _BACKWARD,
+                       "the MLP backward of layer {i} of {L}: [tokens x intermediate] gradients in flight"),
+    "optimizer": ("optimizer", _OPTIMIZER, "the optimizer step: every gradient plus the optimizer's state and scratch"),
+}
+
+
+@lru_cache(maxsize=1024)
+def _label(kind: str, i: int | None, L: int, detail: str) -> tuple[str, str, str]:
+    name, phase, description = MOMENT_KINDS[kind]
+    return name.format(i=i), phase, description.format(i=i, L=L, detail=detail)
+
+
 # ---- the moments, one function each, in step order ---------------------------------------------------
 
 def forward_moment(s: Step) -> Moment:
     """No checkpointing: the last layer's forward, every earlier layer's saved set alive."""
     ap, L = s.ap, s.model.num_layers
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
-    return s.moment("forward", "forward", _FORWARD,
-                    f"the forward of the last layer ({L - 1}), every earlier layer's activations saved", L - 1,
-                    gradients=s.ga_grads,
-                    activations=earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps,
-                    temporaries=ap.forward_temps)
+    return s.moment("forward", L - 1, s.ga_grads,
+                    earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
 
 
 def _softcap_bytes(s: Step) -> int:
@@ -304,19 +308,15 @@ def loss_forward_moment(s: Step) -> Moment:
     copies = ap.lora_weight_copies - (0 if p.gradient_checkpointing else ap.saved_copies)
     acts = (s.layers_saved + s.model_saved + copies + r(T * s.model.hidden_size * ap.stream_dt) + labels
             + s.layer_args + s.small + s.model.num_layers * s.rng_state)
-    return s.moment("loss:forward", "loss_forward", _LOSS,
-                    "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]",
-                    gradients=s.ga_grads, activations=acts, logits=logits)
+    return s.moment("loss_forward", None, s.ga_grads, acts, logits, 0)
 
 
 def loss_backward_moment(s: Step) -> Moment:
     """The start of backward: log-softmax output + its gradient + the logits' gradient (12 T V B)."""
     tv = s.tokens * s.model.vocab_size
-    return s.moment("loss:backward", "loss_backward", _BACKWARD,
-                    "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)",
-                    gradients=s.ga_grads,
-                    activations=s.layers_saved + s.model_saved + s.layer_args + s.small + s.model.num_layers * s.rng_state,
-                    logits=3 * s.r(4 * tv) + _softcap_bytes(s))
+    return s.moment("loss_backward", None, s.ga_grads,
+                    s.layers_saved + s.model_saved + s.layer_args + s.small + s.model.num_layers * s.rng_state,
+                    3 * s.r(4 * tv) + _softcap_bytes(s), 0)
 
 
 class LayerBackward(NamedTuple):
@@ -329,12 +329,19 @@ class LayerBackward(NamedTuple):
 
 
 def layer_backward_state(s: Step, i: int) -> LayerBackward:
-    ap = s.ap
-    own_input = 0 if not s.plan.gradient_checkpointing or ap.input_in_saved else ap.layer_input_bytes
-    # the RNG states of this layer and those below it (the layers above were recomputed already)
-    fixed = s.below(i) + ap.rope_bytes + s.layer_args + s.small + own_input + (i + 1) * s.rng_state
+    """Layer i's backward: the activations of the layers below it (their checkpointed inputs, or
+    their saved sets), its own input, cos/sin, ids, masks, the RNG states not yet used (this layer's
+    and those below), and the gradients of the layers above (all of them with accumulation)."""
+    ap, grads = s.ap, s.static.gradients
+    if s.plan.gradient_checkpointing:
+        below = i * ap.layer_input_bytes + (0 if ap.input_in_saved else ap.layer_input_bytes)
+    else:
+        below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+    fixed = below + ap.rope_bytes + s.layer_args + s.small + (i + 1) * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved, s.grads_above(i))
+    L = s.model.num_layers
+    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
+                         grads if s.ga_grads else grads // L * (L - 1 - i))
 
 
 def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
@@ -342,53 +349,45 @@ def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
     with the checkpoint inputs below it, the gradients of the layers above and the [T x H] gradients
     in flight (activations.inflight_bytes_per_element)."""
     i, ap = lb.i, s.ap
-    return s.moment(f"recompute:{i}", "recompute", _BACKWARD,
-                    f"recomputing checkpointed layer {i} of {s.model.num_layers} during backward", i,
-                    gradients=lb.grads,
-                    activations=lb.fixed + s.rng_state + ap.recompute_peak - ap.recompute_temps,
-                    temporaries=ap.recompute_inflight + ap.recompute_temps)
+    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + ap.recompute_peak - ap.recompute_temps, 0,
+                    ap.recompute_inflight + ap.recompute_temps)
 
 
 def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:
     """Layer i's MLP backward: the down projection's saved tensors released, the [T x H] output
     gradient and three [T x I] gradients in flight, down_proj's LoRA gradients just made."""
     i, ap, r, m, T = lb.i, s.ap, s.r, s.model, s.tokens
-    return s.moment(f"backward:{i}", "layer_backward", _BACKWARD,
-                    f"the MLP backward of layer {i} of {m.num_layers}: [tokens x intermediate] gradients in flight", i,
-                    gradients=lb.grads + s.static.down.lora_grads, activations=lb.after_down,
-                    temporaries=r(T * m.hidden_size * ap.stream_dt) + 3 * r(T * m.intermediate_size * ap.prod_dt))
+    return s.moment("layer_backward", i, lb.grads + s.static.down.lora_grads, lb.after_down, 0,
+                    r(T * m.hidden_size * ap.stream_dt) + 3 * r(T * m.intermediate_size * ap.prod_dt))
 
 
-def dequant_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, ...]:
+def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
     `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
     dequantized into the quant_state (load) dtype with its fp32 absmax, cast to the gradient's
     (compute) dtype, then the input gradient. Its LoRA branch has run: down_proj's LoRA gradients
     exist and its saved tensors are released; in flight are the gradient arriving at the output,
-    its cast to the compute dtype and the LoRA branch's gradient of the input. Two moments: the
-    dequantization (absmax, or the load-dtype weight and its cast, alive) and the matmul.
+    its cast to the compute dtype and the LoRA branch's gradient of the input. The larger of two
+    instants: the dequantization (absmax, or the load-dtype weight and its cast, alive) and the
+    matmul (the weight in the gradient's dtype and the input gradient).
     NB: down_proj is the first 4-bit backward of a layer and usually the largest; the others run
     with fewer saved tensors alive."""
     d = s.static.down
     if not d.w_grad:
-        return ()
+        return None
     i, m, ap, r, T, cd = lb.i, s.model, s.ap, s.r, s.tokens, s.plan.precision.compute
     N, K = d.out_features, d.in_features
     in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * cd) if ap.down_out_dt != cd else 0)
                  + (r(T * K * ap.prod_dt) if d.targeted else 0))
     acts, grads = lb.after_down, lb.grads + d.lora_grads
-    desc = f"the 4-bit backward of layer {i}'s down projection (of {m.num_layers}): its weight dequantized"
-    return (s.moment(f"dequant:{i}", "dequant", _BACKWARD, desc, i, gradients=grads, activations=acts,
-                     temporaries=in_flight + d.dequant),
-            s.moment(f"dequant_matmul:{i}", "dequant_matmul", _BACKWARD, desc + ", the input gradient made", i,
-                     gradients=grads, activations=acts, temporaries=in_flight + d.w_grad + r(T * K * cd)))
+    matmul = d.w_grad + r(T * K * cd)
+    what = "the input gradient made" if matmul >= d.dequant else "its weight dequantized"
+    return s.moment("dequant", i, grads, acts, 0, in_flight + max(matmul, d.dequant), what)
 
 
 def optimizer_moment(s: Step) -> Moment:
     """optimizer.step(): every gradient plus the optimizer's scratch."""
-    return s.moment("optimizer", "optimizer", _OPTIMIZER,
-                    "the optimizer step: every gradient plus the optimizer's state and scratch",
-                    gradients=s.static.gradients, temporaries=s.static.scratch)
+    return s.moment("optimizer", None, s.static.gradients, 0, 0, s.static.scratch)
 
 
 def moments(s: Step) -> tuple[Moment, ...]:
@@ -398,11 +397,14 @@ def moments(s: Step) -> tuple[Moment, ...]:
     gc = s.plan.gradient_checkpointing
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
-    for i in dict.fromkeys((s.model.num_layers - 1, 0) if gc else (s.model.num_layers - 1,)):
+    last = s.model.num_layers - 1
+    for i in ((last, 0) if gc and last else (last,)):
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
-        out += dequant_backward_moments(s, lb)
+        dq = dequant_backward_moment(s, lb)
+        if dq is not None:
+            out.append(dq)
         out.append(layer_backward_moment(s, lb))
     out.append(optimizer_moment(s))
     return tuple(out)
@@ -418,7 +420,8 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
 
 @shape_free_cache()
 def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool, tuple[str, ...]]:
-    """check_plan's shape-free work, cached: (run with eager attention, notes)."""
+    """check_plan's shape-free work, cached: (run with eager attention, notes). Raises what the HF
+    stack would refuse (errors are not cached)."""
     notes: list[str] = []
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
         leaves = set(model.linear_leaves)
@@ -448,7 +451,10 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
     the step, the peak is the largest."""
-    plan, notes = check_plan(model, plan)
+    eager, pre = _plan_checks(model, plan, False)
+    if eager:
+        plan = plan.replace(attn_implementation="eager")
+    notes = list(pre)
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
     ms = moments(step)
@@ -465,14 +471,10 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
         if gpu is None:
             notes.append("no --gpu given: CUDA context, workspace and allocator overhead use generic defaults")
         paged = step.static.paged
-        if paged:
-            notes.append("paged optimizer: state of tensors with >= 100,000 elements lives in CUDA managed memory "
-                         "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     else:
         terms[Term.ALLOCATOR_OVERHEAD] = terms[Term.CUDA_CONTEXT] = 0
         totals = {m.name: a for m, a in zip(ms, alloc)}
-    if plan.prepare and plan.method != "full":
-        notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    notes += _static_notes(model, plan, cuda)
     if model.max_position_embeddings and plan.seq_len > model.max_position_embeddings:
         notes.append(f"seq_len {plan.seq_len} is longer than the model's max_position_embeddings "
                      f"{model.max_position_embeddings}")
@@ -481,6 +483,18 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
                      "use --mixed-precision fp16 --compute-dtype fp16 --dtype fp16")
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=peak.phase, paged_bytes=paged, gpu=gpu,
                     notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=ms)
+
+
+@shape_free_cache()
+def _static_notes(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[str, ...]:
+    """The notes that depend on neither the shape nor the GPU (cached)."""
+    notes = []
+    if cuda and static_part(model, plan, cuda).paged:
+        notes.append("paged optimizer: state of tensors with >= 100,000 elements lives in CUDA managed memory "
+                     "(paged_bytes), outside torch's allocator; NVML counts it when resident")
+    if plan.prepare and plan.method != "full":
+        notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    return tuple(notes)
 
 
 def cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None, allocated: int | None = None) -> None:

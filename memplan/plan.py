@@ -331,19 +331,23 @@ def _from_training_args(args: Any) -> dict[str, Any]:
 def shape_free_cache(maxsize: int = 4096):
     """Cache `fn(model, plan, flag)` by the model, the plan's non-shape fields and the flag: for
     quantities that do not depend on batch size, sequence length or gradient accumulation (the
-    static terms, the symbolic layer walk), so a sweep over shapes computes them once."""
-    def wrap(fn):
-        cache: dict[tuple[Any, ...], Any] = {}
+    static terms, the symbolic layer walk), so a sweep over shapes computes them once.
 
-        def cached(model: Any, plan: TrainPlan, flag: bool) -> Any:
-            k = (model, plan.shape_free_id, flag)
+    The key holds the model's `id` (hashing a ModelSpec costs a Python call); the entry keeps the
+    model itself alive, so that id cannot name another object while the entry exists, and equal
+    models loaded twice merely get two entries.
+    """
+    def wrap(fn):
+        cache: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+        def cached(model: Any, plan: TrainPlan, flag: Any) -> Any:
+            k = (id(model), plan.shape_free_id, flag)
             v = cache.get(k)
             if v is None:
-                v = fn(model, plan, flag)
                 if len(cache) >= maxsize:
                     cache.clear()
-                cache[k] = v
-            return v
+                v = cache[k] = (model, fn(model, plan, flag))
+            return v[1]
 
         cached.__doc__, cached.__name__, cached.cache = fn.__doc__, fn.__name__, cache
         return cached

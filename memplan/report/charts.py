@@ -375,7 +375,7 @@ def moment_label(m: Moment, num_layers: int) -> str:
     if m.layer is None or m.kind == "forward":
         return _MOMENT_LABELS.get(m.kind, m.name)
     which = f"layer {m.layer}" + (" (last)" if m.layer == num_layers - 1 else " (first)" if m.layer == 0 else "")
-    what = {"recompute": "recompute", "dequant": "4-bit bwd", "dequant_matmul": "4-bit bwd dX"}.get(m.kind, "backward")
+    what = {"recompute": "recompute", "dequant": "4-bit bwd"}.get(m.kind, "backward")
     return f"{which}\n{what}"
 
 
