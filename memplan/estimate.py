@@ -375,7 +375,7 @@ def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     d = s.static.down
     if not d.w_grad:
         return None
-    i, m, ap, r, T, cd = lb.i, s.model, s.ap, s.r, s.tokens, s.plan.precision.compute
+    i, ap, r, T, cd = lb.i, s.ap, s.r, s.tokens, s.plan.precision.compute
     N, K = d.out_features, d.in_features
     in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * cd) if ap.down_out_dt != cd else 0)
                  + (r(T * K * ap.prod_dt) if d.targeted else 0))
