@@ -217,6 +217,7 @@ class LayerModel:
         self.targets = {lin.name for lin in lora_targets(model, plan)}
         self.down_saved, self.prod_dt, self.prod_bytes, self.saved_before_down = Lin(), 0, Lin(), Lin()
         self.down_out_dt = 0
+        self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -431,7 +432,9 @@ class LayerModel:
         return o
 
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
-        """NB: eager attention, modelled op by op (matmul, fp32 softmax, dropout-free), not yet verified."""
+        """Eager attention (transformers' eager_attention_forward), op by op: q @ k^T, soft-capping,
+        the mask added, an fp32 softmax (saved), its cast (saved with v by the second matmul); no
+        attention dropout. Checked against real CPU steps and simulate (tests/test_agreement_*)."""
         m, w = self.m, self.w
         if m.num_kv_heads != m.num_heads:  # repeat_kv materialises K/V at full head count
             kr, vr = w.new(self.T * m.q_dim, k.dt), w.new(self.T * m.q_dim, v.dt)
@@ -451,6 +454,7 @@ class LayerModel:
         w.drop(scores)
         sm = w.new(probs, 4)
         w.save(sm)
+        self.saved_at_probs = w.saved_bytes  # alive, with the probabilities, in their softmax's backward
         w.drop(masked)
         pc = w.cast(sm, qc.dt)
         w.save(pc, vc)
@@ -533,6 +537,8 @@ class LayerTrace(NamedTuple):
     down_out_dt: int                    # dtype bytes of down_proj's output (the gradient arriving there)
     lora_weight_copies: int             # autocast's cache of 16-bit LoRA weights, every layer (bytes)
     inflight: int                       # bytes per [T x H] element in flight at a recompute's start
+    attn_saved: tuple[int, ...]         # eager: the layer's saved set once its softmax output is saved
+    attn_saved_first: tuple[int, ...]   # ... in layer 0
 
 
 @shape_free_cache()
@@ -549,10 +555,11 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     lm = LayerModel(model, plan, w, cpu, fused)
     lm.layer(w.new(T * model.hidden_size, a, True), a)
     if input_grad:
-        w0 = w
+        w0, lm0 = w, lm
     else:
         w0 = Walk()
-        LayerModel(model, plan, w0, cpu, fused).layer(w0.new(T * model.hidden_size, a, False), a)
+        lm0 = LayerModel(model, plan, w0, cpu, fused)
+        lm0.layer(w0.new(T * model.hidden_size, a, False), a)
     copies = 0
     if plan.autocast and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
@@ -563,7 +570,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
-                                                          model.arch.sandwich_norms))
+                                                          model.arch.sandwich_norms),
+                      attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -593,6 +601,9 @@ class ActivationProfile(NamedTuple):
     stream_dt: int
     recompute_inflight: int   # [T x H] gradients in flight while a checkpointed layer recomputes
     mask_bytes: int           # attention masks the model builds once per forward (`attention_masks`)
+    attn_saved: int           # eager: a layer's saved set once its softmax output is saved (layers >= 1)
+    attn_saved_first: int     # ... layer 0
+    probs_bytes: int          # eager: one [B, heads, S, S] fp32 tensor (the softmax's output, or a gradient)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -642,6 +653,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     rec, rec_tmp = _peak(tr.recompute, T, BSS)
     fwd, fwd_tmp = _peak(tr.forward, T, BSS)
     lay, first, down = tr.layer, tr.first_layer, tr.down_saved
+    at0, at1, at2 = tr.attn_saved
+    af0, af1, af2 = tr.attn_saved_first
     return ActivationProfile(
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
@@ -653,7 +666,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         f0 * T + f1 * BSS + f2 + (L - 1) * (c0 * T + c1 * BSS + c2),
         pr.logits, a,
         -(-T * H * tr.inflight // g) * g,
-        attention_masks(model, plan, g))
+        attention_masks(model, plan, g),
+        at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
+        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0)
 
 
 def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> int:

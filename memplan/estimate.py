@@ -160,6 +160,7 @@ class Static:
     paged: int                  # paged optimizer state in managed memory (CUDA)
     scratch: int                # the optimizer step's temporaries
     down: "DownProj"            # the down projection, for the layer backward moments
+    attn_lora_grads: int        # LoRA gradients a layer has made when its attention core runs backward
 
 
 @shape_free_cache()
@@ -174,7 +175,17 @@ def static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Static:
     terms[Term.ADAPTER_WEIGHTS] = F.adapter_weights_bytes(model, plan, rnd)
     terms[Term.OPTIMIZER_STATE] = opt_dev
     return Static(terms, sum(terms.values()), F.gradient_bytes(model, plan, rnd), paged,
-                  F.optimizer_scratch_bytes(model, plan, rnd, cuda), _down_proj(model, plan, rnd))
+                  F.optimizer_scratch_bytes(model, plan, rnd, cuda), _down_proj(model, plan, rnd),
+                  _lora_grads_after_attention(model, plan, rnd))
+
+
+def _lora_grads_after_attention(model: ModelSpec, plan: TrainPlan, rnd: int) -> int:
+    """The LoRA gradients of one layer's Linears that run after the attention core (o_proj and the
+    MLP): made already when the attention core's backward runs."""
+    r = (lambda n: -(-n // rnd) * rnd) if rnd > 1 else int  # noqa: E731
+    qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    return sum(r(4 * plan.lora_r * lin.in_features) + r(4 * lin.out_features * plan.lora_r)
+               for lin in F.lora_targets(model, plan) if lin.name.rsplit(".", 1)[-1] not in qkv)
 
 
 class DownProj(NamedTuple):
@@ -271,6 +282,9 @@ MOMENT_KINDS = {
     "dequant": ("dequant:{i}", _BACKWARD, "the 4-bit backward of layer {i}'s down projection (of {L}): {detail}"),
     "layer_backward": ("backward:{i}", _BACKWARD,
                        "the MLP backward of layer {i} of {L}: [tokens x intermediate] gradients in flight"),
+    "attention_backward": ("attention_backward:{i}", _BACKWARD,
+                           "the eager attention backward of layer {i} of {L}: [batch x heads x seq x seq] "
+                           "probabilities and their gradients"),
     "optimizer": ("optimizer", _OPTIMIZER, "the optimizer step: every gradient plus the optimizer's state and scratch"),
 }
 
@@ -361,6 +375,20 @@ def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:
                     r(T * m.hidden_size * ap.stream_dt) + 3 * r(T * m.intermediate_size * ap.prod_dt))
 
 
+def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """Eager attention: layer i's softmax backward. Its saved set up to the probabilities is alive
+    (the second matmul's saved cast and v are released), with the [B, heads, S, S] fp32 gradient of
+    the probabilities and the softmax backward's output, the gradient of the attention output and of
+    the residual stream (stream dtype) in flight; o_proj's and the MLP's LoRA gradients are made."""
+    ap = s.ap
+    if not ap.probs_bytes:
+        return None
+    i, r, T, m = lb.i, s.r, s.tokens, s.model
+    saved = ap.attn_saved_first if i == 0 else ap.attn_saved
+    return s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads, lb.fixed + saved, 0,
+                    2 * ap.probs_bytes + r(T * m.hidden_size * ap.stream_dt) + r(T * m.q_dim * ap.stream_dt))
+
+
 def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
     `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
@@ -406,6 +434,9 @@ def moments(s: Step) -> tuple[Moment, ...]:
         if dq is not None:
             out.append(dq)
         out.append(layer_backward_moment(s, lb))
+        ab = attention_backward_moment(s, lb)
+        if ab is not None:
+            out.append(ab)
     out.append(optimizer_moment(s))
     return tuple(out)
 

@@ -63,6 +63,14 @@ CASES = [
     ("phi3-fused", dict(model_type="phi3"), dict(gradient_checkpointing=False)),
     ("phi3-fused-gc-no-prepare", dict(model_type="phi3"), dict(prepare=False, mixed_precision="no")),
     ("llama-4-layers-bigvocab", dict(model_type="llama", num_hidden_layers=4, vocab_size=8000), dict()),
+    # eager attention whose softmax backward ([B, heads, S, S] fp32 probabilities and gradients) is the peak
+    ("llama-eager-gc-attn-peak", dict(model_type="llama", num_attention_heads=8),
+     dict(attn_implementation="eager", lora_dropout=0.0, seq_len=1024)),
+    ("mistral-gqa-eager-fp32-attn-peak", dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2),
+     dict(attn_implementation="eager", seq_len=1024, optim="adamw_torch", mixed_precision="no")),
+    ("gemma2-softcap-eager-attn-peak", dict(model_type="gemma2", query_pre_attn_scalar=64,
+                                            **{**GEMMA, "num_attention_heads": 8, "head_dim": 32}),
+     dict(attn_implementation="eager", seq_len=1024)),
 ]
 
 

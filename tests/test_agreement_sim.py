@@ -75,10 +75,19 @@ CASES = [
     ("llama3-70b-no-prepare", "llama-3-70b", dict(prepare=False, mixed_precision="no")),
     ("llama2-13b-lora-fused", "llama-2-13b", dict(method="lora", optim="adamw_torch_fused")),
     ("llama2-7b-lora-seq64", "llama-2-7b", dict(method="lora", seq_len=64)),
+    # eager attention: the softmax backward of a layer is the peak
+    ("llama2-7b-eager-seq4096", "llama-2-7b", dict(attn_implementation="eager", lora_dropout=0.0,
+                                                    optim="adamw_torch", seq_len=4096)),
+    ("llama3.2-1b-eager-seq8192", "llama-3.2-1b", dict(attn_implementation="eager", lora_dropout=0.0,
+                                                        optim="adamw_torch", seq_len=8192)),
+    ("tinyllama-gqa-eager-seq2048", "tinyllama-1.1b", dict(attn_implementation="eager", seq_len=2048)),
+    ("phi3-mini-eager-seq4096", "phi-3-mini-4k", dict(attn_implementation="eager", seq_len=4096, lora_dropout=0.0)),
+    ("llama2-7b-eager-no-prepare", "llama-2-7b", dict(attn_implementation="eager", prepare=False,
+                                                       mixed_precision="no", seq_len=2048)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
-LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward")
+LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward", "attention_backward")
 #: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
 ROUNDING_SLACK = 4096
 
