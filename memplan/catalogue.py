@@ -66,6 +66,28 @@ def _gpu_index() -> dict[str, str]:
     return _index(_gpu_entries(), ("full_name", "nvml_names"))
 
 
+@lru_cache(maxsize=None)
+def _ambiguous_gpus() -> dict[str, tuple[str, ...]]:
+    """Short names that fit several GPUs of different memory ("a100": 40 or 80 GB, "v100": 16 or 32 GB):
+    {name: the catalogue names it could mean}. A bare family name is one of these when another
+    entry of a different size is named "<family>-..."."""
+    entries = _gpu_entries()
+    out: dict[str, tuple[str, ...]] = {}
+    for key, e in entries.items():
+        for alias in (str(a).lower() for a in e.get("aliases", ())):
+            if "-" in alias:
+                continue
+            could = {e.get("name", key)}
+            for k2, e2 in entries.items():
+                names = [str(n).lower() for n in (e2.get("name", k2), *e2.get("aliases", ()))]
+                if k2 != key and e2.get("memory_bytes") != e.get("memory_bytes") and any(
+                        n.startswith(alias + "-") for n in names):
+                    could.add(e2.get("name", k2))
+            if len(could) > 1:
+                out[alias] = tuple(sorted(could))
+    return out
+
+
 def _spec_from_entry(e: dict[str, Any]) -> ModelSpec:
     return model_from_config(e["config"], name=e["name"], hub_id=e.get("hub_id", ""),
                              aliases=tuple(e.get("aliases", ())), source=e.get("source", ""))
@@ -164,7 +186,12 @@ def load_gpu(gpu: str | GPUSpec) -> GPUSpec:
     """A GPUSpec from a catalogue name, alias or NVML name (case-insensitive)."""
     if isinstance(gpu, GPUSpec):
         return gpu
-    key = _gpu_index().get(str(gpu).strip().lower())
+    text = str(gpu).strip().lower()
+    choices = _ambiguous_gpus().get(text)
+    if choices:
+        raise MemplanError(f"GPU {str(gpu).strip()!r} is ambiguous: it could be {' or '.join(choices)} "
+                           f"(different memory); give one of them, e.g. --gpu {choices[-1]} (see `memplan gpus`)")
+    key = _gpu_index().get(text)
     if key is None:
         raise UnknownNameError("GPU", str(gpu), [e["name"] for e in _gpu_entries().values()],
                                hint="see `memplan gpus`")

@@ -167,6 +167,8 @@ def report_data(args: argparse.Namespace) -> dict[str, Any]:
                  ranks=_int_list("--ranks", args.ranks, DEFAULT_RANKS))
     specs = [load_model(m) for m in models]  # unknown names fail here, before any work
     gspecs = [load_gpu(g) for g in gpus]
+    for spec in specs:
+        _warn_plan(spec, None, grids["seq_lens"])
     out = prepare_out_dir(args.out, force=args.force)
     return run_report(specs, gspecs, methods=methods, out=out, checked=True,
                       reserve_bytes=reserve_from_gib(args.reserve), progress=not args.no_progress, **grids,
@@ -191,6 +193,7 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
     """Run the meta-device trace; returns the estimate-shaped dict with schema memplan.simulate/1."""
     spec = load_model(args.model)
     plan = plan_from_args(args)
+    _warn_plan(spec, plan)
     try:
         from .simulate import simulate
     except ImportError:
@@ -225,7 +228,7 @@ def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0
     if reserve_bytes:
         out(f"{'reserve kept free':<20} {gib(reserve_bytes):>9} GiB")
     if d.get("headroom_bytes") is not None:
-        out(f"{'headroom':<20} {gib(d['headroom_bytes']):>9} GiB  -> {verdict(d['fits'])}")
+        out(f"{'headroom':<20} {gib(d['headroom_bytes']):>9} GiB  -> {d.get('verdict_text') or verdict(d['fits'])}")
     if d.get("paged_bytes"):
         out(f"{'paged (managed mem)':<20} {gib(d['paged_bytes']):>9} GiB  paged optimizer state, outside the allocator")
     if d.get("estimate"):
@@ -249,14 +252,43 @@ def _print_json(obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
+_VERDICT_KEYS = ("fits", "verdict", "verdict_text", "blocked", "fix", "paging", "notes")
+
+
+def estimate_dict(e: Estimate) -> dict[str, Any]:
+    """The estimate's --json: with a GPU, the verdict is `fit`'s (one rule: `Fit.of`, no reserve)."""
+    d = e.to_dict()
+    if e.gpu is not None:
+        f = Fit.of(e).to_dict()
+        d.update({k: f[k] for k in _VERDICT_KEYS})
+    return d
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
-    d = estimate_data(args).to_dict()
+    e = estimate_data(args)
+    _warn_plan(e.model, e.plan)
+    d = estimate_dict(e)
     _print_json(d) if args.json else _table(d, print)
     return EXIT_OK
 
 
+def _warn(message: str) -> None:
+    print(f"memplan: warning: {message}", file=sys.stderr)
+
+
+def _warn_plan(model: Any, plan: Any, seq_lens: Sequence[int] | None = None) -> None:
+    """Warnings every command prints on stderr: sequences past the model's max_position_embeddings."""
+    mpe = getattr(model, "max_position_embeddings", None)
+    lens = sorted(set(seq_lens if seq_lens is not None else [plan.seq_len]))
+    past = [n for n in lens if mpe and n > mpe]
+    if past:
+        _warn(f"--seq-len {','.join(map(str, past))} is longer than {model.name}'s max_position_embeddings ({mpe}); "
+              "training past it needs RoPE scaling or a long-context variant of the model")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     f = fit_data(args)
+    _warn_plan(f.estimate.model, f.estimate.plan)
     d = f.to_dict()
     _print_json(d) if args.json else _table(d, print, reserve_bytes=f.reserve_bytes)
     return EXIT_OK if f.fits else EXIT_NO_FIT
@@ -264,13 +296,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
     e, g, p = r.estimate, r.gpu, r.plan
-    out(f"{r.model.name} ({r.model.architecture}, {r.model.params / 1e9:.2f} B params) "
+    out(f"{r.model.to_dict()['name']} ({r.model.architecture}, {r.model.params / 1e9:.2f} B params) "
         f"on {g.name} ({gib(g.memory_bytes)} GiB)")
     out("plan: " + "\n      ".join(plan_lines(p)))
     out(reserve_line(r.reserve_bytes))
     out("")
+    verdict_text = r.fit.verdict_text if r.fit is not None else verdict(r.fits)
     out(f"as given: {gib(e.device_bytes)} GiB on the device at the peak ({e.peak_phase}), "
-        f"headroom {gib(r.headroom_bytes)} GiB -> {verdict(r.fits)}")
+        f"headroom {gib(r.headroom_bytes)} GiB -> {verdict_text}")
+    if r.run_plan is not None and r.run_plan != r.plan:
+        p = r.run_plan
+        out(f"with {r.fit.fix}: the limits and changes below are for this plan")
     cap = " (search limit)" if r.max_batch_capped else ""
     mb = ("not searched (see notes)" if r.max_batch_size is None else
           f"{r.max_batch_size}{cap}" if r.max_batch_size else "none (batch 1 does not fit)")
@@ -285,8 +321,12 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
         out(f"     -> {gib(c.device_bytes)} GiB, headroom {gib(c.headroom_bytes)} GiB")
         out(f"     cost: {c.cost}")
 
-    if not r.fits:
+    paging = r.fit is not None and r.fit.paging
+    if not r.fits or paging:
         out("")
+        if r.margin_bytes:
+            out(f"suggested changes keep at least {gib(r.margin_bytes)} GiB free beyond the reserve (2% of the GPU's "
+                "memory: the estimator's error target) and must not page optimizer state")
         ranked = ([r.combined] if r.combined is not None and r.combined.fits else []) + list(r.changes)
         if ranked:
             out("changes that make it fit, cheapest first:")
@@ -317,6 +357,7 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     r = recommend_data(args)
+    _warn_plan(r.model, r.plan)
     _print_json(r.to_dict()) if args.json else _recommend_table(r, print)
     return EXIT_OK if r.fits else EXIT_NO_FIT
 

@@ -14,21 +14,64 @@ from .errors import MemplanError
 from .gpu import GPUSpec
 from .headroom import check_reserve, fit_limit_bytes, headroom_bytes, reserve_from_gib
 from .plan import TrainPlan
+from .present import gib as _gib
 
 if TYPE_CHECKING:  # estimate imports headroom, not this module; keep it that way
     from .estimate import Estimate
 
-__all__ = ["Fit", "check_fit", "check_reserve", "reserve_from_gib", "fit_limit_bytes", "headroom_bytes"]
+__all__ = ["Fit", "check_fit", "check_reserve", "reserve_from_gib", "fit_limit_bytes", "headroom_bytes",
+           "gpu_support", "gpu_fix", "FITS", "FITS_PAGING", "DOES_NOT_FIT", "CANNOT_RUN", "VERDICT_TEXT"]
 
 _NO_GPU = "a fit needs a GPU (--gpu NAME); see `memplan gpus`"
+
+#: The four verdicts (`Fit.verdict`, the `verdict` key of --json), and their words in text output.
+FITS, FITS_PAGING, DOES_NOT_FIT, CANNOT_RUN = "fits", "fits_paging", "does_not_fit", "cannot_run"
+VERDICT_TEXT = {FITS: "fits", FITS_PAGING: "fits only by paging to host memory every step",
+                DOES_NOT_FIT: "DOES NOT FIT", CANNOT_RUN: "CANNOT RUN AS PLANNED"}
+
+
+def gpu_support(gpu: GPUSpec, plan: TrainPlan) -> str:
+    """Why `gpu` cannot run `plan` as planned ('' when it can): the one rule every command applies
+    (fit, estimate, recommend, the report)."""
+    if plan.device != "cuda":
+        return ""
+    if not gpu.bf16 and plan.mixed_precision == "bf16":
+        return (f"{gpu.name} has no bf16 (compute capability {gpu.compute_capability}); the HF Trainer refuses "
+                "bf16=True (--mixed-precision bf16)")
+    if plan.attn_implementation == "flash_attention_2" and gpu.compute_capability:
+        try:
+            if float(gpu.compute_capability) < 8.0:
+                return (f"flash_attention_2 needs compute capability >= 8.0; {gpu.name} is "
+                        f"{gpu.compute_capability}")
+        except ValueError:
+            pass
+    return ""
+
+
+def gpu_fix(gpu: GPUSpec, plan: TrainPlan) -> tuple[dict[str, Any], str]:
+    """The smallest edit that lets `gpu` run `plan` (({}, '') when it already can): (plan fields, flags)."""
+    changes: dict[str, Any] = {}
+    if plan.device == "cuda" and not gpu.bf16:
+        for k in ("mixed_precision", "compute_dtype", "dtype"):
+            if getattr(plan, k) == "bf16":
+                changes[k] = "fp16"
+    if gpu_support(gpu, plan.replace(**changes)).startswith("flash_attention_2"):
+        changes["attn_implementation"] = "sdpa"
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+    return changes, flags
 
 
 @dataclass(frozen=True)
 class Fit:
     """The verdict for one model, plan and GPU.
 
-    fits when `estimate.device_bytes + reserve_bytes <= gpu.memory_bytes`; `headroom_bytes` is what is
-    left after both (negative when it does not fit). Build it with `Fit.of`.
+    fits when the GPU can run the plan as planned (`gpu_support`: e.g. no bf16 on a T4) and
+    `estimate.device_bytes + reserve_bytes <= gpu.memory_bytes`; `headroom_bytes` is what is left
+    after both (negative when it does not fit). `blocked` says why the GPU cannot run the plan and
+    `fix` the flags that let it; `paging` is True when the plan fits but its paged optimizer state
+    (`estimate.paged_bytes`, CUDA managed memory) does not fit in the headroom, so it pages to host
+    memory every step. `verdict` names the outcome (FITS, FITS_PAGING, DOES_NOT_FIT, CANNOT_RUN).
+    Build it with `Fit.of`.
     """
 
     estimate: Estimate
@@ -36,6 +79,53 @@ class Fit:
     fits: bool
     headroom_bytes: int
     reserve_bytes: int = 0
+    blocked: str = ""
+    fix: str = ""
+    paging: bool = False
+
+    @property
+    def memory_fits(self) -> bool:
+        """The memory verdict alone (whether or not the GPU can run the plan)."""
+        return self.headroom_bytes >= 0
+
+    @property
+    def verdict(self) -> str:
+        if not self.memory_fits:
+            return DOES_NOT_FIT
+        if self.blocked:
+            return CANNOT_RUN
+        return FITS_PAGING if self.paging else FITS
+
+    @property
+    def verdict_text(self) -> str:
+        """The verdict in words, with the reason and the fix when the GPU cannot run the plan."""
+        text = VERDICT_TEXT[self.verdict]
+        if self.blocked:
+            text += ("; and it " + VERDICT_TEXT[CANNOT_RUN].lower() if self.verdict != CANNOT_RUN else "")
+            text += f": {self.blocked}" + (f"; run it with {self.fix}" if self.fix else "")
+        elif self.paging:
+            text += (f" ({_gib(self.estimate.paged_bytes)} GiB of paged optimizer state, "
+                     f"{_gib(max(self.headroom_bytes, 0))} GiB free on the device)")
+        return text
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """The notes of the estimate, plus the verdict's reason when it is not a plain fit."""
+        extra = []
+        if self.blocked:
+            extra.append(f"cannot run as planned on {self.gpu.name}: {self.blocked}"
+                         + (f"; fix: {self.fix}" if self.fix else ""))
+        if self.paging:
+            extra.append(f"fits only by paging to host memory every step: {_gib(self.estimate.paged_bytes)} GiB of "
+                         f"paged optimizer state (CUDA managed memory) but {_gib(max(self.headroom_bytes, 0))} GiB "
+                         "left on the device; expect slower steps, or free memory (see `memplan recommend`)")
+        own = f"{self.gpu.name} has no bf16 support"  # the estimate's own bf16 note says less than `blocked`
+        return tuple(extra) + tuple(n for n in self.estimate.notes if not (self.blocked and n.startswith(own)))
+
+    def __repr__(self) -> str:
+        e = self.estimate
+        return (f"Fit({e.model.name!r} on {self.gpu.name!r}: {self.verdict}, device {_gib(e.device_bytes)} GiB, "
+                f"headroom {_gib(self.headroom_bytes)} GiB, reserve {_gib(self.reserve_bytes)} GiB)")
 
     @classmethod
     def of(cls, estimate: Estimate, reserve_bytes: int = 0) -> "Fit":
@@ -45,14 +135,26 @@ class Fit:
         if g is None:
             raise MemplanError(_NO_GPU)
         h = headroom_bytes(g.memory_bytes, estimate.device_bytes, reserve)
-        return cls(estimate=estimate, gpu=g, fits=h >= 0, headroom_bytes=h, reserve_bytes=reserve)
+        blocked = gpu_support(g, estimate.plan)
+        fix = gpu_fix(g, estimate.plan)[1] if blocked else ""
+        fits = h >= 0 and not blocked
+        paging = fits and estimate.paged_bytes > h
+        return cls(estimate=estimate, gpu=g, fits=fits, headroom_bytes=h, reserve_bytes=reserve,
+                   blocked=blocked, fix=fix, paging=paging)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.estimate.to_dict()
         d["fits"] = self.fits
+        d["verdict"] = self.verdict
+        d["verdict_text"] = self.verdict_text
+        d["blocked"] = self.blocked or None
+        d["fix"] = self.fix or None
+        d["paging"] = self.paging
         d["headroom_bytes"] = self.headroom_bytes
         d["reserve_bytes"] = self.reserve_bytes
+        d["notes"] = list(self.notes)
         return d
+
 
 
 def check_fit(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *, reserve_bytes: int = 0,

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 from .catalogue import list_gpus, load_gpu, resolve_model
 from .errors import MemplanError, UnsupportedArchitectureError
 from .estimate import Estimate, estimate
-from .fit import Fit
+from .fit import Fit, gpu_fix, gpu_support
 from .gpu import GPUSpec
 from .headroom import check_reserve, fit_limit_bytes
 from .model import ModelSpec
@@ -51,12 +51,21 @@ SCHEMA = "memplan.recommend/1"
 #: The smallest rank the "smaller rank" change goes down to.
 MIN_LORA_R = 4
 DEFAULT_RESERVE_BYTES = 0
+#: The share of the GPU's memory a suggested change must leave free, on top of the reserve: the
+#: estimator's error target against measured runs (DESIGN.md: 2% median of peak reserved), so that no
+#: suggestion lands at 0.00 GiB of headroom.
+CHANGE_MARGIN_RATIO = 0.02
 #: simulate traces one recommendation may make for a model without a closed form (each takes seconds)
 DEFAULT_SIMULATE_BUDGET = 1
 
 __all__ = ["recommend", "Recommendation", "Change", "GPUFit", "Estimator", "SimulateBudgetSpent", "CHANGES",
            "max_batch_size", "max_seq_len", "gpu_fits", "gpu_support", "small_targets", "DEFAULT_RESERVE_BYTES",
-           "DEFAULT_SIMULATE_BUDGET", "MIN_LORA_R", "SCHEMA"]
+           "DEFAULT_SIMULATE_BUDGET", "MIN_LORA_R", "SCHEMA", "CHANGE_MARGIN_RATIO", "change_margin_bytes"]
+
+
+def change_margin_bytes(gpu: GPUSpec) -> int:
+    """Bytes a suggested change keeps free on `gpu` beyond the reserve (CHANGE_MARGIN_RATIO of its memory)."""
+    return int(round(CHANGE_MARGIN_RATIO * gpu.memory_bytes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +88,7 @@ class Estimator:
         self.spec, self.gpu, self.simulate_budget = spec, gpu, simulate_budget
         self.simulated = False  # True once the closed form said it does not cover the model
         self.traces = 0  # simulate traces made
+        self.margin = change_margin_bytes(gpu)  # what a suggested change keeps free beyond the reserve
         self._cache: dict[tuple[TrainPlan, str], Estimate] = {}
 
     def __call__(self, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
@@ -161,11 +171,13 @@ class Change:
     device_bytes: int
     headroom_bytes: int
     fits: bool
+    paging: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "summary": self.summary, "cost": self.cost, "flags": self.flags,
                 "changes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.changes.items()},
-                "device_bytes": self.device_bytes, "headroom_bytes": self.headroom_bytes, "fits": self.fits}
+                "device_bytes": self.device_bytes, "headroom_bytes": self.headroom_bytes, "fits": self.fits,
+                "paging": self.paging}
 
 
 @dataclass(frozen=True)
@@ -179,11 +191,12 @@ class GPUFit:
     fits: bool
     supported: bool = True
     reason: str = ""
+    paging: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "memory_bytes": self.memory_bytes, "device_bytes": self.device_bytes,
                 "headroom_bytes": self.headroom_bytes, "fits": self.fits, "supported": self.supported,
-                "reason": self.reason}
+                "reason": self.reason, "paging": self.paging}
 
 
 @dataclass(frozen=True)
@@ -215,9 +228,26 @@ class Recommendation:
     smallest_gpu: str | None = None
     gpus: tuple[GPUFit, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    #: the verdict for the plan as given (the same `Fit` as `memplan fit`)
+    fit: Fit | None = field(default=None, repr=False)
+    #: what every suggested change keeps free beyond the reserve (CHANGE_MARGIN_RATIO of the GPU's memory)
+    margin_bytes: int = 0
+    #: the plan the limits and changes are about: the plan as given, or, when the GPU cannot run it as
+    #: planned, the plan with `fit.fix` applied
+    run_plan: TrainPlan | None = field(default=None, repr=False)
+
+    @property
+    def verdict(self) -> str:
+        return self.fit.verdict if self.fit is not None else ("fits" if self.fits else "does_not_fit")
+
+    def __repr__(self) -> str:
+        return (f"Recommendation({self.model.name!r} on {self.gpu.name!r}: {self.verdict}, "
+                f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
+                f"{len(self.changes)} changes, smallest_gpu={self.smallest_gpu!r})")
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
+        f = self.fit
         return {
             "schema": SCHEMA,
             "model": self.model.to_dict(),
@@ -227,6 +257,14 @@ class Recommendation:
             "peak": {"phase": e.peak_phase, "allocated_bytes": e.allocated_bytes,
                      "reserved_bytes": e.reserved_bytes, "device_bytes": e.device_bytes},
             "fits": self.fits,
+            "verdict": self.verdict,
+            "verdict_text": f.verdict_text if f is not None else None,
+            "blocked": (f.blocked or None) if f is not None else None,
+            "fix": (f.fix or None) if f is not None else None,
+            "paging": f.paging if f is not None else False,
+            "paged_bytes": e.paged_bytes,
+            "change_margin_bytes": self.margin_bytes,
+            "run_plan": (self.run_plan or self.plan).to_dict(),
             "headroom_bytes": self.headroom_bytes,
             "max_batch_size": {"value": self.max_batch_size, "seq_len": self.plan.seq_len,
                                "capped": self.max_batch_capped},
@@ -318,7 +356,7 @@ def _c_targets(spec: ModelSpec, p: TrainPlan) -> _Try:
 
 
 def _c_seq(spec: ModelSpec, p: TrainPlan, est: Estimator, reserve: int) -> _Try:
-    n, _ = max_seq_len(spec, p, est.gpu, reserve, cap=max(1, p.seq_len - 1), estimator=est)
+    n, _ = max_seq_len(spec, p, est.gpu, reserve + est.margin, cap=max(1, p.seq_len - 1), estimator=est)
     return [({"seq_len": n}, f"--seq-len {n}")] if 0 < n < p.seq_len else []
 
 
@@ -383,9 +421,11 @@ def _needs_search(func: Callable[..., _Try]) -> bool:
 
 def _change(est: Estimator, reserve: int, key: str, summary: str, cost: str, flags: str,
             changes: Mapping[str, Any], plan: TrainPlan) -> Change:
+    """A suggested change fits when the plan fits, without paging, with `est.margin` to spare."""
     f = Fit.of(est(plan), reserve)
     return Change(key=key, summary=summary, cost=cost, flags=flags, changes=dict(changes), plan=plan,
-                  device_bytes=f.estimate.device_bytes, headroom_bytes=f.headroom_bytes, fits=f.fits)
+                  device_bytes=f.estimate.device_bytes, headroom_bytes=f.headroom_bytes,
+                  fits=f.fits and not f.paging and f.headroom_bytes >= est.margin, paging=f.paging)
 
 
 def _try(est: Estimator, base: TrainPlan, reserve: int, key: str, summary: str, cost: str,
@@ -440,19 +480,6 @@ def _combined(est: Estimator, plan: TrainPlan, reserve: int) -> Change | None:
     return build(parts)
 
 
-def gpu_support(gpu: GPUSpec, plan: TrainPlan) -> str:
-    """Why `gpu` cannot run `plan` at all ('' when it can)."""
-    if plan.mixed_precision == "bf16" and not gpu.bf16:
-        return f"no bf16 (compute capability {gpu.compute_capability}); the HF Trainer refuses bf16=True"
-    if plan.attn_implementation == "flash_attention_2" and gpu.compute_capability:
-        try:
-            if float(gpu.compute_capability) < 8.0:
-                return f"flash_attention_2 needs compute capability >= 8.0, this is {gpu.compute_capability}"
-        except ValueError:
-            pass
-    return ""
-
-
 def gpu_fits(spec: ModelSpec, plan: TrainPlan, reserve_bytes: int = 0, gpus: list[GPUSpec] | None = None, *,
              estimator: Estimator | None = None) -> tuple[GPUFit, ...]:
     """The plan as given on every catalogue GPU (smallest memory first)."""
@@ -463,10 +490,9 @@ def gpu_fits(spec: ModelSpec, plan: TrainPlan, reserve_bytes: int = 0, gpus: lis
     est = estimator or Estimator(spec, fleet[0])
     for g in fleet:
         f = Fit.of(est(plan, g), reserve_bytes)
-        reason = gpu_support(g, plan)
         out.append(GPUFit(name=g.name, memory_bytes=g.memory_bytes, device_bytes=f.estimate.device_bytes,
-                          headroom_bytes=f.headroom_bytes, fits=f.fits and not reason, supported=not reason,
-                          reason=reason))
+                          headroom_bytes=f.headroom_bytes, fits=f.fits, supported=not f.blocked,
+                          reason=f.blocked, paging=f.paging))
     return tuple(out)
 
 
@@ -559,17 +585,44 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     est = Estimator(spec, g, simulate_budget)
     verdict = Fit.of(est(p), reserve)
     e = verdict.estimate
-    notes = list(e.notes)
+    notes = list(verdict.notes)
     skipped: list[str] = []
+    run = p
+    fix_changes: dict[str, Any] = {}
+    if verdict.blocked:  # the limits and changes are about the plan the GPU can run
+        fix_changes, fix_flags = gpu_fix(g, p)
+        run = p.replace(**fix_changes)
+        notes.insert(0, f"the limits and changes below are for the plan with {fix_flags} (what {g.name} can run)")
 
-    (mb, mb_cap), (ms, ms_cap) = _limits(spec, p, g, reserve, est, notes, skipped)
-    reason = gpu_support(g, p)
-    if reason and not any("bf16" in n for n in notes):  # the estimate already notes a missing bf16
-        notes.append(f"{g.name}: {reason}")
-    changes, not_enough, combined = ([], [], None) if verdict.fits else _ranked_changes(est, p, reserve, skipped)
+    (mb, mb_cap), (ms, ms_cap) = _limits(spec, run, g, reserve, est, notes, skipped)
+    changes: list[Change] = []
+    not_enough: list[Change] = []
+    combined = None
+    if verdict.blocked:
+        fixed = _change(est, reserve, "gpu_fix", f"run what {g.name} supports ({fix_flags})",
+                        "fp16 autocast needs loss scaling (the HF Trainer's fp16=True adds it): less numeric range "
+                        "than bf16, occasionally overflows" if "mixed_precision" in fix_changes else
+                        "a different attention kernel: same results, different speed", fix_flags, fix_changes, run)
+        if fixed.fits:
+            changes = [fixed]
+        else:
+            more, not_enough, combined = _ranked_changes(est, run, reserve, skipped)
+            glue = lambda c: dataclasses.replace(  # noqa: E731
+                c, flags=f"{fix_flags} {c.flags}", changes={**fix_changes, **c.changes},
+                summary=f"{fixed.summary} + {c.summary}", key=f"gpu_fix+{c.key}")
+            changes = [glue(c) for c in more]
+            not_enough = [fixed] + [glue(c) for c in not_enough]
+            combined = glue(combined) if combined is not None else None
+    elif not verdict.fits or verdict.paging:
+        changes, not_enough, combined = _ranked_changes(est, p, reserve, skipped)
 
     fleet = gpu_fits(spec, p, reserve, estimator=est)
-    smallest = next((f.name for f in fleet if f.fits), None)
+    smallest = next((f.name for f in fleet if f.fits and not f.paging), None)
+    paging_only = next((f for f in fleet if f.fits and f.paging), None)
+    if paging_only is not None and (smallest is None or paging_only.memory_bytes < next(
+            f.memory_bytes for f in fleet if f.name == smallest)):
+        notes.append(f"{paging_only.name} fits the plan only by paging its optimizer state to host memory every "
+                     "step; the smallest GPU named here fits it without paging")
     if est.simulated:
         notes.append(f"no closed form for {spec.name}: every estimate here is a `memplan simulate` trace "
                      f"({est.traces} made, simulate budget {simulate_budget}); the catalogue GPUs reuse the "
@@ -581,4 +634,4 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
                           headroom_bytes=verdict.headroom_bytes, max_batch_size=mb, max_batch_capped=mb_cap,
                           max_seq_len=ms, max_seq_len_capped=ms_cap, changes=tuple(changes),
                           not_enough=tuple(not_enough), combined=combined, smallest_gpu=smallest,
-                          gpus=fleet, notes=tuple(notes))
+                          gpus=fleet, notes=tuple(notes), fit=verdict, margin_bytes=est.margin, run_plan=run)

@@ -201,8 +201,8 @@ def error_label(kind: Any) -> str:
 
 
 def _cell_headroom(c: Mapping[str, Any] | None) -> float | None:
-    if c is None or c.get("error") or c.get("headroom_bytes") is None:
-        return None
+    if c is None or c.get("error") or c.get("headroom_bytes") is None or c.get("gpu_note"):
+        return None  # grey: not estimated, or the GPU cannot run the plan as planned (whatever the headroom)
     try:
         return _gib(int(c["headroom_bytes"]))
     except (TypeError, ValueError):
@@ -216,12 +216,12 @@ def _cell_text(c: Mapping[str, Any] | None) -> str:
         return error_label(c.get("error_kind"))
     h = P.gib(c["headroom_bytes"], 1, signed=True)
     mb = None if P.is_missing(c.get("max_batch_size")) else int(c["max_batch_size"])
+    if c.get("gpu_note"):  # the one rule (memplan.fit.gpu_support): not a fit, whatever the headroom
+        return "cannot run\nas planned\n" + ("(no bf16)" if "bf16" in c["gpu_note"] else "(unsupported)")
     if c.get("fits"):
         text = f"batch ≤ {mb}\n{h} GiB" if mb is not None else f"fits\n{h} GiB"
     else:
         text = f"does not fit\n{h} GiB"
-    if c.get("gpu_note"):
-        text += "\n(no bf16)" if "bf16" in c["gpu_note"] else "\n(unsupported)"
     return text
 
 
@@ -375,7 +375,7 @@ def moment_label(m: Moment, num_layers: int) -> str:
     if m.layer is None or m.kind == "forward":
         return _MOMENT_LABELS.get(m.kind, m.name)
     which = f"layer {m.layer}" + (" (last)" if m.layer == num_layers - 1 else " (first)" if m.layer == 0 else "")
-    what = {"recompute": "recompute", "dequant": "4-bit bwd"}.get(m.kind, "backward")
+    what = {"recompute": "recompute", "dequant": "4-bit bwd", "attention_backward": "attention bwd"}.get(m.kind, "MLP bwd")
     return f"{which}\n{what}"
 
 

@@ -236,7 +236,8 @@ def _fit_table(df: pd.DataFrame, meta: Mapping[str, Any], h: Mapping[str, Any]) 
             cls = "fit" if r["fits"] else "nofit"
             mb = None if is_missing(r["max_batch_size"]) else int(r["max_batch_size"])
             ms = None if is_missing(r["max_seq_len"]) else int(r["max_seq_len"])
-            text = (f"batch ≤ {mb}" if r["fits"] and mb is not None else "does not fit")
+            text = ("cannot run as planned" if r["gpu_note"] else
+                    f"batch ≤ {mb}" if r["fits"] and mb is not None else "fits" if r["fits"] else "does not fit")
             note = f'<br><span class="small">{_esc(r["gpu_note"].split(";")[0])}</span>' if r["gpu_note"] else ""
             out.append(f'<td class="{cls}" data-model="{_esc(name)}" data-gpu="{_esc(g.name)}" '
                        f'data-headroom-bytes="{int(r["headroom_bytes"])}" data-device-bytes="{int(r["device_bytes"])}" '
@@ -342,7 +343,10 @@ def _notes_html(df: pd.DataFrame, meta: Mapping[str, Any]) -> str:
         items.append(f"<li><b>{_esc(r['model'])} not estimated</b>: {_esc(r['error'])}</li>")
     notes = df.loc[df["gpu_note"] != "", ["gpu", "gpu_note"]].drop_duplicates()
     for r in notes.to_dict("records"):
-        items.append(f"<li><b>{_esc(r['gpu'])}</b>: {_esc(r['gpu_note'])} (its memory figures are shown anyway)</li>")
+        fix = (" Run it with --mixed-precision fp16 --compute-dtype fp16 --dtype fp16." if "bf16" in r["gpu_note"]
+               else "")
+        items.append(f"<li><b>{_esc(r['gpu'])}</b>: cannot run the plan as planned: {_esc(r['gpu_note'])} (its "
+                     f"memory figures are shown anyway).{_esc(fix)}</li>")
     glossary = "".join(f"<li><code>{t.value}</code>: {_esc(C.TERM_LABELS[t])}</li>" for t in Term)
     versions = ", ".join(f"{k} {v}" for k, v in MODELED_VERSIONS.items())
     return ("<section id='notes'><h2>How to read this</h2><ul>" + "".join(items) +

@@ -30,11 +30,10 @@ import pandas as pd
 from ..catalogue import load_gpu, resolve_model
 from ..errors import MemplanError
 from ..estimate import Estimate, estimate
-from ..fit import Fit, check_reserve, fit_limit_bytes
+from ..fit import Fit, check_reserve, fit_limit_bytes, gpu_support
 from ..gpu import GPUSpec
 from ..model import ModelSpec
 from ..plan import METHODS, TrainPlan
-from ..recommend import gpu_support
 from ..search import MAX_BATCH_SIZE, MAX_SEQ_LEN, max_fitting
 from ..terms import Term
 
