@@ -146,6 +146,9 @@ def _from_path(path: Path) -> ModelSpec:
         cfg = _load_json(cfg_path)
     except (OSError, ValueError) as e:
         raise MemplanError(f"cannot read {str(cfg_path)!r} as JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise MemplanError(f"{str(cfg_path)!r} holds a JSON {type(cfg).__name__}, not a model config (a JSON object "
+                           "like a Hugging Face config.json); pass a model's config.json or a catalogue name")
     name = cfg.get("_name_or_path") or (path.name if path.is_dir() else path.parent.name)
     return model_from_config(cfg, name=str(name), source=str(cfg_path))
 

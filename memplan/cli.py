@@ -53,6 +53,39 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+#: The largest values the CLI accepts: beyond what any GPU could hold (a sequence of 10 million tokens
+#: needs terabytes of activations), so a typo (`--batch-size 1000000000`) is an error, not a result.
+MAX_BATCH = 1_000_000
+MAX_SEQ = 10_000_000
+MAX_ACCUM = 1_000_000
+_LIMITS = {"batch_size": ("--batch-size", MAX_BATCH), "seq_len": ("--seq-len", MAX_SEQ),
+           "gradient_accumulation_steps": ("--gradient-accumulation-steps", MAX_ACCUM)}
+
+
+def _check_sizes(kwargs: dict[str, Any]) -> None:
+    for k, (flag, most) in _LIMITS.items():
+        v = kwargs.get(k)
+        if isinstance(v, int) and v > most:
+            raise MemplanError(f"{flag} {v:,} is beyond what any GPU could hold; give at most {most:,}")
+
+
+def _check_plan_for_model(spec: Any, plan: TrainPlan) -> None:
+    """Problems that need the model: a LoRA rank above the smallest hidden dimension it adapts."""
+    if plan.method in ("qlora", "lora"):
+        dims = [d for d in (getattr(spec, "hidden_size", 0), getattr(spec, "intermediate_size", 0)) if d]
+        if dims and plan.lora_r > min(dims):
+            raise MemplanError(f"--lora-r {plan.lora_r} is larger than {spec.name}'s hidden size ({min(dims)}): "
+                               f"a rank cannot exceed the layer's dimensions; use e.g. --lora-r 16")
+
+
+def _check_model_and_plan(args: argparse.Namespace) -> tuple[Any, TrainPlan]:
+    """Load MODEL and the plan, and check both, before any work."""
+    spec = load_model(args.model)
+    plan = plan_from_args(args)
+    _check_plan_for_model(spec, plan)
+    return spec, plan
+
+
 class _Group:
     """An argument group that skips the flags a command replaces with its own (report's grids)."""
 
@@ -101,7 +134,9 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
 
 def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only the plan flags the user gave (unset ones keep TrainPlan's defaults)."""
-    return {k: getattr(args, k) for k in TrainPlan.field_names() if getattr(args, k, None) is not None}
+    kw = {k: getattr(args, k) for k in TrainPlan.field_names() if getattr(args, k, None) is not None}
+    _check_sizes(kw)
+    return kw
 
 
 def plan_from_args(args: argparse.Namespace) -> TrainPlan:
@@ -112,35 +147,72 @@ def plan_from_args(args: argparse.Namespace) -> TrainPlan:
 # data functions (thin wrappers over the API, so tests can call them)
 # ---------------------------------------------------------------------------------------------
 def estimate_data(args: argparse.Namespace) -> Estimate:
+    _check_model_and_plan(args)
     return estimate(args.model, gpu=args.gpu, **plan_kwargs(args))
 
 
 def fit_data(args: argparse.Namespace) -> Fit:
-    return check_fit(args.model, args.gpu, reserve_bytes=reserve_from_gib(args.reserve), **plan_kwargs(args))
+    reserve = reserve_from_gib(args.reserve)
+    _check_model_and_plan(args)
+    return check_fit(args.model, args.gpu, reserve_bytes=reserve, **plan_kwargs(args))
 
 
 def recommend_data(args: argparse.Namespace) -> Any:
     from .recommend import DEFAULT_SIMULATE_BUDGET, recommend
 
-    return recommend(args.model, args.gpu, reserve_bytes=reserve_from_gib(args.reserve),
+    reserve = reserve_from_gib(args.reserve)
+    _check_model_and_plan(args)
+    return recommend(args.model, args.gpu, reserve_bytes=reserve,
                      simulate_budget=DEFAULT_SIMULATE_BUDGET if args.simulate_budget is None else args.simulate_budget,
                      **plan_kwargs(args))
 
 
-def _int_list(flag: str, text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+def _int_list(flag: str, text: str | None, default: tuple[int, ...], most: int | None = None) -> tuple[int, ...]:
     if text is None:
         return default
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise MemplanError(f"{flag} is empty; give a comma-separated list like {','.join(map(str, default))}")
+    example = ",".join(map(str, default))
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise MemplanError(f"{flag} is empty; give a comma-separated list like {example}")
+    if not all(items):
+        raise MemplanError(f"{flag} {text!r} has an empty item; give a comma-separated list like {example}")
     try:
         values = tuple(int(t) for t in items)
     except ValueError:
-        raise MemplanError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise MemplanError(f"{flag} takes comma-separated integers, got {text!r}; e.g. {flag} {example}") from None
     bad = [v for v in values if v < 1]
     if bad:
         raise MemplanError(f"{flag} values must be positive integers, got {', '.join(map(str, bad))}")
+    big = [v for v in values if most is not None and v > most]
+    if big:
+        raise MemplanError(f"{flag} value {big[0]:,} is beyond what any GPU could hold; give at most {most:,}")
     return values
+
+
+def check_out_path(flag: str, out: Any, *, folder: bool) -> None:
+    """Fail before any work when `out` cannot be written: a file where a folder is needed (or on the
+    way to it), or a place this user may not write. Creates nothing."""
+    import os
+    from pathlib import Path
+
+    if out is None or not str(out).strip():
+        raise MemplanError(f"{flag} is empty; give a path")
+    path = Path(os.path.expanduser(str(out)))
+    target_dir = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise MemplanError(f"{flag} {str(path)!r} is a file, not a folder; give a folder")
+    if not folder and path.is_dir():
+        raise MemplanError(f"{flag} {str(path)!r} is a folder; give a .json file path or a folder without .json")
+    probe = target_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise MemplanError(f"{flag} {str(path)!r} goes through {str(probe)!r}, which is a file; give a folder path")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise MemplanError(f"{flag} {str(path)!r}: cannot write in {str(probe)!r} (permission denied); "
+                           "give a path you can write to")
 
 
 def _name_list(flag: str, text: str | None, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -154,6 +226,8 @@ def _name_list(flag: str, text: str | None, default: tuple[str, ...] | None = No
 
 def report_data(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything (names, grids, the output folder) before the sweep, then sweep and write."""
+    check_out_path("--out", args.out, folder=True)  # before pandas and matplotlib load (seconds)
+    reserve = reserve_from_gib(args.reserve)
     from .report import DEFAULT_BATCH_SIZES, DEFAULT_RANKS, DEFAULT_SEQ_LENS, prepare_out_dir, run_report
 
     models = _name_list("--models", args.models)
@@ -162,16 +236,19 @@ def report_data(args: argparse.Namespace) -> dict[str, Any]:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise MemplanError(f"--methods: unknown method {', '.join(map(repr, bad))} (known: {', '.join(METHODS)})")
-    grids = dict(seq_lens=_int_list("--seq-lens", args.seq_lens, DEFAULT_SEQ_LENS),
-                 batch_sizes=_int_list("--batch-sizes", args.batch_sizes, DEFAULT_BATCH_SIZES),
-                 ranks=_int_list("--ranks", args.ranks, DEFAULT_RANKS))
+    grids = dict(seq_lens=_int_list("--seq-lens", args.seq_lens, DEFAULT_SEQ_LENS, MAX_SEQ),
+                 batch_sizes=_int_list("--batch-sizes", args.batch_sizes, DEFAULT_BATCH_SIZES, MAX_BATCH),
+                 ranks=_int_list("--ranks", args.ranks, DEFAULT_RANKS, 65536))
+    plan_from_args(args)  # the plan flags, checked before any work
     specs = [load_model(m) for m in models]  # unknown names fail here, before any work
     gspecs = [load_gpu(g) for g in gpus]
     for spec in specs:
+        for r in grids["ranks"] if "lora" in "".join(methods) else ():
+            _check_plan_for_model(spec, TrainPlan(lora_r=r))
         _warn_plan(spec, None, grids["seq_lens"])
     out = prepare_out_dir(args.out, force=args.force)
     return run_report(specs, gspecs, methods=methods, out=out, checked=True,
-                      reserve_bytes=reserve_from_gib(args.reserve), progress=not args.no_progress, **grids,
+                      reserve_bytes=reserve, progress=not args.no_progress, **grids,
                       **plan_kwargs(args))
 
 
@@ -191,8 +268,7 @@ def gpus_data() -> list[dict[str, Any]]:
 
 def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
     """Run the meta-device trace; returns the estimate-shaped dict with schema memplan.simulate/1."""
-    spec = load_model(args.model)
-    plan = plan_from_args(args)
+    spec, plan = _check_model_and_plan(args)
     _warn_plan(spec, plan)
     try:
         from .simulate import simulate
@@ -408,15 +484,34 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 # profile / compare (memplan.profile: real steps on the device, run records)
 # ---------------------------------------------------------------------------------------------
 def profile_data(args: argparse.Namespace) -> Any:
-    """A MeasuredRun, or a SearchResult with --find-max-batch / --find-max-seq."""
-    from .profile.runner import profile
-    from .profile.search import find_max
+    """A MeasuredRun, or a SearchResult with --find-max-batch / --find-max-seq.
+
+    Everything that can be checked is checked before torch loads and before the run: the model, the
+    plan, --gpu, --steps, --memory-limit and that --out can be written."""
+    import math
 
     limit = None
     if args.memory_limit is not None:
-        if args.memory_limit <= 0:
-            raise MemplanError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
+        if not math.isfinite(args.memory_limit) or args.memory_limit <= 0:
+            raise MemplanError(f"--memory-limit must be a finite number of GiB > 0, got {args.memory_limit}")
         limit = int(args.memory_limit * GiB)
+    if args.steps is not None and args.steps < 2:
+        raise MemplanError(f"--steps must be >= 2, got {args.steps}: the peak is taken over steady-state steps "
+                           "(step >= 2, once optimizer state exists); use --steps 2 or more (default 3)")
+    if args.granularity is not None and args.granularity < 1:
+        raise MemplanError(f"--granularity must be >= 1, got {args.granularity}")
+    if args.max_trials < 1:
+        raise MemplanError(f"--max-trials must be >= 1, got {args.max_trials}")
+    if args.gpu is not None:
+        load_gpu(args.gpu)  # an unknown or ambiguous name fails here, not after the run
+    spec, plan = _check_model_and_plan(args)
+    _warn_plan(spec, plan)
+    if args.out is not None:
+        folder = args.find_max_batch or args.find_max_seq or not str(args.out).lower().endswith(".json")
+        check_out_path("--out", args.out, folder=folder)
+    from .profile.runner import profile
+    from .profile.search import find_max
+
     progress = None if args.quiet else (lambda msg: print(f"memplan: {msg}", file=sys.stderr, flush=True))
     try:  # transformers' own "Loading weights" bars; memplan prints its progress unless --quiet
         from transformers.utils import logging as hf_logging
@@ -453,6 +548,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .profile.compare import compare_runs, print_compare
 
+    from .profile.record import run_paths
+
+    if not run_paths(args.runs):
+        raise MemplanError(f"no run records (*.json) in {', '.join(map(repr, args.runs))}; pass RUN.json files or a "
+                           "folder written by `memplan profile --out`, such as profiles/runs")
     rows = compare_runs(args.runs, stored=args.stored)
     _print_json({"schema": "memplan.compare/1", "runs": rows}) if args.json else print_compare(rows)
     return EXIT_OK

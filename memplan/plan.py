@@ -188,6 +188,13 @@ class TrainPlan:
         if self.method in ("qlora", "lora"):
             if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
                 p.append(f"--lora-r must be a positive integer, got {self.lora_r!r}")
+            elif self.lora_r > 65536:  # larger than the hidden size of any model in use
+                p.append(f"--lora-r {self.lora_r} is larger than any model's hidden size; use a rank like 8-256 "
+                         "(at most 65536)")
+            if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
+                    or not self.lora_alpha > 0 or self.lora_alpha == float("inf")):
+                p.append(f"--lora-alpha must be a positive number (peft scales the update by alpha/r), "
+                         f"got {self.lora_alpha!r}; e.g. --lora-alpha {2 * self.lora_r if isinstance(self.lora_r, int) else 32}")
             if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
                 p.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
             if not self.target_modules:
@@ -198,6 +205,8 @@ class TrainPlan:
             p.append(f"--quant {self.quant} quantizes the base, which --method {self.method} does not do; use --method qlora")
         if self.mixed_precision == "bf16" and self.compute_dtype == "fp16":
             pass  # allowed: HF lets them differ
+        if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
+            p.append("--attn-implementation flash_attention_2 runs only on CUDA GPUs; with --device cpu use sdpa or eager")
         return p
 
     @property
