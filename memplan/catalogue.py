@@ -126,14 +126,42 @@ _by_name: dict[str, ModelSpec] = {}
 _by_file: dict[tuple[Any, ...], ModelSpec] = {}
 
 
+#: {name as typed: note}, for hub ids resolved to a catalogue entry of the same architecture
+_RESOLVED: dict[str, str] = {}
+
+
+def resolution_note(model: Any) -> str:
+    """How `load_model(model)` resolved a hub id that is not the catalogue's own ('' otherwise)."""
+    return _RESOLVED.get(str(model).strip(), "") if isinstance(model, str) else ""
+
+
+def _variant_key(text: str) -> str | None:
+    """A hub id `org/Name-Instruct` (or -it, -chat-hf) whose repo name is a catalogue alias of an entry
+    from the same organisation: the catalogue lists these variants because their architecture (layers,
+    sizes, vocabulary) is the base model's."""
+    org, _, repo = text.partition("/")
+    key = _model_index().get(repo.lower())
+    if key is None:
+        return None
+    hub = str(_model_entries()[key].get("hub_id", ""))
+    return key if hub.lower().partition("/")[0] == org.lower() else None
+
+
 def _load_named(text: str) -> ModelSpec:
     key = _model_index().get(text.lower())
     if key is not None:
         return _spec_from_entry(_model_entries()[key])
+    if text.count("/") == 1 and (key := _variant_key(text)) is not None:
+        e = _model_entries()[key]
+        _RESOLVED[text] = (f"{text} resolved offline to the catalogue's {e['name']} ({e.get('hub_id', '')}): "
+                           "the same architecture (an instruct/chat variant: same layers, sizes and vocabulary), "
+                           "so the same memory")
+        return _spec_from_entry(e)
     if "/" in text and text.count("/") == 1:
         return _from_hub(text)
+    # suggest only what `memplan models` lists (names and hub ids), never the hidden aliases
     raise UnknownNameError("model", text, [e["name"] for e in _model_entries().values()]
-                           + [a for e in _model_entries().values() for a in e.get("aliases", ())],
+                           + [e.get("hub_id", "") for e in _model_entries().values() if "/" in text],
                            hint="see `memplan models`, or pass a hub id or a path to a config.json")
 
 

@@ -19,7 +19,7 @@ from .fit import Fit, check_fit
 from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
 from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, QUANTS, TrainPlan, plan_from
-from .present import gib, pct, plan_lines, reserve_line, share, verdict
+from .present import gib, pct, plan_dict, plan_lines, reserve_line, share, verdict
 from .units import GiB
 
 EXIT_OK, EXIT_NO_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -80,9 +80,14 @@ def _check_plan_for_model(spec: Any, plan: TrainPlan) -> None:
 
 def _check_model_and_plan(args: argparse.Namespace) -> tuple[Any, TrainPlan]:
     """Load MODEL and the plan, and check both, before any work."""
+    from .catalogue import resolution_note
+
     spec = load_model(args.model)
     plan = plan_from_args(args)
     _check_plan_for_model(spec, plan)
+    note = resolution_note(args.model)
+    if note:
+        print(f"memplan: note: {note}", file=sys.stderr)
     return spec, plan
 
 
@@ -92,9 +97,12 @@ class _Group:
     def __init__(self, group: Any, exclude: Sequence[str]):
         self._g, self._exclude = group, set(exclude)
 
-    def add_argument(self, flag: str, **kw: Any) -> None:
-        if flag.lstrip("-").replace("-", "_") not in self._exclude:
+    def add_argument(self, flag: str, *aliases: str, **kw: Any) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest not in self._exclude:
             self._g.add_argument(flag, **kw)
+            for a in aliases:  # HF / TRL spellings, accepted but not listed in --help
+                self._g.add_argument(a, **{**kw, "dest": kw.get("dest", dest), "help": argparse.SUPPRESS})
 
 
 def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
@@ -110,16 +118,25 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--dtype", choices=DTYPES, help=f"load dtype of unquantized weights (default {_D.dtype})")
     g.add_argument("--prepare", action=bool_flag, default=None,
                    help="run prepare_model_for_kbit_training; --no-prepare skips it (default on for qlora)")
-    g.add_argument("--lora-r", type=_positive_int, metavar="R", help=f"LoRA rank (default {_D.lora_r})")
-    g.add_argument("--lora-alpha", type=_positive_int, metavar="A", help=f"LoRA alpha (default {_D.lora_alpha})")
-    g.add_argument("--lora-dropout", type=float, metavar="P", help=f"LoRA dropout (default {_D.lora_dropout})")
+    g.add_argument("--lora-r", "--lora_r", type=_positive_int, metavar="R", help=f"LoRA rank (default {_D.lora_r})")
+    g.add_argument("--lora-alpha", "--lora_alpha", type=_positive_int, metavar="A",
+                   help=f"LoRA alpha (default {_D.lora_alpha})")
+    g.add_argument("--lora-dropout", "--lora_dropout", type=float, metavar="P",
+                   help=f"LoRA dropout (default {_D.lora_dropout})")
+    g.add_argument("--adapter-dtype", choices=DTYPES,
+                   help="dtype of the LoRA adapters, their gradients and torch optimizer state: fp32 is peft's "
+                        "get_peft_model(autocast_adapter_dtype=True); bf16/fp16 for pure 16-bit training "
+                        f"(autocast_adapter_dtype=False, or the model cast after get_peft_model) (default {_D.adapter_dtype})")
     g.add_argument("--target-modules", metavar="MODS",
                    help="LoRA targets: all-linear (peft: every Linear but the output layer) or a comma-separated "
                         "list like q_proj,v_proj (default all-linear)")
-    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+    g.add_argument("--batch-size", "--per_device_train_batch_size", "--per-device-train-batch-size",
+                   "--batch_size", type=_positive_int, metavar="N",
                    help=f"per-device micro-batch size (default {_D.batch_size})")
-    g.add_argument("--seq-len", type=_positive_int, metavar="N", help=f"tokens per sequence (default {_D.seq_len})")
-    g.add_argument("--gradient-accumulation-steps", type=_positive_int, metavar="N",
+    g.add_argument("--seq-len", "--max-seq-length", "--max_seq_length", "--max_length", "--max-length", "--seq_len",
+                   type=_positive_int, metavar="N",
+                   help=f"tokens per sequence (default {_D.seq_len}; TRL's --max_seq_length/--max_length also work)")
+    g.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", type=_positive_int, metavar="N",
                    help=f"micro-batches per optimizer step (default {_D.gradient_accumulation_steps})")
     g.add_argument("--gradient-checkpointing", action=bool_flag, default=None,
                    help="non-reentrant activation checkpointing, as the HF Trainer sets it (default on)")
@@ -128,7 +145,10 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--attn-implementation", choices=ATTN,
                    help=f"attention kernel (default {_D.attn_implementation})")
     g.add_argument("--mixed-precision", choices=MIXED,
-                   help=f"HF Trainer autocast: bf16=True, fp16=True, or no (default {_D.mixed_precision})")
+                   help=f"HF Trainer autocast: bf16=True, fp16=True, or no (default {_D.mixed_precision}; "
+                        "the HF flags --bf16 and --fp16 also work)")
+    g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
+    g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16", help=argparse.SUPPRESS)
     g.add_argument("--device", choices=DEVICES, help=f"device the step runs on (default {_D.device})")
 
 
@@ -334,6 +354,7 @@ _VERDICT_KEYS = ("fits", "verdict", "verdict_text", "blocked", "fix", "paging", 
 def estimate_dict(e: Estimate) -> dict[str, Any]:
     """The estimate's --json: with a GPU, the verdict is `fit`'s (one rule: `Fit.of`, no reserve)."""
     d = e.to_dict()
+    d["plan"] = plan_dict(e.plan)
     if e.gpu is not None:
         f = Fit.of(e).to_dict()
         d.update({k: f[k] for k in _VERDICT_KEYS})
@@ -570,11 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `memplan COMMAND --help` for the plan flags. Exit status: 0 ok (fit, recommend: fits), "
                "1 does not fit, 2 bad input.")
     parser.add_argument("--version", action="version", version=f"memplan {__version__}")
+    parser.commands = {}  # type: ignore[attr-defined]  # name -> subparser, for "did you mean" on flags
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help_: str, *, model: bool = True,
                 plan: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
+        parser.commands[name] = p
         if model:
             p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
         if plan:
@@ -653,6 +676,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: Sequence[str]) -> str:
+    """'unrecognized arguments' with the closest flags of the command, pointing at its help."""
+    import difflib
+
+    sub = parser.commands.get(command) if command else None  # type: ignore[attr-defined]
+    where = f"memplan {command} --help" if sub is not None else "memplan --help"
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    flags = [s for a in (sub._actions if sub is not None else []) if a.help != argparse.SUPPRESS
+             for s in a.option_strings if s.startswith("--")]
+    first = next((e.split("=", 1)[0] for e in extra if e.startswith("-")), None)
+    if first and flags:
+        norm = first.replace("_", "-").lower()
+        close = difflib.get_close_matches(norm, flags, n=2, cutoff=0.6)
+        if close:
+            msg += f"; did you mean {' or '.join(close)}?"
+    return f"{msg} (see `{where}`)"
+
+
 def _error(message: str) -> int:
     print(f"memplan: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -661,7 +702,9 @@ def _error(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            return _error(_unrecognized(parser, getattr(args, "command", None), extra))
         if not getattr(args, "command", None):
             return _error("give a command: estimate, fit, recommend, report, simulate, profile, compare, models or gpus "
                           "(see `memplan --help`)")

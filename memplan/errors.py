@@ -23,7 +23,7 @@ class UnknownNameError(MemplanError, LookupError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
         self.kind, self.name = kind, name
-        known = sorted(set(known))
+        known = sorted(set(k for k in known if k))
         close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=3, cutoff=0.5)
         lower = {k.lower(): k for k in known}
         msg = f"unknown {kind} {name!r}"

@@ -14,7 +14,7 @@ from .errors import MemplanError
 from .gpu import GPUSpec
 from .headroom import check_reserve, fit_limit_bytes, headroom_bytes, reserve_from_gib
 from .plan import TrainPlan
-from .present import gib as _gib
+from .present import gib as _gib, plan_dict
 
 if TYPE_CHECKING:  # estimate imports headroom, not this module; keep it that way
     from .estimate import Estimate
@@ -144,6 +144,7 @@ class Fit:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.estimate.to_dict()
+        d["plan"] = plan_dict(self.estimate.plan)
         d["fits"] = self.fits
         d["verdict"] = self.verdict
         d["verdict_text"] = self.verdict_text

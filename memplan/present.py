@@ -24,7 +24,7 @@ NA = "-"
 METHOD_LABELS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full fine-tune"}
 
 __all__ = ["NA", "METHOD_LABELS", "is_missing", "number", "gib", "mib", "pct", "share", "verdict",
-           "plan_lines", "plan_text", "plan_brief", "reserve_line"]
+           "plan_lines", "plan_text", "plan_brief", "reserve_line", "plan_dict"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +144,14 @@ def plan_brief(plan: Any, *, seq: bool = True, batch: bool = True) -> str:
     parts += [f"checkpointing {'on' if _get(plan, 'gradient_checkpointing') else 'off'}", str(_get(plan, "optim")),
               str(_get(plan, "attn_implementation")), f"mixed precision {_get(plan, 'mixed_precision')}"]
     return ", ".join(parts)
+
+
+def plan_dict(plan: Any) -> dict[str, Any]:
+    """A plan's --json form: `double_quant` is null when the base is not 4-bit (it means nothing there)."""
+    d = dict(plan.to_dict() if hasattr(plan, "to_dict") else plan)
+    if d.get("quant") not in ("nf4", "fp4"):
+        d["double_quant"] = None
+    return d
 
 
 def reserve_line(reserve_bytes: int) -> str:

@@ -44,6 +44,7 @@ from .gpu import GPUSpec
 from .headroom import check_reserve, fit_limit_bytes
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from
+from .present import plan_dict
 from .search import MAX_BATCH_SIZE, MAX_SEQ_LEN, max_fitting
 
 SCHEMA = "memplan.recommend/1"
@@ -251,7 +252,7 @@ class Recommendation:
         return {
             "schema": SCHEMA,
             "model": self.model.to_dict(),
-            "plan": self.plan.to_dict(),
+            "plan": plan_dict(self.plan),
             "gpu": self.gpu.to_dict(),
             "reserve_bytes": self.reserve_bytes,
             "peak": {"phase": e.peak_phase, "allocated_bytes": e.allocated_bytes,
@@ -264,7 +265,7 @@ class Recommendation:
             "paging": f.paging if f is not None else False,
             "paged_bytes": e.paged_bytes,
             "change_margin_bytes": self.margin_bytes,
-            "run_plan": (self.run_plan or self.plan).to_dict(),
+            "run_plan": plan_dict(self.run_plan or self.plan),
             "headroom_bytes": self.headroom_bytes,
             "max_batch_size": {"value": self.max_batch_size, "seq_len": self.plan.seq_len,
                                "capped": self.max_batch_capped},

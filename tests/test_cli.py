@@ -80,6 +80,7 @@ def test_estimate_json_equals_api(capsys, argv, kwargs):
     d = json.loads(out)
     e = memplan.estimate(argv[1], **kwargs)
     want = e.to_dict()
+    want["plan"] = memplan.present.plan_dict(e.plan)  # double_quant: null when nothing is 4-bit
     if e.gpu is not None:  # the verdict is fit's (one rule, memplan.fit.Fit), the rest the estimate's
         f = memplan.fit.Fit.of(e).to_dict()
         want.update({k: f[k] for k in ("fits", "verdict", "verdict_text", "blocked", "fix", "paging", "notes")})
