@@ -338,21 +338,23 @@ class LayerModel:
         else:
             d = xa
         if ac:
+            copies = self.p.precision.adapter_copies
             with w.frame():  # lora_A
                 a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
                 w.save(a_in)
-                # autocast casts the fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
-                a_copy = w.new(r * lin.in_features, ac, False)
-                if x.rg:
+                # autocast casts fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
+                a_copy = w.new(r * lin.in_features, ac, False) if copies else None
+                if x.rg and a_copy is not None:
                     w.save(a_copy)
                 a = w.new(T * r, ac)
                 w.save(a)
-            w.drop(a_copy, *{d, a_in} - {x, xa})  # lora_A has returned: dropout's output is released
+            w.drop(*([a_copy] if a_copy is not None else []), *{d, a_in} - {x, xa})  # dropout's output released
             # (the fp32 cast of x, rebound to `x` inside peft's forward, lives until the forward returns)
             with w.frame():  # lora_B
-                b_copy = w.new(lin.out_features * r, ac, False)
-                w.save(b_copy)
-                w.copies += b_copy.nbytes + (a_copy.nbytes if x.rg else 0)
+                if copies:
+                    b_copy = w.new(lin.out_features * r, ac, False)
+                    w.save(b_copy)
+                    w.copies += b_copy.nbytes + (a_copy.nbytes if x.rg else 0)
                 b = w.new(n_out, mm_dt)
         else:
             with w.frame():  # lora_A
@@ -561,7 +563,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
         lm0 = LayerModel(model, plan, w0, cpu, fused)
         lm0.layer(w0.new(T * model.hidden_size, a, False), a)
     copies = 0
-    if plan.autocast and plan.method in ("qlora", "lora"):
+    if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
         copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in lora_shapes(model, plan))
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
@@ -570,7 +572,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
-                                                          model.arch.sandwich_norms),
+                                                          model.arch.sandwich_norms, plan.precision.adapter),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs))
 
 
@@ -616,7 +618,8 @@ def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BS
     return best
 
 
-def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sandwich: bool = False) -> int:
+def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sandwich: bool = False,
+                               adapter_dt: int = 4) -> int:
     """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
     NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
@@ -625,14 +628,16 @@ def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sand
     without. 16-bit stream: two 16-bit under autocast; 16-bit + fp32 for QLoRA without autocast;
     two 16-bit + fp32 for LoRA without autocast. Sandwich norms (gemma2/3: the layer ends in a
     norm): the fp32 gradient alone on an fp32 stream, 16-bit + fp32 on a 16-bit one (measured on
-    gemma3 over six regimes, tests/test_agreement_cpu.py). tests/test_agreement_sim.py has cases
+    gemma3 over six regimes, tests/test_agreement_cpu.py). 16-bit adapters without autocast ("pure
+    16-bit" training): the adapters' partial gradient is 16-bit (fp32 + 16-bit on an fp32 stream, two
+    16-bit on a 16-bit one). tests/test_agreement_sim.py has cases
     whose peak is such a recompute at real shapes.
     """
     if sandwich:
         return 4 if stream_dt == 4 else 6
     if stream_dt == 4:
-        return 6 if autocast else 8
-    if autocast:
+        return 6 if autocast else 4 + adapter_dt
+    if autocast or adapter_dt == 2:
         return 4
     return 6 if method == "qlora" else 8
 

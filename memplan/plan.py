@@ -45,7 +45,11 @@ class Precision:
     load: the load dtype (`dtype=`): the quant_state dtype, buffers that prepare does not touch.
     compute: bnb_4bit_compute_dtype (the 4-bit layers' matmul dtype).
     autocast: 2 under bf16/fp16 autocast (HF Trainer `bf16=True`/`fp16=True`), 0 without.
-    adapter: LoRA A/B, fp32 (get_peft_model(autocast_adapter_dtype=True) upcasts them).
+    adapter: LoRA A/B: fp32 by default (get_peft_model(autocast_adapter_dtype=True) upcasts them),
+      16-bit when the plan's `adapter_dtype` says so (autocast_adapter_dtype=False, or a model cast
+      to bf16 after get_peft_model: "pure 16-bit" training).
+    adapter_copies: whether autocast casts the adapters (16-bit copies, cached and saved) -- not when
+      they are in the autocast dtype already.
     logits: the lm_head output: the autocast dtype, else the (frozen) lm_head's dtype.
     """
 
@@ -54,6 +58,7 @@ class Precision:
     compute: int
     autocast: int
     adapter: int = 4
+    adapter_copies: bool = True
 
     @property
     def logits(self) -> int:
@@ -85,6 +90,7 @@ class TrainPlan:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] | str = "all-linear"
+    adapter_dtype: str = "fp32"
     batch_size: int = 1
     seq_len: int = 2048
     gradient_accumulation_steps: int = 1
@@ -127,7 +133,7 @@ class TrainPlan:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         method = str(self.method).lower()
         set_("method", method)
-        for k in ("compute_dtype", "dtype"):
+        for k in ("compute_dtype", "dtype", "adapter_dtype"):
             set_(k, norm_dtype(getattr(self, k)))
         set_("mixed_precision", {"none": "no", "false": "no", "fp32": "no"}.get(
             str(self.mixed_precision).lower(), str(self.mixed_precision).lower()))
@@ -151,7 +157,9 @@ class TrainPlan:
         if not problems:
             params = 4 if self.prepare else dtype_bytes(self.dtype)
             precision = Precision(params=params, load=dtype_bytes(self.dtype),
-                                  compute=dtype_bytes(self.compute_dtype), autocast=2 if self.autocast else 0)
+                                  compute=dtype_bytes(self.compute_dtype), autocast=2 if self.autocast else 0,
+                                  adapter=dtype_bytes(self.adapter_dtype),
+                                  adapter_copies=bool(self.autocast) and self.adapter_dtype != self.autocast)
         key_id = _KEY_IDS.setdefault(key, len(_KEY_IDS)) if not problems else -1
         return changes, problems, key, precision, key_id
 
@@ -175,6 +183,7 @@ class TrainPlan:
         choice("--quant", self.quant, QUANTS)
         choice("--compute-dtype", self.compute_dtype, DTYPES)
         choice("--dtype", self.dtype, DTYPES)
+        choice("--adapter-dtype", self.adapter_dtype, DTYPES)
         choice("--attn-implementation", self.attn_implementation, ATTN)
         choice("--mixed-precision", self.mixed_precision, MIXED)
         choice("--device", self.device, DEVICES)

@@ -71,6 +71,15 @@ CASES = [
     ("gemma2-softcap-eager-attn-peak", dict(model_type="gemma2", query_pre_attn_scalar=64,
                                             **{**GEMMA, "num_attention_heads": 8, "head_dim": 32}),
      dict(attn_implementation="eager", seq_len=1024)),
+    # 16-bit adapters (get_peft_model(autocast_adapter_dtype=False), "pure 16-bit" training)
+    ("llama-bf16-adapters", dict(model_type="llama"), dict(adapter_dtype="bf16")),
+    ("llama-fp16-adapters-no-gc", dict(model_type="llama"), dict(adapter_dtype="fp16", gradient_checkpointing=False)),
+    ("llama-lora-pure-bf16", dict(model_type="llama"),
+     dict(method="lora", adapter_dtype="bf16", mixed_precision="no", optim="adamw_torch")),
+    ("llama-bf16-adapters-fp32-stream", dict(model_type="llama"),
+     dict(adapter_dtype="bf16", mixed_precision="no", lora_dropout=0.0)),
+    ("qwen2-bf16-adapters-no-prepare", dict(model_type="qwen2"),
+     dict(adapter_dtype="bf16", prepare=False, mixed_precision="no")),
 ]
 
 

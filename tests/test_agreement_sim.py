@@ -84,6 +84,10 @@ CASES = [
     ("phi3-mini-eager-seq4096", "phi-3-mini-4k", dict(attn_implementation="eager", seq_len=4096, lora_dropout=0.0)),
     ("llama2-7b-eager-no-prepare", "llama-2-7b", dict(attn_implementation="eager", prepare=False,
                                                        mixed_precision="no", seq_len=2048)),
+    # 16-bit adapters ("pure 16-bit" training)
+    ("llama2-7b-lora-pure-bf16", "llama-2-7b", dict(method="lora", adapter_dtype="bf16", mixed_precision="no",
+                                                     optim="adamw_torch")),
+    ("llama3-8b-qlora-bf16-adapters", "llama-3-8b", dict(adapter_dtype="bf16", optim="adamw_torch")),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)

@@ -93,7 +93,14 @@ def adapt(model, plan: TrainPlan):
         tm = plan.target_modules if isinstance(plan.target_modules, str) else list(plan.target_modules)
         lcfg = LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
                           target_modules=tm, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
+        # peft upcasts 16-bit adapters to fp32 unless told not to; "pure 16-bit" scripts keep them
+        # 16-bit (autocast_adapter_dtype=False, or the whole model cast after get_peft_model)
+        fp32 = plan.adapter_dtype == "fp32"
+        model = get_peft_model(model, lcfg, autocast_adapter_dtype=fp32)
+        if not fp32:
+            for name, p in model.named_parameters():
+                if "lora_" in name and p.dtype != TORCH_DTYPE[plan.adapter_dtype]:
+                    p.data = p.data.to(TORCH_DTYPE[plan.adapter_dtype])
     if plan.gradient_checkpointing:
         # What the HF Trainer does (transformers' default: non-reentrant, plus an input-grad hook).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
