@@ -655,7 +655,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     g = 1 if cpu else 512
     c0, c1, c2 = tr.copies
     f0, f1, f2 = tr.copies_first
-    rec, rec_tmp = _peak(tr.recompute, T, BSS)
+    # torch's reentrant checkpoint recomputes the whole layer (no early stop) and its frames return
+    rec, rec_tmp = _peak(tr.forward if plan.use_reentrant else tr.recompute, T, BSS)
     fwd, fwd_tmp = _peak(tr.forward, T, BSS)
     lay, first, down = tr.layer, tr.first_layer, tr.down_saved
     at0, at1, at2 = tr.attn_saved
@@ -670,7 +671,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         tr.lora_weight_copies,
         f0 * T + f1 * BSS + f2 + (L - 1) * (c0 * T + c1 * BSS + c2),
         pr.logits, a,
-        -(-T * H * tr.inflight // g) * g,
+        -(-T * H * (a if plan.use_reentrant else tr.inflight) // g) * g,
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0)

@@ -91,7 +91,8 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          embed_scale=True, tied_default=True, rotary="per_layer_type", sliding="layer_types",
          default_layer_types="pattern"),
     # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
-    Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False),
+    Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False,
+         sliding="config"),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok")),
 )}

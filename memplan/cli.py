@@ -139,7 +139,12 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", type=_positive_int, metavar="N",
                    help=f"micro-batches per optimizer step (default {_D.gradient_accumulation_steps})")
     g.add_argument("--gradient-checkpointing", action=bool_flag, default=None,
-                   help="non-reentrant activation checkpointing, as the HF Trainer sets it (default on)")
+                   help="activation checkpointing, non-reentrant as the HF Trainer sets it (default on)")
+    g.add_argument("--gradient-checkpointing-kwargs", "--gradient_checkpointing_kwargs", type=_gc_kwargs,
+                   metavar="JSON", dest="use_reentrant",
+                   help='TrainingArguments.gradient_checkpointing_kwargs, e.g. \'{"use_reentrant": true}\' '
+                        "(reentrant checkpointing, as older recipes and the FSDP-QLoRA script pass; "
+                        "default non-reentrant)")
     g.add_argument("--optim", metavar="NAME",
                    help=f"HF TrainingArguments.optim name (default {_D.optim}); one of: {', '.join(OPTIMIZERS)}")
     g.add_argument("--attn-implementation", choices=ATTN,
@@ -150,6 +155,19 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16", help=argparse.SUPPRESS)
     g.add_argument("--device", choices=DEVICES, help=f"device the step runs on (default {_D.device})")
+
+
+def _gc_kwargs(text: str) -> bool:
+    """`--gradient-checkpointing-kwargs '{"use_reentrant": true}'` -> use_reentrant."""
+    import json
+
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}; e.g. '{{\"use_reentrant\": true}}'") from None
+    if not isinstance(d, dict) or set(d) - {"use_reentrant"} or not isinstance(d.get("use_reentrant", False), bool):
+        raise argparse.ArgumentTypeError(f"{text!r}: memplan models only {{\"use_reentrant\": true|false}}")
+    return d.get("use_reentrant", False)
 
 
 def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -36,7 +36,9 @@ Known limitations (NB):
 - only the down projection's 4-bit backward is a candidate peak (the first and usually largest);
 - 16-bit adapters on gemma3 (sandwich norms) without prepare and autocast: the in-flight gradients at
   a recompute are not measured for that combination (-3.4 % on the tiny CPU model);
-- sequences are unpadded (no attention mask), as in the synthetic batches of `profile`.
+- sequences are unpadded (no padding mask), as in the synthetic batches of `profile`;
+- reentrant checkpointing (`use_reentrant`) is checked on real CPU steps and simulate for QLoRA/LoRA
+  plans; its labels (which [T x H] tensors the tracker calls activations) follow the tracker.
 """
 from __future__ import annotations
 
@@ -350,14 +352,19 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
     """Layer i's backward: the activations of the layers below it (their checkpointed inputs, or
     their saved sets), its own input, cos/sin, ids, masks, the RNG states not yet used (this layer's
     and those below), and the gradients of the layers above (all of them with accumulation)."""
-    ap, grads = s.ap, s.static.gradients
+    ap, grads, L = s.ap, s.static.gradients, s.model.num_layers
+    rng_states = i + 1
     if s.plan.gradient_checkpointing:
         below = i * ap.layer_input_bytes + (0 if ap.input_in_saved else ap.layer_input_bytes)
+        if s.plan.use_reentrant:
+            # torch's CheckpointFunction.backward holds the recomputed layer's output through its inner
+            # backward, and every layer's ctx keeps its RNG state until the whole backward is done
+            below += ap.layer_input_bytes
+            rng_states = L
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
-    fixed = below + ap.rope_bytes + s.layer_args + s.small + (i + 1) * s.rng_state
+    fixed = below + ap.rope_bytes + s.layer_args + s.small + rng_states * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-    L = s.model.num_layers
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
                          grads if s.ga_grads else grads // L * (L - 1 - i))
 
@@ -365,8 +372,18 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
 def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
     """Checkpointing: layer i recomputed up to its last saved tensor (torch's non-reentrant early stop),
     with the checkpoint inputs below it, the gradients of the layers above and the [T x H] gradients
-    in flight (activations.inflight_bytes_per_element)."""
+    in flight (activations.inflight_bytes_per_element), and fork_rng's snapshot of the CPU generator.
+    Reentrant: the whole layer is recomputed inside its CheckpointFunction's backward (its output
+    not made yet at the peak; no extra RNG snapshot beyond the ctx states; only the output's gradient
+    in flight)."""
     i, ap = lb.i, s.ap
+    if s.plan.use_reentrant:
+        # fixed counts the layer's output for the backward moments: not made yet. The RNG snapshot is
+        # made in the backward node (a temporary); on a 16-bit stream the output's gradient is an
+        # argument of the recomputed forward's backward, which the tracker sees as an activation.
+        moved = 0 if ap.input_in_saved else ap.recompute_inflight
+        return s.moment("recompute", i, lb.grads, lb.fixed - ap.layer_input_bytes + moved + ap.recompute_peak
+                        - ap.recompute_temps, 0, ap.recompute_inflight - moved + ap.recompute_temps + s.rng_state)
     return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + ap.recompute_peak - ap.recompute_temps, 0,
                     ap.recompute_inflight + ap.recompute_temps)
 
@@ -389,8 +406,10 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
         return None
     i, r, T, m = lb.i, s.r, s.tokens, s.model
     saved = ap.attn_saved_first if i == 0 else ap.attn_saved
+    # reentrant: the gradient of the layer's output, the inner backward's argument, is held too
+    residual = r(T * m.hidden_size * ap.stream_dt) * (2 if s.plan.use_reentrant else 1)
     return s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads, lb.fixed + saved, 0,
-                    2 * ap.probs_bytes + r(T * m.hidden_size * ap.stream_dt) + r(T * m.q_dim * ap.stream_dt))
+                    2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
 
 
 def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:

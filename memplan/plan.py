@@ -95,6 +95,7 @@ class TrainPlan:
     seq_len: int = 2048
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
+    use_reentrant: bool = False
     optim: str = "paged_adamw_8bit"
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
@@ -332,6 +333,9 @@ def _from_training_args(args: Any) -> dict[str, Any]:
     gc = _get(args, "gradient_checkpointing")
     if gc is not None:
         out["gradient_checkpointing"] = bool(gc)
+    gc_kwargs = _get(args, "gradient_checkpointing_kwargs")
+    if isinstance(gc_kwargs, Mapping) and "use_reentrant" in gc_kwargs:
+        out["use_reentrant"] = bool(gc_kwargs["use_reentrant"])
     optim = _get(args, "optim")
     if optim is not None:
         out["optim"] = str(getattr(optim, "value", optim))

@@ -80,6 +80,13 @@ CASES = [
      dict(adapter_dtype="bf16", mixed_precision="no", lora_dropout=0.0)),
     ("qwen2-bf16-adapters-no-prepare", dict(model_type="qwen2"),
      dict(adapter_dtype="bf16", prepare=False, mixed_precision="no")),
+    # reentrant checkpointing (gradient_checkpointing_kwargs={"use_reentrant": True})
+    ("llama-reentrant", dict(model_type="llama"), dict(use_reentrant=True)),
+    ("llama-reentrant-fp32", dict(model_type="llama"), dict(use_reentrant=True, mixed_precision="no", lora_dropout=0.0)),
+    ("phi3-reentrant-no-prepare", dict(model_type="phi3"), dict(use_reentrant=True, prepare=False)),
+    ("llama-reentrant-eager-no-prepare", dict(model_type="llama"),
+     dict(use_reentrant=True, prepare=False, optim="adamw_torch", lora_dropout=0.0, attn_implementation="eager",
+          seq_len=512)),
 ]
 
 

@@ -88,6 +88,14 @@ CASES = [
     ("llama2-7b-lora-pure-bf16", "llama-2-7b", dict(method="lora", adapter_dtype="bf16", mixed_precision="no",
                                                      optim="adamw_torch")),
     ("llama3-8b-qlora-bf16-adapters", "llama-3-8b", dict(adapter_dtype="bf16", optim="adamw_torch")),
+    # reentrant checkpointing
+    ("llama2-70b-reentrant", "llama-2-70b", dict(use_reentrant=True)),
+    ("llama2-7b-reentrant-eager-seq4096", "llama-2-7b", dict(use_reentrant=True, lora_dropout=0.0,
+                                                              optim="adamw_torch", attn_implementation="eager",
+                                                              seq_len=4096)),
+    ("mistral-7b-reentrant-no-prepare", "mistral-7b-v0.1", dict(use_reentrant=True, prepare=False,
+                                                                mixed_precision="no")),
+    ("phi3-mini-reentrant-seq2048", "phi-3-mini-4k", dict(use_reentrant=True, seq_len=2048)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)

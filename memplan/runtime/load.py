@@ -102,8 +102,9 @@ def adapt(model, plan: TrainPlan):
                 if "lora_" in name and p.dtype != TORCH_DTYPE[plan.adapter_dtype]:
                     p.data = p.data.to(TORCH_DTYPE[plan.adapter_dtype])
     if plan.gradient_checkpointing:
-        # What the HF Trainer does (transformers' default: non-reentrant, plus an input-grad hook).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # What the HF Trainer does (transformers' default: non-reentrant, plus an input-grad hook);
+        # TrainingArguments.gradient_checkpointing_kwargs={"use_reentrant": True} picks torch's reentrant one.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": plan.use_reentrant})
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if getattr(base, "is_gradient_checkpointing", False):

@@ -17,6 +17,7 @@ def test_defaults_match_design():
         "prepare": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
         "adapter_dtype": "fp32",
         "batch_size": 1, "seq_len": 2048, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
+        "use_reentrant": False,
         "optim": "paged_adamw_8bit", "attn_implementation": "sdpa", "mixed_precision": "bf16", "device": "cuda",
     }
 
@@ -117,3 +118,9 @@ def test_normalisation_is_cached_but_types_still_checked():
         TrainPlan(lora_r=16.0)  # equal to 16 and hashed alike, but not an integer
     with pytest.raises(InvalidSpecError, match="--seq-len"):
         TrainPlan(seq_len=True)
+
+
+def test_reentrant_checkpointing_is_read_from_training_arguments():
+    args = SimpleNamespace(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert plan_from(training_args=args).use_reentrant is True
+    assert plan_from(training_args=SimpleNamespace(gradient_checkpointing=True)).use_reentrant is False
