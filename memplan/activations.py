@@ -417,17 +417,24 @@ class LayerModel:
         if attn == "eager":
             out = self._eager(qe, ke, v)
         else:
-            # SDPA with enable_gqa (no mask, head_dim <= 256) runs on the KV heads; else repeat_kv copies
-            if m.head_dim > 256 and m.num_kv_heads != m.num_heads:
+            # SDPA with enable_gqa (no mask, head_dim <= 256) runs on the KV heads; else (a padding mask,
+            # or wide heads) transformers' repeat_kv copies K/V to the query heads
+            padded = self.p.padding != "none"
+            if (m.head_dim > 256 or padded) and m.num_kv_heads != m.num_heads:
                 kr, vr = w.new(T * m.q_dim, ke.dt), w.new(T * m.q_dim, v.dt)
                 w.drop(ke, v)
                 ke, v = kr, vr
             cdt = self.ac or max(qe.dt, ke.dt, v.dt)
             qc, kc, vc = (w.cast(t, cdt) for t in (qe, ke, v))
+            saved = []
+            if padded:
+                # the [B, 1, S, S] bool mask becomes an additive float mask in the query's dtype, saved
+                # for backward (CPU flash-for-cpu; CUDA mem-efficient, padded to a multiple of 16)
+                saved.append(w.new(Lin(q=1), cdt, False))
             out = w.new(T * m.q_dim, qc.dt)
-            # logsumexp [B, heads, S] fp32 (flash kernels, no mask: no padding)
+            # logsumexp [B, heads, S] fp32 (CUDA mem-efficient pads S to a multiple of 32: NB not rounded)
             lse = w.new(Lin(s=m.num_heads), 4, False)
-            w.save(qc, kc, vc, out, lse)
+            w.save(qc, kc, vc, out, lse, *saved)
             w.drop(qe, ke, v)
         o = self.linear(out, lins["o_proj"])
         w.drop(out)
@@ -683,13 +690,16 @@ def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> 
     dtype per attention type present (`eager_mask`: the bool mask through torch.where). SDPA: the
     full causal mask is skipped (is_causal); a sliding-window layer gets a bool [1, 1, S, S] mask
     (expanded to the batch as a view) once the sequence reaches the window
-    (`_ignore_causal_mask_sdpa`). FlashAttention-2 builds none. A checkpointed model keeps them as
+    (`_ignore_causal_mask_sdpa`); with a padding mask (`plan.padding`) no mask can be skipped and each
+    is a bool [B, 1, S, S]. FlashAttention-2 builds none. A checkpointed model keeps them as
     the layers' arguments until backward is done; without checkpointing they die with the forward.
     """
     B, S, g = plan.batch_size, plan.seq_len, granularity
     attn = plan.attn_implementation
     if attn == "eager":
         return len(model.attention_types) * (-(-B * S * S * plan.precision.params // g) * g)
+    if attn == "sdpa" and plan.padding != "none":  # a padding mask: no type can skip; it varies by row
+        return len(model.attention_types) * (-(-B * S * S // g) * g)
     if attn == "sdpa" and model.sliding_window and S >= model.sliding_window:
         return -(-S * S // g) * g
     return 0

@@ -18,7 +18,7 @@ from .estimate import Estimate, estimate
 from .fit import Fit, check_fit
 from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
-from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, QUANTS, TrainPlan, plan_from
+from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TrainPlan, plan_from
 from .present import gib, pct, plan_dict, plan_lines, reserve_line, share, verdict
 from .units import GiB
 
@@ -149,6 +149,10 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
                    help=f"HF TrainingArguments.optim name (default {_D.optim}); one of: {', '.join(OPTIMIZERS)}")
     g.add_argument("--attn-implementation", choices=ATTN,
                    help=f"attention kernel (default {_D.attn_implementation})")
+    g.add_argument("--padding", choices=PADDING,
+                   help="batches padded by the collator (to the longest row or to max_length, with an "
+                        "attention_mask: transformers then builds [batch x 1 x seq x seq] masks) or none "
+                        f"(unpadded or packed rows, no mask) (default {_D.padding})")
     g.add_argument("--mixed-precision", choices=MIXED,
                    help=f"HF Trainer autocast: bf16=True, fp16=True, or no (default {_D.mixed_precision}; "
                         "the HF flags --bf16 and --fp16 also work)")

@@ -14,6 +14,9 @@ QUANTS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("bf16", "fp16", "fp32")
 ATTN = ("sdpa", "flash_attention_2", "eager")
 MIXED = ("bf16", "fp16", "no")
+#: tokenizer/collator padding: "none" (unpadded rows, no attention_mask: packed or equal-length), or
+#: rows padded to the longest / to max_length, which come with an attention_mask
+PADDING = ("none", "longest", "max_length")
 DEVICES = ("cuda", "cpu")
 
 _DTYPE_ALIASES = {
@@ -96,6 +99,7 @@ class TrainPlan:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
     use_reentrant: bool = False
+    padding: str = "none"
     optim: str = "paged_adamw_8bit"
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
@@ -151,6 +155,8 @@ class TrainPlan:
             tm = tuple(tm)
         set_("target_modules", tm)
         set_("optim", str(self.optim).lower())
+        set_("padding", {"false": "none", "do_not_pad": "none", "true": "longest"}.get(
+            str(self.padding).lower(), str(self.padding).lower()))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
         key = _other_fields(self)
         changes = tuple((k, v) for k, v, g in zip(_OTHER_FIELDS, key, given) if v is not g)
@@ -186,6 +192,7 @@ class TrainPlan:
         choice("--dtype", self.dtype, DTYPES)
         choice("--adapter-dtype", self.adapter_dtype, DTYPES)
         choice("--attn-implementation", self.attn_implementation, ATTN)
+        choice("--padding", self.padding, PADDING)
         choice("--mixed-precision", self.mixed_precision, MIXED)
         choice("--device", self.device, DEVICES)
         if self.optim not in OPTIMIZERS:

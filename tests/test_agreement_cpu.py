@@ -87,6 +87,12 @@ CASES = [
     ("llama-reentrant-eager-no-prepare", dict(model_type="llama"),
      dict(use_reentrant=True, prepare=False, optim="adamw_torch", lora_dropout=0.0, attn_implementation="eager",
           seq_len=512)),
+    # padded batches: an attention_mask with padding (4-D masks, K/V expanded for GQA, float masks per layer)
+    ("llama-padded", dict(model_type="llama"), dict(padding="longest")),
+    ("mistral-gqa-padded-no-gc", dict(model_type="mistral", num_key_value_heads=1),
+     dict(padding="longest", gradient_checkpointing=False)),
+    ("qwen2-padded-b2", dict(model_type="qwen2"), dict(padding="max_length", batch_size=2, seq_len=64)),
+    ("llama-padded-eager", dict(model_type="llama"), dict(padding="longest", attn_implementation="eager")),
 ]
 
 

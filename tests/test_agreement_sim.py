@@ -96,6 +96,12 @@ CASES = [
     ("mistral-7b-reentrant-no-prepare", "mistral-7b-v0.1", dict(use_reentrant=True, prepare=False,
                                                                 mixed_precision="no")),
     ("phi3-mini-reentrant-seq2048", "phi-3-mini-4k", dict(use_reentrant=True, seq_len=2048)),
+    # padded batches (attention_mask)
+    ("llama2-7b-padded", "llama-2-7b", dict(padding="longest")),
+    ("llama2-7b-padded-seq1000", "llama-2-7b", dict(padding="longest", seq_len=1000)),
+    ("mistral-7b-padded-no-gc", "mistral-7b-v0.1", dict(padding="longest", gradient_checkpointing=False)),
+    ("llama3-8b-padded-b2", "llama-3-8b", dict(padding="max_length", batch_size=2)),
+    ("qwen2.5-0.5b-padded-seq2048", "qwen2.5-0.5b", dict(padding="longest", seq_len=2048)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)

@@ -84,8 +84,15 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
             tracker.register(t, Term.OPTIMIZER_STATE, f"optimizer.qmap.{name}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (plan.batch_size, plan.seq_len), generator=g)
+    batch: dict[str, Any] = {"input_ids": ids, "labels": ids}
+    if plan.padding != "none":
+        # a padded batch, as a collator makes it: an attention_mask with the last eighth of the first
+        # row padded (memory depends on the shapes, not on how much is padding) and -100 labels there
+        mask = torch.ones_like(ids)
+        mask[0, plan.seq_len - max(1, plan.seq_len // 8):] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     if device != "cpu":
-        ids = ids.to(device)
+        batch = {k: v.to(device) for k, v in batch.items()}
     lm_head = model.get_output_embeddings()
     hook = lm_head.register_forward_hook(lambda *_: tracker.set_phase(Phase.LOSS))
     autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
@@ -110,7 +117,7 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                 for _micro in range(plan.gradient_accumulation_steps):  # grads accumulate across micro-batches
                     tracker.set_phase(Phase.FORWARD)
                     with autocast:
-                        out = model(input_ids=ids, labels=ids, use_cache=False)  # Trainer: use_cache=False
+                        out = model(**batch, use_cache=False)  # Trainer: use_cache=False
                     loss = out.loss
                     if not keep_outputs:
                         del out

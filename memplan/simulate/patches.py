@@ -14,6 +14,9 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
    optimizers' code tables are moved to meta untracked on CPU (a no-op ``.to`` there, a tracked copy
    on CUDA) (`make_meta_optimizer`).
 
+11. ``transformers.masking_utils.fast_all`` → False for a meta attention mask: whether a padded
+   batch's mask is all ones is data; the step pads part of a row whenever the plan pads
+   (`runtime.step.run_steps`), so transformers builds the 4-D mask as on a real device (`build_patches`).
 10. ``torch.random.fork_rng(device_type="meta")`` returns at once on meta; on a real device it keeps
    a snapshot of the CPU generator (``torch.get_rng_state()``, 5056 B) while a checkpointed layer
    recomputes. The patch takes that snapshot on meta too; the tracker counts RNG states (it wraps
@@ -71,8 +74,17 @@ def build_patches() -> Iterator[None]:
         return orig_find(position_ids)
 
     orig_find = mu.find_packed_sequence_indices
+    orig_fast_all = mu.fast_all
+
+    def fast_all(tensor):
+        # patch 11: a padded batch's attention_mask on meta: the step pads part of a row (runtime.step)
+        if tensor.is_meta:
+            return False
+        return orig_fast_all(tensor)
+
     with contextlib.ExitStack() as st:
         st.enter_context(patch_attr(mu, "find_packed_sequence_indices", find_packed))
+        st.enter_context(patch_attr(mu, "fast_all", fast_all))
         st.enter_context(patch_attr(topt, "_get_fused_kernels_supported_devices", fused_devices))
         st.enter_context(bnb_qmap_on_cpu())
         yield

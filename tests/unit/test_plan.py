@@ -17,7 +17,7 @@ def test_defaults_match_design():
         "prepare": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
         "adapter_dtype": "fp32",
         "batch_size": 1, "seq_len": 2048, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
-        "use_reentrant": False,
+        "use_reentrant": False, "padding": "none",
         "optim": "paged_adamw_8bit", "attn_implementation": "sdpa", "mixed_precision": "bf16", "device": "cuda",
     }
 
