@@ -313,7 +313,17 @@ def _from_bnb(cfg: Any) -> dict[str, Any]:
 
 
 def _from_lora(cfg: Any) -> dict[str, Any]:
+    """A peft LoraConfig (or dict), or a PeftModel: its active adapter's config, and the adapters'
+    dtype as they are (16-bit after get_peft_model(autocast_adapter_dtype=False) or a cast)."""
     out: dict[str, Any] = {}
+    peft_config = getattr(cfg, "peft_config", None)
+    if isinstance(peft_config, Mapping) and peft_config:  # a PeftModel
+        model = cfg
+        cfg = peft_config.get(getattr(model, "active_adapter", None)) or next(iter(peft_config.values()))
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                out["adapter_dtype"] = norm_dtype(param.dtype)
+                break
     for ours, theirs in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
         v = _get(cfg, theirs)
         if v is not None:

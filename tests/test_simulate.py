@@ -62,6 +62,12 @@ PLANS = {
                                          gradient_checkpointing=False, prepare=False),
     "noprepare-gc-fp32-sgd-drop0": dict(seq_len=64, optim="sgd", lora_dropout=0.0, mixed_precision="no",
                                         prepare=False),
+    # the recipes of issue 9: padded batches, reentrant checkpointing, 16-bit adapters, eager attention
+    "padded-gc": dict(seq_len=128, padding="longest"),
+    "reentrant-gc-drop0": dict(seq_len=128, use_reentrant=True, lora_dropout=0.0, optim="adamw_torch"),
+    "bf16-adapters-nogc": dict(seq_len=96, adapter_dtype="bf16", gradient_checkpointing=False),
+    "eager-padded-reentrant": dict(seq_len=128, attn_implementation="eager", padding="max_length",
+                                   use_reentrant=True, lora_dropout=0.0),
 }
 
 
@@ -79,11 +85,11 @@ def _plan(cfg_id: str, plan_id: str, **over) -> TrainPlan:
 _P = list(PLANS)
 MATRIX = {
     "llama": _P,
-    "mistral-gqa": [_P[0], _P[1], _P[4]],
-    "qwen2-qkv-bias": [_P[0], _P[2], _P[3]],
-    "gemma-tied": [_P[1], _P[2], _P[4]],
-    "gemma2-tied-eager": [_P[0], _P[1], _P[3]],
-    "phi3-fused": [_P[0], _P[2], _P[4]],
+    "mistral-gqa": [_P[0], _P[1], _P[4], _P[5], _P[8]],
+    "qwen2-qkv-bias": [_P[0], _P[2], _P[3], _P[6]],
+    "gemma-tied": [_P[1], _P[2], _P[4], _P[7]],
+    "gemma2-tied-eager": [_P[0], _P[1], _P[3], _P[6]],
+    "phi3-fused": [_P[0], _P[2], _P[4], _P[5]],
     "mixtral-moe": [_P[0], _P[1], _P[3]],
 }
 CASES = [pytest.param(c, p, id=f"{c}-{p}") for c, plans in MATRIX.items() for p in plans]

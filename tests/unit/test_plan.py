@@ -124,3 +124,19 @@ def test_reentrant_checkpointing_is_read_from_training_arguments():
     args = SimpleNamespace(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     assert plan_from(training_args=args).use_reentrant is True
     assert plan_from(training_args=SimpleNamespace(gradient_checkpointing=True)).use_reentrant is False
+
+
+def test_a_peft_model_gives_its_config_and_its_adapters_dtype():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    net = torch.nn.Sequential()
+    net.add_module("q_proj", torch.nn.Linear(8, 8, dtype=torch.bfloat16))
+    net.config = SimpleNamespace(model_type="custom", to_dict=lambda: {}, tie_word_embeddings=False)  # peft asks
+    fp32 = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    p = plan_from(lora_config=fp32)
+    assert (p.lora_r, p.lora_alpha, p.target_modules, p.adapter_dtype) == (4, 8, ("q_proj",), "fp32")
+    for prm in fp32.parameters():
+        prm.data = prm.data.to(torch.bfloat16)
+    assert plan_from(lora_config=fp32).adapter_dtype == "bf16"
