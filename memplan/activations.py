@@ -201,8 +201,9 @@ def _promote(a: int, b: int) -> int:
 class LayerModel:
     """Walks one decoder layer of `model` under `plan` (T tokens, B sequences of S)."""
 
-    def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool, fused: bool = False):
-        self.m, self.p, self.w, self.cpu, self.fused = model, plan, walk, cpu, fused
+    def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool, fused: bool = False,
+                 masked: bool = False):
+        self.m, self.p, self.w, self.cpu, self.fused, self.masked = model, plan, walk, cpu, fused, masked
         self.T = Lin(t=1)  # tokens, symbolic: the walk is shape-independent
         pr = plan.precision
         self.ac = pr.autocast  # autocast dtype bytes (bf16/fp16 both 2), 0 = off
@@ -419,7 +420,7 @@ class LayerModel:
         else:
             # SDPA with enable_gqa (no mask, head_dim <= 256) runs on the KV heads; else (a padding mask,
             # or wide heads) transformers' repeat_kv copies K/V to the query heads
-            padded = self.p.padding != "none"
+            padded = self.masked  # SDPA gets a mask: a padded batch, or a sliding window within the sequence
             if (m.head_dim > 256 or padded) and m.num_kv_heads != m.num_heads:
                 kr, vr = w.new(T * m.q_dim, ke.dt), w.new(T * m.q_dim, v.dt)
                 w.drop(ke, v)
@@ -553,21 +554,21 @@ class LayerTrace(NamedTuple):
 @shape_free_cache()
 def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> LayerTrace:
     """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter);
-    `flags` = (cpu, fused): the device, and whether 4-bit forwards run the fused kernel (few tokens
-    on CUDA)."""
-    cpu, fused = flags
+    `flags` = (cpu, fused, masked): the device, whether 4-bit forwards run the fused kernel (few
+    tokens on CUDA), and whether SDPA gets an attention mask (`sdpa_masked`)."""
+    cpu, fused, masked = flags
     a = plan.precision.params  # the residual stream starts as the embedding's output
     # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
     input_grad = plan.gradient_checkpointing or plan.method == "full"
     T = Lin(t=1)
     w = Walk()
-    lm = LayerModel(model, plan, w, cpu, fused)
+    lm = LayerModel(model, plan, w, cpu, fused, masked)
     lm.layer(w.new(T * model.hidden_size, a, True), a)
     if input_grad:
         w0, lm0 = w, lm
     else:
         w0 = Walk()
-        lm0 = LayerModel(model, plan, w0, cpu, fused)
+        lm0 = LayerModel(model, plan, w0, cpu, fused, masked)
         lm0.layer(w0.new(T * model.hidden_size, a, False), a)
     copies = 0
     if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
@@ -656,7 +657,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     T, H, L = B * S, model.hidden_size, model.num_layers
     BSS = T * S
     # CUDA gemm_4bit: the fused kernel for at most 1536 tokens (bitsandbytes backends/cuda/ops.py)
-    tr = layer_trace(model, plan, (cpu, not cpu and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS))
+    tr = layer_trace(model, plan, (cpu, not cpu and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
+                                   sdpa_masked(model, plan)))
     pr = plan.precision
     a = pr.params
     g = 1 if cpu else 512
@@ -682,6 +684,19 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0)
+
+
+def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:
+    """Whether SDPA layers get a 4-D mask (then transformers' repeat_kv expands GQA K/V, and each layer
+    saves the mask as an additive float mask): a padded batch, or a sliding window shorter than the
+    sequence on every layer. NB: families mixing sliding and full layers (gemma2/3, qwen with
+    max_window_layers) are walked as their full-attention layers when unpadded."""
+    if plan.attn_implementation != "sdpa":
+        return False
+    if plan.padding != "none":
+        return True
+    return bool(model.sliding_window) and plan.seq_len >= model.sliding_window and \
+        model.attention_types == ("sliding_attention",)
 
 
 def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> int:
