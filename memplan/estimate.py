@@ -48,6 +48,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
 from .activations import ActivationProfile, activation_profile
+from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, UnsupportedArchitectureError
 from .gpu import GPUSpec
 from .headroom import headroom_bytes
@@ -578,10 +579,6 @@ def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu
     are installed, the terms come from `memplan.simulate` instead and the notes say so
     (`fallback_simulate=False` raises UnsupportedArchitectureError instead).
     """
-    from .catalogue import load_gpu, resolve_model
-
-    from .errors import UnsupportedArchitectureError
-
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
                   **plan_kwargs)
