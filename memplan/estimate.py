@@ -447,6 +447,7 @@ def moments(s: Step) -> tuple[Moment, ...]:
     extremes: with checkpointing the last layer (every checkpoint below it) and the first (every
     gradient above it) bound the rest; without, the last layer (every other saved set below it)."""
     gc = s.plan.gradient_checkpointing
+    four_bit, eager = s.static.down.w_grad, s.ap.probs_bytes  # whether those moments exist
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
@@ -454,13 +455,11 @@ def moments(s: Step) -> tuple[Moment, ...]:
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
-        dq = dequant_backward_moment(s, lb)
-        if dq is not None:
-            out.append(dq)
+        if four_bit:
+            out.append(dequant_backward_moment(s, lb))
         out.append(layer_backward_moment(s, lb))
-        ab = attention_backward_moment(s, lb)
-        if ab is not None:
-            out.append(ab)
+        if eager:
+            out.append(attention_backward_moment(s, lb))
     out.append(optimizer_moment(s))
     return tuple(out)
 
