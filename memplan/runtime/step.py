@@ -82,17 +82,7 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     for name, t in getattr(opt, "name2qmap", {}).items():  # bitsandbytes' shared 8-bit maps, made at init
         if isinstance(t, torch.Tensor):
             tracker.register(t, Term.OPTIMIZER_STATE, f"optimizer.qmap.{name}")
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (plan.batch_size, plan.seq_len), generator=g)
-    batch: dict[str, Any] = {"input_ids": ids, "labels": ids}
-    if plan.padding != "none":
-        # a padded batch, as a collator makes it: an attention_mask with the last eighth of the first
-        # row padded (memory depends on the shapes, not on how much is padding) and -100 labels there
-        mask = torch.ones_like(ids)
-        mask[0, plan.seq_len - max(1, plan.seq_len // 8):] = 0
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-    if device != "cpu":
-        batch = {k: v.to(device) for k, v in batch.items()}
+    batch = make_batch(plan, vocab_size, device, seed)
     lm_head = model.get_output_embeddings()
     hook = lm_head.register_forward_hook(lambda *_: tracker.set_phase(Phase.LOSS))
     autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
@@ -152,6 +142,24 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
         paged_bytes=tracker.paged_bytes,
         phase_terms={k: tracker.terms_at(v.at) for k, v in tracker.phase_peaks.items()},
     )
+
+
+def make_batch(plan: TrainPlan, vocab_size: int, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """A random batch of `plan`'s shape, as a collator hands it to the model (labels = input ids).
+
+    Padded plans (`plan.padding`) get an attention_mask with the last eighth of the first row padded
+    (memory depends on the shapes, not on how much is padding) and -100 labels there.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (plan.batch_size, plan.seq_len), generator=g)
+    batch: dict[str, Any] = {"input_ids": ids, "labels": ids}
+    if plan.padding != "none":
+        mask = torch.ones_like(ids)
+        mask[0, plan.seq_len - max(1, plan.seq_len // 8):] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if device != "cpu":
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
 
 
 def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int = 0,
