@@ -134,6 +134,19 @@ class Estimate:
         h = self.headroom_bytes
         return None if h is None else h >= 0
 
+    def __repr__(self) -> str:
+        """One line: model, plan brief, device, peak GiB and, with a GPU, the one verdict `Fit.of`
+        gives (fits / fits_paging / does_not_fit / cannot_run; so a T4 with a bf16 plan reads
+        cannot_run although `fits`, the memory alone, is True). The dataclass keeps this method."""
+        from .fit import Fit
+        from .present import gib, plan_brief
+
+        head = (f"Estimate({self.model.name!r}: {plan_brief(self.plan)}, {self.plan.device}; "
+                f"peak {gib(self.device_bytes)} GiB at {self.peak_phase}")
+        if self.gpu is None:
+            return head + ", no GPU)"
+        return head + f" on {self.gpu.name!r}: {Fit.of(self).verdict}, headroom {gib(self.headroom_bytes)} GiB)"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
