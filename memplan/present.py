@@ -83,8 +83,8 @@ def verdict(fits: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 # plans
 # ---------------------------------------------------------------------------------------------
-def _get(plan: Any, key: str) -> Any:
-    return plan.get(key) if isinstance(plan, Mapping) else getattr(plan, key)
+def _get(plan: Any, key: str, default: Any = None) -> Any:
+    return plan.get(key, default) if isinstance(plan, Mapping) else getattr(plan, key, default)
 
 
 def _targets(plan: Any) -> str:
@@ -101,6 +101,23 @@ def _base(plan: Any) -> str:
     return f"{q}{dq}"
 
 
+def _checkpointing(plan: Any) -> str:
+    """"checkpointing on", "checkpointing on (reentrant)" or "checkpointing off"."""
+    if not _get(plan, "gradient_checkpointing"):
+        return "checkpointing off"
+    return "checkpointing on (reentrant)" if _get(plan, "use_reentrant") else "checkpointing on"
+
+
+def _extras(plan: Any) -> list[str]:
+    """What departs from the default recipe and has no place of its own: 16-bit adapters, padding."""
+    out = []
+    if _get(plan, "method") != "full" and _get(plan, "adapter_dtype", "fp32") not in (None, "fp32"):
+        out.append(f"{_get(plan, 'adapter_dtype')} adapters")
+    if _get(plan, "padding", "none") not in (None, "none"):
+        out.append(f"padded ({_get(plan, 'padding')}, attention_mask)")
+    return out
+
+
 def plan_lines(plan: Any) -> tuple[str, str]:
     """The plan in two lines: what is trained and stored, then the shape of the step and the run."""
     if _get(plan, "method") == "full":
@@ -112,9 +129,12 @@ def plan_lines(plan: Any) -> tuple[str, str]:
              f"{', prepare_model_for_kbit_training' if _get(plan, 'prepare') else ''}")
     run = (f"batch {_get(plan, 'batch_size')} x seq {_get(plan, 'seq_len')}, "
            f"grad accum {_get(plan, 'gradient_accumulation_steps')}, "
-           f"checkpointing {'on' if _get(plan, 'gradient_checkpointing') else 'off'}, {_get(plan, 'optim')}, "
+           f"{_checkpointing(plan)}, {_get(plan, 'optim')}, "
            f"{_get(plan, 'attn_implementation')}, mixed precision {_get(plan, 'mixed_precision')}, "
            f"{_get(plan, 'device')}")
+    extras = _extras(plan)
+    if extras:
+        run += ", " + ", ".join(extras)
     return head, run
 
 
@@ -141,9 +161,9 @@ def plan_brief(plan: Any, *, seq: bool = True, batch: bool = True) -> str:
     ga = _get(plan, "gradient_accumulation_steps")
     if ga and ga > 1:
         parts.append(f"grad accum {ga}")
-    parts += [f"checkpointing {'on' if _get(plan, 'gradient_checkpointing') else 'off'}", str(_get(plan, "optim")),
+    parts += [_checkpointing(plan), str(_get(plan, "optim")),
               str(_get(plan, "attn_implementation")), f"mixed precision {_get(plan, 'mixed_precision')}"]
-    return ", ".join(parts)
+    return ", ".join(parts + _extras(plan))
 
 
 def plan_dict(plan: Any) -> dict[str, Any]:

@@ -120,3 +120,14 @@ def test_plan_lines_text():
 def test_reserve_line():
     assert reserve_line(0).startswith("reserve: 0.00 GiB kept free (default")
     assert reserve_line(3 * GiB // 2) == "reserve: 1.50 GiB kept free (--reserve)"
+
+
+def test_plans_name_what_departs_from_the_recipe():
+    from memplan.plan import TrainPlan
+    from memplan.present import plan_brief, plan_lines
+
+    p = TrainPlan(use_reentrant=True, padding="longest", adapter_dtype="bf16")
+    for text in (plan_lines(p)[1], plan_brief(p)):
+        assert "checkpointing on (reentrant)" in text and "bf16 adapters" in text and "padded (longest" in text
+    default = plan_brief(TrainPlan())
+    assert "reentrant" not in default and "adapters" not in default and "padded" not in default
