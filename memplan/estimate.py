@@ -590,17 +590,26 @@ def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu
     Where the closed form does not cover the architecture (mixture-of-experts) and the [sim] extras
     are installed, the terms come from `memplan.simulate` instead and the notes say so
     (`fallback_simulate=False` raises UnsupportedArchitectureError instead).
+    A `training_args` with `use_cpu=True` together with `gpu=` contradict each other: the GPU wins
+    (the step is estimated on cuda) and the notes say so; `device="cpu"` (a keyword or the `plan`'s
+    own field) estimates the CPU step.
     """
+    from dataclasses import replace as _replace
+
+    from .plan import gpu_over_use_cpu
+
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
                   **plan_kwargs)
     g = load_gpu(gpu) if gpu is not None else None
+    p, device_note = gpu_over_use_cpu(p, plan, training_args, plan_kwargs, g.name if g else None)
     try:
-        return compute(spec, p, g)
+        est = compute(spec, p, g)
     except UnsupportedArchitectureError as e:
         if not fallback_simulate or not _sim_available():
             raise
-        return from_simulation(spec, p, g, reason=str(e))
+        est = from_simulation(spec, p, g, reason=str(e))
+    return _replace(est, notes=(device_note, *est.notes)) if device_note else est
 
 
 def _sim_available() -> bool:

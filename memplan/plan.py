@@ -367,6 +367,21 @@ def _from_training_args(args: Any) -> dict[str, Any]:
     return out
 
 
+def gpu_over_use_cpu(plan: TrainPlan, base: TrainPlan | None, training_args: Any,
+                     plan_kwargs: Mapping[str, Any], gpu_name: str | None) -> tuple[TrainPlan, str]:
+    """`training_args` with `use_cpu=True` contradicts a GPU the caller names (`gpu=`): the GPU wins.
+
+    Returns (the plan on cuda, the note saying so) when `plan` (from `plan_from`) is on the CPU only
+    because of `use_cpu`; (plan, '') otherwise, also when the CPU comes from a `device` keyword or the
+    `base` plan's own field (the caller asked for a CPU step)."""
+    if (gpu_name is None or plan.device != "cpu" or not _get(training_args, "use_cpu", False)
+            or plan_kwargs.get("device") is not None or (base is not None and base.device == "cpu")):
+        return plan, ""
+    return plan.replace(device="cuda"), (
+        f"training_args has use_cpu=True but gpu={gpu_name!r} was given: estimated the step on the GPU "
+        "(cuda); pass device='cpu' (--device cpu) to estimate a CPU step")
+
+
 def shape_free_cache(maxsize: int = 4096):
     """Cache `fn(model, plan, flag)` by the model, the plan's non-shape fields and the flag: for
     quantities that do not depend on batch size, sequence length or gradient accumulation (the

@@ -43,7 +43,7 @@ from .fit import Fit, gpu_fix, gpu_support
 from .gpu import GPUSpec
 from .headroom import check_reserve, fit_limit_bytes
 from .model import ModelSpec
-from .plan import TrainPlan, plan_from
+from .plan import TrainPlan, gpu_over_use_cpu, plan_from
 from .present import plan_dict
 from .search import MAX_BATCH_SIZE, MAX_SEQ_LEN, max_fitting
 
@@ -580,13 +580,14 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
                   **plan_kwargs)
+    p, device_note = gpu_over_use_cpu(p, plan, training_args, plan_kwargs, str(getattr(gpu, "name", gpu)))
     if p.device != "cuda":
         raise MemplanError("recommend sizes a GPU run; drop --device cpu (or use `memplan estimate --device cpu`)")
     g = load_gpu(gpu)
     est = Estimator(spec, g, simulate_budget)
     verdict = Fit.of(est(p), reserve)
     e = verdict.estimate
-    notes = list(verdict.notes)
+    notes = ([device_note] if device_note else []) + list(verdict.notes)
     skipped: list[str] = []
     run = p
     fix_changes: dict[str, Any] = {}
