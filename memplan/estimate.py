@@ -131,13 +131,18 @@ class Estimate:
 
     @property
     def fits(self) -> bool | None:
-        h = self.headroom_bytes
-        return None if h is None else h >= 0
+        """Whether the step will run on `gpu`: the one verdict (`memplan.fit.Fit.of`: the memory fits
+        and the GPU can run the plan as planned, e.g. bf16 on a T4 cannot); None without a GPU."""
+        if self.gpu is None:
+            return None
+        from .fit import Fit
+
+        return Fit.of(self).fits
 
     def __repr__(self) -> str:
         """One line: model, plan brief, device, peak GiB and, with a GPU, the one verdict `Fit.of`
-        gives (fits / fits_paging / does_not_fit / cannot_run; so a T4 with a bf16 plan reads
-        cannot_run although `fits`, the memory alone, is True). The dataclass keeps this method."""
+        gives (fits / fits_paging / does_not_fit / cannot_run; `fits` is the same verdict).
+        The dataclass keeps this method."""
         from .fit import Fit
         from .present import gib, plan_brief
 

@@ -27,9 +27,9 @@ def test_estimate_repr_without_gpu():
 
 
 def test_estimate_repr_gives_the_one_verdict():
-    # memory alone fits on a T4, but the bf16 plan cannot run there: the repr says what check_fit says
+    # memory alone fits on a T4, but the bf16 plan cannot run there: fits, the repr and check_fit agree
     e = memplan.estimate("llama-2-7b", gpu="t4")
-    assert e.fits is True
+    assert e.fits is False and Fit.of(e).memory_fits
     assert Fit.of(e).verdict == "cannot_run"
     assert "on 't4': cannot_run" in repr(e)
     assert "does_not_fit" in repr(memplan.estimate("llama-3.1-70b", gpu="t4", mixed_precision="fp16",
