@@ -24,9 +24,10 @@ from ..present import METHOD_LABELS
 from ..terms import ALLOCATED_TERMS, Term
 from ..units import GiB
 
-#: Plain-words names for the terms (DESIGN.md, "One vocabulary").
+#: Plain-words names for the terms (DESIGN.md, "One vocabulary"), true for every method: each is a short
+#: form of `Term.definition` (base_weights are the decoder's Linear weights, trained in a full fine-tune).
 TERM_LABELS = {
-    Term.BASE_WEIGHTS: "base weights (frozen Linear layers)",
+    Term.BASE_WEIGHTS: "base weights (decoder Linear layers)",
     Term.QUANT_STATE: "quantization constants",
     Term.OTHER_PARAMS: "embeddings, norms, lm_head",
     Term.ADAPTER_WEIGHTS: "trainable weights (LoRA adapters)",

@@ -347,7 +347,8 @@ def _notes_html(df: pd.DataFrame, meta: Mapping[str, Any]) -> str:
                else "")
         items.append(f"<li><b>{_esc(r['gpu'])}</b>: cannot run the plan as planned: {_esc(r['gpu_note'])} (its "
                      f"memory figures are shown anyway).{_esc(fix)}</li>")
-    glossary = "".join(f"<li><code>{t.value}</code>: {_esc(C.TERM_LABELS[t])}</li>" for t in Term)
+    glossary = "".join(f"<li><code>{t.value}</code>, {_esc(C.TERM_LABELS[t])}: {_esc(t.definition)}</li>"
+                       for t in Term)
     versions = ", ".join(f"{k} {v}" for k, v in MODELED_VERSIONS.items())
     return ("<section id='notes'><h2>How to read this</h2><ul>" + "".join(items) +
             "<li>Numbers are memplan's closed-form estimate of the peak of one steady-state training step "
