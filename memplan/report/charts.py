@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.colors import ListedColormap, TwoSlopeNorm
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
@@ -57,6 +57,11 @@ TERM_COLORS = {
     Term.CUDA_CONTEXT: "#4d4d4d",
 }
 PAGED_LABEL = "paged optimizer state (CUDA managed memory, not counted in the fit)"
+#: The fit matrix's colour scale, the same in every report: headroom in GiB from -FIT_SCALE_GIB (darkest
+#: red) through 0 (the change from red to green) to +FIT_SCALE_GIB (darkest green); beyond it, clipped.
+FIT_SCALE_GIB = 24.0
+#: the GID of each dashed GPU-memory line a chart draws, "gpu-line:<gpu name>" (see `gpu_lines_drawn`)
+GPU_LINE_GID = "gpu-line:"
 #: why a sweep row has no numbers, by `MemplanError.error_kind` (the sweep's error_kind column)
 ERROR_LABELS = {
     "unsupported_architecture": "not estimated:\nno closed form,\nuse simulate",
@@ -71,10 +76,45 @@ def _wrap(text: str, width: int = 110) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
+def _chars(width_in: float, fontsize: float) -> int:
+    """How many characters of DejaVu Sans at `fontsize` points fit in `width_in` inches (a safe
+    average: 0.56 em per character)."""
+    return max(20, int(width_in * 72 / (0.56 * fontsize)))
+
+
 def to_png(fig: Figure, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
     return buf.getvalue()
+
+
+def fit_canvas(fig: Figure, pad: float = 0.06, rounds: int = 5) -> Figure:
+    """Grow `fig` until everything it draws lies inside its canvas, then return it.
+
+    Constrained layout places axes, colour bars and "outside" legends, but a suptitle, legend or
+    colour-bar label longer than the figure itself would still be cut at the edge: measure what was
+    drawn (`Figure.get_tightbbox`) and add the overflow, plus `pad` inches, to the figure's size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    for _ in range(rounds):
+        fig.canvas.draw()
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+        w, h = fig.get_size_inches()
+        dx = max(0.0, -box.x0) + max(0.0, box.x1 - w)
+        dy = max(0.0, -box.y0) + max(0.0, box.y1 - h)
+        if dx <= 0 and dy <= 0:
+            break
+        fig.set_size_inches(w + (dx + 2 * pad if dx > 0 else 0), h + (dy + 2 * pad if dy > 0 else 0))
+    return fig
+
+
+def gpu_lines_drawn(fig: Figure) -> list[str]:
+    """The GPUs whose memory a chart shows as a dashed line (only those within its y range are drawn)."""
+    names = [str(a.get_gid())[len(GPU_LINE_GID):] for ax in fig.axes for a in ax.get_lines()
+             if str(a.get_gid() or "").startswith(GPU_LINE_GID)]
+    return list(dict.fromkeys(names))
 
 
 def _gib(n: float) -> float:
@@ -91,11 +131,16 @@ def _tokens(n: float, _pos: Any = None) -> str:
 
 
 def _legend_terms(fig: Figure, used: Sequence[Term], paged: bool = False, ncol: int = 4) -> None:
+    """The terms' colours under the figure, in as many columns (at most `ncol`) as its width holds."""
+    labels = [TERM_LABELS[t] for t in used] + ([_wrap(PAGED_LABEL, 40)] if paged else [])
     handles = [Patch(facecolor=TERM_COLORS[t], label=TERM_LABELS[t]) for t in used]
     if paged:
-        handles.append(Patch(facecolor="white", edgecolor="#fd8d3c", hatch="///", label=PAGED_LABEL))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(ncol, len(handles)), fontsize=9,
-               frameon=False)
+        handles.append(Patch(facecolor="white", edgecolor="#fd8d3c", hatch="///", label=labels[-1]))
+    longest = max((len(line) for lab in labels for line in lab.split("\n")), default=1)
+    col_in = (longest * 0.6 * 9 + 40) / 72  # text + handle + spacing, inches
+    fits = max(1, int((fig.get_size_inches()[0] - 0.2) / col_in))
+    fig.legend(handles=handles, loc="outside lower center", ncol=max(1, min(ncol, fits, len(handles))),
+               fontsize=9, frameon=False)
 
 
 def _stack(ax: Any, x: Sequence[float], stacks: Sequence[Mapping[Term, float]], used: Sequence[Term],
@@ -138,8 +183,8 @@ def _merge_close(gpu_lines: Sequence[tuple[str, float]], span: float, frac: floa
 def _gpu_lines(ax: Any, gpu_lines: Sequence[tuple[str, float]], ymax: float) -> None:
     """Dashed horizontal lines at each GPU's memory (GiB), named on a right-hand axis, when in view."""
     shown = [(n, g) for n, g in gpu_lines if g <= ymax]
-    for _, gib in shown:
-        ax.axhline(gib, color="#333333", linestyle="--", linewidth=0.8, zorder=0.5)
+    for name, gib in shown:
+        ax.axhline(gib, color="#333333", linestyle="--", linewidth=0.8, zorder=0.5, gid=GPU_LINE_GID + name)
     sec = ax.secondary_yaxis("right")
     merged = _merge_close(shown, ymax)
     sec.set_yticks([p for p, _ in merged], [label for _, label in merged], fontsize=8, color="#333333")
@@ -157,23 +202,23 @@ def _grid(n: int, ncols: int = 3) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 def fit_matrix_chart(cells: Sequence[Mapping[str, Any]], models: Sequence[str], gpus: Sequence[GPUSpec],
                      subtitle: str) -> Figure:
-    """Models x GPUs coloured by headroom (GiB, red = does not fit); each cell names the largest
+    """Models x GPUs coloured by headroom (GiB, red = does not fit) on the fixed scale of
+    `fit_norm` (the same colour means the same headroom in every report); each cell names the largest
     micro-batch that fits. `cells`: dicts with model, gpu, headroom_bytes, max_batch_size, fits,
     gpu_note, error."""
     by = {(c["model"], c["gpu"]): c for c in cells}
     vals = [[_cell_headroom(by.get((m, g.name))) for g in gpus] for m in models]
-    flat = [v for row in vals for v in row if v is not None]
-    lo, hi = min(flat + [-1.0]), max(flat + [1.0])
-    fig = Figure(figsize=(max(6.5, 1.45 * len(gpus) + 3.2), max(3.2, 0.62 * len(models) + 2.4)),
-                 layout="constrained")
+    width = max(8.0, 1.45 * len(gpus) + 3.2)
+    fig = Figure(figsize=(width, max(4.2, 0.62 * len(models) + 3.4)), layout="constrained")
     ax = fig.add_subplot()
     masked = [[(v if v is not None else float("nan")) for v in row] for row in vals]
-    im = ax.imshow(masked, cmap=_fit_cmap(), norm=TwoSlopeNorm(vmin=lo, vcenter=0.0, vmax=hi), aspect="auto")
+    cmap = _fit_cmap()
+    im = ax.imshow(masked, cmap=cmap, norm=fit_norm(), aspect="auto")
     for i, m in enumerate(models):
         for j, g in enumerate(gpus):
             c = by.get((m, g.name))
             text, v = _cell_text(c), vals[i][j]
-            dark = v is not None and (v < lo * 0.45 or v > hi * 0.6)
+            dark = v is not None and _luminance(im.to_rgba(v)) < 0.45
             ax.text(j, i, text, ha="center", va="center", fontsize=8.5, color="white" if dark else "black")
     ax.set_xticks(range(len(gpus)), [f"{g.name}\n{g.memory_bytes / GiB:.0f} GiB" for g in gpus], fontsize=9)
     ax.set_yticks(range(len(models)), list(models), fontsize=9)
@@ -182,11 +227,36 @@ def fit_matrix_chart(cells: Sequence[Mapping[str, Any]], models: Sequence[str], 
     ax.set_yticks([y - 0.5 for y in range(1, len(models))], minor=True)
     ax.grid(which="minor", color="white", linewidth=2)
     ax.tick_params(which="minor", length=0)
-    cb = fig.colorbar(im, ax=ax, shrink=0.9)
-    cb.set_label("headroom: GPU memory left at the peak (GiB)\nnegative = does not fit", fontsize=9)
-    fig.suptitle("Does it fit? Headroom per model and GPU, with the largest micro-batch that fits", fontsize=12)
-    ax.set_title(_wrap(subtitle), fontsize=9, color="#444444")
-    return fig
+    cb = fig.colorbar(im, ax=ax, location="bottom", extend="both", shrink=0.85, aspect=40, pad=0.02)
+    cb.set_ticks(np.arange(-FIT_SCALE_GIB, FIT_SCALE_GIB + 1, FIT_SCALE_GIB / 4))
+    cb.ax.tick_params(labelsize=8.5)
+    cb.set_label(_wrap(FIT_SCALE_TEXT, _chars(width - 0.4, 9)), fontsize=9)
+    title = "Does it fit? Headroom per model and GPU, with the largest micro-batch that fits"
+    fig.suptitle(_wrap(title, _chars(width - 0.3, 12)), fontsize=12)
+    ax.set_title(_wrap(subtitle, _chars(width - 0.3, 9)), fontsize=9, color="#444444")
+    return fit_canvas(fig)
+
+
+#: the fit matrix's colour-bar label: what the colour is, and its fixed scale
+FIT_SCALE_TEXT = (f"headroom: GPU memory left at the peak (GiB); red = does not fit, grey = not estimated or "
+                  f"cannot run as planned. Fixed scale, the same in every report: 0 is where red turns green, "
+                  f"the darkest shades are ±{FIT_SCALE_GIB:.0f} GiB or more")
+
+
+def fit_norm() -> Normalize:
+    """The fit matrix's colour scale: headroom GiB -> [0, 1], -FIT_SCALE_GIB -> 0, 0 -> 0.5,
+    +FIT_SCALE_GIB -> 1, whatever the report; headroom beyond ±FIT_SCALE_GIB takes the end colours."""
+    return Normalize(vmin=-FIT_SCALE_GIB, vmax=FIT_SCALE_GIB, clip=True)
+
+
+def headroom_rgba(headroom_gib: float) -> tuple[float, float, float, float]:
+    """The colour of a fit-matrix cell with this headroom (GiB), in every report."""
+    return tuple(float(x) for x in _fit_cmap()(fit_norm()(headroom_gib)))  # type: ignore[return-value]
+
+
+def _luminance(rgba: Sequence[float]) -> float:
+    r, g, b = rgba[:3]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
 def _fit_cmap() -> ListedColormap:
@@ -235,7 +305,8 @@ def breakdown_chart(per_model: Mapping[str, Sequence[tuple[int, Mapping[Term, in
     memory as dashed lines. `per_model[name]` = [(seq_len, terms, paged_bytes), ...]."""
     names = list(per_model)
     nrows, ncols = _grid(len(names))
-    fig = Figure(figsize=(5.2 * ncols + 0.6, 3.5 * nrows + 1.6), layout="constrained")
+    width = max(8.5, 5.2 * ncols + 0.6)
+    fig = Figure(figsize=(width, 3.5 * nrows + 2.0), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     all_stacks = [s for rows in per_model.values() for _, s, _ in rows]
     used = _used_terms(all_stacks)
@@ -258,10 +329,11 @@ def breakdown_chart(per_model: Mapping[str, Sequence[tuple[int, Mapping[Term, in
         ax.spines[["top", "right"]].set_visible(False)
     for k in range(len(names), nrows * ncols):
         axes[k // ncols][k % ncols].set_visible(False)
-    fig.suptitle(f"Where the memory goes: each term at the peak of a training step (GiB)\n{_wrap(subtitle)}",
+    title = "Where the memory goes: each term at the peak of a training step (GiB)"
+    fig.suptitle(f"{_wrap(title, _chars(width - 0.3, 11))}\n{_wrap(subtitle, _chars(width - 0.3, 11))}",
                  fontsize=11)
     _legend_terms(fig, used, paged=any_paged, ncol=3)
-    return fig
+    return fit_canvas(fig)
 
 
 def estimate_chart(e: Estimate) -> Figure:
@@ -285,7 +357,7 @@ def estimate_chart(e: Estimate) -> Figure:
     if e.paged_bytes:
         total += f"; plus {P.gib(e.paged_bytes)} GiB of paged optimizer state in CUDA managed memory (not counted)"
     fig.suptitle(f"Where the memory goes: {_wrap(what, 95)}\n{_wrap(total, 95)}", fontsize=10.5)
-    return fig
+    return fit_canvas(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +396,9 @@ def max_seq_chart(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]],
     ax.grid(True, which="major", color="#e5e5e5")
     ax.legend(title="model", fontsize=9, loc="lower right")
     ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("Longest training sequence that fits, by GPU memory\n" + _wrap(subtitle), fontsize=11)
-    return fig
+    fig.suptitle("Longest training sequence that fits, by GPU memory\n" + _wrap(subtitle, _chars(8.7, 11)),
+                 fontsize=11)
+    return fit_canvas(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +410,8 @@ def methods_chart(per_model: Mapping[str, Mapping[str, tuple[Mapping[Term, int],
     `per_model[name][method]` = (terms, paged_bytes)."""
     names = list(per_model)
     nrows, ncols = _grid(len(names))
-    fig = Figure(figsize=(5.2 * ncols + 0.6, 3.7 * nrows + 1.6), layout="constrained")
+    width = max(8.5, 5.2 * ncols + 0.6)
+    fig = Figure(figsize=(width, 3.7 * nrows + 2.0), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     all_stacks = [s for d in per_model.values() for s, _ in d.values()]
     used = _used_terms(all_stacks)
@@ -359,9 +433,11 @@ def methods_chart(per_model: Mapping[str, Mapping[str, tuple[Mapping[Term, int],
         ax.spines[["top", "right"]].set_visible(False)
     for k in range(len(names), nrows * ncols):
         axes[k // ncols][k % ncols].set_visible(False)
-    fig.suptitle(f"QLoRA vs LoRA vs full fine-tuning: peak memory by term (GiB)\n{_wrap(subtitle)}", fontsize=11)
+    title = "QLoRA vs LoRA vs full fine-tuning: peak memory by term (GiB)"
+    fig.suptitle(f"{_wrap(title, _chars(width - 0.3, 11))}\n{_wrap(subtitle, _chars(width - 0.3, 11))}",
+                 fontsize=11)
     _legend_terms(fig, used, paged=any_paged, ncol=3)
-    return fig
+    return fit_canvas(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +491,8 @@ def timeline_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "estim
     what += (f", micro-batch {p.batch_size} x {p.seq_len} tokens, checkpointing "
              f"{'on' if p.gradient_checkpointing else 'off'}, {p.optim}")
     fig.suptitle("Memory over one training step", fontsize=12)
-    ax.set_title(f"{what}\n(source: {source}; bold = the peak)", fontsize=9, color="#444444")
+    width = fig.get_size_inches()[0]
+    ax.set_title(f"{_wrap(what, _chars(width - 0.3, 9))}\n(source: {source}; bold = the peak)", fontsize=9,
+                 color="#444444")
     _legend_terms(fig, used, ncol=3)
-    return fig
+    return fit_canvas(fig)

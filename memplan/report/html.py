@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html as _html
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,6 +44,9 @@ CHARTS = {
     "timeline": ("timeline.png", "Memory over one training step"),
 }
 MAX_TABLE_ROWS = 2000
+#: the charts that draw a dashed line at a GPU's memory when it lies within their y range (the breakdown
+#: and methods charts: every GPU of the report; the timeline: the first GPU)
+LINE_CHARTS = ("breakdown", "methods", "timeline")
 
 
 def _meta(df: pd.DataFrame) -> dict[str, Any]:
@@ -281,12 +285,14 @@ def _rows_table(df: pd.DataFrame) -> str:
 
 _EXPLAIN = {
     "fit-matrix": "Each cell is one model on one GPU at the headline plan. Colour: the memory left at the "
-                  "peak of a training step (green: room to spare, red: does not fit). Text: the largest "
-                  "micro-batch that fits at this sequence length, the headroom, and the longest sequence "
-                  "that fits at the smallest micro-batch.",
+                  "peak of a training step (green: room to spare, red: does not fit, grey: not estimated or "
+                  "cannot run as planned), on a fixed scale that is the same in every report: red turns "
+                  f"green at 0 GiB, and the darkest red and green are -{C.FIT_SCALE_GIB:.0f} and "
+                  f"+{C.FIT_SCALE_GIB:.0f} GiB or beyond. Text: the largest micro-batch that fits at this "
+                  "sequence length, the headroom, and the longest sequence that fits at the smallest "
+                  "micro-batch.",
     "breakdown": "Each bar is the peak memory of one training step, split into where it goes. Base weights "
-                 "and other parameters do not depend on the sequence; activations and logits grow with it. "
-                 "Dashed lines: the memory of the GPUs in this report.",
+                 "and other parameters do not depend on the sequence; activations and logits grow with it.",
     "max-seq-len": "How long a training sequence each model can take as the GPU gets bigger. The curve starts "
                    "where the weights alone fill the GPU; the dots are the exact answers for the GPUs swept "
                    "(a binary search on whole tokens).",
@@ -300,7 +306,27 @@ _EXPLAIN = {
 }
 
 
-def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, bytes]) -> str:
+def gpu_lines_text(drawn: Sequence[str], gpus: Sequence[str]) -> str:
+    """The sentence under a chart about its dashed GPU-memory lines: which are drawn (`drawn`, from
+    `charts.gpu_lines_drawn`) and which of `gpus` are above the chart's scale, so never promised lines
+    that are not there."""
+    drawn = [g for g in gpus if g in drawn] + [g for g in drawn if g not in gpus]
+    off = [g for g in gpus if g not in drawn]
+    if not drawn:
+        if not off:
+            return ""
+        return (f"No dashed GPU line: {', '.join(off)} {'has' if len(off) == 1 else 'have'} more memory than "
+                "the chart's scale.")
+    text = f"Dashed line{'s' if len(drawn) > 1 else ''}: the memory of {', '.join(drawn)} (named on the right)."
+    if off:
+        text += f" {', '.join(off)}: more memory than the chart's scale, no line."
+    return text
+
+
+def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, bytes],
+               gpu_lines: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The page. `gpu_lines`: chart id -> the GPUs whose dashed memory line that chart draws
+    (`charts.gpu_lines_drawn`); the page describes the lines of those charts only."""
     h = headline(meta)
     hplan = row_plan(dict(meta["plan_kwargs"]), h["method"], h["rank"], h["seq_len"], h["batch_size"])
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -324,7 +350,12 @@ def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, byt
         if key not in pngs:
             continue
         b64 = base64.b64encode(pngs[key]).decode("ascii")
-        parts.append(f"<section id='{key}'><h2>{_esc(title)}</h2><p>{_esc(_EXPLAIN[key])}</p>"
+        explain = _EXPLAIN[key]
+        if gpu_lines is not None and key in LINE_CHARTS:
+            names = [first_gpu.name] if key == "timeline" else \
+                [g.name for g in sorted(meta["gpus"].values(), key=lambda g: g.memory_bytes)]
+            explain = f"{explain} {gpu_lines_text(gpu_lines.get(key, ()), names)}".strip()
+        parts.append(f"<section id='{key}'><h2>{_esc(title)}</h2><p>{_esc(explain)}</p>"
                      f"<img alt='{_esc(title)}' src='data:image/png;base64,{b64}'>")
         if key == "fit-matrix":
             parts.append(_fit_table(df, meta, h))
@@ -404,7 +435,8 @@ def write_report(df: pd.DataFrame, out: str | Path, *, force: bool = False,
             ([] if any(f.endswith("sweep.parquet") for f in files) else ["sweep.parquet"]):
         (path / stale).unlink(missing_ok=True)  # a report file from an earlier --force run, not rewritten now
     html_path = path / "report.html"
-    write_text_atomic(html_path, build_html(df, meta, pngs))
+    drawn = {k: C.gpu_lines_drawn(f) for k, f in figs.items()}
+    write_text_atomic(html_path, build_html(df, meta, pngs, drawn))
     files.insert(0, str(html_path))
     return {"out": str(path), "html": str(html_path), "files": files}
 
@@ -417,6 +449,8 @@ def run_report(models: Sequence[Any], gpus: Sequence[Any], *, out: str | Path, f
     t0 = time.perf_counter()
     df = sweep(models, gpus, progress=progress, **kwargs)
     seconds = df.attrs["memplan"]["seconds"]
+    if progress:  # the charts take seconds: say so
+        print(f"memplan: drawing the charts and writing the report to {path}…", file=sys.stderr, flush=True)
     res = write_report(df, path, checked=True)
     return {"schema": "memplan.report/1", **res, "rows": len(df), "seconds": seconds,
             "rows_per_second": len(df) / seconds if seconds > 0 else None,
