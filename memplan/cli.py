@@ -7,8 +7,12 @@ status 2; `fit` exits 1 when the plan does not fit. Heavy modules load only insi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -288,10 +292,45 @@ def report_data(args: argparse.Namespace) -> dict[str, Any]:
         for r in grids["ranks"] if "lora" in "".join(methods) else ():
             _check_plan_for_model(spec, TrainPlan(lora_r=r))
         _warn_plan(spec, None, grids["seq_lens"])
+    made, before = _report_folder_state(args.out)
     out = prepare_out_dir(args.out, force=args.force)
-    return run_report(specs, gspecs, methods=methods, out=out, checked=True,
-                      reserve_bytes=reserve, progress=not args.no_progress, **grids,
-                      **plan_kwargs(args))
+    with undo_on_interrupt(lambda: _remove_report_output(out, made, before)):
+        return run_report(specs, gspecs, methods=methods, out=out, checked=True,
+                          reserve_bytes=reserve, progress=not args.quiet, **grids,
+                          **plan_kwargs(args))
+
+
+def _report_folder_state(out: Any) -> tuple[list[Any], set[str] | None]:
+    """Before `prepare_out_dir`: the folders it will create (deepest first) and, for an existing folder,
+    the names already in it, so that an interrupted report removes exactly what it created."""
+    from pathlib import Path
+
+    path = Path(os.path.expanduser(str(out)))
+    made = []
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        made.append(probe)
+        probe = probe.parent
+    before = {p.name for p in path.iterdir()} if path.is_dir() else None
+    return made, before
+
+
+def _remove_report_output(out: Any, made: list[Any], before: set[str] | None) -> None:
+    import shutil
+    from pathlib import Path
+
+    path = Path(out)
+    if before is not None:  # the folder was there: remove only the files this run added
+        for p in path.iterdir():
+            if p.name not in before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    for d in made[1:]:  # parents created on the way, if nothing else was put in them meanwhile
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def models_data() -> list[dict[str, Any]]:
@@ -308,15 +347,75 @@ def gpus_data() -> list[dict[str, Any]]:
             for g in list_gpus()]
 
 
+#: What `simulate` traces: stated in its --help and in its error for a config it cannot build.
+SIM_COVERS = ("simulate covers causal language models that transformers' AutoModelForCausalLM builds from a "
+              "config.json: decoder-only LMs such as llama, mistral, mixtral, qwen2/3, gemma/2/3, phi3 (the closed "
+              "form's architectures, with an estimate beside the trace) and gpt2 (Conv1D layers, quantized by "
+              "bitsandbytes like Linear), gpt_neox, falcon, opt, bloom (traced without a closed-form estimate); "
+              "encoder-decoder configs (t5, bart as seq2seq), vision and audio models are not covered, and an "
+              "encoder-only config (bert) runs only as transformers' causal-LM head, not as it is fine-tuned")
+
+
+def _config_outside_table(model: str, err: MemplanError) -> dict[str, Any]:
+    """The raw config.json of a local MODEL whose architecture the closed form does not cover."""
+    from pathlib import Path
+
+    path = Path(os.path.expanduser(str(model).strip()))
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise err
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        raise err from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise MemplanError(f"{str(cfg_path)!r} has no model_type; pass a Hugging Face config.json") from None
+    cfg.setdefault("_name_or_path", path.name if path.is_dir() else path.parent.name)
+    return cfg
+
+
+def _not_covered(config: dict[str, Any], e: Exception) -> MemplanError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". Should contain")[0]
+    return MemplanError(f"model_type {config.get('model_type')!r} cannot be simulated: transformers says "
+                        f"{first[:200]!r}; {SIM_COVERS}")
+
+
 def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the meta-device trace; returns the estimate-shaped dict with schema memplan.simulate/1."""
-    spec, plan = _check_model_and_plan(args)
-    _warn_plan(spec, plan)
+    """Run the meta-device trace; returns the estimate-shaped dict with schema memplan.simulate/1.
+
+    A local config.json outside the closed form's architecture table is traced all the same when
+    AutoModelForCausalLM builds it (gpt2, gpt_neox, falcon, ...); otherwise the error says what
+    simulate covers (SIM_COVERS)."""
+    from .errors import UnsupportedArchitectureError
+
+    config: dict[str, Any] | None = None
+    try:
+        spec, plan = _check_model_and_plan(args)
+    except UnsupportedArchitectureError as e:
+        config = _config_outside_table(args.model, e)
+        spec, plan = None, plan_from_args(args)
+    else:
+        _warn_plan(spec, plan)
     try:
         from .simulate import simulate
     except ImportError:
         raise MemplanError(SIM_MISSING) from None
-    return simulate(spec, plan).to_dict()  # SimulateResult.to_dict: the trace, and the estimate beside it
+    if spec is not None:  # SimulateResult.to_dict: the trace, and the estimate beside it
+        return simulate(spec, plan, progress=not args.quiet).to_dict()
+    try:
+        d = simulate(config, plan, progress=not args.quiet).to_dict()
+    except MemplanError as e:
+        cause = e.__cause__
+        if cause is not None and "Unrecognized" in str(cause):  # no AutoModelForCausalLM class for it
+            raise _not_covered(config, cause) from None
+        raise
+    arch = (config.get("architectures") or [config["model_type"]])[0]
+    d["model"] = {"name": config["_name_or_path"], "architecture": arch, "params": None,
+                  "model_type": config["model_type"]}
+    d["notes"] = list(d.get("notes") or []) + [
+        f"model_type {config['model_type']!r} is outside the closed-form estimator's table: the trace only, "
+        "no estimate beside it"]
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +428,8 @@ def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0
     gpu = d.get("gpu")
     m = d["model"]
     where = f" on {gpu['name']} ({gib(gpu['memory_bytes'])} GiB)" if gpu else ""
-    out(f"{m['name']} ({m['architecture']}, {m['params'] / 1e9:.2f} B params){where}")
+    params = f", {m['params'] / 1e9:.2f} B params" if m.get("params") else ""
+    out(f"{m['name']} ({m['architecture']}{params}){where}")
     out("plan: " + "\n      ".join(plan_lines(d["plan"])))
     out("")
     total = peak["device_bytes"] or peak["allocated_bytes"] or 1
@@ -562,6 +662,8 @@ def profile_data(args: argparse.Namespace) -> Any:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    if progress is not None:
+        _profile_notice(spec, plan_from_args(args), args, progress)
     common = dict(weights=args.weights, memory_limit_bytes=limit, track=not args.no_track, seed=args.seed,
                   progress=progress, gpu=args.gpu)
     dim = "batch_size" if args.find_max_batch else "seq_len" if args.find_max_seq else None
@@ -569,6 +671,35 @@ def profile_data(args: argparse.Namespace) -> Any:
         return find_max(args.model, plan_from_args(args), dimension=dim, steps=args.steps or 2,
                         granularity=args.granularity, max_trials=args.max_trials, out=args.out, **common)
     return profile(args.model, plan_from_args(args), steps=args.steps or 3, out=args.out, **common)
+
+
+#: a CPU's effective rate on a QLoRA step (bf16 autocast, 4-bit dequantize): ~1B params x 2048 tokens
+#: took ~10 min a step on a 2-core runner. A rough figure: the notice says "roughly".
+CPU_FLOPS = 3e10
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def _profile_notice(spec: Any, plan: TrainPlan, args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """Say up front what profile will write and, on the CPU, roughly how long the steps take."""
+    if args.weights == "random":
+        try:
+            from .profile.weights import checkpoint_notice
+
+            note = checkpoint_notice(dict(spec.config), plan.dtype, args.seed, int(spec.params))
+        except ImportError:
+            note = None
+        if note:
+            say(note)
+    if plan.device == "cpu":
+        steps = args.steps or (2 * min(args.max_trials, 12) if (args.find_max_batch or args.find_max_seq) else 3)
+        flops = 6 * spec.params * plan.batch_size * plan.seq_len * (4 / 3 if plan.gradient_checkpointing else 1)
+        secs = steps * flops / CPU_FLOPS
+        span = f"{secs / 60:.0f} min" if secs >= 90 else f"{max(secs, 1):.0f} s"
+        say(f"{steps} CPU step(s) of {_count(spec.params)} params x {plan.batch_size * plan.seq_len} tokens: "
+            f"roughly {span} (plus loading); Ctrl-C stops it")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -599,6 +730,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = compare_runs(args.runs, stored=args.stored)
     _print_json({"schema": "memplan.compare/1", "runs": rows}) if args.json else print_compare(rows)
     return EXIT_OK
+
+
+PROFILE_CACHE_HELP = (
+    "Checkpoint cache: --weights random writes a checkpoint of random weights (safetensors, about 2 bytes per "
+    "parameter in bf16/fp16, 4 in fp32: ~2.5 GB for a 1B model, ~16 GB for 8B) once per config and dtype into "
+    "$MEMPLAN_CACHE_DIR/random-weights (default $XDG_CACHE_HOME/memplan, else ~/.cache/memplan) and reuses it; "
+    "profile says on stderr what it will write before it writes it. Delete the folder to reclaim the space. "
+    "On the CPU, steps of a 1B model at seq 2048 take minutes each: start with --seq-len 128 or a small model.")
 
 
 MODEL_HELP = ("catalogue name or alias (see `memplan models`), Hugging Face repo id, "
@@ -658,19 +797,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the report files in an existing non-empty --out")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free on every GPU (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress or status lines on stderr (errors and warnings still print)")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old name
     add_plan_flags(p, exclude=("method", "batch_size", "seq_len", "lora_r"))
-    command("simulate", cmd_simulate,
-            "exact meta-device trace of a real training step (needs the sim extra: torch, transformers, "
-            "peft, bitsandbytes)")
+    p = command("simulate", cmd_simulate,
+                "exact meta-device trace of a real training step (needs the sim extra: torch, transformers, "
+                "peft, bitsandbytes). " + SIM_COVERS[0].upper() + SIM_COVERS[1:] + ".")
+    p.add_argument("--quiet", action="store_true", help="no progress or status lines on stderr (errors and warnings still print)")
     p = command("profile", cmd_profile,
                 "run real training steps on the device and measure them per phase and per term against the "
                 "estimate (needs the profile extra); exit 0 ran, 1 out of memory or failed, 2 bad input")
+    p.epilog = PROFILE_CACHE_HELP
     p.add_argument("--steps", type=_positive_int, metavar="N", default=None,
                    help="training steps; the peak is taken over steps >= 2 (default 3; 2 per search trial)")
     p.add_argument("--weights", choices=("random", "pretrained"), default="random",
                    help="random: random weights from the config, no download (memory does not depend on the "
-                        "values); pretrained: the real checkpoint from MODEL's folder or hub id (default random)")
+                        "values), written once per config and dtype to the checkpoint cache (see below); "
+                        "pretrained: the real checkpoint from MODEL's folder or hub id (default random)")
     p.add_argument("--out", metavar="PATH", help="write the run record (memplan.run/1) to PATH: a .json file or a "
                                                   "folder such as profiles/runs (a search writes every trial)")
     p.add_argument("--memory-limit", metavar="GiB", type=float, default=None,
@@ -687,15 +830,281 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no per-term attribution (the live-tensor tracker is off): allocator/NVML peaks only")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and tokens (default 0)")
     p.add_argument("--gpu", metavar="GPU", help="catalogue GPU to estimate against (default: the one detected)")
-    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress or status lines on stderr (errors and warnings still print)")
     p = command("compare", cmd_compare, "estimate vs measured, term by term, for run records written by profile",
                 model=False, plan=False)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run record files (RUN.json) or folders of them")
     p.add_argument("--stored", action="store_true",
                    help="use the estimate stored in each record (made at run time) instead of the current one")
     command("models", cmd_models, "list the bundled model catalogue", model=False, plan=False)
+    p = sub.add_parser("completion", help="print a bash or zsh completion script",
+                       description="print a shell completion script for memplan, e.g. "
+                                   "`memplan completion bash > ~/.local/share/bash-completion/completions/memplan` "
+                                   "or, in ~/.zshrc, `eval \"$(memplan completion zsh)\"`")
+    parser.commands["completion"] = p
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    p.set_defaults(func=cmd_completion)
     command("gpus", cmd_gpus, "list the bundled GPU catalogue", model=False, plan=False)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# library warnings, Ctrl-C
+# ---------------------------------------------------------------------------------------------
+#: (message regex, category) of library warnings that memplan's own calls trigger: not the user's to act on
+LIBRARY_WARNINGS = (
+    (r"`?gradient_checkpointing\w*`? is deprecated", FutureWarning),  # transformers: -> activation_checkpointing
+    (r"`?is_gradient_checkpointing`? is deprecated", FutureWarning),
+    (r".*gradient_checkpointing.*activation_checkpointing", Warning),
+    (r"Paged optimizers are not supported on CPU", UserWarning),  # bitsandbytes on a CPU profile
+)
+
+
+def filter_library_warnings() -> None:
+    """Hide the deprecation notices and fallbacks that memplan's own calls into transformers and
+    bitsandbytes trigger (call inside `warnings.catch_warnings()`); bitsandbytes' log line about the
+    optional kernels-community CPU kernel goes too."""
+    import logging
+
+    for message, category in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+#: seconds the command gets to unwind after Ctrl-C before the process exits anyway (a long CPU kernel
+#: in a profile's backward does not return to Python for minutes)
+INTERRUPT_GRACE_S = 2.0
+_cleanups: list[Callable[[], None]] = []
+_cleanup_lock = threading.Lock()
+
+
+def _run_cleanups() -> None:
+    while _cleanups:
+        fn = _cleanups.pop()
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+@contextlib.contextmanager
+def undo_on_interrupt(fn: Callable[[], None]) -> Any:
+    """Run `fn` (remove partial output) when Ctrl-C interrupts the block, also when the process is
+    ended by the watchdog because the main thread is stuck in a long native call."""
+    _cleanups.append(fn)
+    try:
+        yield
+    except KeyboardInterrupt:
+        with _cleanup_lock:
+            _run_cleanups()
+        raise
+    finally:
+        if fn in _cleanups:
+            _cleanups.remove(fn)
+
+
+def _random_weight_tmp() -> None:
+    """The half-written random-weight checkpoints of this process (profile/weights.py names them)."""
+    import glob
+    import shutil
+
+    from .profile.weights import cache_root, tmp_prefix
+
+    for d in glob.glob(str(cache_root() / "random-weights" / f"{tmp_prefix()}*")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class _InterruptWatch:
+    """Ctrl-C: `memplan: interrupted` on stderr, exit 130, partial output removed.
+
+    Python runs its SIGINT handler (KeyboardInterrupt) only between bytecodes, so a main thread inside
+    one long native call (a CPU backward of a 1B model) would not stop for minutes. The C-level handler
+    also writes the signal to a wakeup fd: a watcher thread reads it, gives the main thread
+    INTERRUPT_GRACE_S to unwind, and otherwise runs the cleanups itself and ends the process."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.done = threading.Event()
+
+    def __enter__(self) -> "_InterruptWatch":
+        import signal
+        import socket
+
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return self
+        r, w = socket.socketpair()
+        w.setblocking(False)
+        try:
+            self.old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            r.close()
+            w.close()
+            return self
+        self.r, self.w, self.active = r, w, True
+        threading.Thread(target=self._watch, name="memplan-interrupt", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        import signal
+
+        try:
+            while True:
+                data = self.r.recv(64)
+                if not data or self.done.is_set():
+                    return
+                if signal.SIGINT in data:
+                    break
+        except OSError:
+            return
+        if self.done.wait(INTERRUPT_GRACE_S):
+            return
+        with _cleanup_lock:
+            if self.done.is_set():
+                return
+            _run_cleanups()
+            try:
+                _random_weight_tmp()
+            except Exception:  # noqa: BLE001
+                pass
+            os.write(2, b"memplan: interrupted\n")
+            os._exit(130)
+
+    def interrupted(self) -> int:
+        self.done.set()
+        with _cleanup_lock:
+            _run_cleanups()
+        print("memplan: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        if not self.active:
+            return
+        import signal
+
+        signal.set_wakeup_fd(self.old_fd)
+        try:
+            self.w.send(b"\0")  # wake the watcher, which sees `done` and returns
+        except OSError:
+            pass
+        self.w.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# shell completion, generated from the parser
+# ---------------------------------------------------------------------------------------------
+def _completion_data(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """{command: {"flags": [...], "model": bool, "choices": {flag: [...]}}}, plus catalogue names."""
+    cmds: dict[str, Any] = {}
+    for name, sub in parser.commands.items():  # type: ignore[attr-defined]
+        flags, choices, takes = [], {}, []
+        positional = None
+        for a in sub._actions:
+            if a.help == argparse.SUPPRESS:
+                continue
+            if not a.option_strings:
+                positional = a.metavar or a.dest
+                if a.choices:
+                    choices[""] = list(a.choices)
+                continue
+            for o in a.option_strings:
+                if o.startswith("--"):
+                    flags.append(o)
+                    if a.choices:
+                        choices[o] = list(a.choices)
+                    elif a.nargs != 0 and not isinstance(a, (argparse._StoreTrueAction, argparse._StoreConstAction,
+                                                             argparse.BooleanOptionalAction)):
+                        takes.append(o)
+        cmds[name] = {"flags": flags, "positional": positional, "choices": choices, "takes": takes}
+    models = sorted({m.name for m in list_models()})
+    gpus = sorted({g.name for g in list_gpus()})
+    return {"commands": cmds, "models": models, "gpus": gpus}
+
+
+def completion_script(shell: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """A bash or zsh completion script for `memplan`: subcommands, each one's flags, the choices of
+    flags that have them, catalogue model names for MODEL/--models and GPU names for --gpu/--gpus."""
+    d = _completion_data(parser or build_parser())
+    cmds = d["commands"]
+    models, gpus = " ".join(d["models"]), " ".join(d["gpus"])
+    lines = []
+    for name, c in cmds.items():
+        lines.append(f'        {name}) flags="{" ".join(c["flags"] + ["--help"])}" ;;')
+    flag_cases = []
+    seen: dict[str, str] = {}
+    for c in cmds.values():
+        for flag, ch in c["choices"].items():
+            if flag:
+                seen.setdefault(flag, " ".join(map(str, ch)))
+    for flag, words in seen.items():
+        flag_cases.append(f'        {flag}) words="{words}" ;;')
+    flag_cases.append(f'        --gpu|--gpus) words="{gpus}" ;;')
+    flag_cases.append(f'        --models) words="{models}" ;;')
+    takes = sorted({t for c in cmds.values() for t in c["takes"]} - set(seen) - {"--gpu", "--gpus", "--models"})
+    path_flags = [t for t in takes if t in ("--out",)]
+    other = [t for t in takes if t not in path_flags]
+    if path_flags:
+        flag_cases.append(f'        {"|".join(path_flags)}) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;')
+    if other:
+        flag_cases.append(f'        {"|".join(other)}) return 0 ;;')
+    model_cmds = "|".join(n for n, c in cmds.items() if c["positional"] == "MODEL")
+    shell_cmd = "|".join(n for n, c in cmds.items() if "" in c["choices"])
+    shell_words = " ".join(next((c["choices"][""] for c in cmds.values() if "" in c["choices"]), []))
+    bash = f"""# bash completion for memplan (generated by `memplan completion bash`)
+_memplan() {{
+    local cur prev cmd words flags i
+    cur="${{COMP_WORDS[COMP_CWORD]}}"
+    prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+    cmd=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${{COMP_WORDS[i]}}" in
+            -*) ;;
+            *) cmd="${{COMP_WORDS[i]}}"; break ;;
+        esac
+    done
+    if [[ -z "$cmd" ]]; then
+        COMPREPLY=($(compgen -W "{" ".join(cmds)} --help --version" -- "$cur"))
+        return 0
+    fi
+    words=""
+    case "$prev" in
+{chr(10).join(flag_cases)}
+    esac
+    if [[ -n "$words" ]]; then
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+        return 0
+    fi
+    case "$cmd" in
+{chr(10).join(lines)}
+        *) flags="--help" ;;
+    esac
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$flags" -- "$cur"))
+        return 0
+    fi
+    case "$cmd" in
+        {model_cmds or "_none_"}) COMPREPLY=($(compgen -W "{models}" -- "$cur")); compopt -o default 2>/dev/null ;;
+        {shell_cmd or "_none_"}) COMPREPLY=($(compgen -W "{shell_words}" -- "$cur")) ;;
+        compare) COMPREPLY=($(compgen -f -- "$cur")) ;;
+    esac
+    return 0
+}}
+complete -F _memplan memplan
+"""
+    if shell == "bash":
+        return bash
+    if shell == "zsh":
+        return ("#compdef memplan\n# zsh completion for memplan (generated by `memplan completion zsh`): "
+                "zsh's bashcompinit runs the bash completion\n"
+                "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n"
+                + bash.split("\n", 1)[1])
+    raise MemplanError(f"unknown shell {shell!r}; give bash or zsh")
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(completion_script(args.shell), end="")
+    return EXIT_OK
 
 
 def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: Sequence[str]) -> str:
@@ -722,14 +1131,24 @@ def _error(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point: library warnings memplan's own calls trigger are filtered, Ctrl-C exits 130."""
+    with warnings.catch_warnings(), _InterruptWatch() as watch:
+        filter_library_warnings()
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            return watch.interrupted()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:
             return _error(_unrecognized(parser, getattr(args, "command", None), extra))
         if not getattr(args, "command", None):
-            return _error("give a command: estimate, fit, recommend, report, simulate, profile, compare, models or gpus "
-                          "(see `memplan --help`)")
+            return _error("give a command: estimate, fit, recommend, report, simulate, profile, compare, models, gpus "
+                          "or completion (see `memplan --help`)")
         return args.func(args)
     except _UsageError as e:
         return _error(str(e))
@@ -737,8 +1156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(e))
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:  # `memplan models | head`
         return EXIT_OK
 

@@ -37,6 +37,23 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "memplan"
 
 
+def tmp_prefix() -> str:
+    """The prefix of this process's half-written checkpoints (removed on Ctrl-C, see memplan.cli)."""
+    return f".tmp-{os.getpid()}-"
+
+
+def checkpoint_notice(config: dict[str, Any], dtype: str, seed: int, params: int) -> str | None:
+    """What `random_checkpoint` will write, said before it writes it; None when it is cached."""
+    root = cache_root() / "random-weights"
+    final = root / f"{config.get('model_type', 'model')}-{dtype}-{_key(config, dtype, seed)}"
+    if (final / ".complete").is_file():
+        return None
+    size = params * (4 if dtype == "fp32" else 2)
+    amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    return (f"will write a random-weight checkpoint of ~{amount} ({params:,} params, {dtype}) "
+            f"to {final} (the cache: $MEMPLAN_CACHE_DIR; reused by later runs, delete it to reclaim the space)")
+
+
 def _key(config: dict[str, Any], dtype: str, seed: int) -> str:
     import transformers
 
@@ -60,7 +77,7 @@ def random_checkpoint(config: dict[str, Any], dtype: str = "bf16", seed: int = 0
     if progress:
         progress(f"writing a random-weight checkpoint to {final}")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(), dir=root))
     try:
         cfg = hf_config(config)
         with torch.device("meta"):

@@ -108,7 +108,7 @@ def simulate(config: dict[str, Any] | ModelSpec, plan: TrainPlan, steps: int = 2
     the tests check both). `progress`: lines on stderr (default: when stderr is a terminal). Returns a
     `SimulateResult`; raises `StepWouldFail` when the HF stack refuses the plan (see the module doc).
     """
-    say = Progress(progress)
+    say = Progress(progress, after=0.0 if progress else 2.0)  # asked for (the CLI): every line
     _check_extras()
     from ..runtime.tracker import LiveTensorTracker
     from .fastmeta import FAST_KERNELS
