@@ -106,7 +106,8 @@ def arch_of(model_type: object) -> Arch:
     if row is None:
         raise UnsupportedArchitectureError(
             f"the closed-form estimator does not cover model_type {model_type!r} "
-            f"(supported: {', '.join(SUPPORTED)}); use `memplan simulate` for any architecture transformers knows")
+            f"(supported: {', '.join(SUPPORTED)}); `memplan simulate` traces the causal LMs transformers builds "
+            "(gpt2, gpt_neox, falcon, ... as well)")
     return row
 
 

@@ -295,9 +295,14 @@ def report_data(args: argparse.Namespace) -> dict[str, Any]:
     made, before = _report_folder_state(args.out)
     out = prepare_out_dir(args.out, force=args.force)
     with undo_on_interrupt(lambda: _remove_report_output(out, made, before)):
-        return run_report(specs, gspecs, methods=methods, out=out, checked=True,
-                          reserve_bytes=reserve, progress=not args.quiet, **grids,
-                          **plan_kwargs(args))
+        try:
+            return run_report(specs, gspecs, methods=methods, out=out, checked=True,
+                              reserve_bytes=reserve, progress=not args.quiet, **grids,
+                              **plan_kwargs(args))
+        except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile: keep nothing
+            _remove_report_output(out, made, before)
+            raise MemplanError(f"cannot write the report to {str(out)!r}: {e.strerror or e} (nothing was kept); "
+                               "free some space or pass another --out") from None
 
 
 def _report_folder_state(out: Any) -> tuple[list[Any], set[str] | None]:
@@ -626,6 +631,26 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # profile / compare (memplan.profile: real steps on the device, run records)
 # ---------------------------------------------------------------------------------------------
+def _check_pretrained_source(model: str) -> None:
+    """--weights pretrained needs real weights: a local folder must hold a checkpoint (safetensors or
+    PyTorch .bin files, sharded or not), a config.json path or catalogue name has none."""
+    import os
+
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not any(n.endswith((".safetensors", ".bin")) for n in names):
+            raise MemplanError(f"--weights pretrained: {model!r} holds no checkpoint (no *.safetensors or *.bin "
+                               "files, only the config); point MODEL at the folder with the weights, or use "
+                               "--weights random (memory does not depend on the weights' values)")
+    elif path.endswith(".json") or os.path.isfile(path):
+        raise MemplanError(f"--weights pretrained needs the folder with the weights, not the file {model!r}; "
+                           "or use --weights random")
+    elif "/" not in model:
+        raise MemplanError(f"--weights pretrained needs a hub id (org/name) or a local folder with the weights, "
+                           f"not the catalogue name {model!r}; or use --weights random")
+
+
 def profile_data(args: argparse.Namespace) -> Any:
     """A MeasuredRun, or a SearchResult with --find-max-batch / --find-max-seq.
 
@@ -647,6 +672,8 @@ def profile_data(args: argparse.Namespace) -> Any:
         raise MemplanError(f"--max-trials must be >= 1, got {args.max_trials}")
     if args.gpu is not None:
         load_gpu(args.gpu)  # an unknown or ambiguous name fails here, not after the run
+    if args.weights == "pretrained":
+        _check_pretrained_source(args.model)
     spec, plan = _check_model_and_plan(args)
     _warn_plan(spec, plan)
     if args.out is not None:

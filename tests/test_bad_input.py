@@ -108,6 +108,10 @@ CASES = [
     ("prof-both-searches", ["profile", M, "--find-max-batch", "--find-max-seq"]),
     ("prof-flash-cpu", ["profile", M, "--device", "cpu", "--attn-implementation", "flash_attention_2"]),
     ("prof-weights", ["profile", M, "--weights", "trained"]),
+    ("prof-pretrained-config-only", ["profile", "{tmp}/cfgonly", "--device", "cpu", "--weights", "pretrained"]),
+    ("prof-pretrained-config-file", ["profile", "{tmp}/cfgonly/config.json", "--device", "cpu",
+                                     "--weights", "pretrained"]),
+    ("prof-pretrained-catalogue", ["profile", M, "--device", "cpu", "--weights", "pretrained"]),
     # --- compare, models, gpus ---
     ("compare-empty-folder", ["compare", "{tmp}/empty"]),
     ("compare-missing", ["compare", "{tmp}/nope.json"]),
@@ -124,6 +128,10 @@ def scratch(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty.json").mkdir()
+    (tmp_path / "cfgonly").mkdir()  # a config.json and no weights
+    (tmp_path / "cfgonly" / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '
+        '"num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000}')
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -149,3 +157,38 @@ def test_bad_input(capsys, scratch, argv):
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("memplan: error: "), err
     assert _tree(scratch) == before, "nothing written"
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "existing-folder"])
+def test_report_on_a_full_disk_is_one_line_and_keeps_nothing(capsys, tmp_path, monkeypatch, existing):
+    """Issue 14: `report` on a full disk printed a traceback and left a partial folder."""
+    pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    import errno
+
+    import memplan.report.html as html
+
+    calls = {"n": 0}
+    real = html.write_bytes_atomic
+
+    def full_disk(path, data):  # the first file is written, then the disk is full
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(html, "write_bytes_atomic", full_disk)
+    out = tmp_path / "rep"
+    if existing:
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    code = main(["report", "--models", "llama-2-7b", "--gpus", "a10g", "--seq-lens", "1024", "--batch-sizes", "1",
+                 "--out", str(out), "--quiet"] + (["--force"] if existing else []))
+    err = capsys.readouterr().err
+    assert code == 2 and calls["n"] > 1
+    lines = [ln for ln in err.splitlines() if not ln.startswith("memplan: warning:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in err
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    else:
+        assert not out.exists()
