@@ -267,9 +267,10 @@ class Recommendation:
             "change_margin_bytes": self.margin_bytes,
             "run_plan": plan_dict(self.run_plan or self.plan),
             "headroom_bytes": self.headroom_bytes,
-            "max_batch_size": {"value": self.max_batch_size, "seq_len": self.plan.seq_len,
+            # null when nothing fits (the text says "none"), as when the search was not run
+            "max_batch_size": {"value": self.max_batch_size or None, "seq_len": self.plan.seq_len,
                                "capped": self.max_batch_capped},
-            "max_seq_len": {"value": self.max_seq_len, "batch_size": self.plan.batch_size,
+            "max_seq_len": {"value": self.max_seq_len or None, "batch_size": self.plan.batch_size,
                             "capped": self.max_seq_len_capped,
                             "max_position_embeddings": self.model.max_position_embeddings},
             "changes": [c.to_dict() for c in self.changes],

@@ -318,3 +318,11 @@ def test_recommend_rejects_a_bad_budget():
     for bad in (0, -1, True, 1.5):
         with pytest.raises(memplan.MemplanError, match="simulate_budget"):
             recommend(DENSE, "a10g", simulate_budget=bad)
+
+
+def test_json_says_null_where_the_text_says_none():
+    """Issue 14: a 'none' answer (nothing fits) showed as 0 in --json."""
+    d = memplan.recommend("llama-3.1-70b", "t4").to_dict()
+    assert d["max_batch_size"]["value"] is None and d["max_seq_len"]["value"] is None
+    ok = memplan.recommend("llama-2-7b", "a100-80gb").to_dict()
+    assert ok["max_batch_size"]["value"] >= 1 and ok["max_seq_len"]["value"] >= 1
