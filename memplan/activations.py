@@ -216,7 +216,7 @@ class LayerModel:
         self.dropout = plan.lora_dropout if plan.method in ("qlora", "lora") else 0.0
         self.lins = {l.name.rsplit(".", 1)[-1]: l for l in model.layer_linears}
         self.targets = {lin.name for lin in lora_targets(model, plan)}
-        self.down_saved, self.prod_dt, self.prod_bytes, self.saved_before_down = Lin(), 0, Lin(), Lin()
+        self.down_saved, self.prod_dt, self.saved_before_down = Lin(), 0, Lin()
         self.down_out_dt = 0
         self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
 
@@ -496,7 +496,7 @@ class LayerModel:
         w.save(act, u)
         self.saved_before_down = w.saved_bytes
         out = self.linear(prod, lins["down_proj"])
-        self.prod_dt, self.prod_bytes, self.down_out_dt = prod.dt, prod.nbytes, out.dt
+        self.prod_dt, self.down_out_dt = prod.dt, out.dt
         w.drop(prod)
         return out
 

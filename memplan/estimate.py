@@ -50,7 +50,7 @@ from . import formulas as F
 from .activations import ActivationProfile, activation_profile
 from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, UnsupportedArchitectureError
-from .gpu import GPUSpec
+from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
@@ -205,11 +205,9 @@ def static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Static:
 def _lora_grads_after_attention(model: ModelSpec, plan: TrainPlan, rnd: int) -> int:
     """The LoRA gradients of one layer's Linears that run after the attention core (o_proj and the
     MLP): made already when the attention core's backward runs."""
-    r = (lambda n: -(-n // rnd) * rnd) if rnd > 1 else int  # noqa: E731
     qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj")
-    dt = plan.precision.adapter
-    return sum(r(dt * plan.lora_r * lin.in_features) + r(dt * lin.out_features * plan.lora_r)
-               for lin in F.lora_targets(model, plan) if lin.name.rsplit(".", 1)[-1] not in qkv)
+    return sum(F.lora_bytes(lin, plan, rnd) for lin in F.lora_targets(model, plan)
+               if lin.name.rsplit(".", 1)[-1] not in qkv)
 
 
 class DownProj(NamedTuple):
@@ -224,12 +222,11 @@ class DownProj(NamedTuple):
 
 
 def _down_proj(model: ModelSpec, plan: TrainPlan, rnd: int) -> DownProj:
-    r = (lambda n: -(-n // rnd) * rnd) if rnd > 1 else int  # noqa: E731
+    r = lambda n: F.rounded(n, rnd)  # noqa: E731
     lin = next((x for x in model.layer_linears if x.name.endswith("down_proj")), model.layer_linears[-1])
     n, N, K = lin.numel, lin.out_features, lin.in_features
     targeted = any(x.name == lin.name for x in F.lora_targets(model, plan))
-    dt = plan.precision.adapter
-    lora_grads = r(dt * plan.lora_r * K) + r(dt * N * plan.lora_r) if targeted else 0
+    lora_grads = F.lora_bytes(lin, plan, rnd) if targeted else 0
     dequant = w_grad = 0
     if plan.method == "qlora" and plan.quant != "int8":
         pr = plan.precision
@@ -523,10 +520,7 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
     the step, the peak is the largest."""
-    eager, pre = _plan_checks(model, plan, False)
-    if eager:
-        plan = plan.replace(attn_implementation="eager")
-    notes = list(pre)
+    plan, notes = check_plan(model, plan)
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
     ms = moments(step)
@@ -550,9 +544,7 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     if model.max_position_embeddings and plan.seq_len > model.max_position_embeddings:
         notes.append(f"seq_len {plan.seq_len} is longer than the model's max_position_embeddings "
                      f"{model.max_position_embeddings}")
-    if gpu is not None and plan.mixed_precision == "bf16" and not gpu.bf16:
-        notes.append(f"{gpu.name} has no bf16 support (compute capability {gpu.compute_capability}); "
-                     "use --mixed-precision fp16 --compute-dtype fp16 --dtype fp16")
+    notes += gpu_notes(gpu, plan)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=peak.phase, paged_bytes=paged, gpu=gpu,
                     notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=ms)
 
@@ -634,7 +626,7 @@ def from_simulation(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = Non
     res = simulate(dict(model.config), plan)
     terms = {t: int(res.terms.get(t.value, 0)) for t in Term}
     notes = [f"closed form unavailable ({reason.split(';')[0]}): terms are an exact `memplan simulate` trace",
-             *res.notes]
+             *res.notes, *gpu_notes(gpu, plan)]
     if plan.device == "cuda":
         cuda_overheads(terms, gpu)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=res.peak_phase, paged_bytes=res.paged_bytes,

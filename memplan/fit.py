@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import MemplanError
-from .gpu import GPUSpec
+from .gpu import GPUSpec, gpu_fix, gpu_support  # noqa: F401  (the one rule lives with the GPU spec)
 from .headroom import check_reserve, fit_limit_bytes, headroom_bytes, reserve_from_gib
 from .plan import TrainPlan
 from .present import gib as _gib, plan_dict
@@ -28,37 +28,6 @@ _NO_GPU = "a fit needs a GPU (--gpu NAME); see `memplan gpus`"
 FITS, FITS_PAGING, DOES_NOT_FIT, CANNOT_RUN = "fits", "fits_paging", "does_not_fit", "cannot_run"
 VERDICT_TEXT = {FITS: "fits", FITS_PAGING: "fits only by paging to host memory every step",
                 DOES_NOT_FIT: "DOES NOT FIT", CANNOT_RUN: "CANNOT RUN AS PLANNED"}
-
-
-def gpu_support(gpu: GPUSpec, plan: TrainPlan) -> str:
-    """Why `gpu` cannot run `plan` as planned ('' when it can): the one rule every command applies
-    (fit, estimate, recommend, the report)."""
-    if plan.device != "cuda":
-        return ""
-    if not gpu.bf16 and plan.mixed_precision == "bf16":
-        return (f"{gpu.name} has no bf16 (compute capability {gpu.compute_capability}); the HF Trainer refuses "
-                "bf16=True (--mixed-precision bf16)")
-    if plan.attn_implementation == "flash_attention_2" and gpu.compute_capability:
-        try:
-            if float(gpu.compute_capability) < 8.0:
-                return (f"flash_attention_2 needs compute capability >= 8.0; {gpu.name} is "
-                        f"{gpu.compute_capability}")
-        except ValueError:
-            pass
-    return ""
-
-
-def gpu_fix(gpu: GPUSpec, plan: TrainPlan) -> tuple[dict[str, Any], str]:
-    """The smallest edit that lets `gpu` run `plan` (({}, '') when it already can): (plan fields, flags)."""
-    changes: dict[str, Any] = {}
-    if plan.device == "cuda" and not gpu.bf16:
-        for k in ("mixed_precision", "compute_dtype", "dtype"):
-            if getattr(plan, k) == "bf16":
-                changes[k] = "fp16"
-    if gpu_support(gpu, plan.replace(**changes)).startswith("flash_attention_2"):
-        changes["attn_implementation"] = "sdpa"
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
-    return changes, flags
 
 
 @dataclass(frozen=True)
@@ -111,16 +80,12 @@ class Fit:
     @property
     def notes(self) -> tuple[str, ...]:
         """The notes of the estimate, plus the verdict's reason when it is not a plain fit."""
-        extra = []
-        if self.blocked:
-            extra.append(f"cannot run as planned on {self.gpu.name}: {self.blocked}"
-                         + (f"; fix: {self.fix}" if self.fix else ""))
+        extra = []  # the estimate itself says why the GPU cannot run the plan (memplan.gpu.gpu_notes)
         if self.paging:
             extra.append(f"fits only by paging to host memory every step: {_gib(self.estimate.paged_bytes)} GiB of "
                          f"paged optimizer state (CUDA managed memory) but {_gib(max(self.headroom_bytes, 0))} GiB "
                          "left on the device; expect slower steps, or free memory (see `memplan recommend`)")
-        own = f"{self.gpu.name} has no bf16 support"  # the estimate's own bf16 note says less than `blocked`
-        return tuple(extra) + tuple(n for n in self.estimate.notes if not (self.blocked and n.startswith(own)))
+        return tuple(extra) + tuple(self.estimate.notes)
 
     def __repr__(self) -> str:
         e = self.estimate

@@ -19,8 +19,12 @@ BNB_BLOCKSIZE = 64        # 4-bit blocksize on every backend in bitsandbytes 0.5
 NESTED_BLOCKSIZE = 256    # double-quant second level, hard-coded
 
 
-def _r(n: int, rnd: int) -> int:
+def rounded(n: int, rnd: int) -> int:
+    """`n` bytes as allocated: rounded up to `rnd` (512 on CUDA, 1 on the CPU)."""
     return round_up(n, rnd) if rnd > 1 and n else n
+
+
+_r = rounded
 
 
 def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
@@ -110,6 +114,12 @@ def lora_shapes(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
     for lin in lora_targets(model, plan):
         out += [(plan.lora_r, lin.in_features), (lin.out_features, plan.lora_r)]
     return out
+
+
+def lora_bytes(lin: Linear, plan: TrainPlan, rnd: int = 1) -> int:
+    """One adapted Linear's LoRA A [r, in] and B [out, r] (or their gradients), in the adapter dtype."""
+    dt = plan.precision.adapter
+    return rounded(dt * plan.lora_r * lin.in_features, rnd) + rounded(dt * lin.out_features * plan.lora_r, rnd)
 
 
 def lora_tensors(model: ModelSpec, plan: TrainPlan) -> list[int]:

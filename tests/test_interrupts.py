@@ -127,7 +127,7 @@ def test_profile_says_what_it_will_write(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner.Session, "run", _boom)
     main(["profile", "tests/profile/configs/tiny-llama", "--device", "cpu", "--seq-len", "32"])
     err = capsys.readouterr().err
-    assert f"will write a random-weight checkpoint of ~" in err and str(tmp_path / "random-weights") in err
+    assert "will write a random-weight checkpoint of ~" in err and str(tmp_path / "random-weights") in err
     assert "CPU step(s)" in err and "roughly" in err
 
 

@@ -372,10 +372,9 @@ def _notes_html(df: pd.DataFrame, meta: Mapping[str, Any]) -> str:
     errors = df.loc[df["error"] != "", ["model", "error"]].drop_duplicates()
     for r in errors.to_dict("records"):
         items.append(f"<li><b>{_esc(r['model'])} not estimated</b>: {_esc(r['error'])}</li>")
-    notes = df.loc[df["gpu_note"] != "", ["gpu", "gpu_note"]].drop_duplicates()
+    notes = df.loc[df["gpu_note"] != "", ["gpu", "gpu_note", "gpu_fix"]].drop_duplicates()
     for r in notes.to_dict("records"):
-        fix = (" Run it with --mixed-precision fp16 --compute-dtype fp16 --dtype fp16." if "bf16" in r["gpu_note"]
-               else "")
+        fix = f" Run it with {r['gpu_fix']}." if r["gpu_fix"] else ""
         items.append(f"<li><b>{_esc(r['gpu'])}</b>: cannot run the plan as planned: {_esc(r['gpu_note'])} (its "
                      f"memory figures are shown anyway).{_esc(fix)}</li>")
     glossary = "".join(f"<li><code>{t.value}</code>, {_esc(C.TERM_LABELS[t])}: {_esc(t.definition)}</li>"

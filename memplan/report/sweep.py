@@ -5,7 +5,8 @@ no rank), seq_len, batch_size; one `<term>_bytes` column per Term; allocated/res
 bytes, peak_phase, fits, headroom_bytes (`Fit.of`: GPU memory - device bytes - reserve);
 max_batch_size (the largest micro-batch that fits at the row's seq_len, everything else as in the
 row) and max_seq_len (the longest sequence at the row's batch), both exact (`memplan.search.max_fitting`;
-0 when even 1 does not fit); gpu_note (why the GPU cannot run the plan at all, e.g. no bf16); error
+0 when even 1 does not fit); gpu_note (why the GPU cannot run the plan at all, e.g. no bf16) and gpu_fix (the flags that
+make it runnable, `memplan.fit.gpu_fix`); error
 (why the row could not be estimated, e.g. a mixture-of-experts model; its numbers are then <NA>) and
 error_kind (the error's class, `MemplanError.error_kind`: "unsupported_architecture",
 "invalid_spec", ...; "" when the row was estimated), which charts and tables classify by.
@@ -30,7 +31,7 @@ import pandas as pd
 from ..catalogue import load_gpu, resolve_model
 from ..errors import MemplanError
 from ..estimate import Estimate, estimate
-from ..fit import Fit, check_reserve, fit_limit_bytes, gpu_support
+from ..fit import Fit, check_reserve, fit_limit_bytes, gpu_fix, gpu_support
 from ..gpu import GPUSpec
 from ..model import ModelSpec
 from ..plan import METHODS, TrainPlan
@@ -45,7 +46,8 @@ INT_COLUMNS = TERM_COLUMNS + ("allocated_bytes", "reserved_bytes", "device_bytes
                               "headroom_bytes", "max_batch_size", "max_seq_len")
 COLUMNS = ("model", "gpu", "gpu_memory_bytes", "method", "quant", "lora_r", "seq_len", "batch_size") + \
     TERM_COLUMNS + ("allocated_bytes", "reserved_bytes", "device_bytes", "paged_bytes", "peak_phase", "fits",
-                    "headroom_bytes", "max_batch_size", "max_seq_len", "gpu_note", "error", "error_kind")
+                    "headroom_bytes", "max_batch_size", "max_seq_len", "gpu_note", "gpu_fix", "error",
+                    "error_kind")
 
 
 class Progress:
@@ -199,12 +201,13 @@ def _group(spec: ModelSpec, gpu: GPUSpec, method: str, rank: int | None, seq_len
         return memo[key]
 
     note = gpu_support(gpu, proto)
+    fix = gpu_fix(gpu, proto)[1] if note else ""
     out = []
     for seq in seq_lens:
         for batch in batch_sizes:
             row: dict[str, Any] = {"model": spec.name, "gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes,
                                    "method": method, "quant": proto.quant, "lora_r": rank, "seq_len": seq,
-                                   "batch_size": batch, "gpu_note": note, "error": "", "error_kind": ""}
+                                   "batch_size": batch, "gpu_note": note, "gpu_fix": fix, "error": "", "error_kind": ""}
             try:
                 e = est(batch, seq)
             except MemplanError as err:  # e.g. MoE (no closed form): not estimable at this grid point

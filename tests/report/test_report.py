@@ -100,6 +100,7 @@ def test_sweep_reserve_and_plan_kwargs():
     assert row["device_bytes"] == e.device_bytes
     assert row["headroom_bytes"] == e.headroom_bytes - 2**30
     assert "bf16" in row["gpu_note"]
+    assert row["gpu_fix"] == "--mixed-precision fp16 --compute-dtype fp16 --dtype fp16"
 
 
 def test_rows_the_closed_form_cannot_estimate_carry_the_reason_and_its_kind():
@@ -139,6 +140,17 @@ def test_fit_matrix_cell_of_a_moe_model_names_its_kind(tmp_path):
     html = (Path(write_report(d, tmp_path)["html"])).read_text(encoding="utf-8")
     cell = re.search(r'<td class="na" data-model="mixtral-8x7b" data-gpu="h200">([^<]*)</td>', html)
     assert cell and "no closed form" in cell.group(1)
+
+
+def test_notes_give_each_blocked_gpu_its_own_fix(tmp_path):
+    """The notes say how to make a blocked GPU runnable, from `gpu_fix`: the flags differ by reason."""
+    d = pd.concat([sweep(["llama-3.2-1b"], ["t4"], seq_lens=(512,), batch_sizes=(1,), progress=False),
+                   sweep(["llama-3.2-1b"], ["v100-32gb"], seq_lens=(512,), batch_sizes=(1,), progress=False,
+                         attn_implementation="flash_attention_2", mixed_precision="fp16", compute_dtype="fp16",
+                         dtype="fp16")], ignore_index=True)
+    html = Path(write_report(d, tmp_path)["html"]).read_text(encoding="utf-8")
+    assert "Run it with --mixed-precision fp16 --compute-dtype fp16 --dtype fp16." in html
+    assert "Run it with --attn-implementation sdpa." in html
 
 
 def test_report_does_not_import_the_cli():
