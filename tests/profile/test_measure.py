@@ -14,7 +14,6 @@ import pytest
 
 from memplan.profile.measure import CudaMeter, is_oom, is_oom_text, phases_max, steady_steps, summarize_cuda
 from memplan.profile.nvml import Nvml, NvmlSampler
-from memplan.profile.search import gallop_bisect
 
 MiB = 2**20
 
@@ -209,28 +208,6 @@ def test_oom_classification():
     assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_oom(ValueError("out of memory"))  # not a runtime failure
     assert is_oom_text("Error out of memory at line 42 in file csrc/pythonInterface.cpp")
-
-
-# ---- search ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("truth, start", [(7, 7), (7, 3), (7, 12), (1, 5), (0, 4), (40, 1), (100, 100)])
-def test_gallop_bisect_finds_the_boundary(truth, start):
-    calls = []
-
-    def fits(u):
-        calls.append(u)
-        return u <= truth
-
-    largest, capped, exhausted = gallop_bisect(fits, start, cap=100, max_trials=20)
-    assert largest == truth and not exhausted
-    assert capped == (truth == 100)
-    assert len(calls) == len(set(calls))  # never the same trial twice
-    if truth and start == truth and truth < 100:
-        assert calls == [truth, truth + 1]  # an exact prediction costs two runs
-
-
-def test_gallop_bisect_respects_the_trial_budget():
-    largest, capped, exhausted = gallop_bisect(lambda u: u <= 1000, 1, cap=4096, max_trials=3)
-    assert exhausted and largest == 4  # 1, 2, 4 ran and fit
 
 
 # ---- a CUDA record, assembled from fake readings ------------------------------------------------------

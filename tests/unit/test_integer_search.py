@@ -68,7 +68,7 @@ def test_max_fitting_rejects_an_empty_range():
 
 
 @pytest.mark.parametrize("truth", [0, 1, 2, 3, 7, 8, 50, 99, 100])
-@pytest.mark.parametrize("start", [1, 4, 37, 100])
+@pytest.mark.parametrize("start", [1, 4, 7, 12, 37, 100])
 def test_gallop_bisect_equals_brute_force(truth, start):
     tried = []
 
@@ -79,6 +79,8 @@ def test_gallop_bisect_equals_brute_force(truth, start):
     largest, capped, exhausted = gallop_bisect(fits, start, cap=100, max_trials=30)
     assert (largest, capped, exhausted) == (truth, truth == 100, False)
     assert len(tried) == len(set(tried)), "each value is tried once"
+    if truth and start == truth and truth < 100:
+        assert tried == [truth, truth + 1]  # an exact prediction costs two runs
 
 
 def test_gallop_bisect_budget():
