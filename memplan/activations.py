@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 from itertools import count
 
-from .formulas import BNB_BLOCKSIZE, lora_shapes, lora_targets
+from .formulas import BNB_BLOCKSIZE, expert_targets, lora_shapes, lora_targets, moe_lora_shapes
 from .model import Linear, ModelSpec
 from .plan import TrainPlan, shape_free_cache
 from .units import round_up
@@ -219,6 +219,8 @@ class LayerModel:
         self.down_saved, self.prod_dt, self.saved_before_down = Lin(), 0, Lin()
         self.down_out_dt = 0
         self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
+        self.expert_targets = expert_targets(model, plan)
+        self.moe_late, self.moe_mid, self.moe_dt = Lin(), Lin(), 0
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -411,8 +413,10 @@ class LayerModel:
             w.drop(q, k)
             q, k = qn, kn
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
-        qe = w.new(q.numel, _promote(q.dt, cos_dt))
-        ke = w.new(k.numel, _promote(k.dt, cos_dt))
+        qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
+        ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
+        # nothing before the core needs grad (layer 0 without checkpointing, no LoRA on q/k/v): no saves
+        self.attn_rg = q.rg or k.rg or v.rg
         w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
         attn = self.p.attn_implementation
         if attn == "eager":
@@ -432,10 +436,13 @@ class LayerModel:
                 # the [B, 1, S, S] bool mask becomes an additive float mask in the query's dtype, saved
                 # for backward (CPU flash-for-cpu; CUDA mem-efficient, padded to a multiple of 16)
                 saved.append(w.new(Lin(q=1), cdt, False))
-            out = w.new(T * m.q_dim, qc.dt)
+            out = w.new(T * m.q_dim, qc.dt, self.attn_rg)
             # logsumexp [B, heads, S] fp32 (CUDA mem-efficient pads S to a multiple of 32: NB not rounded)
             lse = w.new(Lin(s=m.num_heads), 4, False)
-            w.save(qc, kc, vc, out, lse, *saved)
+            if self.attn_rg:
+                w.save(qc, kc, vc, out, lse, *saved)
+            else:
+                w.drop(qc, kc, vc, lse, *saved)
             w.drop(qe, ke, v)
         o = self.linear(out, lins["o_proj"])
         w.drop(out)
@@ -478,6 +485,8 @@ class LayerModel:
             return self._mlp(x)
 
     def _mlp(self, x: Sym) -> Sym:
+        if self.m.is_moe:
+            return self._moe(x)
         w, T, I = self.w, self.T, self.m.intermediate_size
         lins = self.lins
         # down(act(gate(x)) * up(x)): act runs before up (Python evaluates left to right)
@@ -498,6 +507,171 @@ class LayerModel:
         out = self.linear(prod, lins["down_proj"])
         self.prod_dt, self.down_out_dt = prod.dt, out.dt
         w.drop(prod)
+        return out
+
+    def _moe(self, x: Sym) -> Sym:
+        """A sparse MoE block (MixtralSparseMoeBlock, transformers 5.24): the router, then the fused
+        experts through `grouped_mm_experts_forward` (integrations/moe.py), each wrapped by peft's
+        `lora.ParamWrapper` where adapted (tuners/lora/layer.py). Op by op on a real CPU step:
+
+        - router (a ParamWrapper on its [E, H] weight when adapted): the delta B @ A (under autocast on
+          the cached 16-bit copies of A and B, saved by the mm), * scaling, .to(the weight's dtype);
+          `register_parametrization` evaluates W + delta once (a check), then the cached W + delta
+          serves F.linear (autocast casts it and x, both saved); logits.float(), softmax (saved),
+          topk (indices saved), the in-place renormalisation (saves the sum and a clone of the values);
+        - experts (ParamWrappers nested: down_proj outside, gate_up_proj inside): the down check
+          evaluates W + scaling · lhs @ rhs (one `baddbmm`, [E, H, I]) and drops it; the gate_up
+          evaluation, made under `parametrize.cached()`, is the merged weight the step uses (saved by
+          grouped_mm for the input gradient); sort of the T·k expert ids (values and permutation),
+          perm // k (saved), the gathered states [T·k, H] (saved), the sorted routing weights (saved),
+          histc's float copy of the ids and its counts, the offsets (saved); grouped_mm -> [T·k, 2I]
+          (saved by silu and mul), silu (saved), the product (saved by the next grouped_mm), the down
+          merged weight (saved), grouped_mm -> [T·k, H] (saved by the routing-weight mul), the
+          weighted rows, the inverse permutation (saved) and its arange, the unpermuted rows, and
+          their sum over k -> [T, H].
+        NB: MoE blocks without shared experts, routers without bias (Mixtral's layout).
+        """
+        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        E, k, I = m.num_experts, m.experts_per_token, m.expert_intermediate_size
+        S = T * k
+        pdt, ac = self.weights_dt, self.ac
+        targets = self.expert_targets
+        full = self.full
+        # -- the router ------------------------------------------------------------------------------
+        with w.frame():  # the router's ParamWrapper (or the router alone)
+            lora = "router" in targets
+            rg = x.rg or lora or full
+            wm = None
+            if lora:
+                mm_dt = ac or self.adapter_dt
+                if ac and self.p.precision.adapter_copies:
+                    ca, cb = w.new(self.r * H, ac), w.new(E * self.r, ac)
+                    w.save(ca, cb)
+                    w.copies += ca.nbytes + cb.nbytes
+                d0 = w.new(E * H, mm_dt)
+                d1 = w.new(E * H, mm_dt)
+                w.drop(d0)
+                delta = w.cast(d1, pdt)
+                if delta is not d1:
+                    w.drop(d1)
+                with w.frame():  # register_parametrization's check: W + delta, dropped
+                    chk = w.new(E * H, pdt)
+                w.drop(chk)
+            with w.frame():  # the router module
+                if lora:
+                    with w.frame():  # the parametrization (cached for the ParamWrapper's forward)
+                        wm = w.new(E * H, pdt)
+                if ac:  # autocast casts x and the (merged) weight; F.linear saves each for the other's grad
+                    wc = w.new(E * H, ac, False)
+                    xr = w.cast(x, ac)
+                    if lora or full:
+                        w.save(xr)
+                    if x.rg:
+                        w.save(wc)
+                    logits = w.new(T * E, ac, rg)
+                    w.drop(*{xr, wc} - {x})
+                else:
+                    if lora or full:
+                        w.save(x)
+                    if x.rg and wm is not None:
+                        w.save(wm)
+                    logits = w.new(T * E, _promote(x.dt, pdt), rg)
+                lf = w.cast(logits, 4)  # router_logits is returned (the block keeps it as `_`)
+                probs = w.new(T * E, 4, rg)
+                if lf is not logits:
+                    w.drop(lf)
+                vals, idx = w.new(T * k, 4, rg), w.new(T * k, 8, False)
+                if rg:
+                    w.save(probs, idx)
+                w.drop(probs)
+                ssum = w.new(T, 4, rg)
+                if rg:
+                    w.save(ssum, w.new(T * k, 4, False))  # div_ saves the sum and a clone of the values
+            w.drop(*[t for t in (wm, *( [delta] if lora else [])) if t is not None])
+        # -- the experts -----------------------------------------------------------------------------
+        # grouped_mm saves its input for the weight's gradient: where peft adapts that weight (or trains it)
+        gu_rg, dn_rg = "gate_up" in targets or full, "down" in targets or full
+        r2 = 2 * self.r  # the conversion doubles gate_up's rank
+        with w.frame():  # the outer ParamWrapper (down_proj)
+            if "down" in targets:
+                # get_delta_factors: lhs/rhs .to(the weight's dtype) -- copies when the adapters differ
+                # (saved by baddbmm: each needs the other for its gradient)
+                if self.adapter_dt != pdt:
+                    w.save(w.new(E * H * self.r, pdt), w.new(E * self.r * I, pdt))
+                with w.frame():  # register_parametrization's check, outside `cached()`: dropped
+                    chk = w.new(E * H * I, pdt)
+                w.drop(chk)
+            with w.frame():  # the inner ParamWrapper (gate_up_proj)
+                mgu = None
+                if "gate_up" in targets:
+                    if self.adapter_dt != pdt:
+                        w.save(w.new(E * 2 * I * r2, pdt), w.new(E * r2 * H, pdt))
+                    with w.frame():  # its check runs under the outer `cached()`: the merged weight used
+                        mgu = w.new(E * 2 * I * H, pdt)
+                with w.frame():  # the experts module: every local lives until it returns
+                    # autograd saves what a gradient needs: index its indices, grouped_mm its input for
+                    # the weight's gradient and the weight for the input's, silu / mul their inputs
+                    sv, perm = w.new(S, 8, False), w.new(S, 8, False)
+                    pk = w.new(S, 8, False)
+                    xg = w.new(S * H, x.dt, x.rg)
+                    sw = w.new(S, 4, rg)
+                    if x.rg:
+                        w.save(pk)
+                    if rg:
+                        w.save(perm)
+                    hin = w.new(S, 4, False)  # histc's input: the ids as float on CPU, int32 on CUDA
+                    hist = w.new(E, 4, False)
+                    offs = w.new(E, 4, False)
+                    xin = w.cast(xg, pdt)
+                    if mgu is not None and x.rg:
+                        w.save(mgu)
+                    if gu_rg:
+                        w.save(xin)
+                    g_rg = x.rg or gu_rg
+                    if g_rg:
+                        w.save(offs)
+                    gu = w.new(S * 2 * I, pdt, g_rg)
+                    with w.frame():  # act_fn
+                        act = w.new(S * I, pdt, g_rg)
+                    prod = w.new(S * I, pdt, g_rg)
+                    if g_rg:
+                        w.save(gu, act)
+                    if dn_rg:
+                        w.save(prod)
+                    md = None
+                    if "down" in targets:
+                        with w.frame():  # evaluated under `cached()`
+                            md = w.new(E * H * I, pdt)
+                        if g_rg:
+                            w.save(md)
+                    d_rg = g_rg or dn_rg
+                    if d_rg:
+                        w.save(offs)
+                    dn = w.new(S * H, pdt, d_rg)
+                    if d_rg:
+                        w.save(sw)
+                    if rg:
+                        w.save(dn)
+                    wo = w.new(S * H, _promote(pdt, 4), d_rg or rg)
+                    inv, ar = w.new(S, 8, False), w.new(S, 8, False)
+                    w.drop(ar)
+                    if wo.rg:
+                        w.save(inv)
+                    wo2 = w.new(S * H, wo.dt, wo.rg)
+                    w.drop(wo)
+                    fin = w.new(T * H, wo.dt, wo.rg)
+                    w.drop(wo2, sv, perm, pk, xg, xin, sw, hin, hist, offs, gu, act, prod, dn, inv,
+                           *([md] if md is not None else []))
+                out = w.cast(fin, x.dt)  # final_hidden_states.to(hidden_states.dtype), as it returns
+                if out is not fin:
+                    w.drop(fin)
+        w.drop(logits, vals)  # the router's outputs, locals of the block
+        # what the experts' backward frees before its largest moments (estimate's moe moments)
+        saved = lambda *ts: sum((t.nbytes for t in ts if t is not None and t.sid in w.saved), Lin())  # noqa: E731
+        self.moe_late = saved(dn, sw, inv)
+        self.moe_mid = saved(act, gu, prod, md)
+        self.moe_dt = pdt
+        self.saved_before_down = w.saved_bytes
         return out
 
     def layer(self, x: Sym, cos_dt: int) -> Sym:
@@ -549,6 +723,9 @@ class LayerTrace(NamedTuple):
     inflight: int                       # bytes per [T x H] element in flight at a recompute's start
     attn_saved: tuple[int, ...]         # eager: the layer's saved set once its softmax output is saved
     attn_saved_first: tuple[int, ...]   # ... in layer 0
+    moe_late: tuple[int, ...] = (0, 0, 0)  # MoE: saved tensors the experts' backward frees first (down's output...)
+    moe_mid: tuple[int, ...] = (0, 0, 0)   # ... and those freed by the down projection's and activation's backward
+    moe_dt: int = 0                        # the experts' dtype
 
 
 @shape_free_cache()
@@ -573,7 +750,10 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     copies = 0
     if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
-        copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in lora_shapes(model, plan))
+        shapes = lora_shapes(model, plan)
+        if "router" in expert_targets(model, plan):  # the router's delta B @ A runs under autocast
+            shapes = shapes + moe_lora_shapes(model, plan)[:2]
+        copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in shapes)
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
                       recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
                       forward=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(len(w.moments)))),
@@ -581,7 +761,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
                                                           model.arch.sandwich_norms, plan.precision.adapter),
-                      attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs))
+                      attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
+                      moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt)
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -614,6 +795,9 @@ class ActivationProfile(NamedTuple):
     attn_saved: int           # eager: a layer's saved set once its softmax output is saved (layers >= 1)
     attn_saved_first: int     # ... layer 0
     probs_bytes: int          # eager: one [B, heads, S, S] fp32 tensor (the softmax's output, or a gradient)
+    moe_late: int = 0         # MoE: the layer's saved tensors freed before the down projection's backward
+    moe_mid: int = 0          # MoE: those freed before the gate_up projection's backward
+    moe_dt: int = 0           # MoE: the experts' dtype bytes (their gradients in flight)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -683,7 +867,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         -(-T * H * (a if plan.use_reentrant else tr.inflight) // g) * g,
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
-        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0)
+        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
+        sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
+        tr.moe_dt)
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

@@ -33,6 +33,13 @@ class MoELayout:
     experts_key: str
     top_k_key: str
     fused_experts: bool = True
+    #: the config key of one routed expert's intermediate size
+    expert_intermediate_key: str = "intermediate_size"
+    #: peft 0.21's v4 -> v5 conversion (utils/transformers_weight_conversion.py, families mapped to
+    #: "mixtral" or "qwen2_moe" in transformers' conversion_mapping.py) turns these v4 Linear names into
+    #: targets of the router weight and the fused experts; `all-linear` means all of them. Empty: peft
+    #: wraps no expert (all-linear adapts the nn.Linear modules only).
+    peft_names: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,8 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False,
          sliding="config"),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
-         moe=MoELayout("num_local_experts", "num_experts_per_tok")),
+         moe=MoELayout("num_local_experts", "num_experts_per_tok",
+                       peft_names=(("gate", "router"), ("w1", "gate_up"), ("w3", "gate_up"), ("w2", "down")))),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)

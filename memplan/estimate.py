@@ -55,7 +55,9 @@ from .headroom import headroom_bytes
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
-from .versions import TRANSFORMERS
+from .versions import MODELED_VERSIONS, TRANSFORMERS
+
+MODELED_PEFT = MODELED_VERSIONS["peft"]
 
 SCHEMA = "memplan.estimate/1"
 
@@ -307,6 +309,13 @@ MOMENT_KINDS = {
     "attention_backward": ("attention_backward:{i}", _BACKWARD,
                            "the eager attention backward of layer {i} of {L}: [batch x heads x seq x seq] "
                            "probabilities and their gradients"),
+    "experts_backward": ("experts_backward:{i}", _BACKWARD,
+                         "the experts' down projection backward of layer {i} of {L}: the gradient of its "
+                         "[experts x hidden x intermediate] merged weight and [tokens*top_k x intermediate] "
+                         "gradients in flight"),
+    "experts_gate_up_backward": ("experts_gate_up_backward:{i}", _BACKWARD,
+                                 "the experts' gate/up projection backward of layer {i} of {L}: the gradient "
+                                 "of its [experts x 2*intermediate x hidden] merged weight in flight"),
     "optimizer": ("optimizer", _OPTIMIZER, "the optimizer step: every gradient plus the optimizer's state and scratch"),
 }
 
@@ -452,6 +461,39 @@ def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     return s.moment("dequant", i, grads, acts, 0, in_flight + max(matmul, d.dequant), what)
 
 
+def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment]:
+    """Layer i's fused experts backward (integrations/moe.py grouped_mm_experts_forward run backward),
+    at its two largest instants (measured with the tracker on real CPU steps):
+
+    - the down projection's grouped_mm backward: the unpermute and routing-weight mul have run (the
+      down output, the sorted routing weights and the inverse permutation are released); in flight are
+      the gradient arriving at the layer's output [T, H], the gradient of the down output
+      [T·k, H] and of the routing weights [T·k], the input gradient [T·k, I] and, where peft adapts
+      down_proj, the gradient of its merged weight [E, H, I] (from which baddbmm's backward makes the
+      LoRA gradients);
+    - the gate_up projection's grouped_mm backward: the down projection's and the activation's saved
+      tensors are released too, down_proj's LoRA gradients are made; in flight are the arriving
+      gradient, the gradient of the gate_up output [T·k, 2I], the input gradient [T·k, H] and the
+      gradient of the merged gate_up weight [E, 2I, H].
+    """
+    i, ap, r, m, T = lb.i, s.ap, s.r, s.model, s.tokens
+    H, I, E, k, dt = m.hidden_size, m.expert_intermediate_size, m.num_experts, m.experts_per_token, ap.moe_dt
+    S = T * k
+    targets = F.expert_targets(m, s.plan)
+    saved = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    arriving = r(T * H * ap.stream_dt)
+    down_w = r(E * H * I * dt) if "down" in targets else 0
+    down = s.moment("experts_backward", i, lb.grads, lb.fixed + saved - ap.moe_late, 0,
+                    arriving + r(S * H * dt) + r(S * 4) + r(S * I * dt) + down_w)
+    ad = s.plan.precision.adapter
+    down_lora = (r(ad * s.plan.lora_r * E * I) + r(ad * H * s.plan.lora_r * E)) if "down" in targets else 0
+    gu_w = r(E * 2 * I * H * dt) if "gate_up" in targets else 0
+    gate_up = s.moment("experts_gate_up_backward", i, lb.grads + down_lora,
+                       lb.fixed + saved - ap.moe_late - ap.moe_mid, 0,
+                       arriving + r(S * 2 * I * dt) + r(S * H * dt) + gu_w)
+    return down, gate_up
+
+
 def optimizer_moment(s: Step) -> Moment:
     """optimizer.step(): every gradient plus the optimizer's scratch."""
     return s.moment("optimizer", None, s.static.gradients, 0, 0, s.static.scratch)
@@ -470,9 +512,12 @@ def moments(s: Step) -> tuple[Moment, ...]:
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
-        if four_bit:
-            out.append(dequant_backward_moment(s, lb))
-        out.append(layer_backward_moment(s, lb))
+        if s.model.is_moe:
+            out += experts_backward_moments(s, lb)
+        else:
+            if four_bit:
+                out.append(dequant_backward_moment(s, lb))
+            out.append(layer_backward_moment(s, lb))
         if eager:
             out.append(attention_backward_moment(s, lb))
     out.append(optimizer_moment(s))
@@ -482,18 +527,22 @@ def moments(s: Step) -> tuple[Moment, ...]:
 # ---- the estimate ----------------------------------------------------------------------------------
 
 def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]:
-    """What the HF stack would refuse or change before a step runs: the plan actually run, and notes."""
-    eager, notes = _plan_checks(model, plan, False)
-    return (plan.replace(attn_implementation="eager") if eager else plan), list(notes)
+    """What the HF stack would refuse or change before a step runs: the plan actually run, and notes
+    (each change the plan needs is said in a note)."""
+    changes, notes = _plan_checks(model, plan, False)
+    return (plan.replace(**dict(changes)) if changes else plan), list(notes)
 
 
 @shape_free_cache()
-def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool, tuple[str, ...]]:
-    """check_plan's shape-free work, cached: (run with eager attention, notes). Raises what the HF
-    stack would refuse (errors are not cached)."""
+def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tuple[tuple[str, Any], ...],
+                                                                           tuple[str, ...]]:
+    """check_plan's shape-free work, cached: (the plan fields to change, notes). Raises what the HF
+    stack would refuse and no plan edit can fix (errors are not cached)."""
     notes: list[str] = []
+    changes: dict[str, Any] = {}
+    moe_names = {v4 for v4, _ in model.arch.moe.peft_names} if model.is_moe else set()
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
-        leaves = set(model.linear_leaves)
+        leaves = set(model.linear_leaves) | moe_names
         unknown = [t for t in plan.target_modules
                    if t not in leaves and all(lin.name != t for lin in model.layer_linears)]
         if unknown and len(unknown) == len(plan.target_modules):  # peft raises when nothing matches
@@ -503,18 +552,62 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool
         if unknown:
             notes.append(f"--target-modules {','.join(unknown)} match no Linear in {model.name} (peft ignores them)")
     if model.is_moe:
-        # transformers 5 fuses the experts into 3-D tensors that peft wraps (ParamWrapper, which merges
-        # a per-expert LoRA delta in every forward) and routes tokens data-dependently: not closed-form.
-        raise UnsupportedArchitectureError(
-            f"the closed form does not cover mixture-of-experts models ({model.model_type}: fused experts "
-            f"wrapped by peft, data-dependent routing); run `memplan simulate {model.name}` for an exact trace "
-            "(peft 0.21 also needs --lora-dropout 0 to wrap the fused experts)")
+        notes += _moe_checks(model, plan, changes)
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
+        changes["attn_implementation"] = "eager"
         notes.append(f"{model.model_type} has no SDPA attention in {TRANSFORMERS} (soft-capping): estimated "
                      "with eager, which from_pretrained picks; pass --attn-implementation flash_attention_2 if "
                      "you use it")
-    return eager, tuple(notes)
+    return tuple(changes.items()), tuple(notes)
+
+
+def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> list[str]:
+    """Mixture-of-experts: what is quantized and what is not, and the recipe changes the real stack
+    forces (each one a plan change and a note). Refusals with no plan fix raise."""
+    moe = model.arch.moe
+    notes = []
+    E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
+    experts = E * 3 * I * H * model.num_layers
+    if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
+        for part in ("gate_up",):
+            names = [v4 for v4, p in moe.peft_names if p == part]
+            hit = [v for v in names if v in plan.target_modules]
+            if hit and len(hit) < len(names):
+                raise InvalidSpecError("plan", [
+                    f"--target-modules {','.join(hit)} without {','.join(n for n in names if n not in hit)}: peft "
+                    f"{MODELED_PEFT} cannot adapt one of them, they are fused into {part}_proj (it raises); "
+                    f"target {','.join(names)} together"])
+    cuda = plan.device == "cuda"
+    experts_dt = plan.precision.params
+    if cuda and experts_dt == 4:
+        if plan.prepare and plan.precision.load != 4:
+            changes["prepare"] = False
+            notes.append("grouped_mm on CUDA takes bf16 experts only, and prepare_model_for_kbit_training upcasts "
+                         "them to fp32 (the step fails in torch's grouped_mm): estimated without prepare "
+                         "(--no-prepare), which the run must use; or load with experts_implementation='eager'")
+        else:
+            raise InvalidSpecError("plan", [
+                f"the experts of {model.name} would be fp32 (--dtype fp32), which grouped_mm on CUDA refuses "
+                "(bf16 only): use --dtype bf16"])
+    if plan.method == "qlora":
+        kept = ("fp32 (prepare_model_for_kbit_training upcasts them)" if changes.get("prepare", plan.prepare)
+                else "in the load dtype")
+        notes.append(f"{model.model_type}: the fused experts ({experts / 1e9:.1f}B parameters, 3-D tensors) and "
+                     f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only the attention "
+                     "projections are 4-bit")
+    targets = F.expert_targets(model, plan)
+    if targets:
+        parts = ", ".join(f"{p}{'_proj' if p != 'router' else ''}" for p in sorted(targets))
+        notes.append(f"peft wraps the {parts} parameters (lora.ParamWrapper): each expert gets its own rank-"
+                     f"{plan.lora_r} adapter (gate_up_proj rank {2 * plan.lora_r}: two fused Linears), and the "
+                     "merged expert weights are materialized in every forward (saved for backward)")
+        if plan.lora_dropout:
+            changes["lora_dropout"] = 0.0
+            notes.append(f"peft {MODELED_PEFT} refuses lora_dropout {plan.lora_dropout} on fused experts "
+                         "(lora.ParamWrapper raises ValueError): estimated with --lora-dropout 0, which the run "
+                         "must use")
+    return notes
 
 
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:

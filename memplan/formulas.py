@@ -83,7 +83,7 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     per_layer = [n for _, n in model.layer_norms]
     biases = [lin.out_features for lin in model.layer_linears if lin.bias]
     if model.is_moe:
-        E, I = model.num_experts, model.intermediate_size
+        E, I = model.num_experts, model.expert_intermediate_size
         per_layer += [E * 2 * I * H, E * H * I]
     # A 4-bit Linear's bias is cast to the compute dtype by its first forward (bitsandbytes
     # nn/modules.py Linear4bit.forward: `bias.data = bias.data.to(x.dtype)`), whatever prepare made it.
@@ -122,24 +122,62 @@ def lora_bytes(lin: Linear, plan: TrainPlan, rnd: int = 1) -> int:
     return rounded(dt * plan.lora_r * lin.in_features, rnd) + rounded(dt * lin.out_features * plan.lora_r, rnd)
 
 
+def expert_targets(model: ModelSpec, plan: TrainPlan) -> frozenset[str]:
+    """The mixture-of-experts parts peft adapts: "router", "gate_up", "down".
+
+    peft 0.21 converts v4 target names of the families transformers 5 fused (utils/
+    transformers_weight_conversion.py `_convert_peft_config_moe`): `all-linear`, or a list naming the
+    v4 Linears (`MoELayout.peft_names`, e.g. Mixtral's gate / w1 / w3 / w2), targets the router weight
+    and the fused 3-D expert parameters, each wrapped by a `lora.ParamWrapper`.
+    """
+    if plan.method not in ("qlora", "lora") or not model.is_moe:
+        return frozenset()
+    names = model.arch.moe.peft_names
+    if plan.target_modules == "all-linear":
+        return frozenset(part for _, part in names)
+    return frozenset(part for v4, part in names if v4 in plan.target_modules)
+
+
+def moe_lora_shapes(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
+    """(rows, cols) of one layer's LoRA tensors on the router and the fused experts (peft ParamWrapper).
+
+    ParamWrapper (tuners/lora/layer.py) makes lora_A = Linear(in, r·E) and lora_B = Linear(r·E, out):
+    every expert gets its own rank-r block. The router weight [E, H] is 2-D (one "expert"): A [r, H],
+    B [E, r]. gate_up_proj [E, 2I, H] fuses two v4 Linears, so the conversion doubles its rank (and
+    alpha): A [2r·E, H], B [2I, 2r·E]. down_proj [E, H, I]: A [r·E, I], B [H, r·E].
+    """
+    t = expert_targets(model, plan)
+    if not t:
+        return []
+    E, H, I, r = model.num_experts, model.hidden_size, model.expert_intermediate_size, plan.lora_r
+    out: list[tuple[int, int]] = []
+    if "router" in t:
+        out += [(r, H), (E, r)]
+    if "gate_up" in t:
+        out += [(2 * r * E, H), (2 * I, 2 * r * E)]
+    if "down" in t:
+        out += [(r * E, I), (H, r * E)]
+    return out
+
+
 def lora_tensors(model: ModelSpec, plan: TrainPlan) -> list[int]:
     """Element counts of every LoRA A [r, in] and B [out, r] tensor, all layers."""
     if plan.method not in ("qlora", "lora"):
         return []
-    return [r * c for r, c in lora_shapes(model, plan)] * model.num_layers
+    return [r * c for r, c in lora_shapes(model, plan) + moe_lora_shapes(model, plan)] * model.num_layers
 
 
 def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int, int], int, int]]:
     """((rows, cols), dtype bytes, count) of the trainable parameters, grouped per layer."""
     L = model.num_layers
     if plan.method in ("qlora", "lora"):
-        return [(shape, plan.precision.adapter, L) for shape in lora_shapes(model, plan)]
+        return [(shape, plan.precision.adapter, L) for shape in lora_shapes(model, plan) + moe_lora_shapes(model, plan)]
     dt = plan.precision.params
     per_layer = [(l.out_features, l.in_features) for l in model.layer_linears]
     per_layer += [(l.out_features, 1) for l in model.layer_linears if l.bias]
     per_layer += [(n, 1) for _, n in model.layer_norms]
     if model.is_moe:
-        E, I, H = model.num_experts, model.intermediate_size, model.hidden_size
+        E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
         per_layer += [(E * 2 * I, H), (E * H, I)]
     top = [(model.vocab_size, model.hidden_size), (model.hidden_size, 1)]
     if model.lm_head_params:
@@ -214,4 +252,10 @@ def optimizer_scratch_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cud
         return sum(k * _r(r * c * dt, rnd) for (r, c), dt, k in groups)
     if spec.impl == "fused" or spec.bits == 8 and cuda:
         return 0
+    if spec.bits == 8 and spec.states == 2:
+        # bitsandbytes' CPU 8-bit Adam (backends/cpu/ops.py _optimizer_update_8bit_blockwise_cpu): both
+        # states dequantized to fp32, grad * gnorm_scale, and sqrt(state2) with its quotient alive
+        # together (5 fp32 copies), plus an fp32 copy of a 16-bit parameter; 32-bit state below 4096
+        return max((5 * 4 * r * c + (4 * r * c if dt != 4 else 0)) if r * c >= MIN_8BIT_SIZE else r * c * dt
+                   for (r, c), dt, _ in groups)
     return max(r * c * dt for (r, c), dt, _ in groups)

@@ -52,6 +52,8 @@ class ModelSpec:
     layer_norms: tuple[tuple[str, int], ...]
     num_experts: int = 0
     experts_per_token: int = 0
+    #: one routed expert's intermediate size (the row's `expert_intermediate_key`; 0 for dense models)
+    expert_intermediate_size: int = 0
     hub_id: str = ""
     aliases: tuple[str, ...] = ()
     source: str = ""
@@ -96,7 +98,7 @@ class ModelSpec:
     @property
     def expert_params_per_layer(self) -> int:
         """Fused 3-D expert tensors (gate_up_proj [E, 2I, H] + down_proj [E, H, I]) per layer."""
-        return self.num_experts * 3 * self.intermediate_size * self.hidden_size if self.is_moe else 0
+        return self.num_experts * 3 * self.expert_intermediate_size * self.hidden_size if self.is_moe else 0
 
     @property
     def embedding_params(self) -> int:
@@ -172,10 +174,11 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if not isinstance(hd, int) or hd <= 0:
         problems.append(f"config head_dim must be a positive integer, got {hd!r}")
         hd = 1
-    E = k = 0
+    E = k = EI = 0
     if arch.moe is not None:
         E = _int(cfg, arch.moe.experts_key, problems)
         k = _int(cfg, arch.moe.top_k_key, problems)
+        EI = _int(cfg, arch.moe.expert_intermediate_key, problems)
     if problems:
         raise InvalidSpecError("model config", problems)
     tied = bool(cfg.get("tie_word_embeddings", arch.tied_default))
@@ -218,6 +221,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
         hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
         layer_linears=tuple(linears), layer_norms=tuple(norms), num_experts=E, experts_per_token=k,
+        expert_intermediate_size=EI,
         hub_id=hub_id, aliases=tuple(aliases), source=source, config=dict(config),
         final_logit_softcapping=cfg.get("final_logit_softcapping", arch.final_logit_softcapping),
         sliding_window=window, attention_types=tuple(sorted(set(types))),
