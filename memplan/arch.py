@@ -28,11 +28,42 @@ class MoELayout:
 
     transformers 5 fuses the experts into 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj`
     [E, H, I]) and the router is not an `nn.Linear`: bitsandbytes leaves all of them 16-bit.
+
+    expert_intermediate_key: the config key of the routed experts' I ("intermediate_size" for
+    Mixtral; Qwen2-MoE/Qwen3-MoE: "moe_intermediate_size", their `intermediate_size` being the
+    dense MLP's). shared_expert_key: the config key of a shared expert MLP's intermediate size ("" =
+    none); it is built of `nn.Linear` modules (`mlp.shared_expert.{gate,up,down}_proj`), so it is
+    4-bit and LoRA-adapted like a dense MLP. shared_expert_gate: an `nn.Linear(H, 1)`
+    (`mlp.shared_expert_gate`, sigmoid-gated). sparse_step_key / dense_layers_key: the config keys
+    that make some layers dense (Qwen: layer i is MoE iff i not in `mlp_only_layers` and
+    (i + 1) % `decoder_sparse_step` == 0; "" = every layer MoE). expert_bias / router_bias: biases
+    on the fused experts / the router (none of the rows so far). router: "parameter" (a module
+    holding an [E, H] `nn.Parameter`, applied with F.linear: not an `nn.Linear`) or "linear".
+    peft_adapts_experts: whether peft 0.21.2's "all-linear" reaches the fused experts and the router
+    (`utils/transformers_weight_conversion.py` `_convert_peft_config_moe`: only for model types that
+    transformers' `_MODEL_TO_CONVERSION_PATTERN` maps, plus "mixtral"; "qwen2_moe" is a value of that
+    map, not a key, so on Qwen2-MoE "all-linear" adapts attention and the shared expert only).
     """
 
     experts_key: str
     top_k_key: str
     fused_experts: bool = True
+    expert_intermediate_key: str = "intermediate_size"
+    shared_expert_key: str = ""
+    shared_expert_gate: bool = False
+    sparse_step_key: str = ""
+    dense_layers_key: str = ""
+    expert_bias: bool = False
+    router_bias: bool = False
+    router: str = "parameter"
+    peft_adapts_experts: bool = True
+
+    def moe_layers(self, cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
+        """Which decoder layers hold the sparse MoE block (the rest a dense MLP of `intermediate_size`),
+        as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it."""
+        step = int(cfg.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
+        dense = set(cfg.get(self.dense_layers_key) or ()) if self.dense_layers_key else set()
+        return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
 
 
 @dataclass(frozen=True)
@@ -48,7 +79,10 @@ class Arch:
     does, see `layer_types`).
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
-    default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`).
+    default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`),
+    "qwen2_moe" (Qwen2MoeConfig: even-indexed layers below `max_window_layers`, default 28, slide,
+    only with `use_sliding_window`). sliding "flag" (Qwen3MoeConfig): every layer slides by
+    `sliding_window` iff `use_sliding_window`.
     """
 
     model_type: str
@@ -95,6 +129,18 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          sliding="config"),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok")),
+    # q/k/v bias from `config.qkv_bias` (default True; no hub config sets it), o_proj none; a shared
+    # expert MLP + an nn.Linear(H, 1) sigmoid gate; `mlp_only_layers` / `decoder_sparse_step` make dense layers
+    Arch("qwen2_moe", _SRC.format("qwen2_moe"), qkv_bias=True, o_bias=False, sliding="layer_types",
+         default_layer_types="qwen2_moe",
+         moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       shared_expert_key="shared_expert_intermediate_size", shared_expert_gate=True,
+                       sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers",
+                       peft_adapts_experts=False)),
+    # q/k norm, no shared expert; `attention_bias` on all four projections
+    Arch("qwen3_moe", _SRC.format("qwen3_moe"), qk_norm=True, sliding="flag",
+         moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers")),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)
@@ -120,7 +166,10 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
         return ("full_attention",) * num_layers, None
     if arch.sliding == "config":
         return (("sliding_attention" if window else "full_attention"),) * num_layers, window or None
-    if arch.default_layer_types == "qwen" and not cfg.get("use_sliding_window", False):
+    if arch.sliding == "flag":  # Qwen3MoeConfig: sliding_window if use_sliding_window else None
+        window = window if cfg.get("use_sliding_window", False) else None
+        return (("sliding_attention" if window else "full_attention"),) * num_layers, window or None
+    if arch.default_layer_types in ("qwen", "qwen2_moe") and not cfg.get("use_sliding_window", False):
         window = None  # Qwen2Config: sliding_window = sliding_window if use_sliding_window else None
     types = cfg.get("layer_types")
     if not types:
@@ -129,6 +178,10 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
         elif arch.default_layer_types == "pattern":
             every = int(cfg.get("sliding_window_pattern", 6))
             types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+        elif arch.default_layer_types == "qwen2_moe":
+            last = int(cfg.get("max_window_layers", 28))
+            types = ["sliding_attention" if window and (i + 1) % 2 and i < last else "full_attention"
+                     for i in range(num_layers)]
         else:  # qwen
             first = int(cfg.get("max_window_layers", num_layers))
             types = ["sliding_attention" if window is not None and i >= first else "full_attention"
