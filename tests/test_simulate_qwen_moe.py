@@ -5,8 +5,9 @@ QLoRA recipe (`TrainPlan()` with `lora_dropout=0`: NF4 + double quant, prepare_m
 bf16 autocast, all-linear LoRA r=16 alpha=32, grouped_mm experts -- transformers 5's default, which on
 CPU with torch > 2.10 calls `torch.nn.functional.grouped_mm`: routing-independent memory). The sheet is
 what phase 2 of issue 10 encodes; `test_moe_block_saved_bytes` and `test_peft_inventory` re-measure its
-key lines (`python /tmp/...sheet.py`-style tracing: a TorchDispatchMode logging every storage the block
-creates, `torch.autograd.graph.saved_tensors_hooks` marking what autograd keeps).
+key lines, and `python tests/test_simulate_qwen_moe.py` prints the whole trace (a TorchDispatchMode
+logging every storage the block creates, `torch.autograd.graph.saved_tensors_hooks` marking what autograd
+keeps, and the peak of storages created in the block's backward) plus the simulate-vs-CPU table.
 
 Notation: T tokens (batch x seq), H hidden, E experts, k = num_experts_per_tok, S = T*k routed slots,
 I = moe_intermediate_size, Is = shared_expert_intermediate_size (Qwen2-MoE), r LoRA rank. fp32 = 4 B.
@@ -71,8 +72,10 @@ Backward of the block (largest transient, Qwen3-MoE): grouped_mm's weight gradie
   *scaling copies [E,2I,2r], [E,2r,H] (gate_up) and [E,H,r], [E,r,I] (down) fp32, then a clone into
   the LoRA B layout. Measured peak of storages created in the block's backward (T=24, H=64, E=8, k=2,
   I=40, r=16): 442,464 B = dW_eff gate_up 4*E*2I*H + its *scaling [E,2I,2r] + bmm and *scaling
-  [E,2r,H] (2x) + down's [E,H,r] and [E,r,I] + dx [S,H] fp32 + 2S. Qwen2-MoE: 53,504 B (token-sized
-  only: dx [S,H] fp32 gathers, no weight gradients for experts/router).
+  [E,2r,H] (2x) + down's [E,H,r] and [E,r,I] + dx [S,H] fp32 + 2S (asserted at E=6, I=32: 295,008 B).
+  NB: measured at small T; at large T the token terms (dx [S,H], the grouped_mm grads [S,2I]) grow.
+  Qwen2-MoE: 53,504 B at the same shapes, token-sized only (2x [T,H] fp32, 3x [S,H] fp32, 4S, and the
+  shared_expert_gate LoRA grads 4rH + 4r): no weight gradients for experts or router.
 
 Notes for the user (before renting a GPU)
 - Only attention (and Qwen2-MoE's shared expert + shared_expert_gate) is 4-bit. The routed experts and
@@ -124,7 +127,7 @@ CASES = [pytest.param(c, p, id=f"{c}-{p}") for c in CONFIGS for p in PLANS]
 
 def _plan(plan_id: str) -> TrainPlan:
     # the default QLoRA recipe, lora_dropout 0 (peft's ParamWrapper refuses dropout on fused experts)
-    return TrainPlan(device="cpu", seq_len=64, lora_dropout=0.0, **PLANS[plan_id])
+    return TrainPlan(device="cpu", seq_len=32, lora_dropout=0.0, **PLANS[plan_id])
 
 
 @pytest.mark.parametrize("cfg_id,plan_id", CASES)
@@ -211,6 +214,7 @@ class _Storages(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.rows, self.alive, self.by_ptr = [], set(), {}
+        self.live = [0, 0]  # bytes of live created storages, and their peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_flatten
@@ -226,9 +230,12 @@ class _Storages(torch.utils._python_dispatch.TorchDispatchMode):
                 self.rows.append((str(func), tuple(t.shape), t.dtype, st.nbytes()))
                 self.alive.add(i)
                 self.by_ptr[st.data_ptr()] = i
+                self.live[0] += st.nbytes()
+                self.live[1] = max(self.live)
 
-                def fin(i=i, ptr=st.data_ptr(), alive=self.alive, by_ptr=self.by_ptr):
+                def fin(i=i, ptr=st.data_ptr(), n=st.nbytes(), alive=self.alive, by_ptr=self.by_ptr, live=self.live):
                     alive.discard(i)
+                    live[0] -= n
                     if by_ptr.get(ptr) == i:
                         del by_ptr[ptr]
 
@@ -236,8 +243,10 @@ class _Storages(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _block_saved_bytes(cfg, T):
-    """Bytes autograd saves in one MoE block's forward, of storages the block creates (real CPU step)."""
+def _block_trace(cfg, T, backward=False):
+    """One MoE block (layer 1) of the adapted model on a real fp32 [1, T, H] input under bf16 autocast:
+    (bytes autograd saves of storages the block creates, the forward's storages, which were saved,
+    which outlived the forward, backward peak of storages created in backward)."""
     from memplan.runtime.load import adapt, load_model
 
     plan = _plan("nogc")
@@ -255,8 +264,14 @@ def _block_saved_bytes(cfg, T):
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
         y = mlp(x)
     kept = sum(log.rows[i][3] for i in saved if i in log.alive)
-    del y
-    return kept, log.rows
+    bwd_peak = 0
+    if backward:
+        g, b = torch.ones_like(y), _Storages()
+        with b:
+            y.backward(g)
+        bwd_peak = b.live[1]
+    return kept, log.rows, saved, set(log.alive), bwd_peak
+
 
 
 @pytest.mark.parametrize("cfg_id", list(CONFIGS))
@@ -266,7 +281,7 @@ def test_moe_block_saved_bytes(cfg_id):
     T, H, E, k, I, r = 24, cfg["hidden_size"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg[
         "moe_intermediate_size"], 16
     S = T * k
-    saved, rows = _block_saved_bytes(cfg, T)
+    saved, rows, _, _, bwd_peak = _block_trace(cfg, T, backward=True)
     grouped = 8 * S + 8 * S + 2 * S + 4 * E + 8 * S * I + 4 * S * I + 4 * S * H + 8 * S
     if cfg_id == "qwen3_moe":
         router = 2 * r * H + 2 * E * r + 2 * E * H + 2 * T * H + 4 * T * E + 8 * T * k + 4 * T + 4 * T * k
@@ -274,6 +289,9 @@ def test_moe_block_saved_bytes(cfg_id):
         assert saved == router + merged + grouped + 4 * S * H + 4 * S * I
         # the merged expert stacks are made twice per forward (parametrization check + cached value)
         assert sum(1 for op, shape, dt, _ in rows if "baddbmm" in op and shape == (E, 2 * I, H)) == 2
+        # backward: dW_eff of gate_up, baddbmm's bmm / *scaling copies for both stacks, dx of the gather
+        assert bwd_peak == (4 * E * 2 * I * H + 4 * E * 2 * I * 2 * r + 2 * 4 * E * 2 * r * H
+                            + 4 * E * H * r + 4 * E * r * I + 4 * S * H + 2 * S)
     else:
         Is = cfg["shared_expert_intermediate_size"]
 
@@ -285,3 +303,22 @@ def test_moe_block_saved_bytes(cfg_id):
         gate = 2 * r * H + 2 * T * H + 2 * T * r + 2 * r + 4 * T
         assert saved == shared + router + grouped + gate
         assert not [op for op, *_ in rows if "baddbmm" in op]
+        # NB: token-sized only at these shapes (which moment peaks depends on T, H, Is)
+        assert bwd_peak == 2 * 4 * T * H + 4 * r + 4 * r * H + 3 * 4 * S * H + 4 * S
+
+
+if __name__ == "__main__":  # print the block traces and the simulate-vs-CPU table
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for cfg_id, cfg in CONFIGS.items():
+        kept, rows, saved, alive, bwd = _block_trace(cfg, 24, backward=True)
+        print(f"== {cfg_id} MoE block, T=24: saved {kept} B; backward peak (created in backward) {bwd} B")
+        for i, (op, shape, dt, nb) in enumerate(rows):
+            flag = "SAVED" if i in saved and i in alive else ("kept" if i in alive else "")
+            print(f"  {i:3d} {op:40s} {str(shape):14s} {str(dt):15s} {nb:7d} {flag}")
+    print(f"{'config-plan':24s} {'cpu_step B':>12s} {'simulate B':>12s}")
+    for cfg_id, cfg in CONFIGS.items():
+        for plan_id in PLANS:
+            real, sim = cpu_step(cfg, _plan(plan_id)), simulate(cfg, _plan(plan_id))
+            print(f"{cfg_id + '-' + plan_id:24s} {real.peak_bytes:12d} {sim.peak_bytes:12d}")
