@@ -174,6 +174,24 @@ def test_inventory_matches_transformers_per_layer_kind(cfg_id):
             assert type(layer.mlp.gate) is not torch.nn.Linear  # the router is a module holding a Parameter
 
 
+@pytest.mark.parametrize("mt", ["qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("use", [False, True])
+def test_sliding_layers_as_the_config_class_resolves_them(mt, use):
+    """Qwen2MoeConfig: even layers below max_window_layers slide; Qwen3MoeConfig: all or none."""
+    from memplan.arch import ARCHITECTURES, layer_types
+    from memplan.runtime.load import hf_config
+
+    cfg = dict(model_type=mt, num_hidden_layers=6, use_sliding_window=use, sliding_window=128, max_window_layers=3,
+               hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    hc = hf_config(cfg)
+    types, window = layer_types(ARCHITECTURES[mt], cfg, 6)
+    assert window == (hc.sliding_window or None)
+    if mt == "qwen2_moe":
+        assert list(types) == hc.layer_types
+    else:
+        assert set(types) == {"sliding_attention" if use else "full_attention"}
+
+
 def test_peft_inventory():
     """What prepare + all-linear LoRA leave on one MoE layer (the sheet's parameter lines)."""
     from memplan.runtime.load import adapt, load_model
