@@ -71,7 +71,8 @@ class Arch:
     """One decoder family as transformers builds it.
 
     qkv_bias / o_bias: None reads `attention_bias` from the config, True/False is hard-coded by the
-    modeling file. gemma_norm: RMSNorm computes `x * (1 + w.float())` in fp32 (the `1 + w` saved).
+    modeling file (the default when `qkv_bias_key` names the config key that sets it: Qwen2-MoE's
+    `qkv_bias`). gemma_norm: RMSNorm computes `x * (1 + w.float())` in fp32 (the `1 + w` saved).
     rotary: "single" (one rotary module) or "per_layer_type" (one per attention type present in
     `layer_types`). sdpa: whether `from_pretrained` accepts `attn_implementation="sdpa"`.
     sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
@@ -91,6 +92,7 @@ class Arch:
     fused_gate_up: bool = False
     qkv_bias: bool | None = None
     o_bias: bool | None = None
+    qkv_bias_key: str = ""
     qk_norm: bool = False
     sandwich_norms: bool = False
     gemma_norm: bool = False
@@ -131,7 +133,8 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          moe=MoELayout("num_local_experts", "num_experts_per_tok")),
     # q/k/v bias from `config.qkv_bias` (default True; no hub config sets it), o_proj none; a shared
     # expert MLP + an nn.Linear(H, 1) sigmoid gate; `mlp_only_layers` / `decoder_sparse_step` make dense layers
-    Arch("qwen2_moe", _SRC.format("qwen2_moe"), qkv_bias=True, o_bias=False, sliding="layer_types",
+    Arch("qwen2_moe", _SRC.format("qwen2_moe"), qkv_bias=True, o_bias=False, qkv_bias_key="qkv_bias",
+         sliding="layer_types",
          default_layer_types="qwen2_moe",
          moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        shared_expert_key="shared_expert_intermediate_size", shared_expert_gate=True,

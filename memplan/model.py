@@ -231,6 +231,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     attn_bias = bool(cfg.get("attention_bias", False))
     mlp_bias = bool(cfg.get("mlp_bias", False))
     qkv_bias = attn_bias if arch.qkv_bias is None else arch.qkv_bias
+    if arch.qkv_bias_key:
+        qkv_bias = bool(cfg.get(arch.qkv_bias_key, qkv_bias))
     o_bias = attn_bias if arch.o_bias is None else arch.o_bias
     if arch.fused_qkv:
         linears = [Linear("self_attn.qkv_proj", qd + 2 * kvd, H, qkv_bias)]

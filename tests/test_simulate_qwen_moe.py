@@ -146,14 +146,18 @@ def test_simulate_matches_cpu_step(cfg_id, plan_id):
         assert abs(sim.phase_peaks[phase] - b) <= TOL * peak, (phase, b, sim.phase_peaks[phase])
 
 
-@pytest.mark.parametrize("cfg_id", list(CONFIGS))
-def test_inventory_matches_transformers_per_layer_kind(cfg_id):
+@pytest.mark.parametrize("cfg_id,over", [("qwen2_moe", {}), ("qwen3_moe", {}),
+                                         ("qwen2_moe", dict(qkv_bias=False, mlp_only_layers=[], decoder_sparse_step=3)),
+                                         ("qwen3_moe", dict(attention_bias=True, decoder_sparse_step=1,
+                                                            mlp_only_layers=[1]))],
+                         ids=["qwen2_moe", "qwen3_moe", "qwen2_moe-nobias-step3", "qwen3_moe-bias-mlp_only"])
+def test_inventory_matches_transformers_per_layer_kind(cfg_id, over):
     """ModelSpec's layer kinds, per-kind Linears and norms, and total equal transformers' meta build."""
     from transformers import AutoModelForCausalLM
 
     from memplan.runtime.load import hf_config
 
-    cfg = CONFIGS[cfg_id]
+    cfg = dict(CONFIGS[cfg_id], **over)
     spec = model_from_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(copy.deepcopy(cfg)))
@@ -164,6 +168,8 @@ def test_inventory_matches_transformers_per_layer_kind(cfg_id):
         linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
         mine = spec.layer_linears if kind == "moe" else spec.dense_layer_linears
         assert linears == {l.name: (l.out_features, l.in_features) for l in mine}
+        biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
+        assert biases == {l.name for l in mine if l.bias}
         other = {n: p.numel() for n, p in layer.named_parameters() if n.rsplit(".", 1)[0] not in linears}
         other.pop("mlp.experts.gate_up_proj", None), other.pop("mlp.experts.down_proj", None)
         norms = spec.layer_norms if kind == "moe" else spec.dense_layer_norms
