@@ -220,7 +220,7 @@ class LayerModel:
         self.down_out_dt = 0
         self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
         self.expert_targets = expert_targets(model, plan)
-        self.moe_late, self.moe_mid, self.moe_dt = Lin(), Lin(), 0
+        self.moe_late, self.moe_mid, self.moe_tail, self.moe_dt, self.moe_sw_dt = Lin(), Lin(), Lin(), 0, 4
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -487,7 +487,10 @@ class LayerModel:
     def _mlp(self, x: Sym) -> Sym:
         if self.m.is_moe:
             return self._moe(x)
-        w, T, I = self.w, self.T, self.m.intermediate_size
+        return self._mlp_dense(x, self.m.intermediate_size)
+
+    def _mlp_dense(self, x: Sym, I: int) -> Sym:
+        w, T = self.w, self.T
         lins = self.lins
         # down(act(gate(x)) * up(x)): act runs before up (Python evaluates left to right)
         if "gate_up_proj" in lins:
@@ -537,6 +540,11 @@ class LayerModel:
         pdt, ac = self.weights_dt, self.ac
         targets = self.expert_targets
         full = self.full
+        moe = m.arch.moe
+        shared = None
+        if m.shared_expert_intermediate_size:  # Qwen2-MoE: the shared expert MLP runs first
+            with w.frame():
+                shared = self._mlp_dense(x, m.shared_expert_intermediate_size)
         # -- the router ------------------------------------------------------------------------------
         with w.frame():  # the router's ParamWrapper (or the router alone)
             lora = "router" in targets
@@ -584,20 +592,29 @@ class LayerModel:
                 if rg:
                     w.save(probs, idx)
                 w.drop(probs)
-                ssum = w.new(T, 4, rg)
-                if rg:
-                    w.save(ssum, w.new(T * k, 4, False))  # div_ saves the sum and a clone of the values
+                if m.norm_topk_prob:
+                    ssum = w.new(T, 4, rg)
+                    if rg:
+                        w.save(ssum, w.new(T * k, 4, False))  # div_ saves the sum and a clone of the values
+                    w.drop(ssum)
+                if moe.scores_cast:  # Qwen: router_top_value.to(router_logits.dtype)
+                    sc = w.cast(vals, logits.dt)
+                    if sc is not vals:
+                        w.drop(vals)
+                        vals = sc
             w.drop(*[t for t in (wm, *( [delta] if lora else [])) if t is not None])
         # -- the experts -----------------------------------------------------------------------------
         # grouped_mm saves its input for the weight's gradient: where peft adapts that weight (or trains it)
         gu_rg, dn_rg = "gate_up" in targets or full, "down" in targets or full
         r2 = 2 * self.r  # the conversion doubles gate_up's rank
+        down_factors: tuple[Sym, ...] = ()
         with w.frame():  # the outer ParamWrapper (down_proj)
             if "down" in targets:
                 # get_delta_factors: lhs/rhs .to(the weight's dtype) -- copies when the adapters differ
                 # (saved by baddbmm: each needs the other for its gradient)
                 if self.adapter_dt != pdt:
-                    w.save(w.new(E * H * self.r, pdt), w.new(E * self.r * I, pdt))
+                    down_factors = (w.new(E * H * self.r, pdt), w.new(E * self.r * I, pdt))
+                    w.save(*down_factors)
                 with w.frame():  # register_parametrization's check, outside `cached()`: dropped
                     chk = w.new(E * H * I, pdt)
                 w.drop(chk)
@@ -614,7 +631,7 @@ class LayerModel:
                     sv, perm = w.new(S, 8, False), w.new(S, 8, False)
                     pk = w.new(S, 8, False)
                     xg = w.new(S * H, x.dt, x.rg)
-                    sw = w.new(S, 4, rg)
+                    sw = w.new(S, vals.dt, rg)
                     if x.rg:
                         w.save(pk)
                     if rg:
@@ -652,7 +669,7 @@ class LayerModel:
                         w.save(sw)
                     if rg:
                         w.save(dn)
-                    wo = w.new(S * H, _promote(pdt, 4), d_rg or rg)
+                    wo = w.new(S * H, _promote(pdt, sw.dt), d_rg or rg)
                     inv, ar = w.new(S, 8, False), w.new(S, 8, False)
                     w.drop(ar)
                     if wo.rg:
@@ -662,14 +679,35 @@ class LayerModel:
                     fin = w.new(T * H, wo.dt, wo.rg)
                     w.drop(wo2, sv, perm, pk, xg, xin, sw, hin, hist, offs, gu, act, prod, dn, inv,
                            *([md] if md is not None else []))
+                    sw_dt = sw.dt
                 out = w.cast(fin, x.dt)  # final_hidden_states.to(hidden_states.dtype), as it returns
                 if out is not fin:
                     w.drop(fin)
         w.drop(logits, vals)  # the router's outputs, locals of the block
+        experts_saved = w.saved_bytes
+        if shared is not None:
+            # sigmoid(shared_expert_gate(x)) * shared_output; expert_output + that
+            g = self.linear(x, self.lins["shared_expert_gate"])
+            sg = w.new(g.numel, g.dt, g.rg)
+            w.drop(g)
+            if g.rg:
+                w.save(sg)  # sigmoid saves its output
+            gs = w.new(shared.numel, _promote(sg.dt, shared.dt), sg.rg or shared.rg)
+            if shared.rg:
+                w.save(sg)
+            if sg.rg:
+                w.save(shared)
+            w.drop(sg, shared)
+            tot = w.new(out.numel, _promote(out.dt, gs.dt), True)
+            w.drop(out, gs)
+            out = tot
         # what the experts' backward frees before its largest moments (estimate's moe moments)
         saved = lambda *ts: sum((t.nbytes for t in ts if t is not None and t.sid in w.saved), Lin())  # noqa: E731
         self.moe_late = saved(dn, sw, inv)
-        self.moe_mid = saved(act, gu, prod, md)
+        # saved after the experts (the shared expert's gated branch): freed before the experts' backward
+        self.moe_tail = w.saved_bytes - experts_saved
+        self.moe_sw_dt = sw_dt
+        self.moe_mid = saved(act, gu, prod, md, *down_factors)  # baddbmm's backward frees its 16-bit factors
         self.moe_dt = pdt
         self.saved_before_down = w.saved_bytes
         return out
@@ -726,6 +764,8 @@ class LayerTrace(NamedTuple):
     moe_late: tuple[int, ...] = (0, 0, 0)  # MoE: saved tensors the experts' backward frees first (down's output...)
     moe_mid: tuple[int, ...] = (0, 0, 0)   # ... and those freed by the down projection's and activation's backward
     moe_dt: int = 0                        # the experts' dtype
+    moe_sw_dt: int = 4                     # the routing weights' dtype
+    moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
 
 
 @shape_free_cache()
@@ -762,7 +802,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
                                                           model.arch.sandwich_norms, plan.precision.adapter),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
-                      moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt)
+                      moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
+                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -798,6 +839,8 @@ class ActivationProfile(NamedTuple):
     moe_late: int = 0         # MoE: the layer's saved tensors freed before the down projection's backward
     moe_mid: int = 0          # MoE: those freed before the gate_up projection's backward
     moe_dt: int = 0           # MoE: the experts' dtype bytes (their gradients in flight)
+    moe_sw_dt: int = 4        # MoE: the routing weights' dtype bytes
+    moe_tail: int = 0         # MoE: saved after the experts (freed before their backward)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -869,7 +912,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
         sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
-        tr.moe_dt)
+        tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))))
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

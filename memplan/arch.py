@@ -28,18 +28,48 @@ class MoELayout:
 
     transformers 5 fuses the experts into 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj`
     [E, H, I]) and the router is not an `nn.Linear`: bitsandbytes leaves all of them 16-bit.
+
+    expert_intermediate_key: the config key of the routed experts' I ("intermediate_size" for
+    Mixtral; Qwen2-MoE/Qwen3-MoE: "moe_intermediate_size", their `intermediate_size` being the
+    dense MLP's). shared_expert_key: the config key of a shared expert MLP's intermediate size ("" =
+    none); it is built of `nn.Linear` modules (`mlp.shared_expert.{gate,up,down}_proj`), so it is
+    4-bit and LoRA-adapted like a dense MLP. shared_expert_gate: an `nn.Linear(H, 1)`
+    (`mlp.shared_expert_gate`, sigmoid-gated). sparse_step_key / dense_layers_key: the config keys
+    that make some layers dense (Qwen: layer i is MoE iff i not in `mlp_only_layers` and
+    (i + 1) % `decoder_sparse_step` == 0; "" = every layer MoE). expert_bias / router_bias: biases
+    on the fused experts / the router (none of the rows so far). router: "parameter" (a module
+    holding an [E, H] `nn.Parameter`, applied with F.linear: not an `nn.Linear`) or "linear".
+    peft_names: see the field.
     """
 
     experts_key: str
     top_k_key: str
     fused_experts: bool = True
-    #: the config key of one routed expert's intermediate size
     expert_intermediate_key: str = "intermediate_size"
-    #: peft 0.21's v4 -> v5 conversion (utils/transformers_weight_conversion.py, families mapped to
-    #: "mixtral" or "qwen2_moe" in transformers' conversion_mapping.py) turns these v4 Linear names into
-    #: targets of the router weight and the fused experts; `all-linear` means all of them. Empty: peft
-    #: wraps no expert (all-linear adapts the nn.Linear modules only).
+    shared_expert_key: str = ""
+    shared_expert_gate: bool = False
+    sparse_step_key: str = ""
+    dense_layers_key: str = ""
+    expert_bias: bool = False
+    router_bias: bool = False
+    router: str = "parameter"
+    #: the config key that switches the top-k renormalisation (Qwen `norm_topk_prob`); "" = always on (Mixtral)
+    norm_topk_key: str = ""
+    #: the router casts its top-k weights back to the logits' dtype (Qwen: `.to(router_logits.dtype)`)
+    scores_cast: bool = False
+    #: peft 0.21's v4 -> v5 conversion (utils/transformers_weight_conversion.py `_convert_peft_config_moe`,
+    #: for model types that transformers' `_MODEL_TO_CONVERSION_PATTERN` maps, plus "mixtral") turns these
+    #: v4 Linear names into targets of the router weight and the fused experts; `all-linear` means all of
+    #: them. Empty: peft wraps no expert (all-linear adapts the nn.Linear modules only: Qwen2-MoE, whose
+    #: type is a value of that map, not a key).
     peft_names: tuple[tuple[str, str], ...] = ()
+
+    def moe_layers(self, cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
+        """Which decoder layers hold the sparse MoE block (the rest a dense MLP of `intermediate_size`),
+        as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it."""
+        step = int(cfg.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
+        dense = set(cfg.get(self.dense_layers_key) or ()) if self.dense_layers_key else set()
+        return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
 
 
 @dataclass(frozen=True)
@@ -47,7 +77,8 @@ class Arch:
     """One decoder family as transformers builds it.
 
     qkv_bias / o_bias: None reads `attention_bias` from the config, True/False is hard-coded by the
-    modeling file. gemma_norm: RMSNorm computes `x * (1 + w.float())` in fp32 (the `1 + w` saved).
+    modeling file (the default when `qkv_bias_key` names the config key that sets it: Qwen2-MoE's
+    `qkv_bias`). gemma_norm: RMSNorm computes `x * (1 + w.float())` in fp32 (the `1 + w` saved).
     rotary: "single" (one rotary module) or "per_layer_type" (one per attention type present in
     `layer_types`). sdpa: whether `from_pretrained` accepts `attn_implementation="sdpa"`.
     sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
@@ -55,7 +86,10 @@ class Arch:
     does, see `layer_types`).
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
-    default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`).
+    default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`),
+    "qwen2_moe" (Qwen2MoeConfig: even-indexed layers below `max_window_layers`, default 28, slide,
+    only with `use_sliding_window`). sliding "flag" (Qwen3MoeConfig): every layer slides by
+    `sliding_window` iff `use_sliding_window`.
     """
 
     model_type: str
@@ -64,6 +98,7 @@ class Arch:
     fused_gate_up: bool = False
     qkv_bias: bool | None = None
     o_bias: bool | None = None
+    qkv_bias_key: str = ""
     qk_norm: bool = False
     sandwich_norms: bool = False
     gemma_norm: bool = False
@@ -81,6 +116,9 @@ class Arch:
     def is_moe(self) -> bool:
         return self.moe is not None
 
+
+#: peft's qwen2_moe conversion (utils/transformers_weight_conversion.py _MOE_TARGET_MODULE_MAPPING)
+QWEN2_MOE_PEFT = (("gate", "router"), ("gate_proj", "gate_up"), ("up_proj", "gate_up"), ("down_proj", "down"))
 
 ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("llama", _SRC.format("llama")),
@@ -103,6 +141,21 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok",
                        peft_names=(("gate", "router"), ("w1", "gate_up"), ("w3", "gate_up"), ("w2", "down")))),
+    # q/k/v bias from `config.qkv_bias` (default True; no hub config sets it), o_proj none; a shared
+    # expert MLP + an nn.Linear(H, 1) sigmoid gate; `mlp_only_layers` / `decoder_sparse_step` make dense layers
+    Arch("qwen2_moe", _SRC.format("qwen2_moe"), qkv_bias=True, o_bias=False, qkv_bias_key="qkv_bias",
+         sliding="layer_types",
+         default_layer_types="qwen2_moe",
+         moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       shared_expert_key="shared_expert_intermediate_size", shared_expert_gate=True,
+                       norm_topk_key="norm_topk_prob", scores_cast=True,
+                       sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers",
+                       peft_names=())),
+    # q/k norm, no shared expert; `attention_bias` on all four projections
+    Arch("qwen3_moe", _SRC.format("qwen3_moe"), qk_norm=True, sliding="flag",
+         moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers",
+                       norm_topk_key="norm_topk_prob", scores_cast=True, peft_names=QWEN2_MOE_PEFT)),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)
@@ -128,7 +181,10 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
         return ("full_attention",) * num_layers, None
     if arch.sliding == "config":
         return (("sliding_attention" if window else "full_attention"),) * num_layers, window or None
-    if arch.default_layer_types == "qwen" and not cfg.get("use_sliding_window", False):
+    if arch.sliding == "flag":  # Qwen3MoeConfig: sliding_window if use_sliding_window else None
+        window = window if cfg.get("use_sliding_window", False) else None
+        return (("sliding_attention" if window else "full_attention"),) * num_layers, window or None
+    if arch.default_layer_types in ("qwen", "qwen2_moe") and not cfg.get("use_sliding_window", False):
         window = None  # Qwen2Config: sliding_window = sliding_window if use_sliding_window else None
     types = cfg.get("layer_types")
     if not types:
@@ -137,6 +193,10 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
         elif arch.default_layer_types == "pattern":
             every = int(cfg.get("sliding_window_pattern", 6))
             types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+        elif arch.default_layer_types == "qwen2_moe":
+            last = int(cfg.get("max_window_layers", 28))
+            types = ["sliding_attention" if window and (i + 1) % 2 and i < last else "full_attention"
+                     for i in range(num_layers)]
         else:  # qwen
             first = int(cfg.get("max_window_layers", num_layers))
             types = ["sliding_attention" if window is not None and i >= first else "full_attention"

@@ -309,6 +309,9 @@ MOMENT_KINDS = {
     "attention_backward": ("attention_backward:{i}", _BACKWARD,
                            "the eager attention backward of layer {i} of {L}: [batch x heads x seq x seq] "
                            "probabilities and their gradients"),
+    "experts_unpermute_backward": ("experts_unpermute_backward:{i}", _BACKWARD,
+                                   "the start of layer {i}'s mixture-of-experts backward (of {L}): the "
+                                   "[tokens*top_k x hidden] gradient unpermuted, every saved tensor alive"),
     "experts_backward": ("experts_backward:{i}", _BACKWARD,
                          "the experts' down projection backward of layer {i} of {L}: the gradient of its "
                          "[experts x hidden x intermediate] merged weight and [tokens*top_k x intermediate] "
@@ -461,6 +464,26 @@ def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     return s.moment("dequant", i, grads, acts, 0, in_flight + max(matmul, d.dequant), what)
 
 
+def experts_unpermute_moment(s: Step, lb: LayerBackward) -> Moment:
+    """Layer i's MoE block backward, its first instant: the gradient of the block's output unpermuted
+    (`weighted_out[inv_perm]` run backward: a contiguous copy of the expanded [T·k, H] gradient,
+    new_zeros and index_put), every saved tensor of the layer alive. With a shared expert (Qwen2-MoE)
+    the sigmoid-gated branch has run backward first: its gate's LoRA gradients are made and two
+    [T, H] gradients of the shared branch are in flight (measured with the tracker on CPU steps)."""
+    i, ap, r, m, T = lb.i, s.ap, s.r, s.model, s.tokens
+    H, S = m.hidden_size, T * m.experts_per_token
+    saved = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    wo_dt = max(ap.moe_dt, ap.moe_sw_dt)
+    temps = r(T * H * ap.stream_dt) + 3 * r(S * H * wo_dt)
+    grads = lb.grads
+    if m.shared_expert_intermediate_size:
+        temps += 2 * r(T * H * ap.stream_dt)
+        gate = next(lin for lin in m.layer_linears if lin.name.endswith("shared_expert_gate"))
+        if any(lin.name == gate.name for lin in F.lora_targets(m, s.plan)):
+            grads += F.lora_bytes(gate, s.plan, 512 if s.plan.device == "cuda" else 1)
+    return s.moment("experts_unpermute_backward", i, grads, lb.fixed + saved - ap.moe_tail, 0, temps)
+
+
 def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment]:
     """Layer i's fused experts backward (integrations/moe.py grouped_mm_experts_forward run backward),
     at its two largest instants (measured with the tracker on real CPU steps):
@@ -480,11 +503,11 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
     H, I, E, k, dt = m.hidden_size, m.expert_intermediate_size, m.num_experts, m.experts_per_token, ap.moe_dt
     S = T * k
     targets = F.expert_targets(m, s.plan)
-    saved = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    saved = (ap.first_layer_bytes if i == 0 else ap.layer_bytes) - ap.moe_tail
     arriving = r(T * H * ap.stream_dt)
     down_w = r(E * H * I * dt) if "down" in targets else 0
     down = s.moment("experts_backward", i, lb.grads, lb.fixed + saved - ap.moe_late, 0,
-                    arriving + r(S * H * dt) + r(S * 4) + r(S * I * dt) + down_w)
+                    arriving + r(S * H * dt) + r(S * ap.moe_sw_dt) + r(S * I * dt) + down_w)
     ad = s.plan.precision.adapter
     down_lora = (r(ad * s.plan.lora_r * E * I) + r(ad * H * s.plan.lora_r * E)) if "down" in targets else 0
     gu_w = r(E * 2 * I * H * dt) if "gate_up" in targets else 0
@@ -513,7 +536,7 @@ def moments(s: Step) -> tuple[Moment, ...]:
         if gc:
             out.append(recompute_moment(s, lb))
         if s.model.is_moe:
-            out += experts_backward_moments(s, lb)
+            out += [experts_unpermute_moment(s, lb), *experts_backward_moments(s, lb)]
         else:
             if four_bit:
                 out.append(dequant_backward_moment(s, lb))
@@ -552,6 +575,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
         if unknown:
             notes.append(f"--target-modules {','.join(unknown)} match no Linear in {model.name} (peft ignores them)")
     if model.is_moe:
+        if model.layer_kinds:
+            raise UnsupportedArchitectureError(
+                f"the closed form does not cover {model.name}'s mix of dense and mixture-of-experts layers "
+                "(mlp_only_layers / decoder_sparse_step / first dense layers); "
+                f"`memplan simulate {model.name}` traces it exactly")
         notes += _moe_checks(model, plan, changes)
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:

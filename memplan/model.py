@@ -24,7 +24,9 @@ class Linear:
     out_features: int
     in_features: int
     bias: bool = False
-    kind: str = "attn"  # attn | mlp | router | head
+    #: attn | mlp | router | head | shared_gate (Qwen2-MoE's nn.Linear(H, 1) `mlp.shared_expert_gate`);
+    #: a shared expert's gate/up/down projections are "mlp"
+    kind: str = "attn"
 
     @property
     def numel(self) -> int:
@@ -33,7 +35,18 @@ class Linear:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only causal LM, as transformers builds it from `config`."""
+    """A decoder-only causal LM, as transformers builds it from `config`.
+
+    Mixture-of-experts models: `layer_linears` / `layer_norms` describe an MoE layer (its attention,
+    any shared expert's nn.Linear modules, norms, and the router's [E, H] parameter under
+    `layer_norms`); the fused experts are `expert_params_per_layer` ([E, 2·I_moe, H] + [E, H, I_moe],
+    I_moe = `expert_intermediate_size`). Where a family mixes dense and MoE layers (Qwen2-MoE /
+    Qwen3-MoE `mlp_only_layers`, `decoder_sparse_step`), `layer_kinds` names each layer ("moe" or
+    "dense", in order) and `dense_layer_linears` / `dense_layer_norms` describe a dense layer (a
+    gate/up/down MLP of `intermediate_size`). `layer_kinds` is empty when every layer is alike (all
+    dense models, Mixtral, and Qwen MoE checkpoints whose layers are all MoE): then
+    `num_layers × layer_*` is the whole stack, as before.
+    """
 
     name: str
     model_type: str
@@ -52,8 +65,6 @@ class ModelSpec:
     layer_norms: tuple[tuple[str, int], ...]
     num_experts: int = 0
     experts_per_token: int = 0
-    #: one routed expert's intermediate size (the row's `expert_intermediate_key`; 0 for dense models)
-    expert_intermediate_size: int = 0
     hub_id: str = ""
     aliases: tuple[str, ...] = ()
     source: str = ""
@@ -69,6 +80,17 @@ class ModelSpec:
     #: rotary embedding modules (gemma3: one per attention type in `layer_types`), read from the
     #: config at construction: no derived value reads `config` (excluded from equality) later
     rotary_modules: int = 1
+    #: routed experts' intermediate size (Qwen: `moe_intermediate_size`); 0 = `intermediate_size` (Mixtral)
+    moe_intermediate_size: int = 0
+    #: Qwen2-MoE's shared expert MLP intermediate size (0 = no shared expert)
+    shared_expert_intermediate_size: int = 0
+    #: per-layer "moe" / "dense" where the layers differ; () = every layer alike
+    layer_kinds: tuple[str, ...] = ()
+    #: a dense layer's Linears and norms where `layer_kinds` has "dense" entries
+    dense_layer_linears: tuple[Linear, ...] = ()
+    dense_layer_norms: tuple[tuple[str, int], ...] = ()
+    #: the router renormalises its top-k weights (Qwen `norm_topk_prob`; always for Mixtral)
+    norm_topk_prob: bool = True
 
     def __post_init__(self) -> None:
         if self.arch is None:
@@ -96,9 +118,26 @@ class ModelSpec:
         return self.arch.is_moe
 
     @property
+    def expert_intermediate_size(self) -> int:
+        """I of one routed expert: `moe_intermediate_size` (Qwen), else `intermediate_size` (Mixtral)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
     def expert_params_per_layer(self) -> int:
-        """Fused 3-D expert tensors (gate_up_proj [E, 2I, H] + down_proj [E, H, I]) per layer."""
+        """Fused 3-D expert tensors (gate_up_proj [E, 2I, H] + down_proj [E, H, I]) per MoE layer."""
         return self.num_experts * 3 * self.expert_intermediate_size * self.hidden_size if self.is_moe else 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Decoder layers holding the sparse MoE block."""
+        if not self.is_moe:
+            return 0
+        return self.layer_kinds.count("moe") if self.layer_kinds else self.num_layers
+
+    @property
+    def num_dense_layers(self) -> int:
+        """Decoder layers with a dense MLP (all of them for a dense model)."""
+        return self.num_layers - self.num_moe_layers
 
     @property
     def embedding_params(self) -> int:
@@ -130,7 +169,12 @@ class ModelSpec:
         """Total parameters as transformers counts them (tied weights once)."""
         per_layer = (self.layer_linear_params + self.layer_bias_params + self.layer_norm_params
                      + self.expert_params_per_layer)
-        return self.num_layers * per_layer + self.embedding_params + self.lm_head_params + self.hidden_size
+        top = self.embedding_params + self.lm_head_params + self.hidden_size
+        if not self.layer_kinds:
+            return self.num_layers * per_layer + top
+        dense = (sum(l.numel + (l.out_features if l.bias else 0) for l in self.dense_layer_linears)
+                 + sum(n for _, n in self.dense_layer_norms))
+        return self.num_moe_layers * per_layer + self.num_dense_layers * dense + top
 
     @property
     def rotary_buffer_elements(self) -> int:
@@ -174,11 +218,14 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if not isinstance(hd, int) or hd <= 0:
         problems.append(f"config head_dim must be a positive integer, got {hd!r}")
         hd = 1
-    E = k = EI = 0
+    E = k = I_moe = I_shared = 0
     if arch.moe is not None:
         E = _int(cfg, arch.moe.experts_key, problems)
         k = _int(cfg, arch.moe.top_k_key, problems)
-        EI = _int(cfg, arch.moe.expert_intermediate_key, problems)
+        if arch.moe.expert_intermediate_key != "intermediate_size":
+            I_moe = _int(cfg, arch.moe.expert_intermediate_key, problems)
+        if arch.moe.shared_expert_key:
+            I_shared = _int(cfg, arch.moe.shared_expert_key, problems)
     if problems:
         raise InvalidSpecError("model config", problems)
     tied = bool(cfg.get("tie_word_embeddings", arch.tied_default))
@@ -186,6 +233,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     attn_bias = bool(cfg.get("attention_bias", False))
     mlp_bias = bool(cfg.get("mlp_bias", False))
     qkv_bias = attn_bias if arch.qkv_bias is None else arch.qkv_bias
+    if arch.qkv_bias_key:
+        qkv_bias = bool(cfg.get(arch.qkv_bias_key, qkv_bias))
     o_bias = attn_bias if arch.o_bias is None else arch.o_bias
     if arch.fused_qkv:
         linears = [Linear("self_attn.qkv_proj", qd + 2 * kvd, H, qkv_bias)]
@@ -194,20 +243,33 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
                    Linear("self_attn.k_proj", kvd, H, qkv_bias),
                    Linear("self_attn.v_proj", kvd, H, qkv_bias)]
     linears.append(Linear("self_attn.o_proj", H, qd, o_bias))
+    attn_linears = list(linears)
+    if arch.fused_gate_up:
+        dense_mlp = [Linear("mlp.gate_up_proj", 2 * I, H, mlp_bias, "mlp")]
+    else:
+        dense_mlp = [Linear("mlp.gate_proj", I, H, mlp_bias, "mlp"), Linear("mlp.up_proj", I, H, mlp_bias, "mlp")]
+    dense_mlp.append(Linear("mlp.down_proj", H, I, mlp_bias, "mlp"))
     if arch.moe is None:
-        if arch.fused_gate_up:
-            linears.append(Linear("mlp.gate_up_proj", 2 * I, H, mlp_bias, "mlp"))
-        else:
-            linears += [Linear("mlp.gate_proj", I, H, mlp_bias, "mlp"), Linear("mlp.up_proj", I, H, mlp_bias, "mlp")]
-        linears.append(Linear("mlp.down_proj", H, I, mlp_bias, "mlp"))
+        linears += dense_mlp
+    elif I_shared:  # Qwen2MoeSparseMoeBlock: shared_expert = Qwen2MoeMLP(I_shared), shared_expert_gate
+        linears += [Linear("mlp.shared_expert.gate_proj", I_shared, H, False, "mlp"),
+                    Linear("mlp.shared_expert.up_proj", I_shared, H, False, "mlp"),
+                    Linear("mlp.shared_expert.down_proj", H, I_shared, False, "mlp")]
+    if arch.moe is not None and arch.moe.shared_expert_gate:
+        linears.append(Linear("mlp.shared_expert_gate", 1, H, False, "shared_gate"))
     norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
     if arch.sandwich_norms:
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
     if arch.qk_norm:
         norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+    dense_norms = tuple(norms)
+    kinds: tuple[str, ...] = ()
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
         norms += [("mlp.gate.weight", E * H)]
+        moe_layers = arch.moe.moe_layers(cfg, L)
+        if not all(moe_layers):
+            kinds = tuple("moe" if m else "dense" for m in moe_layers)
     types, window = layer_types(arch, cfg, L)
     # one set of rotary buffers per attention type present (gemma3), else one
     rotary_modules = len(set(types)) if arch.rotary == "per_layer_type" else 1
@@ -221,10 +283,13 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
         hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
         layer_linears=tuple(linears), layer_norms=tuple(norms), num_experts=E, experts_per_token=k,
-        expert_intermediate_size=EI,
         hub_id=hub_id, aliases=tuple(aliases), source=source, config=dict(config),
         final_logit_softcapping=cfg.get("final_logit_softcapping", arch.final_logit_softcapping),
         sliding_window=window, attention_types=tuple(sorted(set(types))),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
         arch=arch, rotary_modules=rotary_modules,
+        norm_topk_prob=bool(cfg.get(arch.moe.norm_topk_key, False)) if arch.moe and arch.moe.norm_topk_key else True,
+        moe_intermediate_size=I_moe, shared_expert_intermediate_size=I_shared, layer_kinds=kinds,
+        dense_layer_linears=tuple(attn_linears + dense_mlp) if kinds else (),
+        dense_layer_norms=dense_norms if kinds else (),
     )

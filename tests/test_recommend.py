@@ -261,7 +261,7 @@ DENSE = "llama-3.2-1b"
 
 
 @pytest.fixture
-def fake_simulate(monkeypatch):
+def fake_simulate(monkeypatch, no_closed_form):
     """estimate()'s simulate fallback replaced by a dense stand-in (the closed form of llama-3.2-1b), counted:
     the logic of a mixture-of-experts recommendation, without torch and without seconds per trace."""
     import dataclasses

@@ -59,7 +59,7 @@ def test_cpu_search_needs_a_memory_limit(capsys):
     assert code == 2 and "--memory-limit" in err
 
 
-def test_prediction_is_the_shared_exact_search_over_the_closed_form():
+def test_prediction_is_the_shared_exact_search_over_the_closed_form(no_closed_form):
     from memplan.catalogue import load_model
     from memplan.errors import UnsupportedArchitectureError
     from memplan.search import gallop_bisect, max_fitting

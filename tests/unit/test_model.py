@@ -66,7 +66,9 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
     biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
     assert biases == {l.name for l in spec.layer_linears if l.bias}
-    norms = {n: p.numel() for n, p in layer.named_parameters() if "norm" in n or n.endswith("gate.weight")}
+    # norms and the (non-Linear) router weight; Qwen2-MoE's shared_expert_gate is an nn.Linear, listed above
+    norms = {n: p.numel() for n, p in layer.named_parameters()
+             if ("norm" in n or n.endswith("gate.weight")) and n.rsplit(".", 1)[0] not in linears}
     assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec.layer_norms}
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
     bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
