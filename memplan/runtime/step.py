@@ -125,6 +125,9 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
                     params = [(n, p, classify(n, p)) for n, p in model.named_parameters()]
                     params += [(n, b, Term.OTHER_PARAMS) for n, b in model.named_buffers()]
+                    # longrope's long_inv_freq: model state kept as a plain attribute, not a buffer
+                    params += [(f"{n}.{k}", v, Term.OTHER_PARAMS) for n, mod in model.named_modules()
+                               for k, v in vars(mod).items() if k.endswith("long_inv_freq") and isinstance(v, torch.Tensor)]
                     tracker.label(grads=grads, optimizer_state=state, vocab_size=vocab_size, tokens=plan.tokens,
                                   params=params)
                 opt.zero_grad(set_to_none=True)
