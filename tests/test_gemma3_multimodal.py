@@ -43,10 +43,10 @@ from memplan.terms import ALLOCATED_TERMS  # noqa: E402
 TINY = {
     "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 4,
     "image_token_index": 999, "boi_token_index": 997, "eoi_token_index": 998,
-    "text_config": {"model_type": "gemma3_text", "hidden_size": 256, "intermediate_size": 688,
-                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "text_config": {"model_type": "gemma3_text", "hidden_size": 128, "intermediate_size": 344,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                     "vocab_size": 1000, "max_position_embeddings": 512, "sliding_window": 64},
-    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 128, "intermediate_size": 352,
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 176,
                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
                       "vision_use_head": False},
 }
@@ -60,7 +60,7 @@ CASES = [
 
 
 def _plan(over: dict) -> TrainPlan:
-    return TrainPlan(device="cpu", **{"seq_len": 128, **over})
+    return TrainPlan(device="cpu", **{"seq_len": 64, **over})
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +80,7 @@ def test_the_tower_is_inventoried_as_transformers_builds_it():
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     assert sum(p.numel() for p in model.parameters()) == spec.params
     towers = [model.model.vision_tower, model.model.multi_modal_projector]
-    assert sum(p.numel() for t in towers for p in t.parameters()) == spec.vision_params == 424_896
+    assert sum(p.numel() for t in towers for p in t.parameters()) == spec.vision_params == 126_432
     linears = [m for t in towers for m in t.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == len(spec.vision_linears) == 12
 
@@ -120,7 +120,7 @@ def test_the_tower_is_counted():
     spec = model_from_config(TINY)
     text_only = model_from_config({**TINY["text_config"], "architectures": ["Gemma3ForCausalLM"]})
     plan = _plan({})
-    assert base_weights_bytes(spec, plan) - base_weights_bytes(text_only, plan) == 2 * (4 * 128 * 128 // 2 + 2 * 128 * 352 // 2)
+    assert base_weights_bytes(spec, plan) - base_weights_bytes(text_only, plan) == 2 * (4 * 64 * 64 // 2 + 2 * 64 * 176 // 2)
     assert quant_state_bytes(spec, plan) > quant_state_bytes(text_only, plan)
     full, text = compute(spec, plan), compute(text_only, plan)
     assert full.allocated_bytes - text.allocated_bytes == spec_static_gap(spec, text_only, plan)
