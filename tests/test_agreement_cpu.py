@@ -108,6 +108,8 @@ CASES = [
                                  rope_scaling=dict(rope_type="llama3", factor=8.0, high_freq_factor=4.0,
                                                    low_freq_factor=1.0, original_max_position_embeddings=128)),
      dict(gradient_checkpointing=False)),
+    # SmolLM2: a Llama with tied embeddings (lm_head is the fp32 embedding after prepare)
+    ("llama-tied-smollm2", dict(model_type="llama", tie_word_embeddings=True), dict(gradient_checkpointing=False)),
 ]
 
 

@@ -110,6 +110,7 @@ CASES = [
     ("mistral-small-3-no-gc", "mistral-small-3-24b", dict(gradient_checkpointing=False, lora_dropout=0.0)),
     ("gemma-3-4b-multimodal", "gemma-3-4b", {}),
     ("gemma-3-4b-multimodal-no-gc-adamw", "gemma-3-4b", dict(gradient_checkpointing=False, optim="adamw_torch")),
+    ("smollm2-135m-tied-no-gc", "smollm2-135m", dict(gradient_checkpointing=False)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
