@@ -77,9 +77,9 @@ class ModelSpec:
     #: projector), which transformers builds and from_pretrained loads although a text step never runs them
     vision_params: int = 0
     #: their nn.Linear modules, every layer's (what bitsandbytes quantizes and peft's all-linear adapts)
-    vision_linears: tuple[Linear, ...] = ()
+    vision_linears: tuple[Linear, ...] = field(default=(), repr=False)
     #: element counts of every other tower parameter (conv, position embedding, norms, projector)
-    vision_other_tensors: tuple[int, ...] = ()
+    vision_other_tensors: tuple[int, ...] = field(default=(), repr=False)
     #: bytes of the towers' buffers (SigLIP position_ids: int64 [1, patches])
     vision_buffer_bytes: int = 0
 
