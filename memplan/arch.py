@@ -90,6 +90,12 @@ class Arch:
     "qwen2_moe" (Qwen2MoeConfig: even-indexed layers below `max_window_layers`, default 28, slide,
     only with `use_sliding_window`). sliding "flag" (Qwen3MoeConfig): every layer slides by
     `sliding_window` iff `use_sliding_window`.
+    partial_rotary: the family's own default rotary embedding reads `partial_rotary_factor`
+    (Phi3RotaryEmbedding.compute_default_rope_parameters: dim = int(head_dim * factor)); the other
+    families' default rope ignores it and only the non-default rope types (modeling_rope_utils.py:
+    llama3, longrope, yarn, ...) apply it.
+    defaults: the config class's defaults for keys a hub config.json may leave out (the Gemma 3
+    multimodal checkpoints name only the text keys that differ from Gemma3TextConfig's).
     """
 
     model_type: str
@@ -111,6 +117,8 @@ class Arch:
     sliding: str = "none"
     default_layer_types: str = ""
     moe: MoELayout | None = None
+    partial_rotary: bool = False
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -134,10 +142,16 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          sliding="layer_types", default_layer_types="alternate"),
     Arch("gemma3_text", _SRC.format("gemma3"), qk_norm=True, sandwich_norms=True, gemma_norm=True,
          embed_scale=True, tied_default=True, rotary="per_layer_type", sliding="layer_types",
-         default_layer_types="pattern"),
+         default_layer_types="pattern",
+         # Gemma3TextConfig's defaults (configuration_gemma3.py), for the multimodal checkpoints' sparse text_config
+         defaults=(("vocab_size", 262_208), ("hidden_size", 2304), ("intermediate_size", 9216),
+                   ("num_hidden_layers", 26), ("num_attention_heads", 8), ("num_key_value_heads", 4),
+                   ("head_dim", 256), ("hidden_activation", "gelu_pytorch_tanh"),
+                   ("max_position_embeddings", 131_072), ("sliding_window", 4096),
+                   ("final_logit_softcapping", None), ("attn_logit_softcapping", None))),
     # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
     Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False,
-         sliding="config"),
+         sliding="config", partial_rotary=True),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok",
                        peft_names=(("gate", "router"), ("w1", "gate_up"), ("w3", "gate_up"), ("w2", "down")))),
@@ -159,6 +173,72 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """A multimodal checkpoint's image encoder, keyed by `vision_config.model_type`.
+
+    layout "siglip" (SiglipVisionTransformer): patch_embedding Conv2d [C, channels, p, p] + bias,
+    position_embedding [patches, C] and a non-persistent int64 `position_ids` buffer [1, patches]
+    (patches = (image_size // patch_size)**2); per encoder layer q/k/v/out_proj [C, C] and fc1 [I, C],
+    fc2 [C, I] nn.Linear with biases, layer_norm1/2 LayerNorm (weight + bias); post_layernorm. The
+    attention-pooling head (`vision_use_head`) is not modelled (Gemma 3 ships without it).
+    defaults: the config class's values for keys the hub file leaves out.
+    """
+
+    model_type: str
+    source: str
+    layout: str
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Multimodal:
+    """A multimodal wrapper (`model_type` of the top-level config) whose text tower memplan trains.
+
+    projector "gemma3" (Gemma3MultiModalProjector): `mm_input_projection_weight` [C_vision, H_text]
+    (an nn.Parameter, not an nn.Linear: never quantized) and an RMSNorm `mm_soft_emb_norm` [C_vision].
+    """
+
+    model_type: str
+    source: str
+    projector: str
+    #: the vision tower a config without `vision_config` gets (the config class's sub-config default)
+    vision_default: str = "siglip_vision_model"
+
+
+VISION_TOWERS: dict[str, VisionTower] = {v.model_type: v for v in (
+    VisionTower("siglip_vision_model", _SRC.format("siglip"), "siglip",
+                # SiglipVisionConfig's defaults (configuration_siglip.py)
+                defaults=(("hidden_size", 768), ("intermediate_size", 3072), ("num_hidden_layers", 12),
+                          ("num_attention_heads", 12), ("num_channels", 3), ("image_size", 224),
+                          ("patch_size", 16), ("vision_use_head", True))),
+)}
+
+MULTIMODAL: dict[str, Multimodal] = {m.model_type: m for m in (
+    Multimodal("gemma3", _SRC.format("gemma3"), "gemma3"),
+)}
+
+
+def vision_tower_of(model_type: object) -> VisionTower:
+    """The row for a `vision_config.model_type`, or UnsupportedArchitectureError."""
+    row = VISION_TOWERS.get(model_type) if isinstance(model_type, str) else None
+    if row is None:
+        raise UnsupportedArchitectureError(
+            f"the closed-form estimator does not cover vision towers of type {model_type!r} "
+            f"(supported: {', '.join(VISION_TOWERS)}); `memplan simulate` traces the model transformers builds")
+    return row
+
+
+def multimodal_of(model_type: object) -> Multimodal:
+    """The row for a multimodal wrapper's `model_type`, or UnsupportedArchitectureError."""
+    row = MULTIMODAL.get(model_type) if isinstance(model_type, str) else None
+    if row is None:
+        raise UnsupportedArchitectureError(
+            f"the closed-form estimator does not cover multimodal checkpoints of type {model_type!r} "
+            f"(supported: {', '.join(MULTIMODAL)}); `memplan simulate` traces the model transformers builds")
+    return row
 
 
 def arch_of(model_type: object) -> Arch:

@@ -565,9 +565,9 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
     changes: dict[str, Any] = {}
     moe_names = {v4 for v4, _ in model.arch.moe.peft_names} if model.is_moe else set()
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
-        leaves = set(model.linear_leaves) | moe_names
-        unknown = [t for t in plan.target_modules
-                   if t not in leaves and all(lin.name != t for lin in model.layer_linears)]
+        lins = model.layer_linears + model.vision_linears  # peft matches the vision tower's Linears too
+        leaves = {lin.name.rsplit(".", 1)[-1] for lin in lins} | moe_names
+        unknown = [t for t in plan.target_modules if t not in leaves and all(lin.name != t for lin in lins)]
         if unknown and len(unknown) == len(plan.target_modules):  # peft raises when nothing matches
             raise InvalidSpecError("plan", [
                 f"--target-modules {','.join(unknown)}: no such Linear in {model.name} (peft would raise); "
@@ -679,6 +679,10 @@ def _static_notes(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[str, .
                      "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    if model.vision_params:
+        notes.append(f"multimodal checkpoint: its vision tower and projector ({model.vision_params:,} params) are "
+                     "loaded (Linears quantized like the text tower's) and LoRA-wrapped by all-linear, but a "
+                     "text-only step never runs them: no activations, gradients or optimizer state for them")
     return tuple(notes)
 
 

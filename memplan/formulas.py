@@ -32,16 +32,19 @@ def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
 
     bitsandbytes functional.quantize_4bit packs two 4-bit codes per byte; `bnb_4bit_quant_storage`
     changes the packed dtype, not the byte count. For LoRA/full the Linear weights stay in the load
-    dtype (fp32 after prepare_model_for_kbit_training).
+    dtype (fp32 after prepare_model_for_kbit_training). A multimodal checkpoint's vision-tower
+    Linears count too: from_pretrained's 4-bit skip rules (transformers quantizers/base.py
+    `get_keys_to_not_convert`: tied weights, the last parameter, the output embedding) do not
+    exempt them, so they are quantized although a text-only step never runs them (measured,
+    tests/test_gemma3_multimodal.py).
     """
-    per_layer = 0
-    for lin in model.layer_linears:
+    def one(lin: Linear) -> int:
         if plan.method == "qlora":
-            n = lin.numel if plan.quant == "int8" else ceil(lin.numel / 2)
-        else:
-            n = lin.numel * plan.precision.params
-        per_layer += _r(n, rnd)
-    return per_layer * model.num_layers
+            return _r(lin.numel if plan.quant == "int8" else ceil(lin.numel / 2), rnd)
+        return _r(lin.numel * plan.precision.params, rnd)
+
+    return (sum(one(lin) for lin in model.layer_linears) * model.num_layers
+            + sum(one(lin) for lin in model.vision_linears))
 
 
 def quant_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
@@ -50,22 +53,23 @@ def quant_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     Double quant on, per weight with nb = ceil(n/64) blocks: absmax nb B (uint8) + second-level absmax
     4*ceil(nb/256) B + offset 4 B + 16-entry fp32 code (64 B) + 256-entry fp32 code (1024 B) -- the
     code tables are copied per weight. Double quant off: 4*nb B absmax + the 64 B code.
-    int8 (LLM.int8): one fp32 scale per output row (SCB).
+    int8 (LLM.int8): one fp32 scale per output row (SCB). Vision-tower Linears of a multimodal
+    checkpoint are quantized too (see base_weights_bytes).
     """
     if plan.method != "qlora":
         return 0
-    total = 0
-    for lin in model.layer_linears:
+
+    def one(lin: Linear) -> int:
         if plan.quant == "int8":
-            total += _r(4 * lin.out_features, rnd)
-            continue
+            return _r(4 * lin.out_features, rnd)
         nb = ceil(lin.numel / BNB_BLOCKSIZE)
         if plan.double_quant:
-            total += (_r(nb, rnd) + _r(4 * ceil(nb / NESTED_BLOCKSIZE), rnd) + _r(4, rnd) + _r(64, rnd)
-                      + _r(1024, rnd))
-        else:
-            total += _r(4 * nb, rnd) + _r(64, rnd)
-    return total * model.num_layers
+            return (_r(nb, rnd) + _r(4 * ceil(nb / NESTED_BLOCKSIZE), rnd) + _r(4, rnd) + _r(64, rnd)
+                    + _r(1024, rnd))
+        return _r(4 * nb, rnd) + _r(64, rnd)
+
+    return (sum(one(lin) for lin in model.layer_linears) * model.num_layers
+            + sum(one(lin) for lin in model.vision_linears))
 
 
 def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
@@ -90,22 +94,52 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     bias_dt = plan.precision.compute if plan.method == "qlora" and plan.quant != "int8" else dt
     total = (sum(_r(n * dt, rnd) for n in tensors) + L * sum(_r(n * dt, rnd) for n in per_layer)
              + L * sum(_r(n * bias_dt, rnd) for n in biases))
-    buffers = [model.head_dim // 2] * (model.rotary_buffer_elements // (model.head_dim // 2))
+    half = model.rope_dim // 2  # inv_freq / original_inv_freq (longrope: + long_inv_freq): rope_dim/2 each
+    buffers = [half] * ((model.rotary_buffer_elements + model.rotary_state_elements) // half)
     total += sum(_r(4 * n, rnd) for n in buffers)  # rotary inv_freq buffers stay fp32
     if model.arch.embed_scale:
         total += _r(plan.precision.load, rnd)  # embed_scale: a load-dtype buffer, which prepare does not touch
-    return total
+    return total + vision_other_bytes(model, plan, rnd)
+
+
+def vision_other_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
+    """A multimodal checkpoint's non-Linear tower tensors, the vision Linears' biases and the buffers.
+
+    prepare_model_for_kbit_training upcasts them to fp32 like every other non-4-bit parameter; the
+    biases of the (4-bit) vision Linears stay in that dtype, since the Linear4bit forward that would
+    cast them to the compute dtype never runs in a text-only step. SigLIP's position_ids buffer is
+    int64 (8 B per patch). Measured on a real CPU step (tests/test_gemma3_multimodal.py).
+    """
+    if not model.vision_params:
+        return 0
+    dt = plan.precision.params
+    tensors = list(model.vision_other_tensors) + [lin.out_features for lin in model.vision_linears if lin.bias]
+    return sum(_r(n * dt, rnd) for n in tensors) + _r(model.vision_buffer_bytes, rnd)
+
+
+def _targeted(linears: tuple[Linear, ...], plan: TrainPlan) -> tuple[Linear, ...]:
+    if plan.method not in ("qlora", "lora"):
+        return ()
+    if plan.target_modules == "all-linear":
+        return linears
+    tm = set(plan.target_modules)
+    return tuple(lin for lin in linears if lin.name.rsplit(".", 1)[-1] in tm or lin.name in tm)
 
 
 def lora_targets(model: ModelSpec, plan: TrainPlan) -> tuple[Linear, ...]:
     """The layer Linears peft adapts: "all-linear" is every Linear but the output layer (which is not
     a layer Linear); a list matches module names by their last component or in full."""
-    if plan.method not in ("qlora", "lora"):
-        return ()
-    if plan.target_modules == "all-linear":
-        return model.layer_linears
-    tm = set(plan.target_modules)
-    return tuple(lin for lin in model.layer_linears if lin.name.rsplit(".", 1)[-1] in tm or lin.name in tm)
+    return _targeted(model.layer_linears, plan)
+
+
+def vision_lora_targets(model: ModelSpec, plan: TrainPlan) -> tuple[Linear, ...]:
+    """The vision-tower Linears peft adapts (all of them, every layer).
+
+    peft 0.21.2 `_maybe_include_all_linear_layers` (tuners/tuners_utils.py) turns "all-linear" into
+    every nn.Linear of the model but the output embedding, the vision tower's included; a list
+    matches by suffix, so `q_proj` adapts SigLIP's q_proj as well.
+    """
+    return _targeted(model.vision_linears, plan)
 
 
 def lora_shapes(model: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
@@ -186,10 +220,15 @@ def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int
 
 
 def adapter_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
-    """LoRA A/B in fp32 (peft get_peft_model(autocast_adapter_dtype=True) upcasts them)."""
+    """LoRA A/B in fp32 (peft get_peft_model(autocast_adapter_dtype=True) upcasts them).
+
+    A multimodal checkpoint's vision-tower LoRA is created too (`vision_lora_targets`) but gets no
+    gradient and so no optimizer state in a text-only step: the tower never runs, its grads stay None
+    and the optimizers skip such parameters (torch/optim/adamw.py, bitsandbytes optim/optimizer.py).
+    """
     if plan.method == "full":
         return 0
-    return gradient_bytes(model, plan, rnd)
+    return gradient_bytes(model, plan, rnd) + sum(lora_bytes(lin, plan, rnd) for lin in vision_lora_targets(model, plan))
 
 
 def gradient_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .arch import SUPPORTED, Arch, arch_of, layer_types
+from .arch import MULTIMODAL, SUPPORTED, Arch, arch_of, layer_types, multimodal_of, vision_tower_of
 from .errors import InvalidSpecError
 
 __all__ = ["Linear", "ModelSpec", "model_from_config", "SUPPORTED"]
@@ -24,7 +24,7 @@ class Linear:
     out_features: int
     in_features: int
     bias: bool = False
-    #: attn | mlp | router | head | shared_gate (Qwen2-MoE's nn.Linear(H, 1) `mlp.shared_expert_gate`);
+    #: attn | mlp | router | head | vision | shared_gate (Qwen2-MoE's nn.Linear(H, 1) `mlp.shared_expert_gate`);
     #: a shared expert's gate/up/down projections are "mlp"
     kind: str = "attn"
 
@@ -91,6 +91,21 @@ class ModelSpec:
     dense_layer_norms: tuple[tuple[str, int], ...] = ()
     #: the router renormalises its top-k weights (Qwen `norm_topk_prob`; always for Mixtral)
     norm_topk_prob: bool = True
+    #: dimensions the rotary embedding covers: head_dim, or int(head_dim * partial_rotary_factor)
+    #: (Phi-4-mini: 96 of 128); 0 reads as head_dim
+    rotary_dim: int = 0
+    #: rope_scaling's rope type ("default", "llama3", "linear", "longrope", ...): longrope keeps a third
+    #: fp32 [rope_dim/2] tensor (`long_inv_freq`) once the first forward ran
+    rope_type: str = "default"
+    #: multimodal checkpoints (Gemma 3): parameters of the non-text towers (vision encoder and
+    #: projector), which transformers builds and from_pretrained loads although a text step never runs them
+    vision_params: int = 0
+    #: their nn.Linear modules, every layer's (what bitsandbytes quantizes and peft's all-linear adapts)
+    vision_linears: tuple[Linear, ...] = field(default=(), repr=False)
+    #: element counts of every other tower parameter (conv, position embedding, norms, projector)
+    vision_other_tensors: tuple[int, ...] = field(default=(), repr=False)
+    #: bytes of the towers' buffers (SigLIP position_ids: int64 [1, patches])
+    vision_buffer_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.arch is None:
@@ -169,7 +184,7 @@ class ModelSpec:
         """Total parameters as transformers counts them (tied weights once)."""
         per_layer = (self.layer_linear_params + self.layer_bias_params + self.layer_norm_params
                      + self.expert_params_per_layer)
-        top = self.embedding_params + self.lm_head_params + self.hidden_size
+        top = self.embedding_params + self.lm_head_params + self.hidden_size + self.vision_params
         if not self.layer_kinds:
             return self.num_layers * per_layer + top
         dense = (sum(l.numel + (l.out_features if l.bias else 0) for l in self.dense_layer_linears)
@@ -177,9 +192,22 @@ class ModelSpec:
         return self.num_moe_layers * per_layer + self.num_dense_layers * dense + top
 
     @property
+    def rope_dim(self) -> int:
+        """Dimensions the rotary embedding rotates (cos/sin width): head_dim unless partial."""
+        return self.rotary_dim or self.head_dim
+
+    @property
     def rotary_buffer_elements(self) -> int:
-        """fp32 buffers of the rotary embedding(s): inv_freq and original_inv_freq, head_dim/2 each."""
-        return self.rotary_modules * 2 * (self.head_dim // 2)
+        """fp32 buffers of the rotary embedding(s): inv_freq and original_inv_freq, rope_dim/2 each
+        (`torch.arange(0, dim, 2)`, modeling_rope_utils.py / Phi3RotaryEmbedding)."""
+        return self.rotary_modules * 2 * (self.rope_dim // 2)
+
+    @property
+    def rotary_state_elements(self) -> int:
+        """fp32 rotary tensors that are not registered buffers: longrope's `long_inv_freq` [rope_dim/2],
+        a plain attribute the first forward creates and keeps (modeling_rope_utils.py
+        `longrope_frequency_update`)."""
+        return self.rotary_modules * (self.rope_dim // 2) if self.rope_type == "longrope" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.hub_id or self.name, "architecture": self.architecture, "params": self.params}
@@ -202,9 +230,12 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
             raise InvalidSpecError("model config", ["expected a config.json dict or a transformers PretrainedConfig"])
         config = to_dict()
     cfg = dict(config)
+    wrapper = None
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper: the text tower trains
+        wrapper = cfg
         cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
     arch = arch_of(cfg.get("model_type"))
+    cfg = {**dict(arch.defaults), **cfg}  # keys the hub file leaves to the config class
     model_type = arch.model_type
     problems: list[str] = []
     H = _int(cfg, "hidden_size", problems)
@@ -274,6 +305,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     # one set of rotary buffers per attention type present (gemma3), else one
     rotary_modules = len(set(types)) if arch.rotary == "per_layer_type" else 1
     archs = cfg.get("architectures") or []
+    vision = _vision_inventory(wrapper, H) if wrapper is not None and wrapper.get("model_type") in MULTIMODAL else None
     return ModelSpec(
         name=name or hub_id or model_type,
         model_type=model_type,
@@ -287,9 +319,69 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         final_logit_softcapping=cfg.get("final_logit_softcapping", arch.final_logit_softcapping),
         sliding_window=window, attention_types=tuple(sorted(set(types))),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
-        arch=arch, rotary_modules=rotary_modules,
+        arch=arch, rotary_modules=rotary_modules, rotary_dim=_rotary_dim(arch, cfg, hd), rope_type=_rope_type(cfg),
+        **(vision or {}),
         norm_topk_prob=bool(cfg.get(arch.moe.norm_topk_key, False)) if arch.moe and arch.moe.norm_topk_key else True,
         moe_intermediate_size=I_moe, shared_expert_intermediate_size=I_shared, layer_kinds=kinds,
         dense_layer_linears=tuple(attn_linears + dense_mlp) if kinds else (),
         dense_layer_norms=dense_norms if kinds else (),
     )
+
+
+def _rope(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return rope if isinstance(rope, Mapping) else {}
+
+
+def _rope_type(cfg: Mapping[str, Any]) -> str:
+    rope = _rope(cfg)
+    return str(rope.get("rope_type", rope.get("type")) or "default")
+
+
+def _rotary_dim(arch: Arch, cfg: Mapping[str, Any], head_dim: int) -> int:
+    """int(head_dim * partial_rotary_factor) where transformers applies the factor, else head_dim.
+
+    The factor is a top-level key (Phi-4-mini) or sits in rope_scaling / rope_parameters. The
+    family's default rope applies it only if the family's rotary module reads it (`arch.partial_rotary`);
+    the non-default rope types (modeling_rope_utils.py: llama3, longrope, yarn, linear, dynamic)
+    always do.
+    """
+    factor = cfg.get("partial_rotary_factor", _rope(cfg).get("partial_rotary_factor"))
+    if not factor or not (arch.partial_rotary or _rope_type(cfg) != "default"):
+        return head_dim
+    return int(head_dim * factor)
+
+
+def _vision_inventory(wrapper: Mapping[str, Any], text_hidden: int) -> dict[str, Any]:
+    """The non-text towers of a multimodal checkpoint (memplan/arch.py VISION_TOWERS, MULTIMODAL),
+    as ModelSpec fields: every vision Linear, every other tower tensor, the buffers, and their total."""
+    mm = multimodal_of(wrapper.get("model_type"))
+    vcfg = dict(wrapper.get("vision_config") or {})
+    tower = vision_tower_of(vcfg.get("model_type", mm.vision_default))
+    v = {**dict(tower.defaults), **vcfg}
+    problems: list[str] = []
+    C = _int(v, "hidden_size", problems)
+    Iv = _int(v, "intermediate_size", problems)
+    Lv = _int(v, "num_hidden_layers", problems)
+    ch = _int(v, "num_channels", problems)
+    img, patch = v.get("image_size"), v.get("patch_size")
+    if not isinstance(img, int) or not isinstance(patch, int) or img <= 0 or patch <= 0:
+        problems.append(f"vision_config image_size and patch_size must be positive integers, got {img!r}, {patch!r}")
+        img = patch = 1
+    if v.get("vision_use_head"):
+        problems.append("vision_config vision_use_head: the attention-pooling head is not modelled "
+                        "(`memplan simulate` traces it)")
+    if problems:
+        raise InvalidSpecError("model config", problems)
+    patches = (img // patch) ** 2
+    layer = [Linear("self_attn.q_proj", C, C, True, "vision"), Linear("self_attn.k_proj", C, C, True, "vision"),
+             Linear("self_attn.v_proj", C, C, True, "vision"), Linear("self_attn.out_proj", C, C, True, "vision"),
+             Linear("mlp.fc1", Iv, C, True, "vision"), Linear("mlp.fc2", C, Iv, True, "vision")]
+    linears = tuple(layer) * Lv
+    other = [C * ch * patch * patch, C, patches * C]  # patch_embedding weight + bias, position_embedding
+    other += [C, C, C, C] * Lv                         # layer_norm1/2 weight + bias
+    other += [C, C]                                    # post_layernorm
+    other += [C * text_hidden, C]                      # projector: mm_input_projection_weight, mm_soft_emb_norm
+    total = sum(l.numel + (l.out_features if l.bias else 0) for l in linears) + sum(other)
+    return {"vision_params": total, "vision_linears": linears, "vision_other_tensors": tuple(other),
+            "vision_buffer_bytes": 8 * patches}

@@ -94,6 +94,23 @@ CASES = [
      dict(padding="longest", gradient_checkpointing=False)),
     ("qwen2-padded-b2", dict(model_type="qwen2"), dict(padding="max_length", batch_size=2, seq_len=64)),
     ("llama-padded-eager", dict(model_type="llama"), dict(padding="longest", attn_implementation="eager")),
+    # issue 10 quirks of the 2025-26 dense models. Phi-4-mini: partial_rotary_factor 0.75 (rotary inv_freq
+    # [rope_dim/2], cos/sin [S, rope_dim]: 48 of head_dim 64 here), longrope, tied embeddings
+    ("phi3-partial-rotary-longrope-tied", dict(model_type="phi3", partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                               original_max_position_embeddings=128,
+                                               rope_scaling=dict(type="longrope", long_factor=[1.5] * 24,
+                                                                 short_factor=[1.0] * 24)),
+     dict(gradient_checkpointing=False)),
+    ("phi3-partial-rotary-gc", dict(model_type="phi3", partial_rotary_factor=0.75, tie_word_embeddings=True), dict()),
+    # Mistral Nemo / Small 3: head_dim 128 != hidden / heads (q_dim 512 > hidden 256 here)
+    ("mistral-head-dim-128", dict(model_type="mistral", head_dim=128), dict(gradient_checkpointing=False)),
+    # Llama 3.x rope_scaling llama3 (SmolLM2 / R1-distill-llama / 3.3-70B shapes keep the plain buffers)
+    ("llama3-rope-scaling", dict(model_type="llama", rope_theta=500000.0,
+                                 rope_scaling=dict(rope_type="llama3", factor=8.0, high_freq_factor=4.0,
+                                                   low_freq_factor=1.0, original_max_position_embeddings=128)),
+     dict(gradient_checkpointing=False)),
+    # SmolLM2: a Llama with tied embeddings (lm_head is the fp32 embedding after prepare)
+    ("llama-tied-smollm2", dict(model_type="llama", tie_word_embeddings=True), dict(gradient_checkpointing=False)),
     # mixture of experts (transformers 5 fused experts through grouped_mm; peft ParamWrapper on the router and
     # the experts): the default recipe runs with lora_dropout 0 (check_plan says so), its peak is a layer's
     # experts backward (the merged down weight's gradient)

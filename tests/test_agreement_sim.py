@@ -102,6 +102,15 @@ CASES = [
     ("mistral-7b-padded-no-gc", "mistral-7b-v0.1", dict(padding="longest", gradient_checkpointing=False)),
     ("llama3-8b-padded-b2", "llama-3-8b", dict(padding="max_length", batch_size=2)),
     ("qwen2.5-0.5b-padded-seq2048", "qwen2.5-0.5b", dict(padding="longest", seq_len=2048)),
+    # issue 10: Phi-4-mini (partial rotary 0.75, longrope, tied 200k vocab), Mistral Nemo / Small 3 (head_dim
+    # 128 != hidden / heads), Gemma 3 multimodal (SigLIP tower quantized, LoRA-wrapped, never run)
+    ("phi4-mini-default", "phi-4-mini", {}),
+    ("phi4-mini-no-gc", "phi-4-mini", dict(gradient_checkpointing=False)),
+    ("mistral-nemo-default", "mistral-nemo-12b", {}),
+    ("mistral-small-3-no-gc", "mistral-small-3-24b", dict(gradient_checkpointing=False, lora_dropout=0.0)),
+    ("gemma-3-4b-multimodal", "gemma-3-4b", {}),
+    ("gemma-3-4b-multimodal-no-gc-adamw", "gemma-3-4b", dict(gradient_checkpointing=False, optim="adamw_torch")),
+    ("smollm2-135m-tied-no-gc", "smollm2-135m", dict(gradient_checkpointing=False)),
     # mixture of experts: fp32 experts on cpu, bf16 (no prepare, as check_plan resolves) on cuda
     ("mixtral-8x7b-default", "mixtral-8x7b", {}),
     ("mixtral-8x7b-no-gc-seq2048", "mixtral-8x7b", dict(gradient_checkpointing=False, seq_len=2048)),
@@ -119,8 +128,9 @@ ROUNDING_SLACK = 4096
 
 def config_of(model: str) -> dict:
     cfg = copy.deepcopy(dict(load_model(model).config))
-    cfg["num_hidden_layers"] = 2
-    cfg.pop("layer_types", None)  # gemma-3: recomputed for 2 layers by transformers
+    text = cfg.get("text_config", cfg)  # a multimodal checkpoint: cut its text tower (the vision tower stays whole)
+    text["num_hidden_layers"] = 2
+    text.pop("layer_types", None)  # gemma-3: recomputed for 2 layers by transformers
     return cfg
 
 

@@ -16,7 +16,9 @@ The definitions, the same in all three paths (estimate, simulate, profile), what
 A Linear "inside the decoder layers" is an `nn.Linear` (bitsandbytes' `Linear4bit`/`Linear8bitLt`
 are subclasses; under peft, the wrapped `base_layer`) found under one of the model's decoder layers
 (`get_decoder().layers`, else the modules named in `_no_split_modules`), peft's own `lora_A`/`lora_B`
-Linears excepted.
+Linears excepted. A multimodal checkpoint's other towers (Gemma 3's SigLIP vision tower: the modules
+outside `get_decoder()`, the output embedding excepted) count alike: from_pretrained quantizes their
+Linears as well (ModelSpec.vision_linears).
 """
 
 from __future__ import annotations
@@ -49,10 +51,27 @@ def _is_lora_name(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
+def tower_modules(model) -> list[torch.nn.Module]:
+    """The non-text towers of a multimodal model (vision encoder, projector): the base model's children
+    other than the decoder `get_decoder()` returns; none for a plain causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    inner = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if not callable(get_decoder) or not isinstance(inner, torch.nn.Module):
+        return []
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError):  # pragma: no cover
+        return []
+    if decoder is inner or decoder is base:
+        return []
+    return [m for m in inner.children() if m is not decoder]
+
+
 def base_weight_names(model) -> set[str]:
     """Names (as `model.named_parameters()` gives them) of the `base_weights` parameters."""
     ids = set()
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model) + tower_modules(model):
         for name, mod in layer.named_modules():
             if isinstance(mod, torch.nn.Linear) and not _is_lora_name(name):
                 w = getattr(mod, "weight", None)

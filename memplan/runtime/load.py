@@ -34,6 +34,14 @@ def hf_config(config: dict[str, Any]):
     return AutoConfig.for_model(model_type, **cfg)
 
 
+def text_vocab_size(config: dict[str, Any]) -> int:
+    """The vocabulary the batch is drawn from: `vocab_size`, or the text tower's for a multimodal
+    checkpoint (Gemma 3: `text_config`, whose hub file may leave it to Gemma3TextConfig's default)."""
+    if isinstance(config.get("vocab_size"), int):
+        return config["vocab_size"]
+    return hf_config(config).get_text_config().vocab_size
+
+
 def bnb_config(plan: TrainPlan):
     """The `BitsAndBytesConfig` of a qlora plan (4-bit nf4/fp4, or LLM.int8)."""
     from transformers import BitsAndBytesConfig

@@ -19,8 +19,8 @@ import torch
 
 from ..plan import TrainPlan
 from ..terms import Phase, Term
-from .classify import param_classifier
-from .load import TORCH_DTYPE, adapt, load_model
+from .classify import param_classifier, tower_modules
+from .load import TORCH_DTYPE, adapt, load_model, text_vocab_size
 from .tracker import LiveTensorTracker
 
 
@@ -98,8 +98,11 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                     tracker.reset_peak()
                 elif fast_warmup:
                     tracker.set_phase(Phase.OPTIMIZER)
+                    # a multimodal model's other towers never run in a text-only step: their trainable
+                    # parameters (LoRA on the vision Linears) get no gradient, so no optimizer state
+                    idle = {id(p) for t in tower_modules(model) for p in t.parameters()}
                     for p in model.parameters():
-                        if p.requires_grad:
+                        if p.requires_grad and id(p) not in idle:
                             p.grad = torch.zeros_like(p)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -125,6 +128,9 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
                     params = [(n, p, classify(n, p)) for n, p in model.named_parameters()]
                     params += [(n, b, Term.OTHER_PARAMS) for n, b in model.named_buffers()]
+                    # longrope's long_inv_freq: model state kept as a plain attribute, not a buffer
+                    params += [(f"{n}.{k}", v, Term.OTHER_PARAMS) for n, mod in model.named_modules()
+                               for k, v in vars(mod).items() if k.endswith("long_inv_freq") and isinstance(v, torch.Tensor)]
                     tracker.label(grads=grads, optimizer_state=state, vocab_size=vocab_size, tokens=plan.tokens,
                                   params=params)
                 opt.zero_grad(set_to_none=True)
@@ -173,5 +179,5 @@ def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int 
     plan = plan.replace(device="cpu")
     model = load_model(config, plan, device="cpu", seed=seed)
     model = adapt(model, plan)
-    return run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="cpu", seed=seed,
+    return run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="cpu", seed=seed,
                      kernel_workspace=kernel_workspace)

@@ -151,7 +151,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
 
     import torch
 
-    from ..runtime.load import adapt
+    from ..runtime.load import adapt, text_vocab_size
     from ..runtime.step import StepResult, run_steps
     from .build import build_meta_model
     from .emulation import MetaEmulation
@@ -166,7 +166,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
             model = adapt(model, plan)
         opt = make_meta_optimizer(model, plan, tracker)
         emu = MetaEmulation(plan.device)
-        step = run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="meta",
+        step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
                          round_to=round_to, optimizer=opt, tracker=tracker,
                          step_context=lambda: step_patches(emu, plan.device), progress=say,
                          fast_warmup=not full_warmup)

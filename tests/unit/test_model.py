@@ -61,7 +61,8 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     with torch.device("meta"):
         model = transformers_mod.AutoModelForCausalLM.from_config(hf_config(copy.deepcopy(e["config"])))
     assert sum(p.numel() for p in model.parameters()) == spec.params
-    layer = model.model.layers[0]
+    text = getattr(model.model, "language_model", model.model)  # Gemma3ForConditionalGeneration: the text tower
+    layer = text.layers[0]
     linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
     assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
     biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
@@ -73,3 +74,10 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
     bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
     assert bufs == 4 * spec.rotary_buffer_elements
+    # a multimodal checkpoint's other towers: every Linear's shape and bias, the rest, the buffers
+    towers = [m for n, m in model.model.named_children() if n != "language_model"] if text is not model.model else []
+    assert sum(p.numel() for t in towers for p in t.parameters()) == spec.vision_params
+    vis = sorted((tuple(m.weight.shape), m.bias is not None) for t in towers for m in t.modules()
+                 if isinstance(m, torch.nn.Linear))
+    assert vis == sorted(((l.out_features, l.in_features), l.bias) for l in spec.vision_linears)
+    assert sum(b.numel() * b.element_size() for t in towers for b in t.buffers()) == spec.vision_buffer_bytes
