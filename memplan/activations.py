@@ -220,7 +220,8 @@ class LayerModel:
         self.down_out_dt = 0
         self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
         self.expert_targets = expert_targets(model, plan)
-        self.moe_late, self.moe_mid, self.moe_tail, self.moe_dt, self.moe_sw_dt = Lin(), Lin(), Lin(), 0, 4
+        self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
+        self.moe_dt, self.moe_sw_dt = 0, 4
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -707,7 +708,8 @@ class LayerModel:
         # saved after the experts (the shared expert's gated branch): freed before the experts' backward
         self.moe_tail = w.saved_bytes - experts_saved
         self.moe_sw_dt = sw_dt
-        self.moe_mid = saved(act, gu, prod, md, *down_factors)  # baddbmm's backward frees its 16-bit factors
+        self.moe_mid = saved(prod, md, *down_factors)  # the down grouped_mm's and baddbmm's saved tensors
+        self.moe_act = saved(act, gu)  # the activation's (silu and mul)
         self.moe_dt = pdt
         self.saved_before_down = w.saved_bytes
         return out
@@ -766,6 +768,7 @@ class LayerTrace(NamedTuple):
     moe_dt: int = 0                        # the experts' dtype
     moe_sw_dt: int = 4                     # the routing weights' dtype
     moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
+    moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
 
 
 @shape_free_cache()
@@ -803,7 +806,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                                                           model.arch.sandwich_norms, plan.precision.adapter),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
-                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail))
+                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -837,10 +840,11 @@ class ActivationProfile(NamedTuple):
     attn_saved_first: int     # ... layer 0
     probs_bytes: int          # eager: one [B, heads, S, S] fp32 tensor (the softmax's output, or a gradient)
     moe_late: int = 0         # MoE: the layer's saved tensors freed before the down projection's backward
-    moe_mid: int = 0          # MoE: those freed before the gate_up projection's backward
+    moe_mid: int = 0          # MoE: the down projection's saved tensors (freed by its backward)
     moe_dt: int = 0           # MoE: the experts' dtype bytes (their gradients in flight)
     moe_sw_dt: int = 4        # MoE: the routing weights' dtype bytes
     moe_tail: int = 0         # MoE: saved after the experts (freed before their backward)
+    moe_act: int = 0          # MoE: saved by the experts' activation (freed before the gate_up backward)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -913,7 +917,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
         sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
-        tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))))
+        tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
+        sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))))
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

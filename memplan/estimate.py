@@ -316,6 +316,9 @@ MOMENT_KINDS = {
                          "the experts' down projection backward of layer {i} of {L}: the gradient of its "
                          "[experts x hidden x intermediate] merged weight and [tokens*top_k x intermediate] "
                          "gradients in flight"),
+    "experts_act_backward": ("experts_act_backward:{i}", _BACKWARD,
+                             "the experts' activation backward of layer {i} of {L}: three "
+                             "[tokens*top_k x intermediate] gradients in flight"),
     "experts_gate_up_backward": ("experts_gate_up_backward:{i}", _BACKWARD,
                                  "the experts' gate/up projection backward of layer {i} of {L}: the gradient "
                                  "of its [experts x 2*intermediate x hidden] merged weight in flight"),
@@ -484,7 +487,7 @@ def experts_unpermute_moment(s: Step, lb: LayerBackward) -> Moment:
     return s.moment("experts_unpermute_backward", i, grads, lb.fixed + saved - ap.moe_tail, 0, temps)
 
 
-def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment]:
+def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment, Moment]:
     """Layer i's fused experts backward (integrations/moe.py grouped_mm_experts_forward run backward),
     at its two largest instants (measured with the tracker on real CPU steps):
 
@@ -494,10 +497,12 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
       [T·k, H] and of the routing weights [T·k], the input gradient [T·k, I] and, where peft adapts
       down_proj, the gradient of its merged weight [E, H, I] (from which baddbmm's backward makes the
       LoRA gradients);
-    - the gate_up projection's grouped_mm backward: the down projection's and the activation's saved
-      tensors are released too, down_proj's LoRA gradients are made; in flight are the arriving
-      gradient, the gradient of the gate_up output [T·k, 2I], the input gradient [T·k, H] and the
-      gradient of the merged gate_up weight [E, 2I, H].
+    - the activation's backward (act_fn(gate) * up run backward): the down projection's saved
+      tensors are released and its LoRA gradients made (baddbmm's backward runs first); in flight are
+      the arriving gradient and three [T·k, I] gradients (the product's, the activation's and up's);
+    - the gate_up projection's grouped_mm backward: the activation's saved tensors are released too;
+      in flight are the arriving gradient, the gradient of the gate_up output [T·k, 2I], the input
+      gradient [T·k, H] and the gradient of the merged gate_up weight [E, 2I, H].
     """
     i, ap, r, m, T = lb.i, s.ap, s.r, s.model, s.tokens
     H, I, E, k, dt = m.hidden_size, m.expert_intermediate_size, m.num_experts, m.experts_per_token, ap.moe_dt
@@ -511,10 +516,12 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
     ad = s.plan.precision.adapter
     down_lora = (r(ad * s.plan.lora_r * E * I) + r(ad * H * s.plan.lora_r * E)) if "down" in targets else 0
     gu_w = r(E * 2 * I * H * dt) if "gate_up" in targets else 0
+    act = s.moment("experts_act_backward", i, lb.grads + down_lora, lb.fixed + saved - ap.moe_late - ap.moe_mid, 0,
+                   arriving + 3 * r(S * I * dt))
     gate_up = s.moment("experts_gate_up_backward", i, lb.grads + down_lora,
-                       lb.fixed + saved - ap.moe_late - ap.moe_mid, 0,
+                       lb.fixed + saved - ap.moe_late - ap.moe_mid - ap.moe_act, 0,
                        arriving + r(S * 2 * I * dt) + r(S * H * dt) + gu_w)
-    return down, gate_up
+    return down, act, gate_up
 
 
 def optimizer_moment(s: Step) -> Moment:

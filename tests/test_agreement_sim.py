@@ -120,7 +120,7 @@ CASES = [
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
 LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward", "attention_backward", "experts_backward",
-               "experts_unpermute_backward",
+               "experts_unpermute_backward", "experts_act_backward",
                "experts_gate_up_backward")
 #: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
 ROUNDING_SLACK = 4096
