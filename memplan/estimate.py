@@ -597,6 +597,29 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
     return tuple(changes.items()), tuple(notes)
 
 
+#: plan fields the real stack forces for a model (`_moe_checks`), as the flags that set them
+REQUIRED_FLAGS: dict[str, Callable[[Any], str]] = {
+    "lora_dropout": lambda v: f"--lora-dropout {v:g}",
+    "prepare": lambda v: "--prepare" if v else "--no-prepare",
+    "target_modules": lambda v: "--target-modules " + (v if isinstance(v, str) else ",".join(v)),
+}
+
+
+def required_changes(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, str]:
+    """The plan the real stack runs instead of `plan` where it refuses `plan` as given (peft's
+    ParamWrapper and dropout, grouped_mm and fp32 experts, ...), and the flags that make it so ("" when
+    `plan` runs as given). Automatic switches (eager attention where a family has no SDPA) are not
+    requirements. Architectures without a closed form: `plan`, "" (simulate finds out)."""
+    try:
+        resolved, _ = check_plan(model, plan)
+    except UnsupportedArchitectureError:
+        return plan, ""
+    diff = {k: getattr(resolved, k) for k in REQUIRED_FLAGS if getattr(resolved, k) != getattr(plan, k)}
+    if not diff:
+        return plan, ""
+    return plan.replace(**diff), " ".join(REQUIRED_FLAGS[k](v) for k, v in diff.items())
+
+
 def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> list[str]:
     """Mixture-of-experts: what is quantized and what is not, and the recipe changes the real stack
     forces (each one a plan change and a note). Refusals with no plan fix raise."""
