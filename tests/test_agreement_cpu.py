@@ -33,6 +33,7 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GEMMA = dict(head_dim=64, tie_word_embeddings=True)
 MOE = dict(hidden_size=128, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2)
+QWEN_MOE = dict(hidden_size=128, moe_intermediate_size=96, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True)
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -123,6 +124,13 @@ CASES = [
      dict(target_modules="w2", mixed_precision="no", optim="adamw_torch")),
     ("mixtral-moe-router-gate-up-no-prepare", dict(model_type="mixtral", **MOE),
      dict(target_modules="gate,w1,w3", prepare=False, gradient_checkpointing=False)),
+    # Qwen3-MoE (q/k norm, renormalised top-k cast to the logits' dtype) and Qwen2-MoE (a 4-bit shared expert
+    # with a sigmoid gate; peft wraps none of its experts)
+    ("qwen3-moe-default", dict(model_type="qwen3_moe", head_dim=64, **QWEN_MOE), dict()),
+    ("qwen3-moe-no-gc-seq256", dict(model_type="qwen3_moe", head_dim=64, **QWEN_MOE),
+     dict(gradient_checkpointing=False, seq_len=256)),
+    ("qwen2-moe-shared-expert-no-gc", dict(model_type="qwen2_moe", shared_expert_intermediate_size=384, **QWEN_MOE),
+     dict(gradient_checkpointing=False, optim="adamw_torch")),
 ]
 
 

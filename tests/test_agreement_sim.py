@@ -116,6 +116,10 @@ CASES = [
     ("mixtral-8x7b-no-gc-seq2048", "mixtral-8x7b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("mixtral-8x7b-attention-lora", "mixtral-8x7b", dict(target_modules="q_proj,k_proj,v_proj,o_proj",
                                                          optim="adamw_torch")),
+    ("qwen3-30b-a3b-default", "qwen3-30b-a3b", {}),
+    ("qwen3-30b-a3b-no-gc-seq2048", "qwen3-30b-a3b", dict(gradient_checkpointing=False, seq_len=2048)),
+    ("qwen1.5-moe-a2.7b-default", "qwen1.5-moe-a2.7b", {}),
+    ("qwen2-57b-a14b-seq2048", "qwen2-57b-a14b", dict(seq_len=2048)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
