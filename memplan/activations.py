@@ -12,7 +12,8 @@ adapters); R2 prepare + bf16 autocast (the HF Trainer default); R3 no prepare, 1
 LoRA, no autocast.
 
 Known limitations (NB): eager attention and Gemma-2 soft-capping are modelled op by op but not
-checked against a real step; mixture-of-experts layers are not covered (use `simulate`).
+checked against a real step. Mixture-of-experts blocks (`LayerModel._moe`) follow transformers'
+grouped_mm experts and peft's ParamWrapper op by op.
 """
 
 from __future__ import annotations

@@ -25,8 +25,13 @@ Measured agreement (tests/test_agreement_cpu.py, tests/test_agreement_sim.py): m
 0.55 % of peak bytes against real CPU steps; max 0.12 % against `simulate` on real catalogue shapes.
 
 Known limitations (NB):
-- mixture-of-experts models have no closed form (fused experts wrapped by peft, routing):
-  `estimate()` falls back to `simulate` and says so;
+- mixture of experts: the closed form walks the fused-experts block of the families in the table
+  (Mixtral, Qwen2-MoE, Qwen3-MoE) as transformers 5.24 runs it by default (`grouped_mm`: every
+  token*top_k slot in one grouped matmul, so memory does not depend on routing), with peft's
+  ParamWrapper adapters and merged expert weights; models mixing dense and MoE layers, and
+  `experts_implementation="eager"` (a routing-dependent per-expert loop), are `simulate`'s: `estimate()`
+  falls back to it and says so. NB: Qwen2-MoE (shared expert) with checkpointing reads ~1 % high on
+  the tiny CPU model (its layer recompute), exact at catalogue shapes;
 - CUDA: activation tensors inside a layer are not rounded to 512 B (each < 512 B off); the context,
   workspace and allocator-overhead defaults in profiles/gpus are not yet calibrated on hardware;
   flash-attention backward workspaces and cuBLAS workspaces other than the two handles are not counted;
