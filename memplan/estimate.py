@@ -587,6 +587,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
         if unknown:
             notes.append(f"--target-modules {','.join(unknown)} match no Linear in {model.name} (peft ignores them)")
     if model.is_moe:
+        if model.router_aux_loss:
+            raise UnsupportedArchitectureError(
+                f"the closed form does not cover the router load-balancing loss (output_router_logits in "
+                f"{model.name}'s config: every layer's router logits kept, a one-hot over layers x tokens x top_k "
+                f"x experts); `memplan simulate {model.name}` traces it exactly, or set output_router_logits false")
         if model.layer_kinds:
             raise UnsupportedArchitectureError(
                 f"the closed form does not cover {model.name}'s mix of dense and mixture-of-experts layers "

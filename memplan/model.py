@@ -91,6 +91,8 @@ class ModelSpec:
     dense_layer_norms: tuple[tuple[str, int], ...] = ()
     #: the router renormalises its top-k weights (Qwen `norm_topk_prob`; always for Mixtral)
     norm_topk_prob: bool = True
+    #: `output_router_logits`: every layer's router logits kept for the load-balancing aux loss
+    router_aux_loss: bool = False
     #: dimensions the rotary embedding covers: head_dim, or int(head_dim * partial_rotary_factor)
     #: (Phi-4-mini: 96 of 128); 0 reads as head_dim
     rotary_dim: int = 0
@@ -322,6 +324,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         arch=arch, rotary_modules=rotary_modules, rotary_dim=_rotary_dim(arch, cfg, hd), rope_type=_rope_type(cfg),
         **(vision or {}),
         norm_topk_prob=bool(cfg.get(arch.moe.norm_topk_key, False)) if arch.moe and arch.moe.norm_topk_key else True,
+        router_aux_loss=bool(arch.moe and cfg.get("output_router_logits")),
         moe_intermediate_size=I_moe, shared_expert_intermediate_size=I_shared, layer_kinds=kinds,
         dense_layer_linears=tuple(attn_linears + dense_mlp) if kinds else (),
         dense_layer_norms=dense_norms if kinds else (),

@@ -88,3 +88,13 @@ def test_the_acceptance_commands_answer_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "rc 1" in out.stdout and "DOES NOT FIT" in out.stdout and "only the attention projections are 4-bit" in out.stdout
+
+
+def test_the_router_aux_loss_is_simulate_s():
+    """output_router_logits keeps every layer's router logits for the load-balancing loss: not in the closed
+    form, which says so and names simulate (estimate() falls back to it where torch is installed)."""
+    from memplan.errors import UnsupportedArchitectureError
+
+    cfg = dict(load_model("qwen3-30b-a3b").config, output_router_logits=True)
+    with pytest.raises(UnsupportedArchitectureError, match="output_router_logits.*simulate"):
+        memplan.estimate(cfg, fallback_simulate=False)
