@@ -253,8 +253,9 @@ class LayerModel:
         if x.rg:
             w.save(x32, rs)
         h = w.new(x.numel, 4, x.rg)
-        if self.m.arch.gemma_norm:
-            if x.rg:
+        if self.m.arch.gemma_norm or self.m.arch.norm_cast_last:
+            # gemma: h * (1 + w.float()); olmo2: (w * h).to(input_dtype) -- the product fp32, cast last
+            if x.rg and self.m.arch.gemma_norm:
                 w.save(w.new(dim, 4, False))  # (1 + weight.float()) is a fresh tensor, saved by the mul
             if self.full and x.rg:
                 w.save(h)  # NB: the weight's grad needs the normalised h
@@ -405,7 +406,12 @@ class LayerModel:
             q = self.linear(x, lins["q_proj"])
             k = self.linear(x, lins["k_proj"])
             v = self.linear(x, lins["v_proj"])
-        if m.arch.qk_norm:
+        if m.arch.qk_norm and m.arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+            qn = self.norm(q, m.q_dim, T)
+            kn = self.norm(k, m.kv_dim, T)
+            w.drop(q, k)
+            q, k = qn, kn
+        elif m.arch.qk_norm:
             qn = self.norm(q, m.head_dim, T * m.num_heads)
             kn = self.norm(k, m.head_dim, T * m.num_kv_heads)
             w.drop(q, k)
@@ -413,6 +419,10 @@ class LayerModel:
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
         qe = w.new(q.numel, _promote(q.dt, cos_dt))
         ke = w.new(k.numel, _promote(k.dt, cos_dt))
+        if m.arch.rope_fp32:  # olmo2: fp32 cos/sin, then q_embed.to(q.dtype), k_embed.to(k.dtype)
+            qc, kc = w.cast(qe, q.dt), w.cast(ke, k.dt)
+            w.drop(*{qe, ke} - {qc, kc})
+            qe, ke = qc, kc
         w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
         attn = self.p.attn_implementation
         if attn == "eager":
@@ -508,6 +518,8 @@ class LayerModel:
     def _layer(self, x: Sym, cos_dt: int) -> Sym:
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
         sandwich = m.arch.sandwich_norms
+        if m.arch.post_norms:
+            return self._post_norm_layer(x, cos_dt)
         h = self.norm(x, H, T)
         a = self.attention(h, cos_dt)
         w.drop(h)
@@ -515,6 +527,7 @@ class LayerModel:
             an = self.norm(a, H, T)
             w.drop(a)
             a = an
+        a = self._scaled(a)
         res = w.new(T * H, _promote(x.dt, a.dt), x.rg or a.rg)
         w.drop(x, a)
         h2 = self.norm(res, H, T)
@@ -524,9 +537,36 @@ class LayerModel:
             fn = self.norm(f, H, T)
             w.drop(f)
             f = fn
+        f = self._scaled(f)
         out = w.new(T * H, _promote(res.dt, f.dt), True)
         w.drop(res, f)
         # saved from the down projection on (its LoRA, a sandwich norm): freed before the MLP backward
+        self.down_saved = w.saved_bytes - self.saved_before_down
+        return out
+
+    def _scaled(self, t: Sym) -> Sym:
+        """granite: `out * residual_multiplier` before the residual add, a fresh tensor of out's dtype
+        (a Python scalar: nothing saved)."""
+        if not self.m.arch.multipliers:
+            return t
+        o = self.w.new(t.numel, t.dt, t.rg)
+        self.w.drop(t)
+        return o
+
+    def _post_norm_layer(self, x: Sym, cos_dt: int) -> Sym:
+        """olmo2 (Olmo2DecoderLayer): x + norm(attn(x)), then r + norm(mlp(r)) -- no norm on the
+        sublayer inputs."""
+        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        a = self.attention(x, cos_dt)
+        an = self.norm(a, H, T)
+        w.drop(a)
+        res = w.new(T * H, _promote(x.dt, an.dt), x.rg or an.rg)
+        w.drop(x, an)
+        f = self.mlp(res)
+        fn = self.norm(f, H, T)
+        w.drop(f)
+        out = w.new(T * H, _promote(res.dt, fn.dt), True)
+        w.drop(res, fn)
         self.down_saved = w.saved_bytes - self.saved_before_down
         return out
 
@@ -563,13 +603,14 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     T = Lin(t=1)
     w = Walk()
     lm = LayerModel(model, plan, w, cpu, fused, masked)
-    lm.layer(w.new(T * model.hidden_size, a, True), a)
+    cos_dt = 4 if model.arch.rope_fp32 else a  # the rotary cos/sin dtype
+    lm.layer(w.new(T * model.hidden_size, a, True), cos_dt)
     if input_grad:
         w0, lm0 = w, lm
     else:
         w0 = Walk()
         lm0 = LayerModel(model, plan, w0, cpu, fused, masked)
-        lm0.layer(w0.new(T * model.hidden_size, a, False), a)
+        lm0.layer(w0.new(T * model.hidden_size, a, False), cos_dt)
     copies = 0
     if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
@@ -580,7 +621,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
-                                                          model.arch.sandwich_norms, plan.precision.adapter),
+                                                          model.arch.sandwich_norms or model.arch.post_norms,
+                                                          plan.precision.adapter, model.arch.multipliers),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs))
 
 
@@ -614,6 +656,10 @@ class ActivationProfile(NamedTuple):
     attn_saved: int           # eager: a layer's saved set once its softmax output is saved (layers >= 1)
     attn_saved_first: int     # ... layer 0
     probs_bytes: int          # eager: one [B, heads, S, S] fp32 tensor (the softmax's output, or a gradient)
+    #: granite with checkpointing: the embedding's output, a leaf made to require grad by
+    #: enable_input_require_grads, is held by its AccumulateGrad node until backward ends (its
+    #: `* embedding_multiplier` copy is the first layer's input)
+    embed_leaf_bytes: int = 0
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -627,7 +673,7 @@ def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BS
 
 
 def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sandwich: bool = False,
-                               adapter_dt: int = 4) -> int:
+                               adapter_dt: int = 4, scaled: bool = False) -> int:
     """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
     NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
@@ -641,6 +687,8 @@ def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sand
     16-bit on a 16-bit one). tests/test_agreement_sim.py has cases
     whose peak is such a recompute at real shapes.
     """
+    if scaled:  # granite: the MLP branch's `* residual_multiplier` gradient too, stream dtype
+        return stream_dt + inflight_bytes_per_element(stream_dt, autocast, method, sandwich, adapter_dt)
     if sandwich:
         return 4 if stream_dt == 4 else 6
     if stream_dt == 4:
@@ -672,8 +720,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     af0, af1, af2 = tr.attn_saved_first
     return ActivationProfile(
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
-        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
-        -(-T * H * a // g) * g, 2 * (-(-S * model.head_dim * a // g) * g),
+        # olmo2 (post norms): no norm reads the layer input, so nothing saves it
+        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4 and not model.arch.post_norms,
+        -(-T * H * a // g) * g, 2 * (-(-S * model.head_dim * (4 if model.arch.rope_fp32 else a) // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
@@ -683,7 +732,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         -(-T * H * (a if plan.use_reentrant else tr.inflight) // g) * g,
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
-        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0)
+        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
+        embed_leaf_bytes=-(-T * H * a // g) * g if model.arch.multipliers and plan.gradient_checkpointing
+        and plan.method != "full" else 0)
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

@@ -273,7 +273,7 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
-                layers_saved, ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
+                layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
                 (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
                 RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
 
@@ -324,7 +324,7 @@ def forward_moment(s: Step) -> Moment:
     ap, L = s.ap, s.model.num_layers
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
     return s.moment("forward", L - 1, s.ga_grads,
-                    earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
+                    earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
 
 
 def _softcap_bytes(s: Step) -> int:
@@ -379,7 +379,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
             rng_states = L
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
-    fixed = below + ap.rope_bytes + s.layer_args + s.small + rng_states * s.rng_state
+    fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
                          grads if s.ga_grads else grads // L * (L - 1 - i))

@@ -197,11 +197,17 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         else:
             linears += [Linear("mlp.gate_proj", I, H, mlp_bias, "mlp"), Linear("mlp.up_proj", I, H, mlp_bias, "mlp")]
         linears.append(Linear("mlp.down_proj", H, I, mlp_bias, "mlp"))
-    norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
+    if arch.post_norms:  # olmo2: no input_layernorm, a norm after the MLP instead
+        norms = [("post_attention_layernorm", H), ("post_feedforward_layernorm", H)]
+    else:
+        norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
     if arch.sandwich_norms:
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
     if arch.qk_norm:
-        norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+        if arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+            norms += [("self_attn.q_norm", qd), ("self_attn.k_norm", kvd)]
+        else:
+            norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
         norms += [("mlp.gate.weight", E * H)]
