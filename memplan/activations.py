@@ -556,7 +556,7 @@ class LayerModel:
     def _post_norm_layer(self, x: Sym, cos_dt: int) -> Sym:
         """olmo2 (Olmo2DecoderLayer): x + norm(attn(x)), then r + norm(mlp(r)) -- no norm on the
         sublayer inputs."""
-        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        w, T, H = self.w, self.T, self.m.hidden_size
         a = self.attention(x, cos_dt)
         an = self.norm(a, H, T)
         w.drop(a)
