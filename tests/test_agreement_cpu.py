@@ -32,6 +32,10 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GEMMA = dict(head_dim=64, tie_word_embeddings=True)
+# granite's four scalars at granite-3.x values (embedding/residual multipliers and logits_scaling each
+# make a fresh tensor; attention_multiplier is SDPA's scale)
+GRANITE = dict(model_type="granite", embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+               attention_multiplier=0.015625)
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -93,6 +97,16 @@ CASES = [
      dict(padding="longest", gradient_checkpointing=False)),
     ("qwen2-padded-b2", dict(model_type="qwen2"), dict(padding="max_length", batch_size=2, seq_len=64)),
     ("llama-padded-eager", dict(model_type="llama"), dict(padding="longest", attn_implementation="eager")),
+    # olmo2: post norms only, q/k norms over the whole projections, fp32 rotary cos/sin
+    ("olmo2-default-recipe", dict(model_type="olmo2"), dict()),
+    ("olmo2-no-gc", dict(model_type="olmo2"), dict(gradient_checkpointing=False)),
+    ("olmo2-lora-bf16", dict(model_type="olmo2"), dict(method="lora", gradient_checkpointing=False)),
+    ("olmo2-lora-gc-autocast", dict(model_type="olmo2"), dict(method="lora", lora_dropout=0.0)),
+    # granite: embedding / residual multipliers, logits_scaling
+    ("granite-default-recipe", GRANITE, dict()),
+    ("granite-no-gc", GRANITE, dict(gradient_checkpointing=False)),
+    ("granite-lora-bf16", GRANITE, dict(method="lora", gradient_checkpointing=False)),
+    ("granite-fp32-no-autocast", GRANITE, dict(mixed_precision="no", lora_dropout=0.0)),
 ]
 
 
@@ -119,6 +133,13 @@ def test_estimate_matches_real_cpu_step_term_by_term(name):
     limit = worst / 100 * r["peak"]
     off = {t: r["est"][t] - r["meas"][t] for t in r["est"] if abs(r["est"][t] - r["meas"][t]) > limit}
     assert not off, f"terms differ by more than {worst} % of the peak (estimate - measured, bytes): {off}"
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES if c[0].startswith(("olmo2-", "granite-"))])
+def test_olmo2_and_granite_rows_are_exact_to_the_byte(name):
+    """The olmo2 and granite rows (issue 10) reproduce the real step to the byte, every term."""
+    r = run_case(name)
+    assert r["est"] == r["meas"], {t: r["est"][t] - r["meas"][t] for t in r["est"] if r["est"][t] != r["meas"][t]}
 
 
 def test_agreement_summary():
