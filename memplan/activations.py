@@ -219,6 +219,8 @@ class LayerModel:
         self.down_saved, self.prod_dt, self.saved_before_down = Lin(), 0, Lin()
         self.down_out_dt = 0
         self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
+        self.leaf_sid = -1  # the layer input when it is a leaf (a checkpointed layer's recompute)
+        self.cast_cache: dict[int, Sym] = {}
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -342,7 +344,7 @@ class LayerModel:
         if ac:
             copies = self.p.precision.adapter_copies
             with w.frame():  # lora_A
-                a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
+                a_in = self._autocast_cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
                 w.save(a_in)
                 # autocast casts fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
                 a_copy = w.new(r * lin.in_features, ac, False) if copies else None
@@ -382,6 +384,16 @@ class LayerModel:
         out = w.cast(summed, res.dt)
         w.drop(*{res, summed, xa} - {out, x})
         return out
+
+    def _autocast_cast(self, t: Sym, dt: int) -> Sym:
+        """autocast's cast of an fp32 input. torch caches the casts of fp32 leaves that require grad
+        (autocast_mode.cpp `cached_cast`): a checkpointed layer's input is one in its recompute, so
+        where it feeds several LoRA layers as is (olmo2's q/k/v, lora_dropout 0) they share one copy."""
+        if t.sid != self.leaf_sid or t.dt != 4 or t.dt == dt:
+            return self.w.cast(t, dt)
+        if dt not in self.cast_cache:
+            self.cast_cache[dt] = self.w.cast(t, dt)
+        return self.cast_cache[dt]
 
     def _dropout(self, x: Sym) -> Sym:
         w = self.w
@@ -589,6 +601,7 @@ class LayerTrace(NamedTuple):
     inflight: int                       # bytes per [T x H] element in flight at a recompute's start
     attn_saved: tuple[int, ...]         # eager: the layer's saved set once its softmax output is saved
     attn_saved_first: tuple[int, ...]   # ... in layer 0
+    input_saved: bool = False           # the layer's input is itself in its saved set
 
 
 @shape_free_cache()
@@ -604,7 +617,10 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     w = Walk()
     lm = LayerModel(model, plan, w, cpu, fused, masked)
     cos_dt = 4 if model.arch.rope_fp32 else a  # the rotary cos/sin dtype
-    lm.layer(w.new(T * model.hidden_size, a, True), cos_dt)
+    x = w.new(T * model.hidden_size, a, True)
+    if plan.gradient_checkpointing:  # recomputed from a detached input: a leaf that requires grad
+        lm.leaf_sid = x.sid
+    lm.layer(x, cos_dt)
     if input_grad:
         w0, lm0 = w, lm
     else:
@@ -623,7 +639,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
                                                           model.arch.sandwich_norms or model.arch.post_norms,
                                                           plan.precision.adapter, model.arch.multipliers),
-                      attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs))
+                      attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
+                      input_saved=x.sid in w.saved)
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -720,8 +737,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     af0, af1, af2 = tr.attn_saved_first
     return ActivationProfile(
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
-        # olmo2 (post norms): no norm reads the layer input, so nothing saves it
-        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4 and not model.arch.post_norms,
+        # (fp32 stream: the input norm's x.to(float32) is x; olmo2 has no input norm, and only a LoRA
+        # reading x in fp32 without dropout saves it)
+        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
         -(-T * H * a // g) * g, 2 * (-(-S * model.head_dim * (4 if model.arch.rope_fp32 else a) // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),

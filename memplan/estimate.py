@@ -12,6 +12,8 @@ symbolic layer walk of `activations`, the per-term functions of `formulas`), in 
 - ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
+- ``post_norm_backward_moment(i)`` (olmo2's post norms): layer i's post-feedforward RMSNorm backward,
+  the layer's saved set with RMSNorm's fp32 [T x H] gradients in flight;
 - ``dequant_backward_moment(i)`` (QLoRA): layer i's 4-bit down projection backward: its weight
   dequantized again (bitsandbytes MatMul4Bit.backward), then the input gradient made;
 - ``layer_backward_moment(i)``: layer i's MLP backward: the down projection's saved tensors released,
@@ -301,6 +303,9 @@ MOMENT_KINDS = {
     "loss_backward": ("loss:backward", _BACKWARD,
                       "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"),
     "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
+    "post_norm_backward": ("post_norm_backward:{i}", _BACKWARD,
+                           "the backward of layer {i}'s post-feedforward norm (of {L}): the layer's saved set, "
+                           "RMSNorm's fp32 [tokens x hidden] gradients in flight"),
     "dequant": ("dequant:{i}", _BACKWARD, "the 4-bit backward of layer {i}'s down projection (of {L}): {detail}"),
     "layer_backward": ("backward:{i}", _BACKWARD,
                        "the MLP backward of layer {i} of {L}: [tokens x intermediate] gradients in flight"),
@@ -428,6 +433,22 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
                     2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
 
 
+def post_norm_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """olmo2 (post norms): the backward of layer i's post_feedforward_layernorm, the first node of
+    its backward. That norm saves last, so a checkpointed layer has been recomputed to its end: its
+    whole saved set is alive but the norm's rsqrt (released by RsqrtBackward); in flight are the
+    [T x H] gradient of the layer output (stream dtype, held for the residual path) and five fp32
+    [T x H] temporaries of RMSNorm's backward (x.to(float32) * rsqrt's gradient, waiting to be
+    summed with the pow path; mean's backward; pow's x**1, * 2 and * grad). Measured on CPU steps
+    (tests/test_agreement_cpu.py, olmo2 fp32 and no-prepare cases)."""
+    if not s.model.arch.post_norms:
+        return None
+    i, ap, r, T, H = lb.i, s.ap, s.r, s.tokens, s.model.hidden_size
+    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    return s.moment("post_norm_backward", i, lb.grads, lb.fixed + saved_i - r(4 * T), 0,
+                    r(T * H * ap.stream_dt) + 5 * r(4 * T * H))
+
+
 def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
     `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
@@ -446,6 +467,11 @@ def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     N, K = d.out_features, d.in_features
     in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * cd) if ap.down_out_dt != cd else 0)
                  + (r(T * K * ap.prod_dt) if d.targeted else 0))
+    if s.model.arch.post_norms:
+        # olmo2: post_feedforward_layernorm sits between down_proj and the residual add, so the
+        # stream's gradient (held for the residual path) and the norm's backward output, in the
+        # compute dtype, are two tensors (NB: measured with simulate, 16-bit and fp32 streams)
+        in_flight = r(T * N * ap.stream_dt) + r(T * N * cd) + (r(T * K * ap.prod_dt) if d.targeted else 0)
     acts, grads = lb.after_down, lb.grads + d.lora_grads
     matmul = d.w_grad + r(T * K * cd)
     what = "the input gradient made" if matmul >= d.dequant else "its weight dequantized"
@@ -470,6 +496,8 @@ def moments(s: Step) -> tuple[Moment, ...]:
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
+        if s.model.arch.post_norms:
+            out.append(post_norm_backward_moment(s, lb))
         if four_bit:
             out.append(dequant_backward_moment(s, lb))
         out.append(layer_backward_moment(s, lb))

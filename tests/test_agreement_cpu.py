@@ -102,6 +102,11 @@ CASES = [
     ("olmo2-no-gc", dict(model_type="olmo2"), dict(gradient_checkpointing=False)),
     ("olmo2-lora-bf16", dict(model_type="olmo2"), dict(method="lora", gradient_checkpointing=False)),
     ("olmo2-lora-gc-autocast", dict(model_type="olmo2"), dict(method="lora", lora_dropout=0.0)),
+    # the peak is the post-feedforward norm's backward (fp32 stream, or no prepare)
+    ("olmo2-fp32-no-autocast", dict(model_type="olmo2"), dict(mixed_precision="no", lora_dropout=0.0)),
+    ("olmo2-no-prepare-gc", dict(model_type="olmo2"), dict(prepare=False, mixed_precision="no")),
+    # dropout 0: q/k/v read the recomputed (leaf) layer input and share autocast's cached bf16 cast
+    ("olmo2-dropout0", dict(model_type="olmo2"), dict(lora_dropout=0.0)),
     # granite: embedding / residual multipliers, logits_scaling
     ("granite-default-recipe", GRANITE, dict()),
     ("granite-no-gc", GRANITE, dict(gradient_checkpointing=False)),
