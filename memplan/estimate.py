@@ -537,6 +537,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[bool
             f"the closed form does not cover mixture-of-experts models ({model.model_type}: fused experts "
             f"wrapped by peft, data-dependent routing); run `memplan simulate {model.name}` for an exact trace "
             "(peft 0.21 also needs --lora-dropout 0 to wrap the fused experts)")
+    if model.attention_dropout:
+        notes.append(f"the config sets attention_dropout {model.attention_dropout:g}, which the closed form does not "
+                     "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
+                     "tensors per layer (measured: about 15 B per element); not checked on CUDA. Set it to 0 for the "
+                     "estimate to apply, or trace the step with `memplan simulate`")
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         notes.append(f"{model.model_type} has no SDPA attention in {TRANSFORMERS} (soft-capping): estimated "

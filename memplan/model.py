@@ -67,6 +67,9 @@ class ModelSpec:
     #: rotary embedding modules (gemma3: one per attention type in `layer_types`), read from the
     #: config at construction: no derived value reads `config` (excluded from equality) later
     rotary_modules: int = 1
+    #: config `attention_dropout` (granite-3.0/3.1 ship 0.1): applied by the attention in training;
+    #: NB not modelled by the closed form (estimate notes it)
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arch is None:
@@ -229,4 +232,5 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         sliding_window=window, attention_types=tuple(sorted(set(types))),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
         arch=arch, rotary_modules=rotary_modules,
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0),
     )
