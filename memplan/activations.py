@@ -387,8 +387,9 @@ class LayerModel:
 
     def _autocast_cast(self, t: Sym, dt: int) -> Sym:
         """autocast's cast of an fp32 input. torch caches the casts of fp32 leaves that require grad
-        (autocast_mode.cpp `cached_cast`): a checkpointed layer's input is one in its recompute, so
-        where it feeds several LoRA layers as is (olmo2's q/k/v, lora_dropout 0) they share one copy."""
+        (autocast_mode.cpp `cached_cast`): the layer input is one in layer 0 with the input-grad hook
+        and in a reentrant recompute (`layer_trace`), so where it feeds several LoRA layers as is
+        (olmo2's q/k/v with lora_dropout 0) they share one copy."""
         if t.sid != self.leaf_sid or t.dt != 4 or t.dt == dt:
             return self.w.cast(t, dt)
         if dt not in self.cast_cache:
@@ -602,6 +603,7 @@ class LayerTrace(NamedTuple):
     attn_saved: tuple[int, ...]         # eager: the layer's saved set once its softmax output is saved
     attn_saved_first: tuple[int, ...]   # ... in layer 0
     input_saved: bool = False           # the layer's input is itself in its saved set
+    recompute_first: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # layer 0's, when it differs
 
 
 @shape_free_cache()
@@ -618,15 +620,23 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     lm = LayerModel(model, plan, w, cpu, fused, masked)
     cos_dt = 4 if model.arch.rope_fp32 else a  # the rotary cos/sin dtype
     x = w.new(T * model.hidden_size, a, True)
-    if plan.gradient_checkpointing:  # recomputed from a detached input: a leaf that requires grad
+    # the layer input is a leaf that requires grad (autocast caches its casts: `_autocast_cast`) in
+    # layer 0 when the embedding output is made to require grad, and in every layer a reentrant
+    # checkpoint recomputes (it detaches its inputs); non-reentrant recomputes see the original input
+    leaf_first = input_grad and plan.method != "full"
+    leaf_rest = plan.gradient_checkpointing and plan.use_reentrant
+    if leaf_rest:
         lm.leaf_sid = x.sid
     lm.layer(x, cos_dt)
-    if input_grad:
+    if input_grad and leaf_first == leaf_rest:
         w0, lm0 = w, lm
     else:
         w0 = Walk()
         lm0 = LayerModel(model, plan, w0, cpu, fused, masked)
-        lm0.layer(w0.new(T * model.hidden_size, a, False), cos_dt)
+        x0 = w0.new(T * model.hidden_size, a, input_grad)
+        if leaf_first:
+            lm0.leaf_sid = x0.sid
+        lm0.layer(x0, cos_dt)
     copies = 0
     if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
@@ -640,7 +650,9 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                                                           model.arch.sandwich_norms or model.arch.post_norms,
                                                           plan.precision.adapter, model.arch.multipliers),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
-                      input_saved=x.sid in w.saved)
+                      input_saved=x.sid in w.saved,
+                      recompute_first=tuple((_coef(t), _coef(s)) for t, s in envelope(w0.split(w0.last_save)))
+                      if w0 is not w and plan.gradient_checkpointing else ())
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -677,6 +689,8 @@ class ActivationProfile(NamedTuple):
     #: enable_input_require_grads, is held by its AccumulateGrad node until backward ends (its
     #: `* embedding_multiplier` copy is the first layer's input)
     embed_leaf_bytes: int = 0
+    recompute_peak_first: int = -1   # layer 0's recompute when it differs from the others' (else -1)
+    recompute_temps_first: int = 0
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -731,6 +745,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     f0, f1, f2 = tr.copies_first
     # torch's reentrant checkpoint recomputes the whole layer (no early stop) and its frames return
     rec, rec_tmp = _peak(tr.forward if plan.use_reentrant else tr.recompute, T, BSS)
+    rec0, rec0_tmp = _peak(tr.recompute_first, T, BSS) if tr.recompute_first else (-1, 0)
     fwd, fwd_tmp = _peak(tr.forward, T, BSS)
     lay, first, down = tr.layer, tr.first_layer, tr.down_saved
     at0, at1, at2 = tr.attn_saved
@@ -752,7 +767,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
         embed_leaf_bytes=-(-T * H * a // g) * g if model.arch.multipliers and plan.gradient_checkpointing
-        and plan.method != "full" else 0)
+        and plan.method != "full" else 0,
+        recompute_peak_first=rec0, recompute_temps_first=rec0_tmp)
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

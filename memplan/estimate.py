@@ -405,8 +405,11 @@ def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
         moved = 0 if ap.input_in_saved else ap.recompute_inflight
         return s.moment("recompute", i, lb.grads, lb.fixed - ap.layer_input_bytes + moved + ap.recompute_peak
                         - ap.recompute_temps, 0, ap.recompute_inflight - moved + ap.recompute_temps + s.rng_state)
-    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + ap.recompute_peak - ap.recompute_temps, 0,
-                    ap.recompute_inflight + ap.recompute_temps)
+    peak, temps = ap.recompute_peak, ap.recompute_temps
+    if i == 0 and ap.recompute_peak_first >= 0:  # layer 0 recomputes from a leaf input (olmo2: shared casts)
+        peak, temps = ap.recompute_peak_first, ap.recompute_temps_first
+    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + peak - temps, 0,
+                    ap.recompute_inflight + temps)
 
 
 def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:

@@ -107,6 +107,8 @@ CASES = [
     ("olmo2-no-prepare-gc", dict(model_type="olmo2"), dict(prepare=False, mixed_precision="no")),
     # dropout 0: q/k/v read the recomputed (leaf) layer input and share autocast's cached bf16 cast
     ("olmo2-dropout0", dict(model_type="olmo2"), dict(lora_dropout=0.0)),
+    # ... only in layer 0: a non-reentrant recompute of the others sees their original (non-leaf) input
+    ("olmo2-qv-dropout0", dict(model_type="olmo2"), dict(target_modules="q_proj,v_proj", lora_dropout=0.0)),
     # granite: embedding / residual multipliers, logits_scaling
     ("granite-default-recipe", GRANITE, dict()),
     ("granite-no-gc", GRANITE, dict(gradient_checkpointing=False)),
