@@ -11,6 +11,10 @@ The three regimes of FACTS.md are special cases: R1 prepare without autocast (fp
 adapters); R2 prepare + bf16 autocast (the HF Trainer default); R3 no prepare, 16-bit model, fp32
 LoRA, no autocast.
 
+Family flags read off the architecture row (memplan/arch.py): olmo2's post norms (no norm on the
+sublayer inputs, q/k norms over whole projections, fp32 rotary cos/sin) walk `_post_norm_layer`;
+granite's residual multiplier makes one more tensor per sublayer (`_scaled`).
+
 Known limitations (NB): eager attention and Gemma-2 soft-capping are modelled op by op but not
 checked against a real step; mixture-of-experts layers are not covered (use `simulate`).
 """

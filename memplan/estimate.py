@@ -39,6 +39,9 @@ Known limitations (NB):
 - 16-bit adapters on gemma3 (sandwich norms) without prepare and autocast: the in-flight gradients at
   a recompute are not measured for that combination (-3.4 % on the tiny CPU model);
 - sequences are unpadded (no padding mask), as in the synthetic batches of `profile`;
+- a config's `attention_dropout` > 0 (granite-3.0/3.1 ship 0.1) is not modelled, and noted: on the
+  CPU SDPA then runs its math kernel (about 15 B more per [batch x heads x seq x seq] element and
+  layer, measured on tiny granite and llama steps); `simulate` traces it;
 - reentrant checkpointing (`use_reentrant`) is checked on real CPU steps and simulate for QLoRA/LoRA
   plans; its labels (which [T x H] tensors the tracker calls activations) follow the tracker.
 """
