@@ -11,6 +11,10 @@ The three regimes of FACTS.md are special cases: R1 prepare without autocast (fp
 adapters); R2 prepare + bf16 autocast (the HF Trainer default); R3 no prepare, 16-bit model, fp32
 LoRA, no autocast.
 
+Family flags read off the architecture row (memplan/arch.py): olmo2's post norms (no norm on the
+sublayer inputs, q/k norms over whole projections, fp32 rotary cos/sin) walk `_post_norm_layer`;
+granite's residual multiplier makes one more tensor per sublayer (`_scaled`).
+
 Known limitations (NB): eager attention and Gemma-2 soft-capping are modelled op by op but not
 checked against a real step. Mixture-of-experts blocks (`LayerModel._moe`) follow transformers'
 grouped_mm experts and peft's ParamWrapper op by op.
@@ -223,6 +227,8 @@ class LayerModel:
         self.expert_targets = expert_targets(model, plan)
         self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
         self.moe_dt, self.moe_sw_dt = 0, 4
+        self.leaf_sid = -1  # the layer input when it is a leaf (a checkpointed layer's recompute)
+        self.cast_cache: dict[int, Sym] = {}
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -257,8 +263,9 @@ class LayerModel:
         if x.rg:
             w.save(x32, rs)
         h = w.new(x.numel, 4, x.rg)
-        if self.m.arch.gemma_norm:
-            if x.rg:
+        if self.m.arch.gemma_norm or self.m.arch.norm_cast_last:
+            # gemma: h * (1 + w.float()); olmo2: (w * h).to(input_dtype) -- the product fp32, cast last
+            if x.rg and self.m.arch.gemma_norm:
                 w.save(w.new(dim, 4, False))  # (1 + weight.float()) is a fresh tensor, saved by the mul
             if self.full and x.rg:
                 w.save(h)  # NB: the weight's grad needs the normalised h
@@ -345,7 +352,7 @@ class LayerModel:
         if ac:
             copies = self.p.precision.adapter_copies
             with w.frame():  # lora_A
-                a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
+                a_in = self._autocast_cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
                 w.save(a_in)
                 # autocast casts fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
                 a_copy = w.new(r * lin.in_features, ac, False) if copies else None
@@ -386,6 +393,17 @@ class LayerModel:
         w.drop(*{res, summed, xa} - {out, x})
         return out
 
+    def _autocast_cast(self, t: Sym, dt: int) -> Sym:
+        """autocast's cast of an fp32 input. torch caches the casts of fp32 leaves that require grad
+        (autocast_mode.cpp `cached_cast`): the layer input is one in layer 0 with the input-grad hook
+        and in a reentrant recompute (`layer_trace`), so where it feeds several LoRA layers as is
+        (olmo2's q/k/v with lora_dropout 0) they share one copy."""
+        if t.sid != self.leaf_sid or t.dt != 4 or t.dt == dt:
+            return self.w.cast(t, dt)
+        if dt not in self.cast_cache:
+            self.cast_cache[dt] = self.w.cast(t, dt)
+        return self.cast_cache[dt]
+
     def _dropout(self, x: Sym) -> Sym:
         w = self.w
         mask = w.new(x.numel, x.dt if self.cpu else 1, False)  # CPU: full-dtype noise; CUDA: bool
@@ -409,7 +427,12 @@ class LayerModel:
             q = self.linear(x, lins["q_proj"])
             k = self.linear(x, lins["k_proj"])
             v = self.linear(x, lins["v_proj"])
-        if m.arch.qk_norm:
+        if m.arch.qk_norm and m.arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+            qn = self.norm(q, m.q_dim, T)
+            kn = self.norm(k, m.kv_dim, T)
+            w.drop(q, k)
+            q, k = qn, kn
+        elif m.arch.qk_norm:
             qn = self.norm(q, m.head_dim, T * m.num_heads)
             kn = self.norm(k, m.head_dim, T * m.num_kv_heads)
             w.drop(q, k)
@@ -417,6 +440,10 @@ class LayerModel:
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
         qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
         ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
+        if m.arch.rope_fp32:  # olmo2: fp32 cos/sin, then q_embed.to(q.dtype), k_embed.to(k.dtype)
+            qc, kc = w.cast(qe, q.dt), w.cast(ke, k.dt)
+            w.drop(*{qe, ke} - {qc, kc})
+            qe, ke = qc, kc
         # nothing before the core needs grad (layer 0 without checkpointing, no LoRA on q/k/v): no saves
         self.attn_rg = q.rg or k.rg or v.rg
         w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
@@ -723,6 +750,8 @@ class LayerModel:
     def _layer(self, x: Sym, cos_dt: int) -> Sym:
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
         sandwich = m.arch.sandwich_norms
+        if m.arch.post_norms:
+            return self._post_norm_layer(x, cos_dt)
         h = self.norm(x, H, T)
         a = self.attention(h, cos_dt)
         w.drop(h)
@@ -730,6 +759,7 @@ class LayerModel:
             an = self.norm(a, H, T)
             w.drop(a)
             a = an
+        a = self._scaled(a)
         res = w.new(T * H, _promote(x.dt, a.dt), x.rg or a.rg)
         w.drop(x, a)
         h2 = self.norm(res, H, T)
@@ -739,9 +769,36 @@ class LayerModel:
             fn = self.norm(f, H, T)
             w.drop(f)
             f = fn
+        f = self._scaled(f)
         out = w.new(T * H, _promote(res.dt, f.dt), True)
         w.drop(res, f)
         # saved from the down projection on (its LoRA, a sandwich norm): freed before the MLP backward
+        self.down_saved = w.saved_bytes - self.saved_before_down
+        return out
+
+    def _scaled(self, t: Sym) -> Sym:
+        """granite: `out * residual_multiplier` before the residual add, a fresh tensor of out's dtype
+        (a Python scalar: nothing saved)."""
+        if not self.m.arch.multipliers:
+            return t
+        o = self.w.new(t.numel, t.dt, t.rg)
+        self.w.drop(t)
+        return o
+
+    def _post_norm_layer(self, x: Sym, cos_dt: int) -> Sym:
+        """olmo2 (Olmo2DecoderLayer): x + norm(attn(x)), then r + norm(mlp(r)) -- no norm on the
+        sublayer inputs."""
+        w, T, H = self.w, self.T, self.m.hidden_size
+        a = self.attention(x, cos_dt)
+        an = self.norm(a, H, T)
+        w.drop(a)
+        res = w.new(T * H, _promote(x.dt, an.dt), x.rg or an.rg)
+        w.drop(x, an)
+        f = self.mlp(res)
+        fn = self.norm(f, H, T)
+        w.drop(f)
+        out = w.new(T * H, _promote(res.dt, fn.dt), True)
+        w.drop(res, fn)
         self.down_saved = w.saved_bytes - self.saved_before_down
         return out
 
@@ -770,6 +827,8 @@ class LayerTrace(NamedTuple):
     moe_sw_dt: int = 4                     # the routing weights' dtype
     moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
     moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
+    input_saved: bool = False           # the layer's input is itself in its saved set
+    recompute_first: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # layer 0's, when it differs
 
 
 @shape_free_cache()
@@ -784,13 +843,25 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     T = Lin(t=1)
     w = Walk()
     lm = LayerModel(model, plan, w, cpu, fused, masked)
-    lm.layer(w.new(T * model.hidden_size, a, True), a)
-    if input_grad:
+    cos_dt = 4 if model.arch.rope_fp32 else a  # the rotary cos/sin dtype
+    x = w.new(T * model.hidden_size, a, True)
+    # the layer input is a leaf that requires grad (autocast caches its casts: `_autocast_cast`) in
+    # layer 0 when the embedding output is made to require grad, and in every layer a reentrant
+    # checkpoint recomputes (it detaches its inputs); non-reentrant recomputes see the original input
+    leaf_first = input_grad and plan.method != "full"
+    leaf_rest = plan.gradient_checkpointing and plan.use_reentrant
+    if leaf_rest:
+        lm.leaf_sid = x.sid
+    lm.layer(x, cos_dt)
+    if input_grad and leaf_first == leaf_rest:
         w0, lm0 = w, lm
     else:
         w0 = Walk()
         lm0 = LayerModel(model, plan, w0, cpu, fused, masked)
-        lm0.layer(w0.new(T * model.hidden_size, a, False), a)
+        x0 = w0.new(T * model.hidden_size, a, input_grad)
+        if leaf_first:
+            lm0.leaf_sid = x0.sid
+        lm0.layer(x0, cos_dt)
     copies = 0
     if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
@@ -804,8 +875,12 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
-                                                          model.arch.sandwich_norms, plan.precision.adapter),
+                                                          model.arch.sandwich_norms or model.arch.post_norms,
+                                                          plan.precision.adapter, model.arch.multipliers),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
+                      input_saved=x.sid in w.saved,
+                      recompute_first=tuple((_coef(t), _coef(s)) for t, s in envelope(w0.split(w0.last_save)))
+                      if w0 is not w and plan.gradient_checkpointing else (),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act))
 
@@ -846,6 +921,12 @@ class ActivationProfile(NamedTuple):
     moe_sw_dt: int = 4        # MoE: the routing weights' dtype bytes
     moe_tail: int = 0         # MoE: saved after the experts (freed before their backward)
     moe_act: int = 0          # MoE: saved by the experts' activation (freed before the gate_up backward)
+    #: granite with checkpointing: the embedding's output, a leaf made to require grad by
+    #: enable_input_require_grads, is held by its AccumulateGrad node until backward ends (its
+    #: `* embedding_multiplier` copy is the first layer's input)
+    embed_leaf_bytes: int = 0
+    recompute_peak_first: int = -1   # layer 0's recompute when it differs from the others' (else -1)
+    recompute_temps_first: int = 0
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -859,7 +940,7 @@ def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BS
 
 
 def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sandwich: bool = False,
-                               adapter_dt: int = 4) -> int:
+                               adapter_dt: int = 4, scaled: bool = False) -> int:
     """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
     NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
@@ -873,6 +954,8 @@ def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sand
     16-bit on a 16-bit one). tests/test_agreement_sim.py has cases
     whose peak is such a recompute at real shapes.
     """
+    if scaled:  # granite: the MLP branch's `* residual_multiplier` gradient too, stream dtype
+        return stream_dt + inflight_bytes_per_element(stream_dt, autocast, method, sandwich, adapter_dt)
     if sandwich:
         return 4 if stream_dt == 4 else 6
     if stream_dt == 4:
@@ -898,15 +981,18 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     f0, f1, f2 = tr.copies_first
     # torch's reentrant checkpoint recomputes the whole layer (no early stop) and its frames return
     rec, rec_tmp = _peak(tr.forward if plan.use_reentrant else tr.recompute, T, BSS)
+    rec0, rec0_tmp = _peak(tr.recompute_first, T, BSS) if tr.recompute_first else (-1, 0)
     fwd, fwd_tmp = _peak(tr.forward, T, BSS)
     lay, first, down = tr.layer, tr.first_layer, tr.down_saved
     at0, at1, at2 = tr.attn_saved
     af0, af1, af2 = tr.attn_saved_first
     return ActivationProfile(
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
-        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
         # cos/sin [1, S, rope_dim] (partial rotary, Phi-4-mini: 96 of head_dim 128)
-        -(-T * H * a // g) * g, 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g),
+        # (fp32 stream: the input norm's x.to(float32) is x; olmo2 has no input norm, and only a LoRA
+        # reading x in fp32 without dropout saves it)
+        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
+        -(-T * H * a // g) * g, 2 * (-(-S * 2 * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a) // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
@@ -917,9 +1003,13 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
-        sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
-        tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))))
+        embed_leaf_bytes=-(-T * H * a // g) * g if model.arch.multipliers and plan.gradient_checkpointing
+        and plan.method != "full" else 0,
+        recompute_peak_first=rec0, recompute_temps_first=rec0_tmp,
+        moe_late=sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))),
+        moe_mid=sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))), moe_dt=tr.moe_dt, moe_sw_dt=tr.moe_sw_dt,
+        moe_tail=sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
+        moe_act=sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))))
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

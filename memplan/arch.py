@@ -96,6 +96,17 @@ class Arch:
     llama3, longrope, yarn, ...) apply it.
     defaults: the config class's defaults for keys a hub config.json may leave out (the Gemma 3
     multimodal checkpoints name only the text keys that differ from Gemma3TextConfig's).
+    qk_norm_scope: "head" (q_norm/k_norm over head_dim, per head: qwen3, gemma3) or "proj" (over the
+    whole q and k projections, q_dim and kv_dim wide, before the heads are split: olmo2).
+    post_norms: the layer normalises the attention and MLP outputs only (post_attention_layernorm,
+    post_feedforward_layernorm), never their inputs (olmo2).
+    norm_cast_last: RMSNorm returns `(weight * h).to(input_dtype)` (the product in fp32, cast last:
+    olmo2) instead of llama's `weight * h.to(input_dtype)`.
+    rope_fp32: the rotary module returns fp32 cos/sin (no cast to the input's dtype) and
+    apply_rotary_pos_emb casts q_embed / k_embed back to q's and k's dtype (olmo2).
+    multipliers: granite's scalar multiplications, each a fresh tensor: `inputs_embeds *
+    embedding_multiplier`, `residual + out * residual_multiplier` after attention and after the MLP,
+    `logits / logits_scaling` (attention_multiplier is SDPA's `scale`, no tensor).
     """
 
     model_type: str
@@ -119,6 +130,11 @@ class Arch:
     moe: MoELayout | None = None
     partial_rotary: bool = False
     defaults: tuple[tuple[str, Any], ...] = ()
+    qk_norm_scope: str = "head"
+    post_norms: bool = False
+    norm_cast_last: bool = False
+    multipliers: bool = False
+    rope_fp32: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -152,6 +168,13 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
     Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False,
          sliding="config", partial_rotary=True),
+    # q_norm [q_dim] and k_norm [kv_dim] on the whole projections; post-attention and post-feedforward
+    # norms instead of pre-norms; Olmo2RMSNorm returns (weight * h).to(input_dtype)
+    Arch("olmo2", _SRC.format("olmo2"), qk_norm=True, qk_norm_scope="proj", post_norms=True,
+         norm_cast_last=True, rope_fp32=True),
+    # llama's layout with embedding_multiplier, residual_multiplier and logits_scaling
+    # (GraniteModel.forward, GraniteDecoderLayer.forward, GraniteForCausalLM.forward)
+    Arch("granite", _SRC.format("granite"), multipliers=True),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok",
                        peft_names=(("gate", "router"), ("w1", "gate_up"), ("w3", "gate_up"), ("w2", "down")))),

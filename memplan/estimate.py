@@ -12,6 +12,8 @@ symbolic layer walk of `activations`, the per-term functions of `formulas`), in 
 - ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
+- ``post_norm_backward_moment(i)`` (olmo2's post norms): layer i's post-feedforward RMSNorm backward,
+  the layer's saved set with RMSNorm's fp32 [T x H] gradients in flight;
 - ``dequant_backward_moment(i)`` (QLoRA): layer i's 4-bit down projection backward: its weight
   dequantized again (bitsandbytes MatMul4Bit.backward), then the input gradient made;
 - ``layer_backward_moment(i)``: layer i's MLP backward: the down projection's saved tensors released,
@@ -42,6 +44,9 @@ Known limitations (NB):
 - 16-bit adapters on gemma3 (sandwich norms) without prepare and autocast: the in-flight gradients at
   a recompute are not measured for that combination (-3.4 % on the tiny CPU model);
 - sequences are unpadded (no padding mask), as in the synthetic batches of `profile`;
+- a config's `attention_dropout` > 0 (granite-3.0/3.1 ship 0.1) is not modelled, and noted: on the
+  CPU SDPA then runs its math kernel (about 15 B more per [batch x heads x seq x seq] element and
+  layer, measured on tiny granite and llama steps); `simulate` traces it;
 - reentrant checkpointing (`use_reentrant`) is checked on real CPU steps and simulate for QLoRA/LoRA
   plans; its labels (which [T x H] tensors the tracker calls activations) follow the tracker.
 """
@@ -280,7 +285,7 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
-                layers_saved, ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
+                layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
                 (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
                 RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
 
@@ -308,6 +313,9 @@ MOMENT_KINDS = {
     "loss_backward": ("loss:backward", _BACKWARD,
                       "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"),
     "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
+    "post_norm_backward": ("post_norm_backward:{i}", _BACKWARD,
+                           "the backward of layer {i}'s post-feedforward norm (of {L}): the layer's saved set, "
+                           "RMSNorm's fp32 [tokens x hidden] gradients in flight"),
     "dequant": ("dequant:{i}", _BACKWARD, "the 4-bit backward of layer {i}'s down projection (of {L}): {detail}"),
     "layer_backward": ("backward:{i}", _BACKWARD,
                        "the MLP backward of layer {i} of {L}: [tokens x intermediate] gradients in flight"),
@@ -344,7 +352,7 @@ def forward_moment(s: Step) -> Moment:
     ap, L = s.ap, s.model.num_layers
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
     return s.moment("forward", L - 1, s.ga_grads,
-                    earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
+                    earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
 
 
 def _softcap_bytes(s: Step) -> int:
@@ -399,7 +407,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
             rng_states = L
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
-    fixed = below + ap.rope_bytes + s.layer_args + s.small + rng_states * s.rng_state
+    fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
                          grads if s.ga_grads else grads // L * (L - 1 - i))
@@ -420,8 +428,11 @@ def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
         moved = 0 if ap.input_in_saved else ap.recompute_inflight
         return s.moment("recompute", i, lb.grads, lb.fixed - ap.layer_input_bytes + moved + ap.recompute_peak
                         - ap.recompute_temps, 0, ap.recompute_inflight - moved + ap.recompute_temps + s.rng_state)
-    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + ap.recompute_peak - ap.recompute_temps, 0,
-                    ap.recompute_inflight + ap.recompute_temps)
+    peak, temps = ap.recompute_peak, ap.recompute_temps
+    if i == 0 and ap.recompute_peak_first >= 0:  # layer 0 recomputes from a leaf input (olmo2: shared casts)
+        peak, temps = ap.recompute_peak_first, ap.recompute_temps_first
+    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + peak - temps, 0,
+                    ap.recompute_inflight + temps)
 
 
 def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:
@@ -448,6 +459,22 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
                     2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
 
 
+def post_norm_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """olmo2 (post norms): the backward of layer i's post_feedforward_layernorm, the first node of
+    its backward. That norm saves last, so a checkpointed layer has been recomputed to its end: its
+    whole saved set is alive but the norm's rsqrt (released by RsqrtBackward); in flight are the
+    [T x H] gradient of the layer output (stream dtype, held for the residual path) and five fp32
+    [T x H] temporaries of RMSNorm's backward (x.to(float32) * rsqrt's gradient, waiting to be
+    summed with the pow path; mean's backward; pow's x**1, * 2 and * grad). Measured on CPU steps
+    (tests/test_agreement_cpu.py, olmo2 fp32 and no-prepare cases)."""
+    if not s.model.arch.post_norms:
+        return None
+    i, ap, r, T, H = lb.i, s.ap, s.r, s.tokens, s.model.hidden_size
+    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    return s.moment("post_norm_backward", i, lb.grads, lb.fixed + saved_i - r(4 * T), 0,
+                    r(T * H * ap.stream_dt) + 5 * r(4 * T * H))
+
+
 def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
     `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
@@ -466,6 +493,11 @@ def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     N, K = d.out_features, d.in_features
     in_flight = (r(T * N * ap.down_out_dt) + (r(T * N * cd) if ap.down_out_dt != cd else 0)
                  + (r(T * K * ap.prod_dt) if d.targeted else 0))
+    if s.model.arch.post_norms:
+        # olmo2: post_feedforward_layernorm sits between down_proj and the residual add, so the
+        # stream's gradient (held for the residual path) and the norm's backward output, in the
+        # compute dtype, are two tensors (NB: measured with simulate, 16-bit and fp32 streams)
+        in_flight = r(T * N * ap.stream_dt) + r(T * N * cd) + (r(T * K * ap.prod_dt) if d.targeted else 0)
     acts, grads = lb.after_down, lb.grads + d.lora_grads
     matmul = d.w_grad + r(T * K * cd)
     what = "the input gradient made" if matmul >= d.dequant else "its weight dequantized"
@@ -547,6 +579,8 @@ def moments(s: Step) -> tuple[Moment, ...]:
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
+        if s.model.arch.post_norms:
+            out.append(post_norm_backward_moment(s, lb))
         if s.model.is_moe:
             out += [experts_unpermute_moment(s, lb), *experts_backward_moments(s, lb)]
         else:
@@ -598,6 +632,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                 "(mlp_only_layers / decoder_sparse_step / first dense layers); "
                 f"`memplan simulate {model.name}` traces it exactly")
         notes += _moe_checks(model, plan, changes)
+    if model.attention_dropout:
+        notes.append(f"the config sets attention_dropout {model.attention_dropout:g}, which the closed form does not "
+                     "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
+                     "tensors per layer (measured: about 15 B per element); not checked on CUDA. Set it to 0 for the "
+                     "estimate to apply, or trace the step with `memplan simulate`")
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"

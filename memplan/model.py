@@ -108,6 +108,9 @@ class ModelSpec:
     vision_other_tensors: tuple[int, ...] = field(default=(), repr=False)
     #: bytes of the towers' buffers (SigLIP position_ids: int64 [1, patches])
     vision_buffer_bytes: int = 0
+    #: config `attention_dropout` (granite-3.0/3.1 ship 0.1): applied by the attention in training;
+    #: NB not modelled by the closed form (estimate notes it)
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arch is None:
@@ -290,11 +293,17 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
                     Linear("mlp.shared_expert.down_proj", H, I_shared, False, "mlp")]
     if arch.moe is not None and arch.moe.shared_expert_gate:
         linears.append(Linear("mlp.shared_expert_gate", 1, H, False, "shared_gate"))
-    norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
+    if arch.post_norms:  # olmo2: no input_layernorm, a norm after the MLP instead
+        norms = [("post_attention_layernorm", H), ("post_feedforward_layernorm", H)]
+    else:
+        norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
     if arch.sandwich_norms:
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
     if arch.qk_norm:
-        norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+        if arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+            norms += [("self_attn.q_norm", qd), ("self_attn.k_norm", kvd)]
+        else:
+            norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
     dense_norms = tuple(norms)
     kinds: tuple[str, ...] = ()
     if arch.moe is not None:
@@ -328,6 +337,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         moe_intermediate_size=I_moe, shared_expert_intermediate_size=I_shared, layer_kinds=kinds,
         dense_layer_linears=tuple(attn_linears + dense_mlp) if kinds else (),
         dense_layer_norms=dense_norms if kinds else (),
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0),
     )
 
 

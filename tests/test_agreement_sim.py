@@ -120,12 +120,25 @@ CASES = [
     ("qwen3-30b-a3b-no-gc-seq2048", "qwen3-30b-a3b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("qwen1.5-moe-a2.7b-default", "qwen1.5-moe-a2.7b", {}),
     ("qwen2-57b-a14b-seq2048", "qwen2-57b-a14b", dict(seq_len=2048)),
+    # olmo2: post norms, q/k norms over the whole projections (issue 10)
+    ("olmo2-7b-default", "olmo-2-7b", {}),
+    ("olmo2-7b-no-gc", "olmo-2-7b", dict(gradient_checkpointing=False)),
+    ("olmo2-7b-lora", "olmo-2-7b", dict(method="lora", optim="adamw_torch_fused")),
+    ("olmo2-13b-fp32-seq64", "olmo-2-13b", dict(mixed_precision="no", lora_dropout=0.0, seq_len=64)),
+    ("olmo2-32b-no-prepare-seq256", "olmo-2-32b", dict(prepare=False, mixed_precision="no", seq_len=256)),
+    # granite: embedding / residual multipliers, logits_scaling (issue 10)
+    ("granite3.3-8b-default", "granite-3.3-8b", {}),
+    ("granite3.3-8b-no-gc", "granite-3.3-8b", dict(gradient_checkpointing=False)),
+    ("granite3.3-8b-lora", "granite-3.3-8b", dict(method="lora", optim="adamw_torch_fused")),
+    ("granite3.3-8b-lora-seq64", "granite-3.3-8b", dict(method="lora", seq_len=64)),
+    ("granite3.3-8b-eager-seq2048", "granite-3.3-8b", dict(attn_implementation="eager", seq_len=2048, lora_dropout=0.0,
+                                                            optim="adamw_torch")),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
 LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward", "attention_backward", "experts_backward",
                "experts_unpermute_backward", "experts_act_backward",
-               "experts_gate_up_backward")
+               "experts_gate_up_backward", "post_norm_backward")
 #: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
 ROUNDING_SLACK = 4096
 
