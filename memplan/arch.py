@@ -28,11 +28,34 @@ class MoELayout:
 
     transformers 5 fuses the experts into 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj`
     [E, H, I]) and the router is not an `nn.Linear`: bitsandbytes leaves all of them 16-bit.
+
+    Every field after `fused_experts` defaults to Mixtral's layout:
+    intermediate_key: the config key of one expert's intermediate size I_moe.
+    shared_expert_key: the config key of a shared (always-on) expert's intermediate size; None: none.
+    dense_layers_key: the config key saying which layers are dense (not MoE); None: every layer is MoE.
+    router: the router's module name under `mlp` (`mlp.gate` Mixtral, `mlp.router` gpt_oss); its
+    weight is a plain [E, H] parameter, not an nn.Linear. router_bias: a [E] bias beside it.
+    router_kind: "softmax_topk" (softmax over all E logits in fp32, top-k, renormalised: Mixtral) or
+    "topk_softmax" (top-k of the logits, softmax over those k in their dtype: gpt_oss).
+    expert_bias: `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H] beside the fused weights.
+    transposed: the fused weights are stored [E, H, 2I] / [E, I, H] (`is_transposed=True` in
+    `use_experts_implementation`), gate/up interleaved in the last dimension (gate = [..., ::2]).
+    activation: "act_fn" (config `hidden_act` of gate, times up) or "clamped_swiglu" (gpt_oss:
+    gate clamped above at `swiglu_limit`, up clamped to ±limit, (up + 1) · gate · σ(alpha · gate)).
     """
 
     experts_key: str
     top_k_key: str
     fused_experts: bool = True
+    intermediate_key: str = "intermediate_size"
+    shared_expert_key: str | None = None
+    dense_layers_key: str | None = None
+    router: str = "gate"
+    router_bias: bool = False
+    router_kind: str = "softmax_topk"
+    expert_bias: bool = False
+    transposed: bool = False
+    activation: str = "act_fn"
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,9 @@ class Arch:
     sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
     "layer_types": the layers typed sliding_attention, defaulting as the family's config class
     does, see `layer_types`).
+    attention_sinks: a learnable per-head logit `self_attn.sinks` [heads] joins every softmax (gpt_oss).
+    defaults: config-class defaults that differ from model_from_config's fallbacks, applied where the
+    config.json lacks the key (gpt_oss: attention_bias True, head_dim 64, ...).
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
     default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`).
@@ -69,6 +95,8 @@ class Arch:
     sliding: str = "none"
     default_layer_types: str = ""
     moe: MoELayout | None = None
+    attention_sinks: bool = False
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -95,6 +123,18 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          sliding="config"),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok")),
+    # q/k/v/o with bias (attention_bias, default True), per-head attention sinks; no SDPA in 5.24
+    # (_supports_sdpa = False: from_pretrained raises for "sdpa"; eager, flex and the hub flash kernels
+    # of _compatible_flash_implementations take the sinks); sliding (128) / full alternating by
+    # layer_types; one YaRN rotary module; GptOssTopKRouter weight [E, H] + bias [E]; GptOssExperts
+    # gate_up_proj [E, H, 2I] (+ bias [E, 2I]), down_proj [E, I, H] (+ bias [E, H]), interleaved
+    # gate/up, clamped SwiGLU (configuration_gpt_oss.py for the defaults)
+    Arch("gpt_oss", _SRC.format("gpt_oss"), sdpa=False, sliding="layer_types", default_layer_types="alternate",
+         attention_sinks=True,
+         moe=MoELayout("num_local_experts", "num_experts_per_tok", router="router", router_bias=True,
+                       router_kind="topk_softmax", expert_bias=True, transposed=True, activation="clamped_swiglu"),
+         defaults=(("attention_bias", True), ("head_dim", 64), ("sliding_window", 128),
+                   ("num_local_experts", 128), ("num_experts_per_tok", 4), ("tie_word_embeddings", False))),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)

@@ -33,7 +33,16 @@ class Linear:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only causal LM, as transformers builds it from `config`."""
+    """A decoder-only causal LM, as transformers builds it from `config`.
+
+    layer_norms: every per-layer parameter that is neither an nn.Linear (`layer_linears`) nor a fused
+    expert weight (`expert_params_per_layer`), as (name under the layer, numel): the norms, and for
+    MoE families the router (`mlp.gate.weight` Mixtral; `mlp.router.weight` + `mlp.router.bias`
+    gpt_oss), plus gpt_oss's attention sinks (`self_attn.sinks` [heads]) and expert biases
+    (`mlp.experts.gate_up_proj_bias` [E, 2I], `mlp.experts.down_proj_bias` [E, H]). None of them is
+    an nn.Linear, so bitsandbytes leaves them 16-bit and prepare upcasts them to fp32.
+    intermediate_size: for MoE families, one expert's intermediate size (`MoELayout.intermediate_key`).
+    """
 
     name: str
     model_type: str
@@ -160,13 +169,15 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
     arch = arch_of(cfg.get("model_type"))
     model_type = arch.model_type
+    if arch.defaults:  # config-class defaults where config.json lacks the key (gpt_oss)
+        cfg = {**dict(arch.defaults), **cfg}
     problems: list[str] = []
     H = _int(cfg, "hidden_size", problems)
     L = _int(cfg, "num_hidden_layers", problems)
     nh = _int(cfg, "num_attention_heads", problems)
     nkv = _int(cfg, "num_key_value_heads", problems, cfg.get("num_attention_heads")) if cfg.get(
         "num_key_value_heads") is not None else nh
-    I = _int(cfg, "intermediate_size", problems)
+    I = _int(cfg, arch.moe.intermediate_key if arch.moe is not None else "intermediate_size", problems)
     V = _int(cfg, "vocab_size", problems)
     hd = cfg.get("head_dim") or (H // nh if nh else 0)
     if not isinstance(hd, int) or hd <= 0:
@@ -202,9 +213,15 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
     if arch.qk_norm:
         norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+    if arch.attention_sinks:
+        norms += [("self_attn.sinks", nh)]
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
-        norms += [("mlp.gate.weight", E * H)]
+        norms += [(f"mlp.{arch.moe.router}.weight", E * H)]
+        if arch.moe.router_bias:
+            norms += [(f"mlp.{arch.moe.router}.bias", E)]
+        if arch.moe.expert_bias:
+            norms += [("mlp.experts.gate_up_proj_bias", E * 2 * I), ("mlp.experts.down_proj_bias", E * H)]
     types, window = layer_types(arch, cfg, L)
     # one set of rotary buffers per attention type present (gemma3), else one
     rotary_modules = len(set(types)) if arch.rotary == "per_layer_type" else 1
