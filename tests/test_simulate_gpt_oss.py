@@ -36,6 +36,19 @@ Parameters after load + prepare + get_peft_model (per layer):
       the default recipe. Adapting experts needs LoraConfig(target_parameters=[
       "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]) -- see "target_parameters" below.
 
+Attention (eager with sinks; sliding layers save the same: eager materializes [S, S+1] whatever
+the window), per interior layer, saved for backward (measured, `test_layer_saved_tensors_in_a_real_forward`):
+  per LoRA'd projection (q, k, v, o): the bf16 autocast copies of A and B (2 B per LoRA param), the
+      bf16 copy of its input (one per module: 3 x 2TH for q/k/v, the attention output 2Tq for o),
+      the bf16 A output [T, r];
+  attention: query, repeated key, repeated value [B, nh, S, hd] bf16 (3 x 2Tq), the max indices
+      [B, nh, S, 1] int64 (8 B nh S), the softmax over [logits | sink] [B, nh, S, S+1] fp32 (the
+      sinks parameter is fp32 after prepare, so torch.cat promotes the bf16 logits), the bf16 cast of
+      the probabilities without the sink column [B, nh, S, S] (2 B nh S^2);
+  A_attn = 2r(H + q_dim) + 2TH + 2Tr + 2[2r(H + kv_dim) + 2TH + 2Tr] + 2r(q_dim + H) + 2T q_dim + 2Tr
+           + 6T q_dim + 8 B nh S + 4 B nh S (S+1) + 2 B nh S^2
+  post_attention_layernorm: 4TH + 4T (fp32 input and rsqrt), as in other families.
+
 MoE block forward, input x [T, H] fp32 (the residual stream after prepare; the post-attention
 RMSNorm returns its input dtype), in order ("SAVED" = kept for backward, measured with
 saved_tensors_hooks; "transient" = freed by the end of the block's forward):
@@ -57,7 +70,8 @@ saved_tensors_hooks; "transient" = freed by the end of the block's forward):
           reorder [Tk, H] fp32 (transient), sum over k -> the block's output [T, H] fp32.
   The fp32 expert weights are saved by reference (no copy).
   Measured formulas (bytes; exact on three shapes: (H, I, E, k, T) = (64, 40, 6, 2, 36),
-    (96, 56, 8, 3, 50), (128, 128, 8, 2, 8); `test_moe_block_memory` runs the first and last):
+    (96, 56, 8, 3, 50), (128, 128, 8, 2, 8); `test_moe_block_memory` runs the last;
+    `test_layer_saved_tensors_in_a_real_forward` checks S inside a real model forward):
     saved by the block, beyond its input:  S = 2EH + 4E + 36Tk + 24TkI + 4TkH
     forward peak of what the block allocates (at the final reorder gather, locals still alive):
                                            F = 24TkI + 20TkH + 2EH + 2TE + 48Tk + 8E
@@ -286,8 +300,8 @@ def _block_sheet(model, T: int, H: int):
     return start, fwd.peak, bwd.peak - start
 
 
-# (96, 56, 8, 3, 50) agrees as well; two shapes keep the file short
-@pytest.mark.parametrize("H,I,E,k,T", [(64, 40, 6, 2, 36), (128, 128, 8, 2, 8)])
+# (64, 40, 6, 2, 36) and (96, 56, 8, 3, 50) agree as well; one shape keeps the file short
+@pytest.mark.parametrize("H,I,E,k,T", [(128, 128, 8, 2, 8)])
 def test_moe_block_memory(H, I, E, k, T):
     """The memory sheet's formulas for one MoE block on the default recipe (experts frozen)."""
     from memplan.runtime.load import adapt, load_model
@@ -305,6 +319,49 @@ def test_moe_block_memory(H, I, E, k, T):
     # three [Tk, H] fp32 gradient buffers; the [Tk, 1] fp32 routing-weight gradient joins them or
     # not depending on when the engine frees the expanded sum-over-k gradient (both seen here)
     assert 12 * Tk * H <= bwd_peak <= 12 * Tk * H + 4 * Tk
+
+
+def test_layer_saved_tensors_in_a_real_forward():
+    """Saved-for-backward bytes of layer 1 (an interior layer: layer 0's input needs no grad) per
+    module, in a real forward of the whole model (eager attention with sinks; layer 1 sliding,
+    window 8 < S, which eager attention does not shrink): the sheet's attention and MoE formulas."""
+    import weakref
+
+    from memplan.runtime.load import adapt, load_model
+
+    H, nh, nkv, hd, B, S, I, E, k, r = 96, 6, 2, 8, 2, 20, 40, 4, 2, 16
+    cfg = dict(CONFIG, hidden_size=H, num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+               intermediate_size=I, num_local_experts=E, num_experts_per_tok=k,
+               layer_types=["full_attention", "sliding_attention"])
+    plan = TrainPlan(device="cpu", seq_len=S, batch_size=B, lora_dropout=0.0, attn_implementation="eager",
+                     gradient_checkpointing=False)
+    model = adapt(load_model(cfg, plan), plan)
+    model.train()
+    layer = model.get_base_model().model.layers[1]
+    label = ["-"]
+    for name, mod in (("attn", layer.self_attn), ("mlp", layer.mlp), ("norm", layer.post_attention_layernorm)):
+        mod.register_forward_pre_hook(lambda m, a, n=name: label.append(n))
+        mod.register_forward_hook(lambda m, a, o: label.pop() and None)
+    known = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, tuple[str, int, weakref.ref]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in known and st.data_ptr() not in saved:
+            saved[st.data_ptr()] = (label[-1], st.nbytes(), weakref.ref(st))
+        return t
+
+    ids = torch.randint(3, 500, (B, S))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    got = {n: sum(b for lab, b, ref in saved.values() if lab == n and ref() is not None) for n in ("attn", "mlp", "norm")}
+    T, q, kv, Tk = B * S, nh * hd, nkv * hd, B * S * k
+    lora = (2 * r * (H + q) + 2 * T * H + 2 * T * r + 2 * (2 * r * (H + kv) + 2 * T * H + 2 * T * r)
+            + 2 * r * (q + H) + 2 * T * q + 2 * T * r)
+    attn = 3 * 2 * T * q + 8 * B * nh * S + 4 * B * nh * S * (S + 1) + 2 * B * nh * S * S
+    assert got == {"attn": lora + attn, "mlp": 2 * E * H + 4 * E + 36 * Tk + 24 * Tk * I + 4 * Tk * H,
+                   "norm": 4 * T * H + 4 * T}
+    del out
 
 
 if __name__ == "__main__":  # pragma: no cover
