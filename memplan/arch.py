@@ -96,6 +96,10 @@ class Arch:
     "layer_types": the layers typed sliding_attention, defaulting as the family's config class
     does, see `layer_types`).
     attention_sinks: a learnable per-head logit `self_attn.sinks` [heads] joins every softmax (gpt_oss).
+    norm_cast_last: RMSNorm returns `(weight * h).to(input_dtype)` (GptOssRMSNorm: the product in
+    fp32, then cast) instead of llama's `weight * h.to(input_dtype)`.
+    rotary_chunked: cos/sin are [B, S, rope_dim/2] (`emb = freqs`, no cat) and `_apply_rotary_emb`
+    rotates the two halves of q/k (chunk; x1·cos - x2·sin, x2·cos + x1·sin; cat): gpt_oss.
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
     default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`),
@@ -132,6 +136,8 @@ class Arch:
     moe: MoELayout | None = None
     partial_rotary: bool = False
     attention_sinks: bool = False
+    norm_cast_last: bool = False
+    rotary_chunked: bool = False
     defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -191,7 +197,7 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # gate_up_proj [E, H, 2I] (+ bias [E, 2I]), down_proj [E, I, H] (+ bias [E, H]), interleaved
     # gate/up, clamped SwiGLU (configuration_gpt_oss.py for the defaults)
     Arch("gpt_oss", _SRC.format("gpt_oss"), sdpa=False, sliding="layer_types", default_layer_types="alternate",
-         attention_sinks=True,
+         attention_sinks=True, norm_cast_last=True, rotary_chunked=True,
          moe=MoELayout("num_local_experts", "num_experts_per_tok", router_name="router", router_bias=True,
                        router_kind="topk_softmax", expert_bias=True, transposed=True, activation="clamped_swiglu",
                        peft_names=()),

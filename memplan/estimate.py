@@ -395,6 +395,11 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
     fixed = below + ap.rope_bytes + s.layer_args + s.small + rng_states * s.rng_state
+    n_types = len(s.model.attention_types)
+    if s.plan.gradient_checkpointing and i == 0 and n_types > 1 and not s.plan.use_reentrant:
+        # the masks are the checkpointed layers' arguments: once every layer above is done only layer
+        # 0's own type is still referenced (gpt_oss sliding/full; measured on CPU steps)
+        fixed -= ap.mask_bytes // n_types * (n_types - 1)
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
                          grads if s.ga_grads else grads // L * (L - 1 - i))
