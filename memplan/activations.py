@@ -797,13 +797,14 @@ class LayerModel:
         S = T * k
         pdt, ac, rg = self.weights_dt, self.ac, x.rg
         with w.frame():  # the router module
-            if ac:
-                bc, wc = w.new(E, ac, False), w.new(E * H, ac, False)
+            if ac:  # autocast casts the bias, the weight (saved for dX) and x, where not already 16-bit
+                bc = w.new(E, ac, False) if pdt != ac else None
+                wc = w.new(E * H, ac, False) if pdt != ac else None
                 xr = w.cast(x, ac)
-                if rg:
+                if rg and wc is not None:
                     w.save(wc)
                 logits = w.new(T * E, ac, rg)
-                w.drop(*{bc, xr, wc} - {x})
+                w.drop(*{t for t in (bc, xr, wc) if t is not None} - {x})
             else:
                 logits = w.new(T * E, _promote(x.dt, pdt), rg)
             vals, idx = w.new(T * k, logits.dt, rg), w.new(T * k, 8, False)

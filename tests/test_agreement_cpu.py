@@ -33,6 +33,10 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GEMMA = dict(head_dim=64, tie_word_embeddings=True)
 MOE = dict(hidden_size=128, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2)
+# gpt_oss: layer 0 sliding (window 64 < seq 128), layer 1 full, as the hub configs alternate
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=128, intermediate_size=128, num_local_experts=4,
+               num_experts_per_tok=2, head_dim=32, sliding_window=64,
+               layer_types=["sliding_attention", "full_attention"])
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -123,6 +127,13 @@ CASES = [
      dict(target_modules="w2", mixed_precision="no", optim="adamw_torch")),
     ("mixtral-moe-router-gate-up-no-prepare", dict(model_type="mixtral", **MOE),
      dict(target_modules="gate,w1,w3", prepare=False, gradient_checkpointing=False)),
+    # gpt-oss (gpt_oss): eager attention with per-head sinks ([B, heads, S, S+1] softmax), q/k/v/o biases, the
+    # router with a bias, experts frozen (peft wraps none) with biases, transposed, the clamped SwiGLU
+    ("gpt-oss-default", GPT_OSS, dict()),
+    ("gpt-oss-no-gc", GPT_OSS, dict(gradient_checkpointing=False)),
+    ("gpt-oss-dropout0-gc", GPT_OSS, dict(lora_dropout=0.0)),
+    ("gpt-oss-no-prepare-no-gc", GPT_OSS, dict(prepare=False, gradient_checkpointing=False)),
+    ("gpt-oss-lora-gc", GPT_OSS, dict(method="lora", lora_dropout=0.0)),
 ]
 
 
