@@ -116,6 +116,12 @@ CASES = [
     ("mixtral-8x7b-no-gc-seq2048", "mixtral-8x7b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("mixtral-8x7b-attention-lora", "mixtral-8x7b", dict(target_modules="q_proj,k_proj,v_proj,o_proj",
                                                          optim="adamw_torch")),
+    # gpt-oss (gpt_oss): eager attention with sinks, sliding/full alternating, frozen biased experts; fp32
+    # experts on cpu, bf16 (no prepare, as check_plan resolves) on cuda
+    ("gpt-oss-20b-default", "gpt-oss-20b", {}),
+    ("gpt-oss-20b-no-gc", "gpt-oss-20b", dict(gradient_checkpointing=False)),
+    ("gpt-oss-20b-seq2048", "gpt-oss-20b", dict(seq_len=2048)),
+    ("gpt-oss-120b-no-gc-seq2048", "gpt-oss-120b", dict(gradient_checkpointing=False, seq_len=2048)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
