@@ -264,14 +264,14 @@ class LayerModel:
             w.save(x32, rs)
         h = w.new(x.numel, 4, x.rg)
         if self.m.arch.gemma_norm or self.m.arch.norm_cast_last:
-            # gemma: h * (1 + w.float()); olmo2: (w * h).to(input_dtype) -- the product fp32, cast last
+            # gemma: h * (1 + w.float()); olmo2, gpt_oss: (w * h).to(input_dtype) -- the product fp32, cast last
             if x.rg and self.m.arch.gemma_norm:
                 w.save(w.new(dim, 4, False))  # (1 + weight.float()) is a fresh tensor, saved by the mul
             if self.full and x.rg:
                 w.save(h)  # NB: the weight's grad needs the normalised h
             o = w.new(x.numel, 4, x.rg)
             out = w.cast(o, x.dt)
-            w.drop(*{x32, rs, h, o} - {out})
+            w.drop(*{x32, rs, h, o} - {out, x})
             return out
         hc = w.cast(h, x.dt)
         if self.full and x.rg:
@@ -438,8 +438,12 @@ class LayerModel:
             w.drop(q, k)
             q, k = qn, kn
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
-        qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
-        ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
+        if m.arch.rotary_chunked:
+            qe = self._rope_chunked(q, T * (m.q_dim // 2), cos_dt)
+            ke = self._rope_chunked(k, T * (m.kv_dim // 2), cos_dt)
+        else:
+            qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
+            ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
         if m.arch.rope_fp32:  # olmo2: fp32 cos/sin, then q_embed.to(q.dtype), k_embed.to(k.dtype)
             qc, kc = w.cast(qe, q.dt), w.cast(ke, k.dt)
             w.drop(*{qe, ke} - {qc, kc})
@@ -477,6 +481,20 @@ class LayerModel:
         w.drop(out)
         return o
 
+    def _rope_chunked(self, x: Sym, half: Lin, cos_dt: int) -> Sym:
+        """gpt_oss `_apply_rotary_emb`: x1, x2 = chunk(x, 2); cat(x1·cos - x2·sin, x2·cos + x1·sin).
+        The muls save only cos/sin (the model's, saved once); every product is a temporary."""
+        w, dt = self.w, _promote(x.dt, cos_dt)
+        a, b = w.new(half, dt, x.rg), w.new(half, dt, x.rg)
+        first = w.new(half, dt, x.rg)
+        w.drop(a, b)
+        a, b = w.new(half, dt, x.rg), w.new(half, dt, x.rg)
+        second = w.new(half, dt, x.rg)
+        w.drop(a, b)
+        out = w.new(half * 2, dt, x.rg)
+        w.drop(first, second)
+        return out
+
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
         """Eager attention (transformers' eager_attention_forward), op by op: q @ k^T, soft-capping,
         the mask added, an fp32 softmax (saved), its cast (saved with v by the second matmul); no
@@ -498,6 +516,8 @@ class LayerModel:
             scores = w.new(probs, cdt)
         masked = w.new(probs, cdt)
         w.drop(scores)
+        if m.arch.attention_sinks:
+            return self._eager_sinks(qc, kc, vc, q, k, v, masked)
         sm = w.new(probs, 4)
         w.save(sm)
         self.saved_at_probs = w.saved_bytes  # alive, with the probabilities, in their softmax's backward
@@ -509,11 +529,42 @@ class LayerModel:
         w.drop(q, k, v, out)
         return ot
 
+    def _eager_sinks(self, qc: Sym, kc: Sym, vc: Sym, q: Sym, k: Sym, v: Sym, masked: Sym) -> Sym:
+        """gpt_oss eager_attention_forward from the masked logits on: cat([logits, sinks]) -> [B, heads,
+        S, S+1] in the promoted dtype (the sinks are fp32 after prepare), minus its max over the last
+        dim (max saves its int64 indices [B, heads, S, 1]), softmax in that dtype (its output saved),
+        the sink column dropped (a view) and `.to(value dtype)` (a copy: the slice is not dense), which
+        the second matmul saves (autocast's cast of it where the dtypes differ). `attn_weights` (the
+        masked logits) and `combined_logits` stay referenced until the function returns."""
+        m, w = self.m, self.w
+        probs, rows = Lin(q=m.num_heads), Lin(s=m.num_heads)
+        sdt = _promote(masked.dt, self.weights_dt)
+        comb = w.new(probs + rows, sdt)
+        mv, mi = w.new(rows, sdt), w.new(rows, 8, False)
+        w.save(mi)
+        c2 = w.new(probs + rows, sdt)
+        w.drop(comb, mv)
+        sm = w.new(probs + rows, sdt)
+        w.save(sm)
+        self.saved_at_probs = w.saved_bytes
+        pv = w.new(probs, vc.dt) if vc.dt != sdt else w.view(sm, probs)
+        w.drop(masked)
+        pc = w.cast(pv, self.ac or pv.dt)
+        if pc is not pv:
+            w.drop(pv)
+        w.save(pc, vc)
+        out = w.new(self.T * m.q_dim, pc.dt)
+        ot = w.new(out.numel, out.dt)  # transpose(1, 2).contiguous()
+        w.drop(q, k, v, out, c2)
+        return ot
+
     def mlp(self, x: Sym) -> Sym:
         with self.w.frame():  # the MLP module
             return self._mlp(x)
 
     def _mlp(self, x: Sym) -> Sym:
+        if self.m.is_moe and self.m.arch.moe.activation == "clamped_swiglu":
+            return self._moe_gpt_oss(x)
         if self.m.is_moe:
             return self._moe(x)
         return self._mlp_dense(x, self.m.intermediate_size)
@@ -738,6 +789,96 @@ class LayerModel:
         self.moe_sw_dt = sw_dt
         self.moe_mid = saved(prod, md, *down_factors)  # the down grouped_mm's and baddbmm's saved tensors
         self.moe_act = saved(act, gu)  # the activation's (silu and mul)
+        self.moe_dt = pdt
+        self.saved_before_down = w.saved_bytes
+        return out
+
+    def _moe_gpt_oss(self, x: Sym) -> Sym:
+        """gpt_oss's MoE block (GptOssMLP, transformers 5.24), experts frozen (peft wraps none):
+
+        - GptOssTopKRouter: F.linear(x, weight [E, H], bias [E]) (under autocast: the bias, the weight
+          and x cast, the weight's copy saved for dX), topk over the logits (indices saved), softmax
+          over the k values in their own dtype (output saved); the logits stay referenced (`_`) until
+          the block returns;
+        - GptOssExperts through `grouped_mm_experts_forward` (integrations/moe.py, is_transposed,
+          has_bias): sort of the T·k ids (values, permutation -- saved), perm // k (saved), the gathered
+          states [T·k, H], the sorted routing weights, histc's float ids, counts, offsets (saved);
+          `gate_up_proj_bias[expert_ids_g]` [T·k, 2I] gathered before the grouped_mm and added in
+          place to its output [T·k, 2I]; `_apply_gate`: gate/up strided views, clamp (both save their
+          input, the grouped_mm output), gate·alpha, sigmoid (saved), gate·σ (saves the clamped gate),
+          up + 1 (saved), (up + 1)·glu; the down bias gathered [T·k, H] (the gate_up one released),
+          grouped_mm -> [T·k, H] (saved by the routing-weight mul, which also saves the weights), the
+          weighted rows, the inverse permutation (saved) and its arange, the unpermuted rows, their
+          sum over k and its cast to the input dtype. Measured against real CPU steps
+          (tests/test_agreement_cpu.py).
+        """
+        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        E, k, I = m.num_experts, m.experts_per_token, m.expert_intermediate_size
+        S = T * k
+        pdt, ac, rg = self.weights_dt, self.ac, x.rg
+        with w.frame():  # the router module
+            if ac:  # autocast casts the bias, the weight (saved for dX) and x, where not already 16-bit
+                bc = w.new(E, ac, False) if pdt != ac else None
+                wc = w.new(E * H, ac, False) if pdt != ac else None
+                xr = w.cast(x, ac)
+                if rg and wc is not None:
+                    w.save(wc)
+                logits = w.new(T * E, ac, rg)
+                w.drop(*{t for t in (bc, xr, wc) if t is not None} - {x})
+            else:
+                logits = w.new(T * E, _promote(x.dt, pdt), rg)
+            vals, idx = w.new(T * k, logits.dt, rg), w.new(T * k, 8, False)
+            sc = w.new(T * k, logits.dt, rg)
+            if rg:
+                w.save(idx, sc)
+            w.drop(vals)
+        with w.frame():  # the experts module: every local lives until it returns
+            sv, perm = w.new(S, 8, False), w.new(S, 8, False)
+            pk = w.new(S, 8, False)
+            xg = w.new(S * H, x.dt, rg)
+            sw = w.new(S, sc.dt, rg)
+            if rg:
+                w.save(pk, perm)
+            hin = w.new(S, 4, False)  # histc's input: the ids as float on CPU, int32 on CUDA
+            hist, offs = w.new(E, 4, False), w.new(E, 4, False)
+            bg = w.new(S * 2 * I, pdt, False)  # gate_up_proj_bias[expert_ids_g]
+            xin = w.cast(xg, pdt)
+            if rg:
+                w.save(offs)
+            gu = w.new(S * 2 * I, pdt, rg)  # + bias, in place
+            g2, u2 = w.new(S * I, pdt, rg), w.new(S * I, pdt, rg)  # the clamps
+            ga = w.new(S * I, pdt, rg)
+            sg = w.new(S * I, pdt, rg)
+            w.drop(ga)
+            glu = w.new(S * I, pdt, rg)
+            u3 = w.new(S * I, pdt, rg)
+            prod = w.new(S * I, pdt, rg)
+            if rg:
+                w.save(gu, g2, sg, glu, u3)
+            w.drop(u2)
+            bd = w.new(S * H, pdt, False)  # down_proj_bias[expert_ids_g]
+            w.drop(bg)
+            dn = w.new(S * H, pdt, rg)
+            w.drop(prod)
+            if rg:
+                w.save(sw, dn)
+            wo = w.new(S * H, _promote(pdt, sw.dt), rg)
+            inv, ar = w.new(S, 8, False), w.new(S, 8, False)
+            w.drop(ar)
+            if rg:
+                w.save(inv)
+            wo2 = w.new(S * H, wo.dt, rg)
+            w.drop(wo)
+            fin = w.new(T * H, wo.dt, rg)
+            out = w.cast(fin, x.dt)
+            w.drop(*{wo2, sv, perm, pk, xg, xin, sw, hin, hist, offs, gu, dn, inv, bd, fin} - {out, x})
+        w.drop(logits, idx, sc)
+        saved = lambda *ts: sum((t.nbytes for t in ts if t.sid in w.saved), Lin())  # noqa: E731
+        self.moe_late = saved(dn, sw, inv)
+        self.moe_tail = Lin()
+        self.moe_sw_dt = sw.dt
+        self.moe_mid = saved(prod)
+        self.moe_act = saved(gu, g2, sg, glu, u3)
         self.moe_dt = pdt
         self.saved_before_down = w.saved_bytes
         return out
@@ -992,17 +1133,21 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         # (fp32 stream: the input norm's x.to(float32) is x; olmo2 has no input norm, and only a LoRA
         # reading x in fp32 without dropout saves it)
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
-        -(-T * H * a // g) * g, 2 * (-(-S * 2 * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a) // g) * g),
+        -(-T * H * a // g) * g,
+        2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
+               // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
         tr.lora_weight_copies,
         f0 * T + f1 * BSS + f2 + (L - 1) * (c0 * T + c1 * BSS + c2),
         pr.logits, a,
-        -(-T * H * (a if plan.use_reentrant else tr.inflight) // g) * g,
+        _recompute_inflight(model, plan, tr, g),
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
-        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
+        # [B, heads, S, S] fp32 (gpt_oss: [B, heads, S, S + 1], the sink column)
+        -(-B * model.num_heads * S * (S + model.arch.attention_sinks) * 4 // g) * g
+        if plan.attn_implementation == "eager" else 0,
         embed_leaf_bytes=-(-T * H * a // g) * g if model.arch.multipliers and plan.gradient_checkpointing
         and plan.method != "full" else 0,
         recompute_peak_first=rec0, recompute_temps_first=rec0_tmp,
@@ -1010,6 +1155,20 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         moe_mid=sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))), moe_dt=tr.moe_dt, moe_sw_dt=tr.moe_sw_dt,
         moe_tail=sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
         moe_act=sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))))
+
+
+def _recompute_inflight(model: ModelSpec, plan: TrainPlan, tr: LayerTrace, g: int) -> int:
+    """The gradients in flight when a checkpointed layer starts recomputing (`inflight_bytes_per_element`).
+    gpt_oss (measured, tracker on CPU steps): the layer's output gradient [T, H] in the stream dtype
+    and the contiguous copy of the expanded [T·k, H] gradient (the sum over k and its view run
+    backward) that reaches `weighted_out[inv_perm]`, whose saved index starts the recompute."""
+    T, H, a = plan.batch_size * plan.seq_len, model.hidden_size, plan.precision.params
+    if plan.use_reentrant:
+        return -(-T * H * a // g) * g
+    if model.is_moe and model.arch.moe.activation == "clamped_swiglu":
+        wo_dt = max(tr.moe_dt, tr.moe_sw_dt)
+        return -(-T * H * a // g) * g + -(-T * model.experts_per_token * H * wo_dt // g) * g
+    return -(-T * H * tr.inflight // g) * g
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

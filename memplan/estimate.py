@@ -408,6 +408,13 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
     fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
+    n_types = len(s.model.attention_types)
+    # NB: measured on gpt_oss only (gemma2/3 would follow, unmeasured: their golden files keep both masks)
+    if s.plan.gradient_checkpointing and i == 0 and n_types > 1 and not s.plan.use_reentrant \
+            and s.model.arch.attention_sinks:
+        # the masks are the checkpointed layers' arguments: once every layer above is done only layer
+        # 0's own type is still referenced (gpt_oss sliding/full; measured on CPU steps)
+        fixed -= ap.mask_bytes // n_types * (n_types - 1)
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
                          grads if s.ga_grads else grads // L * (L - 1 - i))
@@ -631,6 +638,10 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                 f"the closed form does not cover {model.name}'s mix of dense and mixture-of-experts layers "
                 "(mlp_only_layers / decoder_sparse_step / first dense layers); "
                 f"`memplan simulate {model.name}` traces it exactly")
+        if model.arch.moe.activation == "clamped_swiglu" and plan.method == "full":
+            raise UnsupportedArchitectureError(
+                f"the closed form walks {model.name}'s experts frozen (peft wraps none); full fine-tuning trains "
+                f"them: `memplan simulate {model.name}` traces it exactly")
         notes += _moe_checks(model, plan, changes)
     if model.attention_dropout:
         notes.append(f"the config sets attention_dropout {model.attention_dropout:g}, which the closed form does not "
@@ -640,9 +651,14 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"
-        notes.append(f"{model.model_type} has no SDPA attention in {TRANSFORMERS} (soft-capping): estimated "
+        why = "attention sinks" if model.arch.attention_sinks else "soft-capping"
+        notes.append(f"{model.model_type} has no SDPA attention in {TRANSFORMERS} ({why}): estimated "
                      "with eager, which from_pretrained picks; pass --attn-implementation flash_attention_2 if "
                      "you use it")
+    if model.arch.attention_sinks and changes.get("attn_implementation", plan.attn_implementation) != "eager":
+        raise UnsupportedArchitectureError(
+            f"the closed form covers {model.name}'s eager attention with sinks only: `memplan simulate "
+            f"{model.name}` traces {plan.attn_implementation}")
     return tuple(changes.items()), tuple(notes)
 
 
@@ -700,9 +716,19 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     if plan.method == "qlora":
         kept = ("fp32 (prepare_model_for_kbit_training upcasts them)" if changes.get("prepare", plan.prepare)
                 else "in the load dtype")
-        notes.append(f"{model.model_type}: the fused experts ({experts / 1e9:.1f}B parameters, 3-D tensors) and "
-                     f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only the attention "
-                     "projections are 4-bit")
+        if moe.expert_bias:  # gpt_oss: the experts' and router's biases, the attention sinks too
+            notes.append(f"{model.model_type}: the fused experts ({experts / 1e9:.1f}B parameters, 3-D tensors) "
+                         f"with their biases, the routers (weight and bias) and the attention sinks are not "
+                         f"nn.Linear, so bitsandbytes leaves them {kept}; only q/k/v/o_proj are 4-bit (their "
+                         "biases stay 16-bit), and peft's all-linear adapts only those (no expert is wrapped)")
+            notes.append(f"{model.model_type}: the hub checkpoints are MXFP4 (quantization_config mxfp4), which "
+                         "from_pretrained refuses to combine with BitsAndBytesConfig (ValueError); load a bf16 "
+                         "copy (dequantized with Mxfp4Config(dequantize=True) and saved): estimated with bf16 "
+                         "experts")
+        else:
+            notes.append(f"{model.model_type}: the fused experts ({experts / 1e9:.1f}B parameters, 3-D tensors) and "
+                         f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only the attention "
+                         "projections are 4-bit")
     targets = F.expert_targets(model, plan)
     if targets:
         parts = ", ".join(f"{p}{'_proj' if p != 'router' else ''}" for p in sorted(targets))

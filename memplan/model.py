@@ -46,6 +46,11 @@ class ModelSpec:
     gate/up/down MLP of `intermediate_size`). `layer_kinds` is empty when every layer is alike (all
     dense models, Mixtral, and Qwen MoE checkpoints whose layers are all MoE): then
     `num_layers × layer_*` is the whole stack, as before.
+    `layer_norms` holds every per-layer parameter that is neither an nn.Linear nor a fused expert
+    weight: the norms, the router (`mlp.gate.weight`; gpt_oss `mlp.router.weight` + `mlp.router.bias`),
+    gpt_oss's attention sinks (`self_attn.sinks` [heads]) and expert biases
+    (`mlp.experts.gate_up_proj_bias` [E, 2I], `mlp.experts.down_proj_bias` [E, H]). None of them is
+    an nn.Linear, so bitsandbytes leaves them 16-bit and prepare upcasts them to fp32.
     """
 
     name: str
@@ -304,11 +309,19 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
             norms += [("self_attn.q_norm", qd), ("self_attn.k_norm", kvd)]
         else:
             norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+    if arch.attention_sinks:
+        norms += [("self_attn.sinks", nh)]
     dense_norms = tuple(norms)
     kinds: tuple[str, ...] = ()
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
-        norms += [("mlp.gate.weight", E * H)]
+        router = arch.moe.router_name
+        norms += [(f"mlp.{router}.weight", E * H)]
+        if arch.moe.router_bias:
+            norms += [(f"mlp.{router}.bias", E)]
+        if arch.moe.expert_bias:
+            Ie = I_moe or I
+            norms += [("mlp.experts.gate_up_proj_bias", E * 2 * Ie), ("mlp.experts.down_proj_bias", E * H)]
         moe_layers = arch.moe.moe_layers(cfg, L)
         if not all(moe_layers):
             kinds = tuple("moe" if m else "dense" for m in moe_layers)

@@ -38,6 +38,10 @@ QWEN_MOE = dict(hidden_size=128, moe_intermediate_size=96, num_experts=6, num_ex
 # make a fresh tensor; attention_multiplier is SDPA's scale)
 GRANITE = dict(model_type="granite", embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
                attention_multiplier=0.015625)
+# gpt_oss: layer 0 sliding (window 64 < seq 128), layer 1 full, as the hub configs alternate
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=128, intermediate_size=128, num_local_experts=4,
+               num_experts_per_tok=2, head_dim=32, sliding_window=64,
+               layer_types=["sliding_attention", "full_attention"])
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -152,6 +156,13 @@ CASES = [
     ("granite-no-gc", GRANITE, dict(gradient_checkpointing=False)),
     ("granite-lora-bf16", GRANITE, dict(method="lora", gradient_checkpointing=False)),
     ("granite-fp32-no-autocast", GRANITE, dict(mixed_precision="no", lora_dropout=0.0)),
+    # gpt-oss (gpt_oss): eager attention with per-head sinks ([B, heads, S, S+1] softmax), q/k/v/o biases, the
+    # router with a bias, experts frozen (peft wraps none) with biases, transposed, the clamped SwiGLU
+    ("gpt-oss-default", GPT_OSS, dict()),
+    ("gpt-oss-no-gc", GPT_OSS, dict(gradient_checkpointing=False)),
+    ("gpt-oss-dropout0-gc", GPT_OSS, dict(lora_dropout=0.0)),
+    ("gpt-oss-no-prepare-no-gc", GPT_OSS, dict(prepare=False, gradient_checkpointing=False)),
+    ("gpt-oss-lora-gc", GPT_OSS, dict(method="lora", lora_dropout=0.0)),
 ]
 
 

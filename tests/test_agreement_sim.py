@@ -133,6 +133,12 @@ CASES = [
     ("granite3.3-8b-lora-seq64", "granite-3.3-8b", dict(method="lora", seq_len=64)),
     ("granite3.3-8b-eager-seq2048", "granite-3.3-8b", dict(attn_implementation="eager", seq_len=2048, lora_dropout=0.0,
                                                             optim="adamw_torch")),
+    # gpt-oss (gpt_oss): eager attention with sinks, sliding/full alternating, frozen biased experts; fp32
+    # experts on cpu, bf16 (no prepare, as check_plan resolves) on cuda
+    ("gpt-oss-20b-default", "gpt-oss-20b", {}),
+    ("gpt-oss-20b-no-gc", "gpt-oss-20b", dict(gradient_checkpointing=False)),
+    ("gpt-oss-20b-seq2048", "gpt-oss-20b", dict(seq_len=2048)),
+    ("gpt-oss-120b-no-gc-seq2048", "gpt-oss-120b", dict(gradient_checkpointing=False, seq_len=2048)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)

@@ -67,10 +67,15 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
     biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
     assert biases == {l.name for l in spec.layer_linears if l.bias}
-    # norms and the (non-Linear) router weight; Qwen2-MoE's shared_expert_gate is an nn.Linear, listed above
+    # every parameter outside the Linears and the fused expert weights: norms, routers, sinks, expert biases
+    in_linear = {f"{n}.{w}" for n, m in layer.named_modules() if type(m) is torch.nn.Linear for w in ("weight", "bias")}
     norms = {n: p.numel() for n, p in layer.named_parameters()
-             if ("norm" in n or n.endswith("gate.weight")) and n.rsplit(".", 1)[0] not in linears}
-    assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec.layer_norms}
+             if n not in in_linear and not n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert norms == {(n if n.endswith((".weight", ".bias", "_bias", ".sinks")) else n + ".weight"): k
+                     for n, k in spec.layer_norms}
+    experts = sum(p.numel() for n, p in layer.named_parameters()
+                  if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert experts == spec.expert_params_per_layer
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
     bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
     assert bufs == 4 * spec.rotary_buffer_elements
