@@ -98,3 +98,23 @@ def test_the_router_aux_loss_is_simulate_s():
     cfg = dict(load_model("qwen3-30b-a3b").config, output_router_logits=True)
     with pytest.raises(UnsupportedArchitectureError, match="output_router_logits.*simulate"):
         memplan.estimate(cfg, fallback_simulate=False)
+
+
+def test_the_readme_moe_table_is_what_the_estimate_says():
+    """README's mixture-of-experts table, row by row (regenerate: `memplan estimate MODEL --gpu h200 --json`)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Mixture of experts", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ([\w.-]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (.+?) \|$", section, re.M)
+    assert len(rows) >= 6
+    G = 2 ** 30
+    for name, device, other, four_bit, adapters, peak in rows:
+        e = memplan.estimate(name.lower(), gpu="h200")
+        t = e.terms
+        assert f"{e.device_bytes / G:.1f}" == device, name
+        assert f"{t[Term.OTHER_PARAMS] / G:.1f}" == other, name
+        assert f"{(t[Term.BASE_WEIGHTS] + t[Term.QUANT_STATE]) / G:.2f}" == four_bit, name
+        assert f"{t[Term.ADAPTER_WEIGHTS] / G:.2f}" == adapters, name
+        assert ("loss" in peak) == (e.peak.kind == "loss_backward"), name
