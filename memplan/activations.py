@@ -733,6 +733,7 @@ class LayerModel:
                     prod = w.new(S * I, pdt, g_rg)
                     if g_rg:
                         w.save(gu, act)
+                    w.drop(gu, act)  # proj_out is rebound to the product (act is _apply_gate's local)
                     if dn_rg:
                         w.save(prod)
                     md = None
@@ -745,6 +746,7 @@ class LayerModel:
                     if d_rg:
                         w.save(offs)
                     dn = w.new(S * H, pdt, d_rg)
+                    w.drop(prod)  # proj_out rebound to the down projection's output
                     if d_rg:
                         w.save(sw)
                     if rg:
@@ -1159,13 +1161,19 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
 
 def _recompute_inflight(model: ModelSpec, plan: TrainPlan, tr: LayerTrace, g: int) -> int:
     """The gradients in flight when a checkpointed layer starts recomputing (`inflight_bytes_per_element`).
-    gpt_oss (measured, tracker on CPU steps): the layer's output gradient [T, H] in the stream dtype
-    and the contiguous copy of the expanded [T·k, H] gradient (the sum over k and its view run
-    backward) that reaches `weighted_out[inv_perm]`, whose saved index starts the recompute."""
+    Mixture of experts (measured, tracker on CPU steps: gpt_oss, Qwen2-MoE): the layer's output gradient
+    [T, H] in the stream dtype and the contiguous copy of the expanded [T·k, H] gradient (the sum over
+    k and its view run backward) that reaches `weighted_out[inv_perm]`, whose saved index starts the
+    recompute; a shared expert's gated branch ending the block starts it earlier (the output gradient only)."""
     T, H, a = plan.batch_size * plan.seq_len, model.hidden_size, plan.precision.params
     if plan.use_reentrant:
         return -(-T * H * a // g) * g
-    if model.is_moe and model.arch.moe.activation == "clamped_swiglu":
+    if model.is_moe:
+        # the layer's first saved tensor unpacked in backward starts the recompute: the experts' unpermute
+        # index (gpt_oss, Mixtral, Qwen3-MoE), or, where a shared expert's sigmoid-gated branch ends the
+        # block (Qwen2-MoE), that branch's mul -- then only the output gradient is in flight (measured)
+        if model.shared_expert_intermediate_size:
+            return -(-T * H * a // g) * g
         wo_dt = max(tr.moe_dt, tr.moe_sw_dt)
         return -(-T * H * a // g) * g + -(-T * model.experts_per_token * H * wo_dt // g) * g
     return -(-T * H * tr.inflight // g) * g

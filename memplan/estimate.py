@@ -32,8 +32,7 @@ Known limitations (NB):
   token*top_k slot in one grouped matmul, so memory does not depend on routing), with peft's
   ParamWrapper adapters and merged expert weights; models mixing dense and MoE layers, and
   `experts_implementation="eager"` (a routing-dependent per-expert loop), are `simulate`'s: `estimate()`
-  falls back to it and says so. NB: Qwen2-MoE (shared expert) with checkpointing reads ~1 % high on
-  the tiny CPU model (its layer recompute), exact at catalogue shapes;
+  falls back to it and says so;
 - CUDA: activation tensors inside a layer are not rounded to 512 B (each < 512 B off); the context,
   workspace and allocator-overhead defaults in profiles/gpus are not yet calibrated on hardware;
   flash-attention backward workspaces and cuBLAS workspaces other than the two handles are not counted;

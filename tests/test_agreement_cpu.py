@@ -139,6 +139,10 @@ CASES = [
      dict(gradient_checkpointing=False, seq_len=256)),
     ("qwen2-moe-shared-expert-no-gc", dict(model_type="qwen2_moe", shared_expert_intermediate_size=384, **QWEN_MOE),
      dict(gradient_checkpointing=False, optim="adamw_torch")),
+    ("qwen2-moe-shared-expert-gc", dict(model_type="qwen2_moe", shared_expert_intermediate_size=384, **QWEN_MOE),
+     dict()),
+    ("qwen2-moe-shared-expert-gc-fp32", dict(model_type="qwen2_moe", shared_expert_intermediate_size=384, **QWEN_MOE),
+     dict(mixed_precision="no", optim="adamw_torch")),
     # olmo2: post norms only, q/k norms over the whole projections, fp32 rotary cos/sin
     ("olmo2-default-recipe", dict(model_type="olmo2"), dict()),
     ("olmo2-no-gc", dict(model_type="olmo2"), dict(gradient_checkpointing=False)),
