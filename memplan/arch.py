@@ -33,6 +33,25 @@ class MoELayout:
     experts_key: str
     top_k_key: str
     fused_experts: bool = True
+    #: config key of each routed expert's intermediate size ("" = `intermediate_size`, Mixtral);
+    #: deepseek: `moe_intermediate_size` (the dense layers' MLP keeps `intermediate_size`)
+    expert_intermediate_key: str = ""
+    #: config key of the shared-expert count ("" = none): one `shared_experts` MLP of intermediate
+    #: size expert_I × n_shared_experts, plain nn.Linear (4-bit under QLoRA, adapted by all-linear)
+    shared_experts_key: str = ""
+    #: config key of the number of leading layers with a dense MLP instead of the MoE block
+    #: ("" = every layer is MoE); deepseek: `first_k_dense_replace`
+    first_dense_key: str = ""
+    #: router: "softmax_topk" (Mixtral: softmax, top-k), "sigmoid_group_topk" (DeepseekV3TopkRouter:
+    #: sigmoid + e_score_correction_bias, n_group/topk_group group-limited top-k, routed_scaling_factor),
+    #: "softmax_group_topk" (DeepseekV2TopkRouter: softmax, `topk_method` greedy or group_limited_greedy)
+    router: str = "softmax_topk"
+    #: the router weight [E, H] is created fp32 and kept fp32 at load (`_keep_in_fp32_modules_strict`)
+    router_fp32: bool = False
+    #: the router holds an fp32 [E] buffer (`e_score_correction_bias`), not a parameter
+    router_bias_buffer: bool = False
+    #: the fused expert tensors carry biases (none of the rows so far)
+    expert_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,10 @@ class Arch:
     sliding: str = "none"
     default_layer_types: str = ""
     moe: MoELayout | None = None
+    #: "mha" (q/k/v/o projections, GQA by num_key_value_heads) or "mla" (DeepSeek multi-head latent
+    #: attention: q_a_proj/q_a_layernorm/q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+    #: kv_b_proj, o_proj; q/k head dim qk_nope + qk_rope, v head dim v_head_dim; see model.MLA)
+    attention: str = "mha"
 
     @property
     def is_moe(self) -> bool:
@@ -95,6 +118,21 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          sliding="config"),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok")),
+    # MLA attention (no sliding window); the first `first_k_dense_replace` layers have a dense MLP,
+    # the rest DeepseekV3MoE: fused experts [E, 2·I_moe, H] / [E, H, I_moe], a sigmoid router with an
+    # fp32 e_score_correction_bias buffer, and a shared-expert MLP (nn.Linear). The MTP layer
+    # (num_nextn_predict_layers) is not built (the hub checkpoint's layer 61 is ignored at load).
+    Arch("deepseek_v3", _SRC.format("deepseek_v3"), qkv_bias=None, o_bias=None, attention="mla",
+         moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
+                       router="sigmoid_group_topk", router_fp32=True, router_bias_buffer=True)),
+    # as deepseek_v3, but a softmax router (greedy / group_limited_greedy by `topk_method`) with no
+    # bias buffer, complex rotary (apply_rotary_emb), `mlp_bias` on the MLPs, first_k_dense_replace
+    # defaulting to 0
+    Arch("deepseek_v2", _SRC.format("deepseek_v2"), qkv_bias=None, o_bias=None, attention="mla",
+         moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
+                       router="softmax_group_topk", router_fp32=True)),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from .arch import SUPPORTED, Arch, arch_of, layer_types
 from .errors import InvalidSpecError
 
-__all__ = ["Linear", "ModelSpec", "model_from_config", "SUPPORTED"]
+__all__ = ["Linear", "MLA", "ModelSpec", "model_from_config", "SUPPORTED"]
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,40 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class MLA:
+    """DeepSeek multi-head latent attention dims (DeepseekV3Attention / DeepseekV2Attention).
+
+    Linears: q_a_proj [q_lora_rank, H] + q_a_layernorm [q_lora_rank] + q_b_proj [heads·qk_head_dim,
+    q_lora_rank] (q_lora_rank > 0), else q_proj [heads·qk_head_dim, H]; kv_a_proj_with_mqa
+    [kv_lora_rank + qk_rope_head_dim, H] + kv_a_layernorm [kv_lora_rank]; kv_b_proj
+    [heads·(qk_nope_head_dim + v_head_dim), kv_lora_rank]; o_proj [H, heads·v_head_dim].
+    SDPA gets q and k with head dim qk_head_dim and v with v_head_dim (on CPU that is the math kernel).
+    """
+
+    q_lora_rank: int  # 0: no q compression (q_proj), config `q_lora_rank: null`
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only causal LM, as transformers builds it from `config`."""
+    """A decoder-only causal LM, as transformers builds it from `config`.
+
+    Not all layers alike (deepseek_v2/v3): `layer_linears` and `layer_norms` describe the repeated
+    MoE layer; the first `first_dense_layers` layers (config `first_k_dense_replace`) instead have a
+    dense MLP, described by `dense_layer_linears` / `dense_layer_norms` (no router, no experts). The
+    MoE layers' routed experts have intermediate size `moe_intermediate_size` (0: `intermediate_size`,
+    Mixtral) and `shared_experts` shared experts sit in `layer_linears` as mlp.shared_experts.*.
+    MLA attention (`mla` not None): `head_dim` is transformers' `config.head_dim` (= qk_rope_head_dim,
+    the rotary dim), `q_dim`/`kv_dim` are heads × mla.qk_head_dim (the width of q and of the
+    expanded keys), the value width is heads × mla.v_head_dim.
+    """
 
     name: str
     model_type: str
@@ -67,6 +99,17 @@ class ModelSpec:
     #: rotary embedding modules (gemma3: one per attention type in `layer_types`), read from the
     #: config at construction: no derived value reads `config` (excluded from equality) later
     rotary_modules: int = 1
+    #: leading layers with a dense MLP in a MoE model (deepseek `first_k_dense_replace`), their Linears
+    #: and norms; the other num_layers - first_dense_layers layers are described by layer_linears/norms
+    first_dense_layers: int = 0
+    dense_layer_linears: tuple[Linear, ...] = ()
+    dense_layer_norms: tuple[tuple[str, int], ...] = ()
+    #: routed experts' intermediate size when it differs from `intermediate_size` (deepseek), else 0
+    moe_intermediate_size: int = 0
+    #: shared experts (deepseek `n_shared_experts`): one MLP of intermediate moe_I × shared_experts
+    shared_experts: int = 0
+    #: multi-head latent attention dims (deepseek), None for q/k/v attention
+    mla: MLA | None = None
 
     def __post_init__(self) -> None:
         if self.arch is None:
@@ -83,11 +126,21 @@ class ModelSpec:
 
     @property
     def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
+        return self.num_heads * (self.mla.qk_head_dim if self.mla else self.head_dim)
 
     @property
     def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+        return self.num_kv_heads * (self.mla.qk_head_dim if self.mla else self.head_dim)
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Each routed expert's intermediate size (Mixtral: intermediate_size; deepseek: moe_intermediate_size)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers with the MoE block (all of them for Mixtral); 0 for a dense model."""
+        return self.num_layers - self.first_dense_layers if self.is_moe else 0
 
     @property
     def is_moe(self) -> bool:
@@ -96,7 +149,7 @@ class ModelSpec:
     @property
     def expert_params_per_layer(self) -> int:
         """Fused 3-D expert tensors (gate_up_proj [E, 2I, H] + down_proj [E, H, I]) per layer."""
-        return self.num_experts * 3 * self.intermediate_size * self.hidden_size if self.is_moe else 0
+        return self.num_experts * 3 * self.expert_intermediate_size * self.hidden_size if self.is_moe else 0
 
     @property
     def embedding_params(self) -> int:
@@ -124,16 +177,32 @@ class ModelSpec:
         return sum(n for _, n in self.layer_norms)
 
     @property
+    def dense_layer_params(self) -> int:
+        """Parameters of one of the `first_dense_layers` dense layers of a MoE model (0 if none)."""
+        if not self.first_dense_layers:
+            return 0
+        lins = self.dense_layer_linears
+        return (sum(l.numel for l in lins) + sum(l.out_features for l in lins if l.bias)
+                + sum(n for _, n in self.dense_layer_norms))
+
+    @property
     def params(self) -> int:
         """Total parameters as transformers counts them (tied weights once)."""
         per_layer = (self.layer_linear_params + self.layer_bias_params + self.layer_norm_params
                      + self.expert_params_per_layer)
-        return self.num_layers * per_layer + self.embedding_params + self.lm_head_params + self.hidden_size
+        layers = (self.num_layers - self.first_dense_layers) * per_layer + self.first_dense_layers * self.dense_layer_params
+        return layers + self.embedding_params + self.lm_head_params + self.hidden_size
 
     @property
     def rotary_buffer_elements(self) -> int:
-        """fp32 buffers of the rotary embedding(s): inv_freq and original_inv_freq, head_dim/2 each."""
+        """fp32 buffers of the rotary embedding(s): inv_freq and original_inv_freq, head_dim/2 each
+        (MLA: head_dim is qk_rope_head_dim, transformers' config.head_dim)."""
         return self.rotary_modules * 2 * (self.head_dim // 2)
+
+    @property
+    def router_buffer_elements(self) -> int:
+        """fp32 router buffers of all MoE layers (deepseek_v3 e_score_correction_bias [E] each), else 0."""
+        return self.moe_layers * self.num_experts if self.is_moe and self.arch.moe.router_bias_buffer else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.hub_id or self.name, "architecture": self.architecture, "params": self.params}
@@ -173,9 +242,19 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         problems.append(f"config head_dim must be a positive integer, got {hd!r}")
         hd = 1
     E = k = 0
+    moe_I = shared = dense = 0
     if arch.moe is not None:
         E = _int(cfg, arch.moe.experts_key, problems)
         k = _int(cfg, arch.moe.top_k_key, problems)
+        if arch.moe.expert_intermediate_key:
+            moe_I = _int(cfg, arch.moe.expert_intermediate_key, problems)
+        if arch.moe.shared_experts_key:
+            shared = _count(cfg, arch.moe.shared_experts_key, problems)
+        if arch.moe.first_dense_key:
+            dense = min(_count(cfg, arch.moe.first_dense_key, problems), L)
+    mla = _mla(cfg, problems) if arch.attention == "mla" else None
+    if mla is not None:
+        hd = mla.qk_rope_head_dim  # transformers' DeepseekV3Config.head_dim (the rotary dim)
     if problems:
         raise InvalidSpecError("model config", problems)
     tied = bool(cfg.get("tie_word_embeddings", arch.tied_default))
@@ -184,13 +263,16 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     mlp_bias = bool(cfg.get("mlp_bias", False))
     qkv_bias = attn_bias if arch.qkv_bias is None else arch.qkv_bias
     o_bias = attn_bias if arch.o_bias is None else arch.o_bias
-    if arch.fused_qkv:
+    if mla is not None:
+        linears = _mla_linears(mla, H, nh, attn_bias)
+    elif arch.fused_qkv:
         linears = [Linear("self_attn.qkv_proj", qd + 2 * kvd, H, qkv_bias)]
     else:
         linears = [Linear("self_attn.q_proj", qd, H, qkv_bias),
                    Linear("self_attn.k_proj", kvd, H, qkv_bias),
                    Linear("self_attn.v_proj", kvd, H, qkv_bias)]
-    linears.append(Linear("self_attn.o_proj", H, qd, o_bias))
+    linears.append(Linear("self_attn.o_proj", H, nh * mla.v_head_dim if mla else qd, o_bias))
+    attn_linears = list(linears)
     if arch.moe is None:
         if arch.fused_gate_up:
             linears.append(Linear("mlp.gate_up_proj", 2 * I, H, mlp_bias, "mlp"))
@@ -202,6 +284,16 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
     if arch.qk_norm:
         norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+    if mla is not None:
+        if mla.q_lora_rank:
+            norms += [("self_attn.q_a_layernorm", mla.q_lora_rank)]
+        norms += [("self_attn.kv_a_layernorm", mla.kv_lora_rank)]
+    dense_linears: list[Linear] = []
+    dense_norms = list(norms) if dense else []
+    if dense:  # DeepseekV3MLP(config): intermediate_size, no bias (deepseek_v2: config mlp_bias)
+        dense_linears = attn_linears + _mlp_linears("mlp", I, H, mlp_bias)
+    if shared:  # DeepseekV3MoE.shared_experts = DeepseekV3MLP(intermediate_size=moe_I * n_shared_experts)
+        linears += _mlp_linears("mlp.shared_experts", moe_I * shared, H, mlp_bias)
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
         norms += [("mlp.gate.weight", E * H)]
@@ -223,4 +315,45 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         sliding_window=window, attention_types=tuple(sorted(set(types))),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
         arch=arch, rotary_modules=rotary_modules,
+        first_dense_layers=dense, dense_layer_linears=tuple(dense_linears), dense_layer_norms=tuple(dense_norms),
+        moe_intermediate_size=moe_I, shared_experts=shared, mla=mla,
     )
+
+
+def _count(cfg: Mapping[str, Any], key: str, problems: list[str]) -> int:
+    """A non-negative integer config value (0 allowed: no shared experts, no dense layers)."""
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        problems.append(f"config {key} must be a non-negative integer, got {v!r}")
+        return 0
+    return v
+
+
+def _mla(cfg: Mapping[str, Any], problems: list[str]) -> MLA:
+    """MLA dims from a deepseek config; `q_lora_rank: null` (DeepSeek-V2-Lite) means a plain q_proj.
+
+    Every key must be present: the config classes' defaults (DeepSeek-V3's 1536/512/128/64/128) are
+    not guessed for a config that omits them."""
+    if "q_lora_rank" not in cfg:
+        problems.append("config q_lora_rank must be given (an integer, or null for a plain q_proj)")
+    q = cfg.get("q_lora_rank")
+    q_rank = 0 if q is None else _int(cfg, "q_lora_rank", problems)
+    return MLA(q_rank, _int(cfg, "kv_lora_rank", problems), _int(cfg, "qk_nope_head_dim", problems),
+               _int(cfg, "qk_rope_head_dim", problems), _int(cfg, "v_head_dim", problems))
+
+
+def _mla_linears(mla: MLA, H: int, nh: int, bias: bool) -> list[Linear]:
+    """DeepseekV3Attention's Linears before o_proj, in construction order; q_a_proj and
+    kv_a_proj_with_mqa take `attention_bias`, q_proj / q_b_proj / kv_b_proj never have a bias."""
+    if mla.q_lora_rank:
+        lins = [Linear("self_attn.q_a_proj", mla.q_lora_rank, H, bias),
+                Linear("self_attn.q_b_proj", nh * mla.qk_head_dim, mla.q_lora_rank)]
+    else:
+        lins = [Linear("self_attn.q_proj", nh * mla.qk_head_dim, H)]
+    return lins + [Linear("self_attn.kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim, H, bias),
+                   Linear("self_attn.kv_b_proj", nh * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank)]
+
+
+def _mlp_linears(prefix: str, inter: int, H: int, bias: bool) -> list[Linear]:
+    return [Linear(f"{prefix}.gate_proj", inter, H, bias, "mlp"), Linear(f"{prefix}.up_proj", inter, H, bias, "mlp"),
+            Linear(f"{prefix}.down_proj", H, inter, bias, "mlp")]

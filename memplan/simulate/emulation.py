@@ -216,7 +216,7 @@ class MetaEmulation:
         if gqa and not enable_gqa:
             return math_path()  # shape error, as torch would raise
         if not self.cuda:
-            if dropout_p > 0.0:
+            if dropout_p > 0.0 or not cpu_flash_head_dims(q, k, v):
                 return math_path()
             if attn_mask is not None and attn_mask.dtype is t.bool:
                 attn_mask = bool_mask_to_float(attn_mask, q.dtype)
@@ -261,6 +261,20 @@ class MetaEmulation:
         if input.is_meta and training and 0.0 < p < 1.0 and not inplace and input.numel() > 0:
             return t.native_dropout(input, p, True)[0]
         return func(input, p, training, inplace)
+
+
+def cpu_flash_head_dims(q, k, v) -> bool:
+    """Whether torch's CPU flash SDPA takes these head dims (patch 2b, MLA attention).
+
+    torch's CPU kernel choice (aten/src/ATen/native/transformers/sdp_utils_cpp.cpp
+    `check_head_dim_size_cpp`) needs q, k and v to share the last dim; otherwise SDPA runs the math
+    kernel, which materializes and saves the [B, heads, S, S] scores. DeepSeek's MLA attention
+    (deepseek_v2/v3: q/k head dim qk_nope + qk_rope, v head dim v_head_dim) takes the math kernel on
+    CPU (measured: aten.bmm + _safe_softmax with q/k 24, v 16). The meta flash kernel would return an
+    output with q's head dim instead of v's. NB: on CUDA, mem-efficient attention accepts a v head
+    dim that differs from q/k's; this simulation routes such shapes to math there too (an upper bound).
+    """
+    return q.size(-1) == k.size(-1) == v.size(-1)
 
 
 def bool_mask_to_float(mask, dtype):

@@ -61,13 +61,24 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     with torch.device("meta"):
         model = transformers_mod.AutoModelForCausalLM.from_config(hf_config(copy.deepcopy(e["config"])))
     assert sum(p.numel() for p in model.parameters()) == spec.params
-    layer = model.model.layers[0]
-    linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
-    assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
-    biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
-    assert biases == {l.name for l in spec.layer_linears if l.bias}
-    norms = {n: p.numel() for n, p in layer.named_parameters() if "norm" in n or n.endswith("gate.weight")}
-    assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec.layer_norms}
+    # every layer kind: the leading dense layers of a deepseek model (first_k_dense_replace), then the
+    # repeated (MoE) layer
+    kinds = [(spec.first_dense_layers - 1, spec.dense_layer_linears, spec.dense_layer_norms)] \
+        if spec.first_dense_layers else []
+    if spec.first_dense_layers < spec.num_layers:
+        kinds.append((spec.first_dense_layers, spec.layer_linears, spec.layer_norms))
+    for i, spec_linears, spec_norms in kinds:
+        layer = model.model.layers[i]
+        linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
+        assert linears == {l.name: (l.out_features, l.in_features) for l in spec_linears}
+        biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
+        assert biases == {l.name for l in spec_linears if l.bias}
+        norms = {n: p.numel() for n, p in layer.named_parameters() if "norm" in n or n.endswith("gate.weight")}
+        assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec_norms}
+        experts = sum(p.numel() for n, p in layer.named_parameters() if ".experts." in n)
+        assert experts == (spec.expert_params_per_layer if spec_linears is spec.layer_linears else 0)
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
     bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
     assert bufs == 4 * spec.rotary_buffer_elements
+    router_bufs = sum(b.numel() for n, b in model.named_buffers() if "e_score_correction_bias" in n)
+    assert router_bufs == spec.router_buffer_elements
