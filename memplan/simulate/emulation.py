@@ -6,7 +6,8 @@ SDPA routing (patch 2). On meta, ``scaled_dot_product_attention`` picks the math
 materialize the S×S scores. It is routed to the kernel the real device runs, whose saved tensors it
 then has:
 CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (any mask, GQA native; saves output +
-logsumexp; dropout > 0 stays on math, as on CPU; a bool mask first becomes a float mask, as on CPU).
+logsumexp; dropout > 0 stays on math, as on CPU; a bool mask first becomes a float mask, as on CPU;
+q/k/v head dims that differ, as in DeepSeek's MLA, stay on math as on CPU: `cpu_flash_head_dims`).
 CUDA, torch's priority flash > mem-efficient > math: flash
 (``aten._scaled_dot_product_flash_attention``: fp16/bf16, no mask, head_dim ≤ 256 and a multiple
 of 8, GQA native) saves output + fp32 logsumexp [B, H, S] + rng state; mem-efficient
