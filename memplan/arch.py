@@ -52,6 +52,13 @@ class MoELayout:
     router_bias_buffer: bool = False
     #: the fused expert tensors carry biases (none of the rows so far)
     expert_bias: bool = False
+    #: peft 0.21.2 maps the MLP leaf names gate_proj/up_proj/down_proj (the v4 expert names) onto the
+    #: fused expert parameters (peft/utils/transformers_weight_conversion.py `_convert_peft_config_moe`,
+    #: the qwen2_moe pattern that deepseek_v2/v3 use): a target naming them, all-linear included, adapts
+    #: gate_up_proj (rank 2r, alpha 2·alpha) and down_proj (rank r) through ParamWrapper and leaves the
+    #: shared experts' and the dense layers' MLP Linears without LoRA (measured,
+    #: tests/test_simulate_deepseek_v3.py `test_real_stack_layout`)
+    lora_remaps_mlp_leaves: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,14 +132,15 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("deepseek_v3", _SRC.format("deepseek_v3"), qkv_bias=None, o_bias=None, attention="mla",
          moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
-                       router="sigmoid_group_topk", router_fp32=True, router_bias_buffer=True)),
+                       router="sigmoid_group_topk", router_fp32=True, router_bias_buffer=True,
+                       lora_remaps_mlp_leaves=True)),
     # as deepseek_v3, but a softmax router (greedy / group_limited_greedy by `topk_method`) with no
     # bias buffer, complex rotary (apply_rotary_emb), `mlp_bias` on the MLPs, first_k_dense_replace
     # defaulting to 0
     Arch("deepseek_v2", _SRC.format("deepseek_v2"), qkv_bias=None, o_bias=None, attention="mla",
          moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
-                       router="softmax_group_topk", router_fp32=True)),
+                       router="softmax_group_topk", router_fp32=True, lora_remaps_mlp_leaves=True)),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)

@@ -82,3 +82,52 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     assert bufs == 4 * spec.rotary_buffer_elements
     router_bufs = sum(b.numel() for n, b in model.named_buffers() if "e_score_correction_bias" in n)
     assert router_bufs == spec.router_buffer_elements
+
+
+_DS_TINY = dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=512, q_lora_rank=32,
+                kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                num_experts_per_tok=2, n_shared_experts=2, n_group=2, topk_group=1, first_k_dense_replace=1)
+
+
+def test_deepseek_layers_by_hand():
+    """MLA + one dense layer + two MoE layers, counted by hand (DeepseekV3Attention/MLP/MoE, 5.24)."""
+    s = model_from_config(_DS_TINY)
+    H, nh, qk, v, E, I, Is = 64, 4, 16 + 8, 16, 8, 32, 64
+    attn = 32 * H + nh * qk * 32 + (16 + 8) * H + nh * (16 + v) * 16 + H * nh * v
+    assert s.mla.qk_head_dim == qk and s.head_dim == 8 and s.q_dim == nh * qk and s.rotary_buffer_elements == 8
+    assert s.first_dense_layers == 1 and s.moe_layers == 2 and s.expert_intermediate_size == I
+    assert s.dense_layer_params == attn + 3 * 128 * H + 2 * H + 32 + 16
+    assert s.layer_linear_params == attn + 3 * Is * H
+    assert s.expert_params_per_layer == E * 3 * I * H
+    assert s.layer_norm_params == 2 * H + 32 + 16 + E * H  # the router weight counts as a plain [E, H]
+    assert s.params == s.dense_layer_params + 2 * (attn + 3 * Is * H + 2 * H + 48 + E * H + E * 3 * I * H) \
+        + 2 * 512 * H + H
+    assert s.router_buffer_elements == 2 * E  # e_score_correction_bias, one per MoE layer
+    assert s.arch.moe.lora_remaps_mlp_leaves and s.arch.moe.router_fp32
+
+
+def test_deepseek_q_proj_when_q_lora_rank_is_null():
+    s = model_from_config({**_DS_TINY, "q_lora_rank": None, "attention_bias": True})
+    assert [l.name for l in s.layer_linears[:3]] == ["self_attn.q_proj", "self_attn.kv_a_proj_with_mqa",
+                                                      "self_attn.kv_b_proj"]
+    assert {l.name for l in s.layer_linears if l.bias} == {"self_attn.kv_a_proj_with_mqa", "self_attn.o_proj"}
+    assert ("self_attn.q_a_layernorm", 32) not in s.layer_norms
+
+
+def test_deepseek_config_without_mla_keys_lists_every_problem():
+    from memplan.errors import InvalidSpecError
+
+    cfg = {k: v for k, v in _DS_TINY.items() if k not in ("q_lora_rank", "v_head_dim", "first_k_dense_replace")}
+    with pytest.raises(InvalidSpecError) as e:
+        model_from_config(cfg)
+    msg = str(e.value)
+    assert "q_lora_rank" in msg and "v_head_dim" in msg and "first_k_dense_replace" in msg
+
+
+def test_mixtral_spec_unchanged_by_the_deepseek_fields():
+    s = next(model_from_config(e["config"]) for e in _model_entries().values()
+             if e["config"].get("model_type") == "mixtral")
+    assert (s.first_dense_layers, s.moe_intermediate_size, s.shared_experts, s.mla) == (0, 0, 0, None)
+    assert s.moe_layers == s.num_layers and s.expert_intermediate_size == s.intermediate_size
+    assert s.router_buffer_elements == 0 and s.q_dim == s.num_heads * s.head_dim
