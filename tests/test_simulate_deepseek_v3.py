@@ -209,6 +209,31 @@ def test_moe_block_memory_sheet():
                     + 4 * Tk * H + 4 * T * H + 2 * Tk)
 
 
+def test_cuda_emulation_mla_and_experts(monkeypatch):
+    """CUDA (emulated, read from torch's sources): MLA's v head dim differs from q/k's, so flash is out
+    and mem-efficient attention runs (no S x S math path); the default recipe's fp32 experts refuse
+    grouped_mm as the real CUDA kernel would (fix: --no-prepare or eager experts)."""
+    from memplan.errors import MemplanError
+    from memplan.runtime import tracker as rt_tracker
+
+    seen = []
+
+    class Capturing(rt_tracker.LiveTensorTracker):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(rt_tracker, "LiveTensorTracker", Capturing)
+    cfg = CONFIGS["deepseek_v3"]
+    with pytest.raises(MemplanError, match="bf16 inputs only"):
+        simulate(cfg, TrainPlan(device="cuda", seq_len=64, lora_dropout=0.0))
+    simulate(cfg, TrainPlan(device="cuda", seq_len=64, lora_dropout=0.0, prepare=False))
+    recs = seen[-1].records
+    eff = [r for r in recs if r.op == "_scaled_dot_product_efficient_attention.default"]
+    assert {(r.shape, r.dtype) for r in eff} >= {((1, 4, 64, 16), "bfloat16")}  # output has v's head dim
+    assert not [r for r in recs if r.op in ("_safe_softmax.default", "_scaled_dot_product_flash_attention.default")]
+
+
 def teardown_module(module):
     if _ROWS:
         print("\nsimulate vs real CPU step (peak live bytes)")
