@@ -42,12 +42,12 @@ Known limitations (NB):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
-from .activations import ActivationProfile, activation_profile
+from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
 from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
@@ -255,6 +255,11 @@ class Step(NamedTuple):
     layer_args: int             # position ids and attention masks: arguments every checkpointed layer keeps
     small: int                  # the loss and its gradient seed
     rng_state: int              # one saved CPU RNG state (CPU steps with checkpointing), see `RNG_STATE_BYTES`
+    #: mixed dense/MoE layers (`layer_kinds`): per layer, its saved set, its kind's (view, profile) and
+    #: its gradients; () when every layer is alike
+    saved_layers: tuple[int, ...] = ()
+    layer_kind: tuple[tuple[ModelSpec, ActivationProfile], ...] = ()
+    grads_layers: tuple[int, ...] = ()
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -269,6 +274,8 @@ class Step(NamedTuple):
 
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     static = static_part(model, plan, cuda)
+    if model.layer_kinds:
+        return _mixed_step(model, plan, cuda, static)
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
@@ -278,6 +285,52 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
                 layers_saved, ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
                 (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
                 RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
+
+
+def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -> Step:
+    """A model whose layers differ (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's
+    mlp_only_layers, interleaved MoE): each kind walked as a model of that kind alone
+    (`formulas.kind_view`), the saved sets, LoRA weight copies and gradients summed over the actual
+    layer order; the step's profile is the last layer's kind's (its forward is the forward moment)."""
+    r = _round512 if cuda else int
+    L, gc = model.num_layers, plan.gradient_checkpointing
+    B, S = plan.batch_size, plan.seq_len
+    T = B * S
+    rnd = 512 if cuda else 1
+    kinds = {}
+    for kind in set(model.layer_kinds):
+        view = F.kind_view(model, kind == "moe")
+        ap = activation_profile(view, plan, cpu=not cuda)
+        tr = layer_trace(view, plan, (not cuda, cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
+                                      sdpa_masked(view, plan)))
+        ev = lambda c: c[0] * T + c[1] * T * S + c[2]  # noqa: E731
+        grads = sum(k and F.rounded(rr * cc * dt, rnd) for (rr, cc), dt, k in F._trainable_groups(view, plan)
+                    if k == view.num_layers)
+        kinds[kind] = (view, ap, ev(tr.copies), ev(tr.copies_first), tr.lora_weight_copies // L, grads)
+    order = [kinds[k] for k in model.layer_kinds]
+    saved = tuple(o[1].first_layer_bytes if i == 0 else o[1].layer_bytes for i, o in enumerate(order))
+    copies = sum(o[4] for o in order)
+    saved_copies = order[0][3] + sum(o[2] for o in order[1:])
+    last = order[-1][1]._replace(lora_weight_copies=copies, saved_copies=saved_copies)
+    layers_saved = L * last.layer_input_bytes if gc else sum(saved)
+    return Step(model, plan, static, last, r, T,
+                static.gradients if plan.gradient_accumulation_steps > 1 else 0,
+                layers_saved, last.rope_bytes + last.final_norm_bytes + last.head_bytes,
+                (r(8 * plan.seq_len) + last.mask_bytes) if gc else 0, 2 * r(4),
+                RNG_STATE_BYTES if gc and not cuda else 0,
+                saved, tuple((o[0], o[1]) for o in order), tuple(o[5] for o in order))
+
+
+def _kind_step(s: Step, i: int) -> Step:
+    """The step as layer i's kind sees it (its profile, its down projection), for its backward moments."""
+    if not s.layer_kind:
+        return s
+    view, ap = s.layer_kind[i]
+    rnd = 512 if s.plan.device == "cuda" else 1
+    ap = ap._replace(lora_weight_copies=s.ap.lora_weight_copies, saved_copies=s.ap.saved_copies)
+    return s._replace(model=view, ap=ap, static=replace(s.static, down=_down_proj(view, s.plan, rnd),
+                                                                  attn_lora_grads=_lora_grads_after_attention(
+                                                                      view, s.plan, rnd)))
 
 
 #: torch.utils.checkpoint (preserve_rng_state=True) keeps `torch.get_rng_state()` of each checkpointed
@@ -338,6 +391,8 @@ def forward_moment(s: Step) -> Moment:
     """No checkpointing: the last layer's forward, every earlier layer's saved set alive."""
     ap, L = s.ap, s.model.num_layers
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
+    if s.saved_layers:
+        earlier = sum(s.saved_layers[:-1])
     return s.moment("forward", L - 1, s.ga_grads,
                     earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
 
@@ -392,12 +447,17 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
             # backward, and every layer's ctx keeps its RNG state until the whole backward is done
             below += ap.layer_input_bytes
             rng_states = L
+    elif s.saved_layers:
+        below = sum(s.saved_layers[:i])
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
     fixed = below + ap.rope_bytes + s.layer_args + s.small + rng_states * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
-                         grads if s.ga_grads else grads // L * (L - 1 - i))
+    above = grads // L * (L - 1 - i)
+    if s.grads_layers:
+        saved_i = s.saved_layers[i]
+        above = sum(s.grads_layers[i + 1:])
+    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved, grads if s.ga_grads else above)
 
 
 def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
@@ -479,7 +539,7 @@ def experts_unpermute_moment(s: Step, lb: LayerBackward) -> Moment:
     wo_dt = max(ap.moe_dt, ap.moe_sw_dt)
     temps = r(T * H * ap.stream_dt) + 3 * r(S * H * wo_dt)
     grads = lb.grads
-    if m.shared_expert_intermediate_size:
+    if m.shared_expert_intermediate_size and m.arch.moe.shared_expert_gate:
         temps += 2 * r(T * H * ap.stream_dt)
         gate = next(lin for lin in m.layer_linears if lin.name.endswith("shared_expert_gate"))
         if any(lin.name == gate.name for lin in F.lora_targets(m, s.plan)):
@@ -538,7 +598,14 @@ def moments(s: Step) -> tuple[Moment, ...]:
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
-    for i in ((last, 0) if gc and last else (last,)):
+    layers = (last, 0) if gc and last else (last,)
+    if s.layer_kind:  # mixed layers: the first and last layer of each kind, last first
+        kinds = s.model.layer_kinds
+        layers = tuple(sorted({i for k in set(kinds) for i in (kinds.index(k), last - kinds[::-1].index(k))},
+                              reverse=True))
+    for i in layers:
+        s_i = s
+        s = _kind_step(s_i, i)
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
@@ -550,6 +617,7 @@ def moments(s: Step) -> tuple[Moment, ...]:
             out.append(layer_backward_moment(s, lb))
         if eager:
             out.append(attention_backward_moment(s, lb))
+        s = s_i
     out.append(optimizer_moment(s))
     return tuple(out)
 
@@ -582,11 +650,6 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
         if unknown:
             notes.append(f"--target-modules {','.join(unknown)} match no Linear in {model.name} (peft ignores them)")
     if model.is_moe:
-        if model.layer_kinds:
-            raise UnsupportedArchitectureError(
-                f"the closed form does not cover {model.name}'s mix of dense and mixture-of-experts layers "
-                "(mlp_only_layers / decoder_sparse_step / first dense layers); "
-                f"`memplan simulate {model.name}` traces it exactly")
         notes += _moe_checks(model, plan, changes)
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
@@ -603,7 +666,7 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     moe = model.arch.moe
     notes = []
     E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
-    experts = E * 3 * I * H * model.num_layers
+    experts = E * 3 * I * H * model.num_moe_layers
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
         for part in ("gate_up",):
             names = [v4 for v4, p in moe.peft_names if p == part]
