@@ -1102,7 +1102,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
         # cos/sin [1, S, rope_dim] (partial rotary, Phi-4-mini: 96 of head_dim 128)
-        -(-T * H * a // g) * g, 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g),
+        # deepseek_v2: one complex64 freqs_cis [1, S, rope_dim/2] (DeepseekV2RotaryEmbedding: torch.polar)
+        -(-T * H * a // g) * g, (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.model_type == "deepseek_v2"
+                                 else 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g)),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,

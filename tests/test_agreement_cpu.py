@@ -33,6 +33,10 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GEMMA = dict(head_dim=64, tie_word_embeddings=True)
 MOE = dict(hidden_size=128, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2)
+DEEPSEEK = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+                first_k_dense_replace=1)
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -123,6 +127,11 @@ CASES = [
      dict(target_modules="w2", mixed_precision="no", optim="adamw_torch")),
     ("mixtral-moe-router-gate-up-no-prepare", dict(model_type="mixtral", **MOE),
      dict(target_modules="gate,w1,w3", prepare=False, gradient_checkpointing=False)),
+    # DeepSeek (deepseek_v3, deepseek_v2): MLA attention (CPU math SDPA), a dense first layer
+    # (first_k_dense_replace) then a MoE layer with shared experts and a group-limited router
+    ("deepseek-v3-no-gc", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64), dict(gradient_checkpointing=False)),
+    ("deepseek-v2-no-gc", dict(model_type="deepseek_v2", **DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
+     dict(gradient_checkpointing=False)),
 ]
 
 
