@@ -488,7 +488,7 @@ class LayerModel:
         rot: list[Sym] = []
         for src, n in ((q, T * nh * a.qk_rope_head_dim), (ckv, T * a.qk_rope_head_dim)):
             dt = _promote(src.dt, cos_dt)
-            if self.m.model_type == "deepseek_v2":  # complex: xq.float() (a copy unless fp32), x * freqs, type_as
+            if self.m.arch.rotary_complex:  # complex: xq.float() (a copy unless fp32), x * freqs, type_as
                 f = w.new(n, 4, src.rg) if src.dt != 4 else None
                 prod = w.new(n, 4, src.rg)
                 if f is not None:
@@ -1103,7 +1103,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
         # cos/sin [1, S, rope_dim] (partial rotary, Phi-4-mini: 96 of head_dim 128)
         # deepseek_v2: one complex64 freqs_cis [1, S, rope_dim/2] (DeepseekV2RotaryEmbedding: torch.polar)
-        -(-T * H * a // g) * g, (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.model_type == "deepseek_v2"
+        -(-T * H * a // g) * g, (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex
                                  else 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g)),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),

@@ -144,6 +144,12 @@ class Arch:
     #: attention: q_a_proj/q_a_layernorm/q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
     #: kv_b_proj, o_proj; q/k head dim qk_nope + qk_rope, v head dim v_head_dim; see model.MLA)
     attention: str = "mha"
+    #: the rotary embedding is one complex64 freqs_cis [1, S, rope/2] applied as complex products in fp32
+    #: (DeepseekV2RotaryEmbedding / apply_rotary_emb), not cos/sin
+    rotary_complex: bool = False
+    #: the hub checkpoints of this family carry a quantization_config BitsAndBytesConfig cannot override
+    #: (DeepSeek-V3/R1: fp8): said in the notes of a QLoRA estimate
+    hub_quantized: str = ""
 
     @property
     def is_moe(self) -> bool:
@@ -200,6 +206,7 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # fp32 e_score_correction_bias buffer, and a shared-expert MLP (nn.Linear). The MTP layer
     # (num_nextn_predict_layers) is not built (the hub checkpoint's layer 61 is ignored at load).
     Arch("deepseek_v3", _SRC.format("deepseek_v3"), qkv_bias=None, o_bias=None, attention="mla",
+         hub_quantized="fp8",
          moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
                        router_kind="sigmoid_group_topk", router_fp32=True, router_bias_buffer=True,
@@ -209,7 +216,7 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # as deepseek_v3, but a softmax router (greedy / group_limited_greedy by `topk_method`) with no
     # bias buffer, complex rotary (apply_rotary_emb), `mlp_bias` on the MLPs, first_k_dense_replace
     # defaulting to 0
-    Arch("deepseek_v2", _SRC.format("deepseek_v2"), qkv_bias=None, o_bias=None, attention="mla",
+    Arch("deepseek_v2", _SRC.format("deepseek_v2"), qkv_bias=None, o_bias=None, attention="mla", rotary_complex=True,
          moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
                        router_kind="softmax_group_topk", router_fp32=True,

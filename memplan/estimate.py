@@ -691,9 +691,22 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     if plan.method == "qlora":
         kept = ("fp32 (prepare_model_for_kbit_training upcasts them)" if changes.get("prepare", plan.prepare)
                 else "in the load dtype")
+        four = "the attention projections"
+        if moe.shared_experts_key or model.layer_kinds:
+            four += (", the shared experts" if moe.shared_experts_key else "") + \
+                (" and the dense layers' MLP" if model.layer_kinds else "")
         notes.append(f"{model.model_type}: the fused experts ({experts / 1e9:.1f}B parameters, 3-D tensors) and "
-                     f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only the attention "
-                     "projections are 4-bit")
+                     f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only {four} are 4-bit")
+        if moe.router_fp32:
+            notes.append("the router weights (and any e_score_correction_bias buffer) are fp32 from construction "
+                         "(_keep_in_fp32_modules_strict)")
+    if moe.peft_names and plan.method in ("qlora", "lora") and (moe.shared_experts_key or model.layer_kinds):
+        notes.append(f"peft {MODELED_PEFT} moves gate_proj/up_proj/down_proj to the fused experts: the shared "
+                     "experts' and the dense layers' MLP Linears get no LoRA")
+    if model.arch.hub_quantized and plan.method == "qlora":
+        notes.append(f"the hub {model.model_type} checkpoints (DeepSeek-V3/R1) are {model.arch.hub_quantized} "
+                     f"(their quantization_config): from_pretrained with a BitsAndBytesConfig refuses them "
+                     "(ValueError); load a bf16 copy")
     targets = F.expert_targets(model, plan)
     if targets:
         parts = ", ".join(f"{p}{'_proj' if p != 'router' else ''}" for p in sorted(targets))
