@@ -557,8 +557,11 @@ class LayerModel:
         w.drop(qs, ks, kv)
         if self.masked:
             w.drop(ckv)
-        out = w.new(oc.numel, oc.dt, oc.rg)  # transpose(1, 2).contiguous()
-        w.drop(oc)
+        if self.cpu:
+            out = w.new(oc.numel, oc.dt, oc.rg)  # transpose(1, 2).contiguous() of the math kernel's output
+            w.drop(oc)
+        else:
+            out = oc  # mem-efficient's output is laid out [B, S, heads, v]: the transpose is contiguous already
         o = self.linear(out, lins["o_proj"])
         w.drop(out)
         return o

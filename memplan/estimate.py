@@ -537,7 +537,7 @@ def experts_unpermute_moment(s: Step, lb: LayerBackward) -> Moment:
     H, S = m.hidden_size, T * m.experts_per_token
     saved = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     wo_dt = max(ap.moe_dt, ap.moe_sw_dt)
-    temps = r(T * H * ap.stream_dt) + 3 * r(S * H * wo_dt)
+    temps = r(T * H * ap.stream_dt) + 3 * r(S * H * wo_dt) + _shared_input_grad(s)
     grads = lb.grads
     if m.shared_expert_intermediate_size and m.arch.moe.shared_expert_gate:
         temps += 2 * r(T * H * ap.stream_dt)
@@ -545,6 +545,16 @@ def experts_unpermute_moment(s: Step, lb: LayerBackward) -> Moment:
         if any(lin.name == gate.name for lin in F.lora_targets(m, s.plan)):
             grads += F.lora_bytes(gate, s.plan, 512 if s.plan.device == "cuda" else 1)
     return s.moment("experts_unpermute_backward", i, grads, lb.fixed + saved - ap.moe_tail, 0, temps)
+
+
+def _shared_input_grad(s: Step) -> int:
+    """DeepSeek's shared experts (no gate) run backward before the routed experts: the gradient of
+    their input [T, H] waits, in the stream dtype, to be summed with the experts' and the router's
+    (measured against simulate at catalogue shapes, cpu and cuda)."""
+    m = s.model
+    if not (m.is_moe and m.arch.moe.shared_experts_key and m.shared_expert_intermediate_size):
+        return 0
+    return s.r(s.tokens * m.hidden_size * s.ap.stream_dt)
 
 
 def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment, Moment]:
@@ -569,7 +579,7 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
     S = T * k
     targets = F.expert_targets(m, s.plan)
     saved = (ap.first_layer_bytes if i == 0 else ap.layer_bytes) - ap.moe_tail
-    arriving = r(T * H * ap.stream_dt)
+    arriving = r(T * H * ap.stream_dt) + _shared_input_grad(s)
     down_w = r(E * H * I * dt) if "down" in targets else 0
     down = s.moment("experts_backward", i, lb.grads, lb.fixed + saved - ap.moe_late, 0,
                     arriving + r(S * H * dt) + r(S * ap.moe_sw_dt) + r(S * I * dt) + down_w)
