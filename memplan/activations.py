@@ -535,8 +535,10 @@ class LayerModel:
             w.drop(sc)
             vv = w.new(v32.numel, 4, False) if v32 is vc and vc is vs else v32  # bmm's contiguous copy
             if rg:
-                w.save(qq, kk, probs, vv)
-            self.saved_at_probs = w.saved_bytes
+                w.save(qq, kk)
+            self.saved_at_probs = w.saved_bytes  # alive when the scores' matmul runs backward
+            if rg:
+                w.save(probs, vv)
             w.drop(*{q32, k32, v32} - {qc, kc, vc})
             o32 = w.new(T * nh * a.v_head_dim, 4, rg)
             oc = w.cast(o32, qc.dt)

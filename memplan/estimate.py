@@ -207,7 +207,7 @@ def static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Static:
 def _lora_grads_after_attention(model: ModelSpec, plan: TrainPlan, rnd: int) -> int:
     """The LoRA gradients of one layer's Linears that run after the attention core (o_proj and the
     MLP): made already when the attention core's backward runs."""
-    qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
     return sum(F.lora_bytes(lin, plan, rnd) for lin in F.lora_targets(model, plan)
                if lin.name.rsplit(".", 1)[-1] not in qkv)
 
@@ -503,6 +503,40 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
                     2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
 
 
+def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """MLA on the CPU (math SDPA, v head dim != q/k's): layer i's attention core backward once the
+    scores' matmul has run backward. Alive: the layer's saved set up to q·scale and k^T·scale (the
+    probabilities and the contiguous values released), o_proj's and the MLP's LoRA gradients; in
+    flight: two [B, heads, S, S] fp32 gradients (the probabilities' and the scores'), the fp32
+    gradients of q·scale, k^T·scale and of q/k before scaling, their casts to the autocast dtype, the
+    gradient of the attention output [T, heads·v] in fp32 and its cast, the kv_b output's gradient
+    buffer [T, heads·(nope+v)] fp32, the rotary parts' gradients, and the gradient of the layer's
+    output. NB: measured on a tiny deepseek_v3 CPU step (the peak with checkpointing); the tensors a
+    checkpointed recompute leaves alive (q_b's and kv_b's outputs) are not counted."""
+    m = s.model
+    if m.mla is None or s.plan.device == "cuda" or s.plan.attn_implementation != "sdpa":
+        return None
+    i, ap, r, T, a = lb.i, s.ap, s.r, s.tokens, m.mla
+    nh, B, S = m.num_heads, s.plan.batch_size, s.plan.seq_len
+    cdt = s.plan.precision.autocast or ap.stream_dt
+    P = r(4 * B * nh * S * S)
+    qk = T * nh * a.qk_head_dim
+    temps = (2 * P + 4 * r(4 * qk) + (2 * r(cdt * qk) if cdt != 4 else 0) + r(T * m.hidden_size * ap.stream_dt)
+             + r(4 * T * nh * a.v_head_dim) + (r(cdt * T * nh * a.v_head_dim) if cdt != 4 else 0)
+             + r(4 * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + r(4 * T * nh * a.qk_rope_head_dim)
+             + r(4 * T * a.qk_rope_head_dim))
+    saved = (ap.attn_saved_first if i == 0 else ap.attn_saved) + r(4 * T * nh * a.v_head_dim)  # + the values
+    if s.plan.gradient_checkpointing and not s.plan.use_reentrant:
+        # the recompute stopped inside this attention: its frame's tensors stay referenced (the
+        # attention input [T, H], q_b's (q_proj's) output, the normed latent, kv_b's output) with
+        # fork_rng's snapshot. NB: measured on tiny deepseek_v3/v2 CPU steps.
+        dt = ap.stream_dt
+        saved += (r(dt * T * m.hidden_size) + r(dt * T * nh * a.qk_head_dim) + r(dt * T * a.kv_lora_rank)
+                  + r(dt * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + s.rng_state)
+    # no LoRA gradient of this layer is accumulated yet (measured)
+    return s.moment("attention_backward", i, lb.grads, lb.fixed + saved, 0, temps)
+
+
 def dequant_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """Layer i's down projection backward (QLoRA, 4-bit): bitsandbytes MatMul4Bit.backward computes
     `grad_output @ dequantize_4bit(W).to(grad_output.dtype)` (autograd/_functions.py): the weight
@@ -627,6 +661,10 @@ def moments(s: Step) -> tuple[Moment, ...]:
             out.append(layer_backward_moment(s, lb))
         if eager:
             out.append(attention_backward_moment(s, lb))
+        elif s.model.mla is not None:
+            mla = mla_attention_backward_moment(s, lb)
+            if mla is not None:
+                out.append(mla)
         s = s_i
     out.append(optimizer_moment(s))
     return tuple(out)
