@@ -521,10 +521,15 @@ def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     cdt = s.plan.precision.autocast or ap.stream_dt
     P = r(4 * B * nh * S * S)
     qk = T * nh * a.qk_head_dim
-    temps = (2 * P + 4 * r(4 * qk) + (2 * r(cdt * qk) if cdt != 4 else 0) + r(T * m.hidden_size * ap.stream_dt)
-             + r(4 * T * nh * a.v_head_dim) + (r(cdt * T * nh * a.v_head_dim) if cdt != 4 else 0)
-             + r(4 * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + r(4 * T * nh * a.qk_rope_head_dim)
-             + r(4 * T * a.qk_rope_head_dim))
+    if ap.stream_dt == 4:
+        temps = (2 * P + 4 * r(4 * qk) + (2 * r(cdt * qk) if cdt != 4 else 0) + r(T * m.hidden_size * ap.stream_dt)
+                 + r(4 * T * nh * a.v_head_dim) + (r(cdt * T * nh * a.v_head_dim) if cdt != 4 else 0)
+                 + r(4 * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + r(4 * T * nh * a.qk_rope_head_dim)
+                 + r(4 * T * a.qk_rope_head_dim))
+    else:  # 16-bit stream (LoRA): the fp32 [S, S] causal mask, two fp32 q/k gradients, 16-bit rotary ones
+        dt = ap.stream_dt
+        temps = (2 * P + r(4 * S * S) + 2 * r(4 * qk) + 2 * r(cdt * qk) + r(T * m.hidden_size * dt)
+                 + r(dt * T * nh * a.qk_rope_head_dim) + r(dt * T * a.qk_rope_head_dim))
     saved = (ap.attn_saved_first if i == 0 else ap.attn_saved) + r(4 * T * nh * a.v_head_dim)  # + the values
     if s.plan.gradient_checkpointing and not s.plan.use_reentrant:
         # the recompute stopped inside this attention: its frame's tensors stay referenced (the
@@ -533,6 +538,8 @@ def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
         dt = ap.stream_dt
         saved += (r(dt * T * m.hidden_size) + r(dt * T * nh * a.qk_head_dim) + r(dt * T * a.kv_lora_rank)
                   + r(dt * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + s.rng_state)
+        if dt != 4:  # kv_a's output: saved by its norm (x.to(float32) is x) on an fp32 stream, a local otherwise
+            saved += r(dt * T * (a.kv_lora_rank + a.qk_rope_head_dim))
     # no LoRA gradient of this layer is accumulated yet (measured)
     return s.moment("attention_backward", i, lb.grads, lb.fixed + saved, 0, temps)
 

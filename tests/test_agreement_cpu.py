@@ -132,6 +132,12 @@ CASES = [
     ("deepseek-v3-no-gc", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64), dict(gradient_checkpointing=False)),
     ("deepseek-v2-no-gc", dict(model_type="deepseek_v2", **DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
      dict(gradient_checkpointing=False)),
+    ("deepseek-v3-default", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64), dict()),
+    ("deepseek-v2-default", dict(model_type="deepseek_v2", **DEEPSEEK, q_lora_rank=None), dict()),
+    ("deepseek-v3-lora-seq256", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64),
+     dict(method="lora", seq_len=256)),
+    ("deepseek-v3-attention-only-adamw", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64),
+     dict(target_modules="q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj", optim="adamw_torch")),
 ]
 
 
