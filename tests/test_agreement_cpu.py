@@ -37,6 +37,8 @@ DEEPSEEK = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64
                 num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                 n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
                 first_k_dense_replace=1)
+QWEN_MIXED = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3, num_experts=4,
+                  num_experts_per_tok=2, mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -138,6 +140,9 @@ CASES = [
      dict(method="lora", seq_len=256)),
     ("deepseek-v3-attention-only-adamw", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64),
      dict(target_modules="q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj", optim="adamw_torch")),
+    # mixed dense/MoE layers through the same per-kind code: Qwen3-MoE with mlp_only_layers
+    ("qwen3-moe-mlp-only-layer0", dict(model_type="qwen3_moe", **QWEN_MIXED), dict()),
+    ("qwen3-moe-mlp-only-layer0-no-gc", dict(model_type="qwen3_moe", **QWEN_MIXED), dict(gradient_checkpointing=False)),
 ]
 
 
