@@ -37,9 +37,16 @@ class MoELayout:
     (`mlp.shared_expert_gate`, sigmoid-gated). sparse_step_key / dense_layers_key: the config keys
     that make some layers dense (Qwen: layer i is MoE iff i not in `mlp_only_layers` and
     (i + 1) % `decoder_sparse_step` == 0; "" = every layer MoE). expert_bias / router_bias: biases
-    on the fused experts / the router (none of the rows so far). router: "parameter" (a module
+    on the fused experts / the router (gpt_oss: `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]; router bias [E]). router: "parameter" (a module
     holding an [E, H] `nn.Parameter`, applied with F.linear: not an `nn.Linear`) or "linear".
     peft_names: see the field.
+    router_name: the router's module name under `mlp` (`mlp.gate` Mixtral/Qwen, `mlp.router` gpt_oss).
+    router_kind: "softmax_topk" (softmax over all E logits in fp32, top-k, renormalised: Mixtral) or
+    "topk_softmax" (top-k of the logits, softmax over those k in their dtype: gpt_oss).
+    transposed: the fused weights are stored [E, H, 2I] / [E, I, H] (`is_transposed=True` in
+    `use_experts_implementation`), gate/up interleaved in the last dimension (gate = [..., ::2]).
+    activation: "act_fn" (config `hidden_act` of gate, times up) or "clamped_swiglu" (gpt_oss:
+    gate clamped above at `swiglu_limit`, up clamped to ±limit, (up + 1) · gate · σ(alpha · gate)).
     """
 
     experts_key: str
@@ -63,6 +70,10 @@ class MoELayout:
     #: them. Empty: peft wraps no expert (all-linear adapts the nn.Linear modules only: Qwen2-MoE, whose
     #: type is a value of that map, not a key).
     peft_names: tuple[tuple[str, str], ...] = ()
+    router_name: str = "gate"
+    router_kind: str = "softmax_topk"
+    transposed: bool = False
+    activation: str = "act_fn"
 
     def moe_layers(self, cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
         """Which decoder layers hold the sparse MoE block (the rest a dense MLP of `intermediate_size`),
@@ -78,14 +89,12 @@ class MoELayout:
     shared_experts_key: str = ""
     #: config key of the number of leading dense-MLP layers ("" = none); deepseek `first_k_dense_replace`
     first_dense_key: str = ""
-    #: how the router picks and weighs the experts: "softmax_topk" (Mixtral/Qwen: softmax over the E
-    #: logits, top-k, renormalised as `norm_topk_key` says), "sigmoid_group_topk"
+    #: router_kind (above) for DeepSeek: "sigmoid_group_topk"
     #: (DeepseekV3TopkRouter + DeepseekV3MoE.route_tokens_to_experts: fp32 logits, sigmoid,
     #: + e_score_correction_bias for the choice, n_group/topk_group group-limited top-k, gather,
     #: renormalise by `norm_topk_prob`, × routed_scaling_factor), "softmax_group_topk"
     #: (DeepseekV2Moe: fp32 logits, softmax, `topk_method` greedy or group_limited_greedy,
     #: × routed_scaling_factor)
-    router_kind: str = "softmax_topk"
     #: the router weight [E, H] is created fp32 and kept fp32 at load (`_keep_in_fp32_modules_strict`),
     #: its logits computed in fp32 (F.linear(hidden.float(), weight.float()))
     router_fp32: bool = False
@@ -105,6 +114,9 @@ class Arch:
     sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
     "layer_types": the layers typed sliding_attention, defaulting as the family's config class
     does, see `layer_types`).
+    attention_sinks: a learnable per-head logit `self_attn.sinks` [heads] joins every softmax (gpt_oss).
+    rotary_chunked: cos/sin are [B, S, rope_dim/2] (`emb = freqs`, no cat) and `_apply_rotary_emb`
+    rotates the two halves of q/k (chunk; x1·cos - x2·sin, x2·cos + x1·sin; cat): gpt_oss.
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
     default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`),
@@ -116,7 +128,19 @@ class Arch:
     families' default rope ignores it and only the non-default rope types (modeling_rope_utils.py:
     llama3, longrope, yarn, ...) apply it.
     defaults: the config class's defaults for keys a hub config.json may leave out (the Gemma 3
-    multimodal checkpoints name only the text keys that differ from Gemma3TextConfig's).
+    multimodal checkpoints name only the text keys that differ from Gemma3TextConfig's; gpt_oss:
+    attention_bias True, head_dim 64, ...).
+    qk_norm_scope: "head" (q_norm/k_norm over head_dim, per head: qwen3, gemma3) or "proj" (over the
+    whole q and k projections, q_dim and kv_dim wide, before the heads are split: olmo2).
+    post_norms: the layer normalises the attention and MLP outputs only (post_attention_layernorm,
+    post_feedforward_layernorm), never their inputs (olmo2).
+    norm_cast_last: RMSNorm returns `(weight * h).to(input_dtype)` (the product in fp32, cast last:
+    olmo2, gpt_oss) instead of llama's `weight * h.to(input_dtype)`.
+    rope_fp32: the rotary module returns fp32 cos/sin (no cast to the input's dtype) and
+    apply_rotary_pos_emb casts q_embed / k_embed back to q's and k's dtype (olmo2).
+    multipliers: granite's scalar multiplications, each a fresh tensor: `inputs_embeds *
+    embedding_multiplier`, `residual + out * residual_multiplier` after attention and after the MLP,
+    `logits / logits_scaling` (attention_multiplier is SDPA's `scale`, no tensor).
     """
 
     model_type: str
@@ -139,6 +163,8 @@ class Arch:
     default_layer_types: str = ""
     moe: MoELayout | None = None
     partial_rotary: bool = False
+    attention_sinks: bool = False
+    rotary_chunked: bool = False
     defaults: tuple[tuple[str, Any], ...] = ()
     #: "mha" (q/k/v/o projections, GQA by num_key_value_heads) or "mla" (DeepSeek multi-head latent
     #: attention: q_a_proj/q_a_layernorm/q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
@@ -150,6 +176,11 @@ class Arch:
     #: the hub checkpoints of this family carry a quantization_config BitsAndBytesConfig cannot override
     #: (DeepSeek-V3/R1: fp8): said in the notes of a QLoRA estimate
     hub_quantized: str = ""
+    qk_norm_scope: str = "head"
+    post_norms: bool = False
+    norm_cast_last: bool = False
+    multipliers: bool = False
+    rope_fp32: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -183,6 +214,13 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
     Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False,
          sliding="config", partial_rotary=True),
+    # q_norm [q_dim] and k_norm [kv_dim] on the whole projections; post-attention and post-feedforward
+    # norms instead of pre-norms; Olmo2RMSNorm returns (weight * h).to(input_dtype)
+    Arch("olmo2", _SRC.format("olmo2"), qk_norm=True, qk_norm_scope="proj", post_norms=True,
+         norm_cast_last=True, rope_fp32=True),
+    # llama's layout with embedding_multiplier, residual_multiplier and logits_scaling
+    # (GraniteModel.forward, GraniteDecoderLayer.forward, GraniteForCausalLM.forward)
+    Arch("granite", _SRC.format("granite"), multipliers=True),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok",
                        peft_names=(("gate", "router"), ("w1", "gate_up"), ("w3", "gate_up"), ("w2", "down")))),
@@ -223,6 +261,19 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
                        norm_topk_key="norm_topk_prob", peft_names=QWEN2_MOE_PEFT),
          # DeepseekV2Config's defaults (configuration_deepseek_v2.py) for the routing keys
          defaults=(("norm_topk_prob", False), ("routed_scaling_factor", 1.0), ("topk_method", "greedy"))),
+    # q/k/v/o with bias (attention_bias, default True), per-head attention sinks; no SDPA in 5.24
+    # (_supports_sdpa = False: from_pretrained raises for "sdpa"; eager, flex and the hub flash kernels
+    # of _compatible_flash_implementations take the sinks); sliding (128) / full alternating by
+    # layer_types; one YaRN rotary module; GptOssTopKRouter weight [E, H] + bias [E]; GptOssExperts
+    # gate_up_proj [E, H, 2I] (+ bias [E, 2I]), down_proj [E, I, H] (+ bias [E, H]), interleaved
+    # gate/up, clamped SwiGLU (configuration_gpt_oss.py for the defaults)
+    Arch("gpt_oss", _SRC.format("gpt_oss"), sdpa=False, sliding="layer_types", default_layer_types="alternate",
+         attention_sinks=True, norm_cast_last=True, rotary_chunked=True,
+         moe=MoELayout("num_local_experts", "num_experts_per_tok", router_name="router", router_bias=True,
+                       router_kind="topk_softmax", expert_bias=True, transposed=True, activation="clamped_swiglu",
+                       peft_names=()),
+         defaults=(("attention_bias", True), ("head_dim", 64), ("sliding_window", 128),
+                   ("num_local_experts", 128), ("num_experts_per_tok", 4), ("tie_word_embeddings", False))),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)

@@ -350,8 +350,11 @@ def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda:
                     d += _r(4 * ceil(n / BNB_STATE_BLOCK), rnd)
         dev += k * d
         paged += k * p
-    if spec.bits == 8 and any(r * c >= MIN_8BIT_SIZE for (r, c), _, _ in groups):
-        dev += spec.states * _r(256 * 4, rnd)  # the shared dynamic quantization maps (qmap1/qmap2)
+    # the shared dynamic quantization maps (qmap1/qmap2): made on the CPU by the optimizer's __init__
+    # (bitsandbytes optim/optimizer.py Optimizer8bit `fill_qmap`), copied to the device by the first
+    # 8-bit state's init_state
+    if spec.bits == 8 and (not cuda or any(r * c >= MIN_8BIT_SIZE for (r, c), _, _ in groups)):
+        dev += spec.states * _r(256 * 4, rnd)
     return dev, paged
 
 

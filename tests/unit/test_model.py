@@ -69,17 +69,20 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
     if spec.layer_kinds:
         kinds.append(("dense", spec.dense_layer_linears, spec.dense_layer_norms))
     for kind, spec_linears, spec_norms in kinds:
-        i = spec.layer_kinds.index(kind) if spec.layer_kinds else 0
-        layer = text.layers[i]
+        layer = text.layers[spec.layer_kinds.index(kind) if spec.layer_kinds else 0]
         linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
         assert linears == {l.name: (l.out_features, l.in_features) for l in spec_linears}
         biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
         assert biases == {l.name for l in spec_linears if l.bias}
-        # norms and the (non-Linear) router weight; Qwen2-MoE's shared_expert_gate is an nn.Linear, listed above
+        # every parameter outside the Linears and the fused expert weights: norms, routers, sinks, expert biases
+        in_linear = {f"{n}.{w}" for n, m in layer.named_modules() if type(m) is torch.nn.Linear
+                     for w in ("weight", "bias")}
         norms = {n: p.numel() for n, p in layer.named_parameters()
-                 if ("norm" in n or n.endswith("gate.weight")) and n.rsplit(".", 1)[0] not in linears}
-        assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec_norms}
-        experts = sum(p.numel() for n, p in layer.named_parameters() if ".experts." in n)
+                 if n not in in_linear and not n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        assert norms == {(n if n.endswith((".weight", ".bias", "_bias", ".sinks")) else n + ".weight"): k
+                         for n, k in spec_norms}
+        experts = sum(p.numel() for n, p in layer.named_parameters()
+                      if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
         assert experts == (spec.expert_params_per_layer if spec_linears is spec.layer_linears else 0)
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
     bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
