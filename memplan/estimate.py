@@ -553,7 +553,8 @@ def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
         dt = ap.stream_dt
         temps = (2 * P + r(4 * S * S) + 2 * r(4 * qk) + 2 * r(cdt * qk) + r(T * m.hidden_size * dt)
                  + r(dt * T * nh * a.qk_rope_head_dim) + r(dt * T * a.qk_rope_head_dim))
-    saved = (ap.attn_saved_first if i == 0 else ap.attn_saved) + r(4 * T * nh * a.v_head_dim)  # + the values
+    core = ap.attn_saved_first if i == 0 else ap.attn_saved  # the layer's saved set up to q·scale, k^T·scale
+    saved = core + r(4 * T * nh * a.v_head_dim)  # + the values
     if s.plan.gradient_checkpointing and not s.plan.use_reentrant:
         # the recompute stopped inside this attention: its frame's tensors stay referenced (the
         # attention input [T, H], q_b's (q_proj's) output, the normed latent, kv_b's output) with
@@ -564,7 +565,19 @@ def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
         if dt != 4:  # kv_a's output: saved by its norm (x.to(float32) is x) on an fp32 stream, a local otherwise
             saved += r(dt * T * (a.kv_lora_rank + a.qk_rope_head_dim))
     # no LoRA gradient of this layer is accumulated yet (measured)
-    return s.moment("attention_backward", i, lb.grads, lb.fixed + saved, 0, temps)
+    late = s.moment("attention_backward", i, lb.grads, lb.fixed + saved, 0, temps)
+    # the softmax's backward, earlier: the probabilities still saved, their gradient and the softmax
+    # backward's output [B, heads, S, S] fp32 in flight with the attention output's fp32 gradient and
+    # the layer output's; the LoRA gradients of o_proj and of the MoE block's experts and router are
+    # accumulated; the values are released (their matmul ran backward). NB: measured against simulate
+    # at long sequences (deepseek-v2-lite, seq 16k/32k, the last layer), where it is the peak; there the
+    # stopped recompute's locals of the later instant are not alive
+    moe_lora = sum(F.rounded(s.plan.precision.adapter * rr * cc, 512 if s.plan.device == "cuda" else 1)
+                   for rr, cc in F.moe_lora_shapes(m, s.plan))
+    early = s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads + moe_lora,
+                     lb.fixed + core + P, 0,
+                     2 * P + r(4 * T * nh * a.v_head_dim) + r(T * m.hidden_size * ap.stream_dt))
+    return max(late, early, key=lambda mo: mo.allocated_bytes)
 def post_norm_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """olmo2 (post norms): the backward of layer i's post_feedforward_layernorm, the first node of
     its backward. That norm saves last, so a checkpointed layer has been recomputed to its end: its

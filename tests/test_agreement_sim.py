@@ -126,6 +126,10 @@ CASES = [
     ("deepseek-v2-lite-no-gc", "deepseek-v2-lite", dict(gradient_checkpointing=False)),
     ("deepseek-v2-lite-seq2048", "deepseek-v2-lite", dict(seq_len=2048)),
     ("deepseek-v2-lite-no-gc-seq2048", "deepseek-v2-lite", dict(gradient_checkpointing=False, seq_len=2048)),
+    # long sequences: on the CPU the math SDPA's softmax backward ([B, heads, S, S] fp32) is the peak
+    ("deepseek-v2-lite-seq32768", "deepseek-v2-lite", dict(seq_len=32768)),
+    ("moonlight-16b-lora-no-gc-seq16384", "moonlight-16b-a3b", dict(method="lora", gradient_checkpointing=False,
+                                                                   seq_len=16384)),
     ("qwen3-30b-a3b-default", "qwen3-30b-a3b", {}),
     ("qwen3-30b-a3b-no-gc-seq2048", "qwen3-30b-a3b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("qwen1.5-moe-a2.7b-default", "qwen1.5-moe-a2.7b", {}),
