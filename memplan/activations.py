@@ -581,12 +581,15 @@ class LayerModel:
                 w.drop(pw)
             w.drop(qq, kk, probs, vv)
         else:
+            # a padded batch: the bool mask as an additive float mask in the query's dtype, saved
+            # (mem-efficient, padded to a multiple of 16: NB not rounded), as for the other families
+            fmask = [w.new(Lin(q=1), cdt, False)] if self.masked else []
             oc = w.new(T * nh * a.v_head_dim, cdt, rg)
             lse = w.new(Lin(s=nh), 4, False)
             if rg:
-                w.save(qc, kc, vc, oc, lse)
+                w.save(qc, kc, vc, oc, lse, *fmask)
             else:
-                w.drop(lse)
+                w.drop(lse, *fmask)
         w.drop(*{qc, kc, vc} - {qs, ks, vs})
         w.drop(qs, ks, kv)
         if self.masked:

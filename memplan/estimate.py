@@ -777,6 +777,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                      "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
                      "tensors per layer (measured: about 15 B per element); not checked on CUDA. Set it to 0 for the "
                      "estimate to apply, or trace the step with `memplan simulate`")
+    if model.mla is not None and plan.attn_implementation != "sdpa":
+        raise UnsupportedArchitectureError(
+            f"the closed form walks {model.name}'s multi-head latent attention through SDPA only "
+            f"(--attn-implementation {plan.attn_implementation} not modelled); `memplan simulate {model.name}` "
+            "traces it exactly")
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"

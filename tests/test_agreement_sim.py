@@ -128,6 +128,7 @@ CASES = [
     ("deepseek-v2-lite-no-gc-seq2048", "deepseek-v2-lite", dict(gradient_checkpointing=False, seq_len=2048)),
     # long sequences: on the CPU the math SDPA's softmax backward ([B, heads, S, S] fp32) is the peak
     ("deepseek-v2-lite-seq32768", "deepseek-v2-lite", dict(seq_len=32768)),
+    ("deepseek-v2-lite-padded-b2", "deepseek-v2-lite", dict(padding="longest", batch_size=2)),
     ("moonlight-16b-lora-no-gc-seq16384", "moonlight-16b-a3b", dict(method="lora", gradient_checkpointing=False,
                                                                    seq_len=16384)),
     ("qwen3-30b-a3b-default", "qwen3-30b-a3b", {}),
