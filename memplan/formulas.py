@@ -287,11 +287,14 @@ def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int
     for L, lins, norms, moe in layer_groups(model):
         per_layer = [(l.out_features, l.in_features) for l in lins]
         per_layer += [(l.out_features, 1) for l in lins if l.bias]
-        per_layer += [(n, 1) for _, n in norms]
+        fp32_router = moe and model.arch.moe.router_fp32  # DeepSeek: the router weight stays fp32
+        per_layer += [(n, 1) for name, n in norms if not (fp32_router and name == "mlp.gate.weight")]
         if moe:
             E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
             per_layer += [(E * 2 * I, H), (E * H, I)]
         out += [(shape, dt, L) for shape in per_layer]
+        if fp32_router:
+            out.append(((model.num_experts * model.hidden_size, 1), 4, L))
     top = [(model.vocab_size, model.hidden_size), (model.hidden_size, 1)]
     if model.lm_head_params:
         top.append((model.vocab_size, model.hidden_size))
