@@ -203,6 +203,12 @@ def _promote(a: int, b: int) -> int:
     return max(a, b)
 
 
+def _half(n: "Lin | int") -> Lin:
+    """Half of a symbolic element count (the even or odd rotary lanes)."""
+    x = Lin.of(n)
+    return Lin(x.t // 2, x.s // 2, x.q // 2, x.c // 2)
+
+
 class LayerModel:
     """Walks one decoder layer of `model` under `plan` (T tokens, B sequences of S)."""
 
@@ -418,6 +424,8 @@ class LayerModel:
             return self._attention(x, cos_dt)
 
     def _attention(self, x: Sym, cos_dt: int) -> Sym:
+        if self.m.mla is not None:
+            return self._attention_mla(x, cos_dt)
         m, w, T = self.m, self.w, self.T
         lins = self.lins
         if "qkv_proj" in lins:
@@ -481,6 +489,119 @@ class LayerModel:
         w.drop(out)
         return o
 
+    def _attention_mla(self, x: Sym, cos_dt: int) -> Sym:
+        """DeepSeek multi-head latent attention (DeepseekV3Attention / DeepseekV2Attention, 5.24), op
+        by op: q through q_a_proj, q_a_layernorm, q_b_proj (or q_proj); kv_a_proj_with_mqa, split into
+        the latent (kv_a_layernorm, which saves the projection's output itself when it is fp32: the
+        norm's input is a view of it) and the shared rotary key; the rotary embedding on q_rot and
+        k_rot (v3 interleaved: six half-width products then a cat; v2: complex products in fp32);
+        q = cat(q_pass, q_rot); kv_b_proj on the normed latent, keys made by new_empty + two copy_
+        (nothing saved), the values a view of kv_b's output.
+        SDPA with v head dim != q/k head dim: the CPU math kernel (aten _scaled_dot_product_attention_math:
+        q/k/v upcast to fp32, q · scale and k^T · scale saved, the causal mask built as a float
+        [S, S], the scores, the softmax saved as [B, heads, S, S] fp32, the values made contiguous
+        and saved by the second matmul); CUDA mem-efficient (output and logsumexp saved, as for other
+        families). Then transpose(1, 2).contiguous() and o_proj.
+        NB: the causal mask [S, S] is counted as B·S² (exact for batch 1)."""
+        m, w, T = self.m, self.w, self.T
+        a = m.mla
+        lins, nh = self.lins, m.num_heads
+        if "q_a_proj" in lins:
+            qa = self.linear(x, lins["q_a_proj"])
+            qn = self.norm(qa, a.q_lora_rank, T)
+            w.drop(qa)
+            q = self.linear(qn, lins["q_b_proj"])
+            w.drop(qn)
+        else:
+            q = self.linear(x, lins["q_proj"])
+        ckv = self.linear(x, lins["kv_a_proj_with_mqa"])
+        kvn = self.norm(w.view(ckv, T * a.kv_lora_rank), a.kv_lora_rank, T)
+        # rotary on q_rot [T, heads, rope] and k_rot [T, 1, rope]
+        rot: list[Sym] = []
+        for src, n in ((q, T * nh * a.qk_rope_head_dim), (ckv, T * a.qk_rope_head_dim)):
+            dt = _promote(src.dt, cos_dt)
+            if self.m.arch.rotary_complex:  # complex: xq.float() (a copy unless fp32), x * freqs, type_as
+                f = w.new(n, 4, src.rg) if src.dt != 4 else None
+                prod = w.new(n, 4, src.rg)
+                if f is not None:
+                    w.drop(f)
+                out = w.cast(prod, src.dt)
+                if out is not prod:
+                    w.drop(prod)
+            else:  # apply_rotary_pos_emb_interleave: (q1 cos - q2 sin, q2 cos + q1 sin), cat
+                a1 = w.new(_half(n), dt, src.rg)
+                b1 = w.new(_half(n), dt, src.rg)
+                c1 = w.new(_half(n), dt, src.rg)
+                w.drop(a1, b1)
+                a2 = w.new(_half(n), dt, src.rg)
+                b2 = w.new(_half(n), dt, src.rg)
+                c2 = w.new(_half(n), dt, src.rg)
+                w.drop(a2, b2)
+                out = w.new(n, dt, src.rg)
+                w.drop(c1, c2)
+            rot.append(out)
+        q_rot, k_rot = rot
+        qs = w.new(T * m.q_dim, _promote(q.dt, q_rot.dt), q.rg or q_rot.rg)  # cat((q_pass, q_rot))
+        w.drop(q, q_rot)
+        kv = self.linear(kvn, lins["kv_b_proj"])
+        w.drop(kvn)
+        ks = w.new(T * m.q_dim, kv.dt, kv.rg or k_rot.rg)  # new_empty + copy_(k_nope) + copy_(k_rot)
+        w.drop(k_rot)
+        if not self.masked:
+            w.drop(ckv)
+        vs = w.view(kv, T * nh * a.v_head_dim)
+        self.attn_rg = rg = qs.rg or ks.rg or vs.rg
+        cdt = self.ac or max(qs.dt, ks.dt, vs.dt)
+        qc, kc, vc = (w.cast(t, cdt) for t in (qs, ks, vs))
+        if self.cpu:
+            q32, k32, v32 = (w.cast(t, 4) for t in (qc, kc, vc))
+            qq = w.new(q32.numel, 4, rg)  # query * sqrt(scale)
+            kk = w.new(k32.numel, 4, rg)  # key^T * sqrt(scale)
+            P = Lin(q=nh)
+            mask = w.new(Lin(q=1), 1, False)  # ones(S, S).tril(), then as a float mask
+            fm = w.new(Lin(q=1), 4, False)
+            w.drop(mask)
+            sc = w.new(P, 4, rg)
+            w.drop(fm)
+            probs = w.new(P, 4, rg)
+            w.drop(sc)
+            vv = w.new(v32.numel, 4, False) if v32 is vc and vc is vs else v32  # bmm's contiguous copy
+            if rg:
+                w.save(qq, kk)
+            self.saved_at_probs = w.saved_bytes  # alive when the scores' matmul runs backward
+            if rg:
+                w.save(probs, vv)
+            w.drop(*{q32, k32, v32} - {qc, kc, vc})
+            o32 = w.new(T * nh * a.v_head_dim, 4, rg)
+            oc = w.cast(o32, qc.dt)
+            if oc is not o32:
+                w.drop(o32)
+            if qc.dt != 4:
+                pw = w.new(P, qc.dt, False)  # attn.to(the input dtype), returned and dropped
+                w.drop(pw)
+            w.drop(qq, kk, probs, vv)
+        else:
+            # a padded batch: the bool mask as an additive float mask in the query's dtype, saved
+            # (mem-efficient, padded to a multiple of 16: NB not rounded), as for the other families
+            fmask = [w.new(Lin(q=1), cdt, False)] if self.masked else []
+            oc = w.new(T * nh * a.v_head_dim, cdt, rg)
+            lse = w.new(Lin(s=nh), 4, False)
+            if rg:
+                w.save(qc, kc, vc, oc, lse, *fmask)
+            else:
+                w.drop(lse, *fmask)
+        w.drop(*{qc, kc, vc} - {qs, ks, vs})
+        w.drop(qs, ks, kv)
+        if self.masked:
+            w.drop(ckv)
+        if self.cpu:
+            out = w.new(oc.numel, oc.dt, oc.rg)  # transpose(1, 2).contiguous() of the math kernel's output
+            w.drop(oc)
+        else:
+            out = oc  # mem-efficient's output is laid out [B, S, heads, v]: the transpose is contiguous already
+        o = self.linear(out, lins["o_proj"])
+        w.drop(out)
+        return o
     def _rope_chunked(self, x: Sym, half: Lin, cos_dt: int) -> Sym:
         """gpt_oss `_apply_rotary_emb`: x1, x2 = chunk(x, 2); cat(x1·cos - x2·sin, x2·cos + x1·sin).
         The muls save only cos/sin (the model's, saved once); every product is a temporary."""
@@ -622,7 +743,7 @@ class LayerModel:
         full = self.full
         moe = m.arch.moe
         shared = None
-        if m.shared_expert_intermediate_size:  # Qwen2-MoE: the shared expert MLP runs first
+        if m.shared_expert_intermediate_size and not moe.shared_experts_key:  # Qwen2-MoE: the shared expert first
             with w.frame():
                 shared = self._mlp_dense(x, m.shared_expert_intermediate_size)
         # -- the router ------------------------------------------------------------------------------
@@ -658,30 +779,42 @@ class LayerModel:
                         w.save(wc)
                     logits = w.new(T * E, ac, rg)
                     w.drop(*{xr, wc} - {x})
+                elif moe.router_fp32:  # F.linear(hidden.type(float32), weight.type(float32))
+                    xf = w.cast(x, 4)
+                    if lora or full:
+                        w.save(xf)
+                    if x.rg and wm is not None:
+                        w.save(wm)
+                    logits = w.new(T * E, 4, rg)
+                    if xf is not x:
+                        w.drop(xf)
                 else:
                     if lora or full:
                         w.save(x)
                     if x.rg and wm is not None:
                         w.save(wm)
                     logits = w.new(T * E, _promote(x.dt, pdt), rg)
-                lf = w.cast(logits, 4)  # router_logits is returned (the block keeps it as `_`)
-                probs = w.new(T * E, 4, rg)
-                if lf is not logits:
-                    w.drop(lf)
-                vals, idx = w.new(T * k, 4, rg), w.new(T * k, 8, False)
-                if rg:
-                    w.save(probs, idx)
-                w.drop(probs)
-                if m.norm_topk_prob:
-                    ssum = w.new(T, 4, rg)
+                if moe.router_kind != "softmax_topk":
+                    vals = self._group_router(logits, rg)
+                else:
+                    lf = w.cast(logits, 4)  # router_logits is returned (the block keeps it as `_`)
+                    probs = w.new(T * E, 4, rg)
+                    if lf is not logits:
+                        w.drop(lf)
+                    vals, idx = w.new(T * k, 4, rg), w.new(T * k, 8, False)
                     if rg:
-                        w.save(ssum, w.new(T * k, 4, False))  # div_ saves the sum and a clone of the values
-                    w.drop(ssum)
-                if moe.scores_cast:  # Qwen: router_top_value.to(router_logits.dtype)
-                    sc = w.cast(vals, logits.dt)
-                    if sc is not vals:
-                        w.drop(vals)
-                        vals = sc
+                        w.save(probs, idx)
+                    w.drop(probs)
+                    if m.norm_topk_prob:
+                        ssum = w.new(T, 4, rg)
+                        if rg:
+                            w.save(ssum, w.new(T * k, 4, False))  # div_ saves the sum and a clone of the values
+                        w.drop(ssum)
+                    if moe.scores_cast:  # Qwen: router_top_value.to(router_logits.dtype)
+                        sc = w.cast(vals, logits.dt)
+                        if sc is not vals:
+                            w.drop(vals)
+                            vals = sc
             w.drop(*[t for t in (wm, *( [delta] if lora else [])) if t is not None])
         # -- the experts -----------------------------------------------------------------------------
         # grouped_mm saves its input for the weight's gradient: where peft adapts that weight (or trains it)
@@ -767,6 +900,13 @@ class LayerModel:
                     w.drop(fin)
         w.drop(logits, vals)  # the router's outputs, locals of the block
         experts_saved = w.saved_bytes
+        if moe.shared_experts_key and m.shared_expert_intermediate_size:
+            # DeepseekV3MoE: hidden_states + self.shared_experts(residuals), no gate
+            with w.frame():
+                sh = self._mlp_dense(x, m.shared_expert_intermediate_size)
+            tot = w.new(out.numel, _promote(out.dt, sh.dt), True)
+            w.drop(out, sh)
+            out = tot
         if shared is not None:
             # sigmoid(shared_expert_gate(x)) * shared_output; expert_output + that
             g = self.linear(x, self.lins["shared_expert_gate"])
@@ -793,6 +933,70 @@ class LayerModel:
         self.moe_act = saved(act, gu)  # the activation's (silu and mul)
         self.moe_dt = pdt
         self.saved_before_down = w.saved_bytes
+        return out
+
+    def _group_router(self, logits: Sym, rg: bool) -> Sym:
+        """DeepSeek's routers after the logits, op by op; returns the routing weights [T, k].
+
+        sigmoid_group_topk (DeepseekV3TopkRouter): sigmoid (its output saved), + the fp32
+        e_score_correction_bias, the group scores (top-2 per group, summed), the top `topk_group`
+        groups, a zeros_like + scatter_ mask expanded to [T, E] (a copy), masked_fill with its inverted
+        bool mask (saved), top-k (indices saved), gather of the sigmoid scores (the same indices),
+        the renormalisation by `norm_topk_prob` (the sum + 1e-20 and a clone of the values saved by
+        div_), × routed_scaling_factor. softmax_group_topk (DeepseekV2TopkRouter): softmax in fp32
+        (saved), `topk_method` greedy (top-k of it) or group_limited_greedy (the group max, the same
+        mask, masked_fill with 0), × routed_scaling_factor.
+        """
+        m, w, T = self.m, self.w, self.T
+        E, k = m.num_experts, m.experts_per_token
+        cfg = m.config
+        G = int(cfg.get("n_group") or 1)
+        sig = m.arch.moe.router_kind == "sigmoid_group_topk"
+        grouped = sig or cfg.get("topk_method") == "group_limited_greedy"
+        sc = w.new(T * E, logits.dt if sig else 4, rg)  # sigmoid / softmax(dtype=float32): output saved
+        if rg:
+            w.save(sc)
+        tmp: list[Sym] = []
+        choice = w.new(T * E, _promote(sc.dt, 4), rg) if sig else sc  # + e_score_correction_bias
+        if grouped:
+            gv = w.new(T * G * (2 if sig else 1), choice.dt, False)
+            gi = w.new(T * G * (2 if sig else 1), 8, False)
+            gs = w.new(T * G, choice.dt, False) if sig else gv
+            w.drop(*{gv, gi} - {gs})
+            ti, tv = w.new(T * int(cfg.get("topk_group") or 1), 8, False), None
+            gm = w.new(T * G, gs.dt, False)  # zeros_like + scatter_
+            w.drop(gs, ti)
+            sm = w.new(T * E, gm.dt, False)  # expand(...).reshape: a copy
+            w.drop(gm)
+            b = w.new(T * E, 1, False)       # .bool()
+            nb = w.new(T * E, 1, False)      # ~
+            w.drop(sm, b)
+            masked = w.new(T * E, choice.dt, rg)
+            # masked_fill saves its mask; in v3 only the top-k indices of the result are used (its values
+            # are discarded with the graph behind them), so that mask is freed at once
+            if rg and not sig:
+                w.save(nb)
+            w.drop(nb)
+            tmp += [masked]
+            del tv
+        else:
+            masked = choice
+        vals, idx = w.new(T * k, masked.dt, rg), w.new(T * k, 8, False)
+        if rg:
+            w.save(idx)
+        if sig:
+            w.drop(vals)
+            vals = w.new(T * k, sc.dt, rg)  # scores.gather(1, topk_indices)
+        w.drop(*tmp, *([choice] if choice is not sc else []))
+        if sig and m.norm_topk_prob:
+            ssum = w.new(T, vals.dt, rg)
+            den = w.new(T, vals.dt, rg)
+            w.drop(ssum)
+            if rg:
+                w.save(den, w.new(T * k, vals.dt, False))  # div_ saves the sum and a clone of the values
+            w.drop(den)
+        out = w.new(T * k, vals.dt, rg)  # * routed_scaling_factor
+        w.drop(vals, sc)
         return out
 
     def _moe_gpt_oss(self, x: Sym) -> Sym:
@@ -1136,8 +1340,10 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         # reading x in fp32 without dropout saves it)
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
         -(-T * H * a // g) * g,
-        2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
-               // g) * g),
+        # deepseek_v2: one complex64 freqs_cis [1, S, rope_dim/2] (DeepseekV2RotaryEmbedding: torch.polar)
+        (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex else
+         2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
+                // g) * g)),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,

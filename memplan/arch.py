@@ -77,10 +77,29 @@ class MoELayout:
 
     def moe_layers(self, cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
         """Which decoder layers hold the sparse MoE block (the rest a dense MLP of `intermediate_size`),
-        as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it."""
+        as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it (and DeepseekV3DecoderLayer:
+        layer i is dense iff i < `first_k_dense_replace`)."""
         step = int(cfg.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
         dense = set(cfg.get(self.dense_layers_key) or ()) if self.dense_layers_key else set()
-        return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+        first = int(cfg.get(self.first_dense_key) or 0) if self.first_dense_key else 0
+        return tuple(i >= first and i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    #: config key of a shared-expert COUNT (deepseek `n_shared_experts`; "" = none): one MLP
+    #: `mlp.shared_experts.{gate,up,down}_proj` of intermediate size I_moe × count, plain nn.Linear
+    #: (4-bit under QLoRA), no gate, biases by `mlp_bias` (DeepseekV3MoE / DeepseekV2Moe)
+    shared_experts_key: str = ""
+    #: config key of the number of leading dense-MLP layers ("" = none); deepseek `first_k_dense_replace`
+    first_dense_key: str = ""
+    #: router_kind (above) for DeepSeek: "sigmoid_group_topk"
+    #: (DeepseekV3TopkRouter + DeepseekV3MoE.route_tokens_to_experts: fp32 logits, sigmoid,
+    #: + e_score_correction_bias for the choice, n_group/topk_group group-limited top-k, gather,
+    #: renormalise by `norm_topk_prob`, × routed_scaling_factor), "softmax_group_topk"
+    #: (DeepseekV2Moe: fp32 logits, softmax, `topk_method` greedy or group_limited_greedy,
+    #: × routed_scaling_factor)
+    #: the router weight [E, H] is created fp32 and kept fp32 at load (`_keep_in_fp32_modules_strict`),
+    #: its logits computed in fp32 (F.linear(hidden.float(), weight.float()))
+    router_fp32: bool = False
+    #: the router holds an fp32 [E] buffer (`e_score_correction_bias`), not a parameter
+    router_bias_buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,16 @@ class Arch:
     attention_sinks: bool = False
     rotary_chunked: bool = False
     defaults: tuple[tuple[str, Any], ...] = ()
+    #: "mha" (q/k/v/o projections, GQA by num_key_value_heads) or "mla" (DeepSeek multi-head latent
+    #: attention: q_a_proj/q_a_layernorm/q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+    #: kv_b_proj, o_proj; q/k head dim qk_nope + qk_rope, v head dim v_head_dim; see model.MLA)
+    attention: str = "mha"
+    #: the rotary embedding is one complex64 freqs_cis [1, S, rope/2] applied as complex products in fp32
+    #: (DeepseekV2RotaryEmbedding / apply_rotary_emb), not cos/sin
+    rotary_complex: bool = False
+    #: the hub checkpoints of this family carry a quantization_config BitsAndBytesConfig cannot override
+    #: (DeepSeek-V3/R1: fp8): said in the notes of a QLoRA estimate
+    hub_quantized: str = ""
     qk_norm_scope: str = "head"
     post_norms: bool = False
     norm_cast_last: bool = False
@@ -210,6 +239,28 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers",
                        norm_topk_key="norm_topk_prob", scores_cast=True, peft_names=QWEN2_MOE_PEFT)),
+    # MLA attention (no sliding window); the first `first_k_dense_replace` layers have a dense MLP,
+    # the rest DeepseekV3MoE: fused experts [E, 2·I_moe, H] / [E, H, I_moe], a sigmoid router with an
+    # fp32 e_score_correction_bias buffer, and a shared-expert MLP (nn.Linear). The MTP layer
+    # (num_nextn_predict_layers) is not built (the hub checkpoint's layer 61 is ignored at load).
+    Arch("deepseek_v3", _SRC.format("deepseek_v3"), qkv_bias=None, o_bias=None, attention="mla",
+         hub_quantized="fp8",
+         moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
+                       router_kind="sigmoid_group_topk", router_fp32=True, router_bias_buffer=True,
+                       norm_topk_key="norm_topk_prob", peft_names=QWEN2_MOE_PEFT),
+         # DeepseekV3Config's defaults (configuration_deepseek_v3.py) for the routing keys
+         defaults=(("norm_topk_prob", True), ("routed_scaling_factor", 2.5), ("n_group", 8), ("topk_group", 4))),
+    # as deepseek_v3, but a softmax router (greedy / group_limited_greedy by `topk_method`) with no
+    # bias buffer, complex rotary (apply_rotary_emb), `mlp_bias` on the MLPs, first_k_dense_replace
+    # defaulting to 0
+    Arch("deepseek_v2", _SRC.format("deepseek_v2"), qkv_bias=None, o_bias=None, attention="mla", rotary_complex=True,
+         moe=MoELayout("n_routed_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
+                       shared_experts_key="n_shared_experts", first_dense_key="first_k_dense_replace",
+                       router_kind="softmax_group_topk", router_fp32=True,
+                       norm_topk_key="norm_topk_prob", peft_names=QWEN2_MOE_PEFT),
+         # DeepseekV2Config's defaults (configuration_deepseek_v2.py) for the routing keys
+         defaults=(("norm_topk_prob", False), ("routed_scaling_factor", 1.0), ("topk_method", "greedy"))),
     # q/k/v/o with bias (attention_bias, default True), per-head attention sinks; no SDPA in 5.24
     # (_supports_sdpa = False: from_pretrained raises for "sdpa"; eager, flex and the hub flash kernels
     # of _compatible_flash_implementations take the sinks); sliding (128) / full alternating by

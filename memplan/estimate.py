@@ -51,12 +51,12 @@ Known limitations (NB):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
-from .activations import ActivationProfile, activation_profile
+from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
 from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
@@ -216,7 +216,7 @@ def static_part(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Static:
 def _lora_grads_after_attention(model: ModelSpec, plan: TrainPlan, rnd: int) -> int:
     """The LoRA gradients of one layer's Linears that run after the attention core (o_proj and the
     MLP): made already when the attention core's backward runs."""
-    qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
     return sum(F.lora_bytes(lin, plan, rnd) for lin in F.lora_targets(model, plan)
                if lin.name.rsplit(".", 1)[-1] not in qkv)
 
@@ -264,6 +264,11 @@ class Step(NamedTuple):
     layer_args: int             # position ids and attention masks: arguments every checkpointed layer keeps
     small: int                  # the loss and its gradient seed
     rng_state: int              # one saved CPU RNG state (CPU steps with checkpointing), see `RNG_STATE_BYTES`
+    #: mixed dense/MoE layers (`layer_kinds`): per layer, its saved set, its kind's (view, profile) and
+    #: its gradients; () when every layer is alike
+    saved_layers: tuple[int, ...] = ()
+    layer_kind: tuple[tuple[ModelSpec, ActivationProfile], ...] = ()
+    grads_layers: tuple[int, ...] = ()
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -278,6 +283,8 @@ class Step(NamedTuple):
 
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     static = static_part(model, plan, cuda)
+    if model.layer_kinds:
+        return _mixed_step(model, plan, cuda, static)
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
@@ -287,6 +294,52 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
                 layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
                 (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
                 RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
+
+
+def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -> Step:
+    """A model whose layers differ (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's
+    mlp_only_layers, interleaved MoE): each kind walked as a model of that kind alone
+    (`formulas.kind_view`), the saved sets, LoRA weight copies and gradients summed over the actual
+    layer order; the step's profile is the last layer's kind's (its forward is the forward moment)."""
+    r = _round512 if cuda else int
+    L, gc = model.num_layers, plan.gradient_checkpointing
+    B, S = plan.batch_size, plan.seq_len
+    T = B * S
+    rnd = 512 if cuda else 1
+    kinds = {}
+    for kind in set(model.layer_kinds):
+        view = F.kind_view(model, kind == "moe")
+        ap = activation_profile(view, plan, cpu=not cuda)
+        tr = layer_trace(view, plan, (not cuda, cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
+                                      sdpa_masked(view, plan)))
+        ev = lambda c: c[0] * T + c[1] * T * S + c[2]  # noqa: E731
+        grads = sum(k and F.rounded(rr * cc * dt, rnd) for (rr, cc), dt, k in F._trainable_groups(view, plan)
+                    if k == view.num_layers)
+        kinds[kind] = (view, ap, ev(tr.copies), ev(tr.copies_first), tr.lora_weight_copies // L, grads)
+    order = [kinds[k] for k in model.layer_kinds]
+    saved = tuple(o[1].first_layer_bytes if i == 0 else o[1].layer_bytes for i, o in enumerate(order))
+    copies = sum(o[4] for o in order)
+    saved_copies = order[0][3] + sum(o[2] for o in order[1:])
+    last = order[-1][1]._replace(lora_weight_copies=copies, saved_copies=saved_copies)
+    layers_saved = L * last.layer_input_bytes if gc else sum(saved)
+    return Step(model, plan, static, last, r, T,
+                static.gradients if plan.gradient_accumulation_steps > 1 else 0,
+                layers_saved, last.rope_bytes + last.final_norm_bytes + last.head_bytes,
+                (r(8 * plan.seq_len) + last.mask_bytes) if gc else 0, 2 * r(4),
+                RNG_STATE_BYTES if gc and not cuda else 0,
+                saved, tuple((o[0], o[1]) for o in order), tuple(o[5] for o in order))
+
+
+def _kind_step(s: Step, i: int) -> Step:
+    """The step as layer i's kind sees it (its profile, its down projection), for its backward moments."""
+    if not s.layer_kind:
+        return s
+    view, ap = s.layer_kind[i]
+    rnd = 512 if s.plan.device == "cuda" else 1
+    ap = ap._replace(lora_weight_copies=s.ap.lora_weight_copies, saved_copies=s.ap.saved_copies)
+    return s._replace(model=view, ap=ap, static=replace(s.static, down=_down_proj(view, s.plan, rnd),
+                                                                  attn_lora_grads=_lora_grads_after_attention(
+                                                                      view, s.plan, rnd)))
 
 
 #: torch.utils.checkpoint (preserve_rng_state=True) keeps `torch.get_rng_state()` of each checkpointed
@@ -350,6 +403,8 @@ def forward_moment(s: Step) -> Moment:
     """No checkpointing: the last layer's forward, every earlier layer's saved set alive."""
     ap, L = s.ap, s.model.num_layers
     earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
+    if s.saved_layers:
+        earlier = sum(s.saved_layers[:-1])
     return s.moment("forward", L - 1, s.ga_grads,
                     earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
 
@@ -404,6 +459,8 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
             # backward, and every layer's ctx keeps its RNG state until the whole backward is done
             below += ap.layer_input_bytes
             rng_states = L
+    elif s.saved_layers:
+        below = sum(s.saved_layers[:i])
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
     fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
@@ -415,8 +472,11 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
         # 0's own type is still referenced (gpt_oss sliding/full; measured on CPU steps)
         fixed -= ap.mask_bytes // n_types * (n_types - 1)
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
-    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
-                         grads if s.ga_grads else grads // L * (L - 1 - i))
+    above = grads // L * (L - 1 - i)
+    if s.grads_layers:
+        saved_i = s.saved_layers[i]
+        above = sum(s.grads_layers[i + 1:])
+    return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved, grads if s.ga_grads else above)
 
 
 def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
@@ -465,6 +525,58 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
                     2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
 
 
+def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """MLA on the CPU (math SDPA, v head dim != q/k's): layer i's attention core backward once the
+    scores' matmul has run backward. Alive: the layer's saved set up to q·scale and k^T·scale (the
+    probabilities and the contiguous values released), o_proj's and the MLP's LoRA gradients; in
+    flight: two [B, heads, S, S] fp32 gradients (the probabilities' and the scores'), the fp32
+    gradients of q·scale, k^T·scale and of q/k before scaling, their casts to the autocast dtype, the
+    gradient of the attention output [T, heads·v] in fp32 and its cast, the kv_b output's gradient
+    buffer [T, heads·(nope+v)] fp32, the rotary parts' gradients, and the gradient of the layer's
+    output. NB: measured on a tiny deepseek_v3 CPU step (the peak with checkpointing); the tensors a
+    checkpointed recompute leaves alive (q_b's and kv_b's outputs) are not counted."""
+    m = s.model
+    if m.mla is None or s.plan.device == "cuda" or s.plan.attn_implementation != "sdpa":
+        return None
+    i, ap, r, T, a = lb.i, s.ap, s.r, s.tokens, m.mla
+    nh, B, S = m.num_heads, s.plan.batch_size, s.plan.seq_len
+    cdt = s.plan.precision.autocast or ap.stream_dt
+    P = r(4 * B * nh * S * S)
+    qk = T * nh * a.qk_head_dim
+    if ap.stream_dt == 4:
+        temps = (2 * P + 4 * r(4 * qk) + (2 * r(cdt * qk) if cdt != 4 else 0) + r(T * m.hidden_size * ap.stream_dt)
+                 + r(4 * T * nh * a.v_head_dim) + (r(cdt * T * nh * a.v_head_dim) if cdt != 4 else 0)
+                 + r(4 * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + r(4 * T * nh * a.qk_rope_head_dim)
+                 + r(4 * T * a.qk_rope_head_dim))
+    else:  # 16-bit stream (LoRA): the fp32 [S, S] causal mask, two fp32 q/k gradients, 16-bit rotary ones
+        dt = ap.stream_dt
+        temps = (2 * P + r(4 * S * S) + 2 * r(4 * qk) + 2 * r(cdt * qk) + r(T * m.hidden_size * dt)
+                 + r(dt * T * nh * a.qk_rope_head_dim) + r(dt * T * a.qk_rope_head_dim))
+    core = ap.attn_saved_first if i == 0 else ap.attn_saved  # the layer's saved set up to q·scale, k^T·scale
+    saved = core + r(4 * T * nh * a.v_head_dim)  # + the values
+    if s.plan.gradient_checkpointing and not s.plan.use_reentrant:
+        # the recompute stopped inside this attention: its frame's tensors stay referenced (the
+        # attention input [T, H], q_b's (q_proj's) output, the normed latent, kv_b's output) with
+        # fork_rng's snapshot. NB: measured on tiny deepseek_v3/v2 CPU steps.
+        dt = ap.stream_dt
+        saved += (r(dt * T * m.hidden_size) + r(dt * T * nh * a.qk_head_dim) + r(dt * T * a.kv_lora_rank)
+                  + r(dt * T * nh * (a.qk_nope_head_dim + a.v_head_dim)) + s.rng_state)
+        if dt != 4:  # kv_a's output: saved by its norm (x.to(float32) is x) on an fp32 stream, a local otherwise
+            saved += r(dt * T * (a.kv_lora_rank + a.qk_rope_head_dim))
+    # no LoRA gradient of this layer is accumulated yet (measured)
+    late = s.moment("attention_backward", i, lb.grads, lb.fixed + saved, 0, temps)
+    # the softmax's backward, earlier: the probabilities still saved, their gradient and the softmax
+    # backward's output [B, heads, S, S] fp32 in flight with the attention output's fp32 gradient and
+    # the layer output's; the LoRA gradients of o_proj and of the MoE block's experts and router are
+    # accumulated; the values are released (their matmul ran backward). NB: measured against simulate
+    # at long sequences (deepseek-v2-lite, seq 16k/32k, the last layer), where it is the peak; there the
+    # stopped recompute's locals of the later instant are not alive
+    moe_lora = sum(F.rounded(s.plan.precision.adapter * rr * cc, 512 if s.plan.device == "cuda" else 1)
+                   for rr, cc in F.moe_lora_shapes(m, s.plan))
+    early = s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads + moe_lora,
+                     lb.fixed + core + P, 0,
+                     2 * P + r(4 * T * nh * a.v_head_dim) + r(T * m.hidden_size * ap.stream_dt))
+    return max(late, early, key=lambda mo: mo.allocated_bytes)
 def post_norm_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """olmo2 (post norms): the backward of layer i's post_feedforward_layernorm, the first node of
     its backward. That norm saves last, so a checkpointed layer has been recomputed to its end: its
@@ -520,14 +632,24 @@ def experts_unpermute_moment(s: Step, lb: LayerBackward) -> Moment:
     H, S = m.hidden_size, T * m.experts_per_token
     saved = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     wo_dt = max(ap.moe_dt, ap.moe_sw_dt)
-    temps = r(T * H * ap.stream_dt) + 3 * r(S * H * wo_dt)
+    temps = r(T * H * ap.stream_dt) + 3 * r(S * H * wo_dt) + _shared_input_grad(s)
     grads = lb.grads
-    if m.shared_expert_intermediate_size:
+    if m.shared_expert_intermediate_size and m.arch.moe.shared_expert_gate:
         temps += 2 * r(T * H * ap.stream_dt)
         gate = next(lin for lin in m.layer_linears if lin.name.endswith("shared_expert_gate"))
         if any(lin.name == gate.name for lin in F.lora_targets(m, s.plan)):
             grads += F.lora_bytes(gate, s.plan, 512 if s.plan.device == "cuda" else 1)
     return s.moment("experts_unpermute_backward", i, grads, lb.fixed + saved - ap.moe_tail, 0, temps)
+
+
+def _shared_input_grad(s: Step) -> int:
+    """DeepSeek's shared experts (no gate) run backward before the routed experts: the gradient of
+    their input [T, H] waits, in the stream dtype, to be summed with the experts' and the router's
+    (measured against simulate at catalogue shapes, cpu and cuda)."""
+    m = s.model
+    if not (m.is_moe and m.arch.moe.shared_experts_key and m.shared_expert_intermediate_size):
+        return 0
+    return s.r(s.tokens * m.hidden_size * s.ap.stream_dt)
 
 
 def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment, Moment]:
@@ -552,7 +674,7 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
     S = T * k
     targets = F.expert_targets(m, s.plan)
     saved = (ap.first_layer_bytes if i == 0 else ap.layer_bytes) - ap.moe_tail
-    arriving = r(T * H * ap.stream_dt)
+    arriving = r(T * H * ap.stream_dt) + _shared_input_grad(s)
     down_w = r(E * H * I * dt) if "down" in targets else 0
     down = s.moment("experts_backward", i, lb.grads, lb.fixed + saved - ap.moe_late, 0,
                     arriving + r(S * H * dt) + r(S * ap.moe_sw_dt) + r(S * I * dt) + down_w)
@@ -581,7 +703,14 @@ def moments(s: Step) -> tuple[Moment, ...]:
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
-    for i in ((last, 0) if gc and last else (last,)):
+    layers = (last, 0) if gc and last else (last,)
+    if s.layer_kind:  # mixed layers: the first and last layer of each kind, last first
+        kinds = s.model.layer_kinds
+        layers = tuple(sorted({i for k in set(kinds) for i in (kinds.index(k), last - kinds[::-1].index(k))},
+                              reverse=True))
+    for i in layers:
+        s_i = s
+        s = _kind_step(s_i, i)
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
@@ -595,6 +724,11 @@ def moments(s: Step) -> tuple[Moment, ...]:
             out.append(layer_backward_moment(s, lb))
         if eager:
             out.append(attention_backward_moment(s, lb))
+        elif s.model.mla is not None:
+            mla = mla_attention_backward_moment(s, lb)
+            if mla is not None:
+                out.append(mla)
+        s = s_i
     out.append(optimizer_moment(s))
     return tuple(out)
 
@@ -632,11 +766,6 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                 f"the closed form does not cover the router load-balancing loss (output_router_logits in "
                 f"{model.name}'s config: every layer's router logits kept, a one-hot over layers x tokens x top_k "
                 f"x experts); `memplan simulate {model.name}` traces it exactly, or set output_router_logits false")
-        if model.layer_kinds:
-            raise UnsupportedArchitectureError(
-                f"the closed form does not cover {model.name}'s mix of dense and mixture-of-experts layers "
-                "(mlp_only_layers / decoder_sparse_step / first dense layers); "
-                f"`memplan simulate {model.name}` traces it exactly")
         if model.arch.moe.activation == "clamped_swiglu" and plan.method == "full":
             raise UnsupportedArchitectureError(
                 f"the closed form walks {model.name}'s experts frozen (peft wraps none); full fine-tuning trains "
@@ -647,6 +776,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                      "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
                      "tensors per layer (measured: about 15 B per element); not checked on CUDA. Set it to 0 for the "
                      "estimate to apply, or trace the step with `memplan simulate`")
+    if model.mla is not None and plan.attn_implementation != "sdpa":
+        raise UnsupportedArchitectureError(
+            f"the closed form walks {model.name}'s multi-head latent attention through SDPA only "
+            f"(--attn-implementation {plan.attn_implementation} not modelled); `memplan simulate {model.name}` "
+            "traces it exactly")
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"
@@ -690,7 +824,7 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     moe = model.arch.moe
     notes = []
     E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
-    experts = E * 3 * I * H * model.num_layers
+    experts = E * 3 * I * H * model.num_moe_layers
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
         for part in ("gate_up",):
             names = [v4 for v4, p in moe.peft_names if p == part]
@@ -725,9 +859,22 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
                          "copy (dequantized with Mxfp4Config(dequantize=True) and saved): estimated with bf16 "
                          "experts")
         else:
+            four = "the attention projections"
+            if moe.shared_experts_key or model.layer_kinds:
+                four += (", the shared experts" if moe.shared_experts_key else "") + \
+                    (" and the dense layers' MLP" if model.layer_kinds else "")
             notes.append(f"{model.model_type}: the fused experts ({experts / 1e9:.1f}B parameters, 3-D tensors) and "
-                         f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only the attention "
-                         "projections are 4-bit")
+                         f"the routers are not nn.Linear, so bitsandbytes leaves them {kept}; only {four} are 4-bit")
+            if moe.router_fp32:
+                notes.append("the router weights (and any e_score_correction_bias buffer) are fp32 from construction "
+                             "(_keep_in_fp32_modules_strict)")
+        if moe.peft_names and plan.method in ("qlora", "lora") and (moe.shared_experts_key or model.layer_kinds):
+            notes.append(f"peft {MODELED_PEFT} moves gate_proj/up_proj/down_proj to the fused experts: the shared "
+                         "experts' and the dense layers' MLP Linears get no LoRA")
+        if model.arch.hub_quantized and plan.method == "qlora":
+            notes.append(f"the hub {model.model_type} checkpoints (DeepSeek-V3/R1) are {model.arch.hub_quantized} "
+                         f"(their quantization_config): from_pretrained with a BitsAndBytesConfig refuses them "
+                         "(ValueError); load a bf16 copy")
     targets = F.expert_targets(model, plan)
     if targets:
         parts = ", ".join(f"{p}{'_proj' if p != 'router' else ''}" for p in sorted(targets))

@@ -6,6 +6,7 @@ granularity: 512 on CUDA (every tensor is its own allocation), 1 on the CPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import ceil
 
 from .model import Linear, ModelSpec
@@ -27,6 +28,46 @@ def rounded(n: int, rnd: int) -> int:
 _r = rounded
 
 
+def layer_groups(model: ModelSpec) -> tuple[tuple[int, tuple[Linear, ...], tuple[tuple[str, int], ...], bool], ...]:
+    """(layer count, Linears, norms, holds the MoE block) per layer kind: one group when every layer is
+    alike; a mixed model (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
+    has its MoE layers and its dense layers (`dense_layer_linears` / `dense_layer_norms`)."""
+    if not model.layer_kinds:
+        return ((model.num_layers, model.layer_linears, model.layer_norms, model.is_moe),)
+    return ((model.num_moe_layers, model.layer_linears, model.layer_norms, True),
+            (model.num_dense_layers, model.dense_layer_linears, model.dense_layer_norms, False))
+
+
+_VIEWS: dict[tuple[int, bool], tuple[ModelSpec, ModelSpec]] = {}
+_PARENT: dict[int, ModelSpec] = {}  # id(dense view) -> its model (kept alive by _VIEWS)
+
+
+def kind_view(model: ModelSpec, moe: bool) -> ModelSpec:
+    """`_kind_view`, one object per model and kind (the shape-free caches key on the model's id)."""
+    if not model.layer_kinds:
+        return model
+    hit = _VIEWS.get((id(model), moe))
+    if hit is None or hit[0] is not model:
+        if len(_VIEWS) > 256:
+            _VIEWS.clear()
+            _PARENT.clear()
+        hit = _VIEWS[(id(model), moe)] = (model, _kind_view(model, moe))
+        _PARENT[id(hit[1])] = model
+    return hit[1]
+
+
+def _kind_view(model: ModelSpec, moe: bool) -> ModelSpec:
+    """One layer kind of a mixed model as a model whose every layer is of that kind (the layer count
+    kept): the MoE layers as they are, or the dense layers (their Linears and norms, no MoE block)."""
+    if not model.layer_kinds:
+        return model
+    if moe:
+        return replace(model, layer_kinds=())
+    return replace(model, layer_kinds=(), layer_linears=model.dense_layer_linears,
+                   layer_norms=model.dense_layer_norms, arch=replace(model.arch, moe=None),
+                   num_experts=0, experts_per_token=0, moe_intermediate_size=0, shared_expert_intermediate_size=0)
+
+
 def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     """Stored base Linear weights: packed 4-bit ceil(n/2) B, int8 n B, or the 16/32-bit weight.
 
@@ -43,7 +84,7 @@ def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
             return _r(lin.numel if plan.quant == "int8" else ceil(lin.numel / 2), rnd)
         return _r(lin.numel * plan.precision.params, rnd)
 
-    return (sum(one(lin) for lin in model.layer_linears) * model.num_layers
+    return (sum(n * sum(one(lin) for lin in lins) for n, lins, _, _ in layer_groups(model))
             + sum(one(lin) for lin in model.vision_linears))
 
 
@@ -68,7 +109,7 @@ def quant_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
                     + _r(1024, rnd))
         return _r(4 * nb, rnd) + _r(64, rnd)
 
-    return (sum(one(lin) for lin in model.layer_linears) * model.num_layers
+    return (sum(n * sum(one(lin) for lin in lins) for n, lins, _, _ in layer_groups(model))
             + sum(one(lin) for lin in model.vision_linears))
 
 
@@ -79,24 +120,29 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     For LoRA/full the Linear weights themselves are `base_weights`, not counted here.
     """
     dt = plan.precision.params
-    H, L = model.hidden_size, model.num_layers
+    H = model.hidden_size
     tensors = [model.embedding_params]
     if not model.tie_word_embeddings:
         tensors.append(model.lm_head_params)
     tensors.append(H)  # final norm
-    per_layer = [n for _, n in model.layer_norms]
-    biases = [lin.out_features for lin in model.layer_linears if lin.bias]
-    if model.is_moe:
-        E, I = model.num_experts, model.expert_intermediate_size
-        per_layer += [E * 2 * I * H, E * H * I]
     # A 4-bit Linear's bias is cast to the compute dtype by its first forward (bitsandbytes
     # nn/modules.py Linear4bit.forward: `bias.data = bias.data.to(x.dtype)`), whatever prepare made it.
     bias_dt = plan.precision.compute if plan.method == "qlora" and plan.quant != "int8" else dt
-    total = (sum(_r(n * dt, rnd) for n in tensors) + L * sum(_r(n * dt, rnd) for n in per_layer)
-             + L * sum(_r(n * bias_dt, rnd) for n in biases))
+    total = sum(_r(n * dt, rnd) for n in tensors)
+    for L, lins, norms, moe in layer_groups(model):
+        per_layer = [n for name, n in norms if not (moe and model.arch.moe.router_fp32 and name == "mlp.gate.weight")]
+        if moe and model.arch.moe.router_fp32:  # created fp32 and kept fp32 at load (_keep_in_fp32_modules_strict)
+            total += L * _r(4 * model.num_experts * H, rnd)
+        biases = [lin.out_features for lin in lins if lin.bias]
+        if moe:
+            E, I = model.num_experts, model.expert_intermediate_size
+            per_layer += [E * 2 * I * H, E * H * I]
+        total += L * sum(_r(n * dt, rnd) for n in per_layer) + L * sum(_r(n * bias_dt, rnd) for n in biases)
     half = model.rope_dim // 2  # inv_freq / original_inv_freq (longrope: + long_inv_freq): rope_dim/2 each
     buffers = [half] * ((model.rotary_buffer_elements + model.rotary_state_elements) // half)
     total += sum(_r(4 * n, rnd) for n in buffers)  # rotary inv_freq buffers stay fp32
+    if model.router_buffer_elements:  # deepseek_v3 e_score_correction_bias: an fp32 [E] buffer per MoE layer
+        total += model.num_moe_layers * _r(4 * model.num_experts, rnd)
     if model.arch.embed_scale:
         total += _r(plan.precision.load, rnd)  # embed_scale: a load-dtype buffer, which prepare does not touch
     return total + vision_other_bytes(model, plan, rnd)
@@ -128,8 +174,25 @@ def _targeted(linears: tuple[Linear, ...], plan: TrainPlan) -> tuple[Linear, ...
 
 def lora_targets(model: ModelSpec, plan: TrainPlan) -> tuple[Linear, ...]:
     """The layer Linears peft adapts: "all-linear" is every Linear but the output layer (which is not
-    a layer Linear); a list matches module names by their last component or in full."""
-    return _targeted(model.layer_linears, plan)
+    a layer Linear); a list matches module names by their last component or in full.
+
+    Where peft converts the v4 expert names (`MoELayout.peft_names`), those names leave
+    target_modules for target_parameters (peft 0.21.2 utils/transformers_weight_conversion.py
+    `_convert_peft_config_moe`, "all-linear" resolved to leaf names first): an nn.Linear whose leaf
+    name is one of them gets no LoRA (DeepSeek's shared experts and dense MLP gate/up/down_proj,
+    measured in tests/test_simulate_deepseek_v3.py)."""
+    return _targeted(_unconverted(model, model.layer_linears), plan)
+
+
+def _unconverted(model: ModelSpec, linears: tuple[Linear, ...]) -> tuple[Linear, ...]:
+    model = _PARENT.get(id(model), model)  # a dense-layer view converts as its model does
+    v4 = {n for n, _ in model.arch.moe.peft_names} if model.arch.moe is not None else set()
+    return tuple(lin for lin in linears if lin.name.rsplit(".", 1)[-1] not in v4) if v4 else linears
+
+
+def dense_lora_targets(model: ModelSpec, plan: TrainPlan) -> tuple[Linear, ...]:
+    """The dense layers' Linears peft adapts in a mixed dense/MoE model (same rules as `lora_targets`)."""
+    return _targeted(_unconverted(model, model.dense_layer_linears), plan)
 
 
 def vision_lora_targets(model: ModelSpec, plan: TrainPlan) -> tuple[Linear, ...]:
@@ -198,25 +261,44 @@ def lora_tensors(model: ModelSpec, plan: TrainPlan) -> list[int]:
     """Element counts of every LoRA A [r, in] and B [out, r] tensor, all layers."""
     if plan.method not in ("qlora", "lora"):
         return []
+    if model.layer_kinds:
+        dense = [(plan.lora_r, lin.in_features) for lin in dense_lora_targets(model, plan)]
+        dense += [(lin.out_features, plan.lora_r) for lin in dense_lora_targets(model, plan)]
+        return ([r * c for r, c in lora_shapes(model, plan) + moe_lora_shapes(model, plan)] * model.num_moe_layers
+                + [r * c for r, c in dense] * model.num_dense_layers)
     return [r * c for r, c in lora_shapes(model, plan) + moe_lora_shapes(model, plan)] * model.num_layers
 
 
 def _trainable_groups(model: ModelSpec, plan: TrainPlan) -> list[tuple[tuple[int, int], int, int]]:
-    """((rows, cols), dtype bytes, count) of the trainable parameters, grouped per layer."""
-    L = model.num_layers
+    """((rows, cols), dtype bytes, count) of the trainable parameters, grouped per layer (per layer
+    kind in a mixed dense/MoE model)."""
     if plan.method in ("qlora", "lora"):
-        return [(shape, plan.precision.adapter, L) for shape in lora_shapes(model, plan) + moe_lora_shapes(model, plan)]
+        if model.layer_kinds:
+            dense = dense_lora_targets(model, plan)
+            dshapes = [(plan.lora_r, lin.in_features) for lin in dense] + [(lin.out_features, plan.lora_r)
+                                                                          for lin in dense]
+            return ([(shape, plan.precision.adapter, model.num_moe_layers)
+                     for shape in lora_shapes(model, plan) + moe_lora_shapes(model, plan)]
+                    + [(shape, plan.precision.adapter, model.num_dense_layers) for shape in dshapes])
+        return [(shape, plan.precision.adapter, model.num_layers)
+                for shape in lora_shapes(model, plan) + moe_lora_shapes(model, plan)]
     dt = plan.precision.params
-    per_layer = [(l.out_features, l.in_features) for l in model.layer_linears]
-    per_layer += [(l.out_features, 1) for l in model.layer_linears if l.bias]
-    per_layer += [(n, 1) for _, n in model.layer_norms]
-    if model.is_moe:
-        E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
-        per_layer += [(E * 2 * I, H), (E * H, I)]
+    out = []
+    for L, lins, norms, moe in layer_groups(model):
+        per_layer = [(l.out_features, l.in_features) for l in lins]
+        per_layer += [(l.out_features, 1) for l in lins if l.bias]
+        fp32_router = moe and model.arch.moe.router_fp32  # DeepSeek: the router weight stays fp32
+        per_layer += [(n, 1) for name, n in norms if not (fp32_router and name == "mlp.gate.weight")]
+        if moe:
+            E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
+            per_layer += [(E * 2 * I, H), (E * H, I)]
+        out += [(shape, dt, L) for shape in per_layer]
+        if fp32_router:
+            out.append(((model.num_experts * model.hidden_size, 1), 4, L))
     top = [(model.vocab_size, model.hidden_size), (model.hidden_size, 1)]
     if model.lm_head_params:
         top.append((model.vocab_size, model.hidden_size))
-    return [(shape, dt, L) for shape in per_layer] + [(shape, dt, 1) for shape in top]
+    return out + [(shape, dt, 1) for shape in top]
 
 
 def adapter_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:

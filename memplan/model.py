@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from .arch import MULTIMODAL, SUPPORTED, Arch, arch_of, layer_types, multimodal_of, vision_tower_of
 from .errors import InvalidSpecError
 
-__all__ = ["Linear", "ModelSpec", "model_from_config", "SUPPORTED"]
+__all__ = ["Linear", "MLA", "ModelSpec", "model_from_config", "SUPPORTED"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,28 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class MLA:
+    """DeepSeek multi-head latent attention dims (DeepseekV3Attention / DeepseekV2Attention).
+
+    Linears: q_a_proj [q_lora_rank, H] + q_a_layernorm [q_lora_rank] + q_b_proj [heads·qk_head_dim,
+    q_lora_rank] (q_lora_rank > 0), else q_proj [heads·qk_head_dim, H]; kv_a_proj_with_mqa
+    [kv_lora_rank + qk_rope_head_dim, H] + kv_a_layernorm [kv_lora_rank]; kv_b_proj
+    [heads·(qk_nope_head_dim + v_head_dim), kv_lora_rank]; o_proj [H, heads·v_head_dim].
+    SDPA gets q and k with head dim qk_head_dim and v with v_head_dim (on CPU that is the math kernel).
+    """
+
+    q_lora_rank: int  # 0: no q compression (q_proj), config `q_lora_rank: null`
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only causal LM, as transformers builds it from `config`.
 
@@ -46,6 +68,12 @@ class ModelSpec:
     gate/up/down MLP of `intermediate_size`). `layer_kinds` is empty when every layer is alike (all
     dense models, Mixtral, and Qwen MoE checkpoints whose layers are all MoE): then
     `num_layers × layer_*` is the whole stack, as before.
+    DeepSeek (deepseek_v2/v3): the first `first_k_dense_replace` layers are dense (`layer_kinds`), the
+    shared experts sit in `layer_linears` as mlp.shared_experts.* (intermediate
+    `shared_expert_intermediate_size` = I_moe × n_shared_experts). MLA attention (`mla` not None):
+    `head_dim` is transformers' `config.head_dim` (= qk_rope_head_dim, the rotary dim), `q_dim`/`kv_dim`
+    are heads × mla.qk_head_dim (the width of q and of the expanded keys), the value width is
+    heads × mla.v_head_dim.
     `layer_norms` holds every per-layer parameter that is neither an nn.Linear nor a fused expert
     weight: the norms, the router (`mlp.gate.weight`; gpt_oss `mlp.router.weight` + `mlp.router.bias`),
     gpt_oss's attention sinks (`self_attn.sinks` [heads]) and expert biases
@@ -113,6 +141,8 @@ class ModelSpec:
     vision_other_tensors: tuple[int, ...] = field(default=(), repr=False)
     #: bytes of the towers' buffers (SigLIP position_ids: int64 [1, patches])
     vision_buffer_bytes: int = 0
+    #: multi-head latent attention dims (deepseek), None for q/k/v attention
+    mla: MLA | None = None
     #: config `attention_dropout` (granite-3.0/3.1 ship 0.1): applied by the attention in training;
     #: NB not modelled by the closed form (estimate notes it)
     attention_dropout: float = 0.0
@@ -132,11 +162,11 @@ class ModelSpec:
 
     @property
     def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
+        return self.num_heads * (self.mla.qk_head_dim if self.mla else self.head_dim)
 
     @property
     def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+        return self.num_kv_heads * (self.mla.qk_head_dim if self.mla else self.head_dim)
 
     @property
     def is_moe(self) -> bool:
@@ -219,6 +249,11 @@ class ModelSpec:
         `longrope_frequency_update`)."""
         return self.rotary_modules * (self.rope_dim // 2) if self.rope_type == "longrope" else 0
 
+    @property
+    def router_buffer_elements(self) -> int:
+        """fp32 router buffers of all MoE layers (deepseek_v3 e_score_correction_bias [E] each), else 0."""
+        return self.num_moe_layers * self.num_experts if self.is_moe and self.arch.moe.router_bias_buffer else 0
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.hub_id or self.name, "architecture": self.architecture, "params": self.params}
 
@@ -267,6 +302,13 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
             I_moe = _int(cfg, arch.moe.expert_intermediate_key, problems)
         if arch.moe.shared_expert_key:
             I_shared = _int(cfg, arch.moe.shared_expert_key, problems)
+        if arch.moe.shared_experts_key:  # DeepseekV3MoE: MLP(intermediate_size=moe_I * n_shared_experts)
+            I_shared = I_moe * _count(cfg, arch.moe.shared_experts_key, problems)
+        if arch.moe.first_dense_key:
+            _count(cfg, arch.moe.first_dense_key, problems)
+    mla = _mla(cfg, problems) if arch.attention == "mla" else None
+    if mla is not None:
+        hd = mla.qk_rope_head_dim  # transformers' DeepseekV3Config.head_dim (the rotary dim)
     if problems:
         raise InvalidSpecError("model config", problems)
     tied = bool(cfg.get("tie_word_embeddings", arch.tied_default))
@@ -277,13 +319,15 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if arch.qkv_bias_key:
         qkv_bias = bool(cfg.get(arch.qkv_bias_key, qkv_bias))
     o_bias = attn_bias if arch.o_bias is None else arch.o_bias
-    if arch.fused_qkv:
+    if mla is not None:
+        linears = _mla_linears(mla, H, nh, attn_bias)
+    elif arch.fused_qkv:
         linears = [Linear("self_attn.qkv_proj", qd + 2 * kvd, H, qkv_bias)]
     else:
         linears = [Linear("self_attn.q_proj", qd, H, qkv_bias),
                    Linear("self_attn.k_proj", kvd, H, qkv_bias),
                    Linear("self_attn.v_proj", kvd, H, qkv_bias)]
-    linears.append(Linear("self_attn.o_proj", H, qd, o_bias))
+    linears.append(Linear("self_attn.o_proj", H, nh * mla.v_head_dim if mla else qd, o_bias))
     attn_linears = list(linears)
     if arch.fused_gate_up:
         dense_mlp = [Linear("mlp.gate_up_proj", 2 * I, H, mlp_bias, "mlp")]
@@ -292,6 +336,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     dense_mlp.append(Linear("mlp.down_proj", H, I, mlp_bias, "mlp"))
     if arch.moe is None:
         linears += dense_mlp
+    elif I_shared and arch.moe.shared_experts_key:  # DeepseekV3MoE.shared_experts = DeepseekV3MLP(moe_I * n)
+        linears += _mlp_linears("mlp.shared_experts", I_shared, H, mlp_bias)
     elif I_shared:  # Qwen2MoeSparseMoeBlock: shared_expert = Qwen2MoeMLP(I_shared), shared_expert_gate
         linears += [Linear("mlp.shared_expert.gate_proj", I_shared, H, False, "mlp"),
                     Linear("mlp.shared_expert.up_proj", I_shared, H, False, "mlp"),
@@ -311,6 +357,10 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
             norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
     if arch.attention_sinks:
         norms += [("self_attn.sinks", nh)]
+    if mla is not None:
+        if mla.q_lora_rank:
+            norms += [("self_attn.q_a_layernorm", mla.q_lora_rank)]
+        norms += [("self_attn.kv_a_layernorm", mla.kv_lora_rank)]
     dense_norms = tuple(norms)
     kinds: tuple[str, ...] = ()
     if arch.moe is not None:
@@ -344,6 +394,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         sliding_window=window, attention_types=tuple(sorted(set(types))),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", arch.attn_logit_softcapping),
         arch=arch, rotary_modules=rotary_modules, rotary_dim=_rotary_dim(arch, cfg, hd), rope_type=_rope_type(cfg),
+        mla=mla,
         **(vision or {}),
         norm_topk_prob=bool(cfg.get(arch.moe.norm_topk_key, False)) if arch.moe and arch.moe.norm_topk_key else True,
         router_aux_loss=bool(arch.moe and cfg.get("output_router_logits")),
@@ -411,3 +462,42 @@ def _vision_inventory(wrapper: Mapping[str, Any], text_hidden: int) -> dict[str,
     total = sum(l.numel + (l.out_features if l.bias else 0) for l in linears) + sum(other)
     return {"vision_params": total, "vision_linears": linears, "vision_other_tensors": tuple(other),
             "vision_buffer_bytes": 8 * patches}
+
+
+def _count(cfg: Mapping[str, Any], key: str, problems: list[str]) -> int:
+    """A non-negative integer config value (0 allowed: no shared experts, no dense layers)."""
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        problems.append(f"config {key} must be a non-negative integer, got {v!r}")
+        return 0
+    return v
+
+
+def _mla(cfg: Mapping[str, Any], problems: list[str]) -> MLA:
+    """MLA dims from a deepseek config; `q_lora_rank: null` (DeepSeek-V2-Lite) means a plain q_proj.
+
+    Every key must be present: the config classes' defaults (DeepSeek-V3's 1536/512/128/64/128) are
+    not guessed for a config that omits them."""
+    if "q_lora_rank" not in cfg:
+        problems.append("config q_lora_rank must be given (an integer, or null for a plain q_proj)")
+    q = cfg.get("q_lora_rank")
+    q_rank = 0 if q is None else _int(cfg, "q_lora_rank", problems)
+    return MLA(q_rank, _int(cfg, "kv_lora_rank", problems), _int(cfg, "qk_nope_head_dim", problems),
+               _int(cfg, "qk_rope_head_dim", problems), _int(cfg, "v_head_dim", problems))
+
+
+def _mla_linears(mla: MLA, H: int, nh: int, bias: bool) -> list[Linear]:
+    """DeepseekV3Attention's Linears before o_proj, in construction order; q_a_proj and
+    kv_a_proj_with_mqa take `attention_bias`, q_proj / q_b_proj / kv_b_proj never have a bias."""
+    if mla.q_lora_rank:
+        lins = [Linear("self_attn.q_a_proj", mla.q_lora_rank, H, bias),
+                Linear("self_attn.q_b_proj", nh * mla.qk_head_dim, mla.q_lora_rank)]
+    else:
+        lins = [Linear("self_attn.q_proj", nh * mla.qk_head_dim, H)]
+    return lins + [Linear("self_attn.kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim, H, bias),
+                   Linear("self_attn.kv_b_proj", nh * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank)]
+
+
+def _mlp_linears(prefix: str, inter: int, H: int, bias: bool) -> list[Linear]:
+    return [Linear(f"{prefix}.gate_proj", inter, H, bias, "mlp"), Linear(f"{prefix}.up_proj", inter, H, bias, "mlp"),
+            Linear(f"{prefix}.down_proj", H, inter, bias, "mlp")]

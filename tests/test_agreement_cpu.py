@@ -33,6 +33,12 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GEMMA = dict(head_dim=64, tie_word_embeddings=True)
 MOE = dict(hidden_size=128, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2)
+DEEPSEEK = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+                first_k_dense_replace=1)
+QWEN_MIXED = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3, num_experts=4,
+                  num_experts_per_tok=2, mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)
 QWEN_MOE = dict(hidden_size=128, moe_intermediate_size=96, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True)
 # granite's four scalars at granite-3.x values (embedding/residual multipliers and logits_scaling each
 # make a fresh tensor; attention_multiplier is SDPA's scale)
@@ -132,6 +138,20 @@ CASES = [
      dict(target_modules="w2", mixed_precision="no", optim="adamw_torch")),
     ("mixtral-moe-router-gate-up-no-prepare", dict(model_type="mixtral", **MOE),
      dict(target_modules="gate,w1,w3", prepare=False, gradient_checkpointing=False)),
+    # DeepSeek (deepseek_v3, deepseek_v2): MLA attention (CPU math SDPA), a dense first layer
+    # (first_k_dense_replace) then a MoE layer with shared experts and a group-limited router
+    ("deepseek-v3-no-gc", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64), dict(gradient_checkpointing=False)),
+    ("deepseek-v2-no-gc", dict(model_type="deepseek_v2", **DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
+     dict(gradient_checkpointing=False)),
+    ("deepseek-v3-default", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64), dict()),
+    ("deepseek-v2-default", dict(model_type="deepseek_v2", **DEEPSEEK, q_lora_rank=None), dict()),
+    ("deepseek-v3-lora-seq256", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64),
+     dict(method="lora", seq_len=256)),
+    ("deepseek-v3-attention-only-adamw", dict(model_type="deepseek_v3", **DEEPSEEK, q_lora_rank=64),
+     dict(target_modules="q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj", optim="adamw_torch")),
+    # mixed dense/MoE layers through the same per-kind code: Qwen3-MoE with mlp_only_layers
+    ("qwen3-moe-mlp-only-layer0", dict(model_type="qwen3_moe", **QWEN_MIXED), dict()),
+    ("qwen3-moe-mlp-only-layer0-no-gc", dict(model_type="qwen3_moe", **QWEN_MIXED), dict(gradient_checkpointing=False)),
     # Qwen3-MoE (q/k norm, renormalised top-k cast to the logits' dtype) and Qwen2-MoE (a 4-bit shared expert
     # with a sigmoid gate; peft wraps none of its experts)
     ("qwen3-moe-default", dict(model_type="qwen3_moe", head_dim=64, **QWEN_MOE), dict()),

@@ -116,6 +116,21 @@ CASES = [
     ("mixtral-8x7b-no-gc-seq2048", "mixtral-8x7b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("mixtral-8x7b-attention-lora", "mixtral-8x7b", dict(target_modules="q_proj,k_proj,v_proj,o_proj",
                                                          optim="adamw_torch")),
+    # DeepSeek (deepseek_v3: Moonlight, deepseek_v2: V2-Lite): MLA attention, layer 0 dense
+    # (first_k_dense_replace = 1), layer 1 MoE with shared experts and a group-limited router
+    ("moonlight-16b-default", "moonlight-16b-a3b", {}),
+    ("moonlight-16b-no-gc", "moonlight-16b-a3b", dict(gradient_checkpointing=False)),
+    ("moonlight-16b-seq2048", "moonlight-16b-a3b", dict(seq_len=2048)),
+    ("moonlight-16b-no-gc-seq2048", "moonlight-16b-a3b", dict(gradient_checkpointing=False, seq_len=2048)),
+    ("deepseek-v2-lite-default", "deepseek-v2-lite", {}),
+    ("deepseek-v2-lite-no-gc", "deepseek-v2-lite", dict(gradient_checkpointing=False)),
+    ("deepseek-v2-lite-seq2048", "deepseek-v2-lite", dict(seq_len=2048)),
+    ("deepseek-v2-lite-no-gc-seq2048", "deepseek-v2-lite", dict(gradient_checkpointing=False, seq_len=2048)),
+    # long sequences: on the CPU the math SDPA's softmax backward ([B, heads, S, S] fp32) is the peak
+    ("deepseek-v2-lite-seq32768", "deepseek-v2-lite", dict(seq_len=32768)),
+    ("deepseek-v2-lite-padded-b2", "deepseek-v2-lite", dict(padding="longest", batch_size=2)),
+    ("moonlight-16b-lora-no-gc-seq16384", "moonlight-16b-a3b", dict(method="lora", gradient_checkpointing=False,
+                                                                   seq_len=16384)),
     ("qwen3-30b-a3b-default", "qwen3-30b-a3b", {}),
     ("qwen3-30b-a3b-no-gc-seq2048", "qwen3-30b-a3b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("qwen1.5-moe-a2.7b-default", "qwen1.5-moe-a2.7b", {}),

@@ -6,11 +6,13 @@ SDPA routing (patch 2). On meta, ``scaled_dot_product_attention`` picks the math
 materialize the S×S scores. It is routed to the kernel the real device runs, whose saved tensors it
 then has:
 CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (any mask, GQA native; saves output +
-logsumexp; dropout > 0 stays on math, as on CPU; a bool mask first becomes a float mask, as on CPU).
+logsumexp; dropout > 0 stays on math, as on CPU; a bool mask first becomes a float mask, as on CPU;
+q/k/v head dims that differ, as in DeepSeek's MLA, stay on math as on CPU: `cpu_flash_head_dims`).
 CUDA, torch's priority flash > mem-efficient > math: flash
 (``aten._scaled_dot_product_flash_attention``: fp16/bf16, no mask, head_dim ≤ 256 and a multiple
 of 8, GQA native) saves output + fp32 logsumexp [B, H, S] + rng state; mem-efficient
-(``aten._scaled_dot_product_efficient_attention``: a mask, or fp32) saves output + logsumexp
+(``aten._scaled_dot_product_efficient_attention``: a mask, or fp32, or a v head dim that differs from
+q/k's as in MLA, `cuda_mem_efficient_head_dims`) saves output + logsumexp
 padded to a multiple of 32 (mask padded to a multiple of 16 and expanded); for GQA, k/v are
 expanded to the query heads first (torch's meta backward cannot do GQA; an upper bound); else math.
 
@@ -216,7 +218,7 @@ class MetaEmulation:
         if gqa and not enable_gqa:
             return math_path()  # shape error, as torch would raise
         if not self.cuda:
-            if dropout_p > 0.0:
+            if dropout_p > 0.0 or not cpu_flash_head_dims(q, k, v):
                 return math_path()
             if attn_mask is not None and attn_mask.dtype is t.bool:
                 attn_mask = bool_mask_to_float(attn_mask, q.dtype)
@@ -234,7 +236,7 @@ class MetaEmulation:
             out = aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
             return out[..., :hd] if hd % 8 else out
         align = 4 if q.dtype is t.float32 else 8
-        if same_hd and hd % align == 0:
+        if cuda_mem_efficient_head_dims(q, k, v, align):
             if gqa:
                 # torch (source) lets mem-efficient take GQA, but its meta backward cannot: expand k/v to
                 # the query heads (an upper bound: the expanded copies are saved for backward)
@@ -261,6 +263,31 @@ class MetaEmulation:
         if input.is_meta and training and 0.0 < p < 1.0 and not inplace and input.numel() > 0:
             return t.native_dropout(input, p, True)[0]
         return func(input, p, training, inplace)
+
+
+def cpu_flash_head_dims(q, k, v) -> bool:
+    """Whether torch's CPU flash SDPA takes these head dims (patch 2b, MLA attention).
+
+    torch's CPU kernel choice (aten/src/ATen/native/transformers/sdp_utils_cpp.cpp
+    `check_head_dim_size_cpp`) needs q, k and v to share the last dim; otherwise SDPA runs the math
+    kernel, which materializes and saves the [B, heads, S, S] scores. DeepSeek's MLA attention
+    (deepseek_v2/v3: q/k head dim qk_nope + qk_rope, v head dim v_head_dim) takes the math kernel on
+    CPU (measured: aten.bmm + _safe_softmax with q/k 24, v 16). The meta flash kernel would return an
+    output with q's head dim instead of v's. On CUDA, see `cuda_mem_efficient_head_dims`.
+    """
+    return q.size(-1) == k.size(-1) == v.size(-1)
+
+
+def cuda_mem_efficient_head_dims(q, k, v, align: int) -> bool:
+    """Whether torch's CUDA mem-efficient SDPA takes these head dims (patch 2c, MLA attention).
+
+    torch's `check_head_dim_size_mem_efficient` (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp):
+    q and k share the last dim, and q's and v's last dims are multiples of the GEMM alignment (8 for
+    16-bit on sm80+, 4 for fp32). v may differ from q/k, as in DeepSeek's MLA (flash needs all three
+    equal). With equal head dims this is the former condition `hd % align == 0`. NB: read from torch's
+    source, not measured on a GPU; cuDNN attention (preferred on sm90+ with recent cuDNN) is not modelled.
+    """
+    return q.size(-1) == k.size(-1) and q.size(-1) % align == 0 and v.size(-1) % align == 0
 
 
 def bool_mask_to_float(mask, dtype):
