@@ -33,6 +33,31 @@ class MoELayout:
     experts_key: str
     top_k_key: str
     fused_experts: bool = True
+    #: config key of one routed expert's intermediate size (Mixtral and Llama 4: `intermediate_size`)
+    expert_intermediate_key: str = "intermediate_size"
+    #: config key of the shared expert's intermediate size (an `nn.Linear` MLP beside the routed experts,
+    #: run on every token); None: no shared expert
+    shared_expert_key: str | None = None
+    #: which layers are MoE: "all", or "interleave" (`moe_layers` if set, else every
+    #: `interleave_moe_layer_step`-th layer counting from step - 1, as Llama4TextConfig resolves it);
+    #: the other layers carry a dense MLP of `dense_intermediate_key`
+    moe_layers: str = "all"
+    dense_intermediate_key: str | None = None
+    #: biases on the fused expert tensors / on the router
+    expert_bias: bool = False
+    router_bias: bool = False
+    #: "softmax_topk": softmax over top-k logits weighting the expert OUTPUTS, only the routed tokens
+    #: reach an expert (Mixtral, transformers' experts interface: grouped_mm / eager loop);
+    #: "sigmoid_input_scale": sigmoid of the top-k logits (0 elsewhere) scales each expert's INPUT and
+    #: every expert runs on all T tokens (two dense bmm over [E, T, .], Llama4TextMoe, no experts interface)
+    router_kind: str = "softmax_topk"
+    #: the router's module path in the MoE block and whether it subclasses nn.Linear (Llama4Router does:
+    #: bitsandbytes skips it -- it replaces `type(m) is nn.Linear` only -- but peft's all-linear wraps it)
+    router_name: str = "mlp.gate"
+    router_is_linear_subclass: bool = False
+    #: fused expert layout: "E_out_in" (gate_up_proj [E, 2I, H], down_proj [E, H, I]: Mixtral) or
+    #: "E_in_out" (gate_up_proj [E, H, 2I], down_proj [E, I, H]: Llama4TextExperts)
+    experts_layout: str = "E_out_in"
 
 
 @dataclass(frozen=True)
@@ -45,7 +70,8 @@ class Arch:
     `layer_types`). sdpa: whether `from_pretrained` accepts `attn_implementation="sdpa"`.
     sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
     "layer_types": the layers typed sliding_attention, defaulting as the family's config class
-    does, see `layer_types`).
+    does, see `layer_types`; "chunked": Llama 4's `attention_chunk_size` on its RoPE layers, see
+    `rope_layers`).
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
     default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`).
@@ -75,6 +101,11 @@ class Arch:
         return self.moe is not None
 
 
+_LLAMA4_MOE = MoELayout(
+    "num_local_experts", "num_experts_per_tok", shared_expert_key="intermediate_size", moe_layers="interleave",
+    dense_intermediate_key="intermediate_size_mlp", router_kind="sigmoid_input_scale",
+    router_name="feed_forward.router", router_is_linear_subclass=True, experts_layout="E_in_out")
+
 ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("llama", _SRC.format("llama")),
     Arch("mistral", _SRC.format("mistral"), qkv_bias=False, o_bias=False, sliding="config"),
@@ -95,6 +126,15 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          sliding="config"),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok")),
+    # Llama4TextMoe: routed experts [E, H, 2I] / [E, I, H] (plain bmm over all E x T rows), a shared
+    # expert Llama4TextMLP(I), Llama4Router(nn.Linear) with sigmoid scores scaling the expert input;
+    # dense layers Llama4TextMLP(intermediate_size_mlp); q/k/v/o bias = attention_bias; no_rope_layers
+    # (every 4th layer NoPE, attention temperature tuning) and chunked attention on the RoPE layers
+    # (layer_types); L2 qk norm without weights on RoPE layers (use_qk_norm); no SDPA restriction.
+    Arch("llama4_text", _SRC.format("llama4"), sliding="chunked", moe=_LLAMA4_MOE),
+    # the multimodal checkpoints (Llama4ForConditionalGeneration): model_from_config reads text_config
+    # (llama4_text) for the decoder and counts the frozen vision tower + projector as `vision_params`
+    Arch("llama4", _SRC.format("llama4"), sliding="chunked", moe=_LLAMA4_MOE),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)
@@ -116,6 +156,10 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
     window, as the family's transformers config class resolves them (configuration_*.py
     `__post_init__`)."""
     window = cfg.get("sliding_window")
+    if arch.sliding == "chunked":  # Llama4TextConfig.__post_init__: chunked attention on the RoPE layers
+        types = cfg.get("layer_types") or ["chunked_attention" if rope and cfg.get("attention_chunk_size", 8192)
+                                           is not None else "full_attention" for rope in rope_layers(cfg, num_layers)]
+        return tuple(types), None
     if arch.sliding == "none":
         return ("full_attention",) * num_layers, None
     if arch.sliding == "config":
@@ -135,3 +179,27 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
                      for i in range(num_layers)]
     types = tuple(types)
     return types, (window if "sliding_attention" in types else None)
+
+
+def rope_layers(cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
+    """Llama 4: whether each layer applies rotary (`no_rope_layers`: 1 = RoPE; default every
+    `no_rope_layer_interval`-th layer (4) without), as Llama4TextConfig.__post_init__ resolves it."""
+    given = cfg.get("no_rope_layers")
+    if given:
+        return tuple(bool(x) for x in given[:num_layers])
+    every = int(cfg.get("no_rope_layer_interval", 4))
+    return tuple((i + 1) % every != 0 for i in range(num_layers))
+
+
+def moe_layer_ids(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Indices of the MoE layers (Llama4TextConfig: `moe_layers`, else
+    range(interleave_moe_layer_step - 1, L, interleave_moe_layer_step)); every layer for "all"."""
+    if arch.moe is None:
+        return ()
+    if arch.moe.moe_layers == "all":
+        return tuple(range(num_layers))
+    given = cfg.get("moe_layers")
+    if given is not None:
+        return tuple(int(i) for i in given)
+    step = int(cfg.get("interleave_moe_layer_step", 1))
+    return tuple(range(step - 1, num_layers, step))

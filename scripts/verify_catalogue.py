@@ -4,7 +4,7 @@
 Models (profiles/models/*.json):
   * exact key set, types, file name == name + ".json", lowercase name;
   * the config builds with transformers (AutoConfig.for_model + AutoModelForCausalLM.from_config
-    on the meta device) and the unique parameter count (tied weights once) equals the stored
+    on the meta device; AutoModelForImageTextToText for a multimodal config with a vision_config) and the unique parameter count (tied weights once) equals the stored
     "params".
 
 GPUs (profiles/gpus/*.json):
@@ -133,8 +133,11 @@ def count_params(config: dict) -> tuple[int, str]:
     # transformers 5 normalises rope settings in place (it writes rope_theta into rope_scaling):
     # build from a copy so the caller's dict stays as read.
     cfg = transformers.AutoConfig.for_model(**copy.deepcopy(config))
+    # a multimodal checkpoint (vision_config: Llama 4) is the model AutoModelForImageTextToText builds,
+    # frozen vision tower included
+    auto = transformers.AutoModelForImageTextToText if "vision_config" in config else transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        model = auto.from_config(cfg, trust_remote_code=False)
     # parameters() yields each Parameter once, so tied embeddings count once.
     return sum(p.numel() for p in model.parameters()), type(model).__name__
 

@@ -173,5 +173,11 @@ def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int 
     plan = plan.replace(device="cpu")
     model = load_model(config, plan, device="cpu", seed=seed)
     model = adapt(model, plan)
-    return run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="cpu", seed=seed,
+    return run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="cpu", seed=seed,
                      kernel_workspace=kernel_workspace)
+
+
+def text_vocab_size(config: dict[str, Any]) -> int:
+    """`vocab_size` of a config.json, read from `text_config` for a multimodal wrapper (Llama 4's
+    Llama4Config keeps it there; AutoModelForCausalLM builds the text model from it)."""
+    return config["vocab_size"] if "vocab_size" in config else config["text_config"]["vocab_size"]

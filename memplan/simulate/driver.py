@@ -16,7 +16,8 @@ the time); warnings about transformers' own deprecations are silenced.
 Failures: an exception raised by the HF stack itself (its innermost frame, standard-library frames
 skipped, is in torch, transformers, peft, bitsandbytes or accelerate: the library refuses the
 configuration, and the real step would fail the same way) becomes `StepWouldFail`, a one-line
-`MemplanError`. Anything else, memplan's own bugs in particular, propagates unchanged.
+`MemplanError` (AttributeError included: peft's all-linear wraps Llama 4's router, an nn.Linear subclass
+returning a tuple, and peft's forward then fails with "'tuple' object has no attribute 'dtype'"). Anything else, memplan's own bugs in particular, propagates unchanged.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def simulate(config: dict[str, Any] | ModelSpec, plan: TrainPlan, steps: int = 2
             return _simulate(config, spec, plan, steps, tracker, say, full_warmup)
     except MemplanError:
         raise
-    except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
         pkg = raising_package(e)
         if pkg not in HF_STACK:
             raise  # memplan's own bug (or the caller's): not a verdict on the plan
@@ -152,7 +153,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
     import torch
 
     from ..runtime.load import adapt
-    from ..runtime.step import StepResult, run_steps
+    from ..runtime.step import StepResult, run_steps, text_vocab_size
     from .build import build_meta_model
     from .emulation import MetaEmulation
     from .patches import build_patches, make_meta_optimizer, step_patches
@@ -166,7 +167,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
             model = adapt(model, plan)
         opt = make_meta_optimizer(model, plan, tracker)
         emu = MetaEmulation(plan.device)
-        step = run_steps(model, plan, vocab_size=config["vocab_size"], steps=steps, device="meta",
+        step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
                          round_to=round_to, optimizer=opt, tracker=tracker,
                          step_context=lambda: step_patches(emu, plan.device), progress=say,
                          fast_warmup=not full_warmup)

@@ -58,16 +58,32 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
 
     e = _model_entries()[key]
     spec = model_from_config(e["config"])
+    multimodal = "vision_config" in e["config"]  # Llama 4: the frozen vision tower is built (and counted) too
+    auto = transformers_mod.AutoModelForImageTextToText if multimodal else transformers_mod.AutoModelForCausalLM
     with torch.device("meta"):
-        model = transformers_mod.AutoModelForCausalLM.from_config(hf_config(copy.deepcopy(e["config"])))
+        model = auto.from_config(hf_config(copy.deepcopy(e["config"])))
     assert sum(p.numel() for p in model.parameters()) == spec.params
-    layer = model.model.layers[0]
-    linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
-    assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
-    biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
-    assert biases == {l.name for l in spec.layer_linears if l.bias}
-    norms = {n: p.numel() for n, p in layer.named_parameters() if "norm" in n or n.endswith("gate.weight")}
-    assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec.layer_norms}
+    layers = model.language_model.model.layers if multimodal else model.model.layers
+    # one layer of each kind: layer 0 of a uniform stack; the first MoE and the first dense one of a mixed one
+    kinds = [(layers[0], spec.layer_linears, spec.layer_norms)] if not spec.layer_kinds else [
+        (layers[spec.layer_kinds.index(k)], lin, nrm) for k, lin, nrm in
+        (("moe", spec.layer_linears, spec.layer_norms), ("dense", spec.dense_layer_linears, spec.dense_layer_norms))
+        if k in spec.layer_kinds]
+    for layer, lin, nrm in kinds:
+        linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
+        assert linears == {l.name: (l.out_features, l.in_features) for l in lin}
+        biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
+        assert biases == {l.name for l in lin if l.bias}
+        norms = {n: p.numel() for n, p in layer.named_parameters()
+                 if "norm" in n or n.endswith("gate.weight") or n.endswith("router.weight")}
+        assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in nrm}
+    if multimodal:
+        tower = [m for n, m in model.named_modules() if not n.startswith("language_model")]
+        assert sum(p.numel() for m in tower for p in m.parameters(recurse=False)) == spec.vision_params
+        assert sum(m.weight.numel() for m in tower if type(m) is torch.nn.Linear) == spec.vision_linear_params
+        assert sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                   if n.startswith("vision_model.")) == spec.vision_buffer_bytes
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
-    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+               if "rotary" in n and not n.startswith("vision_model."))  # the text stack's rotary buffers
     assert bufs == 4 * spec.rotary_buffer_elements
