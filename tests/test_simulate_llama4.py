@@ -179,3 +179,38 @@ def test_moe_block_memory_sheet(k, expert_lora):
         routed += 2 * E * T * H + 2 * E * T * I
     shared = 4 * T * H + 14 * T * I + 6 * T * R + 6 * R * (H + I)
     assert saved == routed + shared  # measured: 214,272 B (k=1) and 250,432 B (k=2, ParamWrapper)
+
+
+def test_multimodal_vision_tower_is_4bit_and_adapted_by_all_linear():
+    """Loaded as the hub checkpoints are (AutoModelForImageTextToText + BitsAndBytesConfig): every
+    vision/projector nn.Linear becomes Linear4bit (`ModelSpec.vision_linear_params`), prepare upcasts
+    the rest of the tower to fp32, and peft's all-linear targets them all (and the routers). memplan's
+    own loader (AutoModelForCausalLM) builds the text model only: the tower's weights are dropped."""
+    import tempfile
+
+    from peft import prepare_model_for_kbit_training
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from transformers import AutoModelForImageTextToText
+
+    from memplan.model import model_from_config
+    from memplan.runtime.load import bnb_config, hf_config
+
+    cfg = CONFIGS["llama4-multimodal"]
+    spec = model_from_config(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModelForImageTextToText.from_config(hf_config(cfg), dtype=torch.bfloat16).save_pretrained(tmp)
+        model = AutoModelForImageTextToText.from_pretrained(
+            tmp, dtype=torch.bfloat16, quantization_config=bnb_config(TrainPlan(device="cpu")))
+    tower = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and not n.startswith("language_model")}
+    assert {type(m).__name__ for m in tower.values()} == {"Linear4bit"}
+    assert sum(m.weight.quant_state.shape.numel() for m in tower.values()) == spec.vision_linear_params
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert {p.dtype for n, p in model.named_parameters() if not n.startswith("language_model")
+            and type(p).__name__ != "Params4bit"} == {torch.float32}  # biases, norms, embeddings
+    from peft import LoraConfig
+
+    targets = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model).target_modules
+    assert set(tower) <= set(targets) and spec.vision_adapted_by_all_linear
+    assert {t for t in targets if t.endswith("router")} == {"language_model.model.layers.1.feed_forward.router",
+                                                          "language_model.model.layers.2.feed_forward.router"}
