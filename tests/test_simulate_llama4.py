@@ -39,8 +39,10 @@ Every expert runs on all T tokens (dense, data-independent): the scores are 0 ou
 Saved bytes per MoE block (measured = formula, asserted below):
   routed   = 2EH + 8Tk + 6TE + 4ETH + 6ETI + 6EHI        (+ 2ETH + 2ETI with ParamWrapper experts)
   shared   = 4TH + 14TI + 6Tr + 6r(H + I)
-  (6EHI: the bf16 copies of the frozen fp32 experts that autocast makes every forward -- 4.0 GB per
-  layer for Scout, E=16, H=5120, I=8192, whatever T; recomputed per layer under checkpointing.)
+  (6EHI: the bf16 copies autocast makes every forward of the experts prepare upcast to fp32 -- 4.0 GB
+  per layer for Scout, E=16, H=5120, I=8192, whatever T; under checkpointing one layer's set is alive
+  again during its backward. Without prepare the experts and the router stay bf16 and autocast saves
+  them as they are: routed = 8Tk + 6TE + 4ETH + 6ETI, measured with the same fp32 input.)
 Backward, largest transient (measured at the routed input's backward, after the experts'): the fp32
   grad of routed_in*scores [E*T, H], the grad of routed_in [E*T, H] and the grad*routed_in product for
   the scores' grad [E*T, H]: 12ETH bytes (plus the [T, H] fp32 input grad and the LoRA grads); the
@@ -103,6 +105,7 @@ def test_simulate_matches_cpu_step(cfg_id, plan_id):
     cfg, plan = CONFIGS[cfg_id], _plan(plan_id)
     real = cpu_step(cfg, plan)
     sim = simulate(cfg, plan)
+    assert any(n.startswith("Llama 4 experts: every expert runs on all T tokens") for n in sim.notes)
     peak = real.peak_bytes
     assert abs(sim.peak_bytes - peak) <= TOL * peak, (real.peak_bytes, sim.peak_bytes)
     assert sim.peak_phase == real.peak_phase
@@ -128,7 +131,7 @@ def test_all_linear_is_refused_by_the_real_stack_and_by_simulate():
 H, I, E, T, R = 64, 48, 4, 40, 16
 
 
-def _sheet(k: int, expert_lora: bool):
+def _sheet(k: int, expert_lora: bool, prepare: bool = True):
     """Build a 1-layer MoE model the QLoRA way, run its MoE block under bf16 autocast and return
     (block, bytes of the non-parameter storages autograd saved in forward)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -138,7 +141,8 @@ def _sheet(k: int, expert_lora: bool):
     cfg = dict(_TEXT, num_hidden_layers=1, moe_layers=[0], no_rope_layers=[1], num_local_experts=E,
                num_experts_per_tok=k, intermediate_size=I, hidden_size=H)
     model = load_model(cfg, TrainPlan(device="cpu", seq_len=T))
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if prepare:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     extra = dict(target_parameters=EXPERT_PARAMS) if expert_lora else {}
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS),
                                              task_type="CAUSAL_LM", **extra))
@@ -157,6 +161,13 @@ def _sheet(k: int, expert_lora: bool):
         out, _ = block(x)
     out.float().sum().backward()  # and the block's backward runs
     return block, sum(saved.values())
+
+
+def test_moe_block_memory_sheet_without_prepare():
+    _, saved = _sheet(1, False, prepare=False)  # bf16 experts and router: autocast copies neither
+    k = 1
+    routed = 8 * T * k + 6 * T * E + 4 * E * T * H + 6 * E * T * I
+    assert saved == routed + 4 * T * H + 14 * T * I + 6 * T * R + 6 * R * (H + I)  # measured: 140,032 B
 
 
 @pytest.mark.parametrize("k,expert_lora", [(1, False), (2, True)])

@@ -196,7 +196,10 @@ def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
     if plan.quant == "int8":
         notes.append("LLM.int8 outlier columns assumed absent")
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
-    if config.get("num_local_experts") or config.get("num_experts"):
+    if config.get("model_type") in ("llama4", "llama4_text"):  # Llama4TextExperts: no experts interface
+        notes.append("Llama 4 experts: every expert runs on all T tokens (bmm over [E, T, .], router scores "
+                     "scale the input): memory independent of routing")
+    elif config.get("num_local_experts") or config.get("num_experts"):
         if impl == "eager":
             notes.append("MoE eager experts loop: balanced routing (T*top_k slots spread evenly over experts)")
         else:
