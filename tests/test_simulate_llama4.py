@@ -43,12 +43,24 @@ Saved bytes per MoE block (measured = formula, asserted below):
   per layer for Scout, E=16, H=5120, I=8192, whatever T; under checkpointing one layer's set is alive
   again during its backward. Without prepare the experts and the router stay bf16 and autocast saves
   them as they are: routed = 8Tk + 6TE + 4ETH + 6ETI, measured with the same fp32 input.)
-Backward, largest transient (measured at the routed input's backward, after the experts'): the fp32
-  grad of routed_in*scores [E*T, H], the grad of routed_in [E*T, H] and the grad*routed_in product for
-  the scores' grad [E*T, H]: 12ETH bytes (plus the [T, H] fp32 input grad and the LoRA grads); the
-  saved fp32 routed_in (4ETH) is still alive then. Before it, the experts' bmm backward holds bf16
-  [E,T,H], [E,T,I] x3 and the [E,T,2I] cat. With ParamWrapper the merged-weight grads are fp32 [E,H,2I]
-  and [E,I,H].
+Backward of the block (the shared expert's runs first, it was computed last), routed part in order,
+  measured allocations (autograd frees each node's saved tensors once the node has run):
+  1 grad of the sum over experts: bf16 [E,T,H] (2ETH)
+  2 down bmm: grad_in bf16 [E,T,I] (2ETI); then the down_proj bf16 copy (2EHI) is freed
+  3 up*silu: two bf16 [E,T,I]; silu_backward bf16 [E,T,I]; cat bf16 [E,T,2I] (4ETI); the saved
+    gate_up output (4ETI) and silu (2ETI) freed
+  4 gate_up bmm: grad_in bf16 [E,T,H] (2ETH); the gate_up_proj bf16 copy (4EHI) freed
+  5 autocast cast backward: fp32 [E,T,H] (4ETH)
+  6 routed_in * scores: grad_in fp32 [E*T,H] (4ETH) and grad*routed_in fp32 [E*T,H] (4ETH) summed to
+    fp32 [E*T,1] -> bf16; the saved fp32 routed_in (4ETH) freed: 12ETH new at most here
+  7 repeat backward: sum over E -> fp32 [T,H]; router: sigmoid_backward fp32 [T,E], gather/scatter
+    bf16 [T,E], mm -> bf16 [T,H] -> fp32 [T,H]
+  With ParamWrapper experts, 2 and 4 also make the merged weights' grads (bf16, then fp32 [E,I,H] and
+  [E,H,2I]: 4EIH and 8EHI B) before baddbmm's backward into the LoRA grads ([E,r,.] pieces).
+  Which window is the block's peak depends on the sizes: at Scout's sizes the 6EHI expert copies
+  dominate, so it is at steps 1-4 (while they are alive); on the tiny model (H=64) measured with the
+  tracker it is the shared expert's backward, +43,268 B over the saved set (+59,140 B with
+  ParamWrapper, k=2), simulate reproduces either to the byte.
 On CUDA the only difference expected is autocast (CPU autocast also runs the LoRA input cast, FACTS.md)
 and 512 B rounding; nothing here is CPU-only.
 """
