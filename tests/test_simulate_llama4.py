@@ -59,8 +59,9 @@ Backward of the block (the shared expert's runs first, it was computed last), ro
   [E,H,2I]: 4EIH and 8EHI B) before baddbmm's backward into the LoRA grads ([E,r,.] pieces).
   Which window is the block's peak depends on the sizes: at Scout's sizes the 6EHI expert copies
   dominate, so it is at steps 1-4 (while they are alive); on the tiny model (H=64) measured with the
-  tracker it is the shared expert's backward, +43,268 B over the saved set (+59,140 B with
-  ParamWrapper, k=2), simulate reproduces either to the byte.
+  tracker it is the shared expert's backward, +43,268 B over what was live when the block's backward
+  began (parameters + saved set; +59,140 B with ParamWrapper, k=2). The whole-step simulate matches
+  the real step to the byte (test below), so phase 2 can check its walk against simulate at any size.
 On CUDA the only difference expected is autocast (CPU autocast also runs the LoRA input cast, FACTS.md)
 and 512 B rounding; nothing here is CPU-only.
 """
