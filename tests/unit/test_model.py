@@ -62,17 +62,29 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
         model = transformers_mod.AutoModelForCausalLM.from_config(hf_config(copy.deepcopy(e["config"])))
     assert sum(p.numel() for p in model.parameters()) == spec.params
     text = getattr(model.model, "language_model", model.model)  # Gemma3ForConditionalGeneration: the text tower
-    layer = text.layers[0]
-    linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
-    assert linears == {l.name: (l.out_features, l.in_features) for l in spec.layer_linears}
-    biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
-    assert biases == {l.name for l in spec.layer_linears if l.bias}
-    # norms and the (non-Linear) router weight; Qwen2-MoE's shared_expert_gate is an nn.Linear, listed above
-    norms = {n: p.numel() for n, p in layer.named_parameters()
-             if ("norm" in n or n.endswith("gate.weight")) and n.rsplit(".", 1)[0] not in linears}
-    assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in spec.layer_norms}
+    # one layer of each kind: layer 0 of a uniform stack; the first MoE and the first dense one of a mixed one
+    kinds = [(text.layers[0], spec.layer_linears, spec.layer_norms)] if not spec.layer_kinds else [
+        (text.layers[spec.layer_kinds.index(k)], lin, nrm) for k, lin, nrm in
+        (("moe", spec.layer_linears, spec.layer_norms), ("dense", spec.dense_layer_linears, spec.dense_layer_norms))
+        if k in spec.layer_kinds]
+    for layer, lin, nrm in kinds:
+        linears = {n: tuple(m.weight.shape) for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
+        assert linears == {l.name: (l.out_features, l.in_features) for l in lin}
+        biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
+        assert biases == {l.name for l in lin if l.bias}
+        # norms and the router weight (Llama4Router: an nn.Linear subclass, not `type(m) is nn.Linear`);
+        # Qwen2-MoE's shared_expert_gate is an nn.Linear, listed above
+        norms = {n: p.numel() for n, p in layer.named_parameters()
+                 if ("norm" in n or n.endswith("gate.weight") or n.endswith("router.weight"))
+                 and n.rsplit(".", 1)[0] not in linears}
+        assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in nrm}
+    if e["config"].get("model_type") == "llama4":  # the vision tower + projector AutoModelForCausalLM drops
+        with torch.device("meta"):
+            full = transformers_mod.AutoModelForImageTextToText.from_config(hf_config(copy.deepcopy(e["config"])))
+        assert sum(p.numel() for p in full.parameters()) - spec.params == spec.unloaded_vision_params
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
-    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+               if "rotary" in n and not n.startswith("vision_model."))  # the text stack's rotary buffers
     assert bufs == 4 * spec.rotary_buffer_elements
     # a multimodal checkpoint's other towers: every Linear's shape and bias, the rest, the buffers
     towers = [m for n, m in model.model.named_children() if n != "language_model"] if text is not model.model else []
