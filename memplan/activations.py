@@ -116,6 +116,7 @@ class Walk:
     moments: list[Lin] = field(default_factory=list)
     last_save: int = 0
     copies: Lin = field(default_factory=Lin)  # saved autocast copies of LoRA weights
+    unsaved_at_last_save: Lin = field(default_factory=Lin)  # live locals when the last tensor was saved
     # module frames, to tell activations from temporaries as the tracker does (`split`)
     frames: list[int] = field(default_factory=lambda: [0])
     born: dict[int, int] = field(default_factory=dict)                 # sid -> frame that made it
@@ -168,6 +169,7 @@ class Walk:
                 self.saved.add(t.sid)
                 self.saved_bytes = self.saved_bytes + t.nbytes
         self.last_save = len(self.moments)
+        self.unsaved_at_last_save = self.live_bytes - self.saved_bytes
 
     def mark(self, transient: "Lin | int" = 0) -> None:
         self.moments.append(self.live_bytes + transient)
@@ -222,6 +224,7 @@ class LayerModel:
         self.expert_targets = expert_targets(model, plan)
         self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
         self.moe_dt, self.moe_sw_dt = 0, 4
+        self.moe_stale = Lin()
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -408,14 +411,19 @@ class LayerModel:
             q = self.linear(x, lins["q_proj"])
             k = self.linear(x, lins["k_proj"])
             v = self.linear(x, lins["v_proj"])
-        if m.arch.qk_norm:
+        if m.layer_rope:  # Llama 4: rotary as a complex product, then the weightless L2 qk norm
+            q, k = self._rope_llama4(q, k)
+        elif m.arch.qk_norm:
             qn = self.norm(q, m.head_dim, T * m.num_heads)
             kn = self.norm(k, m.head_dim, T * m.num_kv_heads)
             w.drop(q, k)
             q, k = qn, kn
-        # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
-        qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
-        ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
+        if m.layer_rope:
+            qe, ke = q, k
+        else:
+            # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
+            qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
+            ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
         # nothing before the core needs grad (layer 0 without checkpointing, no LoRA on q/k/v): no saves
         self.attn_rg = q.rg or k.rg or v.rg
         w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
@@ -448,6 +456,41 @@ class LayerModel:
         o = self.linear(out, lins["o_proj"])
         w.drop(out)
         return o
+
+    def _rope_llama4(self, q: Sym, k: Sym) -> tuple[Sym, Sym]:
+        """Llama 4's RoPE layers (modeling_llama4.py apply_rotary_emb, Llama4TextL2Norm): x.float()
+        viewed as complex, times freqs_cis (complex64, no grad: the mul saves only freqs_cis, a view of
+        the model-level tensor), view_as_real, .type_as(x); then with `use_qk_norm` the L2 norm
+        x.float() * rsqrt(mean(x²) + eps) (pow and mul save the fp32 input, rsqrt its output), .type_as.
+        The caller drops q and k afterwards (they are the returned tensors where nothing changed).
+        NB: walked for every layer: the NoPE layers (every 4th; attention temperature tuning, an
+        fp32 q * [S] scales product instead) are taken as RoPE layers."""
+        w, m = self.w, self.m
+        out = []
+        for t, heads in ((q, m.num_heads), (k, m.num_kv_heads)):
+            f = w.cast(t, 4)
+            c = w.new(t.numel, 4, t.rg)  # the complex64 product: numel / 2 elements of 8 B
+            if f is not t:
+                w.drop(f)
+            o = w.cast(c, t.dt)
+            if o is not c:
+                w.drop(c)
+            if m.l2_qk_norm:
+                with w.frame():  # Llama4TextL2Norm
+                    x32 = w.cast(o, 4)
+                    w.mark(o.numel * 4)  # pow(2)
+                    rs = w.new(self.T * heads, 4, o.rg)
+                    if o.rg:
+                        w.save(x32, rs)
+                    h = w.new(o.numel, 4, o.rg)
+                    n = w.cast(h, o.dt)
+                    w.drop(*{x32, rs, h} - {n})
+                w.drop(o)
+                o = n
+            if o is not t:
+                w.drop(t)
+            out.append(o)
+        return out[0], out[1]
 
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
         """Eager attention (transformers' eager_attention_forward), op by op: q @ k^T, soft-capping,
@@ -486,6 +529,8 @@ class LayerModel:
             return self._mlp(x)
 
     def _mlp(self, x: Sym) -> Sym:
+        if self.m.is_moe and self.m.arch.moe.router_kind == "sigmoid_input_scale":
+            return self._moe_llama4(x)
         if self.m.is_moe:
             return self._moe(x)
         return self._mlp_dense(x, self.m.intermediate_size)
@@ -714,6 +759,108 @@ class LayerModel:
         self.saved_before_down = w.saved_bytes
         return out
 
+    def _moe_llama4(self, x: Sym) -> Sym:
+        """Llama4TextMoe (modeling_llama4.py), op by op as a real CPU step runs it:
+
+        - the router (Llama4Router: an nn.Linear subclass, frozen, never LoRA-wrapped here, see
+          estimate._llama4_checks): F.linear under autocast (the weight's 16-bit copy saved for the
+          input's gradient), topk (values, int64 indices saved), full_like(-inf).scatter_, .float(),
+          sigmoid (its output saved), .to(the logits' dtype): the scores [T, E];
+        - routed_in = x.repeat(E, 1) [E·T, H] (saved by the mul for the scores' gradient), the scores
+          transposed and reshaped to [E·T, 1] (a copy, saved for routed_in's gradient), their product;
+        - Llama4TextExperts: bmm(x [E, T, H], gate_up_proj [E, H, 2I]) (under autocast: both cast,
+          the weight's copy saved for the input's gradient), chunk, act_fn(gate) (saves gate, i.e. the
+          whole gate_up output), up * act (saves both), bmm with down_proj [E, I, H] (its copy saved);
+        - the shared expert (a Llama MLP of 4-bit Linears) on x; out.add_(routed.view(E, T, H).sum(0)).
+        Every expert runs on all T tokens: no routing dependence. Saved per block (measured,
+        tests/test_simulate_llama4.py): 2EH + 8Tk + 6TE + 4ETH + 6ETI + 6EHI + the shared expert's.
+        """
+        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        E, k, I = m.num_experts, m.experts_per_token, m.expert_intermediate_size
+        pdt, ac, full = self.weights_dt, self.ac, self.full
+        rg = x.rg or full
+        with w.frame():  # Llama4Router
+            if ac:
+                wc = w.new(E * H, ac, False) if pdt != ac else None
+                xr = w.cast(x, ac)
+                if full:
+                    w.save(xr)
+                if x.rg and wc is not None:
+                    w.save(wc)
+                logits = w.new(T * E, ac, rg)
+                w.drop(*{xr, *([wc] if wc is not None else [])} - {x})
+            else:
+                if full:
+                    w.save(x)
+                logits = w.new(T * E, _promote(x.dt, pdt), rg)
+            vals, idx = w.new(T * k, logits.dt, rg), w.new(T * k, 8, False)
+            if rg:
+                w.save(idx)
+            filled = w.new(T * E, logits.dt, rg)  # full_like(-inf), scatter_ in place
+            w.drop(vals)
+            f32 = w.cast(filled, 4)
+            sg = w.new(T * E, 4, rg)
+            if rg:
+                w.save(sg)
+            scores = w.cast(sg, logits.dt)
+            w.drop(*{filled, f32, sg} - {scores})
+        rep = w.new(T * E * H, x.dt, x.rg)  # x.repeat(E, 1)
+        col = w.new(T * E, scores.dt, scores.rg)  # scores.transpose(0, 1).reshape(-1, 1): a copy
+        if scores.rg:
+            w.save(rep)
+        if x.rg:
+            w.save(col)
+        routed = w.new(T * E * H, _promote(x.dt, scores.dt), x.rg or scores.rg)
+        w.drop(rep, col)
+        with w.frame():  # Llama4TextExperts
+            g_rg = routed.rg or full
+            if ac:
+                xc = w.cast(routed, ac)
+                gw = w.new(E * H * 2 * I, ac, False) if pdt != ac else None
+                if full:
+                    w.save(xc)
+                if routed.rg and gw is not None:
+                    w.save(gw)
+                gu = w.new(T * E * 2 * I, ac, g_rg)
+            else:
+                xc, gw = routed, None
+                if full:
+                    w.save(routed)
+                gu = w.new(T * E * 2 * I, _promote(routed.dt, pdt), g_rg)
+            with w.frame():  # act_fn
+                act = w.new(T * E * I, gu.dt, g_rg)
+            if g_rg:
+                w.save(gu, act)
+            prod = w.new(T * E * I, gu.dt, g_rg)
+            if full:
+                w.save(prod)
+            dw = None
+            if ac and pdt != ac:
+                dw = w.new(E * I * H, ac, False)
+                if g_rg:
+                    w.save(dw)
+            eo = w.new(T * E * H, prod.dt, g_rg)
+            w.drop(*{xc, *([gw] if gw is not None else []), gu, act, prod, *([dw] if dw is not None else [])}
+                   - {routed})
+        routed_saved = w.saved_bytes
+        with w.frame():  # the shared expert
+            out = self._mlp_dense(x, m.shared_expert_intermediate_size)
+        ssum = w.new(T * H, eo.dt, eo.rg)  # routed_out.view(E, T, H).sum(0); out.add_(it) in place
+        w.drop(eo, ssum, logits, scores, routed)  # the block's locals, alive until it returns
+        # for estimate's Llama 4 moments: the shared expert's saved set (its backward runs first), the
+        # gate_up weight copy, the down weight copy, the activation's saved tensors (freed in that order)
+        saved = lambda *ts: sum((t.nbytes for t in ts if t is not None and t.sid in w.saved), Lin())  # noqa: E731
+        self.moe_tail = w.saved_bytes - routed_saved
+        self.moe_late, self.moe_mid, self.moe_act = saved(gw), saved(dw), saved(gu, act)
+        self.moe_dt, self.moe_sw_dt = eo.dt, scores.dt
+        # the locals still referenced when a checkpointed recompute stops at its last save (inside the
+        # shared expert's down projection): the layer's residual and normed input, the router's scores
+        # and logits, the scaled input, the experts' output, the shared expert's product (measured);
+        # the layer input is counted by the caller where it is not saved
+        li = self.layer_in
+        self.moe_stale = w.unsaved_at_last_save - (li.nbytes if li.sid in w.live and li.sid not in w.saved else 0)
+        return out
+
     def layer(self, x: Sym, cos_dt: int) -> Sym:
         """One decoder layer; `x` (held) is the residual stream; returns the next one (held)."""
         with self.w.frame():
@@ -722,6 +869,7 @@ class LayerModel:
     def _layer(self, x: Sym, cos_dt: int) -> Sym:
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
         sandwich = m.arch.sandwich_norms
+        self.layer_in = x
         h = self.norm(x, H, T)
         a = self.attention(h, cos_dt)
         w.drop(h)
@@ -769,6 +917,7 @@ class LayerTrace(NamedTuple):
     moe_sw_dt: int = 4                     # the routing weights' dtype
     moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
     moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
+    moe_stale: tuple[int, ...] = (0, 0, 0)  # Llama 4: block locals a stopped recompute leaves alive
 
 
 @shape_free_cache()
@@ -806,7 +955,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                                                           model.arch.sandwich_norms, plan.precision.adapter),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
-                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act))
+                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
+                      moe_stale=_coef(lm.moe_stale))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -845,6 +995,7 @@ class ActivationProfile(NamedTuple):
     moe_sw_dt: int = 4        # MoE: the routing weights' dtype bytes
     moe_tail: int = 0         # MoE: saved after the experts (freed before their backward)
     moe_act: int = 0          # MoE: saved by the experts' activation (freed before the gate_up backward)
+    moe_stale: int = 0        # Llama 4: the MoE block's locals a stopped checkpoint recompute leaves alive
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -905,7 +1056,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
         # cos/sin [1, S, rope_dim] (partial rotary, Phi-4-mini: 96 of head_dim 128)
-        -(-T * H * a // g) * g, 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g),
+        -(-T * H * a // g) * g,
+        # Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (Llama4TextRotaryEmbedding: torch.polar)
+        -(-S * (model.rope_dim // 2) * 8 // g) * g if model.layer_rope else 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
@@ -918,7 +1071,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
         sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
         tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))))
+        sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
+        sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))))
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

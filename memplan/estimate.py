@@ -322,6 +322,13 @@ MOMENT_KINDS = {
     "experts_gate_up_backward": ("experts_gate_up_backward:{i}", _BACKWARD,
                                  "the experts' gate/up projection backward of layer {i} of {L}: the gradient "
                                  "of its [experts x 2*intermediate x hidden] merged weight in flight"),
+    "dense_experts_backward": ("experts_backward:{i}", _BACKWARD,
+                               "the experts' down projection backward of layer {i} of {L} (Llama 4: every expert "
+                               "on every token): [experts x tokens x intermediate] gradients in flight, the "
+                               "16-bit expert weight copies alive"),
+    "experts_input_backward": ("experts_input_backward:{i}", _BACKWARD,
+                               "the backward of layer {i}'s score-scaled expert input (of {L}, Llama 4): three "
+                               "fp32 [experts*tokens x hidden] gradients in flight"),
     "optimizer": ("optimizer", _OPTIMIZER, "the optimizer step: every gradient plus the optimizer's state and scratch"),
 }
 
@@ -524,6 +531,56 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
     return down, act, gate_up
 
 
+def _plus(m: Moment, activations: int = 0, temporaries: int = 0) -> Moment:
+    return m._replace(allocated_bytes=m.allocated_bytes + activations + temporaries,
+                      activations=m.activations + activations, temporaries=m.temporaries + temporaries)
+
+
+def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
+    """Layer i's Llama4TextMoe backward, at the instants measured with the tracker on real CPU steps.
+
+    The sum over experts ran after the shared expert, so its backward runs first: the gradient of the
+    experts' output (the arriving gradient cast to the experts' dtype, expanded to [E, T, H]) is in
+    flight from then on. Then:
+    - the shared expert's down projection backward (4-bit: bitsandbytes MatMul4Bit.backward, as
+      `dequant_backward_moment`): its LoRA saved tensors are released, its LoRA gradients not made yet;
+      in flight the arriving gradient, its compute-dtype cast, the dequantized weight with its absmax
+      and the input gradient [T, I];
+    - NB the shared expert's MLP backward after it (`layer_backward_moment` for dense layers) is not
+      a candidate: never the peak in the measured steps, its order of LoRA and base gradients unmeasured;
+    - the routed experts' down bmm backward: the shared expert's saved set released; every routed
+      saved tensor alive (the down weight's 16-bit copy too); in flight the arriving gradient, its
+      cast, the [E, T, H] gradient and the input gradient [E, T, I] (the largest routed instant: the
+      next ones release the weight copies, 6EHI bytes, before making at most 12ETH fp32);
+    - the score-scaled input's backward (`experts_input_backward`).
+    With (non-reentrant) checkpointing the locals alive at the recompute's stop stay referenced
+    through the layer's backward (`ActivationProfile.moe_stale`).
+    """
+    ap, r, m, T, d = s.ap, s.r, s.model, s.tokens, s.static.down
+    H, I, E, dt = m.hidden_size, m.expert_intermediate_size, m.num_experts, ap.moe_dt
+    cd = s.plan.precision.compute
+    stale = ap.moe_stale if s.plan.gradient_checkpointing and not s.plan.use_reentrant else 0
+    arriving = r(T * H * ap.stream_dt)
+    routed_grad = r(T * H * dt) + r(E * T * H * dt)
+    out = []
+    if d.w_grad:
+        nb = -(-d.in_features * d.out_features // F.BNB_BLOCKSIZE)
+        absmax = r(4 * nb) if s.plan.double_quant else 0
+        cast = r(T * H * cd) if ap.down_out_dt != cd else 0
+        out.append(s.moment("dequant", lb.i, lb.grads, lb.after_down + stale, 0,
+                            arriving + cast + routed_grad + d.w_grad + absmax + r(T * d.in_features * cd),
+                            "the input gradient made"))
+    saved = (ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes) - ap.moe_tail
+    if stale:  # the shared expert's product (down_proj's input) is released by its backward (measured)
+        stale -= r(T * m.shared_expert_intermediate_size * ap.prod_dt)
+    out.append(s.moment("dense_experts_backward", lb.i, lb.grads, lb.fixed + saved + stale, 0,
+                        arriving + routed_grad + r(E * T * I * dt)))
+    out.append(s.moment("experts_input_backward", lb.i, lb.grads,
+                        lb.fixed + saved + stale - ap.moe_late - ap.moe_mid - ap.moe_act, 0,
+                        arriving + 3 * r(E * T * H * 4)))
+    return out
+
+
 def optimizer_moment(s: Step) -> Moment:
     """optimizer.step(): every gradient plus the optimizer's scratch."""
     return s.moment("optimizer", None, s.static.gradients, 0, 0, s.static.scratch)
@@ -542,7 +599,9 @@ def moments(s: Step) -> tuple[Moment, ...]:
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
-        if s.model.is_moe:
+        if s.model.is_moe and s.model.arch.moe.router_kind == "sigmoid_input_scale":
+            out += llama4_backward_moments(s, lb)
+        elif s.model.is_moe:
             out += [experts_unpermute_moment(s, lb), *experts_backward_moments(s, lb)]
         else:
             if four_bit:
@@ -560,6 +619,12 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
     """What the HF stack would refuse or change before a step runs: the plan actually run, and notes
     (each change the plan needs is said in a note)."""
     changes, notes = _plan_checks(model, plan, False)
+    chunk = model.attention_chunk_size
+    if chunk and plan.seq_len >= chunk:
+        raise UnsupportedArchitectureError(
+            f"{model.name}: seq_len {plan.seq_len} reaches attention_chunk_size {chunk}, where the chunked "
+            f"layers get a block-diagonal mask the closed form does not model; `memplan simulate {model.name}` "
+            "traces it exactly")
     return (plan.replace(**dict(changes)) if changes else plan), list(notes)
 
 
@@ -587,7 +652,8 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                 f"the closed form does not cover {model.name}'s mix of dense and mixture-of-experts layers "
                 "(mlp_only_layers / decoder_sparse_step / first dense layers); "
                 f"`memplan simulate {model.name}` traces it exactly")
-        notes += _moe_checks(model, plan, changes)
+        notes += (_llama4_checks if model.arch.moe.router_kind == "sigmoid_input_scale" else _moe_checks)(
+            model, plan, changes)
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"
@@ -645,6 +711,43 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     return notes
 
 
+def _llama4_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> list[str]:
+    """Llama 4 (Llama4TextMoe): what is 4-bit and what is not, and the recipe change the real stack
+    forces: peft's all-linear (or a list naming `router`) wraps Llama4Router, an nn.Linear subclass
+    that returns a tuple, and peft's forward then fails ("'tuple' object has no attribute 'dtype'",
+    tests/test_simulate_llama4.py): the plan targets the Linears minus the router instead."""
+    notes = []
+    E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
+    experts = E * 3 * I * H * model.num_moe_layers
+    if plan.method in ("qlora", "lora"):
+        leaves = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                  if any(lin.name.endswith("." + n) for lin in model.layer_linears + model.dense_layer_linears)]
+        if plan.target_modules == "all-linear" or "router" in plan.target_modules:
+            rest = tuple(leaves) if plan.target_modules == "all-linear" else tuple(
+                t for t in plan.target_modules if t != "router")
+            if not rest:
+                raise InvalidSpecError("plan", [
+                    f"--target-modules router: peft wraps Llama4Router (an nn.Linear subclass returning a tuple) "
+                    f"and the step fails in peft {MODELED_PEFT}'s forward; target {','.join(leaves)}"])
+            changes["target_modules"] = rest
+            notes.append(f"peft {MODELED_PEFT} wraps Llama4Router (an nn.Linear subclass returning a tuple) when "
+                         f"targeted ({'all-linear does' if plan.target_modules == 'all-linear' else 'router'}) "
+                         "and the step fails (AttributeError: 'tuple' object has no attribute 'dtype'): estimated "
+                         f"with --target-modules {','.join(rest)}, which the run must use")
+    if plan.method == "qlora":
+        kept = "fp32 (prepare_model_for_kbit_training upcasts them)" if plan.prepare else "in the load dtype"
+        notes.append(f"{model.model_type}: 4-bit are the attention projections and the shared expert's gate/up/"
+                     f"down_proj{' and the dense layers MLPs' if model.layer_kinds else ''}; the routed experts "
+                     f"({experts / 1e9:.1f}B parameters, 3-D nn.Parameter) and the routers (Llama4Router subclasses "
+                     f"nn.Linear; bitsandbytes replaces `type(m) is nn.Linear` only) stay {kept}")
+    notes.append("Llama 4 experts run as two bmm over every expert and all tokens (the sigmoid router scores, 0 "
+                 "outside the top-k, scale the input; no grouped_mm): memory does not depend on the routing"
+                 + ("; under autocast each forward saves bf16 copies of the fp32 experts (--no-prepare keeps "
+                    "them 16-bit: half the experts' bytes, no copies)" if plan.prepare and plan.method == "qlora"
+                    else ""))
+    return notes
+
+
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
     the step, the peak is the largest."""
@@ -686,6 +789,10 @@ def _static_notes(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[str, .
                      "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    if model.unloaded_vision_params:
+        notes.append(f"{model.name}: AutoModelForCausalLM (a text QLoRA script's loader, and memplan's) builds "
+                     "Llama4ForCausalLM and does not load the checkpoint's vision tower and projector "
+                     f"({model.unloaded_vision_params:,} params): estimated without them")
     if model.vision_params:
         notes.append(f"multimodal checkpoint: its vision tower and projector ({model.vision_params:,} params) are "
                      "loaded (Linears quantized like the text tower's) and LoRA-wrapped by all-linear, but a "

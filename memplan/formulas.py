@@ -44,7 +44,16 @@ def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
         return _r(lin.numel * plan.precision.params, rnd)
 
     return (sum(one(lin) for lin in model.layer_linears) * model.num_layers
-            + sum(one(lin) for lin in model.vision_linears))
+            + sum(one(lin) for lin in model.vision_linears) + model.num_moe_layers * _router_linear(model, plan, rnd))
+
+
+def _router_linear(model: ModelSpec, plan: TrainPlan, rnd: int) -> int:
+    """A router that subclasses nn.Linear (Llama4Router): bitsandbytes leaves it unquantized (it
+    replaces `type(m) is nn.Linear` only), in the parameters' dtype, but it is a Linear in the decoder
+    layers, so it counts with the base weights (as memplan.runtime.classify counts it)."""
+    if not model.is_moe or not model.arch.moe.router_is_linear_subclass:
+        return 0
+    return _r(model.num_experts * model.hidden_size * plan.precision.params, rnd)
 
 
 def quant_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
@@ -84,7 +93,8 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     if not model.tie_word_embeddings:
         tensors.append(model.lm_head_params)
     tensors.append(H)  # final norm
-    per_layer = [n for _, n in model.layer_norms]
+    router = f"{model.arch.moe.router_name}.weight" if model.is_moe and model.arch.moe.router_is_linear_subclass else ""
+    per_layer = [n for name, n in model.layer_norms if name != router]  # a Linear router: base_weights
     biases = [lin.out_features for lin in model.layer_linears if lin.bias]
     if model.is_moe:
         E, I = model.num_experts, model.expert_intermediate_size
