@@ -822,6 +822,8 @@ class LayerModel:
                 if routed.rg and gw is not None:
                     w.save(gw)
                 gu = w.new(T * E * 2 * I, ac, g_rg)
+                if xc is not routed:
+                    w.drop(xc)  # autocast's cast of the input: a temporary of the bmm (saved only when trained)
             else:
                 xc, gw = routed, None
                 if full:

@@ -322,6 +322,9 @@ MOMENT_KINDS = {
     "experts_gate_up_backward": ("experts_gate_up_backward:{i}", _BACKWARD,
                                  "the experts' gate/up projection backward of layer {i} of {L}: the gradient "
                                  "of its [experts x 2*intermediate x hidden] merged weight in flight"),
+    "moe_backward_start": ("moe_backward_start:{i}", _BACKWARD,
+                           "the start of layer {i}'s mixture-of-experts backward (of {L}, Llama 4): the "
+                           "gradient of the sum over experts in flight, every saved tensor alive"),
     "dense_experts_backward": ("experts_backward:{i}", _BACKWARD,
                                "the experts' down projection backward of layer {i} of {L} (Llama 4: every expert "
                                "on every token): [experts x tokens x intermediate] gradients in flight, the "
@@ -541,7 +544,7 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
 
     The sum over experts ran after the shared expert, so its backward runs first: the gradient of the
     experts' output (the arriving gradient cast to the experts' dtype, expanded to [E, T, H]) is in
-    flight from then on. Then:
+    flight from then on, every saved tensor of the layer still alive (the first instant). Then:
     - the shared expert's down projection backward (4-bit: bitsandbytes MatMul4Bit.backward, as
       `dequant_backward_moment`): its LoRA saved tensors are released, its LoRA gradients not made yet;
       in flight the arriving gradient, its compute-dtype cast, the dequantized weight with its absmax
@@ -562,7 +565,8 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
     stale = ap.moe_stale if s.plan.gradient_checkpointing and not s.plan.use_reentrant else 0
     arriving = r(T * H * ap.stream_dt)
     routed_grad = r(T * H * dt) + r(E * T * H * dt)
-    out = []
+    saved_i = ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes
+    out = [s.moment("moe_backward_start", lb.i, lb.grads, lb.fixed + saved_i + stale, 0, arriving + routed_grad)]
     if d.w_grad:
         nb = -(-d.in_features * d.out_features // F.BNB_BLOCKSIZE)
         absmax = r(4 * nb) if s.plan.double_quant else 0

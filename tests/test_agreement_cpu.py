@@ -33,6 +33,9 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GEMMA = dict(head_dim=64, tie_word_embeddings=True)
 MOE = dict(hidden_size=128, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2)
+# Llama 4 (Scout's layout: every layer MoE, RoPE + chunked attention on layers 0-2, NoPE on every 4th)
+LLAMA4 = dict(model_type="llama4_text", hidden_size=128, intermediate_size=256, head_dim=32, num_local_experts=4,
+              num_experts_per_tok=1)
 
 # (id, model_type and config overrides, plan overrides); plans start from the HF QLoRA recipe on CPU
 CASES = [
@@ -123,6 +126,17 @@ CASES = [
      dict(target_modules="w2", mixed_precision="no", optim="adamw_torch")),
     ("mixtral-moe-router-gate-up-no-prepare", dict(model_type="mixtral", **MOE),
      dict(target_modules="gate,w1,w3", prepare=False, gradient_checkpointing=False)),
+    # Llama 4: all-linear becomes the Linears minus the router (check_plan's plan change; peft would wrap
+    # Llama4Router and fail); dense bmm experts over every token (fp32 after prepare, bf16 copies saved)
+    ("llama4-default", dict(LLAMA4), dict()),
+    ("llama4-no-gc", dict(LLAMA4), dict(gradient_checkpointing=False)),
+    ("llama4-no-prepare", dict(LLAMA4), dict(prepare=False)),
+    ("llama4-16-experts-no-gc", dict(LLAMA4, num_local_experts=16), dict(gradient_checkpointing=False)),
+    ("llama4-no-gc-no-prepare", dict(LLAMA4), dict(gradient_checkpointing=False, prepare=False)),
+    ("llama4-no-gc-lora", dict(LLAMA4), dict(gradient_checkpointing=False, method="lora")),
+    ("llama4-16-experts-no-gc-no-dropout", dict(LLAMA4, num_local_experts=16),
+     dict(gradient_checkpointing=False, lora_dropout=0.0)),
+    ("llama4-gc-no-dropout", dict(LLAMA4), dict(lora_dropout=0.0)),
 ]
 
 
