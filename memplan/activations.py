@@ -224,7 +224,7 @@ class LayerModel:
         self.expert_targets = expert_targets(model, plan)
         self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
         self.moe_dt, self.moe_sw_dt = 0, 4
-        self.moe_stale = Lin()
+        self.moe_stale = self.moe_stale_shared = Lin()
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -861,6 +861,14 @@ class LayerModel:
         # the layer input is counted by the caller where it is not saved
         li = self.layer_in
         self.moe_stale = w.unsaved_at_last_save - (li.nbytes if li.sid in w.live and li.sid not in w.saved else 0)
+        self.moe_stale_shared = Lin()
+        if self.dropout > 0 and self.cpu and self.targeted(self.lins["down_proj"]):
+            # NB measured on CPU (real steps, simulate): the shared down_proj's dropout output is still
+            # referenced, and its 4-bit base output in the compute dtype; released by its backward
+            self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt
+            if self.quantized:
+                self.moe_stale_shared = self.moe_stale_shared + T * H * self.cd
+            self.moe_stale = self.moe_stale + self.moe_stale_shared
         return out
 
     def layer(self, x: Sym, cos_dt: int) -> Sym:
@@ -920,6 +928,7 @@ class LayerTrace(NamedTuple):
     moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
     moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
     moe_stale: tuple[int, ...] = (0, 0, 0)  # Llama 4: block locals a stopped recompute leaves alive
+    moe_stale_shared: tuple[int, ...] = (0, 0, 0)  # ... of which the shared down_proj's (freed by its backward)
 
 
 @shape_free_cache()
@@ -958,7 +967,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
-                      moe_stale=_coef(lm.moe_stale))
+                      moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -998,6 +1007,7 @@ class ActivationProfile(NamedTuple):
     moe_tail: int = 0         # MoE: saved after the experts (freed before their backward)
     moe_act: int = 0          # MoE: saved by the experts' activation (freed before the gate_up backward)
     moe_stale: int = 0        # Llama 4: the MoE block's locals a stopped checkpoint recompute leaves alive
+    moe_stale_shared: int = 0  # ... of which the shared down_proj's (released by its backward)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -1074,7 +1084,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
         tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
         sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))))
+        sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
+        sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))))
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

@@ -567,13 +567,18 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
     routed_grad = r(T * H * dt) + r(E * T * H * dt)
     saved_i = ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes
     out = [s.moment("moe_backward_start", lb.i, lb.grads, lb.fixed + saved_i + stale, 0, arriving + routed_grad)]
+    if stale:
+        stale -= ap.moe_stale_shared
     if d.w_grad:
         nb = -(-d.in_features * d.out_features // F.BNB_BLOCKSIZE)
         absmax = r(4 * nb) if s.plan.double_quant else 0
         cast = r(T * H * cd) if ap.down_out_dt != cd else 0
-        out.append(s.moment("dequant", lb.i, lb.grads, lb.after_down + stale, 0,
-                            arriving + cast + routed_grad + d.w_grad + absmax + r(T * d.in_features * cd),
-                            "the input gradient made"))
+        if s.plan.device == "cpu":  # measured: the dequantized weight, its absmax and the input gradient alive
+            out.append(s.moment("dequant", lb.i, lb.grads, lb.after_down + stale, 0,
+                                arriving + cast + routed_grad + d.w_grad + absmax + r(T * d.in_features * cd),
+                                "the input gradient made"))
+        else:  # NB CUDA: taken as a dense layer's (checked against simulate only: never the peak there)
+            out.append(_plus(dequant_backward_moment(s, lb), stale))
     saved = (ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes) - ap.moe_tail
     if stale:  # the shared expert's product (down_proj's input) is released by its backward (measured)
         stale -= r(T * m.shared_expert_intermediate_size * ap.prod_dt)
