@@ -225,6 +225,7 @@ class LayerModel:
         self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
         self.moe_dt, self.moe_sw_dt = 0, 4
         self.moe_stale = self.moe_stale_shared = Lin()
+        self.nope = False  # Llama 4: walk a NoPE layer (no rotary, no qk norm; temperature tuning)
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -411,7 +412,9 @@ class LayerModel:
             q = self.linear(x, lins["q_proj"])
             k = self.linear(x, lins["k_proj"])
             v = self.linear(x, lins["v_proj"])
-        if m.layer_rope:  # Llama 4: rotary as a complex product, then the weightless L2 qk norm
+        if m.layer_rope and self.nope:  # Llama 4's NoPE layers: attention temperature tuning on q only
+            q = self._temperature_llama4(q)
+        elif m.layer_rope:  # Llama 4: rotary as a complex product, then the weightless L2 qk norm
             q, k = self._rope_llama4(q, k)
         elif m.arch.qk_norm:
             qn = self.norm(q, m.head_dim, T * m.num_heads)
@@ -457,14 +460,31 @@ class LayerModel:
         w.drop(out)
         return o
 
+    def _temperature_llama4(self, q: Sym) -> Sym:
+        """Llama 4's NoPE layers with `attn_temperature_tuning`: (q * attn_scales).to(q.dtype), the fp32
+        scales [1, S, 1, 1] (made from an arange, expanded over the batch) saved by the mul for q's
+        gradient. NB the scales are counted as [T] (exact for batch 1)."""
+        w = self.w
+        if not self.m.attn_temperature_tuning:
+            return q
+        with w.frame():
+            pos = w.new(self.T, 8, False)
+            sc = w.new(self.T, 4, False)
+            w.drop(pos)
+        if q.rg:
+            w.save(sc)
+        prod = w.new(q.numel, _promote(q.dt, 4), q.rg)
+        out = w.cast(prod, q.dt)
+        w.drop(*{sc, prod, q} - {out})
+        return out
+
     def _rope_llama4(self, q: Sym, k: Sym) -> tuple[Sym, Sym]:
         """Llama 4's RoPE layers (modeling_llama4.py apply_rotary_emb, Llama4TextL2Norm): x.float()
         viewed as complex, times freqs_cis (complex64, no grad: the mul saves only freqs_cis, a view of
         the model-level tensor), view_as_real, .type_as(x); then with `use_qk_norm` the L2 norm
         x.float() * rsqrt(mean(x²) + eps) (pow and mul save the fp32 input, rsqrt its output), .type_as.
         The caller drops q and k afterwards (they are the returned tensors where nothing changed).
-        NB: walked for every layer: the NoPE layers (every 4th; attention temperature tuning, an
-        fp32 q * [S] scales product instead) are taken as RoPE layers."""
+        The NoPE layers (every 4th) run `_temperature_llama4` instead (`nope`)."""
         w, m = self.w, self.m
         out = []
         for t, heads in ((q, m.num_heads), (k, m.num_kv_heads)):
@@ -929,6 +949,7 @@ class LayerTrace(NamedTuple):
     moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
     moe_stale: tuple[int, ...] = (0, 0, 0)  # Llama 4: block locals a stopped recompute leaves alive
     moe_stale_shared: tuple[int, ...] = (0, 0, 0)  # ... of which the shared down_proj's (freed by its backward)
+    nope_delta: tuple[int, ...] = (0, 0, 0)  # Llama 4: a NoPE layer's saved set minus a RoPE layer's
 
 
 @shape_free_cache()
@@ -957,6 +978,13 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
         if "router" in expert_targets(model, plan):  # the router's delta B @ A runs under autocast
             shapes = shapes + moe_lora_shapes(model, plan)[:2]
         copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in shapes)
+    nope = Lin()
+    if model.layer_rope and not all(model.layer_rope):
+        wn = Walk()
+        ln = LayerModel(model, plan, wn, cpu, fused, masked)
+        ln.nope = True
+        ln.layer(wn.new(T * model.hidden_size, a, True), a)
+        nope = wn.saved_bytes - w.saved_bytes
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
                       recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
                       forward=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(len(w.moments)))),
@@ -967,7 +995,8 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
-                      moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared))
+                      moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared),
+                      nope_delta=_coef(nope))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -1008,6 +1037,7 @@ class ActivationProfile(NamedTuple):
     moe_act: int = 0          # MoE: saved by the experts' activation (freed before the gate_up backward)
     moe_stale: int = 0        # Llama 4: the MoE block's locals a stopped checkpoint recompute leaves alive
     moe_stale_shared: int = 0  # ... of which the shared down_proj's (released by its backward)
+    nope_delta: int = 0       # Llama 4: a NoPE layer's saved set minus a RoPE layer's (`layer_bytes`)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -1085,7 +1115,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
         sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
         sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))))
+        sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))),
+        sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))))
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

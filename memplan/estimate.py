@@ -267,12 +267,20 @@ class Step(NamedTuple):
                       temporaries)
 
 
+def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
+    """Llama 4: what the NoPE layers among layers lo..hi-1 save beyond a RoPE layer (`layer_bytes` is a
+    RoPE layer's). NB layer 0's own set and a moment's own layer are taken as RoPE layers'."""
+    if not ap.nope_delta:
+        return 0
+    return ap.nope_delta * sum(1 for rope in model.layer_rope[lo:hi] if not rope)
+
+
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     static = static_part(model, plan, cuda)
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
-    layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes
+    layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes + _nope(model, ap, 1, L)
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
                 layers_saved, ap.rope_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
@@ -347,7 +355,7 @@ def _label(kind: str, i: int | None, L: int, detail: str) -> tuple[str, str, str
 def forward_moment(s: Step) -> Moment:
     """No checkpointing: the last layer's forward, every earlier layer's saved set alive."""
     ap, L = s.ap, s.model.num_layers
-    earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
+    earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes + _nope(s.model, ap, 1, L - 1) if L > 1 else 0
     return s.moment("forward", L - 1, s.ga_grads,
                     earlier + ap.rope_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
 
@@ -403,7 +411,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
             below += ap.layer_input_bytes
             rng_states = L
     else:
-        below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+        below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes + _nope(s.model, ap, 1, i) if i else 0
     fixed = below + ap.rope_bytes + s.layer_args + s.small + rng_states * s.rng_state
     saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,

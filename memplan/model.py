@@ -106,6 +106,9 @@ class ModelSpec:
     attention_chunk_size: int | None = None
     #: Llama 4 `use_qk_norm`: the weightless L2 norm of q and k on the RoPE layers
     l2_qk_norm: bool = False
+    #: Llama 4 `attn_temperature_tuning`: the NoPE layers scale q by log1p(floor((pos + 1) / floor_scale))
+    #: * attn_scale + 1
+    attn_temperature_tuning: bool = False
     #: Llama 4's multimodal checkpoints: parameters of the vision tower + projector the checkpoint
     #: holds but AutoModelForCausalLM does not build (it makes Llama4ForCausalLM from `text_config` and
     #: drops `vision_model.*` / `multi_modal_projector.*`): not on the GPU, not in `params`
@@ -350,6 +353,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         layer_rope=rope_layers(cfg, L) if chunked else (), layer_attention=types if chunked else (),
         attention_chunk_size=cfg.get("attention_chunk_size") if chunked and "chunked_attention" in types else None,
         unloaded_vision_params=unloaded, l2_qk_norm=chunked and bool(cfg.get("use_qk_norm", True)),
+        attn_temperature_tuning=chunked and bool(cfg.get("attn_temperature_tuning", True)),
     )
 
 

@@ -133,6 +133,8 @@ CASES = [
     ("llama4-no-gc", dict(LLAMA4), dict(gradient_checkpointing=False)),
     ("llama4-no-gc-no-prepare", dict(LLAMA4), dict(gradient_checkpointing=False, prepare=False)),
     ("llama4-no-gc-lora", dict(LLAMA4), dict(gradient_checkpointing=False, method="lora")),
+    # layer 1 without rotary (NoPE: no qk norm, attention temperature tuning on q)
+    ("llama4-nope-no-gc", dict(LLAMA4, no_rope_layers=[1, 0], floor_scale=16), dict(gradient_checkpointing=False)),
 ]
 
 
