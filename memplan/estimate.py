@@ -861,7 +861,13 @@ def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu
     except UnsupportedArchitectureError as e:
         if not fallback_simulate or not _sim_available():
             raise
+        fixes: list[str] = []
+        if spec.is_moe and spec.arch.moe.router_is_linear_subclass:  # Llama 4 Maverick: the recipe that runs
+            changes: dict[str, Any] = {}
+            fixes = _llama4_checks(spec, p, changes)[:1] if changes or p.target_modules == "all-linear" else []
+            p = p.replace(**changes) if changes else p
         est = from_simulation(spec, p, g, reason=str(e))
+        est = _replace(est, notes=(*fixes, *est.notes)) if fixes else est
     return _replace(est, notes=(device_note, *est.notes)) if device_note else est
 
 
