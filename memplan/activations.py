@@ -11,8 +11,13 @@ The three regimes of FACTS.md are special cases: R1 prepare without autocast (fp
 adapters); R2 prepare + bf16 autocast (the HF Trainer default); R3 no prepare, 16-bit model, fp32
 LoRA, no autocast.
 
+Family flags read off the architecture row (memplan/arch.py): olmo2's post norms (no norm on the
+sublayer inputs, q/k norms over whole projections, fp32 rotary cos/sin) walk `_post_norm_layer`;
+granite's residual multiplier makes one more tensor per sublayer (`_scaled`).
+
 Known limitations (NB): eager attention and Gemma-2 soft-capping are modelled op by op but not
-checked against a real step; mixture-of-experts layers are not covered (use `simulate`).
+checked against a real step. Mixture-of-experts blocks (`LayerModel._moe`) follow transformers'
+grouped_mm experts and peft's ParamWrapper op by op.
 """
 
 from __future__ import annotations
@@ -226,6 +231,8 @@ class LayerModel:
         self.moe_dt, self.moe_sw_dt = 0, 4
         self.moe_stale = self.moe_stale_shared = Lin()
         self.nope = False  # Llama 4: walk a NoPE layer (no rotary, no qk norm; temperature tuning)
+        self.leaf_sid = -1  # the layer input when it is a leaf (a checkpointed layer's recompute)
+        self.cast_cache: dict[int, Sym] = {}
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -260,14 +267,15 @@ class LayerModel:
         if x.rg:
             w.save(x32, rs)
         h = w.new(x.numel, 4, x.rg)
-        if self.m.arch.gemma_norm:
-            if x.rg:
+        if self.m.arch.gemma_norm or self.m.arch.norm_cast_last:
+            # gemma: h * (1 + w.float()); olmo2, gpt_oss: (w * h).to(input_dtype) -- the product fp32, cast last
+            if x.rg and self.m.arch.gemma_norm:
                 w.save(w.new(dim, 4, False))  # (1 + weight.float()) is a fresh tensor, saved by the mul
             if self.full and x.rg:
                 w.save(h)  # NB: the weight's grad needs the normalised h
             o = w.new(x.numel, 4, x.rg)
             out = w.cast(o, x.dt)
-            w.drop(*{x32, rs, h, o} - {out})
+            w.drop(*{x32, rs, h, o} - {out, x})
             return out
         hc = w.cast(h, x.dt)
         if self.full and x.rg:
@@ -348,7 +356,7 @@ class LayerModel:
         if ac:
             copies = self.p.precision.adapter_copies
             with w.frame():  # lora_A
-                a_in = w.cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
+                a_in = self._autocast_cast(d, mm_dt)  # autocast's cast of the lora_A input (saved for lora_A's grad)
                 w.save(a_in)
                 # autocast casts fp32 LoRA weights to bf16 (cached); a linear saves W for dX when X needs grad
                 a_copy = w.new(r * lin.in_features, ac, False) if copies else None
@@ -389,6 +397,17 @@ class LayerModel:
         w.drop(*{res, summed, xa} - {out, x})
         return out
 
+    def _autocast_cast(self, t: Sym, dt: int) -> Sym:
+        """autocast's cast of an fp32 input. torch caches the casts of fp32 leaves that require grad
+        (autocast_mode.cpp `cached_cast`): the layer input is one in layer 0 with the input-grad hook
+        and in a reentrant recompute (`layer_trace`), so where it feeds several LoRA layers as is
+        (olmo2's q/k/v with lora_dropout 0) they share one copy."""
+        if t.sid != self.leaf_sid or t.dt != 4 or t.dt == dt:
+            return self.w.cast(t, dt)
+        if dt not in self.cast_cache:
+            self.cast_cache[dt] = self.w.cast(t, dt)
+        return self.cast_cache[dt]
+
     def _dropout(self, x: Sym) -> Sym:
         w = self.w
         mask = w.new(x.numel, x.dt if self.cpu else 1, False)  # CPU: full-dtype noise; CUDA: bool
@@ -416,17 +435,29 @@ class LayerModel:
             q = self._temperature_llama4(q)
         elif m.layer_rope:  # Llama 4: rotary as a complex product, then the weightless L2 qk norm
             q, k = self._rope_llama4(q, k)
+        elif m.arch.qk_norm and m.arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+            qn = self.norm(q, m.q_dim, T)
+            kn = self.norm(k, m.kv_dim, T)
+            w.drop(q, k)
+            q, k = qn, kn
         elif m.arch.qk_norm:
             qn = self.norm(q, m.head_dim, T * m.num_heads)
             kn = self.norm(k, m.head_dim, T * m.num_kv_heads)
             w.drop(q, k)
             q, k = qn, kn
+        # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
         if m.layer_rope:
             qe, ke = q, k
+        elif m.arch.rotary_chunked:
+            qe = self._rope_chunked(q, T * (m.q_dim // 2), cos_dt)
+            ke = self._rope_chunked(k, T * (m.kv_dim // 2), cos_dt)
         else:
-            # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
             qe = w.new(q.numel, _promote(q.dt, cos_dt), q.rg)
             ke = w.new(k.numel, _promote(k.dt, cos_dt), k.rg)
+        if m.arch.rope_fp32:  # olmo2: fp32 cos/sin, then q_embed.to(q.dtype), k_embed.to(k.dtype)
+            qc, kc = w.cast(qe, q.dt), w.cast(ke, k.dt)
+            w.drop(*{qe, ke} - {qc, kc})
+            qe, ke = qc, kc
         # nothing before the core needs grad (layer 0 without checkpointing, no LoRA on q/k/v): no saves
         self.attn_rg = q.rg or k.rg or v.rg
         w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
@@ -512,6 +543,20 @@ class LayerModel:
             out.append(o)
         return out[0], out[1]
 
+    def _rope_chunked(self, x: Sym, half: Lin, cos_dt: int) -> Sym:
+        """gpt_oss `_apply_rotary_emb`: x1, x2 = chunk(x, 2); cat(x1·cos - x2·sin, x2·cos + x1·sin).
+        The muls save only cos/sin (the model's, saved once); every product is a temporary."""
+        w, dt = self.w, _promote(x.dt, cos_dt)
+        a, b = w.new(half, dt, x.rg), w.new(half, dt, x.rg)
+        first = w.new(half, dt, x.rg)
+        w.drop(a, b)
+        a, b = w.new(half, dt, x.rg), w.new(half, dt, x.rg)
+        second = w.new(half, dt, x.rg)
+        w.drop(a, b)
+        out = w.new(half * 2, dt, x.rg)
+        w.drop(first, second)
+        return out
+
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
         """Eager attention (transformers' eager_attention_forward), op by op: q @ k^T, soft-capping,
         the mask added, an fp32 softmax (saved), its cast (saved with v by the second matmul); no
@@ -533,6 +578,8 @@ class LayerModel:
             scores = w.new(probs, cdt)
         masked = w.new(probs, cdt)
         w.drop(scores)
+        if m.arch.attention_sinks:
+            return self._eager_sinks(qc, kc, vc, q, k, v, masked)
         sm = w.new(probs, 4)
         w.save(sm)
         self.saved_at_probs = w.saved_bytes  # alive, with the probabilities, in their softmax's backward
@@ -544,6 +591,35 @@ class LayerModel:
         w.drop(q, k, v, out)
         return ot
 
+    def _eager_sinks(self, qc: Sym, kc: Sym, vc: Sym, q: Sym, k: Sym, v: Sym, masked: Sym) -> Sym:
+        """gpt_oss eager_attention_forward from the masked logits on: cat([logits, sinks]) -> [B, heads,
+        S, S+1] in the promoted dtype (the sinks are fp32 after prepare), minus its max over the last
+        dim (max saves its int64 indices [B, heads, S, 1]), softmax in that dtype (its output saved),
+        the sink column dropped (a view) and `.to(value dtype)` (a copy: the slice is not dense), which
+        the second matmul saves (autocast's cast of it where the dtypes differ). `attn_weights` (the
+        masked logits) and `combined_logits` stay referenced until the function returns."""
+        m, w = self.m, self.w
+        probs, rows = Lin(q=m.num_heads), Lin(s=m.num_heads)
+        sdt = _promote(masked.dt, self.weights_dt)
+        comb = w.new(probs + rows, sdt)
+        mv, mi = w.new(rows, sdt), w.new(rows, 8, False)
+        w.save(mi)
+        c2 = w.new(probs + rows, sdt)
+        w.drop(comb, mv)
+        sm = w.new(probs + rows, sdt)
+        w.save(sm)
+        self.saved_at_probs = w.saved_bytes
+        pv = w.new(probs, vc.dt) if vc.dt != sdt else w.view(sm, probs)
+        w.drop(masked)
+        pc = w.cast(pv, self.ac or pv.dt)
+        if pc is not pv:
+            w.drop(pv)
+        w.save(pc, vc)
+        out = w.new(self.T * m.q_dim, pc.dt)
+        ot = w.new(out.numel, out.dt)  # transpose(1, 2).contiguous()
+        w.drop(q, k, v, out, c2)
+        return ot
+
     def mlp(self, x: Sym) -> Sym:
         with self.w.frame():  # the MLP module
             return self._mlp(x)
@@ -551,6 +627,8 @@ class LayerModel:
     def _mlp(self, x: Sym) -> Sym:
         if self.m.is_moe and self.m.arch.moe.router_kind == "sigmoid_input_scale":
             return self._moe_llama4(x)
+        if self.m.is_moe and self.m.arch.moe.activation == "clamped_swiglu":
+            return self._moe_gpt_oss(x)
         if self.m.is_moe:
             return self._moe(x)
         return self._mlp_dense(x, self.m.intermediate_size)
@@ -719,6 +797,7 @@ class LayerModel:
                     prod = w.new(S * I, pdt, g_rg)
                     if g_rg:
                         w.save(gu, act)
+                    w.drop(gu, act)  # proj_out is rebound to the product (act is _apply_gate's local)
                     if dn_rg:
                         w.save(prod)
                     md = None
@@ -731,6 +810,7 @@ class LayerModel:
                     if d_rg:
                         w.save(offs)
                     dn = w.new(S * H, pdt, d_rg)
+                    w.drop(prod)  # proj_out rebound to the down projection's output
                     if d_rg:
                         w.save(sw)
                     if rg:
@@ -891,6 +971,96 @@ class LayerModel:
             self.moe_stale = self.moe_stale + self.moe_stale_shared
         return out
 
+    def _moe_gpt_oss(self, x: Sym) -> Sym:
+        """gpt_oss's MoE block (GptOssMLP, transformers 5.24), experts frozen (peft wraps none):
+
+        - GptOssTopKRouter: F.linear(x, weight [E, H], bias [E]) (under autocast: the bias, the weight
+          and x cast, the weight's copy saved for dX), topk over the logits (indices saved), softmax
+          over the k values in their own dtype (output saved); the logits stay referenced (`_`) until
+          the block returns;
+        - GptOssExperts through `grouped_mm_experts_forward` (integrations/moe.py, is_transposed,
+          has_bias): sort of the T·k ids (values, permutation -- saved), perm // k (saved), the gathered
+          states [T·k, H], the sorted routing weights, histc's float ids, counts, offsets (saved);
+          `gate_up_proj_bias[expert_ids_g]` [T·k, 2I] gathered before the grouped_mm and added in
+          place to its output [T·k, 2I]; `_apply_gate`: gate/up strided views, clamp (both save their
+          input, the grouped_mm output), gate·alpha, sigmoid (saved), gate·σ (saves the clamped gate),
+          up + 1 (saved), (up + 1)·glu; the down bias gathered [T·k, H] (the gate_up one released),
+          grouped_mm -> [T·k, H] (saved by the routing-weight mul, which also saves the weights), the
+          weighted rows, the inverse permutation (saved) and its arange, the unpermuted rows, their
+          sum over k and its cast to the input dtype. Measured against real CPU steps
+          (tests/test_agreement_cpu.py).
+        """
+        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        E, k, I = m.num_experts, m.experts_per_token, m.expert_intermediate_size
+        S = T * k
+        pdt, ac, rg = self.weights_dt, self.ac, x.rg
+        with w.frame():  # the router module
+            if ac:  # autocast casts the bias, the weight (saved for dX) and x, where not already 16-bit
+                bc = w.new(E, ac, False) if pdt != ac else None
+                wc = w.new(E * H, ac, False) if pdt != ac else None
+                xr = w.cast(x, ac)
+                if rg and wc is not None:
+                    w.save(wc)
+                logits = w.new(T * E, ac, rg)
+                w.drop(*{t for t in (bc, xr, wc) if t is not None} - {x})
+            else:
+                logits = w.new(T * E, _promote(x.dt, pdt), rg)
+            vals, idx = w.new(T * k, logits.dt, rg), w.new(T * k, 8, False)
+            sc = w.new(T * k, logits.dt, rg)
+            if rg:
+                w.save(idx, sc)
+            w.drop(vals)
+        with w.frame():  # the experts module: every local lives until it returns
+            sv, perm = w.new(S, 8, False), w.new(S, 8, False)
+            pk = w.new(S, 8, False)
+            xg = w.new(S * H, x.dt, rg)
+            sw = w.new(S, sc.dt, rg)
+            if rg:
+                w.save(pk, perm)
+            hin = w.new(S, 4, False)  # histc's input: the ids as float on CPU, int32 on CUDA
+            hist, offs = w.new(E, 4, False), w.new(E, 4, False)
+            bg = w.new(S * 2 * I, pdt, False)  # gate_up_proj_bias[expert_ids_g]
+            xin = w.cast(xg, pdt)
+            if rg:
+                w.save(offs)
+            gu = w.new(S * 2 * I, pdt, rg)  # + bias, in place
+            g2, u2 = w.new(S * I, pdt, rg), w.new(S * I, pdt, rg)  # the clamps
+            ga = w.new(S * I, pdt, rg)
+            sg = w.new(S * I, pdt, rg)
+            w.drop(ga)
+            glu = w.new(S * I, pdt, rg)
+            u3 = w.new(S * I, pdt, rg)
+            prod = w.new(S * I, pdt, rg)
+            if rg:
+                w.save(gu, g2, sg, glu, u3)
+            w.drop(u2)
+            bd = w.new(S * H, pdt, False)  # down_proj_bias[expert_ids_g]
+            w.drop(bg)
+            dn = w.new(S * H, pdt, rg)
+            w.drop(prod)
+            if rg:
+                w.save(sw, dn)
+            wo = w.new(S * H, _promote(pdt, sw.dt), rg)
+            inv, ar = w.new(S, 8, False), w.new(S, 8, False)
+            w.drop(ar)
+            if rg:
+                w.save(inv)
+            wo2 = w.new(S * H, wo.dt, rg)
+            w.drop(wo)
+            fin = w.new(T * H, wo.dt, rg)
+            out = w.cast(fin, x.dt)
+            w.drop(*{wo2, sv, perm, pk, xg, xin, sw, hin, hist, offs, gu, dn, inv, bd, fin} - {out, x})
+        w.drop(logits, idx, sc)
+        saved = lambda *ts: sum((t.nbytes for t in ts if t.sid in w.saved), Lin())  # noqa: E731
+        self.moe_late = saved(dn, sw, inv)
+        self.moe_tail = Lin()
+        self.moe_sw_dt = sw.dt
+        self.moe_mid = saved(prod)
+        self.moe_act = saved(gu, g2, sg, glu, u3)
+        self.moe_dt = pdt
+        self.saved_before_down = w.saved_bytes
+        return out
+
     def layer(self, x: Sym, cos_dt: int) -> Sym:
         """One decoder layer; `x` (held) is the residual stream; returns the next one (held)."""
         with self.w.frame():
@@ -900,6 +1070,8 @@ class LayerModel:
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
         sandwich = m.arch.sandwich_norms
         self.layer_in = x
+        if m.arch.post_norms:
+            return self._post_norm_layer(x, cos_dt)
         h = self.norm(x, H, T)
         a = self.attention(h, cos_dt)
         w.drop(h)
@@ -907,6 +1079,7 @@ class LayerModel:
             an = self.norm(a, H, T)
             w.drop(a)
             a = an
+        a = self._scaled(a)
         res = w.new(T * H, _promote(x.dt, a.dt), x.rg or a.rg)
         w.drop(x, a)
         h2 = self.norm(res, H, T)
@@ -916,9 +1089,36 @@ class LayerModel:
             fn = self.norm(f, H, T)
             w.drop(f)
             f = fn
+        f = self._scaled(f)
         out = w.new(T * H, _promote(res.dt, f.dt), True)
         w.drop(res, f)
         # saved from the down projection on (its LoRA, a sandwich norm): freed before the MLP backward
+        self.down_saved = w.saved_bytes - self.saved_before_down
+        return out
+
+    def _scaled(self, t: Sym) -> Sym:
+        """granite: `out * residual_multiplier` before the residual add, a fresh tensor of out's dtype
+        (a Python scalar: nothing saved)."""
+        if not self.m.arch.multipliers:
+            return t
+        o = self.w.new(t.numel, t.dt, t.rg)
+        self.w.drop(t)
+        return o
+
+    def _post_norm_layer(self, x: Sym, cos_dt: int) -> Sym:
+        """olmo2 (Olmo2DecoderLayer): x + norm(attn(x)), then r + norm(mlp(r)) -- no norm on the
+        sublayer inputs."""
+        w, T, H = self.w, self.T, self.m.hidden_size
+        a = self.attention(x, cos_dt)
+        an = self.norm(a, H, T)
+        w.drop(a)
+        res = w.new(T * H, _promote(x.dt, an.dt), x.rg or an.rg)
+        w.drop(x, an)
+        f = self.mlp(res)
+        fn = self.norm(f, H, T)
+        w.drop(f)
+        out = w.new(T * H, _promote(res.dt, fn.dt), True)
+        w.drop(res, fn)
         self.down_saved = w.saved_bytes - self.saved_before_down
         return out
 
@@ -950,6 +1150,8 @@ class LayerTrace(NamedTuple):
     moe_stale: tuple[int, ...] = (0, 0, 0)  # Llama 4: block locals a stopped recompute leaves alive
     moe_stale_shared: tuple[int, ...] = (0, 0, 0)  # ... of which the shared down_proj's (freed by its backward)
     nope_delta: tuple[int, ...] = (0, 0, 0)  # Llama 4: a NoPE layer's saved set minus a RoPE layer's
+    input_saved: bool = False           # the layer's input is itself in its saved set
+    recompute_first: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # layer 0's, when it differs
 
 
 @shape_free_cache()
@@ -964,13 +1166,25 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     T = Lin(t=1)
     w = Walk()
     lm = LayerModel(model, plan, w, cpu, fused, masked)
-    lm.layer(w.new(T * model.hidden_size, a, True), a)
-    if input_grad:
+    cos_dt = 4 if model.arch.rope_fp32 else a  # the rotary cos/sin dtype
+    x = w.new(T * model.hidden_size, a, True)
+    # the layer input is a leaf that requires grad (autocast caches its casts: `_autocast_cast`) in
+    # layer 0 when the embedding output is made to require grad, and in every layer a reentrant
+    # checkpoint recomputes (it detaches its inputs); non-reentrant recomputes see the original input
+    leaf_first = input_grad and plan.method != "full"
+    leaf_rest = plan.gradient_checkpointing and plan.use_reentrant
+    if leaf_rest:
+        lm.leaf_sid = x.sid
+    lm.layer(x, cos_dt)
+    if input_grad and leaf_first == leaf_rest:
         w0, lm0 = w, lm
     else:
         w0 = Walk()
         lm0 = LayerModel(model, plan, w0, cpu, fused, masked)
-        lm0.layer(w0.new(T * model.hidden_size, a, False), a)
+        x0 = w0.new(T * model.hidden_size, a, input_grad)
+        if leaf_first:
+            lm0.leaf_sid = x0.sid
+        lm0.layer(x0, cos_dt)
     copies = 0
     if plan.precision.adapter_copies and plan.method in ("qlora", "lora"):
         rnd = 1 if cpu else 512
@@ -983,7 +1197,10 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
         wn = Walk()
         ln = LayerModel(model, plan, wn, cpu, fused, masked)
         ln.nope = True
-        ln.layer(wn.new(T * model.hidden_size, a, True), a)
+        xn = wn.new(T * model.hidden_size, a, True)
+        if leaf_rest:
+            ln.leaf_sid = xn.sid
+        ln.layer(xn, cos_dt)
         nope = wn.saved_bytes - w.saved_bytes
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
                       recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
@@ -991,8 +1208,12 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
                       inflight=inflight_bytes_per_element(a, bool(plan.precision.autocast), plan.method,
-                                                          model.arch.sandwich_norms, plan.precision.adapter),
+                                                          model.arch.sandwich_norms or model.arch.post_norms,
+                                                          plan.precision.adapter, model.arch.multipliers),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
+                      input_saved=x.sid in w.saved,
+                      recompute_first=tuple((_coef(t), _coef(s)) for t, s in envelope(w0.split(w0.last_save)))
+                      if w0 is not w and plan.gradient_checkpointing else (),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
                       moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared),
@@ -1038,6 +1259,12 @@ class ActivationProfile(NamedTuple):
     moe_stale: int = 0        # Llama 4: the MoE block's locals a stopped checkpoint recompute leaves alive
     moe_stale_shared: int = 0  # ... of which the shared down_proj's (released by its backward)
     nope_delta: int = 0       # Llama 4: a NoPE layer's saved set minus a RoPE layer's (`layer_bytes`)
+    #: granite with checkpointing: the embedding's output, a leaf made to require grad by
+    #: enable_input_require_grads, is held by its AccumulateGrad node until backward ends (its
+    #: `* embedding_multiplier` copy is the first layer's input)
+    embed_leaf_bytes: int = 0
+    recompute_peak_first: int = -1   # layer 0's recompute when it differs from the others' (else -1)
+    recompute_temps_first: int = 0
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -1051,7 +1278,7 @@ def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BS
 
 
 def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sandwich: bool = False,
-                               adapter_dt: int = 4) -> int:
+                               adapter_dt: int = 4, scaled: bool = False) -> int:
     """Bytes per [T x H] element of the gradients alive when a checkpointed layer starts recomputing.
 
     NB: measured on CPU steps (tracker), not derived from the walk: the accumulated gradient of the
@@ -1065,6 +1292,8 @@ def inflight_bytes_per_element(stream_dt: int, autocast: bool, method: str, sand
     16-bit on a 16-bit one). tests/test_agreement_sim.py has cases
     whose peak is such a recompute at real shapes.
     """
+    if scaled:  # granite: the MLP branch's `* residual_multiplier` gradient too, stream dtype
+        return stream_dt + inflight_bytes_per_element(stream_dt, autocast, method, sandwich, adapter_dt)
     if sandwich:
         return 4 if stream_dt == 4 else 6
     if stream_dt == 4:
@@ -1090,33 +1319,64 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     f0, f1, f2 = tr.copies_first
     # torch's reentrant checkpoint recomputes the whole layer (no early stop) and its frames return
     rec, rec_tmp = _peak(tr.forward if plan.use_reentrant else tr.recompute, T, BSS)
+    rec0, rec0_tmp = _peak(tr.recompute_first, T, BSS) if tr.recompute_first else (-1, 0)
     fwd, fwd_tmp = _peak(tr.forward, T, BSS)
     lay, first, down = tr.layer, tr.first_layer, tr.down_saved
     at0, at1, at2 = tr.attn_saved
     af0, af1, af2 = tr.attn_saved_first
     return ActivationProfile(
         lay[0] * T + lay[1] * BSS + lay[2], first[0] * T + first[1] * BSS + first[2], rec, rec_tmp, fwd, fwd_tmp,
-        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, a == 4,
         # cos/sin [1, S, rope_dim] (partial rotary, Phi-4-mini: 96 of head_dim 128)
+        # (fp32 stream: the input norm's x.to(float32) is x; olmo2 has no input norm, and only a LoRA
+        # reading x in fp32 without dropout saves it)
+        down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
         -(-T * H * a // g) * g,
         # Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (Llama4TextRotaryEmbedding: torch.polar)
-        -(-S * (model.rope_dim // 2) * 8 // g) * g if model.layer_rope else 2 * (-(-S * 2 * (model.rope_dim // 2) * a // g) * g),
+        -(-S * (model.rope_dim // 2) * 8 // g) * g if model.layer_rope else
+        2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
+               // g) * g),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
         tr.lora_weight_copies,
         f0 * T + f1 * BSS + f2 + (L - 1) * (c0 * T + c1 * BSS + c2),
         pr.logits, a,
-        -(-T * H * (a if plan.use_reentrant else tr.inflight) // g) * g,
+        _recompute_inflight(model, plan, tr, g),
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
-        -(-B * model.num_heads * S * S * 4 // g) * g if plan.attn_implementation == "eager" else 0,
-        sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))), sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))),
-        tr.moe_dt, tr.moe_sw_dt, sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))),
-        sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))))
+        # [B, heads, S, S] fp32 (gpt_oss: [B, heads, S, S + 1], the sink column)
+        -(-B * model.num_heads * S * (S + model.arch.attention_sinks) * 4 // g) * g
+        if plan.attn_implementation == "eager" else 0,
+        embed_leaf_bytes=-(-T * H * a // g) * g if model.arch.multipliers and plan.gradient_checkpointing
+        and plan.method != "full" else 0,
+        recompute_peak_first=rec0, recompute_temps_first=rec0_tmp,
+        moe_late=sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))),
+        moe_mid=sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))), moe_dt=tr.moe_dt, moe_sw_dt=tr.moe_sw_dt,
+        moe_tail=sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
+        moe_act=sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
+        moe_stale=sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
+        moe_stale_shared=sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))),
+        nope_delta=sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))))
+
+
+def _recompute_inflight(model: ModelSpec, plan: TrainPlan, tr: LayerTrace, g: int) -> int:
+    """The gradients in flight when a checkpointed layer starts recomputing (`inflight_bytes_per_element`).
+    Mixture of experts (measured, tracker on CPU steps: gpt_oss, Qwen2-MoE): the layer's output gradient
+    [T, H] in the stream dtype and the contiguous copy of the expanded [T·k, H] gradient (the sum over
+    k and its view run backward) that reaches `weighted_out[inv_perm]`, whose saved index starts the
+    recompute; a shared expert's gated branch ending the block starts it earlier (the output gradient only)."""
+    T, H, a = plan.batch_size * plan.seq_len, model.hidden_size, plan.precision.params
+    if plan.use_reentrant:
+        return -(-T * H * a // g) * g
+    if model.is_moe:
+        # the layer's first saved tensor unpacked in backward starts the recompute: the experts' unpermute
+        # index (gpt_oss, Mixtral, Qwen3-MoE), or, where a shared expert's sigmoid-gated branch ends the
+        # block (Qwen2-MoE), that branch's mul -- then only the output gradient is in flight (measured)
+        if model.shared_expert_intermediate_size:
+            return -(-T * H * a // g) * g
+        wo_dt = max(tr.moe_dt, tr.moe_sw_dt)
+        return -(-T * H * a // g) * g + -(-T * model.experts_per_token * H * wo_dt // g) * g
+    return -(-T * H * tr.inflight // g) * g
 
 
 def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:

@@ -37,9 +37,16 @@ class MoELayout:
     (`mlp.shared_expert_gate`, sigmoid-gated). sparse_step_key / dense_layers_key: the config keys
     that make some layers dense (Qwen: layer i is MoE iff i not in `mlp_only_layers` and
     (i + 1) % `decoder_sparse_step` == 0; "" = every layer MoE). expert_bias / router_bias: biases
-    on the fused experts / the router (none of the rows so far). router: "parameter" (a module
+    on the fused experts / the router (gpt_oss: `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]; router bias [E]). router: "parameter" (a module
     holding an [E, H] `nn.Parameter`, applied with F.linear: not an `nn.Linear`) or "linear".
     peft_names: see the field.
+    router_name: the router's module name under `mlp` (`mlp.gate` Mixtral/Qwen, `mlp.router` gpt_oss).
+    router_kind: "softmax_topk" (softmax over all E logits in fp32, top-k, renormalised: Mixtral) or
+    "topk_softmax" (top-k of the logits, softmax over those k in their dtype: gpt_oss).
+    transposed: the fused weights are stored [E, H, 2I] / [E, I, H] (`is_transposed=True` in
+    `use_experts_implementation`), gate/up interleaved in the last dimension (gate = [..., ::2]).
+    activation: "act_fn" (config `hidden_act` of gate, times up) or "clamped_swiglu" (gpt_oss:
+    gate clamped above at `swiglu_limit`, up clamped to ±limit, (up + 1) · gate · σ(alpha · gate)).
     """
 
     experts_key: str
@@ -63,30 +70,23 @@ class MoELayout:
     #: them. Empty: peft wraps no expert (all-linear adapts the nn.Linear modules only: Qwen2-MoE, whose
     #: type is a value of that map, not a key).
     peft_names: tuple[tuple[str, str], ...] = ()
+    router_name: str = "gate"
+    router_kind: str = "softmax_topk"
+    transposed: bool = False
+    activation: str = "act_fn"
 
     #: config key listing the MoE layers' indices (Llama 4 `moe_layers`; when unset
     #: `sparse_step_key` = `interleave_moe_layer_step` decides, as Llama4TextConfig resolves it)
     moe_layers_key: str = ""
     #: config key of a dense layer's MLP size (Llama 4 Maverick: `intermediate_size_mlp`)
     dense_intermediate_key: str = "intermediate_size"
-    #: "softmax_topk": softmax over top-k logits weighting the expert OUTPUTS, only the routed tokens
-    #: reach an expert (Mixtral, Qwen: transformers' experts interface, grouped_mm / eager loop);
+    #: Llama 4: the MoE block's module path in the decoder layer ("feed_forward"); router_kind
     #: "sigmoid_input_scale": sigmoid of the top-k logits (0 elsewhere) scales each expert's INPUT and
-    #: every expert runs on all T tokens (two dense bmm over [E, T, .], Llama4TextMoe, no experts interface)
-    router_kind: str = "softmax_topk"
-    #: the router's module path in the decoder layer (its parent is the MoE block) and whether it
-    #: subclasses nn.Linear (Llama4Router does: bitsandbytes skips it -- it replaces `type(m) is
-    #: nn.Linear` only -- but peft's all-linear wraps it, and the wrapped router then fails)
-    router_name: str = "mlp.gate"
+    #: every expert runs on all T tokens (two dense bmm over [E, T, .], Llama4TextMoe, no experts
+    #: interface); the router subclasses nn.Linear (Llama4Router: bitsandbytes skips it -- it replaces
+    #: `type(m) is nn.Linear` only -- but peft's all-linear wraps it, and the wrapped router then fails)
+    block: str = "mlp"
     router_is_linear_subclass: bool = False
-    #: fused expert layout: "E_out_in" (gate_up_proj [E, 2I, H], down_proj [E, H, I]: Mixtral, Qwen) or
-    #: "E_in_out" (gate_up_proj [E, H, 2I], down_proj [E, I, H]: Llama4TextExperts)
-    experts_layout: str = "E_out_in"
-
-    @property
-    def block(self) -> str:
-        """The MoE block's module path in the decoder layer ("mlp"; Llama 4 "feed_forward")."""
-        return self.router_name.rsplit(".", 1)[0]
 
     def moe_layers(self, cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
         """Which decoder layers hold the sparse MoE block (the rest a dense MLP of `dense_intermediate_key`),
@@ -112,6 +112,9 @@ class Arch:
     "layer_types": the layers typed sliding_attention, defaulting as the family's config class
     does, see `layer_types`; "chunked": Llama 4's `attention_chunk_size` on its RoPE layers, see
     `rope_layers`).
+    attention_sinks: a learnable per-head logit `self_attn.sinks` [heads] joins every softmax (gpt_oss).
+    rotary_chunked: cos/sin are [B, S, rope_dim/2] (`emb = freqs`, no cat) and `_apply_rotary_emb`
+    rotates the two halves of q/k (chunk; x1·cos - x2·sin, x2·cos + x1·sin; cat): gpt_oss.
     default_layer_types: the config class's default when `layer_types` is absent: "alternate"
     (gemma2: sliding, full, ...), "pattern" (gemma3: every `sliding_window_pattern`-th layer full,
     default 6), "qwen" (sliding from `max_window_layers` on, only with `use_sliding_window`),
@@ -123,7 +126,19 @@ class Arch:
     families' default rope ignores it and only the non-default rope types (modeling_rope_utils.py:
     llama3, longrope, yarn, ...) apply it.
     defaults: the config class's defaults for keys a hub config.json may leave out (the Gemma 3
-    multimodal checkpoints name only the text keys that differ from Gemma3TextConfig's).
+    multimodal checkpoints name only the text keys that differ from Gemma3TextConfig's; gpt_oss:
+    attention_bias True, head_dim 64, ...).
+    qk_norm_scope: "head" (q_norm/k_norm over head_dim, per head: qwen3, gemma3) or "proj" (over the
+    whole q and k projections, q_dim and kv_dim wide, before the heads are split: olmo2).
+    post_norms: the layer normalises the attention and MLP outputs only (post_attention_layernorm,
+    post_feedforward_layernorm), never their inputs (olmo2).
+    norm_cast_last: RMSNorm returns `(weight * h).to(input_dtype)` (the product in fp32, cast last:
+    olmo2, gpt_oss) instead of llama's `weight * h.to(input_dtype)`.
+    rope_fp32: the rotary module returns fp32 cos/sin (no cast to the input's dtype) and
+    apply_rotary_pos_emb casts q_embed / k_embed back to q's and k's dtype (olmo2).
+    multipliers: granite's scalar multiplications, each a fresh tensor: `inputs_embeds *
+    embedding_multiplier`, `residual + out * residual_multiplier` after attention and after the MLP,
+    `logits / logits_scaling` (attention_multiplier is SDPA's `scale`, no tensor).
     """
 
     model_type: str
@@ -146,7 +161,14 @@ class Arch:
     default_layer_types: str = ""
     moe: MoELayout | None = None
     partial_rotary: bool = False
+    attention_sinks: bool = False
+    rotary_chunked: bool = False
     defaults: tuple[tuple[str, Any], ...] = ()
+    qk_norm_scope: str = "head"
+    post_norms: bool = False
+    norm_cast_last: bool = False
+    multipliers: bool = False
+    rope_fp32: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -162,7 +184,7 @@ _LLAMA4_MOE = MoELayout(
     "num_local_experts", "num_experts_per_tok", shared_expert_key="intermediate_size",
     sparse_step_key="interleave_moe_layer_step", moe_layers_key="moe_layers",
     dense_intermediate_key="intermediate_size_mlp", router_kind="sigmoid_input_scale",
-    router_name="feed_forward.router", router_is_linear_subclass=True, experts_layout="E_in_out")
+    router_name="router", block="feed_forward", router_is_linear_subclass=True, transposed=True, peft_names=())
 #: Llama4TextConfig's defaults (configuration_llama4.py) for keys a config.json may leave out
 _LLAMA4_DEFAULTS = (("num_local_experts", 16), ("num_experts_per_tok", 1), ("intermediate_size_mlp", 16384),
                     ("head_dim", 128), ("attention_chunk_size", 8192), ("interleave_moe_layer_step", 1))
@@ -191,6 +213,13 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # qkv_proj [q + 2 kv, H] and gate_up_proj [2I, H] (Phi3Attention, Phi3MLP)
     Arch("phi3", _SRC.format("phi3"), fused_qkv=True, fused_gate_up=True, qkv_bias=False, o_bias=False,
          sliding="config", partial_rotary=True),
+    # q_norm [q_dim] and k_norm [kv_dim] on the whole projections; post-attention and post-feedforward
+    # norms instead of pre-norms; Olmo2RMSNorm returns (weight * h).to(input_dtype)
+    Arch("olmo2", _SRC.format("olmo2"), qk_norm=True, qk_norm_scope="proj", post_norms=True,
+         norm_cast_last=True, rope_fp32=True),
+    # llama's layout with embedding_multiplier, residual_multiplier and logits_scaling
+    # (GraniteModel.forward, GraniteDecoderLayer.forward, GraniteForCausalLM.forward)
+    Arch("granite", _SRC.format("granite"), multipliers=True),
     Arch("mixtral", _SRC.format("mixtral"), qkv_bias=False, o_bias=False, sliding="config",
          moe=MoELayout("num_local_experts", "num_experts_per_tok",
                        peft_names=(("gate", "router"), ("w1", "gate_up"), ("w3", "gate_up"), ("w2", "down")))),
@@ -218,6 +247,19 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # the multimodal checkpoints (Llama4ForConditionalGeneration): model_from_config reads text_config
     # (llama4_text) for the decoder and counts the frozen vision tower + projector as `vision_params`
     Arch("llama4", _SRC.format("llama4"), sliding="chunked", moe=_LLAMA4_MOE, defaults=_LLAMA4_DEFAULTS),
+    # q/k/v/o with bias (attention_bias, default True), per-head attention sinks; no SDPA in 5.24
+    # (_supports_sdpa = False: from_pretrained raises for "sdpa"; eager, flex and the hub flash kernels
+    # of _compatible_flash_implementations take the sinks); sliding (128) / full alternating by
+    # layer_types; one YaRN rotary module; GptOssTopKRouter weight [E, H] + bias [E]; GptOssExperts
+    # gate_up_proj [E, H, 2I] (+ bias [E, 2I]), down_proj [E, I, H] (+ bias [E, H]), interleaved
+    # gate/up, clamped SwiGLU (configuration_gpt_oss.py for the defaults)
+    Arch("gpt_oss", _SRC.format("gpt_oss"), sdpa=False, sliding="layer_types", default_layer_types="alternate",
+         attention_sinks=True, norm_cast_last=True, rotary_chunked=True,
+         moe=MoELayout("num_local_experts", "num_experts_per_tok", router_name="router", router_bias=True,
+                       router_kind="topk_softmax", expert_bias=True, transposed=True, activation="clamped_swiglu",
+                       peft_names=()),
+         defaults=(("attention_bias", True), ("head_dim", 64), ("sliding_window", 128),
+                   ("num_local_experts", 128), ("num_experts_per_tok", 4), ("tie_word_embeddings", False))),
 )}
 
 SUPPORTED = tuple(ARCHITECTURES)

@@ -93,7 +93,7 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     if not model.tie_word_embeddings:
         tensors.append(model.lm_head_params)
     tensors.append(H)  # final norm
-    router = f"{model.arch.moe.router_name}.weight" if model.is_moe and model.arch.moe.router_is_linear_subclass else ""
+    router = f"{model.arch.moe.block}.{model.arch.moe.router_name}.weight" if model.is_moe and model.arch.moe.router_is_linear_subclass else ""
     per_layer = [n for name, n in model.layer_norms if name != router]  # a Linear router: base_weights
     biases = [lin.out_features for lin in model.layer_linears if lin.bias]
     if model.is_moe:
@@ -281,8 +281,11 @@ def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda:
                     d += _r(4 * ceil(n / BNB_STATE_BLOCK), rnd)
         dev += k * d
         paged += k * p
-    if spec.bits == 8 and any(r * c >= MIN_8BIT_SIZE for (r, c), _, _ in groups):
-        dev += spec.states * _r(256 * 4, rnd)  # the shared dynamic quantization maps (qmap1/qmap2)
+    # the shared dynamic quantization maps (qmap1/qmap2): made on the CPU by the optimizer's __init__
+    # (bitsandbytes optim/optimizer.py Optimizer8bit `fill_qmap`), copied to the device by the first
+    # 8-bit state's init_state
+    if spec.bits == 8 and (not cuda or any(r * c >= MIN_8BIT_SIZE for (r, c), _, _ in groups)):
+        dev += spec.states * _r(256 * 4, rnd)
     return dev, paged
 
 

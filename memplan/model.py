@@ -46,6 +46,11 @@ class ModelSpec:
     gate/up/down MLP of `intermediate_size`). `layer_kinds` is empty when every layer is alike (all
     dense models, Mixtral, and Qwen MoE checkpoints whose layers are all MoE): then
     `num_layers × layer_*` is the whole stack, as before.
+    `layer_norms` holds every per-layer parameter that is neither an nn.Linear nor a fused expert
+    weight: the norms, the router (`mlp.gate.weight`; gpt_oss `mlp.router.weight` + `mlp.router.bias`),
+    gpt_oss's attention sinks (`self_attn.sinks` [heads]) and expert biases
+    (`mlp.experts.gate_up_proj_bias` [E, 2I], `mlp.experts.down_proj_bias` [E, H]). None of them is
+    an nn.Linear, so bitsandbytes leaves them 16-bit and prepare upcasts them to fp32.
     """
 
     name: str
@@ -91,6 +96,8 @@ class ModelSpec:
     dense_layer_norms: tuple[tuple[str, int], ...] = ()
     #: the router renormalises its top-k weights (Qwen `norm_topk_prob`; always for Mixtral)
     norm_topk_prob: bool = True
+    #: `output_router_logits`: every layer's router logits kept for the load-balancing aux loss
+    router_aux_loss: bool = False
     #: dimensions the rotary embedding covers: head_dim, or int(head_dim * partial_rotary_factor)
     #: (Phi-4-mini: 96 of 128); 0 reads as head_dim
     rotary_dim: int = 0
@@ -122,6 +129,9 @@ class ModelSpec:
     vision_other_tensors: tuple[int, ...] = field(default=(), repr=False)
     #: bytes of the towers' buffers (SigLIP position_ids: int64 [1, patches])
     vision_buffer_bytes: int = 0
+    #: config `attention_dropout` (granite-3.0/3.1 ship 0.1): applied by the attention in training;
+    #: NB not modelled by the closed form (estimate notes it)
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arch is None:
@@ -309,18 +319,32 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
                     Linear(f"{blk}.shared_expert.down_proj", H, I_shared, False, "mlp")]
     if arch.moe is not None and arch.moe.shared_expert_gate:
         linears.append(Linear(f"{blk}.shared_expert_gate", 1, H, False, "shared_gate"))
-    norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
+    if arch.post_norms:  # olmo2: no input_layernorm, a norm after the MLP instead
+        norms = [("post_attention_layernorm", H), ("post_feedforward_layernorm", H)]
+    else:
+        norms = [("input_layernorm", H), ("post_attention_layernorm", H)]
     if arch.sandwich_norms:
         norms += [("pre_feedforward_layernorm", H), ("post_feedforward_layernorm", H)]
     if arch.qk_norm:
-        norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+        if arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+            norms += [("self_attn.q_norm", qd), ("self_attn.k_norm", kvd)]
+        else:
+            norms += [("self_attn.q_norm", hd), ("self_attn.k_norm", hd)]
+    if arch.attention_sinks:
+        norms += [("self_attn.sinks", nh)]
     dense_norms = tuple(norms)
     kinds: tuple[str, ...] = ()
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
         # NB: Llama4Router subclasses nn.Linear, but bitsandbytes skips it (`type(m) is nn.Linear`): a
         # plain [E, H] parameter as well
-        norms += [(f"{arch.moe.router_name}.weight", E * H)]
+        router = arch.moe.router_name
+        norms += [(f"{blk}.{router}.weight", E * H)]
+        if arch.moe.router_bias:
+            norms += [(f"{blk}.{router}.bias", E)]
+        if arch.moe.expert_bias:
+            Ie = I_moe or I
+            norms += [(f"{blk}.experts.gate_up_proj_bias", E * 2 * Ie), (f"{blk}.experts.down_proj_bias", E * H)]
         moe_layers = arch.moe.moe_layers(cfg, L)
         if not all(moe_layers):
             kinds = tuple("moe" if m else "dense" for m in moe_layers)
@@ -347,6 +371,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         arch=arch, rotary_modules=rotary_modules, rotary_dim=_rotary_dim(arch, cfg, hd), rope_type=_rope_type(cfg),
         **(vision or {}),
         norm_topk_prob=bool(cfg.get(arch.moe.norm_topk_key, False)) if arch.moe and arch.moe.norm_topk_key else True,
+        router_aux_loss=bool(arch.moe and cfg.get("output_router_logits")),
         moe_intermediate_size=I_moe, shared_expert_intermediate_size=I_shared, layer_kinds=kinds,
         dense_layer_linears=tuple(attn_linears + dense_mlp) if kinds else (),
         dense_layer_norms=dense_norms if kinds else (),
@@ -354,6 +379,7 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         attention_chunk_size=cfg.get("attention_chunk_size") if chunked and "chunked_attention" in types else None,
         unloaded_vision_params=unloaded, l2_qk_norm=chunked and bool(cfg.get("use_qk_norm", True)),
         attn_temperature_tuning=chunked and bool(cfg.get("attn_temperature_tuning", True)),
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0),
     )
 
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 from .catalogue import list_gpus, load_gpu, resolve_model
 from .errors import MemplanError, UnsupportedArchitectureError
-from .estimate import Estimate, estimate
+from .estimate import Estimate, estimate, required_changes
 from .fit import Fit, gpu_fix, gpu_support
 from .gpu import GPUSpec
 from .headroom import check_reserve, fit_limit_bytes
@@ -236,6 +236,8 @@ class Recommendation:
     #: the plan the limits and changes are about: the plan as given, or, when the GPU cannot run it as
     #: planned, the plan with `fit.fix` applied
     run_plan: TrainPlan | None = field(default=None, repr=False)
+    #: flags the real stack needs before the plan as given runs at all ("" = none); `plan` has them applied
+    required_flags: str = ""
 
     @property
     def verdict(self) -> str:
@@ -266,6 +268,7 @@ class Recommendation:
             "paged_bytes": e.paged_bytes,
             "change_margin_bytes": self.margin_bytes,
             "run_plan": plan_dict(self.run_plan or self.plan),
+            "required_flags": self.required_flags or None,
             "headroom_bytes": self.headroom_bytes,
             # null when nothing fits (the text says "none"), as when the search was not run
             "max_batch_size": {"value": self.max_batch_size or None, "seq_len": self.plan.seq_len,
@@ -585,10 +588,14 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     if p.device != "cuda":
         raise MemplanError("recommend sizes a GPU run; drop --device cpu (or use `memplan estimate --device cpu`)")
     g = load_gpu(gpu)
+    p, required = required_changes(spec, p)
     est = Estimator(spec, g, simulate_budget)
     verdict = Fit.of(est(p), reserve)
     e = verdict.estimate
     notes = ([device_note] if device_note else []) + list(verdict.notes)
+    if required:
+        notes.insert(0, f"the real stack refuses the plan as given: run it with {required} (every figure here is "
+                        "for that plan; the notes below say why)")
     skipped: list[str] = []
     run = p
     fix_changes: dict[str, Any] = {}
@@ -637,4 +644,5 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
                           headroom_bytes=verdict.headroom_bytes, max_batch_size=mb, max_batch_capped=mb_cap,
                           max_seq_len=ms, max_seq_len_capped=ms_cap, changes=tuple(changes),
                           not_enough=tuple(not_enough), combined=combined, smallest_gpu=smallest,
-                          gpus=fleet, notes=tuple(notes), fit=verdict, margin_bytes=est.margin, run_plan=run)
+                          gpus=fleet, notes=tuple(notes), fit=verdict, margin_bytes=est.margin, run_plan=run,
+                          required_flags=required)

@@ -116,6 +116,29 @@ CASES = [
     ("mixtral-8x7b-no-gc-seq2048", "mixtral-8x7b", dict(gradient_checkpointing=False, seq_len=2048)),
     ("mixtral-8x7b-attention-lora", "mixtral-8x7b", dict(target_modules="q_proj,k_proj,v_proj,o_proj",
                                                          optim="adamw_torch")),
+    ("qwen3-30b-a3b-default", "qwen3-30b-a3b", {}),
+    ("qwen3-30b-a3b-no-gc-seq2048", "qwen3-30b-a3b", dict(gradient_checkpointing=False, seq_len=2048)),
+    ("qwen1.5-moe-a2.7b-default", "qwen1.5-moe-a2.7b", {}),
+    ("qwen2-57b-a14b-seq2048", "qwen2-57b-a14b", dict(seq_len=2048)),
+    # olmo2: post norms, q/k norms over the whole projections (issue 10)
+    ("olmo2-7b-default", "olmo-2-7b", {}),
+    ("olmo2-7b-no-gc", "olmo-2-7b", dict(gradient_checkpointing=False)),
+    ("olmo2-7b-lora", "olmo-2-7b", dict(method="lora", optim="adamw_torch_fused")),
+    ("olmo2-13b-fp32-seq64", "olmo-2-13b", dict(mixed_precision="no", lora_dropout=0.0, seq_len=64)),
+    ("olmo2-32b-no-prepare-seq256", "olmo-2-32b", dict(prepare=False, mixed_precision="no", seq_len=256)),
+    # granite: embedding / residual multipliers, logits_scaling (issue 10)
+    ("granite3.3-8b-default", "granite-3.3-8b", {}),
+    ("granite3.3-8b-no-gc", "granite-3.3-8b", dict(gradient_checkpointing=False)),
+    ("granite3.3-8b-lora", "granite-3.3-8b", dict(method="lora", optim="adamw_torch_fused")),
+    ("granite3.3-8b-lora-seq64", "granite-3.3-8b", dict(method="lora", seq_len=64)),
+    ("granite3.3-8b-eager-seq2048", "granite-3.3-8b", dict(attn_implementation="eager", seq_len=2048, lora_dropout=0.0,
+                                                            optim="adamw_torch")),
+    # gpt-oss (gpt_oss): eager attention with sinks, sliding/full alternating, frozen biased experts; fp32
+    # experts on cpu, bf16 (no prepare, as check_plan resolves) on cuda
+    ("gpt-oss-20b-default", "gpt-oss-20b", {}),
+    ("gpt-oss-20b-no-gc", "gpt-oss-20b", dict(gradient_checkpointing=False)),
+    ("gpt-oss-20b-seq2048", "gpt-oss-20b", dict(seq_len=2048)),
+    ("gpt-oss-120b-no-gc-seq2048", "gpt-oss-120b", dict(gradient_checkpointing=False, seq_len=2048)),
     # Llama 4 Scout (2 layers: RoPE + chunked, all MoE): all-linear becomes the Linears minus the router
     # (check_plan); the experts are dense bmm over every token, fp32 after prepare with bf16 copies saved
     ("llama4-scout-default", "llama-4-scout", {}),
@@ -128,7 +151,8 @@ DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
 LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward", "attention_backward", "experts_backward",
                "experts_unpermute_backward", "experts_act_backward",
-               "experts_gate_up_backward", "moe_backward_start", "dense_experts_backward", "experts_input_backward")
+               "experts_gate_up_backward", "post_norm_backward", "moe_backward_start", "dense_experts_backward",
+               "experts_input_backward")
 #: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
 ROUNDING_SLACK = 4096
 

@@ -452,7 +452,8 @@ def moment_label(m: Moment, num_layers: int) -> str:
     if m.layer is None or m.kind == "forward":
         return _MOMENT_LABELS.get(m.kind, m.name)
     which = f"layer {m.layer}" + (" (last)" if m.layer == num_layers - 1 else " (first)" if m.layer == 0 else "")
-    what = {"recompute": "recompute", "dequant": "4-bit bwd", "attention_backward": "attention bwd"}.get(m.kind, "MLP bwd")
+    what = {"recompute": "recompute", "dequant": "4-bit bwd", "attention_backward": "attention bwd",
+            "post_norm_backward": "norm bwd"}.get(m.kind, "MLP bwd")
     return f"{which}\n{what}"
 
 

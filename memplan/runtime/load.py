@@ -24,13 +24,22 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 
 def hf_config(config: dict[str, Any]):
-    """A transformers PretrainedConfig from config.json values."""
+    """A transformers PretrainedConfig from config.json values.
+
+    A pre-quantized checkpoint's MXFP4 `quantization_config` (gpt-oss: experts stored as MXFP4
+    blocks/scales) is dropped: training runs on the dequantized bf16 experts (what
+    `Mxfp4Config(dequantize=True)` loads, and what a bf16 copy loaded with `BitsAndBytesConfig` holds;
+    the MXFP4 checkpoint itself refuses a BitsAndBytesConfig: transformers 5.24 quantizers/auto.py
+    `merge_quantization_configs` raises ValueError), so that is the model memplan builds.
+    """
     from transformers import AutoConfig
 
     cfg = copy.deepcopy(dict(config))  # transformers edits nested dicts (rope_scaling) in place
     model_type = cfg.pop("model_type")
     for k in ("architectures", "transformers_version", "_name_or_path"):
         cfg.pop(k, None)
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        cfg.pop("quantization_config")
     return AutoConfig.for_model(model_type, **cfg)
 
 

@@ -29,6 +29,7 @@ afterwards, which the tests check):
 - `fastmeta`: outputs of simple ops computed directly instead of torch's slow Python meta kernels
   (checked against torch's by `LiveTensorTracker.check_fast`).
 - `moe`: mixture-of-experts layers (patch 8).
+- `moe_gpt_oss`: gpt_oss's eager experts loop with balanced routing (patch 12).
 - `patches`: transformers' packed-sequence check (patch 1), the optimizer on meta (patch 7), the
   checkpoint's CPU RNG snapshot (patch 10), and the set of patches entered for the steps.
 - `result`: `SimulateResult` and its `to_dict()` (the `memplan.simulate/1` JSON).

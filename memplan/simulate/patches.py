@@ -25,7 +25,7 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
 `step_patches` enters, for the steps, the emulation mode (`emulation.MetaEmulation`: patches 2, 3
 and 6) with its autocast stand-ins (``torch.autocast``/``torch.amp.autocast`` accept
 ``device_type="meta"``, ``torch.clear_autocast_cache`` also clears the emulated weight cache, and on
-``"cuda"`` ``torch.is_autocast_enabled()`` reports the carrier), the MoE patches (`moe`, patch 8) and
+``"cuda"`` ``torch.is_autocast_enabled()`` reports the carrier), the MoE patches (`moe`, patch 8; `moe_gpt_oss`, patch 12) and
 the int8 matmul choice (`kernels`, patch 4).
 """
 
@@ -97,6 +97,7 @@ def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
 
     from .kernels import int8_matmul_patch
     from .moe import experts_patch, grouped_mm_patch
+    from .moe_gpt_oss import gpt_oss_experts_patch
 
     orig_clear = torch.clear_autocast_cache
     orig_enabled = torch.is_autocast_enabled
@@ -139,6 +140,7 @@ def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
         st.enter_context(patch_attr(torch.amp, "autocast", autocast))
         st.enter_context(grouped_mm_patch(device))
         st.enter_context(experts_patch())
+        st.enter_context(gpt_oss_experts_patch())
         st.enter_context(int8_matmul_patch(device))
         if device == "cuda":
             st.enter_context(patch_attr(torch, "is_autocast_enabled", is_autocast_enabled))

@@ -72,12 +72,17 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
         assert linears == {l.name: (l.out_features, l.in_features) for l in lin}
         biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
         assert biases == {l.name for l in lin if l.bias}
-        # norms and the router weight (Llama4Router: an nn.Linear subclass, not `type(m) is nn.Linear`);
-        # Qwen2-MoE's shared_expert_gate is an nn.Linear, listed above
+        # every parameter outside the Linears and the fused expert weights: norms, routers (Llama4Router is an
+        # nn.Linear subclass, not `type(m) is nn.Linear`), sinks, expert biases
+        in_linear = {f"{n}.{w}" for n, m in layer.named_modules() if type(m) is torch.nn.Linear
+                     for w in ("weight", "bias")}
         norms = {n: p.numel() for n, p in layer.named_parameters()
-                 if ("norm" in n or n.endswith("gate.weight") or n.endswith("router.weight"))
-                 and n.rsplit(".", 1)[0] not in linears}
-        assert norms == {(n if n.endswith(".weight") else n + ".weight"): k for n, k in nrm}
+                 if n not in in_linear and not n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        assert norms == {(n if n.endswith((".weight", ".bias", "_bias", ".sinks")) else n + ".weight"): k
+                         for n, k in nrm}
+    experts = sum(p.numel() for n, p in kinds[0][0].named_parameters()
+                  if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert experts == spec.expert_params_per_layer
     if e["config"].get("model_type") == "llama4":  # the vision tower + projector AutoModelForCausalLM drops
         with torch.device("meta"):
             full = transformers_mod.AutoModelForImageTextToText.from_config(hf_config(copy.deepcopy(e["config"])))
