@@ -962,12 +962,19 @@ class LayerModel:
         li = self.layer_in
         self.moe_stale = w.unsaved_at_last_save - (li.nbytes if li.sid in w.live and li.sid not in w.saved else 0)
         self.moe_stale_shared = Lin()
-        if self.dropout > 0 and self.cpu and self.targeted(self.lins["down_proj"]):
-            # NB measured on CPU (real steps, simulate): the shared down_proj's dropout output is still
-            # referenced, and its 4-bit base output in the compute dtype; released by its backward
-            self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt
-            if self.quantized:
-                self.moe_stale_shared = self.moe_stale_shared + T * H * self.cd
+        down = self.lins["down_proj"]
+        if self.cpu and self.targeted(down) and self.quantized and self.p.quant != "int8":
+            # NB measured on CPU (real steps, simulate): at the recompute's stop the shared down_proj's 4-bit
+            # base output (compute dtype) is still referenced; without dropout its defensive clone is not
+            # (the stop comes after it is released); with dropout the stop comes inside lora_A (its dropout
+            # output referenced, lora_B's 16-bit weight copy not made), and these are released by the
+            # down projection's backward
+            oc = T * H * self.cd
+            if self.dropout == 0:
+                self.moe_stale = self.moe_stale + oc - T * H * _promote(self.cd, x.dt)
+            else:
+                b_copy = down.out_features * self.r * self.ac if self.ac and self.p.precision.adapter_copies else 0
+                self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt + oc - b_copy
             self.moe_stale = self.moe_stale + self.moe_stale_shared
         return out
 

@@ -349,6 +349,9 @@ MOMENT_KINDS = {
                                "the experts' down projection backward of layer {i} of {L} (Llama 4: every expert "
                                "on every token): [experts x tokens x intermediate] gradients in flight, the "
                                "16-bit expert weight copies alive"),
+    "dense_experts_act_backward": ("experts_act_backward:{i}", _BACKWARD,
+                                   "the experts' activation backward of layer {i} of {L} (Llama 4: every expert "
+                                   "on every token): three [experts x tokens x intermediate] gradients in flight"),
     "experts_input_backward": ("experts_input_backward:{i}", _BACKWARD,
                                "the backward of layer {i}'s score-scaled expert input (of {L}, Llama 4): three "
                                "fp32 [experts*tokens x hidden] gradients in flight"),
@@ -606,6 +609,9 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
       saved tensor alive (the down weight's 16-bit copy too); in flight the arriving gradient, its
       cast, the [E, T, H] gradient and the input gradient [E, T, I] (the largest routed instant: the
       next ones release the weight copies, 6EHI bytes, before making at most 12ETH fp32);
+    - the activation's backward (up * act_fn(gate) run backward): the down weight's copy and the
+      stopped recompute's locals released, the shared expert's LoRA gradients made; three [E, T, I]
+      gradients in flight with the arriving one and the shared expert's input gradient;
     - the score-scaled input's backward (`experts_input_backward`).
     With (non-reentrant) checkpointing the locals alive at the recompute's stop stay referenced
     through the layer's backward (`ActivationProfile.moe_stale`).
@@ -614,6 +620,8 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
     H, I, E, dt = m.hidden_size, m.expert_intermediate_size, m.num_experts, ap.moe_dt
     cd = s.plan.precision.compute
     stale = ap.moe_stale if s.plan.gradient_checkpointing and not s.plan.use_reentrant else 0
+    if stale and s.rng_state:  # CPU: the recompute's fork_rng snapshot is referenced with the stopped frames
+        stale += s.rng_state
     arriving = r(T * H * ap.stream_dt)
     routed_grad = r(T * H * dt) + r(E * T * H * dt)
     saved_i = ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes
@@ -635,6 +643,13 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
         stale -= r(T * m.shared_expert_intermediate_size * ap.prod_dt)
     out.append(s.moment("dense_experts_backward", lb.i, lb.grads, lb.fixed + saved + stale, 0,
                         arriving + routed_grad + r(E * T * I * dt)))
+    # the activation's backward: the down weight's copy released, and the locals of the stopped recompute
+    # (measured); in flight the arriving gradient, the shared expert's input gradient [T, H] and three
+    # [E, T, I] gradients; the shared expert's LoRA gradients made
+    shared_lora = sum(F.lora_bytes(lin, s.plan, 512 if s.plan.device == "cuda" else 1)
+                      for lin in F.lora_targets(m, s.plan) if ".shared_expert." in lin.name)
+    out.append(s.moment("dense_experts_act_backward", lb.i, lb.grads + shared_lora,
+                        lb.fixed + saved - ap.moe_mid, 0, arriving + r(T * H * ap.stream_dt) + 3 * r(E * T * I * dt)))
     out.append(s.moment("experts_input_backward", lb.i, lb.grads,
                         lb.fixed + saved + stale - ap.moe_late - ap.moe_mid - ap.moe_act, 0,
                         arriving + 3 * r(E * T * H * 4)))

@@ -152,7 +152,7 @@ DEVICES = ("cpu", "cuda")
 LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward", "attention_backward", "experts_backward",
                "experts_unpermute_backward", "experts_act_backward",
                "experts_gate_up_backward", "post_norm_backward", "moe_backward_start", "dense_experts_backward",
-               "experts_input_backward")
+               "dense_experts_act_backward", "experts_input_backward")
 #: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
 ROUNDING_SLACK = 4096
 
