@@ -964,17 +964,16 @@ class LayerModel:
         self.moe_stale_shared = Lin()
         down = self.lins["down_proj"]
         if self.cpu and self.targeted(down) and self.quantized and self.p.quant != "int8":
-            # NB measured on CPU (real steps, simulate): at the recompute's stop the shared down_proj's 4-bit
-            # base output (compute dtype) is still referenced; without dropout its defensive clone is not
-            # (the stop comes after it is released); with dropout the stop comes inside lora_A (its dropout
-            # output referenced, lora_B's 16-bit weight copy not made), and these are released by the
-            # down projection's backward
-            oc = T * H * self.cd
-            if self.dropout == 0:
-                self.moe_stale = self.moe_stale + oc - T * H * _promote(self.cd, x.dt)
-            else:
+            # NB measured on CPU (real steps, simulate): the shared down_proj's 4-bit base output (compute
+            # dtype) stays referenced with the stopped recompute's frames, its defensive clone does not
+            # (without dropout the stop comes after it is released); with dropout the stop comes inside
+            # lora_A: the clone and the dropout output referenced, lora_B's 16-bit weight copy not made --
+            # those released by the down projection's backward
+            clone = T * H * _promote(self.cd, x.dt)
+            self.moe_stale = self.moe_stale + T * H * self.cd - clone
+            if self.dropout > 0:
                 b_copy = down.out_features * self.r * self.ac if self.ac and self.p.precision.adapter_copies else 0
-                self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt + oc - b_copy
+                self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt + clone - b_copy
             self.moe_stale = self.moe_stale + self.moe_stale_shared
         return out
 
