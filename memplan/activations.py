@@ -342,7 +342,7 @@ class LayerModel:
         """
         w, T, r, n_out, ac = self.w, self.T, self.r, self.T * lin.out_features, self.ac
         if self.quantized and self.p.quant != "int8":  # peft Linear4bit defensively clones the base output
-            c = w.new(n_out, res.dt, x.rg)
+            c = self.last_clone = w.new(n_out, res.dt, x.rg)
             w.drop(res)
             res = c
         conv = not self.quantized or not ac or self.cpu
@@ -963,15 +963,15 @@ class LayerModel:
         self.moe_stale = w.unsaved_at_last_save - (li.nbytes if li.sid in w.live and li.sid not in w.saved else 0)
         self.moe_stale_shared = Lin()
         down = self.lins["down_proj"]
-        if self.cpu and self.targeted(down) and self.quantized and self.p.quant != "int8":
-            # NB measured on CPU (real steps, simulate): the shared down_proj's 4-bit base output (compute
-            # dtype) stays referenced with the stopped recompute's frames, its defensive clone does not
+        if self.targeted(down) and self.quantized and self.p.quant != "int8":
+            # NB measured on CPU (real steps, simulate; CUDA: simulate): the shared down_proj's 4-bit base
+            # output (compute dtype) stays referenced with the stopped recompute's frames, its defensive clone not
             # (without dropout the stop comes after it is released); with dropout the stop comes inside
             # lora_A: the clone and the dropout output referenced, lora_B's 16-bit weight copy not made --
             # those released by the down projection's backward
-            clone = T * H * _promote(self.cd, x.dt)
+            clone = self.last_clone.nbytes
             self.moe_stale = self.moe_stale + T * H * self.cd - clone
-            if self.dropout > 0:
+            if self.dropout > 0 and self.cpu:  # NB CUDA: checked against simulate where it is not the peak
                 b_copy = down.out_features * self.r * self.ac if self.ac and self.p.precision.adapter_copies else 0
                 self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt + clone - b_copy
             self.moe_stale = self.moe_stale + self.moe_stale_shared
