@@ -289,7 +289,8 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
-    layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes + _nope(model, ap, 1, L)
+    layers_saved = (L * ap.layer_input_bytes if gc
+                    else ap.first_layer_bytes + (L - 1) * ap.layer_bytes + _nope(model, ap, 1, L))
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
                 layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved

@@ -93,7 +93,8 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     if not model.tie_word_embeddings:
         tensors.append(model.lm_head_params)
     tensors.append(H)  # final norm
-    router = f"{model.arch.moe.block}.{model.arch.moe.router_name}.weight" if model.is_moe and model.arch.moe.router_is_linear_subclass else ""
+    moe = model.arch.moe if model.is_moe else None
+    router = f"{moe.block}.{moe.router_name}.weight" if moe is not None and moe.router_is_linear_subclass else ""
     per_layer = [n for name, n in model.layer_norms if name != router]  # a Linear router: base_weights
     biases = [lin.out_features for lin in model.layer_linears if lin.bias]
     if model.is_moe:

@@ -309,7 +309,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if arch.fused_gate_up:
         dense_mlp = [Linear(f"{blk}.gate_up_proj", 2 * Id, H, mlp_bias, "mlp")]
     else:
-        dense_mlp = [Linear(f"{blk}.gate_proj", Id, H, mlp_bias, "mlp"), Linear(f"{blk}.up_proj", Id, H, mlp_bias, "mlp")]
+        dense_mlp = [Linear(f"{blk}.gate_proj", Id, H, mlp_bias, "mlp"),
+                     Linear(f"{blk}.up_proj", Id, H, mlp_bias, "mlp")]
     dense_mlp.append(Linear(f"{blk}.down_proj", H, Id, mlp_bias, "mlp"))
     if arch.moe is None:
         linears += dense_mlp
