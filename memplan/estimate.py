@@ -278,7 +278,8 @@ class Step(NamedTuple):
 
 def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
     """Llama 4: what the NoPE layers among layers lo..hi-1 save beyond a RoPE layer (`layer_bytes` is a
-    RoPE layer's). NB layer 0's own set and a moment's own layer are taken as RoPE layers'."""
+    RoPE layer's). NB layer 0's own set, and a NoPE layer's forward and recompute, are taken as a RoPE
+    layer's."""
     if not ap.nope_delta:
         return 0
     return ap.nope_delta * sum(1 for rope in model.layer_rope[lo:hi] if not rope)
@@ -436,7 +437,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
         # the masks are the checkpointed layers' arguments: once every layer above is done only layer
         # 0's own type is still referenced (gpt_oss sliding/full; measured on CPU steps)
         fixed -= ap.mask_bytes // n_types * (n_types - 1)
-    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    saved_i = (ap.first_layer_bytes if i == 0 else ap.layer_bytes) + (_nope(s.model, ap, i, i + 1) if i else 0)
     return LayerBackward(i, fixed, fixed + saved_i - ap.down_saved,
                          grads if s.ga_grads else grads // L * (L - 1 - i))
 
@@ -625,7 +626,7 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
         stale += s.rng_state
     arriving = r(T * H * ap.stream_dt)
     routed_grad = r(T * H * dt) + r(E * T * H * dt)
-    saved_i = ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes
+    saved_i = (ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes) + (_nope(m, ap, lb.i, lb.i + 1) if lb.i else 0)
     out = [s.moment("moe_backward_start", lb.i, lb.grads, lb.fixed + saved_i + stale, 0, arriving + routed_grad)]
     if stale:
         stale -= ap.moe_stale_shared
@@ -639,7 +640,7 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
                                 "the input gradient made"))
         else:  # NB CUDA: taken as a dense layer's (checked against simulate only: never the peak there)
             out.append(_plus(dequant_backward_moment(s, lb), stale))
-    saved = (ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes) - ap.moe_tail
+    saved = saved_i - ap.moe_tail
     if stale:  # the shared expert's product (down_proj's input) is released by its backward (measured)
         stale -= r(T * m.shared_expert_intermediate_size * ap.prod_dt)
     out.append(s.moment("dense_experts_backward", lb.i, lb.grads, lb.fixed + saved + stale, 0,
@@ -671,7 +672,12 @@ def moments(s: Step) -> tuple[Moment, ...]:
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
-    for i in ((last, 0) if gc and last else (last,)):
+    layers = [last, 0] if gc and last else [last]
+    rope = s.model.layer_rope
+    if rope and not rope[last] and any(rope[1:]):
+        # Llama 4: a NoPE layer saves less than a RoPE one, so the last RoPE layer is checked too
+        layers.insert(1, max(i for i in range(1, last + 1) if rope[i]))
+    for i in dict.fromkeys(layers):
         lb = layer_backward_state(s, i)
         if gc:
             out.append(recompute_moment(s, lb))
