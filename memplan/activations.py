@@ -121,6 +121,7 @@ class Walk:
     moments: list[Lin] = field(default_factory=list)
     last_save: int = 0
     copies: Lin = field(default_factory=Lin)  # saved autocast copies of LoRA weights
+    unsaved_at_last_save: Lin = field(default_factory=Lin)  # live locals when the last tensor was saved
     # module frames, to tell activations from temporaries as the tracker does (`split`)
     frames: list[int] = field(default_factory=lambda: [0])
     born: dict[int, int] = field(default_factory=dict)                 # sid -> frame that made it
@@ -173,6 +174,7 @@ class Walk:
                 self.saved.add(t.sid)
                 self.saved_bytes = self.saved_bytes + t.nbytes
         self.last_save = len(self.moments)
+        self.unsaved_at_last_save = self.live_bytes - self.saved_bytes
 
     def mark(self, transient: "Lin | int" = 0) -> None:
         self.moments.append(self.live_bytes + transient)
@@ -233,6 +235,8 @@ class LayerModel:
         self.expert_targets = expert_targets(model, plan)
         self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
         self.moe_dt, self.moe_sw_dt = 0, 4
+        self.moe_stale = self.moe_stale_shared = Lin()
+        self.nope = False  # Llama 4: walk a NoPE layer (no rotary, no qk norm; temperature tuning)
         self.leaf_sid = -1  # the layer input when it is a leaf (a checkpointed layer's recompute)
         self.cast_cache: dict[int, Sym] = {}
 
@@ -344,7 +348,7 @@ class LayerModel:
         """
         w, T, r, n_out, ac = self.w, self.T, self.r, self.T * lin.out_features, self.ac
         if self.quantized and self.p.quant != "int8":  # peft Linear4bit defensively clones the base output
-            c = w.new(n_out, res.dt, x.rg)
+            c = self.last_clone = w.new(n_out, res.dt, x.rg)
             w.drop(res)
             res = c
         conv = not self.quantized or not ac or self.cpu
@@ -435,7 +439,11 @@ class LayerModel:
             q = self.linear(x, lins["q_proj"])
             k = self.linear(x, lins["k_proj"])
             v = self.linear(x, lins["v_proj"])
-        if m.arch.qk_norm and m.arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
+        if m.layer_rope and self.nope:  # Llama 4's NoPE layers: attention temperature tuning on q only
+            q = self._temperature_llama4(q)
+        elif m.layer_rope:  # Llama 4: rotary as a complex product, then the weightless L2 qk norm
+            q, k = self._rope_llama4(q, k)
+        elif m.arch.qk_norm and m.arch.qk_norm_scope == "proj":  # olmo2: over the whole projections
             qn = self.norm(q, m.q_dim, T)
             kn = self.norm(k, m.kv_dim, T)
             w.drop(q, k)
@@ -446,7 +454,9 @@ class LayerModel:
             w.drop(q, k)
             q, k = qn, kn
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
-        if m.arch.rotary_chunked:
+        if m.layer_rope:
+            qe, ke = q, k
+        elif m.arch.rotary_chunked:
             qe = self._rope_chunked(q, T * (m.q_dim // 2), cos_dt)
             ke = self._rope_chunked(k, T * (m.kv_dim // 2), cos_dt)
         else:
@@ -602,6 +612,59 @@ class LayerModel:
         o = self.linear(out, lins["o_proj"])
         w.drop(out)
         return o
+
+    def _temperature_llama4(self, q: Sym) -> Sym:
+        """Llama 4's NoPE layers with `attn_temperature_tuning`: (q * attn_scales).to(q.dtype), the fp32
+        scales [1, S, 1, 1] (made from an arange, expanded over the batch) saved by the mul for q's
+        gradient. NB the scales are counted as [T] (exact for batch 1)."""
+        w = self.w
+        if not self.m.attn_temperature_tuning:
+            return q
+        with w.frame():
+            pos = w.new(self.T, 8, False)
+            sc = w.new(self.T, 4, False)
+            w.drop(pos)
+        if q.rg:
+            w.save(sc)
+        prod = w.new(q.numel, _promote(q.dt, 4), q.rg)
+        out = w.cast(prod, q.dt)
+        w.drop(*{sc, prod, q} - {out})
+        return out
+
+    def _rope_llama4(self, q: Sym, k: Sym) -> tuple[Sym, Sym]:
+        """Llama 4's RoPE layers (modeling_llama4.py apply_rotary_emb, Llama4TextL2Norm): x.float()
+        viewed as complex, times freqs_cis (complex64, no grad: the mul saves only freqs_cis, a view of
+        the model-level tensor), view_as_real, .type_as(x); then with `use_qk_norm` the L2 norm
+        x.float() * rsqrt(mean(x²) + eps) (pow and mul save the fp32 input, rsqrt its output), .type_as.
+        The caller drops q and k afterwards (they are the returned tensors where nothing changed).
+        The NoPE layers (every 4th) run `_temperature_llama4` instead (`nope`)."""
+        w, m = self.w, self.m
+        out = []
+        for t, heads in ((q, m.num_heads), (k, m.num_kv_heads)):
+            f = w.cast(t, 4)
+            c = w.new(t.numel, 4, t.rg)  # the complex64 product: numel / 2 elements of 8 B
+            if f is not t:
+                w.drop(f)
+            o = w.cast(c, t.dt)
+            if o is not c:
+                w.drop(c)
+            if m.l2_qk_norm:
+                with w.frame():  # Llama4TextL2Norm
+                    x32 = w.cast(o, 4)
+                    w.mark(o.numel * 4)  # pow(2)
+                    rs = w.new(self.T * heads, 4, o.rg)
+                    if o.rg:
+                        w.save(x32, rs)
+                    h = w.new(o.numel, 4, o.rg)
+                    n = w.cast(h, o.dt)
+                    w.drop(*{x32, rs, h} - {n})
+                w.drop(o)
+                o = n
+            if o is not t:
+                w.drop(t)
+            out.append(o)
+        return out[0], out[1]
+
     def _rope_chunked(self, x: Sym, half: Lin, cos_dt: int) -> Sym:
         """gpt_oss `_apply_rotary_emb`: x1, x2 = chunk(x, 2); cat(x1·cos - x2·sin, x2·cos + x1·sin).
         The muls save only cos/sin (the model's, saved once); every product is a temporary."""
@@ -684,6 +747,8 @@ class LayerModel:
             return self._mlp(x)
 
     def _mlp(self, x: Sym) -> Sym:
+        if self.m.is_moe and self.m.arch.moe.router_kind == "sigmoid_input_scale":
+            return self._moe_llama4(x)
         if self.m.is_moe and self.m.arch.moe.activation == "clamped_swiglu":
             return self._moe_gpt_oss(x)
         if self.m.is_moe:
@@ -999,6 +1064,124 @@ class LayerModel:
         w.drop(vals, sc)
         return out
 
+    def _moe_llama4(self, x: Sym) -> Sym:
+        """Llama4TextMoe (modeling_llama4.py), op by op as a real CPU step runs it:
+
+        - the router (Llama4Router: an nn.Linear subclass, frozen, never LoRA-wrapped here, see
+          estimate._llama4_checks): F.linear under autocast (the weight's 16-bit copy saved for the
+          input's gradient), topk (values, int64 indices saved), full_like(-inf).scatter_, .float(),
+          sigmoid (its output saved), .to(the logits' dtype): the scores [T, E];
+        - routed_in = x.repeat(E, 1) [E·T, H] (saved by the mul for the scores' gradient), the scores
+          transposed and reshaped to [E·T, 1] (a copy, saved for routed_in's gradient), their product;
+        - Llama4TextExperts: bmm(x [E, T, H], gate_up_proj [E, H, 2I]) (under autocast: both cast,
+          the weight's copy saved for the input's gradient), chunk, act_fn(gate) (saves gate, i.e. the
+          whole gate_up output), up * act (saves both), bmm with down_proj [E, I, H] (its copy saved);
+        - the shared expert (a Llama MLP of 4-bit Linears) on x; out.add_(routed.view(E, T, H).sum(0)).
+        Every expert runs on all T tokens: no routing dependence. Saved per block (measured,
+        tests/test_simulate_llama4.py): 2EH + 8Tk + 6TE + 4ETH + 6ETI + 6EHI + the shared expert's.
+        """
+        m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
+        E, k, I = m.num_experts, m.experts_per_token, m.expert_intermediate_size
+        pdt, ac, full = self.weights_dt, self.ac, self.full
+        rg = x.rg or full
+        with w.frame():  # Llama4Router
+            if ac:
+                wc = w.new(E * H, ac, False) if pdt != ac else None
+                xr = w.cast(x, ac)
+                if full:
+                    w.save(xr)
+                if x.rg and wc is not None:
+                    w.save(wc)
+                logits = w.new(T * E, ac, rg)
+                w.drop(*{xr, *([wc] if wc is not None else [])} - {x})
+            else:
+                if full:
+                    w.save(x)
+                logits = w.new(T * E, _promote(x.dt, pdt), rg)
+            vals, idx = w.new(T * k, logits.dt, rg), w.new(T * k, 8, False)
+            if rg:
+                w.save(idx)
+            filled = w.new(T * E, logits.dt, rg)  # full_like(-inf), scatter_ in place
+            w.drop(vals)
+            f32 = w.cast(filled, 4)
+            sg = w.new(T * E, 4, rg)
+            if rg:
+                w.save(sg)
+            scores = w.cast(sg, logits.dt)
+            w.drop(*{filled, f32, sg} - {scores})
+        rep = w.new(T * E * H, x.dt, x.rg)  # x.repeat(E, 1)
+        col = w.new(T * E, scores.dt, scores.rg)  # scores.transpose(0, 1).reshape(-1, 1): a copy
+        if scores.rg:
+            w.save(rep)
+        if x.rg:
+            w.save(col)
+        routed = w.new(T * E * H, _promote(x.dt, scores.dt), x.rg or scores.rg)
+        w.drop(rep, col)
+        with w.frame():  # Llama4TextExperts
+            g_rg = routed.rg or full
+            if ac:
+                xc = w.cast(routed, ac)
+                gw = w.new(E * H * 2 * I, ac, False) if pdt != ac else None
+                if full:
+                    w.save(xc)
+                if routed.rg and gw is not None:
+                    w.save(gw)
+                gu = w.new(T * E * 2 * I, ac, g_rg)
+                if xc is not routed:
+                    w.drop(xc)  # autocast's cast of the input: a temporary of the bmm (saved only when trained)
+            else:
+                xc, gw = routed, None
+                if full:
+                    w.save(routed)
+                gu = w.new(T * E * 2 * I, _promote(routed.dt, pdt), g_rg)
+            with w.frame():  # act_fn
+                act = w.new(T * E * I, gu.dt, g_rg)
+            if g_rg:
+                w.save(gu, act)
+            prod = w.new(T * E * I, gu.dt, g_rg)
+            if full:
+                w.save(prod)
+            dw = None
+            if ac and pdt != ac:
+                dw = w.new(E * I * H, ac, False)
+                if g_rg:
+                    w.save(dw)
+            eo = w.new(T * E * H, prod.dt, g_rg)
+            w.drop(*{xc, *([gw] if gw is not None else []), gu, act, prod, *([dw] if dw is not None else [])}
+                   - {routed})
+        routed_saved = w.saved_bytes
+        with w.frame():  # the shared expert
+            out = self._mlp_dense(x, m.shared_expert_intermediate_size)
+        ssum = w.new(T * H, eo.dt, eo.rg)  # routed_out.view(E, T, H).sum(0); out.add_(it) in place
+        w.drop(eo, ssum, logits, scores, routed)  # the block's locals, alive until it returns
+        # for estimate's Llama 4 moments: the shared expert's saved set (its backward runs first), the
+        # gate_up weight copy, the down weight copy, the activation's saved tensors (freed in that order)
+        saved = lambda *ts: sum((t.nbytes for t in ts if t is not None and t.sid in w.saved), Lin())  # noqa: E731
+        self.moe_tail = w.saved_bytes - routed_saved
+        self.moe_late, self.moe_mid, self.moe_act = saved(gw), saved(dw), saved(gu, act)
+        self.moe_dt, self.moe_sw_dt = eo.dt, scores.dt
+        # the locals still referenced when a checkpointed recompute stops at its last save (inside the
+        # shared expert's down projection): the layer's residual and normed input, the router's scores
+        # and logits, the scaled input, the experts' output, the shared expert's product (measured);
+        # the layer input is counted by the caller where it is not saved
+        li = self.layer_in
+        self.moe_stale = w.unsaved_at_last_save - (li.nbytes if li.sid in w.live and li.sid not in w.saved else 0)
+        self.moe_stale_shared = Lin()
+        down = self.lins["down_proj"]
+        if self.targeted(down) and self.quantized and self.p.quant != "int8":
+            # NB measured on CPU (real steps, simulate; CUDA: simulate): the shared down_proj's 4-bit base
+            # output (compute dtype) stays referenced with the stopped recompute's frames, its defensive clone not
+            # (without dropout the stop comes after it is released); with dropout the stop comes inside
+            # lora_A: the clone and the dropout output referenced, lora_B's 16-bit weight copy not made --
+            # those released by the down projection's backward
+            clone = self.last_clone.nbytes
+            self.moe_stale = self.moe_stale + T * H * self.cd - clone
+            if self.dropout > 0 and self.cpu:  # NB CUDA: checked against simulate where it is not the peak
+                b_copy = down.out_features * self.r * self.ac if self.ac and self.p.precision.adapter_copies else 0
+                self.moe_stale_shared = T * m.shared_expert_intermediate_size * self.adapter_dt + clone - b_copy
+            self.moe_stale = self.moe_stale + self.moe_stale_shared
+        return out
+
     def _moe_gpt_oss(self, x: Sym) -> Sym:
         """gpt_oss's MoE block (GptOssMLP, transformers 5.24), experts frozen (peft wraps none):
 
@@ -1097,6 +1280,7 @@ class LayerModel:
     def _layer(self, x: Sym, cos_dt: int) -> Sym:
         m, w, T, H = self.m, self.w, self.T, self.m.hidden_size
         sandwich = m.arch.sandwich_norms
+        self.layer_in = x
         if m.arch.post_norms:
             return self._post_norm_layer(x, cos_dt)
         h = self.norm(x, H, T)
@@ -1174,6 +1358,9 @@ class LayerTrace(NamedTuple):
     moe_sw_dt: int = 4                     # the routing weights' dtype
     moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
     moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
+    moe_stale: tuple[int, ...] = (0, 0, 0)  # Llama 4: block locals a stopped recompute leaves alive
+    moe_stale_shared: tuple[int, ...] = (0, 0, 0)  # ... of which the shared down_proj's (freed by its backward)
+    nope_delta: tuple[int, ...] = (0, 0, 0)  # Llama 4: a NoPE layer's saved set minus a RoPE layer's
     input_saved: bool = False           # the layer's input is itself in its saved set
     recompute_first: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # layer 0's, when it differs
 
@@ -1216,6 +1403,16 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
         if "router" in expert_targets(model, plan):  # the router's delta B @ A runs under autocast
             shapes = shapes + moe_lora_shapes(model, plan)[:2]
         copies = model.num_layers * sum(round_up(rows * cols * 2, rnd) for rows, cols in shapes)
+    nope = Lin()
+    if model.layer_rope and not all(model.layer_rope):
+        wn = Walk()
+        ln = LayerModel(model, plan, wn, cpu, fused, masked)
+        ln.nope = True
+        xn = wn.new(T * model.hidden_size, a, True)
+        if leaf_rest:
+            ln.leaf_sid = xn.sid
+        ln.layer(xn, cos_dt)
+        nope = wn.saved_bytes - w.saved_bytes
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
                       recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
                       forward=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(len(w.moments)))),
@@ -1229,7 +1426,9 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       recompute_first=tuple((_coef(t), _coef(s)) for t, s in envelope(w0.split(w0.last_save)))
                       if w0 is not w and plan.gradient_checkpointing else (),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
-                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act))
+                      moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
+                      moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared),
+                      nope_delta=_coef(nope))
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -1268,6 +1467,9 @@ class ActivationProfile(NamedTuple):
     moe_sw_dt: int = 4        # MoE: the routing weights' dtype bytes
     moe_tail: int = 0         # MoE: saved after the experts (freed before their backward)
     moe_act: int = 0          # MoE: saved by the experts' activation (freed before the gate_up backward)
+    moe_stale: int = 0        # Llama 4: the MoE block's locals a stopped checkpoint recompute leaves alive
+    moe_stale_shared: int = 0  # ... of which the shared down_proj's (released by its backward)
+    nope_delta: int = 0       # Llama 4: a NoPE layer's saved set minus a RoPE layer's (`layer_bytes`)
     #: granite with checkpointing: the embedding's output, a leaf made to require grad by
     #: enable_input_require_grads, is held by its AccumulateGrad node until backward ends (its
     #: `* embedding_multiplier` copy is the first layer's input)
@@ -1340,8 +1542,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         # reading x in fp32 without dropout saves it)
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
         -(-T * H * a // g) * g,
-        # deepseek_v2: one complex64 freqs_cis [1, S, rope_dim/2] (DeepseekV2RotaryEmbedding: torch.polar)
-        (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex else
+        # deepseek_v2, Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (torch.polar)
+        (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex or model.layer_rope else
          2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
                 // g) * g)),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
@@ -1362,7 +1564,10 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         moe_late=sum(c * v for c, v in zip(tr.moe_late, (T, BSS, 1))),
         moe_mid=sum(c * v for c, v in zip(tr.moe_mid, (T, BSS, 1))), moe_dt=tr.moe_dt, moe_sw_dt=tr.moe_sw_dt,
         moe_tail=sum(c * v for c, v in zip(tr.moe_tail, (T, BSS, 1))),
-        moe_act=sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))))
+        moe_act=sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
+        moe_stale=sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
+        moe_stale_shared=sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))),
+        nope_delta=sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))))
 
 
 def _recompute_inflight(model: ModelSpec, plan: TrainPlan, tr: LayerTrace, g: int) -> int:

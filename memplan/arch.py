@@ -75,10 +75,26 @@ class MoELayout:
     transposed: bool = False
     activation: str = "act_fn"
 
+    #: config key listing the MoE layers' indices (Llama 4 `moe_layers`; when unset
+    #: `sparse_step_key` = `interleave_moe_layer_step` decides, as Llama4TextConfig resolves it)
+    moe_layers_key: str = ""
+    #: config key of a dense layer's MLP size (Llama 4 Maverick: `intermediate_size_mlp`)
+    dense_intermediate_key: str = "intermediate_size"
+    #: Llama 4: the MoE block's module path in the decoder layer ("feed_forward"); router_kind
+    #: "sigmoid_input_scale": sigmoid of the top-k logits (0 elsewhere) scales each expert's INPUT and
+    #: every expert runs on all T tokens (two dense bmm over [E, T, .], Llama4TextMoe, no experts
+    #: interface); the router subclasses nn.Linear (Llama4Router: bitsandbytes skips it -- it replaces
+    #: `type(m) is nn.Linear` only -- but peft's all-linear wraps it, and the wrapped router then fails)
+    block: str = "mlp"
+    router_is_linear_subclass: bool = False
+
     def moe_layers(self, cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
-        """Which decoder layers hold the sparse MoE block (the rest a dense MLP of `intermediate_size`),
-        as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer decide it (and DeepseekV3DecoderLayer:
-        layer i is dense iff i < `first_k_dense_replace`)."""
+        """Which decoder layers hold the sparse MoE block (the rest a dense MLP), as
+        Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer / Llama4TextConfig decide it (and
+        DeepseekV3DecoderLayer: layer i is dense iff i < `first_k_dense_replace`)."""
+        if self.moe_layers_key and cfg.get(self.moe_layers_key) is not None:
+            given = {int(i) for i in cfg[self.moe_layers_key]}
+            return tuple(i in given for i in range(num_layers))
         step = int(cfg.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
         dense = set(cfg.get(self.dense_layers_key) or ()) if self.dense_layers_key else set()
         first = int(cfg.get(self.first_dense_key) or 0) if self.first_dense_key else 0
@@ -113,7 +129,8 @@ class Arch:
     `layer_types`). sdpa: whether `from_pretrained` accepts `attn_implementation="sdpa"`.
     sliding: where a sliding window comes from ("none"; "config": `sliding_window` on every layer;
     "layer_types": the layers typed sliding_attention, defaulting as the family's config class
-    does, see `layer_types`).
+    does, see `layer_types`; "chunked": Llama 4's `attention_chunk_size` on its RoPE layers, see
+    `rope_layers`).
     attention_sinks: a learnable per-head logit `self_attn.sinks` [heads] joins every softmax (gpt_oss).
     rotary_chunked: cos/sin are [B, S, rope_dim/2] (`emb = freqs`, no cat) and `_apply_rotary_emb`
     rotates the two halves of q/k (chunk; x1·cos - x2·sin, x2·cos + x1·sin; cat): gpt_oss.
@@ -190,6 +207,17 @@ class Arch:
 #: peft's qwen2_moe conversion (utils/transformers_weight_conversion.py _MOE_TARGET_MODULE_MAPPING)
 QWEN2_MOE_PEFT = (("gate", "router"), ("gate_proj", "gate_up"), ("up_proj", "gate_up"), ("down_proj", "down"))
 
+#: Llama4TextMoe (modeling_llama4.py): every layer in `moe_layers` (default: every
+#: `interleave_moe_layer_step`-th); peft 0.21 has no conversion for llama4 (all-linear wraps no expert)
+_LLAMA4_MOE = MoELayout(
+    "num_local_experts", "num_experts_per_tok", shared_expert_key="intermediate_size",
+    sparse_step_key="interleave_moe_layer_step", moe_layers_key="moe_layers",
+    dense_intermediate_key="intermediate_size_mlp", router_kind="sigmoid_input_scale",
+    router_name="router", block="feed_forward", router_is_linear_subclass=True, transposed=True, peft_names=())
+#: Llama4TextConfig's defaults (configuration_llama4.py) for keys a config.json may leave out
+_LLAMA4_DEFAULTS = (("num_local_experts", 16), ("num_experts_per_tok", 1), ("intermediate_size_mlp", 16384),
+                    ("head_dim", 128), ("attention_chunk_size", 8192), ("interleave_moe_layer_step", 1))
+
 ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     Arch("llama", _SRC.format("llama")),
     Arch("mistral", _SRC.format("mistral"), qkv_bias=False, o_bias=False, sliding="config"),
@@ -261,6 +289,15 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
                        norm_topk_key="norm_topk_prob", peft_names=QWEN2_MOE_PEFT),
          # DeepseekV2Config's defaults (configuration_deepseek_v2.py) for the routing keys
          defaults=(("norm_topk_prob", False), ("routed_scaling_factor", 1.0), ("topk_method", "greedy"))),
+    # Llama4TextMoe: routed experts [E, H, 2I] / [E, I, H] (plain bmm over all E x T rows), a shared
+    # expert Llama4TextMLP(I), Llama4Router(nn.Linear) with sigmoid scores scaling the expert input;
+    # dense layers Llama4TextMLP(intermediate_size_mlp); q/k/v/o bias = attention_bias; no_rope_layers
+    # (every 4th layer NoPE, attention temperature tuning) and chunked attention on the RoPE layers
+    # (layer_types); L2 qk norm without weights on RoPE layers (use_qk_norm); no SDPA restriction.
+    Arch("llama4_text", _SRC.format("llama4"), sliding="chunked", moe=_LLAMA4_MOE, defaults=_LLAMA4_DEFAULTS),
+    # the multimodal checkpoints (Llama4ForConditionalGeneration): model_from_config reads text_config
+    # (llama4_text) for the decoder and counts the frozen vision tower + projector as `vision_params`
+    Arch("llama4", _SRC.format("llama4"), sliding="chunked", moe=_LLAMA4_MOE, defaults=_LLAMA4_DEFAULTS),
     # q/k/v/o with bias (attention_bias, default True), per-head attention sinks; no SDPA in 5.24
     # (_supports_sdpa = False: from_pretrained raises for "sdpa"; eager, flex and the hub flash kernels
     # of _compatible_flash_implementations take the sinks); sliding (128) / full alternating by
@@ -361,6 +398,10 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
     window, as the family's transformers config class resolves them (configuration_*.py
     `__post_init__`)."""
     window = cfg.get("sliding_window")
+    if arch.sliding == "chunked":  # Llama4TextConfig.__post_init__: chunked attention on the RoPE layers
+        types = cfg.get("layer_types") or ["chunked_attention" if rope and cfg.get("attention_chunk_size", 8192)
+                                           is not None else "full_attention" for rope in rope_layers(cfg, num_layers)]
+        return tuple(types), None
     if arch.sliding == "none":
         return ("full_attention",) * num_layers, None
     if arch.sliding == "config":
@@ -387,3 +428,14 @@ def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tu
                      for i in range(num_layers)]
     types = tuple(types)
     return types, (window if "sliding_attention" in types else None)
+
+
+def rope_layers(cfg: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
+    """Llama 4: whether each layer applies rotary (`no_rope_layers`: 1 = RoPE; default every
+    `no_rope_layer_interval`-th layer (4) without), as Llama4TextConfig.__post_init__ resolves it."""
+    given = cfg.get("no_rope_layers")
+    if given:
+        return tuple(bool(x) for x in given[:num_layers])
+    every = int(cfg.get("no_rope_layer_interval", 4))
+    return tuple((i + 1) % every != 0 for i in range(num_layers))
+

@@ -281,6 +281,15 @@ class Step(NamedTuple):
                       temporaries)
 
 
+def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
+    """Llama 4: what the NoPE layers among layers lo..hi-1 save beyond a RoPE layer (`layer_bytes` is a
+    RoPE layer's). NB layer 0's own set, and a NoPE layer's forward and recompute, are taken as a RoPE
+    layer's."""
+    if not ap.nope_delta:
+        return 0
+    return ap.nope_delta * sum(1 for rope in model.layer_rope[lo:hi] if not rope)
+
+
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     static = static_part(model, plan, cuda)
     if model.layer_kinds:
@@ -288,7 +297,8 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
-    layers_saved = L * ap.layer_input_bytes if gc else ap.first_layer_bytes + (L - 1) * ap.layer_bytes
+    layers_saved = (L * ap.layer_input_bytes if gc
+                    else ap.first_layer_bytes + (L - 1) * ap.layer_bytes + _nope(model, ap, 1, L))
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
                 layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
@@ -387,6 +397,19 @@ MOMENT_KINDS = {
     "experts_gate_up_backward": ("experts_gate_up_backward:{i}", _BACKWARD,
                                  "the experts' gate/up projection backward of layer {i} of {L}: the gradient "
                                  "of its [experts x 2*intermediate x hidden] merged weight in flight"),
+    "moe_backward_start": ("moe_backward_start:{i}", _BACKWARD,
+                           "the start of layer {i}'s mixture-of-experts backward (of {L}, Llama 4): the "
+                           "gradient of the sum over experts in flight, every saved tensor alive"),
+    "dense_experts_backward": ("experts_backward:{i}", _BACKWARD,
+                               "the experts' down projection backward of layer {i} of {L} (Llama 4: every expert "
+                               "on every token): [experts x tokens x intermediate] gradients in flight, the "
+                               "16-bit expert weight copies alive"),
+    "dense_experts_act_backward": ("experts_act_backward:{i}", _BACKWARD,
+                                   "the experts' activation backward of layer {i} of {L} (Llama 4: every expert "
+                                   "on every token): three [experts x tokens x intermediate] gradients in flight"),
+    "experts_input_backward": ("experts_input_backward:{i}", _BACKWARD,
+                               "the backward of layer {i}'s score-scaled expert input (of {L}, Llama 4): three "
+                               "fp32 [experts*tokens x hidden] gradients in flight"),
     "optimizer": ("optimizer", _OPTIMIZER, "the optimizer step: every gradient plus the optimizer's state and scratch"),
 }
 
@@ -402,7 +425,7 @@ def _label(kind: str, i: int | None, L: int, detail: str) -> tuple[str, str, str
 def forward_moment(s: Step) -> Moment:
     """No checkpointing: the last layer's forward, every earlier layer's saved set alive."""
     ap, L = s.ap, s.model.num_layers
-    earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes if L > 1 else 0
+    earlier = ap.first_layer_bytes + (L - 2) * ap.layer_bytes + _nope(s.model, ap, 1, L - 1) if L > 1 else 0
     if s.saved_layers:
         earlier = sum(s.saved_layers[:-1])
     return s.moment("forward", L - 1, s.ga_grads,
@@ -462,7 +485,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
     elif s.saved_layers:
         below = sum(s.saved_layers[:i])
     else:
-        below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+        below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes + _nope(s.model, ap, 1, i) if i else 0
     fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
     n_types = len(s.model.attention_types)
     # NB: measured on gpt_oss only (gemma2/3 would follow, unmeasured: their golden files keep both masks)
@@ -471,7 +494,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
         # the masks are the checkpointed layers' arguments: once every layer above is done only layer
         # 0's own type is still referenced (gpt_oss sliding/full; measured on CPU steps)
         fixed -= ap.mask_bytes // n_types * (n_types - 1)
-    saved_i = ap.first_layer_bytes if i == 0 else ap.layer_bytes
+    saved_i = (ap.first_layer_bytes if i == 0 else ap.layer_bytes) + (_nope(s.model, ap, i, i + 1) if i else 0)
     above = grads // L * (L - 1 - i)
     if s.grads_layers:
         saved_i = s.saved_layers[i]
@@ -689,6 +712,74 @@ def experts_backward_moments(s: Step, lb: LayerBackward) -> tuple[Moment, Moment
     return down, act, gate_up
 
 
+def _plus(m: Moment, activations: int = 0, temporaries: int = 0) -> Moment:
+    return m._replace(allocated_bytes=m.allocated_bytes + activations + temporaries,
+                      activations=m.activations + activations, temporaries=m.temporaries + temporaries)
+
+
+def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
+    """Layer i's Llama4TextMoe backward, at the instants measured with the tracker on real CPU steps.
+
+    The sum over experts ran after the shared expert, so its backward runs first: the gradient of the
+    experts' output (the arriving gradient cast to the experts' dtype, expanded to [E, T, H]) is in
+    flight from then on, every saved tensor of the layer still alive (the first instant). Then:
+    - the shared expert's down projection backward (4-bit: bitsandbytes MatMul4Bit.backward, as
+      `dequant_backward_moment`): its LoRA saved tensors are released, its LoRA gradients not made yet;
+      in flight the arriving gradient, its compute-dtype cast, the dequantized weight with its absmax
+      and the input gradient [T, I];
+    - NB the shared expert's MLP backward after it (`layer_backward_moment` for dense layers) is not
+      a candidate: never the peak in the measured steps, its order of LoRA and base gradients unmeasured;
+    - the routed experts' down bmm backward: the shared expert's saved set released; every routed
+      saved tensor alive (the down weight's 16-bit copy too); in flight the arriving gradient, its
+      cast, the [E, T, H] gradient and the input gradient [E, T, I] (the largest routed instant: the
+      next ones release the weight copies, 6EHI bytes, before making at most 12ETH fp32);
+    - the activation's backward (up * act_fn(gate) run backward): the down weight's copy and the
+      stopped recompute's locals released, the shared expert's LoRA gradients made; three [E, T, I]
+      gradients in flight with the arriving one and the shared expert's input gradient;
+    - the score-scaled input's backward (`experts_input_backward`).
+    With (non-reentrant) checkpointing the locals alive at the recompute's stop stay referenced
+    through the layer's backward (`ActivationProfile.moe_stale`).
+    """
+    ap, r, m, T, d = s.ap, s.r, s.model, s.tokens, s.static.down
+    H, I, E, dt = m.hidden_size, m.expert_intermediate_size, m.num_experts, ap.moe_dt
+    cd = s.plan.precision.compute
+    stale = ap.moe_stale if s.plan.gradient_checkpointing and not s.plan.use_reentrant else 0
+    if stale and s.rng_state:  # CPU: the recompute's fork_rng snapshot is referenced with the stopped frames
+        stale += s.rng_state
+    arriving = r(T * H * ap.stream_dt)
+    routed_grad = r(T * H * dt) + r(E * T * H * dt)
+    saved_i = (ap.first_layer_bytes if lb.i == 0 else ap.layer_bytes) + (_nope(m, ap, lb.i, lb.i + 1) if lb.i else 0)
+    out = [s.moment("moe_backward_start", lb.i, lb.grads, lb.fixed + saved_i + stale, 0, arriving + routed_grad)]
+    if stale:
+        stale -= ap.moe_stale_shared
+    if d.w_grad:
+        nb = -(-d.in_features * d.out_features // F.BNB_BLOCKSIZE)
+        absmax = r(4 * nb) if s.plan.double_quant else 0
+        cast = r(T * H * cd) if ap.down_out_dt != cd else 0
+        if s.plan.device == "cpu":  # measured: the dequantized weight, its absmax and the input gradient alive
+            out.append(s.moment("dequant", lb.i, lb.grads, lb.after_down + stale, 0,
+                                arriving + cast + routed_grad + d.w_grad + absmax + r(T * d.in_features * cd),
+                                "the input gradient made"))
+        else:  # NB CUDA: taken as a dense layer's (checked against simulate only: never the peak there)
+            out.append(_plus(dequant_backward_moment(s, lb), stale))
+    saved = saved_i - ap.moe_tail
+    if stale:  # the shared expert's product (down_proj's input) is released by its backward (measured)
+        stale -= r(T * m.shared_expert_intermediate_size * ap.prod_dt)
+    out.append(s.moment("dense_experts_backward", lb.i, lb.grads, lb.fixed + saved + stale, 0,
+                        arriving + routed_grad + r(E * T * I * dt)))
+    # the activation's backward: the down weight's copy released, and the locals of the stopped recompute
+    # (measured); in flight the arriving gradient, the shared expert's input gradient [T, H] and three
+    # [E, T, I] gradients; the shared expert's LoRA gradients made
+    shared_lora = sum(F.lora_bytes(lin, s.plan, 512 if s.plan.device == "cuda" else 1)
+                      for lin in F.lora_targets(m, s.plan) if ".shared_expert." in lin.name)
+    out.append(s.moment("dense_experts_act_backward", lb.i, lb.grads + shared_lora,
+                        lb.fixed + saved - ap.moe_mid, 0, arriving + r(T * H * ap.stream_dt) + 3 * r(E * T * I * dt)))
+    out.append(s.moment("experts_input_backward", lb.i, lb.grads,
+                        lb.fixed + saved + stale - ap.moe_late - ap.moe_mid - ap.moe_act, 0,
+                        arriving + 3 * r(E * T * H * 4)))
+    return out
+
+
 def optimizer_moment(s: Step) -> Moment:
     """optimizer.step(): every gradient plus the optimizer's scratch."""
     return s.moment("optimizer", None, s.static.gradients, 0, 0, s.static.scratch)
@@ -703,12 +794,16 @@ def moments(s: Step) -> tuple[Moment, ...]:
     out = [] if gc else [forward_moment(s)]
     out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
-    layers = (last, 0) if gc and last else (last,)
+    layers = [last, 0] if gc and last else [last]
+    rope = s.model.layer_rope
+    if rope and not rope[last] and any(rope[1:]):
+        # Llama 4: a NoPE layer saves less than a RoPE one, so the last RoPE layer is checked too
+        layers.insert(1, max(i for i in range(1, last + 1) if rope[i]))
     if s.layer_kind:  # mixed layers: the first and last layer of each kind, last first
         kinds = s.model.layer_kinds
-        layers = tuple(sorted({i for k in set(kinds) for i in (kinds.index(k), last - kinds[::-1].index(k))},
-                              reverse=True))
-    for i in layers:
+        layers = sorted({i for k in set(kinds) for i in (kinds.index(k), last - kinds[::-1].index(k))},
+                        reverse=True)
+    for i in dict.fromkeys(layers):
         s_i = s
         s = _kind_step(s_i, i)
         lb = layer_backward_state(s, i)
@@ -716,7 +811,9 @@ def moments(s: Step) -> tuple[Moment, ...]:
             out.append(recompute_moment(s, lb))
         if s.model.arch.post_norms:
             out.append(post_norm_backward_moment(s, lb))
-        if s.model.is_moe:
+        if s.model.is_moe and s.model.arch.moe.router_kind == "sigmoid_input_scale":
+            out += llama4_backward_moments(s, lb)
+        elif s.model.is_moe:
             out += [experts_unpermute_moment(s, lb), *experts_backward_moments(s, lb)]
         else:
             if four_bit:
@@ -739,6 +836,12 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
     """What the HF stack would refuse or change before a step runs: the plan actually run, and notes
     (each change the plan needs is said in a note)."""
     changes, notes = _plan_checks(model, plan, False)
+    chunk = model.attention_chunk_size
+    if chunk and plan.seq_len >= chunk:
+        raise UnsupportedArchitectureError(
+            f"{model.name}: seq_len {plan.seq_len} reaches attention_chunk_size {chunk}, where the chunked "
+            f"layers get a block-diagonal mask the closed form does not model; `memplan simulate {model.name}` "
+            "traces it exactly")
     return (plan.replace(**dict(changes)) if changes else plan), list(notes)
 
 
@@ -770,7 +873,8 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             raise UnsupportedArchitectureError(
                 f"the closed form walks {model.name}'s experts frozen (peft wraps none); full fine-tuning trains "
                 f"them: `memplan simulate {model.name}` traces it exactly")
-        notes += _moe_checks(model, plan, changes)
+        notes += (_llama4_checks if model.arch.moe.router_kind == "sigmoid_input_scale" else _moe_checks)(
+            model, plan, changes)
     if model.attention_dropout:
         notes.append(f"the config sets attention_dropout {model.attention_dropout:g}, which the closed form does not "
                      "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
@@ -889,6 +993,43 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     return notes
 
 
+def _llama4_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> list[str]:
+    """Llama 4 (Llama4TextMoe): what is 4-bit and what is not, and the recipe change the real stack
+    forces: peft's all-linear (or a list naming `router`) wraps Llama4Router, an nn.Linear subclass
+    that returns a tuple, and peft's forward then fails ("'tuple' object has no attribute 'dtype'",
+    tests/test_simulate_llama4.py): the plan targets the Linears minus the router instead."""
+    notes = []
+    E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
+    experts = E * 3 * I * H * model.num_moe_layers
+    if plan.method in ("qlora", "lora"):
+        leaves = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                  if any(lin.name.endswith("." + n) for lin in model.layer_linears + model.dense_layer_linears)]
+        if plan.target_modules == "all-linear" or "router" in plan.target_modules:
+            rest = tuple(leaves) if plan.target_modules == "all-linear" else tuple(
+                t for t in plan.target_modules if t != "router")
+            if not rest:
+                raise InvalidSpecError("plan", [
+                    f"--target-modules router: peft wraps Llama4Router (an nn.Linear subclass returning a tuple) "
+                    f"and the step fails in peft {MODELED_PEFT}'s forward; target {','.join(leaves)}"])
+            changes["target_modules"] = rest
+            notes.append(f"peft {MODELED_PEFT} wraps Llama4Router (an nn.Linear subclass returning a tuple) when "
+                         f"targeted ({'all-linear does' if plan.target_modules == 'all-linear' else 'router'}) "
+                         "and the step fails (AttributeError: 'tuple' object has no attribute 'dtype'): estimated "
+                         f"with --target-modules {','.join(rest)}, which the run must use")
+    if plan.method == "qlora":
+        kept = "fp32 (prepare_model_for_kbit_training upcasts them)" if plan.prepare else "in the load dtype"
+        notes.append(f"{model.model_type}: 4-bit are the attention projections and the shared expert's gate/up/"
+                     f"down_proj{' and the dense layers MLPs' if model.layer_kinds else ''}; the routed experts "
+                     f"({experts / 1e9:.1f}B parameters, 3-D nn.Parameter) and the routers (Llama4Router subclasses "
+                     f"nn.Linear; bitsandbytes replaces `type(m) is nn.Linear` only) stay {kept}")
+    notes.append("Llama 4 experts run as two bmm over every expert and all tokens (the sigmoid router scores, 0 "
+                 "outside the top-k, scale the input; no grouped_mm): memory does not depend on the routing"
+                 + ("; under autocast each forward saves bf16 copies of the fp32 experts (--no-prepare keeps "
+                    "them 16-bit: half the experts' bytes, no copies)" if plan.prepare and plan.method == "qlora"
+                    else ""))
+    return notes
+
+
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
     the step, the peak is the largest."""
@@ -930,6 +1071,10 @@ def _static_notes(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[str, .
                      "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    if model.unloaded_vision_params:
+        notes.append(f"{model.name}: AutoModelForCausalLM (a text QLoRA script's loader, and memplan's) builds "
+                     "Llama4ForCausalLM and does not load the checkpoint's vision tower and projector "
+                     f"({model.unloaded_vision_params:,} params): estimated without them")
     if model.vision_params:
         notes.append(f"multimodal checkpoint: its vision tower and projector ({model.vision_params:,} params) are "
                      "loaded (Linears quantized like the text tower's) and LoRA-wrapped by all-linear, but a "
@@ -981,7 +1126,13 @@ def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu
     except UnsupportedArchitectureError as e:
         if not fallback_simulate or not _sim_available():
             raise
+        fixes: list[str] = []
+        if spec.is_moe and spec.arch.moe.router_is_linear_subclass:  # Llama 4 Maverick: the recipe that runs
+            changes: dict[str, Any] = {}
+            fixes = _llama4_checks(spec, p, changes)[:1] if changes or p.target_modules == "all-linear" else []
+            p = p.replace(**changes) if changes else p
         est = from_simulation(spec, p, g, reason=str(e))
+        est = _replace(est, notes=(*fixes, *est.notes)) if fixes else est
     return _replace(est, notes=(device_note, *est.notes)) if device_note else est
 
 

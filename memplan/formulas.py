@@ -85,7 +85,16 @@ def base_weights_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
         return _r(lin.numel * plan.precision.params, rnd)
 
     return (sum(n * sum(one(lin) for lin in lins) for n, lins, _, _ in layer_groups(model))
-            + sum(one(lin) for lin in model.vision_linears))
+            + sum(one(lin) for lin in model.vision_linears) + model.num_moe_layers * _router_linear(model, plan, rnd))
+
+
+def _router_linear(model: ModelSpec, plan: TrainPlan, rnd: int) -> int:
+    """A router that subclasses nn.Linear (Llama4Router): bitsandbytes leaves it unquantized (it
+    replaces `type(m) is nn.Linear` only), in the parameters' dtype, but it is a Linear in the decoder
+    layers, so it counts with the base weights (as memplan.runtime.classify counts it)."""
+    if not model.is_moe or not model.arch.moe.router_is_linear_subclass:
+        return 0
+    return _r(model.num_experts * model.hidden_size * plan.precision.params, rnd)
 
 
 def quant_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
@@ -129,8 +138,12 @@ def other_params_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     # nn/modules.py Linear4bit.forward: `bias.data = bias.data.to(x.dtype)`), whatever prepare made it.
     bias_dt = plan.precision.compute if plan.method == "qlora" and plan.quant != "int8" else dt
     total = sum(_r(n * dt, rnd) for n in tensors)
+    lay = model.arch.moe
+    # a router that subclasses nn.Linear (Llama4Router) counts with the base weights (`_router_linear`)
+    linear_router = f"{lay.block}.{lay.router_name}.weight" if lay is not None and lay.router_is_linear_subclass else ""
     for L, lins, norms, moe in layer_groups(model):
-        per_layer = [n for name, n in norms if not (moe and model.arch.moe.router_fp32 and name == "mlp.gate.weight")]
+        per_layer = [n for name, n in norms if name != linear_router
+                     and not (moe and model.arch.moe.router_fp32 and name == "mlp.gate.weight")]
         if moe and model.arch.moe.router_fp32:  # created fp32 and kept fp32 at load (_keep_in_fp32_modules_strict)
             total += L * _r(4 * model.num_experts * H, rnd)
         biases = [lin.out_features for lin in lins if lin.bias]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .arch import MULTIMODAL, SUPPORTED, Arch, arch_of, layer_types, multimodal_of, vision_tower_of
+from .arch import MULTIMODAL, SUPPORTED, Arch, arch_of, layer_types, multimodal_of, rope_layers, vision_tower_of
 from .errors import InvalidSpecError
 
 __all__ = ["Linear", "MLA", "ModelSpec", "model_from_config", "SUPPORTED"]
@@ -132,6 +132,22 @@ class ModelSpec:
     #: rope_scaling's rope type ("default", "llama3", "linear", "longrope", ...): longrope keeps a third
     #: fp32 [rope_dim/2] tensor (`long_inv_freq`) once the first forward ran
     rope_type: str = "default"
+    #: Llama 4: `layer_rope[i]` whether layer i applies rotary (`no_rope_layers`; the NoPE layers apply
+    #: attention temperature tuning instead and skip the weightless L2 qk norm); `layer_attention[i]`
+    #: "full_attention" or "chunked_attention" (a block-diagonal causal mask of `attention_chunk_size`
+    #: tokens); () for every other family
+    layer_rope: tuple[bool, ...] = ()
+    layer_attention: tuple[str, ...] = ()
+    attention_chunk_size: int | None = None
+    #: Llama 4 `use_qk_norm`: the weightless L2 norm of q and k on the RoPE layers
+    l2_qk_norm: bool = False
+    #: Llama 4 `attn_temperature_tuning`: the NoPE layers scale q by log1p(floor((pos + 1) / floor_scale))
+    #: * attn_scale + 1
+    attn_temperature_tuning: bool = False
+    #: Llama 4's multimodal checkpoints: parameters of the vision tower + projector the checkpoint
+    #: holds but AutoModelForCausalLM does not build (it makes Llama4ForCausalLM from `text_config` and
+    #: drops `vision_model.*` / `multi_modal_projector.*`): not on the GPU, not in `params`
+    unloaded_vision_params: int = 0
     #: multimodal checkpoints (Gemma 3): parameters of the non-text towers (vision encoder and
     #: projector), which transformers builds and from_pretrained loads although a text step never runs them
     vision_params: int = 0
@@ -279,6 +295,8 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper: the text tower trains
         wrapper = cfg
         cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
+        if wrapper.get("model_type") == "llama4":  # AutoModelForCausalLM: Llama4ForCausalLM, text only
+            cfg.setdefault("model_type", "llama4_text")
     arch = arch_of(cfg.get("model_type"))
     cfg = {**dict(arch.defaults), **cfg}  # keys the hub file leaves to the config class
     model_type = arch.model_type
@@ -329,21 +347,25 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
                    Linear("self_attn.v_proj", kvd, H, qkv_bias)]
     linears.append(Linear("self_attn.o_proj", H, nh * mla.v_head_dim if mla else qd, o_bias))
     attn_linears = list(linears)
+    # the MLP's module path: "mlp"; Llama 4 "feed_forward" (dense layers and the MoE block alike)
+    blk = arch.moe.block if arch.moe is not None else "mlp"
+    Id = _int(cfg, arch.moe.dense_intermediate_key, problems) if arch.moe is not None else I
     if arch.fused_gate_up:
-        dense_mlp = [Linear("mlp.gate_up_proj", 2 * I, H, mlp_bias, "mlp")]
+        dense_mlp = [Linear(f"{blk}.gate_up_proj", 2 * Id, H, mlp_bias, "mlp")]
     else:
-        dense_mlp = [Linear("mlp.gate_proj", I, H, mlp_bias, "mlp"), Linear("mlp.up_proj", I, H, mlp_bias, "mlp")]
-    dense_mlp.append(Linear("mlp.down_proj", H, I, mlp_bias, "mlp"))
+        dense_mlp = [Linear(f"{blk}.gate_proj", Id, H, mlp_bias, "mlp"),
+                     Linear(f"{blk}.up_proj", Id, H, mlp_bias, "mlp")]
+    dense_mlp.append(Linear(f"{blk}.down_proj", H, Id, mlp_bias, "mlp"))
     if arch.moe is None:
         linears += dense_mlp
     elif I_shared and arch.moe.shared_experts_key:  # DeepseekV3MoE.shared_experts = DeepseekV3MLP(moe_I * n)
         linears += _mlp_linears("mlp.shared_experts", I_shared, H, mlp_bias)
-    elif I_shared:  # Qwen2MoeSparseMoeBlock: shared_expert = Qwen2MoeMLP(I_shared), shared_expert_gate
-        linears += [Linear("mlp.shared_expert.gate_proj", I_shared, H, False, "mlp"),
-                    Linear("mlp.shared_expert.up_proj", I_shared, H, False, "mlp"),
-                    Linear("mlp.shared_expert.down_proj", H, I_shared, False, "mlp")]
+    elif I_shared:  # Qwen2MoeSparseMoeBlock / Llama4TextMoe: shared_expert = an MLP of I_shared
+        linears += [Linear(f"{blk}.shared_expert.gate_proj", I_shared, H, False, "mlp"),
+                    Linear(f"{blk}.shared_expert.up_proj", I_shared, H, False, "mlp"),
+                    Linear(f"{blk}.shared_expert.down_proj", H, I_shared, False, "mlp")]
     if arch.moe is not None and arch.moe.shared_expert_gate:
-        linears.append(Linear("mlp.shared_expert_gate", 1, H, False, "shared_gate"))
+        linears.append(Linear(f"{blk}.shared_expert_gate", 1, H, False, "shared_gate"))
     if arch.post_norms:  # olmo2: no input_layernorm, a norm after the MLP instead
         norms = [("post_attention_layernorm", H), ("post_feedforward_layernorm", H)]
     else:
@@ -365,20 +387,24 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
     kinds: tuple[str, ...] = ()
     if arch.moe is not None:
         # NB: transformers 5 routers are not nn.Linear; counted as a plain [E, H] parameter.
+        # NB: Llama4Router subclasses nn.Linear, but bitsandbytes skips it (`type(m) is nn.Linear`): a
+        # plain [E, H] parameter as well
         router = arch.moe.router_name
-        norms += [(f"mlp.{router}.weight", E * H)]
+        norms += [(f"{blk}.{router}.weight", E * H)]
         if arch.moe.router_bias:
-            norms += [(f"mlp.{router}.bias", E)]
+            norms += [(f"{blk}.{router}.bias", E)]
         if arch.moe.expert_bias:
             Ie = I_moe or I
-            norms += [("mlp.experts.gate_up_proj_bias", E * 2 * Ie), ("mlp.experts.down_proj_bias", E * H)]
+            norms += [(f"{blk}.experts.gate_up_proj_bias", E * 2 * Ie), (f"{blk}.experts.down_proj_bias", E * H)]
         moe_layers = arch.moe.moe_layers(cfg, L)
         if not all(moe_layers):
             kinds = tuple("moe" if m else "dense" for m in moe_layers)
     types, window = layer_types(arch, cfg, L)
     # one set of rotary buffers per attention type present (gemma3), else one
     rotary_modules = len(set(types)) if arch.rotary == "per_layer_type" else 1
+    chunked = arch.sliding == "chunked"  # Llama 4: NoPE layers, chunked attention on the RoPE layers
     archs = cfg.get("architectures") or []
+    unloaded = _llama4_vision_params(wrapper) if wrapper is not None and wrapper.get("model_type") == "llama4" else 0
     vision = _vision_inventory(wrapper, H) if wrapper is not None and wrapper.get("model_type") in MULTIMODAL else None
     return ModelSpec(
         name=name or hub_id or model_type,
@@ -401,6 +427,10 @@ def model_from_config(config: Mapping[str, Any], name: str = "", hub_id: str = "
         moe_intermediate_size=I_moe, shared_expert_intermediate_size=I_shared, layer_kinds=kinds,
         dense_layer_linears=tuple(attn_linears + dense_mlp) if kinds else (),
         dense_layer_norms=dense_norms if kinds else (),
+        layer_rope=rope_layers(cfg, L) if chunked else (), layer_attention=types if chunked else (),
+        attention_chunk_size=cfg.get("attention_chunk_size") if chunked and "chunked_attention" in types else None,
+        unloaded_vision_params=unloaded, l2_qk_norm=chunked and bool(cfg.get("use_qk_norm", True)),
+        attn_temperature_tuning=chunked and bool(cfg.get("attn_temperature_tuning", True)),
         attention_dropout=float(cfg.get("attention_dropout") or 0.0),
     )
 
@@ -501,3 +531,27 @@ def _mla_linears(mla: MLA, H: int, nh: int, bias: bool) -> list[Linear]:
 def _mlp_linears(prefix: str, inter: int, H: int, bias: bool) -> list[Linear]:
     return [Linear(f"{prefix}.gate_proj", inter, H, bias, "mlp"), Linear(f"{prefix}.up_proj", inter, H, bias, "mlp"),
             Linear(f"{prefix}.down_proj", H, inter, bias, "mlp")]
+#: Llama4VisionConfig's defaults (configuration_llama4.py) for keys a config.json may omit
+_L4_VISION_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 34, "num_channels": 3, "intermediate_size": 5632,
+                       "vision_output_dim": 7680, "image_size": 448, "patch_size": 14, "projector_input_dim": 4096,
+                       "projector_output_dim": 4096}
+
+
+def _llama4_vision_params(cfg: Mapping[str, Any]) -> int:
+    """Parameters of Llama4VisionModel + Llama4MultiModalProjector (what AutoModelForImageTextToText
+    would add; AutoModelForCausalLM drops them).
+
+    Per encoder layer (Llama4VisionEncoderLayer): q/k/v/o [h, h] with bias, fc1 [Iv, h] + bias, fc2
+    [h, Iv] + bias, two LayerNorms (weight + bias). Model: patch_embedding.linear [h, c·p²] (no bias),
+    class_embedding [h], positional_embedding_vlm [(img/p)² + 1, h], layernorm_pre/post (2h each),
+    vision_adapter.mlp fc1 [proj_in, Iv] and fc2 [proj_out, proj_out] (no bias); projector
+    linear_1 [H_text, vision_output_dim] (no bias).
+    """
+    v = {**_L4_VISION_DEFAULTS, **(cfg.get("vision_config") or {})}
+    h, Iv, Lv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+    img, p = v["image_size"], v["patch_size"]
+    H = (cfg.get("text_config") or {}).get("hidden_size", 5120)
+    per_layer = 4 * (h * h + h) + (Iv * h + Iv) + (h * Iv + h) + 4 * h
+    once = (h * v["num_channels"] * p * p + v["projector_input_dim"] * Iv
+            + v["projector_output_dim"] ** 2 + H * v["vision_output_dim"])
+    return Lv * per_layer + once + h + ((img // p) ** 2 + 1) * h + 4 * h

@@ -154,12 +154,20 @@ CASES = [
     ("gpt-oss-20b-no-gc", "gpt-oss-20b", dict(gradient_checkpointing=False)),
     ("gpt-oss-20b-seq2048", "gpt-oss-20b", dict(seq_len=2048)),
     ("gpt-oss-120b-no-gc-seq2048", "gpt-oss-120b", dict(gradient_checkpointing=False, seq_len=2048)),
+    # Llama 4 Scout (2 layers: RoPE + chunked, all MoE): all-linear becomes the Linears minus the router
+    # (check_plan); the experts are dense bmm over every token, fp32 after prepare with bf16 copies saved
+    ("llama4-scout-default", "llama-4-scout", {}),
+    ("llama4-scout-no-gc", "llama-4-scout", dict(gradient_checkpointing=False)),
+    ("llama4-scout-seq2048", "llama-4-scout", dict(seq_len=2048)),
+    ("llama4-scout-no-gc-seq2048", "llama-4-scout", dict(gradient_checkpointing=False, seq_len=2048)),
+    ("llama4-scout-no-prepare", "llama-4-scout", dict(prepare=False, lora_dropout=0.0)),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)
 LAYER_KINDS = ("forward", "recompute", "dequant", "layer_backward", "attention_backward", "experts_backward",
                "experts_unpermute_backward", "experts_act_backward",
-               "experts_gate_up_backward", "post_norm_backward")
+               "experts_gate_up_backward", "post_norm_backward", "moe_backward_start", "dense_experts_backward",
+               "dense_experts_act_backward", "experts_input_backward")
 #: CUDA: tensors inside a layer are not rounded to 512 B in the closed form (activations.Walk)
 ROUNDING_SLACK = 4096
 
@@ -169,6 +177,10 @@ def config_of(model: str) -> dict:
     text = cfg.get("text_config", cfg)  # a multimodal checkpoint: cut its text tower (the vision tower stays whole)
     text["num_hidden_layers"] = 2
     text.pop("layer_types", None)  # gemma-3: recomputed for 2 layers by transformers
+    if isinstance(text.get("no_rope_layers"), list):  # llama 4: per-layer lists cut to the 2 layers
+        text["no_rope_layers"] = text["no_rope_layers"][:2]
+    if isinstance(text.get("moe_layers"), list):
+        text["moe_layers"] = [i for i in text["moe_layers"] if i < 2]
     return cfg
 
 

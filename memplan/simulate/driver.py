@@ -16,7 +16,8 @@ the time); warnings about transformers' own deprecations are silenced.
 Failures: an exception raised by the HF stack itself (its innermost frame, standard-library frames
 skipped, is in torch, transformers, peft, bitsandbytes or accelerate: the library refuses the
 configuration, and the real step would fail the same way) becomes `StepWouldFail`, a one-line
-`MemplanError`. Anything else, memplan's own bugs in particular, propagates unchanged.
+`MemplanError` (AttributeError included: peft's all-linear wraps Llama 4's router, an nn.Linear subclass
+returning a tuple, and peft's forward then fails with "'tuple' object has no attribute 'dtype'"). Anything else, memplan's own bugs in particular, propagates unchanged.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def simulate(config: dict[str, Any] | ModelSpec, plan: TrainPlan, steps: int = 2
             return _simulate(config, spec, plan, steps, tracker, say, full_warmup)
     except MemplanError:
         raise
-    except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
         pkg = raising_package(e)
         if pkg not in HF_STACK:
             raise  # memplan's own bug (or the caller's): not a verdict on the plan
@@ -195,7 +196,10 @@ def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
     if plan.quant == "int8":
         notes.append("LLM.int8 outlier columns assumed absent")
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
-    if config.get("num_local_experts") or config.get("num_experts"):
+    if config.get("model_type") in ("llama4", "llama4_text"):  # Llama4TextExperts: no experts interface
+        notes.append("Llama 4 experts: every expert runs on all T tokens (bmm over [E, T, .], router scores "
+                     "scale the input): memory independent of routing")
+    elif config.get("num_local_experts") or config.get("num_experts"):
         if impl == "eager":
             notes.append("MoE eager experts loop: balanced routing (T*top_k slots spread evenly over experts)")
         else:

@@ -74,7 +74,8 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
         assert linears == {l.name: (l.out_features, l.in_features) for l in spec_linears}
         biases = {n for n, m in layer.named_modules() if type(m) is torch.nn.Linear and m.bias is not None}
         assert biases == {l.name for l in spec_linears if l.bias}
-        # every parameter outside the Linears and the fused expert weights: norms, routers, sinks, expert biases
+        # every parameter outside the Linears and the fused expert weights: norms, routers (Llama4Router is an
+        # nn.Linear subclass, not `type(m) is nn.Linear`), sinks, expert biases
         in_linear = {f"{n}.{w}" for n, m in layer.named_modules() if type(m) is torch.nn.Linear
                      for w in ("weight", "bias")}
         norms = {n: p.numel() for n, p in layer.named_parameters()
@@ -84,8 +85,13 @@ def test_shapes_match_transformers_on_meta(transformers_mod, key):
         experts = sum(p.numel() for n, p in layer.named_parameters()
                       if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
         assert experts == (spec.expert_params_per_layer if spec_linears is spec.layer_linears else 0)
+    if e["config"].get("model_type") == "llama4":  # the vision tower + projector AutoModelForCausalLM drops
+        with torch.device("meta"):
+            full = transformers_mod.AutoModelForImageTextToText.from_config(hf_config(copy.deepcopy(e["config"])))
+        assert sum(p.numel() for p in full.parameters()) - spec.params == spec.unloaded_vision_params
     assert model.config.tie_word_embeddings == spec.tie_word_embeddings
-    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    bufs = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+               if "rotary" in n and not n.startswith("vision_model."))  # the text stack's rotary buffers
     assert bufs == 4 * spec.rotary_buffer_elements
     router_bufs = sum(b.numel() for n, b in model.named_buffers() if "e_score_correction_bias" in n)
     assert router_bufs == spec.router_buffer_elements
