@@ -161,6 +161,8 @@ CASES = [
     ("llama4-scout-seq2048", "llama-4-scout", dict(seq_len=2048)),
     ("llama4-scout-no-gc-seq2048", "llama-4-scout", dict(gradient_checkpointing=False, seq_len=2048)),
     ("llama4-scout-no-prepare", "llama-4-scout", dict(prepare=False, lora_dropout=0.0)),
+    # Llama 4 Maverick: dense MLP layers interleaved with MoE ones (walked per layer kind)
+    ("llama4-maverick-default", "llama-4-maverick", {}),
 ]
 DEVICES = ("cpu", "cuda")
 #: moments that are not the loss stage (a layer's forward, recompute or backward)

@@ -41,9 +41,11 @@ def test_scout_answers_in_closed_form_with_notes_on_what_is_4bit():
     assert scout.params == 107_769_861_120 and scout.unloaded_vision_params == 871_932_416
 
 
-def test_maverick_mixed_layers_are_refused_by_the_closed_form():
-    with pytest.raises(UnsupportedArchitectureError):
-        estimate("llama-4-maverick", gpu="h100-80gb", fallback_simulate=False)
+def test_maverick_mixed_layers_have_the_closed_form():
+    """Maverick interleaves dense MLP layers with MoE ones: walked per layer kind (estimate vs simulate at
+    2 layers, one of each kind: tests/test_agreement_sim.py)."""
+    e = estimate("llama-4-maverick", gpu="h100-80gb", fallback_simulate=False)
+    assert e.moment != "simulate" and e.model.layer_kinds.count("dense") == 24
 
 
 def test_chunked_attention_reached_falls_back():
