@@ -118,3 +118,14 @@ def test_the_readme_moe_table_is_what_the_estimate_says():
         assert f"{(t[Term.BASE_WEIGHTS] + t[Term.QUANT_STATE]) / G:.2f}" == four_bit, name
         assert f"{t[Term.ADAPTER_WEIGHTS] / G:.2f}" == adapters, name
         assert ("loss" in peak) == (e.peak.kind == "loss_backward"), name
+
+
+def test_every_mixture_of_experts_model_in_the_catalogue_has_a_closed_form():
+    """Issue 10's bar: `estimate` answers every MoE in the catalogue in closed form (no simulate, no torch)."""
+    from memplan.catalogue import list_models
+
+    moe = [m.name for m in list_models() if m.is_moe]
+    assert len(moe) >= 14
+    for name in moe:
+        e = memplan.estimate(name, gpu="h100-80gb", fallback_simulate=False)
+        assert e.moment != "simulate" and e.device_bytes > 0, name
