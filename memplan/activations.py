@@ -233,6 +233,7 @@ class LayerModel:
         self.down_out_dt = 0
         self.saved_at_probs = Lin()  # eager: what the layer has saved once the softmax output is saved
         self.expert_targets = expert_targets(model, plan)
+        self.probs_dt = 4  # eager attention's softmax output dtype (transformers: softmax(dtype=float32))
         self.moe_late, self.moe_mid, self.moe_act, self.moe_tail = Lin(), Lin(), Lin(), Lin()
         self.moe_dt, self.moe_sw_dt = 0, 4
         self.moe_stale = self.moe_stale_shared = Lin()
@@ -730,6 +731,7 @@ class LayerModel:
         w.drop(comb, mv)
         sm = w.new(probs + rows, sdt)
         w.save(sm)
+        self.probs_dt = sdt  # the softmax runs in the logits' dtype (bf16 without prepare), not fp32
         self.saved_at_probs = w.saved_bytes
         pv = w.new(probs, vc.dt) if vc.dt != sdt else w.view(sm, probs)
         w.drop(masked)
@@ -1358,6 +1360,7 @@ class LayerTrace(NamedTuple):
     moe_sw_dt: int = 4                     # the routing weights' dtype
     moe_tail: tuple[int, ...] = (0, 0, 0)  # saved after the experts (a shared expert's gated branch)
     moe_act: tuple[int, ...] = (0, 0, 0)   # saved by the experts' activation (silu, mul)
+    probs_dt: int = 4                      # eager attention's softmax dtype
     moe_stale: tuple[int, ...] = (0, 0, 0)  # Llama 4: block locals a stopped recompute leaves alive
     moe_stale_shared: tuple[int, ...] = (0, 0, 0)  # ... of which the shared down_proj's (freed by its backward)
     nope_delta: tuple[int, ...] = (0, 0, 0)  # Llama 4: a NoPE layer's saved set minus a RoPE layer's
@@ -1427,6 +1430,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       if w0 is not w and plan.gradient_checkpointing else (),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
+                      probs_dt=lm.probs_dt,
                       moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared),
                       nope_delta=_coef(nope))
 
@@ -1556,7 +1560,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         attention_masks(model, plan, g),
         at0 * T + at1 * BSS + at2, af0 * T + af1 * BSS + af2,
         # [B, heads, S, S] fp32 (gpt_oss: [B, heads, S, S + 1], the sink column)
-        -(-B * model.num_heads * S * (S + model.arch.attention_sinks) * 4 // g) * g
+        -(-B * model.num_heads * S * (S + model.arch.attention_sinks) * tr.probs_dt // g) * g
         if plan.attn_implementation == "eager" else 0,
         embed_leaf_bytes=-(-T * H * a // g) * g if model.arch.multipliers and plan.gradient_checkpointing
         and plan.method != "full" else 0,
