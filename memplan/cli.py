@@ -86,6 +86,7 @@ def _check_model_and_plan(args: argparse.Namespace) -> tuple[Any, TrainPlan]:
     """Load MODEL and the plan, and check both, before any work."""
     from .catalogue import resolution_note
 
+    read_config_arg(args)
     spec = load_model(args.model)
     plan = plan_from_args(args)
     _check_plan_for_model(spec, plan)
@@ -185,8 +186,21 @@ def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def read_config_arg(args: argparse.Namespace) -> None:
+    """`--config FILE`: read the file once (args.config_read); MODEL defaults to the model it names.
+    The plan flags the user typed override the file (unset flags are None: see plan_kwargs)."""
+    from .estimate import with_config
+
+    if getattr(args, "config", None) is not None and getattr(args, "config_read", None) is None:
+        args.model, args.config_read, _ = with_config(getattr(args, "model", None), args.config)
+    elif getattr(args, "model", "") is None:
+        raise MemplanError("give MODEL (a catalogue name, hub id or config.json path), or --config FILE "
+                           "with a file that names the model")
+
+
 def plan_from_args(args: argparse.Namespace) -> TrainPlan:
-    return plan_from(**plan_kwargs(args))
+    read_config_arg(args)
+    return plan_from(config=getattr(args, "config_read", None), **plan_kwargs(args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,13 +208,13 @@ def plan_from_args(args: argparse.Namespace) -> TrainPlan:
 # ---------------------------------------------------------------------------------------------
 def estimate_data(args: argparse.Namespace) -> Estimate:
     _check_model_and_plan(args)
-    return estimate(args.model, gpu=args.gpu, **plan_kwargs(args))
+    return estimate(args.model, gpu=args.gpu, config=args.config_read, **plan_kwargs(args))
 
 
 def fit_data(args: argparse.Namespace) -> Fit:
     reserve = reserve_from_gib(args.reserve)
     _check_model_and_plan(args)
-    return check_fit(args.model, args.gpu, reserve_bytes=reserve, **plan_kwargs(args))
+    return check_fit(args.model, args.gpu, reserve_bytes=reserve, config=args.config_read, **plan_kwargs(args))
 
 
 def recommend_data(args: argparse.Namespace) -> Any:
@@ -210,7 +224,7 @@ def recommend_data(args: argparse.Namespace) -> Any:
     _check_model_and_plan(args)
     return recommend(args.model, args.gpu, reserve_bytes=reserve,
                      simulate_budget=DEFAULT_SIMULATE_BUDGET if args.simulate_budget is None else args.simulate_budget,
-                     **plan_kwargs(args))
+                     config=args.config_read, **plan_kwargs(args))
 
 
 def _int_list(flag: str, text: str | None, default: tuple[int, ...], most: int | None = None) -> tuple[int, ...]:
@@ -405,8 +419,12 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         from .simulate import simulate
     except ImportError:
         raise MemplanError(SIM_MISSING) from None
+    read = getattr(args, "config_read", None)
     if spec is not None:  # SimulateResult.to_dict: the trace, and the estimate beside it
-        return simulate(spec, plan, progress=not args.quiet).to_dict()
+        d = simulate(spec, plan, progress=not args.quiet).to_dict()
+        if read is not None and read.notes:
+            d["notes"] = list(read.notes) + list(d.get("notes") or [])
+        return d
     try:
         d = simulate(config, plan, progress=not args.quiet).to_dict()
     except MemplanError as e:
@@ -783,26 +801,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help_: str, *, model: bool = True,
-                plan: bool = True) -> argparse.ArgumentParser:
+                plan: bool = True, config: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         parser.commands[name] = p
         if model:
-            p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+            if config:
+                p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                               help=MODEL_HELP + "; may be left out when --config names the model")
+            else:
+                p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
         if plan:
             add_plan_flags(p)
+        if config:
+            p.add_argument("--config", metavar="FILE", default=None,
+                           help="an axolotl YAML, a TRL SFTConfig (JSON/YAML) or a TrainingArguments JSON: the "
+                                "plan (and MODEL, when the file names it) comes from the file; plan flags given "
+                                "here override it; what the file switches on that memplan does not model is "
+                                "listed in the notes (YAML needs PyYAML: pip install 'memplan[config]')")
+            p.set_defaults(config_read=None)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=func)
         return p
 
-    p = command("estimate", cmd_estimate, "per-term breakdown of the peak memory of one training step")
+    p = command("estimate", cmd_estimate, "per-term breakdown of the peak memory of one training step", config=True)
     p.add_argument("--gpu", metavar="GPU", help="GPU name for overheads and fit (see `memplan gpus`)")
-    p = command("fit", cmd_fit, "does it fit? exit 0 fits, 1 does not fit, 2 bad input")
+    p = command("fit", cmd_fit, "does it fit? exit 0 fits, 1 does not fit, 2 bad input", config=True)
     p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0)")
     p = command("recommend", cmd_recommend,
                 "largest micro-batch and sequence length that fit, the cheapest changes that make a plan fit, "
-                "and the smallest GPU for it; exit 0 fits as given, 1 does not fit, 2 bad input")
+                "and the smallest GPU for it; exit 0 fits as given, 1 does not fit, 2 bad input", config=True)
     p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0, as fit: the estimate "
@@ -829,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(p, exclude=("method", "batch_size", "seq_len", "lora_r"))
     p = command("simulate", cmd_simulate,
                 "exact meta-device trace of a real training step (needs the sim extra: torch, transformers, "
-                "peft, bitsandbytes). " + SIM_COVERS[0].upper() + SIM_COVERS[1:] + ".")
+                "peft, bitsandbytes). " + SIM_COVERS[0].upper() + SIM_COVERS[1:] + ".", config=True)
     p.add_argument("--quiet", action="store_true", help="no progress or status lines on stderr (errors and warnings still print)")
     p = command("profile", cmd_profile,
                 "run real training steps on the device and measure them per phase and per term against the "

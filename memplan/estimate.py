@@ -58,7 +58,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from . import formulas as F
 from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
 from .catalogue import load_gpu, resolve_model
-from .errors import InvalidSpecError, UnsupportedArchitectureError
+from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
 from .model import ModelSpec
@@ -1097,9 +1097,10 @@ def cuda_overheads(terms: dict[Term, int], gpu: GPUSpec | None, allocated: int |
 GENERIC_GPU = GPUSpec(name="generic", memory_bytes=0)
 
 
-def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu: str | GPUSpec | None = None,
-             bnb_config: Any = None, lora_config: Any = None, training_args: Any = None,
-             fallback_simulate: bool = True, **plan_kwargs: Any) -> Estimate:
+def estimate(model: str | ModelSpec | Any = None, plan: TrainPlan | None = None, *,
+             gpu: str | GPUSpec | None = None, bnb_config: Any = None, lora_config: Any = None,
+             training_args: Any = None, config: Any = None, fallback_simulate: bool = True,
+             **plan_kwargs: Any) -> Estimate:
     """Estimate the peak memory of one training step.
 
     `model`: a catalogue name, hub id, local path, ModelSpec, config.json dict or PretrainedConfig.
@@ -1111,14 +1112,18 @@ def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu
     A `training_args` with `use_cpu=True` together with `gpu=` contradict each other: the GPU wins
     (the step is estimated on cuda) and the notes say so; `device="cpu"` (a keyword or the `plan`'s
     own field) estimates the CPU step.
+    `config`: a training config file (axolotl YAML, TRL SFTConfig or TrainingArguments JSON/YAML; see
+    `memplan.integrations.configs.read_config`): its plan fields under the objects and keyword
+    arguments, its model when `model` is None, its notes (what memplan does not model) in the notes.
     """
     from dataclasses import replace as _replace
 
     from .plan import gpu_over_use_cpu
 
+    model, config, config_notes = with_config(model, config)
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
-                  **plan_kwargs)
+                  config=config, **plan_kwargs)
     g = load_gpu(gpu) if gpu is not None else None
     p, device_note = gpu_over_use_cpu(p, plan, training_args, plan_kwargs, g.name if g else None)
     try:
@@ -1133,7 +1138,25 @@ def estimate(model: str | ModelSpec | Any, plan: TrainPlan | None = None, *, gpu
             p = p.replace(**changes) if changes else p
         est = from_simulation(spec, p, g, reason=str(e))
         est = _replace(est, notes=(*fixes, *est.notes)) if fixes else est
-    return _replace(est, notes=(device_note, *est.notes)) if device_note else est
+    front = ((device_note,) if device_note else ()) + config_notes
+    return _replace(est, notes=(*front, *est.notes)) if front else est
+
+
+def with_config(model: Any, config: Any) -> tuple[Any, Any, tuple[str, ...]]:
+    """(model, the config file read once, its notes): the model the file names when `model` is None."""
+    if config is None:
+        if model is None:
+            raise MemplanError("give a model (a catalogue name, hub id or config.json path)")
+        return model, None, ()
+    from .integrations.configs import read_config
+
+    read = read_config(config)
+    if model is None:
+        if not read.model:
+            raise MemplanError(f"the config file {read.path} names no model (base_model / model_name_or_path); "
+                               "give MODEL")
+        model = read.model
+    return model, read, read.notes
 
 
 def _sim_available() -> bool:

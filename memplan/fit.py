@@ -125,7 +125,7 @@ class Fit:
 
 def check_fit(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *, reserve_bytes: int = 0,
               bnb_config: Any = None, lora_config: Any = None, training_args: Any = None,
-              **plan_kwargs: Any) -> Fit:
+              config: Any = None, **plan_kwargs: Any) -> Fit:
     """Estimate `model` under `plan` on `gpu` and say whether it fits, keeping `reserve_bytes` free
     (for other processes, a display, a safety margin). Arguments as for `estimate`."""
     from .estimate import estimate
@@ -134,5 +134,5 @@ def check_fit(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *, 
         raise MemplanError(_NO_GPU)
     reserve = check_reserve(reserve_bytes)  # before the (possibly simulated) estimate
     est = estimate(model, plan, gpu=gpu, bnb_config=bnb_config, lora_config=lora_config,
-                   training_args=training_args, **plan_kwargs)
+                   training_args=training_args, config=config, **plan_kwargs)
     return Fit.of(est, reserve)

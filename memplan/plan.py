@@ -267,20 +267,21 @@ _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")
 
 
 def plan_from(base: TrainPlan | None = None, *, bnb_config: Any = None, lora_config: Any = None,
-              training_args: Any = None, **kwargs: Any) -> TrainPlan:
+              training_args: Any = None, config: Any = None, **kwargs: Any) -> TrainPlan:
     """Build a plan from keyword arguments and/or a user's real HF objects, read by attribute.
 
     `bnb_config` is a transformers BitsAndBytesConfig, `lora_config` a peft LoraConfig,
     `training_args` a transformers TrainingArguments (or anything with the same attributes, or a
-    dict). Explicit keyword arguments win over values read from the objects.
+    dict). `config` is a training config file (an axolotl YAML, a TRL SFTConfig or a TrainingArguments
+    JSON/YAML: `memplan.integrations.configs.read_config`) or what `read_config` returned; the
+    objects win over the file, and explicit keyword arguments win over both.
     """
     values: dict[str, Any] = {}
-    if bnb_config is not None:
-        values.update(_from_bnb(bnb_config))
-    if lora_config is not None:
-        values.update(_from_lora(lora_config))
-    if training_args is not None:
-        values.update(_from_training_args(training_args))
+    if config is not None:
+        from .integrations.configs import read_config
+
+        values.update(read_config(config).plan_fields)
+    values.update(fields_from_hf(bnb_config=bnb_config, lora_config=lora_config, training_args=training_args))
     unknown = sorted(k for k in kwargs if k not in TrainPlan.field_names())
     if unknown:
         raise InvalidSpecError("plan", [f"unknown plan field {k!r} (known: {', '.join(TrainPlan.field_names())})"
@@ -289,6 +290,19 @@ def plan_from(base: TrainPlan | None = None, *, bnb_config: Any = None, lora_con
     if base is not None:
         return replace(base, **values) if values else base
     return TrainPlan(**values)
+
+
+def fields_from_hf(*, bnb_config: Any = None, lora_config: Any = None, training_args: Any = None) -> dict[str, Any]:
+    """The plan fields that a BitsAndBytesConfig, a LoraConfig and a TrainingArguments (objects or
+    dicts with their attribute names) set, later ones winning; what `plan_from` reads from them."""
+    values: dict[str, Any] = {}
+    if bnb_config is not None:
+        values.update(_from_bnb(bnb_config))
+    if lora_config is not None:
+        values.update(_from_lora(lora_config))
+    if training_args is not None:
+        values.update(_from_training_args(training_args))
+    return values
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:

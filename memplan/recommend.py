@@ -567,7 +567,7 @@ def _ranked_changes(est: "Estimator", p: TrainPlan, reserve: int, skipped: list[
 def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
               reserve_bytes: int = DEFAULT_RESERVE_BYTES, bnb_config: Any = None, lora_config: Any = None,
               training_args: Any = None, simulate_budget: int = DEFAULT_SIMULATE_BUDGET,
-              **plan_kwargs: Any) -> Recommendation:
+              config: Any = None, **plan_kwargs: Any) -> Recommendation:
     """What fits `model` on `gpu`: max micro-batch and sequence length, changes that make the plan fit
     (cheapest first), and the smallest catalogue GPU that runs it as given.
 
@@ -581,9 +581,12 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     reserve = check_reserve(reserve_bytes)
     if isinstance(simulate_budget, bool) or not isinstance(simulate_budget, int) or simulate_budget < 1:
         raise MemplanError(f"simulate_budget (--simulate-budget) must be a whole number >= 1, got {simulate_budget!r}")
+    from .estimate import with_config
+
+    model, config, config_notes = with_config(model, config)
     spec = resolve_model(model)
     p = plan_from(plan, bnb_config=bnb_config, lora_config=lora_config, training_args=training_args,
-                  **plan_kwargs)
+                  config=config, **plan_kwargs)
     p, device_note = gpu_over_use_cpu(p, plan, training_args, plan_kwargs, str(getattr(gpu, "name", gpu)))
     if p.device != "cuda":
         raise MemplanError("recommend sizes a GPU run; drop --device cpu (or use `memplan estimate --device cpu`)")
@@ -592,7 +595,7 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     est = Estimator(spec, g, simulate_budget)
     verdict = Fit.of(est(p), reserve)
     e = verdict.estimate
-    notes = ([device_note] if device_note else []) + list(verdict.notes)
+    notes = ([device_note] if device_note else []) + list(config_notes) + list(verdict.notes)
     if required:
         notes.insert(0, f"the real stack refuses the plan as given: run it with {required} (every figure here is "
                         "for that plan; the notes below say why)")

@@ -1,0 +1,451 @@
+"""Training config files in: an axolotl YAML, a TRL `SFTConfig` saved as JSON/YAML (or the one file
+that `trl sft --config` reads, with ModelConfig's fields), or a transformers `TrainingArguments` JSON.
+
+`read_config(path)` maps every field that changes the memory of a step onto TrainPlan fields and says
+in `notes` what memplan does not model (Liger kernels, packing, offloading, multi-GPU sharding...):
+nothing that changes memory is dropped silently. JSON needs only the stdlib; YAML needs PyYAML
+(imported lazily: the `config` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InvalidSpecError, MissingExtraError
+from ..optim import OPTIMIZERS
+from ..plan import ATTN, PADDING, fields_from_hf, norm_dtype
+
+KINDS = ("axolotl", "trl", "training_args")
+
+#: keys that only an axolotl config has
+_AXOLOTL_KEYS = ("base_model", "micro_batch_size", "sequence_len", "adapter", "datasets", "lora_target_linear",
+                 "sample_packing", "flash_attention", "sdp_attention", "xformers_attention", "plugins",
+                 "pad_to_sequence_len", "optimizer", "base_model_config", "lora_target_modules")
+#: keys of TRL's SFTConfig / ModelConfig that TrainingArguments lacks
+_TRL_KEYS = ("max_length", "max_seq_length", "packing", "padding_free", "dataset_text_field", "completion_only_loss",
+             "assistant_only_loss", "model_init_kwargs", "dataset_kwargs", "model_name_or_path", "use_peft",
+             "activation_offloading", "packing_strategy", "dataset_num_proc", "eos_token", "pad_token")
+#: keys of TrainingArguments
+_TA_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "output_dir", "learning_rate", "optim",
+            "num_train_epochs", "max_steps", "gradient_checkpointing", "bf16", "fp16")
+
+NOT_MODELLED = "memplan does not model it yet (estimated without it)"
+MULTI_GPU = "multi-GPU sharding is not modelled: the estimate is one GPU holding the whole model (no sharding)"
+
+#: axolotl keys that change memory and that memplan does not model: a note names each one that is set
+_AXOLOTL_UNMODELLED = ("lora_modules_to_save", "peft_use_dora", "unfrozen_parameters", "torch_compile",
+                       "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "unsloth_cross_entropy_loss",
+                       "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "s2_attention", "lora_on_cpu",
+                       "gpu_memory_limit", "max_memory", "float16", "bfloat16", "rl", "eval_sample_packing",
+                       "relora_steps", "sequence_parallel_degree", "context_parallel_size",
+                       "tensor_parallel_size", "fsdp_config", "pad_to_multiple_of")
+#: TRL / TrainingArguments keys likewise
+_TRL_UNMODELLED = ("torch_compile", "auto_find_batch_size", "liger_kernel_config", "pad_to_multiple_of",
+                   "fsdp_config", "torch_empty_cache_steps", "optim_target_modules", "use_dora",
+                   "lora_modules_to_save", "average_tokens_across_devices", "use_rslora")
+
+
+@dataclass(frozen=True)
+class ConfigRead:
+    """What a config file says about the step: TrainPlan fields, the model it names, the notes."""
+
+    plan_fields: dict
+    model: str | None
+    notes: tuple[str, ...]
+    kind: str
+    path: str = ""
+
+
+def _bad(path: str, problem: str) -> InvalidSpecError:
+    return InvalidSpecError(f"config {path}", [problem])
+
+
+def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The file's top-level mapping: JSON with the stdlib, YAML with PyYAML."""
+    p = Path(os.path.expanduser(str(path)))
+    name = str(path)
+    if not p.is_file():
+        raise _bad(name, "no such file" if not p.exists() else "not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _bad(name, f"cannot read it ({e.__class__.__name__}: {e})") from None
+    data: Any
+    if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise _bad(name, f"not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise MissingExtraError("reading a YAML config", "PyYAML", "config") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            first = " ".join(str(e).split())
+            raise _bad(name, f"not valid YAML ({first[:160]})") from None
+    if not isinstance(data, dict):
+        raise _bad(name, f"the file holds a {type(data).__name__}, not a mapping of field names to values")
+    return data
+
+
+def detect_kind(data: Mapping[str, Any]) -> str:
+    if any(k in data for k in _AXOLOTL_KEYS):
+        return "axolotl"
+    if any(k in data for k in _TRL_KEYS):
+        return "trl"
+    if any(k in data for k in _TA_KEYS):
+        return "training_args"
+    return ""
+
+
+def read_config(path: Any) -> ConfigRead:
+    """Read an axolotl YAML, a TRL SFTConfig or a TrainingArguments file (JSON or YAML), detecting
+    the format from its keys. A `ConfigRead` passes through unchanged. A malformed or contradictory
+    file raises InvalidSpecError naming the field."""
+    if isinstance(path, ConfigRead):
+        return path
+    name = str(path)
+    data = load_mapping(path)
+    kind = detect_kind(data)
+    if not kind:
+        raise _bad(name, "not an axolotl, TRL SFTConfig or TrainingArguments config: none of its keys "
+                         f"({', '.join(sorted(map(str, data))[:6]) or 'none'}) says which")
+    reader = _Reader(name, data)
+    fields, model = (reader.axolotl() if kind == "axolotl" else reader.trl(kind))
+    return ConfigRead(plan_fields=fields, model=model, notes=tuple(reader.notes), kind=kind, path=name)
+
+
+class _Reader:
+    def __init__(self, path: str, data: Mapping[str, Any]):
+        self.path, self.d = path, data
+        self.notes: list[str] = []
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def bad(self, problem: str) -> InvalidSpecError:
+        return _bad(self.path, problem)
+
+    def note(self, text: str) -> None:
+        self.notes.append(f"config file: {text}")
+
+    def on(self, key: str, d: Mapping[str, Any] | None = None) -> bool:
+        """A boolean-ish switch: true, 'true', 'auto', a non-empty string or list."""
+        v = (self.d if d is None else d).get(key)
+        if isinstance(v, str):
+            return v.strip().lower() not in ("", "false", "no", "0", "none", "null")
+        return bool(v)
+
+    def int_(self, key: str, d: Mapping[str, Any] | None = None) -> int | None:
+        v = (self.d if d is None else d).get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise self.bad(f"{key} must be a positive integer, got {v!r}")
+        return v
+
+    def bool_(self, key: str, d: Mapping[str, Any] | None = None) -> bool | None:
+        v = (self.d if d is None else d).get(key)
+        if v is None or isinstance(v, bool):
+            return v
+        raise self.bad(f"{key} must be true or false, got {v!r}")
+
+    def precision(self) -> tuple[bool, bool]:
+        bf16, fp16 = self.on("bf16"), self.on("fp16")
+        if bf16 and fp16:
+            raise self.bad("bf16 and fp16 are both true; set one of them")
+        return bf16, fp16
+
+    def optim(self, key: str) -> str | None:
+        v = self.d.get(key)
+        if v is None:
+            return None
+        v = str(v).lower()
+        if v not in OPTIMIZERS:
+            raise self.bad(f"{key} {v!r} is not an optimizer memplan knows (known: {', '.join(OPTIMIZERS)})")
+        return v
+
+    def gc_kwargs(self) -> dict[str, Any]:
+        kw = self.d.get("gradient_checkpointing_kwargs")
+        if kw is None:
+            return {}
+        if not isinstance(kw, Mapping):
+            raise self.bad(f"gradient_checkpointing_kwargs must be a mapping like {{use_reentrant: false}}, got {kw!r}")
+        if "use_reentrant" in kw and not isinstance(kw["use_reentrant"], bool):
+            raise self.bad(f"gradient_checkpointing_kwargs.use_reentrant must be true or false, "
+                           f"got {kw['use_reentrant']!r}")
+        return dict(kw)
+
+    def unmodelled(self, keys: tuple[str, ...]) -> None:
+        for k in keys:
+            if self.on(k):
+                self.note(f"{k}: {self.d[k]!r} changes memory; {NOT_MODELLED}")
+
+    def multi_gpu(self) -> None:
+        for k in ("deepspeed", "fsdp"):
+            if self.on(k):
+                self.note(f"{k} is set ({_short(self.d[k])}): {MULTI_GPU}")
+
+    def attn(self, value: Any, key: str) -> str | None:
+        v = str(value).strip().lower()
+        if v in ATTN:
+            return v
+        if v in ("flash_attention_3", "flex_attention") or "flash" in v or "kernels-community" in v:
+            self.note(f"{key} {value!r} is not modelled; estimated with flash_attention_2")
+            return "flash_attention_2"
+        self.note(f"{key} {value!r} is not modelled; estimated with sdpa")
+        return "sdpa"
+
+    # -- axolotl ----------------------------------------------------------------------------------
+    def axolotl(self) -> tuple[dict[str, Any], str | None]:
+        d = self.d
+        out: dict[str, Any] = {}
+        adapter = str(d.get("adapter") or "").strip().lower()
+        if adapter not in ("", "qlora", "lora"):
+            raise self.bad(f"adapter {d.get('adapter')!r} is not modelled (memplan plans qlora, lora or a full "
+                           "fine-tune without adapter)")
+        in4, in8 = self.bool_("load_in_4bit"), self.bool_("load_in_8bit")
+        if in4 and in8:
+            raise self.bad("load_in_4bit and load_in_8bit are both true; set one of them")
+        if adapter == "qlora" and not in4:
+            raise self.bad("adapter qlora needs load_in_4bit: true")
+        if adapter == "lora" and in4:
+            raise self.bad("load_in_4bit: true with adapter lora; axolotl trains a 4-bit base with adapter: qlora")
+        if not adapter and (in4 or in8):
+            raise self.bad(f"{'load_in_4bit' if in4 else 'load_in_8bit'}: true without an adapter; a quantized "
+                           "base trains only with adapter: qlora or lora")
+        bf16, fp16 = self.precision()
+        # axolotl loads in bf16 under bf16, in fp16 under fp16 or 8-bit, else in fp32; the 4-bit layers
+        # compute in that dtype unless bnb_4bit_compute_dtype says otherwise
+        load = "bf16" if bf16 else "fp16" if (fp16 or in8) else "fp32"
+        bnb_kw = d.get("bnb_config_kwargs") or {}
+        if not isinstance(bnb_kw, Mapping):
+            raise self.bad(f"bnb_config_kwargs must be a mapping, got {bnb_kw!r}")
+        get = lambda k, default: d.get(k, bnb_kw.get(k, default))  # noqa: E731
+        if adapter:
+            out.update(fields_from_hf(bnb_config={
+                "load_in_4bit": bool(in4), "load_in_8bit": bool(in8),
+                "bnb_4bit_quant_type": get("bnb_4bit_quant_type", "nf4"),
+                "bnb_4bit_use_double_quant": get("bnb_4bit_use_double_quant", True),
+                "bnb_4bit_compute_dtype": get("bnb_4bit_compute_dtype", load)}))
+            out.setdefault("method", "lora")
+            lora: dict[str, Any] = {}
+            for ours, theirs in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+                if d.get(theirs) is not None:
+                    lora[ours] = d[theirs]
+            if self.on("lora_target_linear"):
+                lora["target_modules"] = "all-linear"
+            elif d.get("lora_target_modules"):
+                tm = d["lora_target_modules"]
+                lora["target_modules"] = tm if isinstance(tm, str) else [str(t) for t in tm]
+            out.update(fields_from_hf(lora_config=lora))
+        else:
+            out["method"] = "full"
+        out["dtype"] = load
+        out["mixed_precision"] = "bf16" if bf16 else "fp16" if fp16 else "no"
+        if str(d.get("bf16")).lower() == "auto":
+            self.note("bf16: auto estimated as bf16 (the GPU supports it); pass --mixed-precision to say otherwise")
+        for ours, theirs in (("batch_size", "micro_batch_size"), ("seq_len", "sequence_len"),
+                             ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+            v = self.int_(theirs)
+            if v is not None:
+                out[ours] = v
+        gc = d.get("gradient_checkpointing")
+        if gc is not None:
+            if isinstance(gc, str) and gc.lower() in ("offload", "offload_disk"):
+                out["gradient_checkpointing"] = True
+                self.note(f"gradient_checkpointing: {gc} moves checkpoints to host memory; memplan does not "
+                          "model it yet (estimated as checkpoints kept on the GPU)")
+            elif isinstance(gc, bool):
+                out["gradient_checkpointing"] = gc
+            else:
+                raise self.bad(f"gradient_checkpointing must be true, false or offload, got {gc!r}")
+        kw = self.gc_kwargs()
+        if "use_reentrant" in kw:
+            out["use_reentrant"] = kw["use_reentrant"]
+        optim = self.optim("optimizer")
+        if optim:
+            out["optim"] = optim
+        attn = [k for k in ("flash_attention", "sdp_attention", "xformers_attention", "eager_attention")
+                if self.on(k)]
+        if len(attn) > 1:
+            raise self.bad(f"{' and '.join(attn)} are all true; set one attention implementation")
+        if d.get("attn_implementation"):
+            out["attn_implementation"] = self.attn(d["attn_implementation"], "attn_implementation")
+        elif attn:
+            out["attn_implementation"] = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa",
+                                          "eager_attention": "eager", "xformers_attention": "sdpa"}[attn[0]]
+            if attn[0] == "xformers_attention":
+                self.note(f"xformers_attention: {NOT_MODELLED}; estimated with sdpa")
+        packing = self.on("sample_packing")
+        if packing:
+            out["padding"] = "none"
+            self.note("sample_packing: true packs sequences into rows of sequence_len; packing is not modelled "
+                      "yet: estimated as unpadded rows of sequence_len tokens")
+        elif self.on("pad_to_sequence_len"):
+            out["padding"] = "max_length"
+        else:
+            out["padding"] = "longest"  # axolotl's collator pads each batch to its longest row, with a mask
+        if d.get("padding") is not None:
+            out["padding"] = self.padding(d["padding"])
+        self.plugins()
+        if self.on("activation_offloading"):
+            self.note(f"activation_offloading moves saved activations to host memory; {NOT_MODELLED}")
+        for k in ("chunked_cross_entropy", "cut_cross_entropy"):
+            if self.on(k):
+                self.note(f"{k}: the loss never holds the full [tokens x vocab] logits; {NOT_MODELLED} "
+                          "(the logits term is counted whole)")
+        self.multi_gpu()
+        self.unmodelled(_AXOLOTL_UNMODELLED)
+        model = d.get("base_model")
+        return out, (str(model) if model else None)
+
+    def padding(self, value: Any) -> str:
+        v = {"false": "none", "do_not_pad": "none", "true": "longest"}.get(str(value).lower(), str(value).lower())
+        if v not in PADDING:
+            raise self.bad(f"padding {value!r} is not one of: {', '.join(PADDING)}")
+        return v
+
+    def plugins(self) -> None:
+        plugins = self.d.get("plugins") or []
+        if isinstance(plugins, str):
+            plugins = [plugins]
+        if not isinstance(plugins, list):
+            raise self.bad(f"plugins must be a list of plugin class paths, got {plugins!r}")
+        for p in plugins:
+            low = str(p).lower()
+            if "liger" in low:
+                on = [k for k in ("liger_fused_linear_cross_entropy", "liger_cross_entropy", "liger_rope",
+                                  "liger_rms_norm", "liger_glu_activation", "liger_layer_norm") if self.on(k)]
+                self.note(f"Liger kernels ({', '.join(on) or str(p)}): {NOT_MODELLED}"
+                          + ("; the fused linear cross-entropy would remove most of the logits term"
+                             if "liger_fused_linear_cross_entropy" in on else ""))
+            elif "cut_cross_entropy" in low:
+                if not self.on("cut_cross_entropy"):
+                    self.note(f"plugin {p}: cut cross-entropy; {NOT_MODELLED}")
+            else:
+                self.note(f"plugin {p}: its effect on memory is not modelled")
+
+    # -- TRL SFTConfig / TrainingArguments ---------------------------------------------------------
+    def trl(self, kind: str) -> tuple[dict[str, Any], str | None]:
+        d = self.d
+        for k in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            self.int_(k)
+        self.precision()
+        if "gradient_checkpointing" in d:
+            self.bool_("gradient_checkpointing")
+        self.gc_kwargs()
+        ta = {k: d[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                "gradient_checkpointing", "gradient_checkpointing_kwargs", "bf16", "fp16")
+              if k in d}
+        optim = self.optim("optim")
+        if optim:
+            ta["optim"] = optim
+        if kind == "trl" and "bf16" not in d and not self.on("fp16"):
+            ta["bf16"] = True  # SFTConfig: bf16 defaults to `not fp16`
+        elif kind == "training_args":
+            ta.setdefault("bf16", False)  # TrainingArguments: both default to False (no autocast)
+            ta.setdefault("fp16", False)
+        out = fields_from_hf(training_args=ta)
+        if self.on("use_cpu"):
+            self.note("use_cpu: true ignored; pass --device cpu (device='cpu') to estimate a CPU step")
+        mik = d.get("model_init_kwargs") or {}
+        if not isinstance(mik, Mapping):
+            raise self.bad(f"model_init_kwargs must be a mapping, got {mik!r}")
+        # TRL's ModelConfig fields (`trl sft --config` reads them from the same file) win over model_init_kwargs
+        attn = d.get("attn_implementation") or mik.get("attn_implementation")
+        if attn:
+            out["attn_implementation"] = self.attn(attn, "attn_implementation")
+        dtype = d.get("dtype") or d.get("torch_dtype") or mik.get("dtype") or mik.get("torch_dtype")
+        if dtype:
+            nd = norm_dtype(dtype)
+            if nd in ("bf16", "fp16", "fp32"):
+                out["dtype"] = nd
+            else:
+                self.note(f"dtype {dtype!r}: the load dtype is the checkpoint's; estimated with bf16 "
+                          "(pass --dtype to say otherwise)")
+        qc = mik.get("quantization_config")
+        if qc is not None and not isinstance(qc, Mapping):
+            raise self.bad(f"model_init_kwargs.quantization_config must be a mapping, got {qc!r}")
+        bnb = dict(qc or {})
+        for theirs, ours in (("load_in_4bit", "load_in_4bit"), ("load_in_8bit", "load_in_8bit"),
+                             ("bnb_4bit_quant_type", "bnb_4bit_quant_type"),
+                             ("use_bnb_nested_quant", "bnb_4bit_use_double_quant")):
+            if d.get(theirs) is not None:
+                bnb[ours] = d[theirs]
+        if bnb.get("load_in_4bit") and bnb.get("load_in_8bit"):
+            raise self.bad("load_in_4bit and load_in_8bit are both true; set one of them")
+        quantized = bool(bnb.get("load_in_4bit") or bnb.get("load_in_8bit"))
+        if quantized:
+            if bnb.get("load_in_4bit"):  # ModelConfig/BitsAndBytesConfig defaults
+                bnb.setdefault("bnb_4bit_quant_type", "nf4")
+                bnb.setdefault("bnb_4bit_compute_dtype", out.get("dtype", "bf16"))
+            out.update(fields_from_hf(bnb_config=bnb))
+        use_peft = self.bool_("use_peft")
+        if use_peft is False and quantized:
+            raise self.bad("load_in_4bit/load_in_8bit with use_peft: false; a quantized base trains only with "
+                           "a LoRA adapter (use_peft: true)")
+        if use_peft or any(k in d for k in ("lora_r", "lora_target_modules")):
+            lora: dict[str, Any] = {}
+            for ours, theirs in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
+                                 ("target_modules", "lora_target_modules")):
+                if d.get(theirs) is not None:
+                    lora[ours] = d[theirs]
+            out.update(fields_from_hf(lora_config=lora))
+            out.setdefault("method", "lora")
+        elif use_peft is False:
+            out["method"] = "full"
+        elif not quantized:
+            self.note("the file does not say the adapter (SFTTrainer's peft_config): estimated with memplan's "
+                      "default (--method qlora, nf4, r 16, all-linear); pass --method/--lora-r to say otherwise")
+        seq = self.seq_len(kind)
+        if seq is not None:
+            out["seq_len"] = seq
+        packing, padding_free = self.on("packing"), self.on("padding_free")
+        if packing or padding_free:
+            out["padding"] = "none"
+            on = " and ".join(k for k, v in (("packing", packing), ("padding_free", padding_free)) if v)
+            self.note(f"{on}: true; packing / padding-free batches are not modelled yet: estimated as "
+                      "unpadded rows of max_length tokens")
+        elif kind == "trl":
+            out["padding"] = "longest"  # TRL's collator pads each batch to its longest row, with a mask
+        if d.get("padding") is not None:
+            out["padding"] = self.padding(d["padding"])
+        if self.on("use_liger_kernel"):
+            self.note(f"use_liger_kernel: true (Liger's fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "
+                      f"{NOT_MODELLED}; the fused cross-entropy would remove most of the logits term")
+        if self.on("activation_offloading"):
+            self.note(f"activation_offloading: true moves saved activations to host memory; {NOT_MODELLED}")
+        self.multi_gpu()
+        self.unmodelled(_TRL_UNMODELLED)
+        model = d.get("model_name_or_path")
+        return out, (str(model) if model else None)
+
+    def seq_len(self, kind: str) -> int | None:
+        d = self.d
+        given = {k: d[k] for k in ("max_length", "max_seq_length") if k in d}
+        if len(given) == 2 and given["max_length"] != given["max_seq_length"] and None not in given.values():
+            raise self.bad(f"max_length {given['max_length']} and max_seq_length {given['max_seq_length']} "
+                           "disagree; set one of them")
+        for k in ("max_length", "max_seq_length"):
+            if given.get(k) is not None:
+                return self.int_(k)
+        if given:
+            self.note(f"{next(iter(given))}: null (no truncation): estimated at memplan's --seq-len default; "
+                      "pass --seq-len with your longest sequence")
+            return None
+        if kind == "trl":
+            self.note("max_length not in the file: estimated at SFTConfig's default, 1024")
+            return 1024
+        self.note("a TrainingArguments file has no sequence length: pass --seq-len (estimated at memplan's default)")
+        return None
+
+
+def _short(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= 60 else s[:57] + "..."
