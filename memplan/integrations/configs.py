@@ -24,7 +24,7 @@ KINDS = ("axolotl", "trl", "training_args")
 #: keys that only an axolotl config has
 _AXOLOTL_KEYS = ("base_model", "micro_batch_size", "sequence_len", "adapter", "datasets", "lora_target_linear",
                  "sample_packing", "flash_attention", "sdp_attention", "xformers_attention", "plugins",
-                 "pad_to_sequence_len", "optimizer", "base_model_config", "lora_target_modules")
+                 "pad_to_sequence_len", "optimizer", "base_model_config", "lora_target_linear")
 #: keys of TRL's SFTConfig / ModelConfig that TrainingArguments lacks
 _TRL_KEYS = ("max_length", "max_seq_length", "packing", "padding_free", "dataset_text_field", "completion_only_loss",
              "assistant_only_loss", "model_init_kwargs", "dataset_kwargs", "model_name_or_path", "use_peft",

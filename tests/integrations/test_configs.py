@@ -1,0 +1,294 @@
+"""Config files in (issue 11): axolotl YAML, TRL SFTConfig and TrainingArguments files read into the plan,
+with notes for what memplan does not model, overrides by keywords and typed flags, one-line errors.
+Torch-free: the files are written here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import memplan
+from memplan.cli import main
+from memplan.errors import InvalidSpecError, MissingExtraError
+from memplan.integrations.configs import ConfigRead, read_config
+from memplan.plan import TrainPlan, plan_from
+
+pytest.importorskip("yaml")
+
+AXOLOTL = """\
+base_model: meta-llama/Meta-Llama-3-8B
+adapter: qlora
+load_in_4bit: true
+bnb_4bit_quant_type: fp4
+bnb_4bit_use_double_quant: false
+bnb_4bit_compute_dtype: float16
+lora_r: 32
+lora_alpha: 64
+lora_dropout: 0.1
+lora_target_modules:
+  - q_proj
+  - v_proj
+micro_batch_size: 2
+sequence_len: 4096
+gradient_accumulation_steps: 4
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: true
+optimizer: adamw_bnb_8bit
+bf16: true
+tf32: true
+flash_attention: true
+pad_to_sequence_len: true
+learning_rate: 0.0002
+output_dir: ./outputs/out
+logging_steps: 1
+datasets:
+  - path: mhenrichsen/alpaca_2k_test
+    type: alpaca
+"""
+
+
+def write(tmp_path, name: str, text: str):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- axolotl ----------------------------------------------------------------------------------------
+def test_axolotl_every_mapped_field(tmp_path):
+    r = read_config(write(tmp_path, "ax.yml", AXOLOTL))
+    assert isinstance(r, ConfigRead) and r.kind == "axolotl"
+    assert r.model == "meta-llama/Meta-Llama-3-8B"
+    assert r.plan_fields == {
+        "method": "qlora", "quant": "fp4", "double_quant": False, "compute_dtype": "fp16",
+        "lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.1, "target_modules": ("q_proj", "v_proj"),
+        "dtype": "bf16", "mixed_precision": "bf16", "batch_size": 2, "seq_len": 4096,
+        "gradient_accumulation_steps": 4, "gradient_checkpointing": True, "use_reentrant": True,
+        "optim": "adamw_bnb_8bit", "attn_implementation": "flash_attention_2", "padding": "max_length"}
+    assert r.notes == ()  # learning rate, logging, output_dir, datasets, tf32: no memory, no notes
+    plan = plan_from(config=r)
+    assert plan.quant == "fp4" and plan.target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ("sdp_attention: true\n", {"attn_implementation": "sdpa"}),
+    ("eager_attention: true\n", {"attn_implementation": "eager"}),
+    ("attn_implementation: eager\n", {"attn_implementation": "eager"}),
+    ("", {"padding": "longest", "quant": "nf4", "double_quant": True, "compute_dtype": "bf16"}),
+    ("lora_target_linear: true\n", {"target_modules": "all-linear"}),
+    ("gradient_checkpointing: false\n", {"gradient_checkpointing": False}),
+    ("padding: none\n", {"padding": "none"}),
+    ("bnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n  bnb_4bit_use_double_quant: false\n",
+     {"quant": "fp4", "double_quant": False}),
+])
+def test_axolotl_variants(tmp_path, extra, expect):
+    base = "base_model: llama-3.2-1b\nadapter: qlora\nload_in_4bit: true\nbf16: true\n"
+    r = read_config(write(tmp_path, "ax.yaml", base + extra))
+    for k, v in expect.items():
+        assert r.plan_fields[k] == v, k
+
+
+def test_axolotl_8bit_lora_full_and_precisions(tmp_path):
+    r = read_config(write(tmp_path, "a.yml", "base_model: x\nadapter: lora\nload_in_8bit: true\nfp16: true\n"))
+    assert (r.plan_fields["method"], r.plan_fields["quant"]) == ("qlora", "int8")
+    assert (r.plan_fields["mixed_precision"], r.plan_fields["dtype"]) == ("fp16", "fp16")
+    r = read_config(write(tmp_path, "b.yml", "base_model: x\nadapter: lora\nbf16: true\n"))
+    assert r.plan_fields["method"] == "lora" and TrainPlan(**r.plan_fields).quant == "none"
+    r = read_config(write(tmp_path, "c.yml", "base_model: x\nmicro_batch_size: 1\n"))
+    assert (r.plan_fields["method"], r.plan_fields["mixed_precision"], r.plan_fields["dtype"]) == ("full", "no", "fp32")
+
+
+def test_axolotl_unmodelled_techniques_are_named_in_the_notes(tmp_path):
+    text = AXOLOTL.replace("gradient_checkpointing: true", "gradient_checkpointing: offload").replace(
+        "pad_to_sequence_len: true", "sample_packing: true").replace("flash_attention: true", "xformers_attention: true")
+    text += """\
+plugins:
+  - axolotl.integrations.liger.LigerPlugin
+  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin
+liger_fused_linear_cross_entropy: true
+liger_rms_norm: true
+cut_cross_entropy: true
+chunked_cross_entropy: true
+activation_offloading: true
+deepspeed: deepspeed_configs/zero3_bf16.json
+fsdp:
+  - full_shard
+peft_use_dora: true
+torch_compile: false
+"""
+    r = read_config(write(tmp_path, "ax.yml", text))
+    notes = "\n".join(r.notes)
+    for word in ("gradient_checkpointing: offload", "sample_packing", "liger_fused_linear_cross_entropy",
+                 "liger_rms_norm", "cut_cross_entropy", "chunked_cross_entropy", "activation_offloading",
+                 "deepspeed", "fsdp", "multi-GPU", "peft_use_dora", "xformers_attention"):
+        assert word in notes, word
+    assert "torch_compile" not in notes  # switched off
+    assert r.plan_fields["gradient_checkpointing"] is True and r.plan_fields["padding"] == "none"
+    assert r.plan_fields["attn_implementation"] == "sdpa"
+    assert all(n.startswith("config file: ") for n in r.notes)
+
+
+# -- TRL SFTConfig / TrainingArguments ------------------------------------------------------------------
+SFT = {
+    "output_dir": "out", "learning_rate": 2e-4, "logging_steps": 10,
+    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8, "max_length": 2048,
+    "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True},
+    "optim": "paged_adamw_32bit", "bf16": False, "fp16": True,
+    "model_init_kwargs": {"attn_implementation": "eager", "dtype": "float16",
+                          "quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                  "bnb_4bit_use_double_quant": True,
+                                                  "bnb_4bit_compute_dtype": "float16"}},
+}
+
+
+def test_trl_sftconfig_json_every_mapped_field(tmp_path):
+    r = read_config(write(tmp_path, "sft.json", json.dumps(SFT)))
+    assert r.kind == "trl" and r.model is None
+    assert r.plan_fields == {
+        "batch_size": 4, "gradient_accumulation_steps": 8, "gradient_checkpointing": True, "use_reentrant": True,
+        "optim": "paged_adamw_32bit", "mixed_precision": "fp16", "attn_implementation": "eager", "dtype": "fp16",
+        "method": "qlora", "quant": "nf4", "double_quant": True, "compute_dtype": "fp16", "seq_len": 2048,
+        "padding": "longest"}
+    assert r.notes == ()  # the adapter comes from quantization_config: no default-adapter note
+
+
+def test_trl_unmodelled_techniques_and_defaults(tmp_path):
+    cfg = {"output_dir": "o", "max_seq_length": 1024, "packing": True, "padding_free": True,
+           "use_liger_kernel": True, "activation_offloading": True, "fsdp": "full_shard auto_wrap",
+           "deepspeed": {"zero_optimization": {"stage": 3}}, "torch_compile": True}
+    r = read_config(write(tmp_path, "sft.json", json.dumps(cfg)))
+    notes = "\n".join(r.notes)
+    for word in ("packing", "padding_free", "use_liger_kernel", "activation_offloading", "fsdp", "deepspeed",
+                 "torch_compile", "does not say the adapter"):
+        assert word in notes, word
+    assert r.plan_fields["seq_len"] == 1024 and r.plan_fields["padding"] == "none"
+    assert r.plan_fields["mixed_precision"] == "bf16"  # SFTConfig: bf16 = not fp16
+    r = read_config(write(tmp_path, "sft2.json", json.dumps({"packing": False, "dataset_text_field": "text"})))
+    assert r.plan_fields["seq_len"] == 1024 and "SFTConfig's default" in "\n".join(r.notes)
+
+
+def test_trl_cli_yaml_with_model_config_fields(tmp_path):
+    text = """\
+model_name_or_path: Qwen/Qwen2.5-0.5B
+dtype: bfloat16
+attn_implementation: sdpa
+use_peft: true
+load_in_4bit: true
+use_bnb_nested_quant: false
+lora_r: 8
+lora_alpha: 16
+lora_dropout: 0.0
+lora_target_modules: [q_proj, k_proj]
+per_device_train_batch_size: 2
+max_length: 512
+"""
+    r = read_config(write(tmp_path, "trl.yaml", text))
+    assert r.kind == "trl" and r.model == "Qwen/Qwen2.5-0.5B"
+    f = r.plan_fields
+    assert (f["method"], f["quant"], f["double_quant"], f["dtype"], f["attn_implementation"]) == \
+        ("qlora", "nf4", False, "bf16", "sdpa")
+    assert (f["lora_r"], f["lora_alpha"], f["lora_dropout"], f["target_modules"]) == (8, 16, 0.0, ("k_proj", "q_proj"))
+    r = read_config(write(tmp_path, "full.yaml", "model_name_or_path: m\nuse_peft: false\nmax_length: 64\n"))
+    assert r.plan_fields["method"] == "full"
+
+
+def test_training_arguments_json(tmp_path):
+    ta = {"output_dir": "o", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+          "optim": "adamw_torch", "gradient_checkpointing": False, "use_cpu": True, "save_steps": 500}
+    r = read_config(write(tmp_path, "ta.json", json.dumps(ta)))
+    assert r.kind == "training_args"
+    assert r.plan_fields == {"batch_size": 8, "gradient_accumulation_steps": 2, "gradient_checkpointing": False,
+                             "optim": "adamw_torch", "mixed_precision": "no"}  # HF: bf16/fp16 default False
+    notes = "\n".join(r.notes)
+    assert "no sequence length" in notes and "use_cpu" in notes and "adapter" in notes
+
+
+# -- the API: notes in the estimate, keyword arguments override the file --------------------------------
+def test_estimate_with_config_notes_and_overrides(tmp_path):
+    path = write(tmp_path, "ax.yml", AXOLOTL.replace("meta-llama/Meta-Llama-3-8B", "llama-3.2-1b")
+                 + "sample_packing: true\n")
+    e = memplan.estimate(config=str(path))  # the model from the file
+    assert e.plan.batch_size == 2 and e.plan.seq_len == 4096 and e.plan.optim == "adamw_bnb_8bit"
+    assert any("sample_packing" in n for n in e.notes)
+    e2 = memplan.estimate("llama-3.2-1b", config=path, batch_size=1, optim="paged_adamw_8bit")
+    assert (e2.plan.batch_size, e2.plan.optim, e2.plan.seq_len) == (1, "paged_adamw_8bit", 4096)
+    assert plan_from(config=path, seq_len=128).seq_len == 128
+    f = memplan.check_fit("llama-3.2-1b", "h200", config=path)
+    assert any("sample_packing" in n for n in f.notes)
+    rec = memplan.recommend("llama-3.2-1b", "h200", config=path)
+    assert any("sample_packing" in n for n in rec.notes) and rec.plan.seq_len == 4096
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+def test_cli_config_without_model_and_typed_flags_override(tmp_path, capsys):
+    path = write(tmp_path, "ax.yml", AXOLOTL.replace("meta-llama/Meta-Llama-3-8B", "llama-3.2-1b")
+                 + "activation_offloading: true\n")
+    code, out, err = run(capsys, "estimate", "--config", path, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["plan"]["batch_size"] == 2 and d["plan"]["seq_len"] == 4096 and d["plan"]["quant"] == "fp4"
+    assert any("activation_offloading" in n for n in d["notes"])
+    code, out, err = run(capsys, "estimate", "llama-3.2-1b", "--config", path, "--batch-size", "3",
+                         "--no-gradient-checkpointing", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert (d["plan"]["batch_size"], d["plan"]["gradient_checkpointing"], d["plan"]["seq_len"]) == (3, False, 4096)
+    code, out, err = run(capsys, "estimate", "--config", path)
+    assert code == 0 and "activation_offloading" in out
+    for cmd in ("fit", "recommend"):
+        code, out, err = run(capsys, cmd, "--config", path, "--gpu", "h200", "--json")
+        assert code == 0, err
+        assert any("activation_offloading" in n for n in json.loads(out)["notes"]), cmd
+
+
+BAD = [
+    ("bad.yml", "base_model: x\nadapter: [unclosed\n", "not valid YAML"),
+    ("list.yml", "- a\n- b\n", "not a mapping"),
+    ("bad.json", "{\"per_device_train_batch_size\": 2,", "not valid JSON"),
+    ("both.yml", "base_model: x\nadapter: qlora\nload_in_4bit: true\nbf16: true\nfp16: true\n", "bf16 and fp16"),
+    ("quant.yml", "base_model: x\nadapter: lora\nload_in_4bit: true\nload_in_8bit: true\n", "load_in_4bit and load_in_8bit"),
+    ("qlora.yml", "base_model: x\nadapter: qlora\n", "adapter qlora needs load_in_4bit"),
+    ("optim.yml", "base_model: x\noptimizer: adamw_hyper\n", "optimizer 'adamw_hyper'"),
+    ("batch.yml", "base_model: x\nmicro_batch_size: 0\n", "micro_batch_size must be a positive integer"),
+    ("len.json", json.dumps({"max_length": 512, "max_seq_length": 1024, "packing": False}), "max_length 512 and max_seq_length 1024"),
+    ("peft.json", json.dumps({"use_peft": False, "load_in_4bit": True, "max_length": 8}), "use_peft: false"),
+    ("what.yml", "foo: 1\nbar: 2\n", "not an axolotl, TRL SFTConfig or TrainingArguments config"),
+    ("missing.yml", None, "no such file"),
+]
+
+
+@pytest.mark.parametrize("name, text, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_files_one_line_exit_2(tmp_path, capsys, name, text, words):
+    path = write(tmp_path, name, text) if text is not None else tmp_path / name
+    code, out, err = run(capsys, "estimate", "llama-3.2-1b", "--config", path)
+    assert code == 2
+    assert err.startswith("memplan: error: ") and err.count("\n") == 1, err
+    assert words in err and "Traceback" not in err
+    with pytest.raises(InvalidSpecError):
+        read_config(path)
+
+
+def test_config_without_a_model_and_no_model_given(tmp_path, capsys):
+    path = write(tmp_path, "ta.json", json.dumps({"per_device_train_batch_size": 1, "output_dir": "o"}))
+    code, out, err = run(capsys, "estimate", "--config", path)
+    assert code == 2 and "names no model" in err and err.count("\n") == 1
+    code, out, err = run(capsys, "estimate")
+    assert code == 2 and "give MODEL" in err
+
+
+def test_yaml_without_pyyaml_names_the_extra_and_json_still_works(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` raises ImportError
+    with pytest.raises(MissingExtraError, match=r"memplan\[config\]"):
+        read_config(write(tmp_path, "ax.yml", AXOLOTL))
+    code, out, err = run(capsys, "estimate", "llama-3.2-1b", "--config", tmp_path / "ax.yml")
+    assert code == 2 and "memplan[config]" in err and err.count("\n") == 1
+    r = read_config(write(tmp_path, "sft.json", json.dumps(SFT)))
+    assert r.plan_fields["batch_size"] == 4
