@@ -1098,7 +1098,7 @@ def completion_script(shell: str, parser: argparse.ArgumentParser | None = None)
     flag_cases.append(f'        --gpu|--gpus) words="{gpus}" ;;')
     flag_cases.append(f'        --models) words="{models}" ;;')
     takes = sorted({t for c in cmds.values() for t in c["takes"]} - set(seen) - {"--gpu", "--gpus", "--models"})
-    path_flags = [t for t in takes if t in ("--out",)]
+    path_flags = [t for t in takes if t in ("--out", "--config")]
     other = [t for t in takes if t not in path_flags]
     if path_flags:
         flag_cases.append(f'        {"|".join(path_flags)}) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;')

@@ -42,11 +42,11 @@ _AXOLOTL_UNMODELLED = ("lora_modules_to_save", "peft_use_dora", "unfrozen_parame
                        "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "s2_attention", "lora_on_cpu",
                        "gpu_memory_limit", "max_memory", "float16", "bfloat16", "rl", "eval_sample_packing",
                        "relora_steps", "sequence_parallel_degree", "context_parallel_size",
-                       "tensor_parallel_size", "fsdp_config", "pad_to_multiple_of")
+                       "tensor_parallel_size", "pad_to_multiple_of")
 #: TRL / TrainingArguments keys likewise
+#: (not fsdp_config: a saved TrainingArguments holds its defaults with fsdp off; the fsdp note covers it)
 _TRL_UNMODELLED = ("torch_compile", "auto_find_batch_size", "liger_kernel_config", "pad_to_multiple_of",
-                   "fsdp_config", "torch_empty_cache_steps", "optim_target_modules", "use_dora",
-                   "lora_modules_to_save", "average_tokens_across_devices", "use_rslora")
+                   "torch_empty_cache_steps", "optim_target_modules", "use_dora", "lora_modules_to_save")
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,7 @@ class _Reader:
 
     # -- TRL SFTConfig / TrainingArguments ---------------------------------------------------------
     def trl(self, kind: str) -> tuple[dict[str, Any], str | None]:
-        d = self.d
+        d = self.d = self.checkpointing_names(self.d)
         for k in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             self.int_(k)
         self.precision()
@@ -401,7 +401,7 @@ class _Reader:
         elif use_peft is False:
             out["method"] = "full"
         elif not quantized:
-            self.note("the file does not say the adapter (SFTTrainer's peft_config): estimated with memplan's "
+            self.note("the file does not say the adapter (the trainer's peft_config): estimated with memplan's "
                       "default (--method qlora, nf4, r 16, all-linear); pass --method/--lora-r to say otherwise")
         seq = self.seq_len(kind)
         if seq is not None:
@@ -425,6 +425,19 @@ class _Reader:
         self.unmodelled(_TRL_UNMODELLED)
         model = d.get("model_name_or_path")
         return out, (str(model) if model else None)
+
+    def checkpointing_names(self, d: Mapping[str, Any]) -> dict[str, Any]:
+        """transformers 5 renames gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and
+        saves both: either name is read, and two that disagree are an error."""
+        d = dict(d)
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if d.get(new) is None:
+                continue
+            if d.get(old) is not None and d[old] != d[new]:
+                raise self.bad(f"{old} {d[old]!r} and {new} {d[new]!r} disagree; set one of them")
+            d[old] = d[new]
+        return d
 
     def seq_len(self, kind: str) -> int | None:
         d = self.d

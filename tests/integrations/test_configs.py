@@ -292,3 +292,15 @@ def test_yaml_without_pyyaml_names_the_extra_and_json_still_works(tmp_path, monk
     assert code == 2 and "memplan[config]" in err and err.count("\n") == 1
     r = read_config(write(tmp_path, "sft.json", json.dumps(SFT)))
     assert r.plan_fields["batch_size"] == 4
+
+
+def test_transformers_5_activation_checkpointing_names(tmp_path):
+    ta = {"output_dir": "o", "activation_checkpointing": True, "gradient_checkpointing": True,
+          "activation_checkpointing_kwargs": {"use_reentrant": True}, "fsdp": [], "deepspeed": None,
+          "fsdp_config": {"min_num_params": 0, "xla": False}, "bf16": True}
+    r = read_config(write(tmp_path, "ta.json", json.dumps(ta)))
+    assert r.plan_fields["gradient_checkpointing"] is True and r.plan_fields["use_reentrant"] is True
+    assert not any("fsdp" in n or "deepspeed" in n for n in r.notes)  # switched off: no note
+    ta["gradient_checkpointing"] = False
+    with pytest.raises(InvalidSpecError, match="gradient_checkpointing False and activation_checkpointing True"):
+        read_config(write(tmp_path, "ta2.json", json.dumps(ta)))
