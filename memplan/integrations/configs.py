@@ -40,7 +40,7 @@ MULTI_GPU = "multi-GPU sharding is not modelled: the estimate is one GPU holding
 _AXOLOTL_UNMODELLED = ("lora_modules_to_save", "peft_use_dora", "unfrozen_parameters", "torch_compile",
                        "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "unsloth_cross_entropy_loss",
                        "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "s2_attention", "lora_on_cpu",
-                       "gpu_memory_limit", "max_memory", "float16", "bfloat16", "rl", "eval_sample_packing",
+                       "gpu_memory_limit", "max_memory", "float16", "bfloat16", "rl",
                        "relora_steps", "sequence_parallel_degree", "context_parallel_size",
                        "tensor_parallel_size", "pad_to_multiple_of")
 #: TRL / TrainingArguments keys likewise
