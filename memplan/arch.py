@@ -362,35 +362,32 @@ MULTIMODAL: dict[str, Multimodal] = {m.model_type: m for m in (
 )}
 
 
-def vision_tower_of(model_type: object) -> VisionTower:
-    """The row for a `vision_config.model_type`, or UnsupportedArchitectureError."""
-    row = VISION_TOWERS.get(model_type) if isinstance(model_type, str) else None
+def _row(table: Mapping[str, Any], model_type: object, what: str, supported: str, builds: str) -> Any:
+    """`table[model_type]`, or UnsupportedArchitectureError naming what is covered and the fallback."""
+    row = table.get(model_type) if isinstance(model_type, str) else None
     if row is None:
         raise UnsupportedArchitectureError(
-            f"the closed-form estimator does not cover vision towers of type {model_type!r} "
-            f"(supported: {', '.join(VISION_TOWERS)}); `memplan simulate` traces the model transformers builds")
+            f"the closed-form estimator does not cover {what} {model_type!r} (supported: {supported}); "
+            f"`memplan simulate` traces {builds}")
     return row
+
+
+def vision_tower_of(model_type: object) -> VisionTower:
+    """The row for a `vision_config.model_type`, or UnsupportedArchitectureError."""
+    return _row(VISION_TOWERS, model_type, "vision towers of type", ", ".join(VISION_TOWERS),
+                "the model transformers builds")
 
 
 def multimodal_of(model_type: object) -> Multimodal:
     """The row for a multimodal wrapper's `model_type`, or UnsupportedArchitectureError."""
-    row = MULTIMODAL.get(model_type) if isinstance(model_type, str) else None
-    if row is None:
-        raise UnsupportedArchitectureError(
-            f"the closed-form estimator does not cover multimodal checkpoints of type {model_type!r} "
-            f"(supported: {', '.join(MULTIMODAL)}); `memplan simulate` traces the model transformers builds")
-    return row
+    return _row(MULTIMODAL, model_type, "multimodal checkpoints of type", ", ".join(MULTIMODAL),
+                "the model transformers builds")
 
 
 def arch_of(model_type: object) -> Arch:
     """The row for `model_type`, or UnsupportedArchitectureError naming the fallback."""
-    row = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
-    if row is None:
-        raise UnsupportedArchitectureError(
-            f"the closed-form estimator does not cover model_type {model_type!r} "
-            f"(supported: {', '.join(SUPPORTED)}); `memplan simulate` traces the causal LMs transformers builds "
-            "(gpt2, gpt_neox, falcon, ... as well)")
-    return row
+    return _row(ARCHITECTURES, model_type, "model_type", ", ".join(SUPPORTED),
+                "the causal LMs transformers builds (gpt2, gpt_neox, falcon, ... as well)")
 
 
 def layer_types(arch: Arch, cfg: Mapping[str, Any], num_layers: int) -> tuple[tuple[str, ...], int | None]:

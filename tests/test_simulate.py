@@ -24,8 +24,8 @@ from memplan.runtime.step import cpu_step  # noqa: E402
 from memplan.simulate import driver as sim_driver  # noqa: E402
 from memplan.simulate import moe as sim_moe  # noqa: E402
 from memplan.simulate import simulate  # noqa: E402
+from sim_checks import assert_simulate_matches  # noqa: E402
 
-TOL = 1e-3  # DESIGN.md: simulate vs a real CPU step within 0.1 % of peak live bytes
 
 _COMMON = dict(num_hidden_layers=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 CONFIGS = {
@@ -96,15 +96,6 @@ CASES = [pytest.param(c, p, id=f"{c}-{p}") for c, plans in MATRIX.items() for p 
 _ROWS: list[tuple[str, int, int]] = []
 
 
-def _assert_close(real, sim) -> None:
-    peak = real.peak_bytes
-    assert abs(sim.peak_bytes - peak) <= TOL * peak, (real.peak_bytes, sim.peak_bytes)
-    assert sim.peak_phase == real.peak_phase
-    for term, b in real.terms.items():
-        assert abs(sim.terms[term] - b) <= TOL * peak, (term, b, sim.terms[term])
-    assert set(sim.phase_peaks) == set(real.phase_peaks)
-    for phase, b in real.phase_peaks.items():
-        assert abs(sim.phase_peaks[phase] - b) <= TOL * peak, (phase, b, sim.phase_peaks[phase])
 
 
 @pytest.mark.parametrize("cfg_id,plan_id", CASES)
@@ -113,7 +104,7 @@ def test_simulate_matches_cpu_step(cfg_id, plan_id):
     real = cpu_step(cfg, plan)
     sim = simulate(cfg, plan)
     _ROWS.append((f"{cfg_id}-{plan_id}", real.peak_bytes, sim.peak_bytes))
-    _assert_close(real, sim)
+    assert_simulate_matches(real, sim)
 
 
 def _balanced_router(monkeypatch):
@@ -142,7 +133,7 @@ def test_moe_eager_loop_balanced_routing(plan_id, monkeypatch):
     real = cpu_step(cfg, plan)
     assert abs(sim.peak_bytes - real.peak_bytes) <= 0.02 * real.peak_bytes
     _balanced_router(monkeypatch)
-    _assert_close(cpu_step(cfg, plan), sim)
+    assert_simulate_matches(cpu_step(cfg, plan), sim)
     assert sim_moe.balanced_counts(5, 2, 4) == [3, 3, 2, 2]
 
 

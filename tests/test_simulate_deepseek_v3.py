@@ -99,8 +99,8 @@ pytest.importorskip("bitsandbytes")
 from memplan.plan import TrainPlan  # noqa: E402
 from memplan.runtime.step import cpu_step  # noqa: E402
 from memplan.simulate import simulate  # noqa: E402
+from sim_checks import assert_simulate_matches  # noqa: E402
 
-TOL = 1e-3  # DESIGN.md: simulate vs a real CPU step within 0.1 % of peak live bytes
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=4, vocab_size=512, kv_lora_rank=16,
@@ -131,14 +131,7 @@ def test_simulate_matches_cpu_step(cfg_id, plan_id):
     real = cpu_step(cfg, plan)
     sim = simulate(cfg, plan)
     _ROWS.append((f"{cfg_id}-{plan_id}", real.peak_bytes, sim.peak_bytes))
-    peak = real.peak_bytes
-    assert abs(sim.peak_bytes - peak) <= TOL * peak, (real.peak_bytes, sim.peak_bytes)
-    assert sim.peak_phase == real.peak_phase
-    for term, b in real.terms.items():
-        assert abs(sim.terms[term] - b) <= TOL * peak, (term, b, sim.terms[term])
-    assert set(sim.phase_peaks) == set(real.phase_peaks)
-    for phase, b in real.phase_peaks.items():
-        assert abs(sim.phase_peaks[phase] - b) <= TOL * peak, (phase, b, sim.phase_peaks[phase])
+    assert_simulate_matches(real, sim)
 
 
 def _adapted(cfg_id: str, T: int = 40):

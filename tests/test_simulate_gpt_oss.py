@@ -116,8 +116,8 @@ from memplan.model import model_from_config  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402
 from memplan.runtime.step import cpu_step  # noqa: E402
 from memplan.simulate import simulate  # noqa: E402
+from sim_checks import assert_simulate_matches  # noqa: E402
 
-TOL = 1e-3  # DESIGN.md: simulate vs a real CPU step within 0.1 % of peak live bytes
 
 # two layers: layer 0 sliding (window 8 < seq 32), layer 1 full, as the hub configs alternate
 CONFIG = dict(model_type="gpt_oss", hidden_size=64, intermediate_size=64, num_attention_heads=4,
@@ -137,15 +137,6 @@ PLANS = {
 _ROWS: list[tuple[str, int, int]] = []
 
 
-def _assert_close(real, sim) -> None:
-    peak = real.peak_bytes
-    assert abs(sim.peak_bytes - peak) <= TOL * peak, (real.peak_bytes, sim.peak_bytes)
-    assert sim.peak_phase == real.peak_phase
-    for term, b in real.terms.items():
-        assert abs(sim.terms[term] - b) <= TOL * peak, (term, b, sim.terms[term])
-    assert set(sim.phase_peaks) == set(real.phase_peaks)
-    for phase, b in real.phase_peaks.items():
-        assert abs(sim.phase_peaks[phase] - b) <= TOL * peak, (phase, b, sim.phase_peaks[phase])
 
 
 @pytest.mark.parametrize("plan_id", list(PLANS))
@@ -154,7 +145,7 @@ def test_simulate_matches_cpu_step(plan_id):
     real = cpu_step(CONFIG, plan)
     sim = simulate(CONFIG, plan)
     _ROWS.append((f"gpt_oss-{plan_id}", real.peak_bytes, sim.peak_bytes))
-    _assert_close(real, sim)
+    assert_simulate_matches(real, sim)
 
 
 def _balanced_router(monkeypatch, tokens: int, experts: int, k: int):
@@ -194,7 +185,7 @@ def test_eager_experts_loop_balanced_routing(plan_id, monkeypatch):
     _balanced_router(monkeypatch, plan.batch_size * plan.seq_len, cfg["num_local_experts"], cfg["num_experts_per_tok"])
     real = cpu_step(cfg, plan)
     _ROWS.append((f"gpt_oss-eager-experts-{plan_id}", real.peak_bytes, sim.peak_bytes))
-    _assert_close(real, sim)
+    assert_simulate_matches(real, sim)
 
 
 def test_cuda_default_recipe_fails_as_the_real_stack_would():

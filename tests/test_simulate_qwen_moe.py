@@ -107,8 +107,8 @@ from memplan.model import model_from_config  # noqa: E402
 from memplan.plan import TrainPlan  # noqa: E402
 from memplan.runtime.step import cpu_step  # noqa: E402
 from memplan.simulate import simulate  # noqa: E402
+from sim_checks import assert_simulate_matches  # noqa: E402
 
-TOL = 1e-3  # DESIGN.md: simulate vs a real CPU step within 0.1 % of peak live bytes
 
 _COMMON = dict(max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=384,
                num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=96,
@@ -136,14 +136,7 @@ def test_simulate_matches_cpu_step(cfg_id, plan_id):
     cfg, plan = CONFIGS[cfg_id], _plan(plan_id)
     real = cpu_step(cfg, plan)
     sim = simulate(cfg, plan)
-    peak = real.peak_bytes
-    assert abs(sim.peak_bytes - peak) <= TOL * peak, (peak, sim.peak_bytes)
-    assert sim.peak_phase == real.peak_phase
-    for term, b in real.terms.items():
-        assert abs(sim.terms[term] - b) <= TOL * peak, (term, b, sim.terms[term])
-    assert set(sim.phase_peaks) == set(real.phase_peaks)
-    for phase, b in real.phase_peaks.items():
-        assert abs(sim.phase_peaks[phase] - b) <= TOL * peak, (phase, b, sim.phase_peaks[phase])
+    assert_simulate_matches(real, sim)
 
 
 @pytest.mark.parametrize("cfg_id,over", [("qwen2_moe", {}), ("qwen3_moe", {}),

@@ -25,6 +25,36 @@ def balanced_counts(tokens: int, top_k: int, experts: int) -> list[int]:
     return [slots // experts + (1 if e < slots % experts else 0) for e in range(experts)]
 
 
+def balanced_expert_loop(top_k_index, num_experts: int, classes: int):
+    """The mask and per-expert index tensors transformers' eager experts loops make, under the balanced
+    routing (`balanced_counts`): F.one_hot(top_k_index, classes) (aminmax: the range check, zeros,
+    scatter_), permute, the hit test and its ``nonzero``; then for each hit expert the 0-dim bool of
+    `if expert_idx == num_experts`, ``torch.where`` on its mask row (a view) and the unbound
+    (top_k_pos, token_idx), yielded as (expert, top_k_pos, token_idx) with the same shapes and dtypes.
+    """
+    import torch
+
+    n_tok, k = top_k_index.shape
+    counts = balanced_counts(n_tok, k, num_experts)
+    hit = [e for e, n in enumerate(counts) if n]
+    dev = top_k_index.device
+    with torch.no_grad():
+        torch.aminmax(top_k_index)
+        expert_mask = torch.zeros((*top_k_index.shape, classes), dtype=torch.long, device=dev)
+        expert_mask.scatter_(-1, top_k_index.unsqueeze(-1), 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        torch.greater(expert_mask.sum(dim=(-1, -2)), 0)
+        expert_hit = torch.empty((len(hit), 1), dtype=torch.long, device=dev)  # .nonzero()
+    for i, e in enumerate(hit):
+        expert_idx = expert_hit[i][0]
+        _ = expert_idx == num_experts  # `if expert_idx == num_experts` (a 0-dim bool)
+        sel = expert_mask[e]  # a 0-dim index tensor indexes like an int (.item()): a view
+        nz = torch.empty((counts[e], sel.dim()), dtype=torch.long, device=dev)  # torch.where(sel)
+        top_k_pos, token_idx = nz.unbind(1)
+        del sel, nz, expert_idx, _
+        yield e, top_k_pos, token_idx
+
+
 def eager_experts_balanced(self, hidden_states, top_k_index, top_k_weights):
     """transformers' eager experts loop (MixtralExperts.forward, 5.x) on meta, with balanced routing.
 
@@ -38,25 +68,7 @@ def eager_experts_balanced(self, hidden_states, top_k_index, top_k_weights):
     from torch import nn
 
     final_hidden_states = torch.zeros_like(hidden_states)
-    n_tok, k = top_k_index.shape
-    counts = balanced_counts(n_tok, k, self.num_experts)
-    hit = [e for e, n in enumerate(counts) if n]
-    dev = hidden_states.device
-    with torch.no_grad():
-        # F.one_hot: aminmax (checks the range, then .item()), zeros, scatter_
-        torch.aminmax(top_k_index)
-        expert_mask = torch.zeros((*top_k_index.shape, self.num_experts + 1), dtype=torch.long, device=dev)
-        expert_mask.scatter_(-1, top_k_index.unsqueeze(-1), 1)
-        expert_mask = expert_mask.permute(2, 1, 0)
-        torch.greater(expert_mask.sum(dim=(-1, -2)), 0)
-        expert_hit = torch.empty((len(hit), 1), dtype=torch.long, device=dev)  # .nonzero()
-    for i, e in enumerate(hit):
-        expert_idx = expert_hit[i][0]
-        _ = expert_idx == self.num_experts  # `if expert_idx == num_experts` (a 0-dim bool)
-        sel = expert_mask[e]  # a 0-dim index tensor indexes like an int (.item()): a view
-        nz = torch.empty((counts[e], sel.dim()), dtype=torch.long, device=dev)  # torch.where(sel)
-        top_k_pos, token_idx = nz.unbind(1)
-        del sel, nz, expert_idx, _
+    for e, top_k_pos, token_idx in balanced_expert_loop(top_k_index, self.num_experts, self.num_experts + 1):
         current_state = hidden_states[token_idx]
         gate, up = nn.functional.linear(current_state, self.gate_up_proj[e]).chunk(2, dim=-1)
         current_hidden_states = self.act_fn(gate) * up

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
-from .moe import balanced_counts
+from .moe import balanced_expert_loop
 
 
 def gpt_oss_experts_balanced(self, hidden_states, router_indices=None, routing_weights=None):
@@ -24,25 +24,7 @@ def gpt_oss_experts_balanced(self, hidden_states, router_indices=None, routing_w
     import torch
 
     next_states = torch.zeros_like(hidden_states, dtype=hidden_states.dtype, device=hidden_states.device)
-    n_tok, k = router_indices.shape
-    counts = balanced_counts(n_tok, k, self.num_experts)
-    hit = [e for e, n in enumerate(counts) if n]
-    dev = hidden_states.device
-    with torch.no_grad():
-        # F.one_hot(router_indices, num_classes=E): aminmax (range check, .item()), zeros, scatter_
-        torch.aminmax(router_indices)
-        expert_mask = torch.zeros((*router_indices.shape, self.num_experts), dtype=torch.long, device=dev)
-        expert_mask.scatter_(-1, router_indices.unsqueeze(-1), 1)
-        expert_mask = expert_mask.permute(2, 1, 0)
-        torch.greater(expert_mask.sum(dim=(-1, -2)), 0)
-        expert_hit = torch.empty((len(hit), 1), dtype=torch.long, device=dev)  # .nonzero()
-    for i, e in enumerate(hit):
-        expert_idx = expert_hit[i][0]
-        _ = expert_idx == self.num_experts  # `if expert_idx == self.num_experts` (a 0-dim bool)
-        sel = expert_mask[e]  # a 0-dim index tensor indexes like an int: a view
-        nz = torch.empty((counts[e], sel.dim()), dtype=torch.long, device=dev)  # torch.where(sel)
-        top_k_pos, token_idx = nz.unbind(1)
-        del sel, nz, expert_idx, _
+    for e, top_k_pos, token_idx in balanced_expert_loop(router_indices, self.num_experts, self.num_experts):
         current_state = hidden_states[token_idx]
         gate_up = current_state @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
         gated_output = self._apply_gate(gate_up)
