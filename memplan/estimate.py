@@ -930,14 +930,14 @@ def _moe_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -> l
     E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
     experts = E * 3 * I * H * model.num_moe_layers
     if plan.method in ("qlora", "lora") and plan.target_modules != "all-linear":
-        for part in ("gate_up",):
-            names = [v4 for v4, p in moe.peft_names if p == part]
-            hit = [v for v in names if v in plan.target_modules]
-            if hit and len(hit) < len(names):
-                raise InvalidSpecError("plan", [
-                    f"--target-modules {','.join(hit)} without {','.join(n for n in names if n not in hit)}: peft "
-                    f"{MODELED_PEFT} cannot adapt one of them, they are fused into {part}_proj (it raises); "
-                    f"target {','.join(names)} together"])
+        # the v4 Linears fused into gate_up_proj must be targeted together (peft raises otherwise)
+        names = [v4 for v4, p in moe.peft_names if p == "gate_up"]
+        hit = [v for v in names if v in plan.target_modules]
+        if hit and len(hit) < len(names):
+            raise InvalidSpecError("plan", [
+                f"--target-modules {','.join(hit)} without {','.join(n for n in names if n not in hit)}: peft "
+                f"{MODELED_PEFT} cannot adapt one of them, they are fused into gate_up_proj (it raises); "
+                f"target {','.join(names)} together"])
     cuda = plan.device == "cuda"
     experts_dt = plan.precision.params
     if cuda and experts_dt == 4:
