@@ -129,3 +129,12 @@ def test_every_mixture_of_experts_model_in_the_catalogue_has_a_closed_form():
     for name in moe:
         e = memplan.estimate(name, gpu="h100-80gb", fallback_simulate=False)
         assert e.moment != "simulate" and e.device_bytes > 0, name
+
+
+def test_the_readme_moe_commands_say_what_the_readme_says():
+    """README's mixture-of-experts commands: `fit qwen3-30b-a3b --gpu rtx-4090` is 67.30 GiB and does not
+    fit; `recommend gpt-oss-20b --gpu l4`: no change fits, the smallest catalogue GPU is an A40."""
+    e = memplan.estimate("qwen3-30b-a3b", gpu="rtx-4090")
+    assert f"{e.device_bytes / 2**30:.2f}" == "67.30" and not e.fits
+    r = memplan.recommend("gpt-oss-20b", "l4")
+    assert not r.fits and not r.changes and r.smallest_gpu == "a40"
