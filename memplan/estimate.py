@@ -62,6 +62,7 @@ from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
 from .model import ModelSpec
+from .offload import NOTE as OFFLOAD_NOTE, offloads, split as offload_split
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
 from .versions import MODELED_VERSIONS, TRANSFORMERS
@@ -117,6 +118,12 @@ class Estimate:
     moment: str = ""
     #: every moment the estimator checked, in step order (empty when the terms come from simulate)
     moments: tuple[Moment, ...] = field(default=(), compare=False, repr=False)
+    #: host (CPU RAM) bytes held at the device peak, by term (DESIGN.md host contract; empty: none)
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
 
     @property
     def peak(self) -> Moment | None:
@@ -179,6 +186,7 @@ class Estimate:
             "headroom_bytes": self.headroom_bytes,
             "versions": dict(F.MODELED_VERSIONS),
             "notes": list(self.notes),
+            **({"host": {"terms": dict(self.host), "bytes": self.host_bytes}} if self.host else {}),
         }
 
 
@@ -1037,6 +1045,10 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
     ms = moments(step)
+    hosts: list[dict[str, int]] = [{}] * len(ms)
+    if offloads(plan):
+        ms, hosts = zip(*(offload_split(step, m) for m in ms))
+        notes.append(OFFLOAD_NOTE)
     alloc = [m.allocated_bytes for m in ms]
     peak = ms[alloc.index(max(alloc))]  # the first in step order on a tie
     terms = peak.terms
@@ -1059,7 +1071,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
                      f"{model.max_position_embeddings}")
     notes += gpu_notes(gpu, plan)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=peak.phase, paged_bytes=paged, gpu=gpu,
-                    notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=ms)
+                    notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=tuple(ms),
+                    host=dict(hosts[alloc.index(max(alloc))]))
 
 
 @shape_free_cache()
