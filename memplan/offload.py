@@ -59,12 +59,28 @@ def _leaf_first(plan: Any) -> bool:
     return plan.gradient_checkpointing and plan.method != "full"
 
 
+def _norm_packs(s: Any) -> int:
+    """Bytes one RMSNorm (over [T x H], input requiring grad) packs beyond its saved set: pow and mul
+    both save x.to(float32), rsqrt and mul both save rsqrt, and one stream packs each save apart."""
+    return s.r(s.tokens * s.model.hidden_size * 4) + s.r(4 * s.tokens)
+
+
+def _layer_packs(s: Any, first: bool) -> int:
+    """Host bytes one layer's saved set takes without checkpointing (one stream: every save packed
+    apart): its saved set, the norms' second packs, cos and sin packed once more for q and for k."""
+    ap = s.ap
+    norms = 1 if first else 2  # layer 0's input norm saves nothing (its input needs no grad)
+    return (ap.first_layer_bytes if first else ap.layer_bytes) + norms * _norm_packs(s) + 2 * ap.rope_bytes
+
+
 def split(s: Any, m: Any) -> tuple[Any, dict[str, int]]:
     """Moment `m` of step `s` with offloading: (the moment with its device activations, host bytes by term)."""
     plan, ap, L = s.plan, s.ap, s.model.num_layers
     cpu = plan.device == "cpu"
     if m.kind in ("optimizer",):
         return m, {}
+    logits = 0         # the log-softmax output used from its host copy (CPU loss backward)
+    host_logits = 0    # the log-probabilities' host copies
     if plan.gradient_checkpointing:
         X = ap.layer_input_bytes
         leaf = _leaf_first(plan)
@@ -78,6 +94,7 @@ def split(s: Any, m: Any) -> tuple[Any, dict[str, int]]:
     else:
         first, rest = ap.first_layer_bytes, ap.layer_bytes
         below = lambda n: (first + (n - 1) * rest) if n > 0 else 0  # noqa: E731
+        packs = lambda n: (_layer_packs(s, True) + (n - 1) * _layer_packs(s, False)) if n > 0 else 0  # noqa: E731
         if m.kind in ("forward", "loss_forward"):
             total, temps, packed, copies, copies_first = forward_peak(s)
             kept = lambda n: (copies_first + (n - 1) * copies) if n > 0 else 0  # noqa: E731
@@ -86,21 +103,37 @@ def split(s: Any, m: Any) -> tuple[Any, dict[str, int]]:
             acts = kept(L - 1) + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + total - temps
             moved = m._replace(activations=acts, temporaries=temps,
                                allocated_bytes=m.allocated_bytes - m.activations - m.temporaries + acts + temps)
-            host = below(L - 1) + packed
+            host = packs(L - 1) + packed
             return moved, ({str(Term.ACTIVATIONS): host} if host else {})
         if m.kind == "loss_forward":
-            host, off = below(L), below(L) - kept(L)
+            host, off = packs(L), below(L) - kept(L)
         elif m.kind == "loss_backward":
-            host = off = below(L)
+            host, off = packs(L), below(L)
         else:
             i = m.layer
-            host = off = below(i)
+            host, off = packs(i), below(i)
             if cpu:  # the layer's own tensors still saved are the host copies backward uses
                 own = max(m.activations - _fixed_no_gc(s, i), 0)
                 host, off = host + own, off + own
+    if m.layer is None:  # the loss stage: the final norm's saved tensors are packed (twice each)
+        host += 2 * _norm_packs(s)
+        off += ap.final_norm_bytes
+        # log_softmax and nll_loss each pack the log-probabilities, nll_loss its labels: on the host
+        # when the loss is made (the device peak of the loss forward: its output comes last). In
+        # backward the CPU uses the host copies (a device-side logits buffer less); on CUDA each comes
+        # back to the device as its node runs and its host copy goes
+        tv4 = s.r(4 * s.tokens * s.model.vocab_size)
+        if m.kind == "loss_forward" or cpu:
+            host += 8 * s.tokens
+            host_logits = 2 * tv4
+        logits = tv4 if m.kind == "loss_backward" and cpu else 0
     off = min(off, m.activations)
-    moved = m._replace(activations=m.activations - off, allocated_bytes=m.allocated_bytes - off)
-    return moved, ({str(Term.ACTIVATIONS): host} if host else {})
+    moved = m._replace(activations=m.activations - off, logits=m.logits - logits,
+                       allocated_bytes=m.allocated_bytes - off - logits)
+    out = {str(Term.ACTIVATIONS): host} if host else {}
+    if host_logits:
+        out[str(Term.LOGITS)] = host_logits
+    return moved, out
 
 
 def _fixed_no_gc(s: Any, i: int) -> int:
