@@ -893,6 +893,20 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             f"the closed form walks {model.name}'s multi-head latent attention through SDPA only "
             f"(--attn-implementation {plan.attn_implementation} not modelled); `memplan simulate {model.name}` "
             "traces it exactly")
+    if plan.checkpoint_offload and not plan.use_reentrant and not plan.activation_offloading:
+        changes["use_reentrant"] = True
+        notes.append("checkpoint offload (axolotl gradient_checkpointing: offload) runs each layer in a "
+                     "reentrant-style autograd.Function (Unsloth_Offloaded_Gradient_Checkpointer: the whole layer "
+                     "recomputed in backward): estimated as reentrant checkpointing with the layers' inputs in host "
+                     "memory; modelled from axolotl's source, not checked on a real step (its backward needs CUDA)")
+    if plan.activation_offloading and plan.device == "cpu":
+        notes.append("TRL 1.16's OffloadActivations needs an accelerator (torch.accelerator.current_accelerator() "
+                     "is None on a CPU-only machine and its constructor fails): the CPU step is estimated as the "
+                     "hooks split saved tensors on an accelerator, the host copies counted as host memory")
+    if plan.activation_offloading and plan.gradient_checkpointing and plan.use_reentrant:
+        notes.append("activation offloading with reentrant checkpointing: the recomputed layers' saved tensors "
+                     "also pass through the offloading hooks in backward; the closed form counts only the "
+                     "layers' inputs (non-reentrant rules), `memplan simulate` traces it")
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"

@@ -9,8 +9,12 @@ parameter (nor shares a parameter's storage) is copied to host memory when saved
 around it). With gradient checkpointing (non-reentrant, the HF default) the hooks see only what is
 saved outside the checkpointed layers -- the layers' inputs (torch saves them as SavedVariables),
 the final norm's and the loss's tensors -- while the recomputation saves through checkpoint's own
-hooks. axolotl's `gradient_checkpointing: offload` moves the checkpointed layers' inputs to the host
-as well (NB: modelled as the same split of the layer inputs; axolotl's source was not read here).
+hooks. axolotl's `gradient_checkpointing: offload` (src/axolotl/utils/gradient_checkpointing/unsloth.py,
+`Unsloth_Offloaded_Gradient_Checkpointer`, an autograd.Function) copies each decoder layer's input
+to the host (`hidden_states.to("cpu")`, saved in its ctx), runs the layer under no_grad, and in
+backward brings the input back (`.to("cuda")`), recomputes the whole layer (reentrant-style: no early
+stop) and runs its backward: only the layers' inputs move; its backward hard-codes "cuda", so it is
+modelled from that source and not checked on a real step here.
 
 A moment's device activations lose what sits on the host then; `host` gets it (`Term` keys, the
 host contract of DESIGN.md). Rules, measured on real CPU steps under TRL's real hooks
@@ -81,16 +85,24 @@ def split(s: Any, m: Any) -> tuple[Any, dict[str, int]]:
         return m, {}
     logits = 0         # the log-softmax output used from its host copy (CPU loss backward)
     host_logits = 0    # the log-probabilities' host copies
+    axolotl = plan.checkpoint_offload and not plan.activation_offloading
     if plan.gradient_checkpointing:
         X = ap.layer_input_bytes
         leaf = _leaf_first(plan)
         if m.layer is None:                       # the loss stage: every layer's input packed
             n_host, n_dev = L, L - leaf
+        elif axolotl:                             # its ctx keeps the host copy until the layer is done;
+            i = m.layer                           # backward works on a device copy (`.to("cuda")`)
+            n_host, n_dev = i + 1, max(i - leaf, 0)
         else:                                     # layer i's backward: the inputs below it, and its own
             i = m.layer
             n_host = i + (1 if cpu else 0)
             n_dev = max(i - leaf, 0) + (1 if cpu and (i > 0 or not leaf) else 0)
         host, off = n_host * X, n_dev * X
+        if axolotl:                               # only the layers' inputs move
+            off = min(off, m.activations)
+            moved = m._replace(activations=m.activations - off, allocated_bytes=m.allocated_bytes - off)
+            return moved, ({str(Term.ACTIVATIONS): host} if host else {})
     else:
         first, rest = ap.first_layer_bytes, ap.layer_bytes
         below = lambda n: (first + (n - 1) * rest) if n > 0 else 0  # noqa: E731

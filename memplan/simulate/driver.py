@@ -168,7 +168,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
         opt = make_meta_optimizer(model, plan, tracker)
         emu = MetaEmulation(plan.device)
         offload = None
-        if plan.activation_offloading or plan.checkpoint_offload:
+        if plan.activation_offloading:  # NB axolotl's checkpoint offload is traced without its host copies
             from ..runtime.offload import OffloadRecord
 
             offload = OffloadRecord()
