@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .activations import FUSED_4BIT_MAX_TOKENS, LayerModel, Lin, Sym, Walk, _coef, layer_trace, sdpa_masked
+from .activations import FUSED_4BIT_MAX_TOKENS, LayerModel, Lin, Sym, Walk, layer_trace, sdpa_masked
 from .model import ModelSpec
 from .plan import TrainPlan, shape_free_cache
 from .terms import Term
@@ -199,6 +199,11 @@ def forward_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool, bo
         cands.setdefault(total.key(), (_coef(total), _coef(temps), _coef(w.host[k])))
     tr = layer_trace(model, plan, flags)
     return tuple(cands.values()), tr.copies, tr.copies_first
+
+
+def _coef(x: Lin) -> tuple[int, int, int]:
+    """(tokens, B*S^2, constant) coefficients, as `activations.LayerTrace` keeps sizes."""
+    return (x.t + x.s, x.q, x.c)
 
 
 def _at(c: tuple[int, int, int], T: int, BSS: int) -> int:

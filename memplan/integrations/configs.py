@@ -297,7 +297,12 @@ class _Reader:
         if d.get("padding") is not None:
             out["padding"] = self.padding(d["padding"])
         self.plugins()
-        if d.get("activation_offloading") is not None:
+        ao = d.get("activation_offloading")
+        if isinstance(ao, str) and ao.lower() == "legacy":  # TRL's hooks on one stream (no CUDA streams)
+            out["activation_offloading"] = True
+        elif isinstance(ao, str) and ao.lower() == "disk":
+            self.note(f"activation_offloading: {ao} moves saved activations to disk; {NOT_MODELLED}")
+        elif ao is not None:
             out["activation_offloading"] = self.bool_("activation_offloading")
         for k in ("chunked_cross_entropy", "cut_cross_entropy"):
             if self.on(k):
