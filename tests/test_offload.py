@@ -104,3 +104,41 @@ def test_checkpoint_offload_moves_the_layer_inputs():
     assert e1.host == {"activations": m.num_layers * X}
     assert e0.allocated_bytes - e1.allocated_bytes == (m.num_layers - 1) * X
     assert compute(m, TrainPlan(seq_len=4096, checkpoint_offload=True)).plan.use_reentrant
+
+
+# -- estimate vs simulate on real shapes (catalogue configs cut to 2 layers, tests/test_agreement_sim.py) --
+SIM_CASES = [
+    ("llama3.2-1b-gc", "llama-3.2-1b", {}),
+    ("qwen2.5-0.5b-no-gc", "qwen2.5-0.5b", dict(gradient_checkpointing=False)),
+    ("mistral-7b-gc-adamw", "mistral-7b-v0.1", dict(optim="adamw_torch")),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _sim_case(name, device):
+    from memplan.terms import ALLOCATED_TERMS, Term
+    from test_agreement_sim import config_of
+
+    _, model, over = next(c for c in SIM_CASES if c[0] == name)
+    cfg = config_of(model)
+    plan = TrainPlan(device=device, seq_len=512, activation_offloading=True, **over)
+    e = compute(model_from_config(cfg), plan)
+    s = simulate(cfg, e.plan)
+    terms = [t for t in ALLOCATED_TERMS if t != Term.WORKSPACE]
+    return e, s, {str(t): e.terms[t] for t in terms}, {str(t): int(s.terms.get(str(t), 0)) for t in terms}
+
+
+@pytest.mark.parametrize("name,device", [(c[0], d) for c in SIM_CASES for d in ("cpu", "cuda")])
+def test_estimate_matches_simulate_on_real_shapes(name, device):
+    e, s, est, sim = _sim_case(name, device)
+    peak = s.peak_bytes
+    print(f"\n{name}-{device}: {e.moment} device {(sum(est.values()) - peak) / peak * 100:+.4f} %, host "
+          f"{e.host_bytes} vs {sum(s.host.values())}")
+    assert abs(sum(est.values()) - peak) <= 0.01 * peak
+    limit = max(0.01 * peak, 4096 if device == "cuda" else 0)
+    off = {t: est[t] - sim[t] for t in est if abs(est[t] - sim[t]) > limit}
+    assert not off, off
+    sim_host = sum(s.host.values())
+    assert abs(e.host_bytes - sim_host) <= 0.01 * sim_host, (e.host, s.host)
+    for term, b in s.host.items():
+        assert abs(e.host.get(term, 0) - b) <= 0.01 * sim_host, (term, e.host, s.host)
