@@ -38,7 +38,6 @@ BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_att
 CASES = [
     # (id, config overrides, plan overrides)
     ("llama-gc", dict(model_type="llama"), dict()),
-    ("qwen2-gc-adamw", dict(model_type="qwen2"), dict(optim="adamw_torch")),
     # a larger vocabulary: the loss stage is the peak, as on real models
     ("llama-no-gc-vocab8k", dict(model_type="llama", vocab_size=8000), dict(gradient_checkpointing=False)),
     ("qwen2-no-gc-vocab8k", dict(model_type="qwen2", vocab_size=8000), dict(gradient_checkpointing=False)),
@@ -79,13 +78,13 @@ def test_simulate_matches_real(case):
 
 
 def test_offloading_lowers_the_device_peak_and_fills_the_host():
+    """The real step with offloading against the plain plan (whose estimate equals a real CPU step:
+    tests/test_agreement_cpu.py)."""
     cfg = {**BASE, "model_type": "llama", "vocab_size": 8000}
-    plain = TrainPlan(device="cpu", seq_len=128, batch_size=2, gradient_checkpointing=False)
-    off = plain.replace(activation_offloading=True)
-    real_plain = cpu_step(cfg, plain)
-    _, _, real_off, _ = _real("llama-no-gc-vocab8k")
-    assert real_off.peak_bytes < real_plain.peak_bytes and not real_plain.host
+    _, off, real_off, _ = _real("llama-no-gc-vocab8k")
+    plain = off.replace(activation_offloading=False)
     e0, e1 = compute(model_from_config(cfg), plain), compute(model_from_config(cfg), off)
+    assert real_off.peak_bytes < 0.9 * e0.allocated_bytes
     assert e1.allocated_bytes < e0.allocated_bytes and e1.host_bytes > 0 and not e0.host
     assert "host" not in e0.to_dict()
 
