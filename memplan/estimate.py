@@ -1207,4 +1207,5 @@ def from_simulation(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = Non
     if plan.device == "cuda":
         cuda_overheads(terms, gpu)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=res.peak_phase, paged_bytes=res.paged_bytes,
-                    gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate")
+                    gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate",
+                    host=dict(getattr(res, "host", None) or {}))
