@@ -29,8 +29,10 @@ host contract of DESIGN.md). Rules, measured on real CPU steps under TRL's real 
   16-bit LoRA weight copies stay on the device until the forward ends (the cache holds them); while
   layer i runs backward the layers below it are on the host, its own tensors back on the device
   (CUDA) or used from the host (CPU).
-Known limitations (NB): the forward moment counts the running layer's own saved tensors on the
-device; the final norm's and the loss's saved tensors (packed too, several are packed twice in
+Known limitations (NB): without checkpointing, the last layer's forward (the peak when the
+vocabulary is small) takes the walk's peak moment, a little after the real one: the host bytes the
+running layer has packed by then are over-counted (+7 % measured on a tiny Llama; the device bytes
+agree to 1 KB); the final norm's and the loss's saved tensors (packed too, several are packed twice in
 TRL's one-stream mode) are counted where the step without offloading has them; tensors under 1024
 bytes are counted as offloaded; TRL's default on CUDA is two streams (`use_streams=True`): up to 5
 recent tensors wait on the device in its forward stash and one autograd node's brought-back tensors
@@ -111,8 +113,11 @@ def split(s: Any, m: Any) -> tuple[Any, dict[str, int]]:
             total, temps, packed, copies, copies_first = forward_peak(s)
             kept = lambda n: (copies_first + (n - 1) * copies) if n > 0 else 0  # noqa: E731
         if m.kind == "forward":
-            # the last layer's forward: the layers below on the host (their cached LoRA copies stay)
-            acts = kept(L - 1) + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + total - temps
+            # the last layer's forward: the layers below on the host; autocast's cache keeps every 16-bit
+            # LoRA weight copy of theirs; the model's loop keeps the embedding output (`inputs_embeds`)
+            cached = (L - 1) * (ap.lora_weight_copies // L)
+            embeds = ap.layer_input_bytes if L > 1 else 0
+            acts = cached + embeds + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + total - temps
             moved = m._replace(activations=acts, temporaries=temps,
                                allocated_bytes=m.allocated_bytes - m.activations - m.temporaries + acts + temps)
             host = packs(L - 1) + packed
@@ -165,6 +170,7 @@ class _OffloadWalk(Walk):
     def __init__(self) -> None:
         super().__init__()
         self.host: list[Lin] = []
+        self.held: set[int] = set()  # storages the caller holds (the layer's input: the model's loop)
 
     def hold(self, *ts: Sym) -> None:
         super().hold(*ts)
@@ -177,7 +183,7 @@ class _OffloadWalk(Walk):
     def drop(self, *ts: Sym) -> None:
         for t in ts:
             n = t.nbytes
-            if t.sid in self.saved and t.sid in self.live and (n.t or n.s or n.q):
+            if t.sid in self.saved and t.sid in self.live and (n.t or n.s or n.q) and t.sid not in self.held:
                 self.live_bytes = self.live_bytes - self.live.pop(t.sid)
                 self.gone[t.sid] = (len(self.moments), self.born.get(t.sid, 0) in self.frames)
         super().drop(*ts)
@@ -193,6 +199,7 @@ def forward_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool, bo
     w = _OffloadWalk()
     lm = LayerModel(model, plan, w, cpu, fused, masked)
     x = w.new(Lin(t=1) * model.hidden_size, a, True)
+    w.held.add(x.sid)
     lm.layer(x, 4 if model.arch.rope_fp32 else a)
     cands: dict[tuple[int, ...], tuple[Any, ...]] = {}
     for k, (total, temps) in enumerate(w.split(len(w.moments))):
