@@ -379,6 +379,7 @@ class LayerModel:
                     w.save(b_copy)
                     w.copies += b_copy.nbytes + (a_copy.nbytes if x.rg else 0)
                 b = w.new(n_out, mm_dt)
+            w.drop(a)  # saved by lora_B; released from the layer's hands (matters only under offloading)
         else:
             with w.frame():  # lora_A
                 a_in = w.cast(d, mm_dt)
@@ -388,6 +389,7 @@ class LayerModel:
             w.drop(*{d, a_in} - {x, xa})
             with w.frame():  # lora_B
                 b = w.new(n_out, mm_dt)
+            w.drop(a)
         bs = w.new(n_out, mm_dt)  # * scaling
         w.drop(b)
         if self.quantized:
@@ -493,8 +495,7 @@ class LayerModel:
             lse = w.new(Lin(s=m.num_heads), 4, False)
             if self.attn_rg:
                 w.save(qc, kc, vc, out, lse, *saved)
-            else:
-                w.drop(qc, kc, vc, lse, *saved)
+            w.drop(qc, kc, vc, lse, *saved)  # saved ones stay (but leave a step under offloading)
             w.drop(qe, ke, v)
         o = self.linear(out, lins["o_proj"])
         w.drop(out)
@@ -770,10 +771,13 @@ class LayerModel:
             g = self.linear(x, lins["gate_proj"])
             with w.frame():  # act_fn
                 act = w.new(g.numel, g.dt)
+            w.save(g)  # silu / gelu(tanh) backward needs the input
+            w.drop(g)  # (a saved tensor stays; under offloading it leaves the device here)
             u = self.linear(x, lins["up_proj"])
         w.save(g)  # silu / gelu(tanh) backward needs the input
         prod = w.new(g.numel, _promote(act.dt, u.dt))
         w.save(act, u)
+        w.drop(act, u)
         self.saved_before_down = w.saved_bytes
         out = self.linear(prod, lins["down_proj"])
         self.prod_dt, self.down_out_dt = prod.dt, out.dt

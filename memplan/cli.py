@@ -23,7 +23,7 @@ from .fit import Fit, check_fit
 from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
 from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TrainPlan, plan_from
-from .present import gib, pct, plan_dict, plan_lines, reserve_line, share, verdict
+from .present import gib, host_line, pct, plan_dict, plan_lines, reserve_line, share, verdict
 from .units import GiB
 
 EXIT_OK, EXIT_NO_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -164,6 +164,12 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16", help=argparse.SUPPRESS)
     g.add_argument("--device", choices=DEVICES, help=f"device the step runs on (default {_D.device})")
+    g.add_argument("--activation-offloading", "--activation_offloading", action=bool_flag, default=None,
+                   help="TRL SFTConfig activation_offloading: saved tensors go to host memory during the step "
+                        "(the result gains a host RAM figure) (default off)")
+    g.add_argument("--checkpoint-offload", action=bool_flag, default=None,
+                   help="axolotl gradient_checkpointing: offload: the checkpointed layers' inputs go to host "
+                        "memory; needs --gradient-checkpointing (default off)")
 
 
 def _gc_kwargs(text: str) -> bool:
@@ -472,6 +478,8 @@ def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0
         out(f"{'headroom':<20} {gib(d['headroom_bytes']):>9} GiB  -> {d.get('verdict_text') or verdict(d['fits'])}")
     if d.get("paged_bytes"):
         out(f"{'paged (managed mem)':<20} {gib(d['paged_bytes']):>9} GiB  paged optimizer state, outside the allocator")
+    if d.get("host"):
+        out(host_line(d["host"]["terms"]))
     if d.get("estimate"):
         e = d["estimate"]
         out(f"{'closed-form estimate':<20} {gib(e['allocated_bytes']):>9} GiB  "

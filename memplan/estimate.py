@@ -62,6 +62,7 @@ from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
 from .model import ModelSpec
+from .offload import NOTE as OFFLOAD_NOTE, offloads, split as offload_split
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
 from .versions import MODELED_VERSIONS, TRANSFORMERS
@@ -117,6 +118,12 @@ class Estimate:
     moment: str = ""
     #: every moment the estimator checked, in step order (empty when the terms come from simulate)
     moments: tuple[Moment, ...] = field(default=(), compare=False, repr=False)
+    #: host (CPU RAM) bytes held at the device peak, by term (DESIGN.md host contract; empty: none)
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
 
     @property
     def peak(self) -> Moment | None:
@@ -179,6 +186,7 @@ class Estimate:
             "headroom_bytes": self.headroom_bytes,
             "versions": dict(F.MODELED_VERSIONS),
             "notes": list(self.notes),
+            **({"host": {"terms": dict(self.host), "bytes": self.host_bytes}} if self.host else {}),
         }
 
 
@@ -885,6 +893,20 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             f"the closed form walks {model.name}'s multi-head latent attention through SDPA only "
             f"(--attn-implementation {plan.attn_implementation} not modelled); `memplan simulate {model.name}` "
             "traces it exactly")
+    if plan.checkpoint_offload and not plan.use_reentrant and not plan.activation_offloading:
+        changes["use_reentrant"] = True
+        notes.append("checkpoint offload (axolotl gradient_checkpointing: offload) runs each layer in a "
+                     "reentrant-style autograd.Function (Unsloth_Offloaded_Gradient_Checkpointer: the whole layer "
+                     "recomputed in backward): estimated as reentrant checkpointing with the layers' inputs in host "
+                     "memory; modelled from axolotl's source, not checked on a real step (its backward needs CUDA)")
+    if plan.activation_offloading and plan.device == "cpu":
+        notes.append("TRL 1.16's OffloadActivations needs an accelerator (torch.accelerator.current_accelerator() "
+                     "is None on a CPU-only machine and its constructor fails): the CPU step is estimated as the "
+                     "hooks split saved tensors on an accelerator, the host copies counted as host memory")
+    if plan.activation_offloading and plan.gradient_checkpointing and plan.use_reentrant:
+        notes.append("activation offloading with reentrant checkpointing: the recomputed layers' saved tensors "
+                     "also pass through the offloading hooks in backward; the closed form counts only the "
+                     "layers' inputs (non-reentrant rules), `memplan simulate` traces it")
     eager = not model.arch.sdpa and plan.attn_implementation == "sdpa"
     if eager:
         changes["attn_implementation"] = "eager"
@@ -1037,6 +1059,10 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
     ms = moments(step)
+    hosts: list[dict[str, int]] = [{}] * len(ms)
+    if offloads(plan):
+        ms, hosts = zip(*(offload_split(step, m) for m in ms))
+        notes.append(OFFLOAD_NOTE)
     alloc = [m.allocated_bytes for m in ms]
     peak = ms[alloc.index(max(alloc))]  # the first in step order on a tie
     terms = peak.terms
@@ -1059,7 +1085,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
                      f"{model.max_position_embeddings}")
     notes += gpu_notes(gpu, plan)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=peak.phase, paged_bytes=paged, gpu=gpu,
-                    notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=ms)
+                    notes=tuple(notes), phase_peaks=totals, moment=peak.name, moments=tuple(ms),
+                    host=dict(hosts[alloc.index(max(alloc))]))
 
 
 @shape_free_cache()
@@ -1180,4 +1207,5 @@ def from_simulation(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = Non
     if plan.device == "cuda":
         cuda_overheads(terms, gpu)
     return Estimate(model=model, plan=plan, terms=terms, peak_phase=res.peak_phase, paged_bytes=res.paged_bytes,
-                    gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate")
+                    gpu=gpu, notes=tuple(notes), phase_peaks=dict(res.phase_peaks), moment="simulate",
+                    host=dict(getattr(res, "host", None) or {}))

@@ -104,6 +104,10 @@ class TrainPlan:
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
     device: str = "cuda"
+    #: TRL SFTConfig `activation_offloading`: saved tensors go to host memory during the step
+    activation_offloading: bool = False
+    #: axolotl `gradient_checkpointing: offload`: the checkpointed layers' inputs go to host memory
+    checkpoint_offload: bool = False
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -202,6 +206,13 @@ class TrainPlan:
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             p.append(f"--optim {self.optim!r} is not a known optimizer{hint} (known: {', '.join(OPTIMIZERS)})")
         p += self._shape_problems()
+        for flag, v in (("--activation-offloading", self.activation_offloading),
+                        ("--checkpoint-offload", self.checkpoint_offload)):
+            if not isinstance(v, bool):
+                p.append(f"{flag} is on or off (true/false), got {v!r}")
+        if self.checkpoint_offload is True and not self.gradient_checkpointing:
+            p.append("--checkpoint-offload offloads the checkpointed layers' inputs: it needs "
+                     "--gradient-checkpointing (or use --activation-offloading without checkpointing)")
         if self.method in ("qlora", "lora"):
             if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
                 p.append(f"--lora-r must be a positive integer, got {self.lora_r!r}")
@@ -253,6 +264,9 @@ class TrainPlan:
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
+        for k in _OPTIONAL_FIELDS:  # recipe options: named only when on, so existing plans' JSON is unchanged
+            if not d[k]:
+                del d[k]
         return d
 
     @classmethod
@@ -261,6 +275,8 @@ class TrainPlan:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
+#: fields `to_dict` leaves out at their default (False)
+_OPTIONAL_FIELDS = ("activation_offloading", "checkpoint_offload")
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")

@@ -115,6 +115,10 @@ def _extras(plan: Any) -> list[str]:
         out.append(f"{_get(plan, 'adapter_dtype')} adapters")
     if _get(plan, "padding", "none") not in (None, "none"):
         out.append(f"padded ({_get(plan, 'padding')}, attention_mask)")
+    if _get(plan, "activation_offloading", False):
+        out.append("activation offloading")
+    if _get(plan, "checkpoint_offload", False):
+        out.append("checkpoint offload")
     return out
 
 
@@ -180,3 +184,9 @@ def reserve_line(reserve_bytes: int) -> str:
         return (f"reserve: {gib(reserve_bytes)} GiB kept free (default, as `memplan fit`: the estimate already "
                 "counts CUDA context, workspace and allocator overhead; --reserve GiB keeps a margin)")
     return f"reserve: {gib(reserve_bytes)} GiB kept free (--reserve)"
+
+
+def host_line(host: Mapping[str, int]) -> str:
+    """The host (CPU RAM) result in one line (DESIGN.md host contract): "host RAM: X GiB (activations Y GiB, ...)"."""
+    parts = ", ".join(f"{k} {gib(v)} GiB" for k, v in host.items() if v)
+    return f"host RAM: {gib(sum(host.values()))} GiB ({parts})"

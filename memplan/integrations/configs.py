@@ -257,9 +257,12 @@ class _Reader:
                 out[ours] = v
         gc = d.get("gradient_checkpointing")
         if gc is not None:
-            if isinstance(gc, str) and gc.lower() in ("offload", "offload_disk"):
+            if isinstance(gc, str) and gc.lower() == "offload":
                 out["gradient_checkpointing"] = True
-                self.note(f"gradient_checkpointing: {gc} moves checkpoints to host memory; memplan does not "
+                out["checkpoint_offload"] = True  # the checkpointed layers' inputs in host memory
+            elif isinstance(gc, str) and gc.lower() == "offload_disk":
+                out["gradient_checkpointing"] = True
+                self.note(f"gradient_checkpointing: {gc} moves checkpoints to disk; memplan does not "
                           "model it yet (estimated as checkpoints kept on the GPU)")
             elif isinstance(gc, bool):
                 out["gradient_checkpointing"] = gc
@@ -294,8 +297,13 @@ class _Reader:
         if d.get("padding") is not None:
             out["padding"] = self.padding(d["padding"])
         self.plugins()
-        if self.on("activation_offloading"):
-            self.note(f"activation_offloading moves saved activations to host memory; {NOT_MODELLED}")
+        ao = d.get("activation_offloading")
+        if isinstance(ao, str) and ao.lower() == "legacy":  # TRL's hooks on one stream (no CUDA streams)
+            out["activation_offloading"] = True
+        elif isinstance(ao, str) and ao.lower() == "disk":
+            self.note(f"activation_offloading: {ao} moves saved activations to disk; {NOT_MODELLED}")
+        elif ao is not None:
+            out["activation_offloading"] = self.bool_("activation_offloading")
         for k in ("chunked_cross_entropy", "cut_cross_entropy"):
             if self.on(k):
                 self.note(f"{k}: the loss never holds the full [tokens x vocab] logits; {NOT_MODELLED} "
@@ -419,8 +427,8 @@ class _Reader:
         if self.on("use_liger_kernel"):
             self.note(f"use_liger_kernel: true (Liger's fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "
                       f"{NOT_MODELLED}; the fused cross-entropy would remove most of the logits term")
-        if self.on("activation_offloading"):
-            self.note(f"activation_offloading: true moves saved activations to host memory; {NOT_MODELLED}")
+        if d.get("activation_offloading") is not None:
+            out["activation_offloading"] = self.bool_("activation_offloading")
         self.multi_gpu()
         self.unmodelled(_TRL_UNMODELLED)
         model = d.get("model_name_or_path")

@@ -43,6 +43,8 @@ class StepResult:
     versions: dict[str, str] = field(default_factory=dict)
     #: assumptions worth telling the user (simulate fills it)
     notes: list[str] = field(default_factory=list)
+    #: host (CPU RAM) bytes alive at the device peak, by term (activation offloading's host copies)
+    host: dict[str, int] = field(default_factory=dict)
 
 
 def make_optimizer(model, plan: TrainPlan):
@@ -59,7 +61,7 @@ def make_optimizer(model, plan: TrainPlan):
 def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: str = "cpu",
               round_to: int = 1, optimizer=None, keep_outputs: bool = False, seed: int = 0,
               tracker: LiveTensorTracker | None = None, step_context=None, progress=None,
-              fast_warmup: bool = False, kernel_workspace: bool = False) -> StepResult:
+              fast_warmup: bool = False, kernel_workspace: bool = False, offload: Any = None) -> StepResult:
     """Run `steps` training steps under the tracker; return the peak of the last step, per term.
 
     `device="meta"` runs on meta tensors (memplan.simulate): autocast then uses the CPU autocast state
@@ -71,6 +73,8 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     only thing a step leaves behind, so the last step sees the same memory (simulate uses this).
     `kernel_workspace` (real devices): also count the buffers kernels allocate internally, read from
     torch.profiler's allocator events (`LiveTensorTracker.add_kernel_workspace`; term `workspace`).
+    `offload`: an `OffloadRecord` to run each micro-batch under TRL's activation offloading
+    (`runtime.offload.offload_context`, as `SFTTrainer.training_step` does) and fill with what it packed.
     """
     if tracker is None:
         tracker = LiveTensorTracker(round_to=round_to, device=None if device == "meta" else device,
@@ -83,6 +87,12 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
         if isinstance(t, torch.Tensor):
             tracker.register(t, Term.OPTIMIZER_STATE, f"optimizer.qmap.{name}")
     batch = make_batch(plan, vocab_size, device, seed)
+    micro = contextlib.nullcontext()
+    if offload is not None:
+        from .offload import offload_context
+
+        micro = offload_context(model, device, tracker, offload,
+                                bring_back=device == "meta" and plan.device == "cuda")
     lm_head = model.get_output_embeddings()
     hook = lm_head.register_forward_hook(lambda *_: tracker.set_phase(Phase.LOSS))
     autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
@@ -108,19 +118,20 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                     opt.zero_grad(set_to_none=True)
                     continue
                 for _micro in range(plan.gradient_accumulation_steps):  # grads accumulate across micro-batches
-                    tracker.set_phase(Phase.FORWARD)
-                    with autocast:
-                        out = model(**batch, use_cache=False)  # Trainer: use_cache=False
-                    loss = out.loss
-                    if not keep_outputs:
-                        del out
-                    if plan.gradient_accumulation_steps > 1:
-                        loss = loss / plan.gradient_accumulation_steps  # as Trainer.training_step does
-                    tracker.set_phase(Phase.BACKWARD)
-                    loss.backward()
-                    del loss
-                    if keep_outputs:
-                        del out
+                    with micro:  # SFTTrainer.training_step: forward and backward under the offloading hooks
+                        tracker.set_phase(Phase.FORWARD)
+                        with autocast:
+                            out = model(**batch, use_cache=False)  # Trainer: use_cache=False
+                        loss = out.loss
+                        if not keep_outputs:
+                            del out
+                        if plan.gradient_accumulation_steps > 1:
+                            loss = loss / plan.gradient_accumulation_steps  # as Trainer.training_step does
+                        tracker.set_phase(Phase.BACKWARD)
+                        loss.backward()
+                        del loss
+                        if keep_outputs:
+                            del out
                 tracker.set_phase(Phase.OPTIMIZER)
                 opt.step()
                 if step == steps - 1:
@@ -147,6 +158,7 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
         static_bytes=sum(r.nbytes for r in tracker.records if r.created < 0 and r.freed == float("inf")),
         paged_bytes=tracker.paged_bytes,
         phase_terms={k: tracker.terms_at(v.at) for k, v in tracker.phase_peaks.items()},
+        host=tracker.host_at(at) if offload is not None else {},
     )
 
 
@@ -169,7 +181,7 @@ def make_batch(plan: TrainPlan, vocab_size: int, device: str = "cpu", seed: int 
 
 
 def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int = 0,
-             kernel_workspace: bool = False) -> StepResult:
+             kernel_workspace: bool = False, offload: Any = None) -> StepResult:
     """A real CPU training step of `plan` on random weights built from `config`.
 
     `kernel_workspace`: also count what kernels allocate internally (oneDNN's scratchpad in bf16
@@ -179,5 +191,9 @@ def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int 
     plan = plan.replace(device="cpu")
     model = load_model(config, plan, device="cpu", seed=seed)
     model = adapt(model, plan)
+    if offload is None and plan.activation_offloading:
+        from .offload import OffloadRecord
+
+        offload = OffloadRecord()
     return run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="cpu", seed=seed,
-                     kernel_workspace=kernel_workspace)
+                     kernel_workspace=kernel_workspace, offload=offload)

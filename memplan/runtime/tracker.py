@@ -64,6 +64,9 @@ _BNB_NS = "bitsandbytes"
 #: profiler range name prefix around each op (followed by the op's clock), see `kernel_workspace`
 OP_MARK = "memplan.op#"
 _INF = float("inf")
+#: the ops by which an offloading hook makes its host copy (`LiveTensorTracker.host_region`)
+HOST_OPS = (torch.ops.aten.empty_like.default, torch.ops.aten.empty.memory_format,
+            torch.ops.aten.empty_strided.default)
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +85,7 @@ class StorageRecord:
     name: str = ""
     op: str = ""
     ptr: int = 0  # data pointer (set when kernel workspace is captured, to match allocator events)
+    host: bool = False  # a host (CPU RAM) copy made by an offloading hook (`host_region`), not device memory
 
     def alive_at(self, t: float) -> bool:
         return self.created <= t < self.freed
@@ -158,6 +162,11 @@ class LiveTensorTracker(TorchDispatchMode):
         self._reset_clock = -1
         self._depth = 0
         self._saved_rng: Any = None
+        #: host (CPU RAM) storages: inside `host_region`, storages made by the ops named in
+        #: `HOST_OPS` are host copies (activation offloading): kept out of `live`/`peak`, counted here
+        self._host_depth = 0
+        self._host_op = False
+        self.host_live = 0
         #: buffers added by `add_kernel_workspace`: how many, and the largest in-op excess (bytes)
         self.workspace_ops = 0
         self.workspace_max = 0
@@ -176,7 +185,8 @@ class LiveTensorTracker(TorchDispatchMode):
             return rec
         if self.devices is not None and st.device.type not in self.devices:
             return None
-        nbytes = self._size(st.nbytes())
+        host = self._host_depth > 0 and self._host_op
+        nbytes = st.nbytes() if host else self._size(st.nbytes())
         frame, module = self._frames[-1]
         rec = StorageRecord(
             nbytes=nbytes,
@@ -189,7 +199,14 @@ class LiveTensorTracker(TorchDispatchMode):
             frame=frame,
             term=term,
             name=name,
+            host=host,
         )
+        if host:
+            self.records.append(rec)
+            self._by_id[key] = rec
+            self._refs[key] = weakref.ref(st, lambda _r, key=key: self._free(key))
+            self.host_live += nbytes
+            return rec
         if self.kernel_workspace:
             rec.ptr = st.data_ptr()
         self.records.append(rec)
@@ -210,7 +227,10 @@ class LiveTensorTracker(TorchDispatchMode):
         if rec is None:
             return
         rec.freed = self.clock + 0.5
-        self.live -= rec.nbytes
+        if rec.host:
+            self.host_live -= rec.nbytes
+        else:
+            self.live -= rec.nbytes
 
     def add_paged(self, tensor: torch.Tensor) -> None:
         """Count a tensor that lives outside the device allocator (bitsandbytes paged memory).
@@ -423,6 +443,8 @@ class LiveTensorTracker(TorchDispatchMode):
         """Peak and per-phase peaks since the last reset_peak, from the records (after records were added)."""
         deltas: list[tuple[float, int]] = []
         for r in self.records:
+            if r.host:
+                continue
             deltas.append((r.created, r.nbytes))
             if r.freed != _INF:
                 deltas.append((r.freed, -r.nbytes))
@@ -463,6 +485,11 @@ class LiveTensorTracker(TorchDispatchMode):
                 temps = mk(*args, **kwargs)
                 for i in range(len(temps)):
                     self._track(temps[i].untyped_storage(), temps[i])
+        self._host_op = self._host_depth > 0 and func in HOST_OPS
+        if self._host_op and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu":
+            flat = [a for a in args if isinstance(a, torch.Tensor)]
+            if flat and flat[0].device.type == "meta":  # simulate: the host copy stays on meta (no real RAM)
+                kwargs = {**kwargs, "device": torch.device("meta"), "pin_memory": False}
         if func.namespace == _BNB_NS:
             out = self._run_bnb(func, args, kwargs)
         else:
@@ -483,6 +510,7 @@ class LiveTensorTracker(TorchDispatchMode):
                 rec = self._track(t.untyped_storage(), t)
                 if rec is not None and not rec.op:
                     rec.op = func.__name__
+        self._host_op = False
         if temps:
             self.clock += 1  # the kernel's internal buffers go once its outputs exist
             del temps
@@ -506,7 +534,26 @@ class LiveTensorTracker(TorchDispatchMode):
 
     # ---- results -------------------------------------------------------------------------------
     def alive_at(self, t: float) -> list[StorageRecord]:
-        return [r for r in self.records if r.alive_at(t)]
+        return [r for r in self.records if r.alive_at(t) and not r.host]
+
+    @contextlib.contextmanager
+    def host_region(self):
+        """Inside: storages made by `HOST_OPS` (the `torch.empty_like(..., device="cpu")` of an
+        offloading pack hook) are host copies, counted apart (`host_at`); on meta they are made on meta."""
+        self._host_depth += 1
+        try:
+            yield
+        finally:
+            self._host_depth -= 1
+
+    def host_at(self, t: float) -> dict[str, int]:
+        """Host bytes alive at `t`, by term (the contract's `host`: only non-zero terms)."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r.host and r.alive_at(t):
+                k = str(r.term or Term.ACTIVATIONS)
+                out[k] = out.get(k, 0) + r.nbytes
+        return out
 
     def label(self, grads: Iterable[torch.Tensor] = (), optimizer_state: Iterable[torch.Tensor] = (),
               vocab_size: int | None = None, tokens: int | None = None,

@@ -167,10 +167,15 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
             model = adapt(model, plan)
         opt = make_meta_optimizer(model, plan, tracker)
         emu = MetaEmulation(plan.device)
+        offload = None
+        if plan.activation_offloading:  # NB axolotl's checkpoint offload is traced without its host copies
+            from ..runtime.offload import OffloadRecord
+
+            offload = OffloadRecord()
         step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
                          round_to=round_to, optimizer=opt, tracker=tracker,
                          step_context=lambda: step_patches(emu, plan.device), progress=say,
-                         fast_warmup=not full_warmup)
+                         fast_warmup=not full_warmup, offload=offload)
     fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(StepResult)}
     fields.update(versions=versions(), notes=_notes(config, plan, model))
     return SimulateResult(**fields, model=spec, plan=plan)

@@ -63,4 +63,5 @@ class SimulateResult(StepResult):
             "estimate": self.estimate_check(),
             "notes": ["simulate traces logical bytes of a real step on the meta device; "
                       "allocator overhead, workspace and CUDA context are not traced", *self.notes],
+            **({"host": {"terms": dict(self.host), "bytes": sum(self.host.values())}} if self.host else {}),
         }

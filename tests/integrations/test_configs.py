@@ -126,12 +126,14 @@ torch_compile: false
 """
     r = read_config(write(tmp_path, "ax.yml", text))
     notes = "\n".join(r.notes)
-    for word in ("gradient_checkpointing: offload", "sample_packing", "liger_fused_linear_cross_entropy",
-                 "liger_rms_norm", "cut_cross_entropy", "chunked_cross_entropy", "activation_offloading",
+    for word in ("sample_packing", "liger_fused_linear_cross_entropy",
+                 "liger_rms_norm", "cut_cross_entropy", "chunked_cross_entropy",
                  "deepspeed", "fsdp", "multi-GPU", "peft_use_dora", "xformers_attention"):
         assert word in notes, word
     assert "torch_compile" not in notes  # switched off
+    assert "offload" not in notes  # both offloading keys are plan fields now
     assert r.plan_fields["gradient_checkpointing"] is True and r.plan_fields["padding"] == "none"
+    assert r.plan_fields["checkpoint_offload"] is True and r.plan_fields["activation_offloading"] is True
     assert r.plan_fields["attn_implementation"] == "sdpa"
     assert all(n.startswith("config file: ") for n in r.notes)
 
@@ -166,13 +168,34 @@ def test_trl_unmodelled_techniques_and_defaults(tmp_path):
            "deepspeed": {"zero_optimization": {"stage": 3}}, "torch_compile": True}
     r = read_config(write(tmp_path, "sft.json", json.dumps(cfg)))
     notes = "\n".join(r.notes)
-    for word in ("packing", "padding_free", "use_liger_kernel", "activation_offloading", "fsdp", "deepspeed",
+    for word in ("packing", "padding_free", "use_liger_kernel", "fsdp", "deepspeed",
                  "torch_compile", "does not say the adapter"):
         assert word in notes, word
+    assert "offload" not in notes and r.plan_fields["activation_offloading"] is True
     assert r.plan_fields["seq_len"] == 1024 and r.plan_fields["padding"] == "none"
     assert r.plan_fields["mixed_precision"] == "bf16"  # SFTConfig: bf16 = not fp16
     r = read_config(write(tmp_path, "sft2.json", json.dumps({"packing": False, "dataset_text_field": "text"})))
     assert r.plan_fields["seq_len"] == 1024 and "SFTConfig's default" in "\n".join(r.notes)
+
+
+def test_offloading_keys(tmp_path):
+    """TRL activation_offloading and axolotl's activation_offloading / gradient_checkpointing: offload
+    are plan fields; the variants memplan does not model are notes; a bad value is one line."""
+    r = read_config(write(tmp_path, "sft.json", json.dumps({"output_dir": "o", "max_length": 512,
+                                                             "activation_offloading": False})))
+    assert r.plan_fields["activation_offloading"] is False
+    ax = AXOLOTL.replace("gradient_checkpointing: true", "gradient_checkpointing: offload")
+    r = read_config(write(tmp_path, "a.yml", ax))
+    assert r.plan_fields["checkpoint_offload"] is True and "activation_offloading" not in r.plan_fields
+    r = read_config(write(tmp_path, "b.yml", AXOLOTL + "activation_offloading: legacy\n"))
+    assert r.plan_fields["activation_offloading"] is True
+    r = read_config(write(tmp_path, "c.yml", AXOLOTL + "activation_offloading: disk\n"))
+    assert "activation_offloading" not in r.plan_fields and any("disk" in n for n in r.notes)
+    r = read_config(write(tmp_path, "d.yml", AXOLOTL.replace("gradient_checkpointing: true",
+                                                            "gradient_checkpointing: offload_disk")))
+    assert "checkpoint_offload" not in r.plan_fields and any("offload_disk" in n for n in r.notes)
+    with pytest.raises(InvalidSpecError, match="activation_offloading must be true or false"):
+        read_config(write(tmp_path, "e.yml", AXOLOTL + "activation_offloading: 3\n"))
 
 
 def test_trl_cli_yaml_with_model_config_fields(tmp_path):
@@ -235,18 +258,19 @@ def test_cli_config_without_model_and_typed_flags_override(tmp_path, capsys):
     assert code == 0, err
     d = json.loads(out)
     assert d["plan"]["batch_size"] == 2 and d["plan"]["seq_len"] == 4096 and d["plan"]["quant"] == "fp4"
-    assert any("activation_offloading" in n for n in d["notes"])
+    assert d["plan"]["activation_offloading"] is True and d["host"]["bytes"] > 0
+    assert any("activation offloading" in n for n in d["notes"])
     code, out, err = run(capsys, "estimate", "llama-3.2-1b", "--config", path, "--batch-size", "3",
                          "--no-gradient-checkpointing", "--json")
     assert code == 0, err
     d = json.loads(out)
     assert (d["plan"]["batch_size"], d["plan"]["gradient_checkpointing"], d["plan"]["seq_len"]) == (3, False, 4096)
     code, out, err = run(capsys, "estimate", "--config", path)
-    assert code == 0 and "activation_offloading" in out
+    assert code == 0 and "activation offloading" in out and "host RAM: " in out
     for cmd in ("fit", "recommend"):
         code, out, err = run(capsys, cmd, "--config", path, "--gpu", "h200", "--json")
         assert code == 0, err
-        assert any("activation_offloading" in n for n in json.loads(out)["notes"]), cmd
+        assert any("activation offloading" in n for n in json.loads(out)["notes"]), cmd
 
 
 BAD = [
