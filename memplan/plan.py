@@ -18,6 +18,10 @@ MIXED = ("bf16", "fp16", "no")
 #: rows padded to the longest / to max_length, which come with an attention_mask
 PADDING = ("none", "longest", "max_length")
 DEVICES = ("cuda", "cpu")
+#: whose training step: the transformers `Trainer` (the model's own forward and loss over full
+#: [tokens x vocab] logits) or TRL's `SFTTrainer` (TRL 1.16: the fused, tiled LM head of
+#: `trl.trainer.utils.add_fused_lm_head`, which never materializes the logits)
+TRAINERS = ("trainer", "sft")
 
 _DTYPE_ALIASES = {
     "bfloat16": "bf16", "torch.bfloat16": "bf16", "bf16": "bf16",
@@ -104,6 +108,7 @@ class TrainPlan:
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
     device: str = "cuda"
+    trainer: str = "trainer"
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -155,6 +160,8 @@ class TrainPlan:
             tm = tuple(tm)
         set_("target_modules", tm)
         set_("optim", str(self.optim).lower())
+        set_("trainer", {"sfttrainer": "sft", "transformers": "trainer"}.get(str(self.trainer).lower(),
+                                                                           str(self.trainer).lower()))
         set_("padding", {"false": "none", "do_not_pad": "none", "true": "longest"}.get(
             str(self.padding).lower(), str(self.padding).lower()))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
@@ -195,6 +202,7 @@ class TrainPlan:
         choice("--padding", self.padding, PADDING)
         choice("--mixed-precision", self.mixed_precision, MIXED)
         choice("--device", self.device, DEVICES)
+        choice("--trainer", self.trainer, TRAINERS)
         if self.optim not in OPTIMIZERS:
             import difflib
 
@@ -253,6 +261,9 @@ class TrainPlan:
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
+        for k, default in _OMITTED_AT_DEFAULT:  # recipe fields added later: absent means the default
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod
@@ -261,6 +272,9 @@ class TrainPlan:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
+#: fields that `to_dict` leaves out at their default, so that plans (and the JSON, records and golden
+#: files made from them) that do not use them read as before: `trainer="trainer"`
+_OMITTED_AT_DEFAULT = (("trainer", "trainer"),)
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")

@@ -32,6 +32,7 @@ the int8 matmul choice (`kernels`, patch 4).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import TYPE_CHECKING, Iterator
 
 from ..plan import TrainPlan
@@ -142,6 +143,10 @@ def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
         st.enter_context(experts_patch())
         st.enter_context(gpt_oss_experts_patch())
         st.enter_context(int8_matmul_patch(device))
+        if "trl" in sys.modules:  # an sft plan's step imported it (runtime.step.add_sft_head)
+            from .sft_head import fused_head_patch
+
+            st.enter_context(fused_head_patch(device))
         if device == "cuda":
             st.enter_context(patch_attr(torch, "is_autocast_enabled", is_autocast_enabled))
         st.enter_context(emu)
