@@ -58,6 +58,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from . import formulas as F
 from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
 from .catalogue import load_gpu, resolve_model
+from .fused_head import sft_head_moments
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
@@ -374,6 +375,12 @@ MOMENT_KINDS = {
                      "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]"),
     "loss_backward": ("loss:backward", _BACKWARD,
                       "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"),
+    "sft_head_forward": ("loss:forward", _LOSS,
+                         "the loss forward through TRL's fused LM head (SFTTrainer, trl 1.16): {detail}, "
+                         "[tokens x 32768] tiles, no [tokens x vocab] logits"),
+    "sft_head_backward": ("loss:backward", _BACKWARD,
+                          "the loss backward through TRL's fused LM head (SFTTrainer, trl 1.16): {detail}, "
+                          "fp32 gradient of the hidden states"),
     "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
     "post_norm_backward": ("post_norm_backward:{i}", _BACKWARD,
                            "the backward of layer {i}'s post-feedforward norm (of {L}): the layer's saved set, "
@@ -792,7 +799,10 @@ def moments(s: Step) -> tuple[Moment, ...]:
     gc = s.plan.gradient_checkpointing
     four_bit, eager = s.static.down.w_grad, s.ap.probs_bytes  # whether those moments exist
     out = [] if gc else [forward_moment(s)]
-    out += [loss_forward_moment(s), loss_backward_moment(s)]
+    if s.plan.trainer == "sft":  # TRL's SFTTrainer: the fused, tiled LM head (memplan/fused_head.py)
+        out += sft_head_moments(s)
+    else:
+        out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
     layers = [last, 0] if gc and last else [last]
     rope = s.model.layer_rope
