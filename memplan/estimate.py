@@ -58,7 +58,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from . import formulas as F
 from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
 from .catalogue import load_gpu, resolve_model
-from .fused_head import sft_head_moments
+from .fused_head import sft_head_moments, sft_kept
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
@@ -270,6 +270,9 @@ class Step(NamedTuple):
     saved_layers: tuple[int, ...] = ()
     layer_kind: tuple[tuple[ModelSpec, ActivationProfile], ...] = ()
     grads_layers: tuple[int, ...] = ()
+    #: batch tensors that an op first sees and the batch then keeps alive to the step's end: an SFT
+    #: step's labels ([B, S] int64: the fused head slices them; `fused_head.sft_kept`)
+    kept: int = 0
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -292,6 +295,11 @@ def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
 
 
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
+    s = _make_step(model, plan, cuda)
+    return s._replace(kept=sft_kept(s)) if plan.trainer == "sft" else s
+
+
+def _make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     static = static_part(model, plan, cuda)
     if model.layer_kinds:
         return _mixed_step(model, plan, cuda, static)
@@ -493,7 +501,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
         below = sum(s.saved_layers[:i])
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes + _nope(s.model, ap, 1, i) if i else 0
-    fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
+    fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state + s.kept
     n_types = len(s.model.attention_types)
     # NB: measured on gpt_oss only (gemma2/3 would follow, unmeasured: their golden files keep both masks)
     if s.plan.gradient_checkpointing and i == 0 and n_types > 1 and not s.plan.use_reentrant \
@@ -789,7 +797,7 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
 
 def optimizer_moment(s: Step) -> Moment:
     """optimizer.step(): every gradient plus the optimizer's scratch."""
-    return s.moment("optimizer", None, s.static.gradients, 0, 0, s.static.scratch)
+    return s.moment("optimizer", None, s.static.gradients, s.kept, 0, s.static.scratch)
 
 
 def moments(s: Step) -> tuple[Moment, ...]:

@@ -54,6 +54,12 @@ def _chunks(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
 
 
+def sft_kept(s: "Step") -> int:
+    """The batch's labels [B, S] int64: `labels[:, 1:]` in `add_fused_lm_head`'s forward is the first op
+    to see them, and the batch keeps them alive to the end of the step (the Trainer's `inputs`)."""
+    return s.r(8 * s.plan.batch_size * s.plan.seq_len)
+
+
 def sft_head_moments(s: "Step") -> list["Moment"]:
     """The loss stage of an SFTTrainer step: the candidate peaks of the fused head's forward and
     backward (see the module doc), in step order."""
@@ -69,7 +75,7 @@ def sft_head_moments(s: "Step") -> list["Moment"]:
     hc = (lambda n: r(cd * n * H)) if cd != a else (lambda n: 0)       # hidden[ts:te].to(cd)
     wc = (lambda c: r(cd * c * H)) if cd != w_dt else (lambda c: 0)   # weight[start:end].to(cd)
     mm_buf = r(cd * n0 * VOCAB_CHUNK)
-    labels, targets, saved_hidden = r(8 * B * S), r(8 * N), r(a * N * H)
+    labels, targets, saved_hidden = s.kept, r(8 * N), r(a * N * H)
     # CPU scores every position: `last_hidden_state[:, :-1].reshape(-1, H)` is a view when B == 1
     # (contiguous), which keeps the whole [1, S, H] output alive; else a copy (CUDA: `hidden[mask]`)
     view = cpu and B == 1
@@ -95,8 +101,9 @@ def sft_head_moments(s: "Step") -> list["Moment"]:
 
     # -- backward
     out = bwd = []
+    # CUDA: `hidden_states[mask]`'s backward holds the bool mask
     acts = (s.layers_saved + model_saved + gc_args + s.small + labels + (r(T * H * a) if view else saved_hidden)
-            + targets + 2 * r(4 * N))
+            + targets + 2 * r(4 * N) + (0 if cpu else r(N)))
     base = r(4 * N) + r(4 * N * H)  # the log-probs' gradient, grad_hidden (fp32)
     temps = base + hc(n0) + wc(c0)
     out.append(s.moment("sft_head_backward", None, s.ga_grads, acts, mm_buf, temps,

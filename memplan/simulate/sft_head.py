@@ -15,9 +15,14 @@ statistics. Two things need help on meta:
   step never has: for a CUDA plan they are replaced by no-ops. For a CPU plan they run as they are
   (the CPU step runs them too).
 
-NB the CUDA head scores only the positions with a valid label (`hidden_states[mask]`, data-dependent
-on meta); the trace scores every position (`reshape`), the same count for unpadded rows and at most
-one row of [hidden] per padded position more for padded ones.
+- on CUDA the head scores only the positions with a valid label (`hidden_states[mask]`, `labels[mask]`,
+  then `masked_scatter`: `trl.trainer.utils._use_triton` is True there), on other devices every
+  position (`reshape`). For a CUDA plan `_use_triton` answers True for meta tensors too, and
+  `torch.nonzero` on meta (behind boolean indexing; data-dependent) is allowed to assume every element
+  nonzero (`torch.fx.experimental._config.meta_nonzero_assume_all_nonzero`).
+
+NB: so a CUDA trace scores every position as valid: a padded batch's real step scores fewer (its
+padded positions' labels are -100), at most [hidden] elements per padded position less.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ def fused_head_patch(device: str) -> Iterator[None]:
     with contextlib.ExitStack() as st:
         st.enter_context(patch_attr(cl, "torch", _Torch()))
         if device == "cuda":
+            import torch.fx.experimental._config as fx_config
+            import trl.trainer.utils as tu
+
+            orig_use_triton = tu._use_triton
+            st.enter_context(patch_attr(tu, "_use_triton", lambda dev: dev.type == "meta" or orig_use_triton(dev)))
+            st.enter_context(patch_attr(fx_config, "meta_nonzero_assume_all_nonzero", True))
             for name in ("_forward_tile", "_backward_tile", "_addmm_fp32"):
                 st.enter_context(patch_attr(cl, name, nothing))
         yield
