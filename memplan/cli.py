@@ -22,7 +22,7 @@ from .estimate import Estimate, estimate
 from .fit import Fit, check_fit
 from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
-from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TrainPlan, plan_from
+from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TRAINERS, TrainPlan, plan_from
 from .present import gib, pct, plan_dict, plan_lines, reserve_line, share, verdict
 from .units import GiB
 
@@ -164,6 +164,10 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16", help=argparse.SUPPRESS)
     g.add_argument("--device", choices=DEVICES, help=f"device the step runs on (default {_D.device})")
+    g.add_argument("--trainer", choices=TRAINERS,
+                   help="whose training step: trainer (transformers' Trainer: full [tokens x vocab] logits) or "
+                        "sft (TRL's SFTTrainer: its fused LM head projects in [4096 x 32768] tiles, no full "
+                        f"logits) (default {_D.trainer})")
 
 
 def _gc_kwargs(text: str) -> bool:

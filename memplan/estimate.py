@@ -1089,6 +1089,13 @@ def _static_notes(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[str, .
                      "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    if plan.trainer == "sft":
+        notes.append("trainer sft: TRL 1.16 SFTTrainer's fused LM head (trl.trainer.utils.add_fused_lm_head): the "
+                     "[tokens x vocab] logits are never built; one [min(tokens, 4096) x 32768] projection buffer "
+                     "and the fp32 gradient of the hidden states instead"
+                     + ("; on CUDA its Triton fold kernels (trl/kernels/chunked_logprob.py) are modelled as "
+                        "allocating nothing: the logits and temporaries terms of the loss stage are not yet "
+                        "checked on hardware" if cuda else ""))
     if model.unloaded_vision_params:
         notes.append(f"{model.name}: AutoModelForCausalLM (a text QLoRA script's loader, and memplan's) builds "
                      "Llama4ForCausalLM and does not load the checkpoint's vision tower and projector "

@@ -115,6 +115,8 @@ def _extras(plan: Any) -> list[str]:
         out.append(f"{_get(plan, 'adapter_dtype')} adapters")
     if _get(plan, "padding", "none") not in (None, "none"):
         out.append(f"padded ({_get(plan, 'padding')}, attention_mask)")
+    if _get(plan, "trainer", "trainer") == "sft":
+        out.append("TRL SFTTrainer (fused LM head)")
     return out
 
 
