@@ -20,7 +20,8 @@ PADDING = ("none", "longest", "max_length")
 DEVICES = ("cuda", "cpu")
 #: whose training step: the transformers `Trainer` (the model's own forward and loss over full
 #: [tokens x vocab] logits) or TRL's `SFTTrainer` (TRL 1.16: the fused, tiled LM head of
-#: `trl.trainer.utils.add_fused_lm_head`, which never materializes the logits)
+#: `trl.trainer.utils.add_fused_lm_head`, which never materializes the logits; and with a quantized
+#: base it casts the trainable parameters to bf16: `adapter_dtype` is then bf16)
 TRAINERS = ("trainer", "sft")
 
 _DTYPE_ALIASES = {
@@ -162,6 +163,10 @@ class TrainPlan:
         set_("optim", str(self.optim).lower())
         set_("trainer", {"sfttrainer": "sft", "transformers": "trainer"}.get(str(self.trainer).lower(),
                                                                            str(self.trainer).lower()))
+        if self.trainer == "sft" and quant != "none":
+            # SFTTrainer.__init__ (trl 1.16) casts every trainable parameter of a quantized model to bf16
+            # (the QLoRA paper's recipe), whatever get_peft_model made them
+            set_("adapter_dtype", "bf16")
         set_("padding", {"false": "none", "do_not_pad": "none", "true": "longest"}.get(
             str(self.padding).lower(), str(self.padding).lower()))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
