@@ -56,28 +56,31 @@ def _estimate(plan: TrainPlan):
 
 # -- the step: estimate and simulate against real CPU SFT steps, byte for byte --------------------------
 @pytest.mark.parametrize("over", [
-    {},                                                           # QLoRA, bf16 autocast, checkpointing
-    {"mixed_precision": "no"},                                    # fp32 head: no casts, fp32 buffer
-    {"prepare": False, "gradient_checkpointing": False},          # bf16 stream and head
-    {"padding": "none", "batch_size": 1, "seq_len": 100},         # one row: the hidden states are a view
-], ids=["qlora", "fp32", "noprep-nogc", "one-row"])
+    {"prepare": False, "gradient_checkpointing": False},          # bf16 stream and head, no checkpointing
+    # no autocast (an fp32 head: no casts, an fp32 buffer); one unpadded row: the hidden states are a view
+    {"mixed_precision": "no", "padding": "none", "batch_size": 1, "seq_len": 100},
+], ids=["noprep-nogc", "fp32-one-row"])
 def test_sft_step_estimate_is_exact(over):
     plan = PLAN.replace(**over)
-    real = cpu_step(CFG, plan)
-    est = _estimate(plan)
+    _exact(cpu_step(CFG, plan), _estimate(plan))
+
+
+def _exact(real, est):
     assert est.allocated_bytes == real.peak_bytes, (est.allocated_bytes, real.peak_bytes, est.moment)
     assert {str(k): v for k, v in est.terms.items() if str(k) in real.terms} == real.terms
     assert est.phase_peaks["loss:forward"] == real.phase_peaks["loss"]
     assert real.terms["logits"] > 0 and est.peak.kind == "sft_head_backward"
 
 
-def test_sft_step_differs_from_trainer_and_simulate_matches():
+def test_sft_step_vs_trainer_step_estimate_and_simulate():
+    """QLoRA, bf16 autocast, checkpointing: the SFT step against the plain Trainer step of the same plan."""
     sft = cpu_step(CFG, PLAN)
     plain = cpu_step(CFG, TrainPlan(device="cpu", batch_size=B, seq_len=S, padding="longest"))
     # the fused head's [126 x 32768] bf16 buffer and CPU fold temporaries vs 3 x [128 x 2048] fp32 logits
     assert plain.terms["logits"] == 3 * 4 * B * S * V
     assert sft.terms["logits"] == 2 * B * (S - 1) * 32768 + 29 * B * (S - 1) * V
     assert sft.terms["adapter_weights"] * 2 == plain.terms["adapter_weights"]  # SFTTrainer: bf16 adapters
+    _exact(sft, _estimate(PLAN))
     assert_simulate_matches(sft, simulate(CFG, PLAN))
 
 
