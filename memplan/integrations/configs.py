@@ -385,6 +385,10 @@ class _Reader:
             # SFTTrainer's own step (trl 1.16): the fused LM head (memplan/fused_head.py), and, with a
             # quantized base, bf16 adapters (TrainPlan resolves them from trainer="sft")
             out["trainer"] = "sft"
+            if self.on("label_smoothing_factor"):
+                self.note(f"label_smoothing_factor: {self.d['label_smoothing_factor']!r}: SFTTrainer then computes "
+                          "the loss from the full [tokens x vocab] logits and runs a second, no-grad forward "
+                          f"through its fused head for the metrics; {NOT_MODELLED}")
             if not dtype and d.get("model_name_or_path"):
                 out["dtype"] = "fp32"  # ModelConfig.dtype and create_model_from_path default to float32
                 self.note("dtype not in the file: `trl sft` loads the model in float32 (ModelConfig's default); "
