@@ -183,3 +183,12 @@ def test_trainer_field_validation_and_json():
     assert "trainer" not in TrainPlan().to_dict()  # the default leaves the JSON as it was
     assert TrainPlan(trainer="SFTTrainer").to_dict()["trainer"] == "sft"
     assert TrainPlan(trainer="sft", method="lora").adapter_dtype == "fp32"  # no cast without quantization
+
+
+def test_readme_sft_recommendation():
+    """README: Llama-3-8B QLoRA on an RTX 4090 at seq 4096: micro-batch 3 with SFTTrainer's step, 1 with
+    the plain Trainer's (its 5.9 GiB of logits buffers)."""
+    from memplan.recommend import recommend
+
+    got = {t: recommend("llama-3-8b", "rtx-4090", seq_len=4096, trainer=t).max_batch_size for t in ("trainer", "sft")}
+    assert got == {"trainer": 1, "sft": 3}
