@@ -25,7 +25,8 @@ backward (`ChunkedLogProbFunction.backward`)
   `mm_buf` again, the token and weight chunks in cd;
 - the fold: Triton on CUDA (nothing allocated; `_addmm_fp32` accumulates with
   `torch.addmm(out_dtype=torch.float32, out=acc)`), else torch ops (`_backward_tile`: seven fp32 and
-  one bool [n0, c0], 29 B per element, then `acc.addmm_(tile.float(), w_chunk.float())`);
+  one bool [n0, c0], 29 B per element, one fp32 more with a final soft-cap (Gemma-2), then
+  `acc.addmm_(tile.float(), w_chunk.float())`);
 - a new weight (token) chunk is made while the previous one is still bound: two alive at once when
   the vocabulary (tokens) span more than one chunk; at its end `grad_hidden.to(a)` (a copy unless fp32).
 
@@ -117,7 +118,9 @@ def sft_head_moments(s: "Step") -> list["Moment"]:
         out.append(s.moment("sft_head_backward", None, s.ga_grads, acts, mm_buf,
                             base + hc(rows[1]) + wc(widths[-1]) + wc(c0), "the next token chunk's first weight chunk cast"))
     if cpu:  # torch's fold (_backward_tile), then acc.addmm_(tile.float(), w_chunk.float())
-        out.append(s.moment("sft_head_backward", None, s.ga_grads, acts, mm_buf + 7 * r(4 * n0 * c0) + r(n0 * c0),
+        # Gemma-2's final soft-capping keeps tanh's output t alive too (`grad * (1 - t * t)`)
+        fp32 = 7 + (1 if m.final_logit_softcapping else 0)
+        out.append(s.moment("sft_head_backward", None, s.ga_grads, acts, mm_buf + fp32 * r(4 * n0 * c0) + r(n0 * c0),
                             temps, "torch's fold of the first tile (CPU)"))
         if cd != 4:
             out.append(s.moment("sft_head_backward", None, s.ga_grads, acts, mm_buf + r(4 * n0 * c0),

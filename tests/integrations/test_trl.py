@@ -55,14 +55,22 @@ def _estimate(plan: TrainPlan):
 
 
 # -- the step: estimate and simulate against real CPU SFT steps, byte for byte --------------------------
-@pytest.mark.parametrize("over", [
-    {"prepare": False, "gradient_checkpointing": False},          # bf16 stream and head, no checkpointing
+#: Gemma-2: final logit soft-capping (one more fp32 tile alive in the CPU fold's backward), eager attention
+GEMMA2 = dict(model_type="gemma2", hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=V, max_position_embeddings=512, pad_token_id=0,
+              bos_token_id=2, eos_token_id=1, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+              sliding_window=4096, query_pre_attn_scalar=16)
+
+
+@pytest.mark.parametrize("cfg,over", [
+    # bf16 stream and head, no checkpointing, soft-capped logits
+    (GEMMA2, {"prepare": False, "gradient_checkpointing": False, "attn_implementation": "eager"}),
     # no autocast (an fp32 head: no casts, an fp32 buffer); one unpadded row: the hidden states are a view
-    {"mixed_precision": "no", "padding": "none", "batch_size": 1, "seq_len": 100},
-], ids=["noprep-nogc", "fp32-one-row"])
-def test_sft_step_estimate_is_exact(over):
+    (CFG, {"mixed_precision": "no", "padding": "none", "batch_size": 1, "seq_len": 100}),
+], ids=["gemma2-noprep-nogc", "fp32-one-row"])
+def test_sft_step_estimate_is_exact(cfg, over):
     plan = PLAN.replace(**over)
-    _exact(cpu_step(CFG, plan), _estimate(plan))
+    _exact(cpu_step(cfg, plan), compute(resolve_model(cfg), plan))
 
 
 def _exact(real, est):
