@@ -22,7 +22,7 @@ from .estimate import Estimate, estimate
 from .fit import Fit, check_fit
 from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
-from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TrainPlan, plan_from
+from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TRAINERS, TrainPlan, plan_from
 from .present import gib, host_line, pct, plan_dict, plan_lines, reserve_line, share, verdict
 from .units import GiB
 
@@ -170,6 +170,10 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--checkpoint-offload", action=bool_flag, default=None,
                    help="axolotl gradient_checkpointing: offload: the checkpointed layers' inputs go to host "
                         "memory; needs --gradient-checkpointing (default off)")
+    g.add_argument("--trainer", choices=TRAINERS,
+                   help="whose training step: trainer (transformers' Trainer: full [tokens x vocab] logits) or "
+                        "sft (TRL's SFTTrainer: its fused LM head projects in [4096 x 32768] tiles, no full "
+                        f"logits) (default {_D.trainer})")
 
 
 def _gc_kwargs(text: str) -> bool:

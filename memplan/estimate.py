@@ -58,6 +58,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from . import formulas as F
 from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
 from .catalogue import load_gpu, resolve_model
+from .fused_head import sft_head_moments, sft_kept
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
@@ -277,6 +278,9 @@ class Step(NamedTuple):
     saved_layers: tuple[int, ...] = ()
     layer_kind: tuple[tuple[ModelSpec, ActivationProfile], ...] = ()
     grads_layers: tuple[int, ...] = ()
+    #: batch tensors that an op first sees and the batch then keeps alive to the step's end: an SFT
+    #: step's labels ([B, S] int64: the fused head slices them; `fused_head.sft_kept`)
+    kept: int = 0
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -299,6 +303,11 @@ def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
 
 
 def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
+    s = _make_step(model, plan, cuda)
+    return s._replace(kept=sft_kept(s)) if plan.trainer == "sft" else s
+
+
+def _make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     static = static_part(model, plan, cuda)
     if model.layer_kinds:
         return _mixed_step(model, plan, cuda, static)
@@ -382,6 +391,12 @@ MOMENT_KINDS = {
                      "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]"),
     "loss_backward": ("loss:backward", _BACKWARD,
                       "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"),
+    "sft_head_forward": ("loss:forward", _LOSS,
+                         "the loss forward through TRL's fused LM head (SFTTrainer, trl 1.16): {detail}, "
+                         "[tokens x 32768] tiles, no [tokens x vocab] logits"),
+    "sft_head_backward": ("loss:backward", _BACKWARD,
+                          "the loss backward through TRL's fused LM head (SFTTrainer, trl 1.16): {detail}, "
+                          "fp32 gradient of the hidden states"),
     "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
     "post_norm_backward": ("post_norm_backward:{i}", _BACKWARD,
                            "the backward of layer {i}'s post-feedforward norm (of {L}): the layer's saved set, "
@@ -494,7 +509,7 @@ def layer_backward_state(s: Step, i: int) -> LayerBackward:
         below = sum(s.saved_layers[:i])
     else:
         below = ap.first_layer_bytes + (i - 1) * ap.layer_bytes + _nope(s.model, ap, 1, i) if i else 0
-    fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state
+    fixed = below + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small + rng_states * s.rng_state + s.kept
     n_types = len(s.model.attention_types)
     # NB: measured on gpt_oss only (gemma2/3 would follow, unmeasured: their golden files keep both masks)
     if s.plan.gradient_checkpointing and i == 0 and n_types > 1 and not s.plan.use_reentrant \
@@ -790,7 +805,7 @@ def llama4_backward_moments(s: Step, lb: LayerBackward) -> list[Moment]:
 
 def optimizer_moment(s: Step) -> Moment:
     """optimizer.step(): every gradient plus the optimizer's scratch."""
-    return s.moment("optimizer", None, s.static.gradients, 0, 0, s.static.scratch)
+    return s.moment("optimizer", None, s.static.gradients, s.kept, 0, s.static.scratch)
 
 
 def moments(s: Step) -> tuple[Moment, ...]:
@@ -800,7 +815,10 @@ def moments(s: Step) -> tuple[Moment, ...]:
     gc = s.plan.gradient_checkpointing
     four_bit, eager = s.static.down.w_grad, s.ap.probs_bytes  # whether those moments exist
     out = [] if gc else [forward_moment(s)]
-    out += [loss_forward_moment(s), loss_backward_moment(s)]
+    if s.plan.trainer == "sft":  # TRL's SFTTrainer: the fused, tiled LM head (memplan/fused_head.py)
+        out += sft_head_moments(s)
+    else:
+        out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
     layers = [last, 0] if gc and last else [last]
     rope = s.model.layer_rope
@@ -1098,6 +1116,13 @@ def _static_notes(model: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[str, .
                      "(paged_bytes), outside torch's allocator; NVML counts it when resident")
     if plan.prepare and plan.method != "full":
         notes.append("prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32")
+    if plan.trainer == "sft":
+        notes.append("trainer sft: TRL 1.16 SFTTrainer's fused LM head (trl.trainer.utils.add_fused_lm_head): the "
+                     "[tokens x vocab] logits are never built; one [min(tokens, 4096) x 32768] projection buffer "
+                     "and the fp32 gradient of the hidden states instead"
+                     + ("; on CUDA its Triton fold kernels (trl/kernels/chunked_logprob.py) are modelled as "
+                        "allocating nothing: the logits and temporaries terms of the loss stage are not yet "
+                        "checked on hardware" if cuda else ""))
     if model.unloaded_vision_params:
         notes.append(f"{model.name}: AutoModelForCausalLM (a text QLoRA script's loader, and memplan's) builds "
                      "Llama4ForCausalLM and does not load the checkpoint's vision tower and projector "

@@ -18,6 +18,11 @@ MIXED = ("bf16", "fp16", "no")
 #: rows padded to the longest / to max_length, which come with an attention_mask
 PADDING = ("none", "longest", "max_length")
 DEVICES = ("cuda", "cpu")
+#: whose training step: the transformers `Trainer` (the model's own forward and loss over full
+#: [tokens x vocab] logits) or TRL's `SFTTrainer` (TRL 1.16: the fused, tiled LM head of
+#: `trl.trainer.utils.add_fused_lm_head`, which never materializes the logits; and with a quantized
+#: base it casts the trainable parameters to bf16: `adapter_dtype` is then bf16)
+TRAINERS = ("trainer", "sft")
 
 _DTYPE_ALIASES = {
     "bfloat16": "bf16", "torch.bfloat16": "bf16", "bf16": "bf16",
@@ -108,6 +113,7 @@ class TrainPlan:
     activation_offloading: bool = False
     #: axolotl `gradient_checkpointing: offload`: the checkpointed layers' inputs go to host memory
     checkpoint_offload: bool = False
+    trainer: str = "trainer"
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -159,6 +165,12 @@ class TrainPlan:
             tm = tuple(tm)
         set_("target_modules", tm)
         set_("optim", str(self.optim).lower())
+        set_("trainer", {"sfttrainer": "sft", "transformers": "trainer"}.get(str(self.trainer).lower(),
+                                                                           str(self.trainer).lower()))
+        if self.trainer == "sft" and quant != "none":
+            # SFTTrainer.__init__ (trl 1.16) casts every trainable parameter of a quantized model to bf16
+            # (the QLoRA paper's recipe), whatever get_peft_model made them
+            set_("adapter_dtype", "bf16")
         set_("padding", {"false": "none", "do_not_pad": "none", "true": "longest"}.get(
             str(self.padding).lower(), str(self.padding).lower()))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
@@ -199,6 +211,7 @@ class TrainPlan:
         choice("--padding", self.padding, PADDING)
         choice("--mixed-precision", self.mixed_precision, MIXED)
         choice("--device", self.device, DEVICES)
+        choice("--trainer", self.trainer, TRAINERS)
         if self.optim not in OPTIMIZERS:
             import difflib
 
@@ -264,8 +277,8 @@ class TrainPlan:
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
-        for k in _OPTIONAL_FIELDS:  # recipe options: named only when on, so existing plans' JSON is unchanged
-            if not d[k]:
+        for k, default in _OMITTED_AT_DEFAULT:  # recipe fields added later: absent means the default
+            if d[k] == default:
                 del d[k]
         return d
 
@@ -275,8 +288,9 @@ class TrainPlan:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
-#: fields `to_dict` leaves out at their default (False)
-_OPTIONAL_FIELDS = ("activation_offloading", "checkpoint_offload")
+#: fields that `to_dict` leaves out at their default, so that plans (and the JSON, records and golden
+#: files made from them) that do not use these recipe options read as before
+_OMITTED_AT_DEFAULT = (("activation_offloading", False), ("checkpoint_offload", False), ("trainer", "trainer"))
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")

@@ -119,6 +119,8 @@ def _extras(plan: Any) -> list[str]:
         out.append("activation offloading")
     if _get(plan, "checkpoint_offload", False):
         out.append("checkpoint offload")
+    if _get(plan, "trainer", "trainer") == "sft":
+        out.append("TRL SFTTrainer (fused LM head)")
     return out
 
 

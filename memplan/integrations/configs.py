@@ -389,11 +389,25 @@ class _Reader:
         if bnb.get("load_in_4bit") and bnb.get("load_in_8bit"):
             raise self.bad("load_in_4bit and load_in_8bit are both true; set one of them")
         quantized = bool(bnb.get("load_in_4bit") or bnb.get("load_in_8bit"))
+        if kind == "trl":
+            # SFTTrainer's own step (trl 1.16): the fused LM head (memplan/fused_head.py), and, with a
+            # quantized base, bf16 adapters (TrainPlan resolves them from trainer="sft")
+            out["trainer"] = "sft"
+            if self.on("label_smoothing_factor"):
+                self.note(f"label_smoothing_factor: {self.d['label_smoothing_factor']!r}: SFTTrainer then computes "
+                          "the loss from the full [tokens x vocab] logits and runs a second, no-grad forward "
+                          f"through its fused head for the metrics; {NOT_MODELLED}")
+            if not dtype and d.get("model_name_or_path"):
+                out["dtype"] = "fp32"  # ModelConfig.dtype and create_model_from_path default to float32
+                self.note("dtype not in the file: `trl sft` loads the model in float32 (ModelConfig's default); "
+                          "estimated with --dtype fp32")
         if quantized:
             if bnb.get("load_in_4bit"):  # ModelConfig/BitsAndBytesConfig defaults
                 bnb.setdefault("bnb_4bit_quant_type", "nf4")
                 bnb.setdefault("bnb_4bit_compute_dtype", out.get("dtype", "bf16"))
             out.update(fields_from_hf(bnb_config=bnb))
+            if kind == "trl":  # the trainer loads the model itself and never prepares it (trl 1.16)
+                out["prepare"] = False
         use_peft = self.bool_("use_peft")
         if use_peft is False and quantized:
             raise self.bad("load_in_4bit/load_in_8bit with use_peft: false; a quantized base trains only with "

@@ -45,12 +45,18 @@ def _first_param(model: Any):
     return next(iter(model.parameters()))
 
 
-def plan_for_trainer(model: Any, args: Any, batch_size: int, seq_len: int):
+def plan_for_trainer(model: Any, args: Any, batch_size: int, seq_len: int, padding: str | None = None):
     """The TrainPlan a Trainer run follows: model config, its quantization config, the PEFT LoraConfig,
-    TrainingArguments and the batch shape. Raises MemplanError when memplan cannot express it."""
+    TrainingArguments and the batch shape. Raises MemplanError when memplan cannot express it.
+
+    `padding`: "longest" when the batches come with an attention_mask (a padding collator: TRL's
+    always), None to leave the plan's default. TRL's SFTTrainer is recognised by the fused LM head it
+    adds to the model (`trainer="sft"`); the adapters' dtype is read off the model (SFTTrainer casts
+    those of a quantized model to bf16)."""
     import torch
 
     from ..plan import plan_from
+    from ..runtime.step import has_fused_head
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
@@ -67,6 +73,14 @@ def plan_for_trainer(model: Any, args: Any, batch_size: int, seq_len: int):
         # peft 0.21 stores "all-linear" expanded to full module paths (model.layers.0.mlp.down_proj);
         # the estimator matches leaf names (applied to every layer)
         kw["target_modules"] = tuple(sorted({str(t).rsplit(".", 1)[-1] for t in tm}))
+    if padding is not None:
+        kw["padding"] = padding
+    if has_fused_head(model):
+        kw["trainer"] = "sft"
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    lora_a = next((p for n, p in model.named_parameters() if "lora_A" in n), None)
+    if lora_a is not None and lora_a.dtype in names:
+        kw["adapter_dtype"] = names[lora_a.dtype]
     dev = _first_param(model).device.type
     kw["device"] = "cuda" if dev == "cuda" else "cpu"
     attn = getattr(cfg, "_attn_implementation", None)
@@ -83,7 +97,6 @@ def plan_for_trainer(model: Any, args: Any, batch_size: int, seq_len: int):
         if isinstance(mod, torch.nn.Linear) and w is not None and not w.requires_grad and w.is_floating_point():
             load_dt = w.dtype
             break
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     if load_dt in names:
         kw["dtype"] = names[load_dt]
     if quantized:
@@ -123,6 +136,7 @@ class MemplanCallback(TrainerCallback):
         self.estimate_note: str | None = None
         self._since_log: list[dict[str, Any]] = []
         self._shape: tuple[int, int] | None = None
+        self._padding: str | None = None
         self._hook = None
         self._device = "cpu"
         self._dev_index = 0
@@ -169,6 +183,8 @@ class MemplanCallback(TrainerCallback):
             b, s = int(shape[0]), int(shape[1])
             if self._shape is None or b * s > self._shape[0] * self._shape[1]:
                 self._shape = (b, s)
+            if kwargs.get("attention_mask") is not None:  # a padding collator's batch (TRL's always)
+                self._padding = "longest"
 
     # ---- per step --------------------------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kwargs):
@@ -246,7 +262,7 @@ class MemplanCallback(TrainerCallback):
         try:
             base = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
             self.spec = resolve_model(base.config)
-            self.plan = plan_for_trainer(self._model, args, *self._shape)
+            self.plan = plan_for_trainer(self._model, args, *self._shape, padding=self._padding)
             self.estimate = compute(self.spec, self.plan, self._gpu_spec)
         except MemplanError as e:
             self.estimate_note = f"no estimate for this run: {e}"

@@ -94,12 +94,17 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
         micro = offload_context(model, device, tracker, offload,
                                 bring_back=device == "meta" and plan.device == "cuda")
     lm_head = model.get_output_embeddings()
+    sft = plan.trainer == "sft"
+    if sft:  # SFTTrainer never calls lm_head: its fused head starts when the backbone returns
+        add_sft_head(model)
+        lm_head = _base(model).base_model
     hook = lm_head.register_forward_hook(lambda *_: tracker.set_phase(Phase.LOSS))
+    head_ops = _FusedHeadOps(tracker) if sft else contextlib.nullcontext()
     autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                                dtype=TORCH_DTYPE[plan.autocast]) if plan.autocast else contextlib.nullcontext())
     capture = getattr(tracker, "capture_kernel_workspace", None)  # duck-typed trackers may lack it
     try:
-        with (capture() if capture is not None else contextlib.nullcontext()), tracker, \
+        with (capture() if capture is not None else contextlib.nullcontext()), tracker, head_ops, \
                 (step_context() if step_context is not None else contextlib.nullcontext()):
             for step in range(steps):
                 if progress is not None:
@@ -120,9 +125,12 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                 for _micro in range(plan.gradient_accumulation_steps):  # grads accumulate across micro-batches
                     with micro:  # SFTTrainer.training_step: forward and backward under the offloading hooks
                         tracker.set_phase(Phase.FORWARD)
-                        with autocast:
-                            out = model(**batch, use_cache=False)  # Trainer: use_cache=False
-                        loss = out.loss
+                        if sft:
+                            out, loss = sft_loss(model, batch, autocast)
+                        else:
+                            with autocast:
+                                out = model(**batch, use_cache=False)  # Trainer: use_cache=False
+                            loss = out.loss
                         if not keep_outputs:
                             del out
                         if plan.gradient_accumulation_steps > 1:
@@ -142,6 +150,8 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                     # longrope's long_inv_freq: model state kept as a plain attribute, not a buffer
                     params += [(f"{n}.{k}", v, Term.OTHER_PARAMS) for n, mod in model.named_modules()
                                for k, v in vars(mod).items() if k.endswith("long_inv_freq") and isinstance(v, torch.Tensor)]
+                    if sft:
+                        head_ops.label_logits(vocab_size)
                     tracker.label(grads=grads, optimizer_state=state, vocab_size=vocab_size, tokens=plan.tokens,
                                   params=params)
                 opt.zero_grad(set_to_none=True)
@@ -160,6 +170,102 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
         phase_terms={k: tracker.terms_at(v.at) for k, v in tracker.phase_peaks.items()},
         host=tracker.host_at(at) if offload is not None else {},
     )
+
+
+# ---- TRL's SFTTrainer step (plan.trainer == "sft") -----------------------------------------------------
+
+#: the per-token fields SFTTrainer asks its fused LM head for (trl 1.16 trainer/sft_trainer.py
+#: SFTTrainer.__init__): log_probs for the loss, entropy and is_top1 for its `entropy` and
+#: `mean_token_accuracy` metrics
+SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def has_fused_head(model) -> bool:
+    """Whether TRL's `add_fused_lm_head` patched the (base) model's forward: an instance `forward`
+    whose code is trl's `_fused_forward` (functools.wraps keeps the original's name, not its code)."""
+    f = _base(model).__dict__.get("forward")
+    code = getattr(getattr(f, "__func__", f), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward"
+
+
+def add_sft_head(model) -> None:
+    """TRL's fused LM head on the base model, as `SFTTrainer.__init__` adds it (after get_peft_model):
+    `trl.trainer.utils.add_fused_lm_head(base, outputs=SFT_OUTPUTS)`."""
+    if not has_fused_head(model):
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(_base(model), outputs=SFT_OUTPUTS)
+
+
+def sft_loss(model, batch: dict[str, Any], autocast) -> tuple[Any, Any]:
+    """`SFTTrainer.compute_loss` (trl 1.16, loss_type "nll", one process): the model called with
+    `fused_lm_head=True` (per-token log-probabilities of the next-token labels, computed in
+    [4096 x 32768] tiles by `trl.kernels.ChunkedLogProbFunction`), the loss summed over them and
+    divided by the valid-label count, then its `entropy` and `mean_token_accuracy` metrics from the
+    head's per-token outputs (scalars; `.item()` left out: it allocates nothing). Returns (outputs, loss):
+    the caller drops the outputs before backward, as `compute_loss(return_outputs=False)` does."""
+    with autocast:  # accelerate wraps the model's forward in autocast, not the loss
+        outputs = model(**batch, use_cache=False, fused_lm_head=True)
+    per_token_loss = -outputs.log_probs  # zero on ignored positions
+    num_tokens = outputs.label_mask.sum()
+    loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    del per_token_loss, num_tokens
+    num_valid = outputs.label_mask.sum()
+    entropy_sum = outputs.entropy.detach().sum()
+    num_correct = outputs.is_top1.sum()
+    _metrics = (entropy_sum / num_valid, num_correct / num_valid)  # noqa: F841 (logged with .item())
+    if "attention_mask" in batch:
+        _tokens = batch["attention_mask"].sum()  # noqa: F841 (the num_tokens metric)
+    return outputs, loss
+
+
+class _FusedHeadOps:
+    """While the step runs: the tracker clock spans of `ChunkedLogProbFunction.forward/backward`, so
+    that their [tokens x vocab-chunk] tiles can be labelled `logits` after the step (`label_logits`)."""
+
+    def __init__(self, tracker: LiveTensorTracker) -> None:
+        self.tracker = tracker
+        self.spans: list[tuple[float, float]] = []
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self):
+        from trl.kernels import chunked_logprob as cl
+
+        fn = cl.ChunkedLogProbFunction
+        self._saved = {"forward": fn.__dict__["forward"], "backward": fn.__dict__["backward"]}
+        for name, orig in self._saved.items():
+            setattr(fn, name, staticmethod(self._timed(orig.__func__)))
+        return self
+
+    def _timed(self, f):
+        def run(*args, **kwargs):
+            start = self.tracker.clock
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self.spans.append((start, self.tracker.clock + 1))
+        return run
+
+    def __exit__(self, *exc) -> None:
+        from trl.kernels import chunked_logprob as cl
+
+        for name, orig in self._saved.items():
+            setattr(cl.ChunkedLogProbFunction, name, orig)
+
+    def label_logits(self, vocab_size: int) -> None:
+        """The 2-D tensors made inside the fused head whose last dimension is a vocabulary tile's width
+        (the projection buffer, the fold's [n x c] temporaries, their fp32 copies) -> `logits`."""
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as c
+
+        widths = {c, min(c, vocab_size), vocab_size % c or c}
+        for rec in self.tracker.records:
+            if (rec.term is None and len(rec.shape) == 2 and rec.shape[-1] in widths
+                    and any(a <= rec.created < b for a, b in self.spans)):
+                rec.term = Term.LOGITS
 
 
 def make_batch(plan: TrainPlan, vocab_size: int, device: str = "cpu", seed: int = 0) -> dict[str, Any]:

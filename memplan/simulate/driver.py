@@ -174,7 +174,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
             offload = OffloadRecord()
         step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
                          round_to=round_to, optimizer=opt, tracker=tracker,
-                         step_context=lambda: step_patches(emu, plan.device), progress=say,
+                         step_context=lambda: step_patches(emu, plan.device, plan.trainer), progress=say,
                          fast_warmup=not full_warmup, offload=offload)
     fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(StepResult)}
     fields.update(versions=versions(), notes=_notes(config, plan, model))

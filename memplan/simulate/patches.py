@@ -17,6 +17,7 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
 11. ``transformers.masking_utils.fast_all`` → False for a meta attention mask: whether a padded
    batch's mask is all ones is data; the step pads part of a row whenever the plan pads
    (`runtime.step.run_steps`), so transformers builds the 4-D mask as on a real device (`build_patches`).
+13. TRL's fused LM head on meta (`plan.trainer == "sft"`): see `sft_head`.
 10. ``torch.random.fork_rng(device_type="meta")`` returns at once on meta; on a real device it keeps
    a snapshot of the CPU generator (``torch.get_rng_state()``, 5056 B) while a checkpointed layer
    recomputes. The patch takes that snapshot on meta too; the tracker counts RNG states (it wraps
@@ -91,8 +92,9 @@ def build_patches() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
-    """Patches active during the steps: the emulation mode, autocast cache and flag, MoE and int8 kernels."""
+def step_patches(emu: "MetaEmulation", device: str, trainer: str = "trainer") -> Iterator[None]:
+    """Patches active during the steps: the emulation mode, autocast cache and flag, MoE and int8 kernels,
+    and for `trainer="sft"` TRL's fused LM head (`sft_head`, patch 13)."""
     import torch
 
     from .kernels import int8_matmul_patch
@@ -142,6 +144,10 @@ def step_patches(emu: "MetaEmulation", device: str) -> Iterator[None]:
         st.enter_context(experts_patch())
         st.enter_context(gpt_oss_experts_patch())
         st.enter_context(int8_matmul_patch(device))
+        if trainer == "sft":  # TRL's fused LM head (runtime.step.add_sft_head)
+            from .sft_head import fused_head_patch
+
+            st.enter_context(fused_head_patch(device))
         if device == "cuda":
             st.enter_context(patch_attr(torch, "is_autocast_enabled", is_autocast_enabled))
         st.enter_context(emu)

@@ -158,7 +158,7 @@ def test_trl_sftconfig_json_every_mapped_field(tmp_path):
         "batch_size": 4, "gradient_accumulation_steps": 8, "gradient_checkpointing": True, "use_reentrant": True,
         "optim": "paged_adamw_32bit", "mixed_precision": "fp16", "attn_implementation": "eager", "dtype": "fp16",
         "method": "qlora", "quant": "nf4", "double_quant": True, "compute_dtype": "fp16", "seq_len": 2048,
-        "padding": "longest"}
+        "padding": "longest", "trainer": "sft", "prepare": False}  # SFTTrainer's step; it never prepares
     assert r.notes == ()  # the adapter comes from quantization_config: no default-adapter note
 
 
