@@ -911,6 +911,11 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             f"the closed form walks {model.name}'s multi-head latent attention through SDPA only "
             f"(--attn-implementation {plan.attn_implementation} not modelled); `memplan simulate {model.name}` "
             "traces it exactly")
+    if plan.trainer == "sft" and (plan.activation_offloading or plan.checkpoint_offload):
+        raise UnsupportedArchitectureError(
+            "the closed form does not yet combine TRL's fused LM head (--trainer sft) with activation or "
+            f"checkpoint offloading; `memplan simulate {model.name}` traces the combination exactly (the estimate "
+            "falls back to it), or estimate each technique with --trainer trainer")
     if plan.checkpoint_offload and not plan.use_reentrant and not plan.activation_offloading:
         changes["use_reentrant"] = True
         notes.append("checkpoint offload (axolotl gradient_checkpointing: offload) runs each layer in a "
