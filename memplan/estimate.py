@@ -61,6 +61,7 @@ from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
+from .liger import flce_chunk_tokens, liger_kernels
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
@@ -269,6 +270,8 @@ class Step(NamedTuple):
     saved_layers: tuple[int, ...] = ()
     layer_kind: tuple[tuple[ModelSpec, ActivationProfile], ...] = ()
     grads_layers: tuple[int, ...] = ()
+    #: Liger's fused linear cross-entropy replaces lm_head + loss (`flce_forward_moment`)
+    flce: bool = False
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -299,11 +302,13 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     L, gc = model.num_layers, plan.gradient_checkpointing
     layers_saved = (L * ap.layer_input_bytes if gc
                     else ap.first_layer_bytes + (L - 1) * ap.layer_bytes + _nope(model, ap, 1, L))
+    flce = uses_flce(model, plan)
+    head = 0 if flce else ap.head_bytes  # FLCE casts lm_head's weight per chunk, saves no copy
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
-                layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
+                layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + head,  # model_saved
                 (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
-                RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
+                RNG_STATE_BYTES if gc and not cuda else 0, flce=flce)  # rng_state
 
 
 def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -> Step:
@@ -374,6 +379,12 @@ MOMENT_KINDS = {
                      "the loss forward: bf16 logits, their fp32 copy and the log-softmax over [tokens x vocab]"),
     "loss_backward": ("loss:backward", _BACKWARD,
                       "the start of backward: log-softmax output and gradients over [tokens x vocab] (the loss stage)"),
+    "flce_forward": ("loss:forward", _LOSS,
+                     "Liger's fused linear cross-entropy forward: one [{detail} x vocab] logits chunk, lm_head's "
+                     "weight cast for its matmul, the [tokens x hidden] input gradient made in the forward"),
+    "flce_backward": ("loss:backward", _BACKWARD,
+                      "the start of backward with Liger's fused linear cross-entropy: its saved [tokens x hidden] "
+                      "input gradient handed to the final norm (no [tokens x vocab] logits)"),
     "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
     "post_norm_backward": ("post_norm_backward:{i}", _BACKWARD,
                            "the backward of layer {i}'s post-feedforward norm (of {L}): the layer's saved set, "
@@ -458,6 +469,61 @@ def loss_backward_moment(s: Step) -> Moment:
     return s.moment("loss_backward", None, s.ga_grads,
                     s.layers_saved + s.model_saved + s.layer_args + s.small + s.model.num_layers * s.rng_state,
                     3 * s.r(4 * tv) + _softcap_bytes(s), 0)
+
+
+# ---- Liger's fused linear cross-entropy (use_liger_kernel; memplan/liger.py) ----------------------------
+
+def uses_flce(model: ModelSpec, plan: TrainPlan) -> bool:
+    """Whether the plan's Liger kernels include fused_linear_cross_entropy for this model's family."""
+    return plan.use_liger_kernel and "fused_linear_cross_entropy" in liger_kernels(
+        model.model_type, plan.use_liger_kernel, plan.liger_kernel_config)
+
+
+def flce_forward_moment(s: Step) -> Moment:
+    """Liger's FLCE forward at a chunk's matmul (liger_kernel 0.8.5 ops/fused_linear_cross_entropy.py
+    `fused_linear_cross_entropy_forward`, called by transformers/model/<family>.py `lce_forward` through
+    loss_utils `LigerForCausalLMLoss`): the [T x V] logits never exist.
+
+    Alive: every saved activation and the final norm's output (the FLCE input, [T x H] stream dtype),
+    `grad_input = zeros_like(_input)` (T·H·a, filled chunk by chunk in the forward and kept by
+    ctx.save_for_backward), `loss_1d` (4T), the target mask (T, bool), the labels padded by one
+    (8·B·(S+1)) and shifted (8T, `.contiguous()`: a copy when B > 1); no loss scalar yet; in flight: one logits chunk [c x V] (autocast
+    dtype, else the weight's), the lm_head weight cast to the autocast dtype for the matmul (V·H·2,
+    not cached: the frozen weight does not require grad; none without autocast or with a 16-bit
+    lm_head) and the [c x H] chunk of the input cast (first matmul) or of the input gradient (second
+    matmul), in the autocast dtype (else the stream's). c = `liger.flce_chunk_tokens`. lm_head's
+    weight gradient is not made (frozen: grad_weight None).
+
+    NB terms follow the tracker's labelling: a tensor whose last dimension is V and that spans at
+    least T x V elements is `logits` (the transposed weight cast [H x V] when H >= T; the chunk when it
+    is all T rows), everything else made inside the loss is a temporary; grad_input is an activation.
+    Modelled from liger-kernel's source and checked against simulate's emulation (Triton launches
+    stubbed), not yet on hardware.
+    """
+    ap, r, p, m, T = s.ap, s.r, s.plan, s.model, s.tokens
+    H, V = m.hidden_size, m.vocab_size
+    a, ac = ap.stream_dt, p.precision.autocast
+    c = flce_chunk_tokens(T, V, H)
+    w_cast = r(V * H * 2) if ac and p.precision.params != ac else 0
+    chunk = r(c * V * (ac or p.precision.params))
+    row = r(c * H * (ac or a))
+    logits = (w_cast if H >= T else 0) + (chunk if c == T else 0)
+    temps = (w_cast - (w_cast if H >= T else 0)) + (chunk - (chunk if c == T else 0)) + row
+    # loss_1d, the target mask, the padded labels and their shifted copy (a view when B == 1)
+    temps += r(4 * T) + r(T) + r(8 * p.batch_size * (p.seq_len + 1)) + (r(8 * T) if p.batch_size > 1 else 0)
+    copies = ap.lora_weight_copies - (0 if p.gradient_checkpointing else ap.saved_copies)
+    acts = (s.layers_saved + s.model_saved + copies + r(T * H * a) + r(T * H * a) + s.layer_args
+            + m.num_layers * s.rng_state)
+    return s.moment("flce_forward", None, s.ga_grads, acts, logits, temps, detail=str(c))
+
+
+def flce_backward_moment(s: Step) -> Moment:
+    """The start of backward with FLCE: its saved input gradient [T x H] (made in the forward) handed
+    on as the final norm's output gradient; no [T x V] buffer."""
+    T, H = s.tokens, s.model.hidden_size
+    return s.moment("flce_backward", None, s.ga_grads,
+                    s.layers_saved + s.model_saved + s.layer_args + s.small + s.model.num_layers * s.rng_state
+                    + s.r(T * H * s.ap.stream_dt), 0, 0)
 
 
 class LayerBackward(NamedTuple):
@@ -792,7 +858,8 @@ def moments(s: Step) -> tuple[Moment, ...]:
     gc = s.plan.gradient_checkpointing
     four_bit, eager = s.static.down.w_grad, s.ap.probs_bytes  # whether those moments exist
     out = [] if gc else [forward_moment(s)]
-    out += [loss_forward_moment(s), loss_backward_moment(s)]
+    out += [flce_forward_moment(s), flce_backward_moment(s)] if s.flce else [loss_forward_moment(s),
+                                                                           loss_backward_moment(s)]
     last = s.model.num_layers - 1
     layers = [last, 0] if gc and last else [last]
     rope = s.model.layer_rope

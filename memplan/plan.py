@@ -7,6 +7,7 @@ from operator import attrgetter
 from typing import Any, Mapping
 
 from .errors import InvalidSpecError
+from .liger import kernel_config_problems, norm_kernel_config
 from .optim import OPTIMIZERS
 
 METHODS = ("qlora", "lora", "full")
@@ -104,6 +105,12 @@ class TrainPlan:
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
     device: str = "cuda"
+    #: Liger kernels (TrainingArguments/SFTConfig `use_liger_kernel`): what the Trainer's
+    #: `apply_liger_kernel` switches on for the model's family (memplan/liger.py)
+    use_liger_kernel: bool = False
+    #: overrides of the family's default kernels (TrainingArguments' `liger_kernel_config` dict),
+    #: kept as a sorted tuple of (kernel, on) pairs; a dict or "rope,rms_norm" (exactly those) is accepted
+    liger_kernel_config: tuple[tuple[str, bool], ...] = ()
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -157,6 +164,7 @@ class TrainPlan:
         set_("optim", str(self.optim).lower())
         set_("padding", {"false": "none", "do_not_pad": "none", "true": "longest"}.get(
             str(self.padding).lower(), str(self.padding).lower()))
+        set_("liger_kernel_config", norm_kernel_config(self.liger_kernel_config))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
         key = _other_fields(self)
         changes = tuple((k, v) for k, v, g in zip(_OTHER_FIELDS, key, given) if v is not g)
@@ -222,6 +230,11 @@ class TrainPlan:
             p.append(f"--quant {self.quant} quantizes the base, which --method {self.method} does not do; use --method qlora")
         if self.mixed_precision == "bf16" and self.compute_dtype == "fp16":
             pass  # allowed: HF lets them differ
+        if not isinstance(self.use_liger_kernel, bool):
+            p.append(f"--use-liger-kernel takes no value (use_liger_kernel must be true or false), "
+                     f"got {self.use_liger_kernel!r}")
+        if self.liger_kernel_config:
+            p += kernel_config_problems(self.liger_kernel_config)
         if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
             p.append("--attn-implementation flash_attention_2 runs only on CUDA GPUs; with --device cpu use sdpa or eager")
         return p
@@ -253,6 +266,12 @@ class TrainPlan:
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
+        # recipe fields appear only when set, so plans without them keep their JSON (golden files)
+        for k in _OMIT_AT_DEFAULT:
+            if d[k] == _DEFAULTS[k]:
+                del d[k]
+        if "liger_kernel_config" in d:
+            d["liger_kernel_config"] = dict(self.liger_kernel_config)
         return d
 
     @classmethod
@@ -261,6 +280,9 @@ class TrainPlan:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
+_DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
+#: fields left out of `to_dict` at their default (recipe options added after the JSON contract)
+_OMIT_AT_DEFAULT = ("use_liger_kernel", "liger_kernel_config")
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")
@@ -378,6 +400,10 @@ def _from_training_args(args: Any) -> dict[str, Any]:
         out["mixed_precision"] = "no"
     if _get(args, "use_cpu", False):
         out["device"] = "cpu"
+    if _get(args, "use_liger_kernel") is not None:
+        out["use_liger_kernel"] = bool(_get(args, "use_liger_kernel"))
+    if _get(args, "liger_kernel_config"):
+        out["liger_kernel_config"] = _get(args, "liger_kernel_config")
     return out
 
 

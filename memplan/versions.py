@@ -9,3 +9,7 @@ MODELED_VERSIONS = {"torch": "2.13", "transformers": "5.24", "peft": "0.21.2", "
 
 #: "transformers 5.24", for notes that say which release behaves so
 TRANSFORMERS = f"transformers {MODELED_VERSIONS['transformers']}"
+
+#: libraries of the recipes a plan may switch on (memplan/liger.py), named by an estimate only when its
+#: plan uses them; simulate records the installed version when it traces them
+RECIPE_VERSIONS = {"liger-kernel": "0.8.5"}

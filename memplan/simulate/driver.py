@@ -167,13 +167,30 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
             model = adapt(model, plan)
         opt = make_meta_optimizer(model, plan, tracker)
         emu = MetaEmulation(plan.device)
-        step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
-                         round_to=round_to, optimizer=opt, tracker=tracker,
-                         step_context=lambda: step_patches(emu, plan.device), progress=say,
-                         fast_warmup=not full_warmup)
+        with _liger(model, plan, tracker):  # patch 13: Liger applied as the Trainer does, Triton stubbed
+            step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
+                             round_to=round_to, optimizer=opt, tracker=tracker,
+                             step_context=lambda: step_patches(emu, plan.device), progress=say,
+                             fast_warmup=not full_warmup)
     fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(StepResult)}
     fields.update(versions=versions(), notes=_notes(config, plan, model))
     return SimulateResult(**fields, model=spec, plan=plan)
+
+
+def _liger(model, plan: TrainPlan, tracker):
+    """Liger's kernels applied to the model (`runtime.liger.applied`) with their Triton launches stubbed
+    (`simulate.liger`, patch 13); nothing without `use_liger_kernel`."""
+    import contextlib
+
+    if not plan.use_liger_kernel:
+        return contextlib.nullcontext()
+    from ..runtime.liger import applied
+    from .liger import liger_patches
+
+    st = contextlib.ExitStack()
+    st.enter_context(applied(model, plan))
+    st.enter_context(liger_patches(tracker))
+    return st
 
 
 def versions() -> dict[str, str]:
