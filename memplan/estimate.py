@@ -61,7 +61,7 @@ from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
-from .liger import flce_chunk_tokens, liger_kernels
+from .liger import flce_chunk_tokens, layer_kernels, liger_kernels
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
@@ -586,8 +586,12 @@ def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
     peak, temps = ap.recompute_peak, ap.recompute_temps
     if i == 0 and ap.recompute_peak_first >= 0:  # layer 0 recomputes from a leaf input (olmo2: shared casts)
         peak, temps = ap.recompute_peak_first, ap.recompute_temps_first
-    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + peak - temps, 0,
-                    ap.recompute_inflight + temps)
+    # Liger's FLCE + Liger's final RMSNorm (backward in place, dX written into dY): the last layer's
+    # output gradient in flight is FLCE's grad_input, made in the loss forward (an activation)
+    moved = (s.r(s.tokens * s.model.hidden_size * ap.stream_dt)
+             if s.flce and i == s.model.num_layers - 1 and "rms_norm" in layer_kernels(s.model, s.plan) else 0)
+    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + peak - temps + moved, 0,
+                    ap.recompute_inflight + temps - moved)
 
 
 def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:

@@ -137,3 +137,20 @@ def flce_chunk_tokens(tokens: int, vocab: int, hidden: int, chunk_mem_const: int
     E.g. Llama 3 (V 128,256, H 4,096), 4,096 tokens: inc_factor 32, chunk 128 rows."""
     inc = -(-vocab // (chunk_mem_const * hidden))
     return min(next_power_of_2(-(-tokens // inc)), tokens)
+
+
+#: families whose decoder layer the closed form walks with Liger's layer kernels (rope, rms_norm,
+#: swiglu), checked against simulate (tests/test_liger.py); elsewhere a plan with layer kernels on
+#: falls back to simulate (estimate.check_plan)
+WALKED_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+#: kernels that change the decoder layer (the rest change the loss: fused_linear_cross_entropy,
+#: cross_entropy)
+LAYER_KERNELS = frozenset({"rope", "rms_norm", "swiglu", "geglu", "layer_norm"})
+
+
+def layer_kernels(model: Any, plan: Any) -> frozenset[str]:
+    """The Liger layer kernels the closed form walks for `model` under `plan` (empty unless the family is
+    in WALKED_FAMILIES)."""
+    if not plan.use_liger_kernel or model.model_type not in WALKED_FAMILIES:
+        return frozenset()
+    return liger_kernels(model.model_type, True, plan.liger_kernel_config) & LAYER_KERNELS
