@@ -65,7 +65,7 @@ from .liger import flce_chunk_tokens, layer_kernels, liger_kernels
 from .model import ModelSpec
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
-from .versions import MODELED_VERSIONS, TRANSFORMERS
+from .versions import MODELED_VERSIONS, RECIPE_VERSIONS, TRANSFORMERS
 
 MODELED_PEFT = MODELED_VERSIONS["peft"]
 
@@ -178,7 +178,7 @@ class Estimate:
             "paged_bytes": self.paged_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
-            "versions": dict(F.MODELED_VERSIONS),
+            "versions": dict(F.MODELED_VERSIONS, **(RECIPE_VERSIONS if self.plan.use_liger_kernel else {})),
             "notes": list(self.notes),
         }
 
@@ -946,6 +946,7 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                 f"them: `memplan simulate {model.name}` traces it exactly")
         notes += (_llama4_checks if model.arch.moe.router_kind == "sigmoid_input_scale" else _moe_checks)(
             model, plan, changes)
+    notes += _liger_checks(model, plan)
     if model.attention_dropout:
         notes.append(f"the config sets attention_dropout {model.attention_dropout:g}, which the closed form does not "
                      "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
@@ -968,6 +969,42 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             f"the closed form covers {model.name}'s eager attention with sinks only: `memplan simulate "
             f"{model.name}` traces {plan.attn_implementation}")
     return tuple(changes.items()), tuple(notes)
+
+
+def _liger_checks(model: ModelSpec, plan: TrainPlan) -> list[str]:
+    """`use_liger_kernel`: which kernels Liger applies to this family (memplan/liger.py), the notes that
+    say so, and what the closed form does not walk (raised: `estimate()` falls back to simulate)."""
+    if not plan.use_liger_kernel:
+        return []
+    from .liger import LAYER_KERNELS, LIGER_DEFAULTS, REFUSED, WALKED_FAMILIES
+
+    if model.model_type not in LIGER_DEFAULTS:
+        return [f"use_liger_kernel: liger-kernel {RECIPE_VERSIONS['liger-kernel']} has no kernels for "
+                f"{model.model_type} (_apply_liger_kernel_to_instance applies none): estimated unchanged"]
+    on = liger_kernels(model.model_type, True, plan.liger_kernel_config)
+    refused = sorted(k for k in on if (model.model_type, k) in REFUSED)
+    if refused:
+        raise InvalidSpecError("plan", [
+            f"--liger-kernels {refused[0]}: liger-kernel {RECIPE_VERSIONS['liger-kernel']} refuses it for "
+            f"{model.model_type} (apply_liger_kernel_to_{model.model_type} raises NotImplementedError); switch it off "
+            f"(e.g. --liger-kernels {','.join(sorted(on - set(refused))) or 'rms_norm'})"])
+    if not on:
+        return ["use_liger_kernel with every kernel switched off (liger_kernel_config): estimated unchanged"]
+    if "cross_entropy" in on:
+        raise UnsupportedArchitectureError(
+            "the closed form does not model Liger's cross_entropy kernel (on materialized logits); `memplan "
+            f"simulate {model.name}` traces it, or use fused_linear_cross_entropy")
+    layer = sorted(on & LAYER_KERNELS)
+    if layer and model.model_type not in WALKED_FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"the closed form walks Liger's layer kernels ({', '.join(layer)}) for {', '.join(sorted(WALKED_FAMILIES))} "
+            f"only; `memplan simulate {model.name}` traces {model.model_type}'s exactly, or keep only "
+            "fused_linear_cross_entropy (--liger-kernels fused_linear_cross_entropy)")
+    return [f"Liger kernels on ({', '.join(sorted(on))}; liger-kernel {RECIPE_VERSIONS['liger-kernel']}, as the HF "
+            "Trainer applies them)",
+            "Liger's kernels are Triton (GPU only): the logits / activations terms with use_liger_kernel are modelled "
+            f"from liger-kernel {RECIPE_VERSIONS['liger-kernel']}'s source and checked against simulate's emulation, "
+            "not yet on hardware"]
 
 
 #: plan fields the real stack forces for a model (`_moe_checks`), as the flags that set them

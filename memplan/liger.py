@@ -52,6 +52,10 @@ LIGER_DEFAULTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "deepseek_v3": (_NO_ROPE, _LLAMA_KW),
 }
 
+#: (model_type, kernel) pairs liger_kernel 0.8.5 refuses (apply_liger_kernel_to_granite raises
+#: NotImplementedError "LigerFusedLinearCrossEntropy is not available for Granite models.")
+REFUSED = {("granite", "fused_linear_cross_entropy")}
+
 #: axolotl's LigerPlugin keys (axolotl/integrations/liger/args.py) -> Liger's kernel keyword
 AXOLOTL_KEYS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
                 "liger_layer_norm": "layer_norm", "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy",

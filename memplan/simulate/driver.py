@@ -36,7 +36,7 @@ from ..plan import TrainPlan
 
 _NEEDED = ("torch", "transformers", "peft", "bitsandbytes")
 #: top-level packages whose exceptions mean "the HF stack refuses this plan": the libraries modelled
-HF_STACK = tuple(MODELED_VERSIONS)
+HF_STACK = (*MODELED_VERSIONS, "liger_kernel", "triton")
 
 
 class StepWouldFail(MemplanError):
@@ -173,7 +173,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
                              step_context=lambda: step_patches(emu, plan.device), progress=say,
                              fast_warmup=not full_warmup)
     fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(StepResult)}
-    fields.update(versions=versions(), notes=_notes(config, plan, model))
+    fields.update(versions=versions(plan), notes=_notes(config, plan, model))
     return SimulateResult(**fields, model=spec, plan=plan)
 
 
@@ -193,12 +193,15 @@ def _liger(model, plan: TrainPlan, tracker):
     return st
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the libraries whose behaviour the trace follows (those the estimate models)."""
+def versions(plan: TrainPlan | None = None) -> dict[str, str]:
+    """Installed versions of the libraries whose behaviour the trace follows (those the estimate models,
+    and liger-kernel when the plan uses it)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from ..versions import RECIPE_VERSIONS
+
     out = {}
-    for pkg in MODELED_VERSIONS:
+    for pkg in (*MODELED_VERSIONS, *(RECIPE_VERSIONS if plan is not None and plan.use_liger_kernel else ())):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
@@ -212,6 +215,9 @@ def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
                 if plan.device == "cuda" else "")]
     if plan.quant == "int8":
         notes.append("LLM.int8 outlier columns assumed absent")
+    if plan.use_liger_kernel:
+        notes.append("Liger kernels applied as the HF Trainer applies them; their Triton launches are stubbed on "
+                     "meta (what is counted is what Liger's Python wrappers allocate), not yet checked on hardware")
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
     if config.get("model_type") in ("llama4", "llama4_text"):  # Llama4TextExperts: no experts interface
         notes.append("Llama 4 experts: every expert runs on all T tokens (bmm over [E, T, .], router scores "
