@@ -8,7 +8,8 @@ with ``target_mask.sum().item()``; the count only scales the loss); (c) ``torch.
 argument returns True (`fused_linear_cross_entropy_backward` asks whether grad_output is 1.0 to skip
 an in-place scaling kernel: no allocation either way); (d) Liger's `LigerFusedLinearCrossEntropyFunction.
 forward` first sets the tracker's phase to "loss" (the HF path does it in a forward hook on lm_head,
-which FLCE never calls as a module).
+which FLCE never calls as a module); (e) Liger's lazy discovery of kernel implementations runs before
+the step (`_discover_impls`), so no exception it logs can keep a traced frame alive.
 
 Why: Triton kernels cannot run on meta (nor on the CPU); what memory a Liger step uses is what
 Liger's *Python wrappers* allocate around the launches (torch.empty/zeros/empty_like, .contiguous(),
@@ -49,6 +50,24 @@ def _patch_class_attr(cls, name: str, value) -> Iterator[None]:
             setattr(cls, name, old)
 
 
+def _discover_impls() -> None:
+    """Resolve Liger's kernel implementations (liger_kernel.backends.registry `_discover`) before the traced
+    step. Discovery is lazy, at an op's first dispatch, and logs each backend it cannot import with the
+    exception as an argument: a log handler that keeps records (pytest's) would then keep the exception's
+    traceback, its frames and so the first layer's forward locals alive, which the tracker would count."""
+    import logging
+
+    from liger_kernel.backends import registry
+
+    level = logging.getLogger(registry.__name__).level
+    logging.getLogger(registry.__name__).setLevel(logging.ERROR)  # optional backends (CuTe DSL, Ascend): not ours
+    try:
+        for op in list(getattr(registry, "_DISCOVERY_MAP", {})):
+            registry._discover(op)
+    finally:
+        logging.getLogger(registry.__name__).setLevel(level)
+
+
 @contextlib.contextmanager
 def liger_patches(tracker) -> Iterator[None]:
     """Patch 13 (see the module doc), for the duration of the steps."""
@@ -76,6 +95,7 @@ def liger_patches(tracker) -> Iterator[None]:
         return orig_equal(a, b)
 
     orig_forward = LigerFusedLinearCrossEntropyFunction.forward
+    _discover_impls()
 
     def forward(ctx, *args, **kwargs):
         tracker.set_phase(Phase.LOSS)
