@@ -9,6 +9,9 @@ symbolic layer walk of `activations`, the per-term functions of `formulas`), in 
 - ``loss_forward_moment``: every saved activation plus bf16 logits, their fp32 copy and the
   log-softmax (10 T V bytes), autocast's cache of bf16 LoRA weight copies, the final norm's output;
 - ``loss_backward_moment``: log-softmax output + its gradient + the logits gradient (12 T V bytes);
+- ``flce_forward_moment`` / ``flce_backward_moment`` instead of the two loss moments when Liger's fused
+  linear cross-entropy is on (`use_liger_kernel`, memplan/liger.py): one [chunk x vocab] logits chunk,
+  lm_head's weight cast for its matmul and the [T x H] input gradient made in the forward; no [T x V];
 - ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
@@ -46,6 +49,13 @@ Known limitations (NB):
 - a config's `attention_dropout` > 0 (granite-3.0/3.1 ship 0.1) is not modelled, and noted: on the
   CPU SDPA then runs its math kernel (about 15 B more per [batch x heads x seq x seq] element and
   layer, measured on tiny granite and llama steps); `simulate` traces it;
+- Liger kernels (`use_liger_kernel`): FLCE is modelled for every family, the layer kernels (RMSNorm,
+  SwiGLU, RoPE) for llama/mistral/qwen2 (`liger.WALKED_FAMILIES`; others fall back to simulate), from
+  liger-kernel 0.8.5's Python wrappers and checked against simulate's emulation (Triton stubbed), not
+  on hardware; non-reentrant checkpointing only (a reentrant recompute's no-grad tensors are split as
+  the forward's); mistral at seq >= its sliding window without checkpointing, where FLCE makes the
+  last layer's forward the peak: that moment is ~1.3 % under simulate (the same forward moment without
+  Liger is off by as much, hidden there behind the loss stage);
 - reentrant checkpointing (`use_reentrant`) is checked on real CPU steps and simulate for QLoRA/LoRA
   plans; its labels (which [T x H] tensors the tracker calls activations) follow the tracker.
 """
