@@ -797,15 +797,23 @@ class LayerModel:
             # Liger's SwiGLU MLP (transformers/swiglu.py LigerSwiGLUMLP.forward, ops/swiglu.py
             # `LigerSiLUMulFunction`): down(silu_mul(gate(x), up(x))); c = empty_like(a) (a's dtype), ctx
             # saves a and b; the backward writes da and db into them in place
-            g = self.linear(x, lins["gate_proj"])
-            u = self.linear(x, lins["up_proj"])
+            gu = None
+            if "gate_up_proj" in lins:
+                # phi3 (LigerPhi3SwiGLUMLP): gate_up_proj(x).chunk(2): the Function's ensure_contiguous
+                # copies both halves (grad mode off), which it saves; the fused output lives on as their base
+                gu = self.linear(x, lins["gate_up_proj"])
+                g, u = w.new(T * I, gu.dt), w.new(T * I, gu.dt)
+                w.nograd.update((g.sid, u.sid))
+            else:
+                g = self.linear(x, lins["gate_proj"])
+                u = self.linear(x, lins["up_proj"])
             prod = w.new(g.numel, g.dt)
             w.nograd.add(prod.sid)
             w.save(g, u)
             self.saved_before_down = w.saved_bytes
             out = self.linear(prod, lins["down_proj"])
             self.prod_dt, self.down_out_dt = prod.dt, out.dt
-            w.drop(prod)
+            w.drop(prod, *([gu] if gu is not None else []))
             return out
         # down(act(gate(x)) * up(x)): act runs before up (Python evaluates left to right)
         if "gate_up_proj" in lins:

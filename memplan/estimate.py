@@ -50,12 +50,13 @@ Known limitations (NB):
   CPU SDPA then runs its math kernel (about 15 B more per [batch x heads x seq x seq] element and
   layer, measured on tiny granite and llama steps); `simulate` traces it;
 - Liger kernels (`use_liger_kernel`): FLCE is modelled for every family, the layer kernels (RMSNorm,
-  SwiGLU, RoPE) for llama/mistral/qwen2 (`liger.WALKED_FAMILIES`; others fall back to simulate), from
+  SwiGLU, RoPE) for llama/mistral/qwen2/qwen3/phi3 (`liger.WALKED_FAMILIES`; others fall back to
+  simulate), from
   liger-kernel 0.8.5's Python wrappers and checked against simulate's emulation (Triton stubbed), not
-  on hardware; non-reentrant checkpointing only (a reentrant recompute's no-grad tensors are split as
-  the forward's); mistral at seq >= its sliding window without checkpointing, where FLCE makes the
-  last layer's forward the peak: that moment is ~1.3 % under simulate (the same forward moment without
-  Liger is off by as much, hidden there behind the loss stage);
+  on hardware (reentrant checkpointing too: llama-3-8b at seq 512 and 4096, every term); sliding-window
+  models (mistral, phi3) at seq >= the window without checkpointing, where Liger makes the last layer's
+  forward the peak: that moment is 1.2-1.6 % under simulate (the same moment, with its sliding-window
+  masks, without Liger: hidden there behind the loss stage);
 - reentrant checkpointing (`use_reentrant`) is checked on real CPU steps and simulate for QLoRA/LoRA
   plans; its labels (which [T x H] tensors the tracker calls activations) follow the tracker.
 """

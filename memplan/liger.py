@@ -146,7 +146,7 @@ def flce_chunk_tokens(tokens: int, vocab: int, hidden: int, chunk_mem_const: int
 #: families whose decoder layer the closed form walks with Liger's layer kernels (rope, rms_norm,
 #: swiglu), checked against simulate (tests/test_liger.py); elsewhere a plan with layer kernels on
 #: falls back to simulate (estimate.check_plan)
-WALKED_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+WALKED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 #: kernels that change the decoder layer (the rest change the loss: fused_linear_cross_entropy,
 #: cross_entropy)
 LAYER_KERNELS = frozenset({"rope", "rms_norm", "swiglu", "geglu", "layer_norm"})

@@ -115,9 +115,9 @@ def test_unsupported_combinations_are_said():
                          fallback_simulate=False)
     with pytest.raises(UnsupportedArchitectureError, match="cross_entropy"):
         memplan.estimate("granite-3.3-8b", use_liger_kernel=True, fallback_simulate=False)
-    with pytest.raises(UnsupportedArchitectureError, match="layer kernels"):
-        memplan.estimate("qwen3-8b", use_liger_kernel=True, fallback_simulate=False)
-    e = memplan.estimate("qwen3-8b", use_liger_kernel=True, liger_kernel_config=FLCE)  # FLCE alone: closed form
+    with pytest.raises(UnsupportedArchitectureError, match="layer kernels"):  # gemma's geglu: not walked
+        memplan.estimate("gemma-2-9b", use_liger_kernel=True, fallback_simulate=False)
+    e = memplan.estimate("gemma-2-9b", use_liger_kernel=True, liger_kernel_config=FLCE)  # FLCE alone: closed form
     assert e.moment != "simulate"
     e = memplan.estimate("qwen1.5-moe-a2.7b", gpu="a100-80gb", use_liger_kernel=True, fallback_simulate=False)
     plain = memplan.estimate("qwen1.5-moe-a2.7b", gpu="a100-80gb", fallback_simulate=False)
@@ -162,7 +162,7 @@ def test_cli_bad_liger_values_exit_2_with_one_line(capsys, argv, words):
 
 # ---- estimate vs simulate, term by term (needs the [sim] extras and liger-kernel) -----------------------
 
-SHAPES = ("llama-3-8b", "qwen2.5-7b", "mistral-7b-v0.1")
+SHAPES = ("llama-3-8b", "qwen2.5-7b", "mistral-7b-v0.1", "qwen3-8b", "phi-3-mini-4k")
 KERNELS = {"flce": FLCE, "defaults": ()}
 
 
