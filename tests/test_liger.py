@@ -104,9 +104,12 @@ def test_recommend_llama3_8b_rtx4090_seq4096():
     llama defaults (FLCE, RMSNorm, RoPE, SwiGLU)."""
     from memplan.recommend import recommend
 
-    got = [recommend("llama-3-8b", "rtx-4090", seq_len=4096, **kw).max_batch_size
-           for kw in ({}, dict(use_liger_kernel=True, liger_kernel_config=FLCE), dict(use_liger_kernel=True))]
-    assert got == [1, 3, 4]
+    kws = ({}, dict(use_liger_kernel=True, liger_kernel_config=FLCE), dict(use_liger_kernel=True))
+    got = [recommend("llama-3-8b", "rtx-4090", seq_len=4096, **kw).max_batch_size for kw in kws]
+    assert got == [1, 3, 4]  # README.md's table
+    gib = [round(memplan.estimate("llama-3-8b", gpu="rtx-4090", seq_len=4096, **kw).device_bytes / 2**30, 2)
+           for kw in kws]
+    assert gib == [17.28, 12.12, 11.89]
 
 
 def test_unsupported_combinations_are_said():
