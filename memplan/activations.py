@@ -28,6 +28,7 @@ from typing import Iterator, NamedTuple
 from itertools import count
 
 from .formulas import BNB_BLOCKSIZE, expert_targets, lora_shapes, lora_targets, moe_lora_shapes
+from .liger import layer_kernels
 from .model import Linear, ModelSpec
 from .plan import TrainPlan, shape_free_cache
 from .units import round_up
@@ -128,6 +129,9 @@ class Walk:
     gone: dict[int, tuple[int, bool]] = field(default_factory=dict)    # sid -> (time freed, inside its frame)
     sizes: dict[int, Lin] = field(default_factory=dict)
     snapshots: list[tuple[tuple[int, ...], Lin]] = field(default_factory=list)  # per moment: live sids, transient
+    #: storages made inside an autograd Function's forward (grad mode off: Liger's kernels): in a
+    #: recompute the tracker counts them as temporaries whatever their lifetime (`split`)
+    nograd: set[int] = field(default_factory=set)
 
     @contextmanager
     def frame(self) -> Iterator[None]:
@@ -180,7 +184,7 @@ class Walk:
         self.moments.append(self.live_bytes + transient)
         self.snapshots.append((tuple(self.live), Lin.of(transient)))
 
-    def split(self, limit: int) -> list[tuple[Lin, Lin]]:
+    def split(self, limit: int, recompute: bool = False) -> list[tuple[Lin, Lin]]:
         """(live total, temporaries) at each of the first `limit` moments.
 
         The tracker's rule (memplan's runtime tracker): a tensor made during forward (or a
@@ -188,14 +192,18 @@ class Walk:
         else an activation. Frees after `limit` never happen before the step moves on: a
         checkpointed recompute stops at its last save (torch raises to stop it; the frames then
         unwind with their tensors still referenced by the traceback), so they count as activations.
-        The transient bytes of a `mark` (a dequantized weight, a pow) are temporaries.
+        The transient bytes of a `mark` (a dequantized weight, a pow) are temporaries. `recompute`:
+        storages made with grad mode off (`nograd`) are temporaries too (the tracker's rule for
+        tensors made during backward).
         """
         out = []
         for k in range(min(limit, len(self.moments))):
             sids, temps = self.snapshots[k]
             for sid in sids:
                 g = self.gone.get(sid)
-                if g is not None and g[1] and g[0] <= limit:
+                if recompute and sid in self.nograd:
+                    temps = temps + self.sizes[sid]
+                elif g is not None and g[1] and g[0] <= limit:
                     temps = temps + self.sizes[sid]
             out.append((self.moments[k], temps))
         return out
@@ -240,6 +248,8 @@ class LayerModel:
         self.nope = False  # Llama 4: walk a NoPE layer (no rotary, no qk norm; temperature tuning)
         self.leaf_sid = -1  # the layer input when it is a leaf (a checkpointed layer's recompute)
         self.cast_cache: dict[int, Sym] = {}
+        #: Liger's layer kernels the plan switches on for this family (memplan/liger.py `layer_kernels`)
+        self.liger = layer_kernels(model, plan)
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -268,6 +278,8 @@ class LayerModel:
         a fresh tensor held by the caller.
         """
         w = self.w
+        if "rms_norm" in self.liger:
+            return self._liger_norm(x, rows)
         x32 = w.cast(x, 4)
         w.mark(x.numel * 4)  # pow(2)
         rs = w.new(rows, 4, x.rg)
@@ -289,6 +301,21 @@ class LayerModel:
             w.save(hc)
         out = w.new(x.numel, _promote(self.weights_dt, x.dt), x.rg)
         w.drop(x32, rs, h, hc)
+        return out
+
+    def _liger_norm(self, x: Sym, rows: int) -> Sym:
+        """Liger's RMSNorm (liger_kernel 0.8.5 ops/rms_norm.py `LigerRMSNormFunction`, casting mode
+        "llama"): `rms_norm_forward` makes Y = empty([rows, dim], x.dtype) and RSTD = empty(rows, fp32),
+        the Triton kernel fills them; ctx saves X (a view of the input) and RSTD. Backward writes dX
+        into dY in place (in_place=True)."""
+        w = self.w
+        out = w.new(x.numel, x.dt, x.rg)
+        rs = w.new(rows, 4, x.rg)
+        w.nograd.update((out.sid, rs.sid))
+        if x.rg:
+            w.save(x, rs)
+        else:
+            w.drop(rs)
         return out
 
     def linear(self, x: Sym, lin: Linear) -> Sym:
@@ -457,7 +484,12 @@ class LayerModel:
             w.drop(q, k)
             q, k = qn, kn
         # rotary: q * cos + rotate_half(q) * sin (cos/sin saved once at model level)
+        liger_rope = "rope" in self.liger
         if m.layer_rope:
+            qe, ke = q, k
+        elif liger_rope:
+            # Liger's RoPE (ops/rope.py `rope_forward`): q and k rotated in place by the Triton kernel
+            # (their transposes back to [B, S, heads, d] are contiguous), ctx saves cos and sin only
             qe, ke = q, k
         elif m.arch.rotary_chunked:
             qe = self._rope_chunked(q, T * (m.q_dim // 2), cos_dt)
@@ -471,7 +503,8 @@ class LayerModel:
             qe, ke = qc, kc
         # nothing before the core needs grad (layer 0 without checkpointing, no LoRA on q/k/v): no saves
         self.attn_rg = q.rg or k.rg or v.rg
-        w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
+        if not liger_rope:
+            w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
         attn = self.p.attn_implementation
         if attn == "eager":
             out = self._eager(qe, ke, v)
@@ -761,6 +794,28 @@ class LayerModel:
     def _mlp_dense(self, x: Sym, I: int) -> Sym:
         w, T = self.w, self.T
         lins = self.lins
+        if "swiglu" in self.liger:
+            # Liger's SwiGLU MLP (transformers/swiglu.py LigerSwiGLUMLP.forward, ops/swiglu.py
+            # `LigerSiLUMulFunction`): down(silu_mul(gate(x), up(x))); c = empty_like(a) (a's dtype), ctx
+            # saves a and b; the backward writes da and db into them in place
+            gu = None
+            if "gate_up_proj" in lins:
+                # phi3 (LigerPhi3SwiGLUMLP): gate_up_proj(x).chunk(2): the Function's ensure_contiguous
+                # copies both halves (grad mode off), which it saves; the fused output lives on as their base
+                gu = self.linear(x, lins["gate_up_proj"])
+                g, u = w.new(T * I, gu.dt), w.new(T * I, gu.dt)
+                w.nograd.update((g.sid, u.sid))
+            else:
+                g = self.linear(x, lins["gate_proj"])
+                u = self.linear(x, lins["up_proj"])
+            prod = w.new(g.numel, g.dt)
+            w.nograd.add(prod.sid)
+            w.save(g, u)
+            self.saved_before_down = w.saved_bytes
+            out = self.linear(prod, lins["down_proj"])
+            self.prod_dt, self.down_out_dt = prod.dt, out.dt
+            w.drop(prod, *([gu] if gu is not None else []))
+            return out
         # down(act(gate(x)) * up(x)): act runs before up (Python evaluates left to right)
         if "gate_up_proj" in lins:
             gu = self.linear(x, lins["gate_up_proj"])
@@ -1421,7 +1476,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
         ln.layer(xn, cos_dt)
         nope = wn.saved_bytes - w.saved_bytes
     return LayerTrace(layer=_coef(w.saved_bytes), first_layer=_coef(w0.saved_bytes),
-                      recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save))),
+                      recompute=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(w.last_save, True))),
                       forward=tuple((_coef(t), _coef(s)) for t, s in envelope(w.split(len(w.moments)))),
                       down_saved=_coef(lm.down_saved), copies=_coef(w.copies), copies_first=_coef(w0.copies),
                       prod_dt=lm.prod_dt, down_out_dt=lm.down_out_dt, lora_weight_copies=copies,
@@ -1430,7 +1485,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                                                           plan.precision.adapter, model.arch.multipliers),
                       attn_saved=_coef(lm.saved_at_probs), attn_saved_first=_coef(lm0.saved_at_probs),
                       input_saved=x.sid in w.saved,
-                      recompute_first=tuple((_coef(t), _coef(s)) for t, s in envelope(w0.split(w0.last_save)))
+                      recompute_first=tuple((_coef(t), _coef(s)) for t, s in envelope(w0.split(w0.last_save, True)))
                       if w0 is not w and plan.gradient_checkpointing else (),
                       moe_late=_coef(lm.moe_late), moe_mid=_coef(lm.moe_mid), moe_dt=lm.moe_dt,
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
@@ -1554,7 +1609,9 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex or model.layer_rope else
          2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
                 // g) * g)),
-        # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
+        # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too;
+        # Liger's RMSNorm saves its input itself (stream dtype) and RSTD
+        (-(-T * H * a // g) * g + -(-T * 4 // g) * g) if "rms_norm" in layer_kernels(model, plan) else
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
         tr.lora_weight_copies,

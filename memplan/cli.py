@@ -174,6 +174,16 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
                    help="whose training step: trainer (transformers' Trainer: full [tokens x vocab] logits) or "
                         "sft (TRL's SFTTrainer: its fused LM head projects in [4096 x 32768] tiles, no full "
                         f"logits) (default {_D.trainer})")
+    g.add_argument("--use-liger-kernel", "--use_liger_kernel", action=bool_flag, default=None,
+                   help="Liger kernels as the HF Trainer applies them (use_liger_kernel=True): the family's defaults, "
+                        "e.g. llama: fused linear cross-entropy (no [tokens x vocab] logits), RMSNorm, RoPE, SwiGLU "
+                        "(default off)")
+    g.add_argument("--liger-kernels", dest="liger_kernel_config", metavar="NAMES",
+                   help="exactly these Liger kernels, comma-separated (implies --use-liger-kernel): "
+                        "fused_linear_cross_entropy, rms_norm, rope, swiglu, geglu, layer_norm, cross_entropy")
+    g.add_argument("--liger-kernel-config", "--liger_kernel_config", dest="liger_kernel_config", type=_liger_json,
+                   metavar="JSON", help='TrainingArguments.liger_kernel_config: overrides of the family\'s defaults, '
+                                        'e.g. \'{"rope": false}\'')
 
 
 def _gc_kwargs(text: str) -> bool:
@@ -189,9 +199,24 @@ def _gc_kwargs(text: str) -> bool:
     return d.get("use_reentrant", False)
 
 
+def _liger_json(text: str) -> dict:
+    """`--liger-kernel-config '{"rope": false}'` -> the dict (kernel names are checked by the plan)."""
+    import json
+
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}; e.g. '{{\"rope\": false}}'") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a JSON object of kernel: true|false, e.g. '{{\"rope\": false}}'")
+    return d
+
+
 def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only the plan flags the user gave (unset ones keep TrainPlan's defaults)."""
     kw = {k: getattr(args, k) for k in TrainPlan.field_names() if getattr(args, k, None) is not None}
+    if "liger_kernel_config" in kw and "use_liger_kernel" not in kw:
+        kw["use_liger_kernel"] = True  # --liger-kernels names the kernels to use
     _check_sizes(kw)
     return kw
 

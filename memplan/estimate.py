@@ -9,6 +9,9 @@ symbolic layer walk of `activations`, the per-term functions of `formulas`), in 
 - ``loss_forward_moment``: every saved activation plus bf16 logits, their fp32 copy and the
   log-softmax (10 T V bytes), autocast's cache of bf16 LoRA weight copies, the final norm's output;
 - ``loss_backward_moment``: log-softmax output + its gradient + the logits gradient (12 T V bytes);
+- ``flce_forward_moment`` / ``flce_backward_moment`` instead of the two loss moments when Liger's fused
+  linear cross-entropy is on (`use_liger_kernel`, memplan/liger.py): one [chunk x vocab] logits chunk,
+  lm_head's weight cast for its matmul and the [T x H] input gradient made in the forward; no [T x V];
 - ``recompute_moment(i)`` (checkpointing): layer i recomputed up to its last saved tensor (torch's
   non-reentrant early stop), with the checkpoint inputs of layers below it and the gradients of
   the layers above it;
@@ -46,6 +49,14 @@ Known limitations (NB):
 - a config's `attention_dropout` > 0 (granite-3.0/3.1 ship 0.1) is not modelled, and noted: on the
   CPU SDPA then runs its math kernel (about 15 B more per [batch x heads x seq x seq] element and
   layer, measured on tiny granite and llama steps); `simulate` traces it;
+- Liger kernels (`use_liger_kernel`): FLCE is modelled for every family, the layer kernels (RMSNorm,
+  SwiGLU, RoPE) for llama/mistral/qwen2/qwen3/phi3 (`liger.WALKED_FAMILIES`; others fall back to
+  simulate), from
+  liger-kernel 0.8.5's Python wrappers and checked against simulate's emulation (Triton stubbed), not
+  on hardware (reentrant checkpointing too: llama-3-8b at seq 512 and 4096, every term); sliding-window
+  models (mistral, phi3) at seq >= the window without checkpointing, where Liger makes the last layer's
+  forward the peak: that moment is 1.2-1.6 % under simulate (the same moment, with its sliding-window
+  masks, without Liger: hidden there behind the loss stage);
 - reentrant checkpointing (`use_reentrant`) is checked on real CPU steps and simulate for QLoRA/LoRA
   plans; its labels (which [T x H] tensors the tracker calls activations) follow the tracker.
 """
@@ -62,11 +73,12 @@ from .fused_head import sft_head_moments, sft_kept
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
 from .headroom import headroom_bytes
+from .liger import flce_chunk_tokens, layer_kernels, liger_kernels
 from .model import ModelSpec
 from .offload import NOTE as OFFLOAD_NOTE, offloads, split as offload_split
 from .plan import TrainPlan, plan_from, shape_free_cache
 from .terms import ALLOCATED_TERMS, Phase, Term
-from .versions import MODELED_VERSIONS, TRANSFORMERS
+from .versions import MODELED_VERSIONS, RECIPE_VERSIONS, TRANSFORMERS
 
 MODELED_PEFT = MODELED_VERSIONS["peft"]
 
@@ -185,7 +197,7 @@ class Estimate:
             "paged_bytes": self.paged_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
-            "versions": dict(F.MODELED_VERSIONS),
+            "versions": dict(F.MODELED_VERSIONS, **(RECIPE_VERSIONS if self.plan.use_liger_kernel else {})),
             "notes": list(self.notes),
             **({"host": {"terms": dict(self.host), "bytes": self.host_bytes}} if self.host else {}),
         }
@@ -281,6 +293,8 @@ class Step(NamedTuple):
     #: batch tensors that an op first sees and the batch then keeps alive to the step's end: an SFT
     #: step's labels ([B, S] int64: the fused head slices them; `fused_head.sft_kept`)
     kept: int = 0
+    #: Liger's fused linear cross-entropy replaces lm_head + loss (`flce_forward_moment`)
+    flce: bool = False
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -316,11 +330,13 @@ def _make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     L, gc = model.num_layers, plan.gradient_checkpointing
     layers_saved = (L * ap.layer_input_bytes if gc
                     else ap.first_layer_bytes + (L - 1) * ap.layer_bytes + _nope(model, ap, 1, L))
+    flce = uses_flce(model, plan)
+    head = 0 if flce else ap.head_bytes  # FLCE casts lm_head's weight per chunk, saves no copy
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
-                layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
+                layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + head,  # model_saved
                 (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
-                RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
+                RNG_STATE_BYTES if gc and not cuda else 0, flce=flce)  # rng_state
 
 
 def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -> Step:
@@ -397,6 +413,12 @@ MOMENT_KINDS = {
     "sft_head_backward": ("loss:backward", _BACKWARD,
                           "the loss backward through TRL's fused LM head (SFTTrainer, trl 1.16): {detail}, "
                           "fp32 gradient of the hidden states"),
+    "flce_forward": ("loss:forward", _LOSS,
+                     "Liger's fused linear cross-entropy forward: one [{detail} x vocab] logits chunk, lm_head's "
+                     "weight cast for its matmul, the [tokens x hidden] input gradient made in the forward"),
+    "flce_backward": ("loss:backward", _BACKWARD,
+                      "the start of backward with Liger's fused linear cross-entropy: its saved [tokens x hidden] "
+                      "input gradient handed to the final norm (no [tokens x vocab] logits)"),
     "recompute": ("recompute:{i}", _BACKWARD, "recomputing checkpointed layer {i} of {L} during backward"),
     "post_norm_backward": ("post_norm_backward:{i}", _BACKWARD,
                            "the backward of layer {i}'s post-feedforward norm (of {L}): the layer's saved set, "
@@ -483,6 +505,61 @@ def loss_backward_moment(s: Step) -> Moment:
                     3 * s.r(4 * tv) + _softcap_bytes(s), 0)
 
 
+# ---- Liger's fused linear cross-entropy (use_liger_kernel; memplan/liger.py) ----------------------------
+
+def uses_flce(model: ModelSpec, plan: TrainPlan) -> bool:
+    """Whether the plan's Liger kernels include fused_linear_cross_entropy for this model's family."""
+    return plan.use_liger_kernel and "fused_linear_cross_entropy" in liger_kernels(
+        model.model_type, plan.use_liger_kernel, plan.liger_kernel_config)
+
+
+def flce_forward_moment(s: Step) -> Moment:
+    """Liger's FLCE forward at a chunk's matmul (liger_kernel 0.8.5 ops/fused_linear_cross_entropy.py
+    `fused_linear_cross_entropy_forward`, called by transformers/model/<family>.py `lce_forward` through
+    loss_utils `LigerForCausalLMLoss`): the [T x V] logits never exist.
+
+    Alive: every saved activation and the final norm's output (the FLCE input, [T x H] stream dtype),
+    `grad_input = zeros_like(_input)` (T·H·a, filled chunk by chunk in the forward and kept by
+    ctx.save_for_backward), `loss_1d` (4T), the target mask (T, bool), the labels padded by one
+    (8·B·(S+1)) and shifted (8T, `.contiguous()`: a copy when B > 1); no loss scalar yet; in flight: one logits chunk [c x V] (autocast
+    dtype, else the weight's), the lm_head weight cast to the autocast dtype for the matmul (V·H·2,
+    not cached: the frozen weight does not require grad; none without autocast or with a 16-bit
+    lm_head) and the [c x H] chunk of the input cast (first matmul) or of the input gradient (second
+    matmul), in the autocast dtype (else the stream's). c = `liger.flce_chunk_tokens`. lm_head's
+    weight gradient is not made (frozen: grad_weight None).
+
+    NB terms follow the tracker's labelling: a tensor whose last dimension is V and that spans at
+    least T x V elements is `logits` (the transposed weight cast [H x V] when H >= T; the chunk when it
+    is all T rows), everything else made inside the loss is a temporary; grad_input is an activation.
+    Modelled from liger-kernel's source and checked against simulate's emulation (Triton launches
+    stubbed), not yet on hardware.
+    """
+    ap, r, p, m, T = s.ap, s.r, s.plan, s.model, s.tokens
+    H, V = m.hidden_size, m.vocab_size
+    a, ac = ap.stream_dt, p.precision.autocast
+    c = flce_chunk_tokens(T, V, H)
+    w_cast = r(V * H * 2) if ac and p.precision.params != ac else 0
+    chunk = r(c * V * (ac or p.precision.params))
+    row = r(c * H * (ac or a))
+    logits = (w_cast if H >= T else 0) + (chunk if c == T else 0)
+    temps = (w_cast - (w_cast if H >= T else 0)) + (chunk - (chunk if c == T else 0)) + row
+    # loss_1d, the target mask, the padded labels and their shifted copy (a view when B == 1)
+    temps += r(4 * T) + r(T) + r(8 * p.batch_size * (p.seq_len + 1)) + (r(8 * T) if p.batch_size > 1 else 0)
+    copies = ap.lora_weight_copies - (0 if p.gradient_checkpointing else ap.saved_copies)
+    acts = (s.layers_saved + s.model_saved + copies + r(T * H * a) + r(T * H * a) + s.layer_args
+            + m.num_layers * s.rng_state)
+    return s.moment("flce_forward", None, s.ga_grads, acts, logits, temps, detail=str(c))
+
+
+def flce_backward_moment(s: Step) -> Moment:
+    """The start of backward with FLCE: its saved input gradient [T x H] (made in the forward) handed
+    on as the final norm's output gradient; no [T x V] buffer."""
+    T, H = s.tokens, s.model.hidden_size
+    return s.moment("flce_backward", None, s.ga_grads,
+                    s.layers_saved + s.model_saved + s.layer_args + s.small + s.model.num_layers * s.rng_state
+                    + s.r(T * H * s.ap.stream_dt), 0, 0)
+
+
 class LayerBackward(NamedTuple):
     """What every moment of layer i's backward shares."""
 
@@ -543,8 +620,12 @@ def recompute_moment(s: Step, lb: LayerBackward) -> Moment:
     peak, temps = ap.recompute_peak, ap.recompute_temps
     if i == 0 and ap.recompute_peak_first >= 0:  # layer 0 recomputes from a leaf input (olmo2: shared casts)
         peak, temps = ap.recompute_peak_first, ap.recompute_temps_first
-    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + peak - temps, 0,
-                    ap.recompute_inflight + temps)
+    # Liger's FLCE + Liger's final RMSNorm (backward in place, dX written into dY): the last layer's
+    # output gradient in flight is FLCE's grad_input, made in the loss forward (an activation)
+    moved = (s.r(s.tokens * s.model.hidden_size * ap.stream_dt)
+             if s.flce and i == s.model.num_layers - 1 and "rms_norm" in layer_kernels(s.model, s.plan) else 0)
+    return s.moment("recompute", i, lb.grads, lb.fixed + s.rng_state + peak - temps + moved, 0,
+                    ap.recompute_inflight + temps - moved)
 
 
 def layer_backward_moment(s: Step, lb: LayerBackward) -> Moment:
@@ -817,6 +898,8 @@ def moments(s: Step) -> tuple[Moment, ...]:
     out = [] if gc else [forward_moment(s)]
     if s.plan.trainer == "sft":  # TRL's SFTTrainer: the fused, tiled LM head (memplan/fused_head.py)
         out += sft_head_moments(s)
+    elif s.flce:  # Liger's fused linear cross-entropy replaces lm_head + loss
+        out += [flce_forward_moment(s), flce_backward_moment(s)]
     else:
         out += [loss_forward_moment(s), loss_backward_moment(s)]
     last = s.model.num_layers - 1
@@ -901,6 +984,7 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
                 f"them: `memplan simulate {model.name}` traces it exactly")
         notes += (_llama4_checks if model.arch.moe.router_kind == "sigmoid_input_scale" else _moe_checks)(
             model, plan, changes)
+    notes += _liger_checks(model, plan)
     if model.attention_dropout:
         notes.append(f"the config sets attention_dropout {model.attention_dropout:g}, which the closed form does not "
                      "model: on the CPU, SDPA then runs its math kernel and keeps [batch x heads x seq x seq] "
@@ -942,6 +1026,42 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             f"the closed form covers {model.name}'s eager attention with sinks only: `memplan simulate "
             f"{model.name}` traces {plan.attn_implementation}")
     return tuple(changes.items()), tuple(notes)
+
+
+def _liger_checks(model: ModelSpec, plan: TrainPlan) -> list[str]:
+    """`use_liger_kernel`: which kernels Liger applies to this family (memplan/liger.py), the notes that
+    say so, and what the closed form does not walk (raised: `estimate()` falls back to simulate)."""
+    if not plan.use_liger_kernel:
+        return []
+    from .liger import LAYER_KERNELS, LIGER_DEFAULTS, REFUSED, WALKED_FAMILIES
+
+    if model.model_type not in LIGER_DEFAULTS:
+        return [f"use_liger_kernel: liger-kernel {RECIPE_VERSIONS['liger-kernel']} has no kernels for "
+                f"{model.model_type} (_apply_liger_kernel_to_instance applies none): estimated unchanged"]
+    on = liger_kernels(model.model_type, True, plan.liger_kernel_config)
+    refused = sorted(k for k in on if (model.model_type, k) in REFUSED)
+    if refused:
+        raise InvalidSpecError("plan", [
+            f"--liger-kernels {refused[0]}: liger-kernel {RECIPE_VERSIONS['liger-kernel']} refuses it for "
+            f"{model.model_type} (apply_liger_kernel_to_{model.model_type} raises NotImplementedError); switch it off "
+            f"(e.g. --liger-kernels {','.join(sorted(on - set(refused))) or 'rms_norm'})"])
+    if not on:
+        return ["use_liger_kernel with every kernel switched off (liger_kernel_config): estimated unchanged"]
+    if "cross_entropy" in on:
+        raise UnsupportedArchitectureError(
+            "the closed form does not model Liger's cross_entropy kernel (on materialized logits); `memplan "
+            f"simulate {model.name}` traces it, or use fused_linear_cross_entropy")
+    layer = sorted(on & LAYER_KERNELS)
+    if layer and model.model_type not in WALKED_FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"the closed form walks Liger's layer kernels ({', '.join(layer)}) for {', '.join(sorted(WALKED_FAMILIES))} "
+            f"only; `memplan simulate {model.name}` traces {model.model_type}'s exactly, or keep only "
+            "fused_linear_cross_entropy (--liger-kernels fused_linear_cross_entropy)")
+    return [f"Liger kernels on ({', '.join(sorted(on))}; liger-kernel {RECIPE_VERSIONS['liger-kernel']}, as the HF "
+            "Trainer applies them)",
+            "Liger's kernels are Triton (GPU only): the logits / activations terms with use_liger_kernel are modelled "
+            f"from liger-kernel {RECIPE_VERSIONS['liger-kernel']}'s source and checked against simulate's emulation, "
+            "not yet on hardware"]
 
 
 #: plan fields the real stack forces for a model (`_moe_checks`), as the flags that set them

@@ -7,6 +7,7 @@ from operator import attrgetter
 from typing import Any, Mapping
 
 from .errors import InvalidSpecError
+from .liger import kernel_config_problems, norm_kernel_config
 from .optim import OPTIMIZERS
 
 METHODS = ("qlora", "lora", "full")
@@ -114,6 +115,12 @@ class TrainPlan:
     #: axolotl `gradient_checkpointing: offload`: the checkpointed layers' inputs go to host memory
     checkpoint_offload: bool = False
     trainer: str = "trainer"
+    #: Liger kernels (TrainingArguments/SFTConfig `use_liger_kernel`): what the Trainer's
+    #: `apply_liger_kernel` switches on for the model's family (memplan/liger.py)
+    use_liger_kernel: bool = False
+    #: overrides of the family's default kernels (TrainingArguments' `liger_kernel_config` dict),
+    #: kept as a sorted tuple of (kernel, on) pairs; a dict or "rope,rms_norm" (exactly those) is accepted
+    liger_kernel_config: tuple[tuple[str, bool], ...] = ()
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -173,6 +180,13 @@ class TrainPlan:
             set_("adapter_dtype", "bf16")
         set_("padding", {"false": "none", "do_not_pad": "none", "true": "longest"}.get(
             str(self.padding).lower(), str(self.padding).lower()))
+        set_("liger_kernel_config", norm_kernel_config(self.liger_kernel_config))
+        if self.trainer == "sft" and self.use_liger_kernel and isinstance(self.liger_kernel_config, tuple) \
+                and dict(self.liger_kernel_config).get("fused_linear_cross_entropy") is not True:
+            # TRL 1.16's SFTTrainer switches Liger's fused linear cross-entropy off (it fuses the LM head its
+            # own way, memplan/fused_head.py): Liger's layer kernels only
+            set_("liger_kernel_config", tuple(sorted({**dict(self.liger_kernel_config),
+                                                      "fused_linear_cross_entropy": False}.items())))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
         key = _other_fields(self)
         changes = tuple((k, v) for k, v, g in zip(_OTHER_FIELDS, key, given) if v is not g)
@@ -246,6 +260,15 @@ class TrainPlan:
             p.append(f"--quant {self.quant} quantizes the base, which --method {self.method} does not do; use --method qlora")
         if self.mixed_precision == "bf16" and self.compute_dtype == "fp16":
             pass  # allowed: HF lets them differ
+        if not isinstance(self.use_liger_kernel, bool):
+            p.append(f"--use-liger-kernel takes no value (use_liger_kernel must be true or false), "
+                     f"got {self.use_liger_kernel!r}")
+        if self.liger_kernel_config:
+            p += kernel_config_problems(self.liger_kernel_config)
+            if self.trainer == "sft" and self.use_liger_kernel and isinstance(self.liger_kernel_config, tuple) \
+                    and ("fused_linear_cross_entropy", True) in self.liger_kernel_config:
+                p.append("Liger's fused_linear_cross_entropy is refused by TRL's SFTTrainer (--trainer sft fuses the "
+                         "LM head its own way); drop it from --liger-kernels / --liger-kernel-config")
         if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
             p.append("--attn-implementation flash_attention_2 runs only on CUDA GPUs; with --device cpu use sdpa or eager")
         return p
@@ -277,9 +300,12 @@ class TrainPlan:
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
-        for k, default in _OMITTED_AT_DEFAULT:  # recipe fields added later: absent means the default
-            if d[k] == default:
+        # recipe fields appear only when set, so plans without them keep their JSON (golden files)
+        for k in _OMIT_AT_DEFAULT:
+            if d[k] == _DEFAULTS[k]:
                 del d[k]
+        if "liger_kernel_config" in d:
+            d["liger_kernel_config"] = dict(self.liger_kernel_config)
         return d
 
     @classmethod
@@ -288,9 +314,11 @@ class TrainPlan:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
-#: fields that `to_dict` leaves out at their default, so that plans (and the JSON, records and golden
-#: files made from them) that do not use these recipe options read as before
-_OMITTED_AT_DEFAULT = (("activation_offloading", False), ("checkpoint_offload", False), ("trainer", "trainer"))
+_DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
+#: fields left out of `to_dict` at their default (recipe options added after the JSON contract), so
+#: that plans (and the JSON, records and golden files made from them) that do not use them read as before
+_OMIT_AT_DEFAULT = ("activation_offloading", "checkpoint_offload", "trainer", "use_liger_kernel",
+                    "liger_kernel_config")
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")
@@ -408,6 +436,10 @@ def _from_training_args(args: Any) -> dict[str, Any]:
         out["mixed_precision"] = "no"
     if _get(args, "use_cpu", False):
         out["device"] = "cpu"
+    if _get(args, "use_liger_kernel") is not None:
+        out["use_liger_kernel"] = bool(_get(args, "use_liger_kernel"))
+    if _get(args, "liger_kernel_config"):
+        out["liger_kernel_config"] = _get(args, "liger_kernel_config")
     return out
 
 

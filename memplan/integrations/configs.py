@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InvalidSpecError, MissingExtraError
+from ..liger import AXOLOTL_KEYS, KERNELS
 from ..optim import OPTIMIZERS
 from ..plan import ATTN, PADDING, fields_from_hf, norm_dtype
 
@@ -45,7 +46,7 @@ _AXOLOTL_UNMODELLED = ("lora_modules_to_save", "peft_use_dora", "unfrozen_parame
                        "tensor_parallel_size", "pad_to_multiple_of")
 #: TRL / TrainingArguments keys likewise
 #: (not fsdp_config: a saved TrainingArguments holds its defaults with fsdp off; the fsdp note covers it)
-_TRL_UNMODELLED = ("torch_compile", "auto_find_batch_size", "liger_kernel_config", "pad_to_multiple_of",
+_TRL_UNMODELLED = ("torch_compile", "auto_find_batch_size", "pad_to_multiple_of",
                    "torch_empty_cache_steps", "optim_target_modules", "use_dora", "lora_modules_to_save")
 
 
@@ -296,6 +297,7 @@ class _Reader:
             out["padding"] = "longest"  # axolotl's collator pads each batch to its longest row, with a mask
         if d.get("padding") is not None:
             out["padding"] = self.padding(d["padding"])
+        self.out = out
         self.plugins()
         ao = d.get("activation_offloading")
         if isinstance(ao, str) and ao.lower() == "legacy":  # TRL's hooks on one stream (no CUDA streams)
@@ -325,19 +327,64 @@ class _Reader:
             plugins = [plugins]
         if not isinstance(plugins, list):
             raise self.bad(f"plugins must be a list of plugin class paths, got {plugins!r}")
+        liger_keys = [k for k in AXOLOTL_KEYS if self.on(k)]
+        if liger_keys and not any("liger" in str(p).lower() for p in plugins):
+            self.note(f"{', '.join(liger_keys)} set without plugins: [axolotl.integrations.liger.LigerPlugin]: "
+                      "axolotl applies no Liger kernel (estimated without)")
         for p in plugins:
             low = str(p).lower()
             if "liger" in low:
-                on = [k for k in ("liger_fused_linear_cross_entropy", "liger_cross_entropy", "liger_rope",
-                                  "liger_rms_norm", "liger_glu_activation", "liger_layer_norm") if self.on(k)]
-                self.note(f"Liger kernels ({', '.join(on) or str(p)}): {NOT_MODELLED}"
-                          + ("; the fused linear cross-entropy would remove most of the logits term"
-                             if "liger_fused_linear_cross_entropy" in on else ""))
+                self.liger_axolotl(liger_keys)
             elif "cut_cross_entropy" in low:
                 if not self.on("cut_cross_entropy"):
                     self.note(f"plugin {p}: cut cross-entropy; {NOT_MODELLED}")
             else:
                 self.note(f"plugin {p}: its effect on memory is not modelled")
+
+    def liger_axolotl(self, keys: list[str]) -> None:
+        """axolotl's LigerPlugin: the kernels whose `liger_*` key is true, exactly (the plugin passes each
+        key, unset = off, to apply_liger_kernel_to_<family>; liger_glu_activation is swiglu or geglu)."""
+        for k in AXOLOTL_KEYS:
+            if k in self.d and self.d[k] is not None and not isinstance(self.d[k], bool):
+                raise self.bad(f"{k} must be true or false, got {self.d[k]!r}")
+        kernels = {AXOLOTL_KEYS[k] for k in keys}
+        if "swiglu" in kernels:
+            kernels.add("geglu")
+        self.out["use_liger_kernel"] = True
+        self.out["liger_kernel_config"] = {k: k in kernels for k in KERNELS}
+        self.note(f"Liger kernels via axolotl's LigerPlugin ({', '.join(keys) or 'no liger_* key set: none'}): "
+                  "modelled as use_liger_kernel with exactly those kernels")
+
+    def liger_trl(self, kind: str) -> None:
+        """TrainingArguments / SFTConfig `use_liger_kernel` and `liger_kernel_config` (a dict of overrides of
+        the family's defaults). TRL 1.16's SFTTrainer refuses fused_linear_cross_entropy=True in the
+        config and otherwise switches it off (it fuses the LM head its own way: trl sft_trainer.py)."""
+        d = self.d
+        if "use_liger_kernel" in d:
+            self.bool_("use_liger_kernel")
+            self.out["use_liger_kernel"] = bool(d["use_liger_kernel"])
+        cfg = d.get("liger_kernel_config")
+        if cfg is not None and not isinstance(cfg, Mapping):
+            raise self.bad(f"liger_kernel_config must be a mapping of kernel: true|false, got {cfg!r}")
+        cfg = dict(cfg or {})
+        if not self.on("use_liger_kernel"):
+            if cfg:
+                self.note("liger_kernel_config is set but use_liger_kernel is not: the Trainer applies no Liger "
+                          "kernel (estimated without)")
+            return
+        if kind == "trl":
+            if cfg.get("fused_linear_cross_entropy"):
+                raise self.bad('liger_kernel_config {"fused_linear_cross_entropy": true} is refused by TRL\'s '
+                               "SFTTrainer (it patches the model's forward with its own fused LM head); drop it")
+            cfg["fused_linear_cross_entropy"] = False
+            self.note("use_liger_kernel: true under TRL's SFTTrainer: Liger's layer kernels only (SFTTrainer switches "
+                      "Liger's fused linear cross-entropy off and computes the loss with its own fused LM head, "
+                      "which memplan does not model yet)")
+        else:
+            self.note("use_liger_kernel: true: Liger kernels as the HF Trainer applies them "
+                      "(modelled: use_liger_kernel)")
+        if cfg:
+            self.out["liger_kernel_config"] = cfg
 
     # -- TRL SFTConfig / TrainingArguments ---------------------------------------------------------
     def trl(self, kind: str) -> tuple[dict[str, Any], str | None]:
@@ -438,9 +485,8 @@ class _Reader:
             out["padding"] = "longest"  # TRL's collator pads each batch to its longest row, with a mask
         if d.get("padding") is not None:
             out["padding"] = self.padding(d["padding"])
-        if self.on("use_liger_kernel"):
-            self.note(f"use_liger_kernel: true (Liger's fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "
-                      f"{NOT_MODELLED}; the fused cross-entropy would remove most of the logits term")
+        self.out = out
+        self.liger_trl(kind)
         if d.get("activation_offloading") is not None:
             out["activation_offloading"] = self.bool_("activation_offloading")
         self.multi_gpu()

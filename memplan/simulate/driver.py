@@ -36,7 +36,7 @@ from ..plan import TrainPlan
 
 _NEEDED = ("torch", "transformers", "peft", "bitsandbytes")
 #: top-level packages whose exceptions mean "the HF stack refuses this plan": the libraries modelled
-HF_STACK = tuple(MODELED_VERSIONS)
+HF_STACK = (*MODELED_VERSIONS, "liger_kernel", "triton")
 
 
 class StepWouldFail(MemplanError):
@@ -172,21 +172,41 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
             from ..runtime.offload import OffloadRecord
 
             offload = OffloadRecord()
-        step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
-                         round_to=round_to, optimizer=opt, tracker=tracker,
-                         step_context=lambda: step_patches(emu, plan.device, plan.trainer), progress=say,
-                         fast_warmup=not full_warmup, offload=offload)
+        with _liger(model, plan, tracker):  # patch 14: Liger applied as the Trainer does, Triton stubbed
+            step = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
+                             round_to=round_to, optimizer=opt, tracker=tracker,
+                             step_context=lambda: step_patches(emu, plan.device, plan.trainer), progress=say,
+                             fast_warmup=not full_warmup, offload=offload)
     fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(StepResult)}
-    fields.update(versions=versions(), notes=_notes(config, plan, model))
+    fields.update(versions=versions(plan), notes=_notes(config, plan, model))
     return SimulateResult(**fields, model=spec, plan=plan)
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the libraries whose behaviour the trace follows (those the estimate models)."""
+def _liger(model, plan: TrainPlan, tracker):
+    """Liger's kernels applied to the model (`runtime.liger.applied`) with their Triton launches stubbed
+    (`simulate.liger`, patch 13); nothing without `use_liger_kernel`."""
+    import contextlib
+
+    if not plan.use_liger_kernel:
+        return contextlib.nullcontext()
+    from ..runtime.liger import applied
+    from .liger import liger_patches
+
+    st = contextlib.ExitStack()
+    st.enter_context(applied(model, plan))
+    st.enter_context(liger_patches(tracker))
+    return st
+
+
+def versions(plan: TrainPlan | None = None) -> dict[str, str]:
+    """Installed versions of the libraries whose behaviour the trace follows (those the estimate models,
+    and liger-kernel when the plan uses it)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from ..versions import RECIPE_VERSIONS
+
     out = {}
-    for pkg in MODELED_VERSIONS:
+    for pkg in (*MODELED_VERSIONS, *(RECIPE_VERSIONS if plan is not None and plan.use_liger_kernel else ())):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
@@ -200,6 +220,9 @@ def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
                 if plan.device == "cuda" else "")]
     if plan.quant == "int8":
         notes.append("LLM.int8 outlier columns assumed absent")
+    if plan.use_liger_kernel:
+        notes.append("Liger kernels applied as the HF Trainer applies them; their Triton launches are stubbed on "
+                     "meta (what is counted is what Liger's Python wrappers allocate), not yet checked on hardware")
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
     if config.get("model_type") in ("llama4", "llama4_text"):  # Llama4TextExperts: no experts interface
         notes.append("Llama 4 experts: every expert runs on all T tokens (bmm over [E, T, .], router scores "

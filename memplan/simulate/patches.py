@@ -23,6 +23,11 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
    recomputes. The patch takes that snapshot on meta too; the tracker counts RNG states (it wraps
    ``torch.get_rng_state``) when the CPU is the emulated device (`step_patches`).
 
+13. Liger kernels (plans with ``use_liger_kernel``): Liger applied to the model as the HF Trainer
+   applies it (`runtime.liger.applied`, module attributes restored afterwards) and its Triton launches
+   stubbed, ``Tensor.item``/``torch.equal`` answered for meta scalars, the loss phase marked at FLCE's
+   forward (`simulate.liger.liger_patches`; what, why and which upstream functions are documented there).
+
 `step_patches` enters, for the steps, the emulation mode (`emulation.MetaEmulation`: patches 2, 3
 and 6) with its autocast stand-ins (``torch.autocast``/``torch.amp.autocast`` accept
 ``device_type="meta"``, ``torch.clear_autocast_cache`` also clears the emulated weight cache, and on

@@ -328,3 +328,70 @@ def test_transformers_5_activation_checkpointing_names(tmp_path):
     ta["gradient_checkpointing"] = False
     with pytest.raises(InvalidSpecError, match="gradient_checkpointing False and activation_checkpointing True"):
         read_config(write(tmp_path, "ta2.json", json.dumps(ta)))
+
+
+# -- Liger kernels (tests/test_liger.py checks what they change; here: the files' fields map onto the plan) --
+LIGER_AXOLOTL = AXOLOTL + """\
+plugins:
+  - axolotl.integrations.liger.LigerPlugin
+liger_rope: true
+liger_rms_norm: true
+liger_glu_activation: true
+liger_fused_linear_cross_entropy: true
+"""
+
+
+def test_axolotl_liger_plugin_keys_are_the_kernels(tmp_path):
+    r = read_config(write(tmp_path, "liger.yml", LIGER_AXOLOTL))
+    f = r.plan_fields
+    assert f["use_liger_kernel"] is True
+    assert f["liger_kernel_config"] == {"cross_entropy": False, "fused_linear_cross_entropy": True, "geglu": True,
+                                        "layer_norm": False, "rms_norm": True, "rope": True, "swiglu": True}
+    p = TrainPlan(**f)
+    assert p.use_liger_kernel and dict(p.liger_kernel_config)["swiglu"]
+    only_flce = LIGER_AXOLOTL.replace("liger_rope: true\nliger_rms_norm: true\nliger_glu_activation: true\n", "")
+    f = read_config(write(tmp_path, "flce.yml", only_flce)).plan_fields
+    assert [k for k, v in f["liger_kernel_config"].items() if v] == ["fused_linear_cross_entropy"]
+    # the file's Liger plugin changes the estimate: no [tokens x vocab] logits at the loss stage
+    on = memplan.estimate(config=write(tmp_path, "flce2.yml", only_flce), gpu="rtx-4090")
+    off = memplan.estimate(config=write(tmp_path, "plain.yml", AXOLOTL), gpu="rtx-4090")
+    assert on.plan.use_liger_kernel and not off.plan.use_liger_kernel
+    assert on.allocated_bytes < off.allocated_bytes
+    assert any("LigerPlugin" in n for n in on.notes) and any("Triton (GPU only)" in n for n in on.notes)
+
+
+def test_axolotl_liger_keys_without_the_plugin_and_bad_values(tmp_path):
+    r = read_config(write(tmp_path, "np.yml", AXOLOTL + "liger_fused_linear_cross_entropy: true\n"))
+    assert "use_liger_kernel" not in r.plan_fields
+    assert any("without plugins" in n and "liger_fused_linear_cross_entropy" in n for n in r.notes)
+    with pytest.raises(InvalidSpecError, match="liger_rope must be true or false"):
+        read_config(write(tmp_path, "bad.yml", LIGER_AXOLOTL + "liger_rope: sometimes\n"))
+
+
+def test_trainingarguments_liger_fields(tmp_path):
+    ta = {"output_dir": "o", "per_device_train_batch_size": 1, "use_liger_kernel": True,
+          "liger_kernel_config": {"rope": False}, "bf16": True}
+    r = read_config(write(tmp_path, "ta.json", json.dumps(ta)))
+    assert r.kind == "training_args"
+    assert (r.plan_fields["use_liger_kernel"], r.plan_fields["liger_kernel_config"]) == (True, {"rope": False})
+    assert TrainPlan(**r.plan_fields).liger_kernel_config == (("rope", False),)
+    assert not any("liger_kernel_config" in n and "changes memory" in n for n in r.notes)
+    r = read_config(write(tmp_path, "ta2.json", json.dumps({**ta, "use_liger_kernel": False})))
+    assert r.plan_fields["use_liger_kernel"] is False and "liger_kernel_config" not in r.plan_fields
+    assert any("use_liger_kernel is not" in n for n in r.notes)
+    with pytest.raises(InvalidSpecError, match="liger_kernel_config must be a mapping"):
+        read_config(write(tmp_path, "ta3.json", json.dumps({**ta, "liger_kernel_config": ["rope"]})))
+
+
+def test_trl_sfttrainer_keeps_only_liger_layer_kernels(tmp_path, capsys):
+    cfg = {**SFT, "use_liger_kernel": True}
+    r = read_config(write(tmp_path, "sft.json", json.dumps(cfg)))
+    assert r.plan_fields["use_liger_kernel"] is True
+    assert r.plan_fields["liger_kernel_config"] == {"fused_linear_cross_entropy": False}
+    assert any("SFTTrainer" in n and "fused LM head" in n for n in r.notes)
+    bad = write(tmp_path, "bad.json", json.dumps({**cfg, "liger_kernel_config": {"fused_linear_cross_entropy": True}}))
+    with pytest.raises(InvalidSpecError, match="refused by TRL"):
+        read_config(bad)
+    assert main(["estimate", "llama-3-8b", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "refused by TRL" in err and "Traceback" not in err
