@@ -117,6 +117,15 @@ class Estimate:
     moment: str = ""
     #: every moment the estimator checked, in step order (empty when the terms come from simulate)
     moments: tuple[Moment, ...] = field(default=(), compare=False, repr=False)
+    #: a distributed plan: every rank's terms and peak (memplan.distributed.RankResult); () otherwise
+    ranks: tuple[Any, ...] = field(default=(), repr=False)
+    #: bytes of host RAM at the device peak, keyed by Term value (or "loading"); per node for a
+    #: distributed plan (shared contract "host"); empty when nothing lives on the host
+    host: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
 
     @property
     def peak(self) -> Moment | None:
@@ -125,7 +134,7 @@ class Estimate:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(self.terms[t] for t in ALLOCATED_TERMS)
+        return sum(self.terms.get(t, 0) for t in ALLOCATED_TERMS)
 
     @property
     def reserved_bytes(self) -> int:
@@ -164,13 +173,16 @@ class Estimate:
         return head + f" on {self.gpu.name!r}: {Fit.of(self).verdict}, headroom {gib(self.headroom_bytes)} GiB)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The `memplan.estimate/1` dict; a distributed plan adds `ranks` (and `comm_buffers` in the
+        terms), a result with host memory `host` (a single-GPU result keeps its shape)."""
+        dist = self.plan.is_distributed
+        d = {
             "schema": SCHEMA,
             "model": self.model.to_dict(),
             "plan": self.plan.to_dict(),
             "device": self.plan.device,
             "gpu": self.gpu.to_dict() if self.gpu else None,
-            "terms": {str(t): int(v) for t, v in self.terms.items()},
+            "terms": {str(t): int(v) for t, v in self.terms.items() if dist or t != Term.COMM_BUFFERS},
             "peak": {"phase": self.peak_phase, "moment": self.moment, "allocated_bytes": self.allocated_bytes,
                      "reserved_bytes": self.reserved_bytes, "device_bytes": self.device_bytes},
             "phase_peaks": dict(self.phase_peaks),
@@ -180,6 +192,11 @@ class Estimate:
             "versions": dict(F.MODELED_VERSIONS),
             "notes": list(self.notes),
         }
+        if dist:
+            d["ranks"] = [r.to_dict() for r in self.ranks]
+        if self.host:
+            d["host"] = {"terms": {k: int(v) for k, v in self.host.items()}, "bytes": self.host_bytes}
+        return d
 
 
 # ---- the pieces every moment shares ----------------------------------------------------------------
@@ -1032,7 +1049,11 @@ def _llama4_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -
 
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
-    the step, the peak is the largest."""
+    the step, the peak is the largest. A distributed plan: per rank (memplan.distributed)."""
+    if plan.is_distributed:
+        from .distributed import compute_distributed
+
+        return compute_distributed(model, plan, gpu)
     plan, notes = check_plan(model, plan)
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
