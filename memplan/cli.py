@@ -279,7 +279,7 @@ def recommend_data(args: argparse.Namespace) -> Any:
     _check_model_and_plan(args)
     return recommend(args.model, args.gpu, reserve_bytes=reserve,
                      simulate_budget=DEFAULT_SIMULATE_BUDGET if args.simulate_budget is None else args.simulate_budget,
-                     config=args.config_read, **plan_kwargs(args))
+                     config=args.config_read, host_ram_bytes=_host_ram(args), **plan_kwargs(args))
 
 
 def _int_list(flag: str, text: str | None, default: tuple[int, ...], most: int | None = None) -> tuple[int, ...]:
@@ -645,6 +645,18 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
             for c in r.not_enough:
                 out(f"  - {c.summary}: {c.flags} -> {gib(c.device_bytes)} GiB, "
                     f"headroom {gib(c.headroom_bytes)} GiB")
+    if r.multi_gpu:
+        out("")
+        out(f"on several {g.name} (per strategy, the fewest GPUs that fit; cheapest first at the fewest):")
+        for o in r.multi_gpu:
+            if o.num_processes is None:
+                out(f"  - {o.strategy}: does not fit on up to 64 GPUs")
+                continue
+            host = (f"host RAM {gib(o.host_bytes)} GiB per node" +
+                    ("" if o.host_fits is None else " (fits)" if o.host_fits else " (DOES NOT FIT)"))
+            out(f"  - {o.num_processes} x {g.name}, {o.strategy}: {gib(o.device_bytes)} GiB per GPU, micro-batch "
+                f"up to {o.max_batch_size} per GPU, {host}")
+            out(f"      {o.flags}")
     out("")
     if r.smallest_gpu:
         s = next(f for f in r.gpus if f.name == r.smallest_gpu)
@@ -897,6 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "largest micro-batch and sequence length that fit, the cheapest changes that make a plan fit, "
                 "and the smallest GPU for it; exit 0 fits as given, 1 does not fit, 2 bad input", config=True)
     p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
+    p.add_argument("--host-ram", metavar="GiB", type=float, default=None,
+                   help="host (CPU) RAM per node: the several-GPU options must fit it too (default: reported, "
+                        "not checked)")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0, as fit: the estimate "
                         "already counts CUDA context, workspace and allocator overhead)")

@@ -83,6 +83,7 @@ from .plan import DIST_FIELDS, TrainPlan, dtype_bytes
 from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
+           "fewest_gpus", "MultiGPUOption", "LADDER", "GPU_COUNTS",
            "zero_buckets", "loaded_bytes", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
@@ -649,3 +650,78 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                                                       if once else f"once per rank ({p.ranks_per_node} on the node)")
                      + "); it precedes the step, and is counted in the node's requirement as an upper bound")
     return notes
+
+
+# ---- recommend: the fewest GPUs and the cheapest strategy ---------------------------------------------
+
+#: the strategies `fewest_gpus` tries, cheapest first (speed: DDP keeps everything local; SHARD_GRAD_OP
+#: gathers once per step; FULL_SHARD gathers again in backward; offload moves state over PCIe)
+LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("ddp", {"strategy": "ddp"}),
+    ("fsdp SHARD_GRAD_OP", {"strategy": "fsdp", "fsdp_sharding_strategy": "SHARD_GRAD_OP"}),
+    ("fsdp FULL_SHARD", {"strategy": "fsdp", "fsdp_sharding_strategy": "FULL_SHARD"}),
+    ("fsdp FULL_SHARD + cpu offload", {"strategy": "fsdp", "fsdp_sharding_strategy": "FULL_SHARD",
+                                       "fsdp_offload_params": True}),
+)
+#: GPU counts tried: one node of up to 8, then whole nodes of 8
+GPU_COUNTS = (2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 48, 64)
+GPUS_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class MultiGPUOption:
+    """One strategy at the fewest GPUs of the type that fit it: per-rank device bytes at the plan's
+    batch, the largest per-GPU micro-batch, host RAM per node."""
+
+    strategy: str
+    num_processes: int | None      # None: no count up to the largest tried fits
+    num_machines: int
+    flags: str
+    device_bytes: int
+    max_batch_size: int
+    host_bytes: int
+    host_fits: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "num_processes": self.num_processes, "num_machines": self.num_machines,
+                "flags": self.flags, "device_bytes": self.device_bytes, "max_batch_size": self.max_batch_size,
+                "host_bytes": self.host_bytes, "host_fits": self.host_fits}
+
+
+def world_fields(n: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan fields of `n` GPUs (whole nodes of GPUS_PER_NODE beyond one node) and a ladder step."""
+    return {"num_processes": n, "num_machines": 1 if n <= GPUS_PER_NODE else n // GPUS_PER_NODE, **fields}
+
+
+def flags_of(fields: Mapping[str, Any]) -> str:
+    out = []
+    for k, v in fields.items():
+        flag = {"fsdp_offload_params": "--cpu-offload"}.get(k, "--" + k.replace("_", "-"))
+        out.append(flag if v is True else f"{flag} {v}")
+    return " ".join(out)
+
+
+def fewest_gpus(device_bytes: Any, fits: Any, plan: TrainPlan, host_of: Any, host_ram_bytes: int | None = None,
+                max_batch: Any = None) -> list[MultiGPUOption]:
+    """For each ladder strategy, the fewest GPUs (GPU_COUNTS) at which `plan` fits on every rank (and the
+    host RAM, when given). `device_bytes(plan)`, `fits(plan)`, `host_of(plan)` and `max_batch(plan)` are
+    the caller's estimator (recommend's cached Estimator). Cheapest first at the fewest GPUs."""
+    out: list[MultiGPUOption] = []
+    for name, f in LADDER:
+        found = None
+        for n in GPU_COUNTS:
+            fields = world_fields(n, f)
+            p = plan.replace(**fields)
+            host = host_of(p)
+            if fits(p) and (host_ram_bytes is None or host <= host_ram_bytes):
+                found = (n, fields, p, host)
+                break
+        if found is None:
+            out.append(MultiGPUOption(name, None, 0, flags_of(f), 0, 0, 0, None))
+            continue
+        n, fields, p, host = found
+        out.append(MultiGPUOption(name, n, fields["num_machines"], flags_of(fields), device_bytes(p),
+                                  max_batch(p) if max_batch else 0, host,
+                                  None if host_ram_bytes is None else host <= host_ram_bytes))
+    order = {name: i for i, (name, _) in enumerate(LADDER)}
+    return sorted(out, key=lambda o: (o.num_processes is None, o.num_processes or 0, order[o.strategy]))
