@@ -488,6 +488,27 @@ def _from_training_args(args: Any) -> dict[str, Any]:
         out["mixed_precision"] = "no"
     if _get(args, "use_cpu", False):
         out["device"] = "cpu"
+    out.update(_world_from_training_args(args))
+    return out
+
+
+def _world_from_training_args(args: Any) -> dict[str, Any]:
+    """TrainingArguments `fsdp` / `fsdp_config` / `deepspeed` / `ddp_bucket_cap_mb` -> the distributed
+    fields (memplan.integrations.world, standard library only); {} when none is set."""
+    fsdp, ds, bucket = _get(args, "fsdp"), _get(args, "deepspeed"), _get(args, "ddp_bucket_cap_mb")
+    if not fsdp and not ds and bucket is None:
+        return {}
+    from .integrations.world import from_deepspeed, from_fsdp_args, load_deepspeed
+
+    out: dict[str, Any] = {}
+    if fsdp:
+        out.update(from_fsdp_args(fsdp, _get(args, "fsdp_config") or {})[0])
+    if ds:
+        f = from_deepspeed(load_deepspeed(ds)[0])[0]
+        f.pop("mixed_precision", None)  # the Trainer's bf16/fp16 win
+        out.update(f)
+    if bucket is not None:
+        out["ddp_bucket_cap_mb"] = bucket
     return out
 
 
