@@ -73,6 +73,7 @@ Known limitations (NB):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from math import ceil
 from typing import Any, Mapping
 
@@ -83,8 +84,8 @@ from .plan import DIST_FIELDS, TrainPlan, dtype_bytes
 from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
-           "fewest_gpus", "MultiGPUOption", "LADDER", "GPU_COUNTS",
-           "zero_buckets", "loaded_bytes", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
+           "fewest_gpus", "MultiGPUOption", "LADDER", "GPU_COUNTS", "rank_moments", "loaded_bytes",
+           "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
@@ -125,24 +126,28 @@ class Unit:
 
     def bytes(self, w: int, rnd: int, version: int, unsharded: bool = False) -> dict[Term, int]:
         """Per-term bytes of one rank's shard (or, `unsharded`, of the all-gathered parameters, padded)."""
-        out = dict.fromkeys(_PARAM_TERMS, 0)
-        if version == 1:  # one flat parameter per dtype and term, padded to a multiple of w
-            flat: dict[tuple[Term, int], int] = {}
-            for p in self.params:
-                flat[(p.term, p.el)] = flat.get((p.term, p.el), 0) + p.numel
-            for (t, el), n in flat.items():
-                per = ceil(n / w)
-                out[t] += F.rounded((per * w if unsharded else per) * el, rnd)
-            return out
-        for p in self.params:
-            per = p.shard(w)
-            out[p.term] += F.rounded((per * w if unsharded else per) * p.el, rnd)
-        return out
+        return dict(_unit_bytes(self.params, w, rnd, version, unsharded))
 
     def grads(self, w: int, rnd: int, version: int, unsharded: bool = False) -> int:
         """Bytes of the unit's trainable gradients: per-rank shard, or unsharded (padded)."""
-        tr = Unit(self.name, tuple(p for p in self.params if p.trainable))
-        return sum(tr.bytes(w, rnd, version, unsharded).values())
+        return sum(v for _, v in _unit_bytes(tuple(p for p in self.params if p.trainable), w, rnd, version, unsharded))
+
+
+@lru_cache(maxsize=4096)
+def _unit_bytes(params: tuple[Param, ...], w: int, rnd: int, version: int, unsharded: bool) -> tuple[tuple[Term, int], ...]:
+    out = dict.fromkeys(_PARAM_TERMS, 0)
+    if version == 1:  # one flat parameter per dtype and term, padded to a multiple of w
+        flat: dict[tuple[Term, int], int] = {}
+        for p in params:
+            flat[(p.term, p.el)] = flat.get((p.term, p.el), 0) + p.numel
+        for (t, el), n in flat.items():
+            per = ceil(n / w)
+            out[t] += F.rounded((per * w if unsharded else per) * el, rnd)
+    else:
+        for p in params:
+            per = p.shard(w)
+            out[p.term] += F.rounded((per * w if unsharded else per) * p.el, rnd)
+    return tuple(out.items())
 
 
 def quant_storage_bytes(plan: TrainPlan) -> int:
@@ -307,30 +312,36 @@ def _optimizer_on(params: list[Param], w: int, plan: TrainPlan, rnd: int, cuda: 
     return F.optimizer_state_bytes(None, plan, rnd, cuda=cuda, groups=groups)
 
 
+def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[Any, "_World", list[tuple[Any, dict]]]:
+    """(the single-device estimate, the world, [(moment, one rank's allocated terms + "host")] in step
+    order): what `compute_distributed` takes the peak of; tests read every moment from it."""
+    from .estimate import compute
+
+    single = compute(model, plan.single_device(), gpu)
+    plan = single.plan.replace(**{k: getattr(plan, k) for k in DIST_FIELDS})  # with check_plan's changes
+    strategy = plan.world_strategy
+    w = shard_group(plan)
+    version = plan.fsdp_version if strategy == "fsdp" else 2
+    world = _World(model, plan, 512 if plan.device == "cuda" else 1, w, version, units(model, plan))
+    if not single.moments:
+        raise UnsupportedArchitectureError(f"{model.name}: no closed-form moments to shard (simulate-only model)")
+    return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in single.moments]
+
+
 def compute_distributed(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> Any:
     """The Estimate of a distributed plan: `terms` and `peak` of the busiest rank, every rank in
     `ranks`, the node's host RAM in `host` (see the module docstring)."""
     from dataclasses import replace
 
-    from .estimate import compute, cuda_overheads
+    from .estimate import cuda_overheads
 
-    single = compute(model, plan.single_device(), gpu)
-    plan = single.plan.replace(**{k: getattr(plan, k) for k in DIST_FIELDS})  # with check_plan's changes
+    single, world, per_moment = rank_moments(model, plan, gpu)
+    plan = world.plan
     cuda = plan.device == "cuda"
-    rnd = 512 if cuda else 1
-    strategy = plan.world_strategy
-    w = shard_group(plan)
-    version = plan.fsdp_version if strategy == "fsdp" else 2
-    world = _World(model, plan, rnd, w, version, units(model, plan))
-    notes: list[str] = []
-    ms = single.moments
-    if not ms:
-        raise UnsupportedArchitectureError(f"{model.name}: no closed-form moments to shard (simulate-only model)")
-    per_moment = [(m, _rank_terms(world, m, single, notes)) for m in ms]
     alloc = [sum(t.get(k, 0) for k in ALLOCATED_TERMS) for _, t in per_moment]
     i = alloc.index(max(alloc))
     m, terms = per_moment[i]
-    host_rank = terms.pop("host")
+    host_rank = terms["host"]
     terms = {t: int(terms.get(t, 0)) for t in Term}
     terms[Term.WORKSPACE] = 0
     if cuda:
@@ -343,12 +354,11 @@ def compute_distributed(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> A
     ranks = tuple(RankResult(r, dict(terms), m.phase, m.name) for r in range(plan.num_processes))
     host = _host(world, host_rank)
     paged = _paged(world, single.paged_bytes, cuda)
-    notes = _notes(world, terms, host) + notes + [n for n in single.notes if not n.startswith("peak: ")
-                                                  and not (n.startswith("paged optimizer") and not paged)]
+    notes = _notes(world, terms, host) + [n for n in single.notes if not n.startswith("peak: ")
+                                          and not (n.startswith("paged optimizer") and not paged)]
     notes.insert(0, f"peak (every rank): {m.description}")
     return replace(single, plan=plan, terms=terms, peak_phase=m.phase, moment=m.name, phase_peaks=totals,
-                   notes=tuple(notes), ranks=ranks, host=host,
-                   paged_bytes=paged)
+                   notes=tuple(notes), ranks=ranks, host=host, paged_bytes=paged)
 
 
 def _paged(world: _World, single_paged: int, cuda: bool) -> int:
