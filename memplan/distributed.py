@@ -397,7 +397,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     ga = plan.gradient_accumulation_steps > 1
     trainable = _trainable(us)
 
-    if s == "ddp" or (s == "fsdp" and w == 1 and plan.fsdp_sharding_strategy != "NO_SHARD"):
+    if s == "ddp":
         for k in (Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS, Term.OPTIMIZER_STATE):
             t[k] = m.static[k]
         t[Term.GRADIENTS] = m.gradients
