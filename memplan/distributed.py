@@ -648,6 +648,10 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
             notes.append(f"FSDP2 ignores fsdp_backward_prefetch {p.fsdp_backward_prefetch}: it prefetches one unit "
                          "in backward (implicit prefetching)")
     else:
+        if p.method == "qlora" and p.quant != "int8" and quant_storage_bytes(p) == 1 and p.zero_stage == 3:
+            notes.append("ZeRO-3 partitions every parameter, and 4-bit weights in uint8 storage do not survive it "
+                         "(transformers' DeepSpeed-QLoRA guide sets bnb_4bit_quant_storage to the 16-bit dtype): "
+                         "use --bnb-4bit-quant-storage bf16")
         notes.append(f"DeepSpeed ZeRO-{p.zero_stage} over {p.num_processes} processes with the HF Trainer's 'auto' "
                      "bucket sizes; floating parameters are cast to 16-bit, the fp32 master partition is "
                      "optimizer_state; not checked on real DeepSpeed ranks (no DeepSpeed CPU run here)")

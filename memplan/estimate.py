@@ -1150,7 +1150,7 @@ def estimate(model: str | ModelSpec | Any = None, plan: TrainPlan | None = None,
     try:
         est = compute(spec, p, g)
     except UnsupportedArchitectureError as e:
-        if not fallback_simulate or not _sim_available():
+        if not fallback_simulate or not _sim_available() or p.is_distributed:  # simulate traces one device
             raise
         fixes: list[str] = []
         if spec.is_moe and spec.arch.moe.router_is_linear_subclass:  # Llama 4 Maverick: the recipe that runs
