@@ -9,28 +9,35 @@ and, for each, swaps the static terms for their per-rank form:
 - parameters: each FSDP unit's parameters sharded over the shard group (FSDP2: every parameter
   padded on dim 0 to a multiple of the group, `torch/distributed/fsdp/_fully_shard/_fsdp_param.py`
   FSDPParam._init_sharded_param; FSDP1: one flat parameter per unit and dtype padded to a multiple of
-  the group, `torch/distributed/fsdp/_flat_param.py` FlatParamHandle._get_shard), plus the unsharded
-  parameters of the units alive at the moment, padded (the all-gather outputs of
-  `_fsdp_collectives.foreach_all_gather_copy_out`). `quant_state` is a module attribute, not a
-  parameter: every rank keeps all of it (bitsandbytes nn/modules.py
-  `fix_4bit_weight_quant_state_from_module`). Buffers (rotary inv_freq) are replicated.
+  the group, `torch/distributed/fsdp/_flat_param.py` FlatParamHandle._get_shard), in their terms.
+  `quant_state` is a module attribute, not a parameter: every rank keeps all of it (bitsandbytes
+  nn/modules.py `fix_4bit_weight_quant_state_from_module`). Buffers (rotary inv_freq) are replicated.
 - FSDP units follow accelerate 1.15 (accelerate/utils/fsdp_utils.py `fsdp2_prepare_model`): one unit
   per decoder layer (TRANSFORMER_BASED_WRAP on `_no_split_modules`), the input embedding (its own
-  unit unless tied), the tail [final norm, lm_head] with reshard_after_forward=False, the root. The
-  4-bit weights shard as elements of `bnb_4bit_quant_storage` (packed [ceil(n/2)/itemsize, 1]); with
-  uint8 storage accelerate leaves them out of sharding (ignored_params): replicated on every rank.
-  FSDP1 (peft's `fsdp_auto_wrap_policy`): the decoder layers and every LoRA Linear are units, the
-  root holds embedding, final norm and lm_head and keeps them unsharded after forward.
-- units alive: FULL_SHARD / HYBRID_SHARD: forward: the layer that runs; loss: the tail; a layer's
-  backward (recompute, dequant, MLP backward): that layer plus the prefetched one below it (FSDP2:
-  its all-gather output, a flat buffer held in `_all_gather_result` until the layer's pre-backward,
-  counted in `comm_buffers`; FSDP1 BACKWARD_PRE: unsharded; BACKWARD_POST / NO_PREFETCH: none).
-  SHARD_GRAD_OP (reshard_after_forward=False): every layer stays unsharded from its forward until
-  its post-backward. NO_SHARD: nothing sharded (a DDP-like all-reduce per unit).
+  unit unless tied), the tail [lm_head] with reshard_after_forward=False, the root (the final norm:
+  `_find_final_norm` does not see through a PeftModel) which keeps its parameters until the end of
+  backward. The 4-bit weights shard as elements of `bnb_4bit_quant_storage` (packed
+  [ceil(n/2)/itemsize, 1]); with uint8 storage accelerate leaves them out (ignored_params): whole on
+  every rank. FSDP1 (peft's `fsdp_auto_wrap_policy`): the decoder layers and every LoRA Linear are
+  units, the root holds embedding, final norm and lm_head and keeps them gathered after forward.
+- gathered parameters are `comm_buffers` (the all-gather outputs of
+  `_fsdp_collectives.foreach_all_gather_copy_out`, padded), in the mixed-precision param dtype: with
+  bf16/fp16 mixed precision accelerate gives FSDP MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=bf16), so every gathered parameter is 2 B per element. FULL_SHARD / HYBRID_SHARD:
+  forward: the layer that runs; loss: the tail and the root; a layer's backward (recompute, dequant,
+  MLP backward): that layer and the root, plus the prefetched unit below it (FSDP2: its flat
+  all-gather output, held in `_all_gather_result` until its pre-backward; FSDP1 BACKWARD_PRE: gathered;
+  BACKWARD_POST / NO_PREFETCH: none). FSDP2 also keeps the last forward all-gather's flat output
+  (`comm_ctx.all_gather_state`, until the next copy-out): the tail's at the loss. SHARD_GRAD_OP
+  (reshard_after_forward=False): every layer stays gathered from its forward until its backward.
+  NO_SHARD: nothing gathered.
+- the step each rank computes: under that mixed precision (and DeepSpeed's 16-bit cast) every
+  parameter reaches the compute in 16 bits, so the moments' activations, logits and temporaries are
+  the single-device step's with 16-bit parameters and adapters (`rank_moments`).
 - gradients of trainable parameters only: FSDP: sharded (padded) after each unit's reduce-scatter,
   the current layer's in flight unsharded; FSDP2 keeps one reduce-scatter input (the previous unit's
-  unsharded gradients, `FSDPParamGroup.post_backward`, `reduce_scatter_max_input_buffers` = 1):
-  `comm_buffers`. DDP: every gradient plus the reducer's buckets (`comm_buffers`: the gradients'
+  unsharded gradients in the reduce dtype, `FSDPParamGroup.post_backward`,
+  `reduce_scatter_max_input_buffers` = 1): `comm_buffers`. DDP: every gradient plus the reducer's buckets (`comm_buffers`: the gradients'
   bytes again, `torch/nn/parallel/distributed.py`, gradient_as_bucket_view=False).
 - optimizer state: the plan's optimizer on each rank's shard (FSDP: per-parameter dim-0 shards).
   DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py): floating parameters cast to
@@ -55,7 +62,13 @@ a LoRA plan with a 2-rank FSDP2 FULL_SHARD, a q_proj [out 64, in 64] in fp32 (no
 fp32 adapters): base weight per rank ceil(64/2)*64*4 = 8192 B (half of 16384 B); lora_A [8, 64]:
 ceil(8/2)*64*4 = 1024 B; lora_B [64, 8]: 32*8*4 = 1024 B; with 3 ranks the base weight pads to
 ceil(64/3) = 22 rows: 22*64*4 = 5632 B per rank (3 x 5632 = 16896 B > 16384 B: 512 B of padding), and
-its unsharded all-gather output is 3 x 5632 = 16896 B.
+its unsharded all-gather output is 3 x 5632 = 16896 B (in fp32; 8448 B gathered in bf16).
+
+Checked against real 2-process gloo FSDP2 steps (helper dist-real's measurements, llama hidden 256,
+2 layers, QLoRA nf4 with bf16 storage, FULL_SHARD and SHARD_GRAD_OP, no checkpointing): every static
+term per rank and comm_buffers at the loss to the byte; the loss-moment activations and logits within
+16 B; the peak moment differs (NB: the real step peaks at the loss forward, the closed form's loss
+backward is 2.8 % higher); gloo's in-collective temporaries (CPU only) are not modelled.
 
 Known limitations (NB):
 - the collective library's own buffers (NCCL channels, gloo's) are outside torch's allocator and not
@@ -123,30 +136,36 @@ class Unit:
     params: tuple[Param, ...]
     layer: int | None = None          # the decoder layer it is, None for embed / tail
     keep_after_forward: bool = False  # reshard_after_forward=False (the tail; FSDP1's root)
+    root: bool = False                # the root: gathered first in forward, resharded at the end of backward
 
-    def bytes(self, w: int, rnd: int, version: int, unsharded: bool = False) -> dict[Term, int]:
-        """Per-term bytes of one rank's shard (or, `unsharded`, of the all-gathered parameters, padded)."""
-        return dict(_unit_bytes(self.params, w, rnd, version, unsharded))
+    def bytes(self, w: int, rnd: int, version: int, unsharded: bool = False, gather_el: int = 0) -> dict[Term, int]:
+        """Per-term bytes of one rank's shard (or, `unsharded`, of the all-gathered parameters, padded,
+        in `gather_el` bytes per element when mixed precision casts them: FSDP's param_dtype)."""
+        return dict(_unit_bytes(self.params, w, rnd, version, unsharded, gather_el))
 
-    def grads(self, w: int, rnd: int, version: int, unsharded: bool = False) -> int:
-        """Bytes of the unit's trainable gradients: per-rank shard, or unsharded (padded)."""
-        return sum(v for _, v in _unit_bytes(tuple(p for p in self.params if p.trainable), w, rnd, version, unsharded))
+    def grads(self, w: int, rnd: int, version: int, unsharded: bool = False, gather_el: int = 0) -> int:
+        """Bytes of the unit's trainable gradients: per-rank shard, or unsharded (padded; in `gather_el`
+        bytes per element: FSDP's reduce_dtype)."""
+        return sum(v for _, v in _unit_bytes(tuple(p for p in self.params if p.trainable), w, rnd, version, unsharded,
+                                             gather_el))
 
 
 @lru_cache(maxsize=4096)
-def _unit_bytes(params: tuple[Param, ...], w: int, rnd: int, version: int, unsharded: bool) -> tuple[tuple[Term, int], ...]:
+def _unit_bytes(params: tuple[Param, ...], w: int, rnd: int, version: int, unsharded: bool,
+                gather_el: int = 0) -> tuple[tuple[Term, int], ...]:
     out = dict.fromkeys(_PARAM_TERMS, 0)
+    el_of = (lambda p: gather_el or p.el) if unsharded else (lambda p: p.el)  # noqa: E731
     if version == 1:  # one flat parameter per dtype and term, padded to a multiple of w
         flat: dict[tuple[Term, int], int] = {}
         for p in params:
-            flat[(p.term, p.el)] = flat.get((p.term, p.el), 0) + p.numel
+            flat[(p.term, el_of(p))] = flat.get((p.term, el_of(p)), 0) + p.numel
         for (t, el), n in flat.items():
             per = ceil(n / w)
             out[t] += F.rounded((per * w if unsharded else per) * el, rnd)
     else:
         for p in params:
             per = p.shard(w)
-            out[p.term] += F.rounded((per * w if unsharded else per) * p.el, rnd)
+            out[p.term] += F.rounded((per * w if unsharded else per) * el_of(p), rnd)
     return tuple(out.items())
 
 
@@ -190,7 +209,10 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     qlora4 = plan.method == "qlora" and plan.quant != "int8"
     if plan.method == "qlora":
         qs = quant_storage_bytes(plan)
+    fsdp_ignored = plan.world_strategy == "fsdp" and qlora4 and qs == 1  # accelerate: ignored_params
     for lin in model.layer_linears:
+        if fsdp_ignored:
+            continue  # replicated on every rank (`replicated_bytes`), not in a unit
         if qlora4:
             layer.append(Param((lin.numel + 1) // (2 * qs), 1, qs, Term.BASE_WEIGHTS))
         elif plan.method == "qlora":
@@ -213,16 +235,20 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     full = plan.method == "full"
     H, V = model.hidden_size, model.vocab_size
     embed = Param(V, H, params_el, Term.OTHER_PARAMS, full)
-    tail = [Param(H, 1, params_el, Term.OTHER_PARAMS, full)]
-    if model.lm_head_params:
-        tail.append(Param(V, H, params_el, Term.OTHER_PARAMS, full))
+    norm = Param(H, 1, params_el, Term.OTHER_PARAMS, full)
+    tail = [Param(V, H, params_el, Term.OTHER_PARAMS, full)] if model.lm_head_params else []
     out = []
     if not model.tie_word_embeddings:
         out.append(Unit("embed_tokens", (embed,)))
     else:
-        tail.append(embed)
+        tail.insert(0, embed)
     out += [Unit(f"layers.{i}", tuple(layer), layer=i) for i in range(model.num_layers)]
-    out.append(Unit("norm+lm_head", tuple(tail), keep_after_forward=True))
+    if plan.method == "full":  # accelerate's _find_final_norm finds it on a plain model: the tail's
+        out.append(Unit("norm+lm_head", (norm, *tail), keep_after_forward=True))
+    else:  # a PeftModel hides it (`_find_final_norm` scans model.<base_model_prefix>): it stays in the root
+        out.append(Unit("lm_head", tuple(tail), keep_after_forward=True))
+        out.append(Unit("root", (norm,), keep_after_forward=True, root=True))
+    tail.insert(0, norm)
     if plan.fsdp_version == 1 and plan.world_strategy == "fsdp":
         # FSDP1 (peft fsdp_auto_wrap_policy): every LoRA Linear is its own unit; embedding, final norm and
         # lm_head stay in the root, which keeps its parameters after forward
@@ -231,7 +257,7 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
         top = (embed,) if not model.tie_word_embeddings else ()
         out = [Unit(f"layers.{i}", frozen, layer=i) for i in range(model.num_layers)]
         out += [Unit(f"layers.{i}.lora.{j}", (p,), layer=i) for i in range(model.num_layers) for j, p in enumerate(lora)]
-        out.append(Unit("root", top + tuple(tail), keep_after_forward=True))
+        out.append(Unit("root", top + tuple(tail), keep_after_forward=True, root=True))
     return tuple(out)
 
 
@@ -282,11 +308,27 @@ class _World:
     units: tuple[Unit, ...]
     notes: list[str] = field(default_factory=list)
 
+    #: bytes per element of gathered parameters and reduced gradients: the mixed-precision param_dtype /
+    #: reduce_dtype (accelerate's MixedPrecisionPolicy for bf16/fp16), 0 = their own dtype
+    gather_el: int = 0
+    #: the single-device static terms in the plan's own dtypes (quant state, buffers, DDP's everything)
+    static: Mapping[Term, int] = field(default_factory=dict)
+    #: every gradient of the step each rank computes (the moments' dtype), for the in-flight split
+    view_grads: int = 0
+    #: base weights every rank holds whole (FSDP with uint8 4-bit storage: accelerate's ignored_params)
+    replicated_base: int = 0
+
     def shard(self, u: Unit) -> dict[Term, int]:
         return u.bytes(self.w, self.rnd, self.version)
 
-    def full(self, u: Unit) -> dict[Term, int]:
-        return u.bytes(self.w, self.rnd, self.version, unsharded=True)
+    def full(self, u: Unit) -> int:
+        """Bytes of the unit's gathered parameters (the all-gather output, per parameter)."""
+        return sum(u.bytes(self.w, self.rnd, self.version, True, self.gather_el).values())
+
+    def flat(self, u: Unit) -> int:
+        """Bytes of the unit's flat all-gather output buffer (FSDP2 `foreach_all_gather`: one buffer,
+        uint8 when the dtypes differ, no per-tensor rounding)."""
+        return F.rounded(sum(u.bytes(self.w, 1, self.version, True, self.gather_el).values()), self.rnd)
 
 
 def _add(a: dict[Term, int], b: Mapping[Term, int], k: int = 1) -> None:
@@ -314,18 +356,33 @@ def _optimizer_on(params: list[Param], w: int, plan: TrainPlan, rnd: int, cuda: 
 
 def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[Any, "_World", list[tuple[Any, dict]]]:
     """(the single-device estimate, the world, [(moment, one rank's allocated terms + "host")] in step
-    order): what `compute_distributed` takes the peak of; tests read every moment from it."""
+    order): what `compute_distributed` takes the peak of; tests read every moment from it.
+
+    The moments' activations, logits, temporaries and in-flight gradients come from the step each rank
+    computes: under FSDP mixed precision (accelerate: MixedPrecisionPolicy(param_dtype=bf16)) and
+    DeepSpeed's 16-bit cast, every parameter reaches the compute in 16 bits, so that step is the
+    single-device step with 16-bit parameters and adapters (`prepare=False`, `adapter_dtype` = the
+    autocast dtype: no fp32 residual stream, no autocast copies of the adapters)."""
     from .estimate import compute
 
     single = compute(model, plan.single_device(), gpu)
     plan = single.plan.replace(**{k: getattr(plan, k) for k in DIST_FIELDS})  # with check_plan's changes
     strategy = plan.world_strategy
-    w = shard_group(plan)
-    version = plan.fsdp_version if strategy == "fsdp" else 2
-    world = _World(model, plan, 512 if plan.device == "cuda" else 1, w, version, units(model, plan))
     if not single.moments:
         raise UnsupportedArchitectureError(f"{model.name}: no closed-form moments to shard (simulate-only model)")
-    return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in single.moments]
+    view = single
+    cast16 = bool(plan.autocast) and strategy in ("fsdp", "deepspeed")
+    if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast):
+        view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast), gpu)
+    w = shard_group(plan)
+    version = plan.fsdp_version if strategy == "fsdp" else 2
+    rnd = 512 if plan.device == "cuda" else 1
+    world = _World(model, plan, rnd, w, version, units(model, plan),
+                   gather_el=2 if cast16 and strategy == "fsdp" else 0, static=single.moments[0].static,
+                   view_grads=F.gradient_bytes(model, view.plan, rnd))
+    if strategy == "fsdp" and plan.method == "qlora" and plan.quant != "int8" and quant_storage_bytes(plan) == 1:
+        world.replicated_base = world.static[Term.BASE_WEIGHTS]
+    return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in view.moments]
 
 
 def compute_distributed(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> Any:
@@ -379,7 +436,8 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     s = plan.world_strategy
     cuda = plan.device == "cuda"
     t: dict[Any, int] = {k: 0 for k in ALLOCATED_TERMS}
-    t[Term.QUANT_STATE] = m.static[Term.QUANT_STATE]
+    st = world.static
+    t[Term.QUANT_STATE] = st[Term.QUANT_STATE]
     t[Term.ACTIVATIONS], t[Term.LOGITS], t[Term.TEMPORARIES] = m.activations, m.logits, m.temporaries
     host: dict[Term, int] = {}
     # parameters that are neither in a unit nor a quant state: buffers (rotary inv_freq, embed_scale), replicated
@@ -387,7 +445,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     for u in us:
         _add(inventory, u.bytes(1, rnd, 2))
     single_plan = single.plan
-    buffers = max(0, m.static[Term.OTHER_PARAMS] - inventory[Term.OTHER_PARAMS]) if s != "deepspeed" else max(
+    buffers = max(0, st[Term.OTHER_PARAMS] - inventory[Term.OTHER_PARAMS]) if s != "deepspeed" else max(
         0, F.other_params_bytes(world.model, single_plan, rnd) - _uncast_other(world))
     t[Term.OTHER_PARAMS] += buffers
     L = world.model.num_layers
@@ -399,7 +457,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
 
     if s == "ddp":
         for k in (Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS, Term.OPTIMIZER_STATE):
-            t[k] = m.static[k]
+            t[k] = st[k]
         t[Term.GRADIENTS] = m.gradients
         t[Term.COMM_BUFFERS] = _ddp_buckets(trainable, plan, rnd)
         t["host"] = host
@@ -408,42 +466,41 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     if s == "deepspeed":
         return _zero(world, m, t, host, trainable, full_grads, ga)
 
-    # FSDP (1 or 2); NO_SHARD: w == 1, the all-reduce of one unit's gradients in flight
+    # FSDP (1 or 2); NO_SHARD: w == 1, nothing gathered (the all-reduce of one unit's gradients in flight)
     offload = plan.fsdp_offload_params
-    alive, prefetched = _fsdp_alive(world, kind, i, L, layer_units)
+    nos = plan.fsdp_sharding_strategy == "NO_SHARD"
+    alive, prefetched, retained = _fsdp_alive(world, kind, i, L, layer_units)
     for u in us:
-        sh = world.shard(u)
-        if offload:
-            _add(host, sh)
+        _add(host if offload else t, world.shard(u))
+    t[Term.BASE_WEIGHTS] += world.replicated_base
+    if not nos:
+        # gathered parameters (the per-parameter all-gather outputs), and FSDP2's flat all-gather outputs:
+        # the prefetched unit's (not yet copied out) and the last forward all-gather's (kept in
+        # comm_ctx.all_gather_state until the next copy-out); FSDP1 gathers the prefetched unit whole
+        t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in alive)
+        if world.version == 2:
+            t[Term.COMM_BUFFERS] += sum(world.flat(u) for u in us if u.name in prefetched | retained)
         else:
-            _add(t, sh)
-        if u.name in alive and plan.fsdp_sharding_strategy != "NO_SHARD":
-            _add(t, world.full(u))
-    if world.version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD":
-        t[Term.COMM_BUFFERS] += sum(sum(world.full(u).values()) for u in us if u.name in prefetched)
-    elif plan.fsdp_sharding_strategy != "NO_SHARD":
-        for u in us:
-            if u.name in prefetched:
-                _add(t, world.full(u))
+            t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in prefetched)
     # gradients: sharded for the units done, the current layer's in flight unsharded
     shard_grads = sum(u.grads(w, rnd, world.version) for u in us)
-    by_layer = {u.layer: 0 for u in layer_units}
-    for u in layer_units:
-        by_layer[u.layer] += u.grads(1, rnd, 2)
-    per_layer_full = by_layer.get(0, 0)
     per_layer_shard = sum(u.grads(w, rnd, world.version) for u in layer_units if u.layer == 0)
-    ga_single = full_grads if ga else 0
+    view_layer = world.view_grads // L if L else 0
+    ga_view = world.view_grads if ga else 0
     if kind == "optimizer":
         grads_dev = shard_grads
         scratch_ratio = shard_grads / full_grads if full_grads else 0
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
     elif i is not None:
         above = L - 1 - i
-        in_flight = max(0, m.gradients - ga_single - above * per_layer_full)
+        in_flight = max(0, m.gradients - ga_view - above * view_layer)
         grads_dev = (shard_grads if ga else above * per_layer_shard) + in_flight
-        if world.version == 2 and i < L - 1:
-            # the previous unit's reduce-scatter input (FSDP2 keeps one; FSDP1 frees it once reduced)
-            t[Term.COMM_BUFFERS] += sum(u.grads(w, rnd, 2, unsharded=True) for u in layer_units if u.layer == i + 1)
+        if world.version == 2 and i < L - 1 and not nos:
+            # the previous unit's reduce-scatter input, in the reduce dtype (FSDP2 keeps one:
+            # reduce_scatter_max_input_buffers; FSDP1 frees it once reduced)
+            t[Term.COMM_BUFFERS] += sum(F.rounded(sum(v for _, v in _unit_bytes(
+                tuple(p for p in u.params if p.trainable), w, 1, 2, True, world.gather_el)), rnd)
+                for u in layer_units if u.layer == i + 1)
     else:
         grads_dev = shard_grads if ga else 0
     if offload:
@@ -476,49 +533,52 @@ def _uncast_other(world: _World) -> int:
     return total
 
 
-def _fsdp_alive(world: _World, kind: str, i: int | None, L: int, layer_units: list[Unit]) -> tuple[set[str], set[str]]:
-    """(units unsharded at the moment, units prefetched: all-gathered but not yet copied out)."""
+def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
+                layer_units: list[Unit]) -> tuple[set[str], set[str], set[str]]:
+    """(units gathered at the moment, units prefetched: all-gathered, not yet copied out, units whose
+    flat all-gather output FSDP2 still keeps: the last forward all-gather's)."""
     p = world.plan
-    names = {u.layer: u.name for u in layer_units if "lora" not in u.name}
-    lora_of = {}
+    names: dict[int, set[str]] = {}
     for u in layer_units:
-        if "lora" in u.name:
-            lora_of.setdefault(u.layer, []).append(u.name)
+        names.setdefault(u.layer, set()).add(u.name)
 
-    def layer(j: int) -> set[str]:
-        return {names[j], *lora_of.get(j, [])}
+    def layers(lo: int, hi: int) -> set[str]:
+        return set().union(*(names[j] for j in range(lo, hi)))
 
-    tops = {u.name for u in world.units if u.layer is None}
-    keep = {u.name for u in world.units if u.keep_after_forward}
-    embed = tops - keep
+    tops = [u for u in world.units if u.layer is None]
+    keep = {u.name for u in tops if u.keep_after_forward}
+    root = {u.name for u in tops if u.root}
+    tail = keep - root
+    embed = {u.name for u in tops} - keep
     after_forward = p.fsdp_sharding_strategy == "SHARD_GRAD_OP"
     alive: set[str] = set()
     pre: set[str] = set()
+    kept: set[str] = set()
     if kind == "optimizer":
-        return alive, pre
-    if kind == "forward":
-        alive |= layer(L - 1)
+        return alive, pre, kept
+    if kind == "forward":  # the last layer's forward
+        alive |= names[L - 1] | root
+        kept |= {next(iter(sorted(names[L - 1])))} if world.version == 2 else set()
         if after_forward:
-            alive |= embed | set().union(*(layer(j) for j in range(L)))
-        if world.version == 1:
-            alive |= keep  # FSDP1's root is all-gathered first and kept
-        return alive, pre
-    if i is None:  # loss moments: the tail / root is unsharded; SHARD_GRAD_OP keeps every layer
+            alive |= embed | layers(0, L)
+        return alive, pre, kept
+    if i is None:  # the loss: the tail (and the root) gathered; the tail's flat output kept
         alive |= keep
+        kept |= tail if world.version == 2 else set()
         if after_forward:
-            alive |= embed | set().union(*(layer(j) for j in range(L)))
-        return alive, pre
-    alive |= layer(i)
+            alive |= embed | layers(0, L)
+        return alive, pre, kept
+    alive |= names[i] | root  # the root is resharded at the end of backward
     if after_forward:
-        alive |= embed | set().union(*(layer(j) for j in range(i)))
-    elif i > 0 and (world.version == 2 or p.fsdp_backward_prefetch == "BACKWARD_PRE"):
-        pre |= layer(i - 1)
-    elif i == 0 and (world.version == 2 or p.fsdp_backward_prefetch == "BACKWARD_PRE") and embed and (
-            p.gradient_checkpointing or p.prepare):
-        pre |= embed  # enable_input_require_grads: the embedding's output needs a gradient, FSDP gathers it
+        alive |= embed | layers(0, i)
+    elif world.version == 2 or p.fsdp_backward_prefetch == "BACKWARD_PRE":
+        if i > 0:
+            pre |= names[i - 1]
+        elif embed and (p.gradient_checkpointing or p.prepare):
+            pre |= embed  # enable_input_require_grads: the embedding's output needs a gradient, FSDP gathers it
     if world.version == 1:
-        alive |= keep  # FSDP1's root stays unsharded until the end of backward
-    return alive, pre
+        alive |= keep  # FSDP1's root (embedding, norm, lm_head) stays gathered until the end of backward
+    return alive, pre, kept
 
 
 def _ddp_buckets(trainable: list[Param], plan: TrainPlan, rnd: int) -> int:

@@ -99,28 +99,46 @@ def test_full_shard_base_weights_are_total_over_world_plus_padding(w):
 
 
 def test_shard_grad_op_keeps_the_layers_gathered_after_forward():
+    """Gathered parameters are comm_buffers (the all-gather outputs), in the mixed-precision param dtype
+    (bf16: 2 B per element whatever the stored dtype); the shards stay in their terms."""
+    spec = load_model("llama-2-7b")
     full = TrainPlan(num_processes=4, strategy="fsdp", bnb_4bit_quant_storage="bf16")
     sgo = full.replace(fsdp_sharding_strategy="SHARD_GRAD_OP")
-    single, t_full = _moment("llama-2-7b", full, "loss_forward")
-    _, t_sgo = _moment("llama-2-7b", sgo, "loss_forward")
-    total = single.moments[0].static[Term.BASE_WEIGHTS]
-    assert t_full[Term.BASE_WEIGHTS] < total / 3.9  # sharded only
-    assert t_sgo[Term.BASE_WEIGHTS] == t_full[Term.BASE_WEIGHTS] + total  # + every layer gathered (no padding)
-    _, t_opt = _moment("llama-2-7b", sgo, "optimizer")
-    assert t_opt[Term.BASE_WEIGHTS] == t_full[Term.BASE_WEIGHTS]  # resharded after backward
+    _, world, per = rank_moments(spec, sgo)
+    t_sgo = next(t for m, t in per if m.kind == "loss_forward")
+    _, _, per_full = rank_moments(spec, full)
+    t_full = next(t for m, t in per_full if m.kind == "loss_forward")
+    gathered = [u for u in world.units if u.layer is not None or u.name == "embed_tokens"]
+    assert t_sgo[Term.COMM_BUFFERS] - t_full[Term.COMM_BUFFERS] == sum(world.full(u) for u in gathered)
+    assert t_sgo[Term.BASE_WEIGHTS] == t_full[Term.BASE_WEIGHTS]  # the shards
+    layer = gathered[-1]
+    lora = sum(p.numel for p in layer.params if p.trainable)
+    assert world.full(layer) == 4 * sum(ceil(p.dim0 / 4) * p.rest * 2 for p in layer.params)  # bf16, padded
+    assert lora and world.gather_el == 2
+    t_opt = next(t for m, t in per if m.kind == "optimizer")
+    assert t_opt[Term.COMM_BUFFERS] == 0  # resharded after backward
 
 
 def test_full_shard_backward_holds_the_layer_and_the_prefetched_one():
     spec = load_model("llama-2-7b")
     plan = TrainPlan(num_processes=4, strategy="fsdp", bnb_4bit_quant_storage="bf16")
     single, world, per = rank_moments(spec, plan)
-    layer = next(u for u in world.units if u.layer == 5)
-    t = next(t for m, t in per if m.kind == "recompute" and m.layer == spec.num_layers - 1)
+    by = {u.name: u for u in world.units}
+    L = spec.num_layers
+    t = next(t for m, t in per if m.kind == "recompute" and m.layer == L - 1)
     t_loss = next(t for m, t in per if m.kind == "loss_forward")
-    full = sum(layer.bytes(4, 512, 2, unsharded=True).values())
-    # the recomputed layer gathered; the one below prefetched (its all-gather output, comm_buffers)
-    assert t[Term.BASE_WEIGHTS] - t_loss[Term.BASE_WEIGHTS] == layer.bytes(4, 512, 2, True)[Term.BASE_WEIGHTS]
-    assert t[Term.COMM_BUFFERS] == full
+    # backward of the last layer: it gathered, the root (final norm) gathered, the layer below prefetched
+    # (its flat all-gather output, not yet copied out); no reduce-scatter input kept yet
+    assert t[Term.COMM_BUFFERS] == (world.full(by[f"layers.{L - 1}"]) + world.full(by["root"])
+                                    + world.flat(by[f"layers.{L - 2}"]))
+    # the loss: the tail (lm_head) and the root gathered, and the tail's flat output kept from the forward
+    assert t_loss[Term.COMM_BUFFERS] == world.full(by["lm_head"]) + world.full(by["root"]) + world.flat(by["lm_head"])
+    # the first layer: the embedding prefetched (its output needs a gradient), layer 1's reduce-scatter input
+    # (its LoRA gradients, unsharded, bf16) kept
+    t0 = next(t for m, t in per if m.kind == "recompute" and m.layer == 0)
+    rs = F.rounded(4 * sum(ceil(p.dim0 / 4) * p.rest * 2 for p in by["layers.1"].params if p.trainable), 512)
+    assert t0[Term.COMM_BUFFERS] == (world.full(by["layers.0"]) + world.full(by["root"])
+                                     + world.flat(by["embed_tokens"]) + rs)
 
 
 def test_ddp_is_the_single_step_plus_buckets():
