@@ -28,7 +28,8 @@ and, for each, swaps the static terms for their per-rank form:
   MLP backward): that layer and the root, plus the prefetched unit below it (FSDP2: its flat
   all-gather output, held in `_all_gather_result` until its pre-backward; FSDP1 BACKWARD_PRE: gathered;
   BACKWARD_POST / NO_PREFETCH: none). FSDP2 also keeps the last forward all-gather's flat output
-  (`comm_ctx.all_gather_state`, until the next copy-out): the tail's at the loss. SHARD_GRAD_OP
+  (`comm_ctx.all_gather_state`, until the next copy-out or the end of the root's forward,
+  `FSDPState._post_forward`): the tail's during the loss forward. SHARD_GRAD_OP
   (reshard_after_forward=False): every layer stays gathered from its forward until its backward.
   NO_SHARD: nothing gathered.
 - the step each rank computes: under that mixed precision (and DeepSpeed's 16-bit cast) every
@@ -66,9 +67,9 @@ its unsharded all-gather output is 3 x 5632 = 16896 B (in fp32; 8448 B gathered 
 
 Checked against real 2-process gloo FSDP2 steps (helper dist-real's measurements, llama hidden 256,
 2 layers, QLoRA nf4 with bf16 storage, FULL_SHARD and SHARD_GRAD_OP, no checkpointing): every static
-term per rank and comm_buffers at the loss to the byte; the loss-moment activations and logits within
-16 B; the peak moment differs (NB: the real step peaks at the loss forward, the closed form's loss
-backward is 2.8 % higher); gloo's in-collective temporaries (CPU only) are not modelled.
+term per rank and comm_buffers at the loss to the byte, the peak (the loss forward) within 1,024 B
+(0.015 %); gloo's in-collective temporaries (CPU only; NCCL's are outside torch's allocator) are not
+modelled, so CPU backward peaks of LoRA plans are underestimated by about one all-gather output.
 
 Known limitations (NB):
 - the collective library's own buffers (NCCL channels, gloo's) are outside torch's allocator and not
@@ -562,9 +563,9 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
         if after_forward:
             alive |= embed | layers(0, L)
         return alive, pre, kept
-    if i is None:  # the loss: the tail (and the root) gathered; the tail's flat output kept
-        alive |= keep
-        kept |= tail if world.version == 2 else set()
+    if i is None:  # the loss: the tail (and the root) gathered; the tail's flat output kept until the root's
+        alive |= keep  # forward returns (FSDPState._post_forward of the forward root frees all_gather_state)
+        kept |= tail if world.version == 2 and kind != "loss_backward" else set()
         if after_forward:
             alive |= embed | layers(0, L)
         return alive, pre, kept
