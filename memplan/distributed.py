@@ -627,8 +627,8 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
             else:
                 t[p.term] += part
             gathered = u.layer in alive_layers or (u.keep_after_forward and kind == "loss_backward")
-            if gathered:
-                t[p.term] += whole
+            if gathered:  # the gathered parameter (an all-gather output), as for FSDP
+                t[Term.COMM_BUFFERS] += whole
     n_tr = sum(p.numel for p in trainable)
     part = ceil(n_tr / w)
     grad_part = F.rounded(4 * part, rnd) if n_tr else 0
