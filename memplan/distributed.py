@@ -716,6 +716,11 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
         notes.append(f"DeepSpeed ZeRO-{p.zero_stage} over {p.num_processes} processes with the HF Trainer's 'auto' "
                      "bucket sizes; floating parameters are cast to 16-bit, the fp32 master partition is "
                      "optimizer_state; not checked on real DeepSpeed ranks (no DeepSpeed CPU run here)")
+    if p.autocast and s in ("fsdp", "deepspeed"):
+        notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"
+                     f"{p.autocast}{')' if s == 'fsdp' else ''}: every parameter reaches the compute in {p.autocast}, "
+                     f"so each rank's activations are those of the step with {p.autocast} parameters and adapters "
+                     "(no fp32 residual stream, no autocast copies of the adapters)")
     notes.append("comm_buffers counts the collective buffers in torch's allocator; NCCL's own buffers (outside "
                  "it, like cuda_context) are not counted and not yet checked on GPUs")
     if host.get(HOST_LOADING):
