@@ -322,3 +322,20 @@ def test_cpu_step_estimate_terms_sum():
                                                      gradient_accumulation_steps=2), load_gpu("a10g"))
     assert e.allocated_bytes == sum(e.terms[t] for t in ALLOCATED_TERMS)
     assert max(e.phase_peaks.values()) == e.allocated_bytes
+
+
+def test_root_forward_frees_the_last_all_gather_and_fp32_gathers_in_place():
+    """FSDP2 keeps the tail's flat all-gather output through the loss forward (inside the root's forward)
+    and frees it when the root's forward returns (FSDPState._post_forward): the loss backward has the
+    tail gathered but not its flat buffer. Without mixed precision the gathered dtype is the stored one."""
+    spec = load_model("llama-2-7b")
+    plan = TrainPlan(device="cpu", num_processes=2, strategy="fsdp", bnb_4bit_quant_storage="bf16")
+    _, world, per = rank_moments(spec, plan)
+    by = {u.name: u for u in world.units}
+    fwd = next(t for m, t in per if m.kind == "loss_forward")
+    bwd = next(t for m, t in per if m.kind == "loss_backward")
+    assert fwd[Term.COMM_BUFFERS] - bwd[Term.COMM_BUFFERS] == world.flat(by["lm_head"]) > 0
+    _, w32, _ = rank_moments(spec, plan.replace(mixed_precision="no", compute_dtype="fp32"))
+    lm = {u.name: u for u in w32.units}["lm_head"]
+    assert w32.gather_el == 0 and w32.full(lm) == spec.vocab_size * spec.hidden_size * 4  # fp32 after prepare
+    assert world.full(by["lm_head"]) == spec.vocab_size * spec.hidden_size * 2  # bf16 param_dtype
