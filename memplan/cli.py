@@ -262,6 +262,13 @@ def fit_data(args: argparse.Namespace) -> Fit:
                      host_ram_bytes=_host_ram(args), **plan_kwargs(args))
 
 
+def _one_device(command: str, plan: TrainPlan) -> None:
+    """simulate and profile run one process here: a distributed plan is `estimate`'s (per rank)."""
+    if plan.is_distributed:
+        raise MemplanError(f"{command} runs one process; for a distributed plan (--num-processes / --strategy) "
+                           "use `memplan estimate` (per rank), or drop the distributed flags")
+
+
 def _host_ram(args: argparse.Namespace) -> int | None:
     """`--host-ram GiB` (per node) in bytes, or None (host RAM reported, not checked)."""
     v = getattr(args, "host_ram", None)
@@ -470,6 +477,7 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         spec, plan = None, plan_from_args(args)
     else:
         _warn_plan(spec, plan)
+    _one_device("simulate", plan)
     try:
         from .simulate import simulate
     except ImportError:
@@ -767,6 +775,7 @@ def profile_data(args: argparse.Namespace) -> Any:
         _check_pretrained_source(args.model)
     spec, plan = _check_model_and_plan(args)
     _warn_plan(spec, plan)
+    _one_device("profile", plan)
     if args.out is not None:
         folder = args.find_max_batch or args.find_max_seq or not str(args.out).lower().endswith(".json")
         check_out_path("--out", args.out, folder=folder)

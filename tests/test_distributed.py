@@ -339,3 +339,9 @@ def test_root_forward_frees_the_last_all_gather_and_fp32_gathers_in_place():
     lm = {u.name: u for u in w32.units}["lm_head"]
     assert w32.gather_el == 0 and w32.full(lm) == spec.vocab_size * spec.hidden_size * 4  # fp32 after prepare
     assert world.full(by["lm_head"]) == spec.vocab_size * spec.hidden_size * 2  # bf16 param_dtype
+
+
+@pytest.mark.parametrize("command", ["simulate", "profile"])
+def test_simulate_and_profile_refuse_a_distributed_plan(capsys, command):
+    code, _, err = run(capsys, command, "llama-3.2-1b", "--num-processes", "2", "--strategy", "fsdp")
+    assert code == 2 and "memplan estimate" in err and len(err.strip().splitlines()) == 1
