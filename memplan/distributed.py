@@ -65,11 +65,12 @@ ceil(8/2)*64*4 = 1024 B; lora_B [64, 8]: 32*8*4 = 1024 B; with 3 ranks the base 
 ceil(64/3) = 22 rows: 22*64*4 = 5632 B per rank (3 x 5632 = 16896 B > 16384 B: 512 B of padding), and
 its unsharded all-gather output is 3 x 5632 = 16896 B (in fp32; 8448 B gathered in bf16).
 
-Checked against real 2-process gloo FSDP2 steps (helper dist-real's measurements, llama hidden 256,
-2 layers, QLoRA nf4 with bf16 storage, FULL_SHARD and SHARD_GRAD_OP, no checkpointing): every static
-term per rank and comm_buffers at the loss to the byte, the peak (the loss forward) within 1,024 B
-(0.015 %); gloo's in-collective temporaries (CPU only; NCCL's are outside torch's allocator) are not
-modelled, so CPU backward peaks of LoRA plans are underestimated by about one all-gather output.
+Checked against real 2-process gloo FSDP2 steps on CPU (helper dist-real's measurements: llama, qwen2,
+mistral, hidden 256, 2 layers, QLoRA nf4 with bf16 storage and LoRA, FULL_SHARD and SHARD_GRAD_OP, with
+and without checkpointing): every static term per rank to the byte; the peak within 0.02 % in 10 of 12
+configurations. The other two (LoRA FULL_SHARD without checkpointing -12.5 %, LoRA SHARD_GRAD_OP with
+checkpointing -1.8 %) peak while gloo holds its in-collective copy of an all-gather output (CPU only:
+NCCL allocates outside torch's allocator), which the closed form does not model.
 
 Known limitations (NB):
 - the collective library's own buffers (NCCL channels, gloo's) are outside torch's allocator and not
@@ -383,7 +384,24 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
                    view_grads=F.gradient_bytes(model, view.plan, rnd))
     if strategy == "fsdp" and plan.method == "qlora" and plan.quant != "int8" and quant_storage_bytes(plan) == 1:
         world.replicated_base = world.static[Term.BASE_WEIGHTS]
-    return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in view.moments]
+    ms = list(view.moments)
+    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD":
+        at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
+        if at is not None:
+            ms.insert(at, _tail_gather(ms[at]))
+    return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
+
+
+def _tail_gather(loss: Any) -> Any:
+    """FSDP2's last all-gather of the forward: the tail's (lm_head) copy-out, with the previous unit's flat
+    output still kept and the tail's own flat output alive (`wait_for_unshard` frees the previous one
+    after the copy-out): the saved activations of the whole forward, no logits yet. NB the activations are
+    the loss moment's (the final norm's output included)."""
+    return loss._replace(name="forward:tail_gather", kind="tail_gather", phase="forward",
+                         description="the end of forward: FSDP2 all-gathers the tail (lm_head), the previous "
+                                     "unit's all-gather output still kept",
+                         allocated_bytes=loss.allocated_bytes - loss.logits - loss.temporaries, logits=0,
+                         temporaries=0)
 
 
 def compute_distributed(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> Any:
@@ -560,6 +578,12 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     if kind == "forward":  # the last layer's forward
         alive |= names[L - 1] | root
         kept |= {next(iter(sorted(names[L - 1])))} if world.version == 2 else set()
+        if after_forward:
+            alive |= embed | layers(0, L)
+        return alive, pre, kept
+    if kind == "tail_gather":  # the tail's copy-out: the last layer's flat output kept, the tail's alive
+        alive |= keep
+        kept |= tail | {sorted(names[L - 1])[0]}
         if after_forward:
             alive |= embed | layers(0, L)
         return alive, pre, kept
