@@ -22,8 +22,9 @@ from .estimate import Estimate, estimate
 from .fit import Fit, check_fit
 from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
-from .plan import ATTN, DEVICES, DTYPES, METHODS, MIXED, PADDING, QUANTS, TRAINERS, TrainPlan, plan_from
-from .present import gib, host_line, pct, plan_dict, plan_lines, reserve_line, share, verdict
+from .plan import (ATTN, DEVICES, DTYPES, FSDP_PREFETCH, FSDP_SHARDING, METHODS, MIXED, OFFLOAD_DEVICES, PADDING,
+                   QUANT_STORAGE, QUANTS, STRATEGIES, TRAINERS, TrainPlan, plan_from)
+from .present import gib, host_line, pct, plan_dict, plan_lines, rank_lines, reserve_line, share, verdict
 from .units import GiB
 
 EXIT_OK, EXIT_NO_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -184,6 +185,42 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
     g.add_argument("--liger-kernel-config", "--liger_kernel_config", dest="liger_kernel_config", type=_liger_json,
                    metavar="JSON", help='TrainingArguments.liger_kernel_config: overrides of the family\'s defaults, '
                                         'e.g. \'{"rope": false}\'')
+    add_distributed_flags(p, exclude)
+
+
+def add_distributed_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """Flags of the distributed plan fields (accelerate / TrainingArguments names; memplan.distributed)."""
+    g = _Group(p.add_argument_group("distributed (default: one process, one GPU)"), exclude)
+    bool_flag = argparse.BooleanOptionalAction
+    g.add_argument("--num-processes", "--num_processes", "--nproc-per-node", type=_positive_int, metavar="N",
+                   help="total processes (GPUs) of the job, accelerate's num_processes (default 1)")
+    g.add_argument("--num-machines", "--num_machines", "--nnodes", type=_positive_int, metavar="N",
+                   help="nodes; processes per node = num_processes / num_machines (default 1)")
+    g.add_argument("--strategy", choices=STRATEGIES,
+                   help="auto (single for one process, ddp otherwise), single, ddp, fsdp or deepspeed (default auto)")
+    g.add_argument("--fsdp-version", "--fsdp_version", type=int, choices=(1, 2), help="FSDP1 or FSDP2 (default 2)")
+    g.add_argument("--fsdp-sharding-strategy", "--fsdp_sharding_strategy", type=str.upper, choices=FSDP_SHARDING,
+                   help="FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD or NO_SHARD (default FULL_SHARD)")
+    g.add_argument("--fsdp-backward-prefetch", "--fsdp_backward_prefetch", type=str.upper, choices=FSDP_PREFETCH,
+                   help="FSDP1 backward prefetch (FSDP2 always prefetches one unit) (default BACKWARD_PRE)")
+    g.add_argument("--fsdp-use-orig-params", action=bool_flag, default=None, help="FSDP1 use_orig_params")
+    g.add_argument("--fsdp-cpu-ram-efficient-loading", action=bool_flag, default=None,
+                   help="load the model on each node's local rank 0 only (host RAM) (default on)")
+    g.add_argument("--cpu-offload", action="store_true", default=None,
+                   help="CPU offload: FSDP offload_params; DeepSpeed offload_optimizer (and offload_param at ZeRO-3)")
+    g.add_argument("--fsdp-offload-params", "--fsdp_offload_params", action=bool_flag, default=None,
+                   help=argparse.SUPPRESS)
+    g.add_argument("--zero-stage", "--zero_stage", type=int, choices=(2, 3), help="DeepSpeed ZeRO stage (default 3)")
+    g.add_argument("--offload-optimizer", dest="offload_optimizer_device", choices=OFFLOAD_DEVICES,
+                   help="DeepSpeed zero_optimization.offload_optimizer.device (default none)")
+    g.add_argument("--offload-param", dest="offload_param_device", choices=OFFLOAD_DEVICES,
+                   help="DeepSpeed ZeRO-3 zero_optimization.offload_param.device (default none)")
+    g.add_argument("--bnb-4bit-quant-storage", "--bnb_4bit_quant_storage", type=str.lower,
+                   choices=QUANT_STORAGE + ("bfloat16", "float16", "float32"),
+                   help="dtype that holds the packed 4-bit weights: auto (uint8 on one GPU and DDP, the 16-bit "
+                        "load dtype for FSDP/ZeRO, which FSDP-QLoRA needs), uint8, bf16, fp16, fp32")
+    g.add_argument("--ddp-bucket-cap-mb", "--ddp_bucket_cap_mb", type=float, metavar="MiB",
+                   help="DDP gradient bucket size, TrainingArguments ddp_bucket_cap_mb (default 25)")
 
 
 def _gc_kwargs(text: str) -> bool:
@@ -217,6 +254,13 @@ def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = {k: getattr(args, k) for k in TrainPlan.field_names() if getattr(args, k, None) is not None}
     if "liger_kernel_config" in kw and "use_liger_kernel" not in kw:
         kw["use_liger_kernel"] = True  # --liger-kernels names the kernels to use
+    if getattr(args, "cpu_offload", None):  # one switch for both engines (accelerate's --cpu-offload words)
+        kw.setdefault("fsdp_offload_params", True)
+        kw.setdefault("offload_optimizer_device", "cpu")
+        if kw.get("zero_stage", TrainPlan.zero_stage) == 3:
+            kw.setdefault("offload_param_device", "cpu")
+    if isinstance(kw.get("ddp_bucket_cap_mb"), float) and kw["ddp_bucket_cap_mb"].is_integer():
+        kw["ddp_bucket_cap_mb"] = int(kw["ddp_bucket_cap_mb"])
     _check_sizes(kw)
     return kw
 
@@ -249,7 +293,25 @@ def estimate_data(args: argparse.Namespace) -> Estimate:
 def fit_data(args: argparse.Namespace) -> Fit:
     reserve = reserve_from_gib(args.reserve)
     _check_model_and_plan(args)
-    return check_fit(args.model, args.gpu, reserve_bytes=reserve, config=args.config_read, **plan_kwargs(args))
+    return check_fit(args.model, args.gpu, reserve_bytes=reserve, config=args.config_read,
+                     host_ram_bytes=_host_ram(args), **plan_kwargs(args))
+
+
+def _one_device(command: str, plan: TrainPlan) -> None:
+    """simulate and profile run one process here: a distributed plan is `estimate`'s (per rank)."""
+    if plan.is_distributed:
+        raise MemplanError(f"{command} runs one process; for a distributed plan (--num-processes / --strategy) "
+                           "use `memplan estimate` (per rank), or drop the distributed flags")
+
+
+def _host_ram(args: argparse.Namespace) -> int | None:
+    """`--host-ram GiB` (per node) in bytes, or None (host RAM reported, not checked)."""
+    v = getattr(args, "host_ram", None)
+    if v is None:
+        return None
+    if not v >= 0 or v == float("inf"):
+        raise MemplanError(f"--host-ram must be a non-negative number of GiB, got {v!r}")
+    return int(v * GiB)
 
 
 def recommend_data(args: argparse.Namespace) -> Any:
@@ -259,7 +321,7 @@ def recommend_data(args: argparse.Namespace) -> Any:
     _check_model_and_plan(args)
     return recommend(args.model, args.gpu, reserve_bytes=reserve,
                      simulate_budget=DEFAULT_SIMULATE_BUDGET if args.simulate_budget is None else args.simulate_budget,
-                     config=args.config_read, **plan_kwargs(args))
+                     config=args.config_read, host_ram_bytes=_host_ram(args), **plan_kwargs(args))
 
 
 def _int_list(flag: str, text: str | None, default: tuple[int, ...], most: int | None = None) -> tuple[int, ...]:
@@ -450,6 +512,7 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         spec, plan = None, plan_from_args(args)
     else:
         _warn_plan(spec, plan)
+    _one_device("simulate", plan)
     try:
         from .simulate import simulate
     except ImportError:
@@ -503,6 +566,12 @@ def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0
             out(f"{label:<20} {gib(peak[key]):>9} GiB{of}{used}")
     if reserve_bytes:
         out(f"{'reserve kept free':<20} {gib(reserve_bytes):>9} GiB")
+    for line in rank_lines(d.get("ranks")):
+        out(f"per rank: {line}")
+    if d.get("host"):
+        out(host_line(d["host"]) + (f" of {gib(d['host_ram_bytes'])} GiB per node -> "
+                                    f"{'fits' if d.get('host_fits') else 'DOES NOT FIT'}"
+                                    if d.get("host_ram_bytes") else " per node (not checked: --host-ram GiB)"))
     if d.get("headroom_bytes") is not None:
         out(f"{'headroom':<20} {gib(d['headroom_bytes']):>9} GiB  -> {d.get('verdict_text') or verdict(d['fits'])}")
     if d.get("paged_bytes"):
@@ -621,6 +690,18 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
             for c in r.not_enough:
                 out(f"  - {c.summary}: {c.flags} -> {gib(c.device_bytes)} GiB, "
                     f"headroom {gib(c.headroom_bytes)} GiB")
+    if r.multi_gpu:
+        out("")
+        out(f"on several {g.name} (per strategy, the fewest GPUs that fit; cheapest first at the fewest):")
+        for o in r.multi_gpu:
+            if o.num_processes is None:
+                out(f"  - {o.strategy}: does not fit on up to 64 GPUs")
+                continue
+            host = (f"host RAM {gib(o.host_bytes)} GiB per node" +
+                    ("" if o.host_fits is None else " (fits)" if o.host_fits else " (DOES NOT FIT)"))
+            out(f"  - {o.num_processes} x {g.name}, {o.strategy}: {gib(o.device_bytes)} GiB per GPU, micro-batch "
+                f"up to {o.max_batch_size} per GPU, {host}")
+            out(f"      {o.flags}")
     out("")
     if r.smallest_gpu:
         s = next(f for f in r.gpus if f.name == r.smallest_gpu)
@@ -731,6 +812,7 @@ def profile_data(args: argparse.Namespace) -> Any:
         _check_pretrained_source(args.model)
     spec, plan = _check_model_and_plan(args)
     _warn_plan(spec, plan)
+    _one_device("profile", plan)
     if args.out is not None:
         folder = args.find_max_batch or args.find_max_seq or not str(args.out).lower().endswith(".json")
         check_out_path("--out", args.out, folder=folder)
@@ -864,12 +946,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", metavar="GPU", help="GPU name for overheads and fit (see `memplan gpus`)")
     p = command("fit", cmd_fit, "does it fit? exit 0 fits, 1 does not fit, 2 bad input", config=True)
     p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
+    p.add_argument("--host-ram", metavar="GiB", type=float, default=None,
+                   help="host (CPU) RAM per node for a distributed plan's offload and loading (default: reported, "
+                        "not checked)")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0)")
     p = command("recommend", cmd_recommend,
                 "largest micro-batch and sequence length that fit, the cheapest changes that make a plan fit, "
                 "and the smallest GPU for it; exit 0 fits as given, 1 does not fit, 2 bad input", config=True)
     p.add_argument("--gpu", metavar="GPU", required=True, help="GPU name (see `memplan gpus`)")
+    p.add_argument("--host-ram", metavar="GiB", type=float, default=None,
+                   help="host (CPU) RAM per node: the several-GPU options must fit it too (default: reported, "
+                        "not checked)")
     p.add_argument("--reserve", metavar="GiB", type=float, default=None,
                    help="GiB to keep free for other processes or as a margin (default 0, as fit: the estimate "
                         "already counts CUDA context, workspace and allocator overhead)")

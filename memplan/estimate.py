@@ -131,8 +131,11 @@ class Estimate:
     moment: str = ""
     #: every moment the estimator checked, in step order (empty when the terms come from simulate)
     moments: tuple[Moment, ...] = field(default=(), compare=False, repr=False)
-    #: host (CPU RAM) bytes held at the device peak, by term (DESIGN.md host contract; empty: none)
-    host: dict[str, int] = field(default_factory=dict)
+    #: a distributed plan: every rank's terms and peak (memplan.distributed.RankResult); () otherwise
+    ranks: tuple[Any, ...] = field(default=(), repr=False)
+    #: bytes of host RAM at the device peak, keyed by Term value (or "loading"); per node for a
+    #: distributed plan (shared contract "host"); empty when nothing lives on the host
+    host: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def host_bytes(self) -> int:
@@ -145,7 +148,7 @@ class Estimate:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(self.terms[t] for t in ALLOCATED_TERMS)
+        return sum(self.terms.get(t, 0) for t in ALLOCATED_TERMS)
 
     @property
     def reserved_bytes(self) -> int:
@@ -184,13 +187,16 @@ class Estimate:
         return head + f" on {self.gpu.name!r}: {Fit.of(self).verdict}, headroom {gib(self.headroom_bytes)} GiB)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The `memplan.estimate/1` dict; a distributed plan adds `ranks` (and `comm_buffers` in the
+        terms), a result with host memory `host` (a single-GPU result keeps its shape)."""
+        dist = self.plan.is_distributed
+        d = {
             "schema": SCHEMA,
             "model": self.model.to_dict(),
             "plan": self.plan.to_dict(),
             "device": self.plan.device,
             "gpu": self.gpu.to_dict() if self.gpu else None,
-            "terms": {str(t): int(v) for t, v in self.terms.items()},
+            "terms": {str(t): int(v) for t, v in self.terms.items() if dist or t != Term.COMM_BUFFERS},
             "peak": {"phase": self.peak_phase, "moment": self.moment, "allocated_bytes": self.allocated_bytes,
                      "reserved_bytes": self.reserved_bytes, "device_bytes": self.device_bytes},
             "phase_peaks": dict(self.phase_peaks),
@@ -199,8 +205,12 @@ class Estimate:
             "headroom_bytes": self.headroom_bytes,
             "versions": dict(F.MODELED_VERSIONS, **(RECIPE_VERSIONS if self.plan.use_liger_kernel else {})),
             "notes": list(self.notes),
-            **({"host": {"terms": dict(self.host), "bytes": self.host_bytes}} if self.host else {}),
         }
+        if dist:
+            d["ranks"] = [r.to_dict() for r in self.ranks]
+        if self.host:
+            d["host"] = {"terms": {k: int(v) for k, v in self.host.items()}, "bytes": self.host_bytes}
+        return d
 
 
 # ---- the pieces every moment shares ----------------------------------------------------------------
@@ -1197,7 +1207,11 @@ def _llama4_checks(model: ModelSpec, plan: TrainPlan, changes: dict[str, Any]) -
 
 def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Estimate:
     """The estimate for a resolved model and plan (the pure core behind `estimate`): every moment of
-    the step, the peak is the largest."""
+    the step, the peak is the largest. A distributed plan: per rank (memplan.distributed)."""
+    if plan.is_distributed:
+        from .distributed import compute_distributed
+
+        return compute_distributed(model, plan, gpu)
     plan, notes = check_plan(model, plan)
     cuda = plan.device == "cuda"
     step = make_step(model, plan, cuda)
@@ -1306,7 +1320,7 @@ def estimate(model: str | ModelSpec | Any = None, plan: TrainPlan | None = None,
     try:
         est = compute(spec, p, g)
     except UnsupportedArchitectureError as e:
-        if not fallback_simulate or not _sim_available():
+        if not fallback_simulate or not _sim_available() or p.is_distributed:  # simulate traces one device
             raise
         fixes: list[str] = []
         if spec.is_moe and spec.arch.moe.router_is_linear_subclass:  # Llama 4 Maverick: the recipe that runs

@@ -51,11 +51,21 @@ class Fit:
     blocked: str = ""
     fix: str = ""
     paging: bool = False
+    #: host RAM per node the job may use (None: not checked, only reported)
+    host_ram_bytes: int | None = None
+
+    @property
+    def host_fits(self) -> bool | None:
+        """Whether the node's host RAM holds `estimate.host` (None when `host_ram_bytes` is not given)."""
+        if self.host_ram_bytes is None:
+            return None
+        return self.estimate.host_bytes <= self.host_ram_bytes
 
     @property
     def memory_fits(self) -> bool:
-        """The memory verdict alone (whether or not the GPU can run the plan)."""
-        return self.headroom_bytes >= 0
+        """The memory verdict alone (whether or not the GPU can run the plan): every rank's device
+        memory, and the host RAM when `host_ram_bytes` is given."""
+        return self.headroom_bytes >= 0 and self.host_fits is not False
 
     @property
     def verdict(self) -> str:
@@ -69,6 +79,9 @@ class Fit:
     def verdict_text(self) -> str:
         """The verdict in words, with the reason and the fix when the GPU cannot run the plan."""
         text = VERDICT_TEXT[self.verdict]
+        if self.host_fits is False:
+            text += (f" (host RAM: {_gib(self.estimate.host_bytes)} GiB needed per node, "
+                     f"{_gib(self.host_ram_bytes)} GiB given)")
         if self.blocked:
             text += ("; and it " + VERDICT_TEXT[CANNOT_RUN].lower() if self.verdict != CANNOT_RUN else "")
             text += f": {self.blocked}" + (f"; run it with {self.fix}" if self.fix else "")
@@ -93,19 +106,25 @@ class Fit:
                 f"headroom {_gib(self.headroom_bytes)} GiB, reserve {_gib(self.reserve_bytes)} GiB)")
 
     @classmethod
-    def of(cls, estimate: Estimate, reserve_bytes: int = 0) -> "Fit":
-        """The verdict for an estimate made for a GPU (`estimate.gpu`), keeping `reserve_bytes` free."""
+    def of(cls, estimate: Estimate, reserve_bytes: int = 0, host_ram_bytes: int | None = None) -> "Fit":
+        """The verdict for an estimate made for a GPU (`estimate.gpu`), keeping `reserve_bytes` free;
+        a distributed plan's estimate is its busiest rank, so every rank fits when it does. With
+        `host_ram_bytes` (per node) the host RAM the job needs (`estimate.host`) must fit too."""
         reserve = check_reserve(reserve_bytes)
+        if host_ram_bytes is not None and (isinstance(host_ram_bytes, bool) or not isinstance(host_ram_bytes, int)
+                                           or host_ram_bytes < 0):
+            raise MemplanError(f"host RAM (--host-ram GiB) must be a non-negative size, got {host_ram_bytes!r}")
         g = estimate.gpu
         if g is None:
             raise MemplanError(_NO_GPU)
         h = headroom_bytes(g.memory_bytes, estimate.device_bytes, reserve)
         blocked = gpu_support(g, estimate.plan)
         fix = gpu_fix(g, estimate.plan)[1] if blocked else ""
-        fits = h >= 0 and not blocked
+        host_ok = host_ram_bytes is None or estimate.host_bytes <= host_ram_bytes
+        fits = h >= 0 and not blocked and host_ok
         paging = fits and estimate.paged_bytes > h
         return cls(estimate=estimate, gpu=g, fits=fits, headroom_bytes=h, reserve_bytes=reserve,
-                   blocked=blocked, fix=fix, paging=paging)
+                   blocked=blocked, fix=fix, paging=paging, host_ram_bytes=host_ram_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.estimate.to_dict()
@@ -118,6 +137,9 @@ class Fit:
         d["paging"] = self.paging
         d["headroom_bytes"] = self.headroom_bytes
         d["reserve_bytes"] = self.reserve_bytes
+        if self.host_ram_bytes is not None or self.estimate.host:
+            d["host_ram_bytes"] = self.host_ram_bytes
+            d["host_fits"] = self.host_fits
         d["notes"] = list(self.notes)
         return d
 
@@ -125,9 +147,11 @@ class Fit:
 
 def check_fit(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *, reserve_bytes: int = 0,
               bnb_config: Any = None, lora_config: Any = None, training_args: Any = None,
-              config: Any = None, **plan_kwargs: Any) -> Fit:
+              config: Any = None, host_ram_bytes: int | None = None, **plan_kwargs: Any) -> Fit:
     """Estimate `model` under `plan` on `gpu` and say whether it fits, keeping `reserve_bytes` free
-    (for other processes, a display, a safety margin). Arguments as for `estimate`."""
+    (for other processes, a display, a safety margin). Arguments as for `estimate`. A distributed plan
+    fits when every rank fits its GPU and, with `host_ram_bytes` (per node), the host RAM holds what
+    the node's ranks offload and load."""
     from .estimate import estimate
 
     if gpu is None:
@@ -135,4 +159,4 @@ def check_fit(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *, 
     reserve = check_reserve(reserve_bytes)  # before the (possibly simulated) estimate
     est = estimate(model, plan, gpu=gpu, bnb_config=bnb_config, lora_config=lora_config,
                    training_args=training_args, config=config, **plan_kwargs)
-    return Fit.of(est, reserve)
+    return Fit.of(est, reserve, host_ram_bytes)

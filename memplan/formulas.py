@@ -331,7 +331,8 @@ def gradient_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1) -> int:
     return sum(k * _r(r * c * dt, rnd) for (r, c), dt, k in _trainable_groups(model, plan))
 
 
-def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda: bool = True) -> tuple[int, int]:
+def optimizer_state_bytes(model: ModelSpec | None, plan: TrainPlan, rnd: int = 1, cuda: bool = True,
+                          groups: list[tuple[tuple[int, int], int, int]] | None = None) -> tuple[int, int]:
     """(device-resident, paged) optimizer state bytes after the first step.
 
     torch AdamW: exp_avg + exp_avg_sq in the param dtype and a `step` scalar (a device tensor for
@@ -339,11 +340,14 @@ def optimizer_state_bytes(model: ModelSpec, plan: TrainPlan, rnd: int = 1, cuda:
     elements per state; tensors under 4096 elements keep 32-bit state. Paged variants put
     state1/state2 of tensors with at least 100,000 elements in cudaMallocManaged memory (NVML sees
     it, torch does not); on the CPU they are ordinary tensors. Adafactor (factored, no first
-    moment): a row and a column vector per matrix.
+    moment): a row and a column vector per matrix. `groups` ((rows, cols), dtype bytes, count):
+    the tensors the optimizer steps, when not the model's trainable parameters (a rank's shards:
+    memplan.distributed).
     """
     spec = OPTIMIZERS[plan.optim]
     dev = paged = 0
-    groups = _trainable_groups(model, plan)
+    if groups is None:
+        groups = _trainable_groups(model, plan)
     for (rows, cols), dt, k in groups:
         n = rows * cols
         d = p = 0

@@ -24,6 +24,12 @@ DEVICES = ("cuda", "cpu")
 #: `trl.trainer.utils.add_fused_lm_head`, which never materializes the logits; and with a quantized
 #: base it casts the trainable parameters to bf16: `adapter_dtype` is then bf16)
 TRAINERS = ("trainer", "sft")
+#: distributed plans (accelerate / TrainingArguments names; memplan/distributed.py models them)
+STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+FSDP_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
+OFFLOAD_DEVICES = ("none", "cpu")
+QUANT_STORAGE = ("auto", "uint8", "bf16", "fp16", "fp32")
 
 _DTYPE_ALIASES = {
     "bfloat16": "bf16", "torch.bfloat16": "bf16", "bf16": "bf16",
@@ -121,6 +127,21 @@ class TrainPlan:
     #: overrides of the family's default kernels (TrainingArguments' `liger_kernel_config` dict),
     #: kept as a sorted tuple of (kernel, on) pairs; a dict or "rope,rms_norm" (exactly those) is accepted
     liger_kernel_config: tuple[tuple[str, bool], ...] = ()
+    # -- distributed (see DIST_FIELDS; all at their defaults = one process, today's single-GPU plan) --
+    num_processes: int = 1
+    num_machines: int = 1
+    strategy: str = _AUTO
+    fsdp_version: int = 2
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_offload_params: bool = False
+    fsdp_backward_prefetch: str = "BACKWARD_PRE"
+    fsdp_use_orig_params: bool = False
+    fsdp_cpu_ram_efficient_loading: bool = True
+    zero_stage: int = 3
+    offload_optimizer_device: str = "none"
+    offload_param_device: str = "none"
+    bnb_4bit_quant_storage: str = _AUTO
+    ddp_bucket_cap_mb: int = 25
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -187,6 +208,16 @@ class TrainPlan:
             # own way, memplan/fused_head.py): Liger's layer kernels only
             set_("liger_kernel_config", tuple(sorted({**dict(self.liger_kernel_config),
                                                       "fused_linear_cross_entropy": False}.items())))
+        strategy = str(self.strategy).lower()
+        set_("strategy", {"fsdp2": "fsdp", "fsdp1": "fsdp", "zero": "deepspeed", "none": "single",
+                          "no": "single", "multi_gpu": "ddp"}.get(strategy, strategy))
+        for k in ("fsdp_sharding_strategy", "fsdp_backward_prefetch"):
+            set_(k, _FSDP_ENUMS.get(str(getattr(self, k)).upper(), str(getattr(self, k)).upper()))
+        for k in ("offload_optimizer_device", "offload_param_device"):
+            set_(k, str(getattr(self, k)).lower())
+        qs = str(self.bnb_4bit_quant_storage).lower()
+        set_("bnb_4bit_quant_storage", "uint8" if qs in ("uint8", "torch.uint8") else qs if qs == _AUTO
+             else norm_dtype(qs))
         problems = tuple(p for p in self.problems() if not p.startswith(_SHAPE_FLAGS))
         key = _other_fields(self)
         changes = tuple((k, v) for k, v, g in zip(_OTHER_FIELDS, key, given) if v is not g)
@@ -271,7 +302,73 @@ class TrainPlan:
                          "LM head its own way); drop it from --liger-kernels / --liger-kernel-config")
         if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
             p.append("--attn-implementation flash_attention_2 runs only on CUDA GPUs; with --device cpu use sdpa or eager")
+        p += self._distributed_problems()
         return p
+
+    def _distributed_problems(self) -> list[str]:
+        """The distributed fields' problems, in the words of their CLI flags."""
+        p: list[str] = []
+
+        def count(flag: str, v: Any, most: int) -> bool:
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= most:
+                p.append(f"{flag} must be a whole number from 1 to {most}, got {v!r}")
+                return False
+            return True
+
+        ok = count("--num-processes", self.num_processes, 65536) & count("--num-machines", self.num_machines, 8192)
+        if ok and self.num_processes % self.num_machines:
+            p.append(f"--num-processes {self.num_processes} does not split evenly over --num-machines "
+                     f"{self.num_machines}; give a multiple of {self.num_machines} processes")
+        for flag, v, allowed in (("--strategy", self.strategy, STRATEGIES),
+                                 ("--fsdp-sharding-strategy", self.fsdp_sharding_strategy, FSDP_SHARDING),
+                                 ("--fsdp-backward-prefetch", self.fsdp_backward_prefetch, FSDP_PREFETCH),
+                                 ("--offload-optimizer", self.offload_optimizer_device, OFFLOAD_DEVICES),
+                                 ("--offload-param", self.offload_param_device, OFFLOAD_DEVICES),
+                                 ("--bnb-4bit-quant-storage", self.bnb_4bit_quant_storage, QUANT_STORAGE)):
+            if v not in allowed:
+                p.append(f"{flag} {v!r} is not one of: {', '.join(allowed)}")
+        if self.fsdp_version not in (1, 2) or isinstance(self.fsdp_version, bool):
+            p.append(f"--fsdp-version must be 1 or 2, got {self.fsdp_version!r}")
+        if self.zero_stage not in (2, 3) or isinstance(self.zero_stage, bool):
+            p.append(f"--zero-stage must be 2 or 3 (DeepSpeed ZeRO), got {self.zero_stage!r}")
+        for k in ("fsdp_offload_params", "fsdp_use_orig_params", "fsdp_cpu_ram_efficient_loading"):
+            if not isinstance(getattr(self, k), bool):
+                p.append(f"{k} must be True or False, got {getattr(self, k)!r}")
+        v = self.ddp_bucket_cap_mb
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            p.append(f"--ddp-bucket-cap-mb must be a positive number of MiB, got {v!r}")
+        if self.strategy == "single" and self.num_processes > 1:
+            p.append(f"--strategy single runs one process, but --num-processes is {self.num_processes}; use "
+                     "--strategy ddp, fsdp or deepspeed (or --num-processes 1)")
+        if (self.strategy == "deepspeed" and self.zero_stage == 2 and self.offload_param_device != "none"):
+            p.append("--offload-param needs ZeRO stage 3 (DeepSpeed offloads parameters only at stage 3); use "
+                     "--zero-stage 3 or drop --offload-param")
+        if self.world_strategy != "single" and self.device == "cpu" and self.strategy == "deepspeed":
+            p.append("--strategy deepspeed with --device cpu is not modelled; estimate the GPU run (--device cuda)")
+        return p
+
+    @property
+    def world_strategy(self) -> str:
+        """The strategy the run uses: `strategy`, with auto resolved (single for one process, ddp otherwise)."""
+        if self.strategy == _AUTO:
+            return "single" if self.num_processes == 1 else "ddp"
+        return self.strategy
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether the plan names a distributed run (ddp, fsdp or deepspeed, even on one process)."""
+        return self.world_strategy != "single"
+
+    @property
+    def ranks_per_node(self) -> int:
+        return max(1, self.num_processes // max(1, self.num_machines))
+
+    def single_device(self) -> "TrainPlan":
+        """The same step on one device, no distributed fields: what every rank computes (data parallel)."""
+        return replace(self, **_DIST_DEFAULTS) if self.is_distributed or self._dist_changed() else self
+
+    def _dist_changed(self) -> bool:
+        return any(getattr(self, k) != v for k, v in _DIST_DEFAULTS.items())
 
     @property
     def tokens(self) -> int:
@@ -297,6 +394,8 @@ class TrainPlan:
         return h
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field; the distributed ones only when one differs from its default (a single-GPU
+        plan's dict is unchanged since before distributed plans)."""
         d = asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
@@ -306,6 +405,9 @@ class TrainPlan:
                 del d[k]
         if "liger_kernel_config" in d:
             d["liger_kernel_config"] = dict(self.liger_kernel_config)
+        if not self._dist_changed():
+            for k in DIST_FIELDS:
+                del d[k]
         return d
 
     @classmethod
@@ -319,6 +421,14 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 #: that plans (and the JSON, records and golden files made from them) that do not use them read as before
 _OMIT_AT_DEFAULT = ("activation_offloading", "checkpoint_offload", "trainer", "use_liger_kernel",
                     "liger_kernel_config")
+#: the distributed fields (memplan/distributed.py; /work shared spec "dist-fields"), with their defaults
+DIST_FIELDS = _FIELD_NAMES[_FIELD_NAMES.index("num_processes"):]
+_DIST_DEFAULTS = {f.name: f.default for f in fields(TrainPlan) if f.name in DIST_FIELDS}
+_FSDP_ENUMS = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD",
+               "SHARDINGSTRATEGY.FULL_SHARD": "FULL_SHARD", "SHARDINGSTRATEGY.SHARD_GRAD_OP": "SHARD_GRAD_OP",
+               "SHARDINGSTRATEGY.NO_SHARD": "NO_SHARD", "SHARDINGSTRATEGY.HYBRID_SHARD": "HYBRID_SHARD",
+               "BACKWARDPREFETCH.BACKWARD_PRE": "BACKWARD_PRE", "BACKWARDPREFETCH.BACKWARD_POST": "BACKWARD_POST",
+               "NONE": "NO_PREFETCH", "FALSE": "NO_PREFETCH"}
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")
@@ -440,6 +550,27 @@ def _from_training_args(args: Any) -> dict[str, Any]:
         out["use_liger_kernel"] = bool(_get(args, "use_liger_kernel"))
     if _get(args, "liger_kernel_config"):
         out["liger_kernel_config"] = _get(args, "liger_kernel_config")
+    out.update(_world_from_training_args(args))
+    return out
+
+
+def _world_from_training_args(args: Any) -> dict[str, Any]:
+    """TrainingArguments `fsdp` / `fsdp_config` / `deepspeed` / `ddp_bucket_cap_mb` -> the distributed
+    fields (memplan.integrations.world, standard library only); {} when none is set."""
+    fsdp, ds, bucket = _get(args, "fsdp"), _get(args, "deepspeed"), _get(args, "ddp_bucket_cap_mb")
+    if not fsdp and not ds and bucket is None:
+        return {}
+    from .integrations.world import from_deepspeed, from_fsdp_args, load_deepspeed
+
+    out: dict[str, Any] = {}
+    if fsdp:
+        out.update(from_fsdp_args(fsdp, _get(args, "fsdp_config") or {})[0])
+    if ds:
+        f = from_deepspeed(load_deepspeed(ds)[0])[0]
+        f.pop("mixed_precision", None)  # the Trainer's bf16/fp16 win
+        out.update(f)
+    if bucket is not None:
+        out["ddp_bucket_cap_mb"] = bucket
     return out
 
 

@@ -24,7 +24,8 @@ NA = "-"
 METHOD_LABELS = {"qlora": "QLoRA", "lora": "LoRA", "full": "full fine-tune"}
 
 __all__ = ["NA", "METHOD_LABELS", "is_missing", "number", "gib", "mib", "pct", "share", "verdict",
-           "plan_lines", "plan_text", "plan_brief", "reserve_line", "plan_dict"]
+           "plan_lines", "plan_text", "plan_brief", "reserve_line", "plan_dict", "world_text", "host_line",
+           "rank_lines"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +122,70 @@ def _extras(plan: Any) -> list[str]:
         out.append("checkpoint offload")
     if _get(plan, "trainer", "trainer") == "sft":
         out.append("TRL SFTTrainer (fused LM head)")
+    w = world_text(plan)
+    if w:
+        out.append(w)
+    return out
+
+
+def world_text(plan: Any) -> str:
+    """A distributed plan in words ("" for one process on one GPU): "2 processes, fsdp2 FULL_SHARD,
+    offload params, 4-bit storage bf16"."""
+    n = _get(plan, "num_processes")
+    if n is None:  # a plan dict without distributed fields: a single-GPU plan
+        return ""
+    strategy = _get(plan, "strategy")
+    if strategy == "auto":
+        strategy = "single" if n == 1 else "ddp"
+    if strategy == "single":
+        return ""
+    nodes = _get(plan, "num_machines", 1)
+    out = [f"{n} process{'es' if n != 1 else ''}" + (f" on {nodes} nodes" if nodes > 1 else "")]
+    if strategy == "fsdp":
+        out.append(f"fsdp{_get(plan, 'fsdp_version')} {_get(plan, 'fsdp_sharding_strategy')}")
+        if _get(plan, "fsdp_offload_params"):
+            out.append("offload params")
+    elif strategy == "deepspeed":
+        out.append(f"ZeRO-{_get(plan, 'zero_stage')}")
+        off = [k for k, f in (("optimizer", "offload_optimizer_device"), ("params", "offload_param_device"))
+               if _get(plan, f) == "cpu"]
+        if off:
+            out.append("offload " + " + ".join(off))
+    else:
+        out.append(f"ddp (buckets {_get(plan, 'ddp_bucket_cap_mb')} MiB)")
+    qs = _get(plan, "bnb_4bit_quant_storage")
+    if qs not in (None, "auto"):
+        out.append(f"4-bit storage {qs}")
+    return ", ".join(out)
+
+
+def host_line(host: Mapping[str, Any] | None) -> str:
+    """"host RAM: X GiB (loading Y GiB, optimizer_state Z GiB)" ("" when nothing lives on the host).
+    `host` is an estimate's `host` dict ({label: bytes}) or its JSON form ({"terms": ..., "bytes": N})."""
+    if not host:
+        return ""
+    terms = host.get("terms", host) if isinstance(host.get("terms"), Mapping) else host
+    total = sum(int(v) for v in terms.values())
+    parts = ", ".join(f"{k} {gib(v)} GiB" for k, v in sorted(terms.items(), key=lambda kv: -int(kv[1])) if v)
+    return f"host RAM: {gib(total)} GiB ({parts})"
+
+
+def rank_lines(ranks: Any) -> list[str]:
+    """One line per rank ({"rank", "terms", "peak"} dicts): device bytes, peak moment, comm buffers;
+    ranks with the same figures share one line."""
+    out: list[str] = []
+    groups: list[tuple[tuple[Any, ...], list[int]]] = []
+    for r in ranks or ():
+        pk = r["peak"]
+        key = (pk.get("device_bytes") or pk.get("allocated_bytes"), pk.get("moment") or pk.get("phase"),
+               r["terms"].get("comm_buffers", 0))
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(r["rank"])
+        else:
+            groups.append((key, [r["rank"]]))
+    for (dev, moment, comm), rs in groups:
+        who = f"rank {rs[0]}" if len(rs) == 1 else f"ranks {rs[0]}-{rs[-1]}"
+        out.append(f"{who}: {gib(dev)} GiB at {moment} (comm_buffers {gib(comm)} GiB)")
     return out
 
 
@@ -188,7 +253,3 @@ def reserve_line(reserve_bytes: int) -> str:
     return f"reserve: {gib(reserve_bytes)} GiB kept free (--reserve)"
 
 
-def host_line(host: Mapping[str, int]) -> str:
-    """The host (CPU RAM) result in one line (DESIGN.md host contract): "host RAM: X GiB (activations Y GiB, ...)"."""
-    parts = ", ".join(f"{k} {gib(v)} GiB" for k, v in host.items() if v)
-    return f"host RAM: {gib(sum(host.values()))} GiB ({parts})"

@@ -238,6 +238,11 @@ class Recommendation:
     run_plan: TrainPlan | None = field(default=None, repr=False)
     #: flags the real stack needs before the plan as given runs at all ("" = none); `plan` has them applied
     required_flags: str = ""
+    #: a single-GPU plan that does not fit: per strategy, the fewest GPUs of this type that fit it
+    #: (memplan.distributed.fewest_gpus), the fewest first; () otherwise
+    multi_gpu: tuple[Any, ...] = ()
+    #: host RAM per node given for the check (--host-ram), None: reported, not checked
+    host_ram_bytes: int | None = None
 
     @property
     def verdict(self) -> str:
@@ -282,6 +287,9 @@ class Recommendation:
             "smallest_gpu": self.smallest_gpu,
             "gpus": [g.to_dict() for g in self.gpus],
             "notes": list(self.notes),
+            **({"multi_gpu": [o.to_dict() for o in self.multi_gpu], "host_ram_bytes": self.host_ram_bytes}
+               if self.multi_gpu else {}),
+            **({"host": {"terms": dict(e.host), "bytes": e.host_bytes}} if e.host else {}),
         }
 
 
@@ -567,7 +575,7 @@ def _ranked_changes(est: "Estimator", p: TrainPlan, reserve: int, skipped: list[
 def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
               reserve_bytes: int = DEFAULT_RESERVE_BYTES, bnb_config: Any = None, lora_config: Any = None,
               training_args: Any = None, simulate_budget: int = DEFAULT_SIMULATE_BUDGET,
-              config: Any = None, **plan_kwargs: Any) -> Recommendation:
+              config: Any = None, host_ram_bytes: int | None = None, **plan_kwargs: Any) -> Recommendation:
     """What fits `model` on `gpu`: max micro-batch and sequence length, changes that make the plan fit
     (cheapest first), and the smallest catalogue GPU that runs it as given.
 
@@ -575,6 +583,9 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     `memplan fit`: the estimate already includes context, workspace and allocator overhead).
     `simulate_budget`: how many `memplan simulate` traces (seconds each) a model without a closed form
     (mixture-of-experts) may cost; what needs more is skipped and named in the notes.
+    A single-GPU plan that does not fit also gets `multi_gpu`: per strategy (DDP, SHARD_GRAD_OP,
+    FULL_SHARD, + CPU offload) the fewest GPUs of this type that fit every rank (and `host_ram_bytes`
+    per node, when given), with the largest per-GPU micro-batch and the host RAM each needs.
     """
     if gpu is None:
         raise MemplanError("recommend needs a GPU (--gpu NAME); see `memplan gpus`")
@@ -593,7 +604,7 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     g = load_gpu(gpu)
     p, required = required_changes(spec, p)
     est = Estimator(spec, g, simulate_budget)
-    verdict = Fit.of(est(p), reserve)
+    verdict = Fit.of(est(p), reserve, host_ram_bytes)
     e = verdict.estimate
     notes = ([device_note] if device_note else []) + list(config_notes) + list(verdict.notes)
     if required:
@@ -643,9 +654,35 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     if skipped:
         notes.append(f"not searched, each step of it needs another simulate trace (seconds): {'; '.join(skipped)}; "
                      "raise the budget (--simulate-budget N, or simulate_budget=N) to search them")
+    multi: tuple[Any, ...] = ()
+    if not verdict.fits and not p.is_distributed and not verdict.blocked and not est.simulated:
+        multi = _multi_gpu(spec, p, g, reserve, est, host_ram_bytes, notes)
     return Recommendation(model=spec, gpu=g, plan=p, estimate=e, reserve_bytes=reserve, fits=verdict.fits,
                           headroom_bytes=verdict.headroom_bytes, max_batch_size=mb, max_batch_capped=mb_cap,
                           max_seq_len=ms, max_seq_len_capped=ms_cap, changes=tuple(changes),
                           not_enough=tuple(not_enough), combined=combined, smallest_gpu=smallest,
                           gpus=fleet, notes=tuple(notes), fit=verdict, margin_bytes=est.margin, run_plan=run,
-                          required_flags=required)
+                          required_flags=required, multi_gpu=multi, host_ram_bytes=host_ram_bytes)
+
+
+def _multi_gpu(spec: ModelSpec, p: TrainPlan, g: GPUSpec, reserve: int, est: Estimator,
+               host_ram_bytes: int | None, notes: list[str]) -> tuple[Any, ...]:
+    """The fewest GPUs of type `g` per strategy (memplan.distributed.fewest_gpus), or () with a note
+    when the distributed closed form does not cover the model."""
+    from .distributed import fewest_gpus
+
+    def fits(q: TrainPlan) -> bool:
+        return Fit.of(est(q), reserve).fits
+
+    try:
+        opts = fewest_gpus(lambda q: est(q).device_bytes, fits, p, lambda q: est(q).host_bytes, host_ram_bytes,
+                           lambda q: max_batch_size(spec, q, g, reserve, estimator=est)[0])
+    except UnsupportedArchitectureError as err:
+        notes.append(f"several GPUs not searched: {err}")
+        return ()
+    best = next((o for o in opts if o.num_processes), None)
+    if best is not None:
+        notes.append(f"on several {g.name}: the fewest that fit are {best.num_processes} with {best.strategy} "
+                     f"({best.flags}), micro-batch up to {best.max_batch_size} per GPU, host RAM "
+                     f"{best.host_bytes / 2**30:.1f} GiB per node")
+    return tuple(opts)

@@ -26,6 +26,7 @@ class Term(str, Enum):
     WORKSPACE = "workspace"
     ALLOCATOR_OVERHEAD = "allocator_overhead"
     CUDA_CONTEXT = "cuda_context"
+    COMM_BUFFERS = "comm_buffers"
 
     def __str__(self) -> str:  # "activations", not "Term.ACTIVATIONS"
         return self.value
@@ -56,10 +57,20 @@ DEFINITIONS: dict[Term, str] = {
     Term.WORKSPACE: "cuBLAS/cuDNN workspaces allocated through torch's allocator",
     Term.ALLOCATOR_OVERHEAD: "torch reserved - allocated (segment rounding, fragmentation, cache)",
     Term.CUDA_CONTEXT: "the CUDA context and library state outside torch's allocator",
+    Term.COMM_BUFFERS: "collective buffers of a distributed step held by torch's allocator: DDP's reducer "
+                       "buckets, FSDP's reduce-scatter buffers, DeepSpeed ZeRO's gradient (ipg) and prefetch "
+                       "buckets (torch/nn/parallel/distributed.py Reducer; torch/distributed/fsdp/_fully_shard/"
+                       "_fsdp_collectives.py; deepspeed/runtime/zero/stage_1_and_2.py, stage3.py); NCCL's own "
+                       "buffers live outside torch's allocator and are not counted (like cuda_context); 0 for a "
+                       "single-GPU step",
 }
 
+#: The terms of a single-GPU result (every Term but `comm_buffers`, which only a distributed plan has):
+#: the keys of a single-GPU estimate's JSON, unchanged since before distributed plans.
+SINGLE_DEVICE_TERMS = tuple(Term)[:12]
+
 #: The terms that torch's allocator sees (sum = max_memory_allocated at the peak).
-ALLOCATED_TERMS = tuple(Term)[:10]
+ALLOCATED_TERMS = tuple(Term)[:10] + (Term.COMM_BUFFERS,)
 
 
 class Phase(str, Enum):

@@ -20,7 +20,7 @@ from ..liger import AXOLOTL_KEYS, KERNELS
 from ..optim import OPTIMIZERS
 from ..plan import ATTN, PADDING, fields_from_hf, norm_dtype
 
-KINDS = ("axolotl", "trl", "training_args")
+KINDS = ("axolotl", "trl", "training_args", "accelerate", "deepspeed")
 
 #: keys that only an axolotl config has
 _AXOLOTL_KEYS = ("base_model", "micro_batch_size", "sequence_len", "adapter", "datasets", "lora_target_linear",
@@ -97,6 +97,10 @@ def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def detect_kind(data: Mapping[str, Any]) -> str:
+    if "distributed_type" in data or "compute_environment" in data:
+        return "accelerate"
+    if "zero_optimization" in data:
+        return "deepspeed"
     if any(k in data for k in _AXOLOTL_KEYS):
         return "axolotl"
     if any(k in data for k in _TRL_KEYS):
@@ -119,7 +123,10 @@ def read_config(path: Any) -> ConfigRead:
         raise _bad(name, "not an axolotl, TRL SFTConfig or TrainingArguments config: none of its keys "
                          f"({', '.join(sorted(map(str, data))[:6]) or 'none'}) says which")
     reader = _Reader(name, data)
-    fields, model = (reader.axolotl() if kind == "axolotl" else reader.trl(kind))
+    if kind in ("accelerate", "deepspeed"):
+        fields, model = reader.launcher(kind), None
+    else:
+        fields, model = (reader.axolotl() if kind == "axolotl" else reader.trl(kind))
     return ConfigRead(plan_fields=fields, model=model, notes=tuple(reader.notes), kind=kind, path=name)
 
 
@@ -186,6 +193,54 @@ class _Reader:
         for k in keys:
             if self.on(k):
                 self.note(f"{k}: {self.d[k]!r} changes memory; {NOT_MODELLED}")
+
+    def launcher(self, kind: str) -> dict[str, Any]:
+        """An accelerate config YAML or a DeepSpeed JSON: the distributed fields (memplan.integrations.world)."""
+        from .world import from_accelerate, from_deepspeed
+
+        try:
+            if kind == "accelerate":
+                out, notes = from_accelerate(self.d, base=Path(self.path).parent)
+            else:
+                out, notes = from_deepspeed(self.d)
+                for key, field in (("train_micro_batch_size_per_gpu", "batch_size"),
+                                   ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+                    if isinstance(self.d.get(key), int) and not isinstance(self.d.get(key), bool):
+                        out[field] = self.int_(key)
+        except (TypeError, ValueError) as e:
+            raise self.bad(f"a distributed setting is not a number where one is needed ({e})") from None
+        for n in notes:
+            self.note(n)
+        return out
+
+    def world(self) -> dict[str, Any]:
+        """TrainingArguments / SFTConfig `fsdp`, `fsdp_config`, `deepspeed`, `ddp_bucket_cap_mb` -> fields."""
+        from .world import from_deepspeed, from_fsdp_args, load_deepspeed
+
+        out: dict[str, Any] = {}
+        try:
+            f, notes = from_fsdp_args(self.d.get("fsdp"), self.d.get("fsdp_config") or {})
+            if f:
+                out.update(f)
+                self.note(f"fsdp {_short(self.d['fsdp'])}: estimated per rank as FSDP{f.get('fsdp_version', 2)} "
+                          f"{f.get('fsdp_sharding_strategy', 'FULL_SHARD')}; the launcher sets the number of "
+                          "processes: give --num-processes N (accelerate launch / torchrun)")
+            if self.on("deepspeed"):
+                cfg, more = load_deepspeed(self.d["deepspeed"], base=Path(self.path).parent)
+                f2, notes2 = from_deepspeed(cfg)
+                f2.pop("mixed_precision", None)  # the Trainer's bf16/fp16 win ("auto" in the JSON)
+                out.update(f2)
+                notes += more + notes2
+                self.note(f"deepspeed {_short(self.d['deepspeed'])}: estimated per rank as ZeRO-"
+                          f"{f2.get('zero_stage', 3)}; the launcher sets the number of processes: give "
+                          "--num-processes N")
+        except (TypeError, ValueError) as e:
+            raise self.bad(f"fsdp / fsdp_config / deepspeed: a setting is not what it should be ({e})") from None
+        for n in notes:
+            self.note(n)
+        if self.d.get("ddp_bucket_cap_mb") is not None:
+            out["ddp_bucket_cap_mb"] = self.d["ddp_bucket_cap_mb"]
+        return out
 
     def multi_gpu(self) -> None:
         for k in ("deepspeed", "fsdp"):
@@ -489,7 +544,7 @@ class _Reader:
         self.liger_trl(kind)
         if d.get("activation_offloading") is not None:
             out["activation_offloading"] = self.bool_("activation_offloading")
-        self.multi_gpu()
+        out.update(self.world())
         self.unmodelled(_TRL_UNMODELLED)
         model = d.get("model_name_or_path")
         return out, (str(model) if model else None)

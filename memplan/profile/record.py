@@ -43,14 +43,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..errors import MemplanError
-from ..terms import ALLOCATED_TERMS, Term
+from ..terms import ALLOCATED_TERMS, SINGLE_DEVICE_TERMS, Term
 
 if TYPE_CHECKING:
     from ..plan import TrainPlan
 
 SCHEMA = "memplan.run/1"
 STATUSES = ("success", "oom", "failed")
-TERMS = tuple(str(t) for t in Term)
+TERMS = tuple(str(t) for t in SINGLE_DEVICE_TERMS)  # a stored run predating comm_buffers lacks it
 PEAK_KEYS = ("allocated_bytes", "reserved_bytes", "device_bytes")
 
 

@@ -39,6 +39,7 @@ TERM_LABELS = {
     Term.WORKSPACE: "cuBLAS workspace",
     Term.ALLOCATOR_OVERHEAD: "allocator overhead (reserved - allocated)",
     Term.CUDA_CONTEXT: "CUDA context",
+    Term.COMM_BUFFERS: "collective buffers (distributed)",
 }
 #: One colour per term, the same in every chart: weights in blues, training state in greens/oranges,
 #: per-token memory in reds, device overheads in greys.
@@ -55,6 +56,7 @@ TERM_COLORS = {
     Term.WORKSPACE: "#c7c7c7",
     Term.ALLOCATOR_OVERHEAD: "#8c8c8c",
     Term.CUDA_CONTEXT: "#4d4d4d",
+    Term.COMM_BUFFERS: "#bcbd22",
 }
 PAGED_LABEL = "paged optimizer state (CUDA managed memory, not counted in the fit)"
 #: The fit matrix's colour scale, the same in every report: headroom in GiB from -FIT_SCALE_GIB (darkest

@@ -14,7 +14,7 @@ from typing import Any
 from ..model import ModelSpec
 from ..plan import TrainPlan
 from ..runtime.step import StepResult
-from ..terms import Term
+from ..terms import SINGLE_DEVICE_TERMS, Term
 
 SCHEMA = "memplan.simulate/1"
 
@@ -43,8 +43,8 @@ class SimulateResult(StepResult):
 
     def to_dict(self) -> dict[str, Any]:
         """The `memplan.simulate/1` dict (`memplan simulate --json`)."""
-        terms = {str(t): 0 for t in Term}
-        terms.update({str(k): int(v) for k, v in self.terms.items()})
+        terms = {str(t): 0 for t in SINGLE_DEVICE_TERMS}  # comm_buffers only when a step has collectives
+        terms.update({str(k): int(v) for k, v in self.terms.items() if int(v) or str(k) in terms})
         return {
             "schema": SCHEMA,
             "model": self.model.to_dict() if self.model is not None else None,

@@ -10,4 +10,4 @@ def test_every_term_has_one_definition():
 
 def test_allocated_terms_exclude_what_torch_does_not_allocate():
     assert Term.ALLOCATOR_OVERHEAD not in ALLOCATED_TERMS and Term.CUDA_CONTEXT not in ALLOCATED_TERMS
-    assert len(ALLOCATED_TERMS) == 10 and Term.WORKSPACE in ALLOCATED_TERMS
+    assert len(ALLOCATED_TERMS) == 11 and Term.WORKSPACE in ALLOCATED_TERMS and Term.COMM_BUFFERS in ALLOCATED_TERMS
