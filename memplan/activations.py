@@ -1453,7 +1453,7 @@ class ActivationProfile(NamedTuple):
     down_out_dt: int          # dtype bytes of down_proj's output (the gradient arriving there)
     input_in_saved: bool      # the layer input is itself saved (fp32 stream: x.to(float32) is x)
     layer_input_bytes: int    # what a checkpointed layer keeps: its input
-    rope_bytes: int           # cos / sin, saved once
+    rope_bytes: int           # cos / sin, saved once (packing: and the batch's position ids)
     final_norm_bytes: int     # final norm's saved input + rsqrt
     head_bytes: int           # lm_head: the autocast copy of a frozen fp32 weight, if any
     lora_weight_copies: int   # autocast's cache of bf16 LoRA weights (2 B per LoRA param)
@@ -1524,6 +1524,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     B, S = plan.batch_size, plan.seq_len
     T, H, L = B * S, model.hidden_size, model.num_layers
     BSS = T * S
+    rows = B if plan.packing else 1  # position_ids from the batch (packing) or arange(S)[None] (the model)
     # CUDA gemm_4bit: the fused kernel for at most 1536 tokens (bitsandbytes backends/cuda/ops.py)
     tr = layer_trace(model, plan, (cpu, not cpu and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
                                    sdpa_masked(model, plan)))
@@ -1546,10 +1547,13 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         # reading x in fp32 without dropout saves it)
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
         -(-T * H * a // g) * g,
-        # deepseek_v2, Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (torch.polar)
-        (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex or model.layer_rope else
-         2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
-                // g) * g)),
+        # deepseek_v2, Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (torch.polar); packed rows
+        # bring their own position_ids [B, S]: cos/sin [B, S, rope_dim] (`rows`)
+        (-(-rows * S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex or model.layer_rope else
+         2 * (-(-rows * S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2)
+                * (4 if model.arch.rope_fp32 else a) // g) * g))
+        # packing: the batch's position_ids [B, S] int64 (the model slices it: alive through the step)
+        + (-(-T * 8 // g) * g if plan.packing else 0),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too
         -(-T * H * 4 // g) * g + -(-T * 4 // g) * g + ((-(-H * 4 // g) * g) if model.arch.gemma_norm else 0),
         -(-model.vocab_size * H * 2 // g) * g if pr.autocast and a != 2 else 0,
@@ -1601,10 +1605,23 @@ def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:
     max_window_layers) are walked as their full-attention layers when unpadded."""
     if plan.attn_implementation != "sdpa":
         return False
-    if plan.padding != "none":
+    if plan.padding != "none" or plan.packing:  # packing: the block-diagonal mask (`packed_rows`)
         return True
     return bool(model.sliding_window) and plan.seq_len >= model.sliding_window and \
         model.attention_types == ("sliding_attention",)
+
+
+def packed_rows(plan: TrainPlan) -> TrainPlan:
+    """The plan as the model sees its batch. `padding_free` (TRL's padding-free collator,
+    transformers' DataCollatorWithFlattening): the batch_size rows flattened into one row of
+    batch_size x seq_len tokens with position ids restarting per sequence -- a packed batch of one
+    row. `packing` rows: [batch_size, seq_len] with restarting position ids (transformers 5.24
+    masking_utils.find_packed_sequence_indices then makes SDPA/eager attention block-diagonal,
+    `sdpa_masked`; FlashAttention-2 runs varlen). NB: every row full (seq_len tokens), holding at least
+    two sequences: the conservative case (one sequence per row gets no mask under SDPA)."""
+    if plan.padding_free:
+        return plan.replace(batch_size=1, seq_len=plan.tokens, padding_free=False, packing=True)
+    return plan
 
 
 def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> int:
@@ -1621,7 +1638,8 @@ def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> 
     attn = plan.attn_implementation
     if attn == "eager":
         return len(model.attention_types) * (-(-B * S * S * plan.precision.params // g) * g)
-    if attn == "sdpa" and plan.padding != "none":  # a padding mask: no type can skip; it varies by row
+    if attn == "sdpa" and (plan.padding != "none" or plan.packing):  # a padding / packed-sequence mask:
+        # no type can skip it; it varies by row
         return len(model.attention_types) * (-(-B * S * S // g) * g)
     if attn == "sdpa" and model.sliding_window and S >= model.sliding_window:
         return -(-S * S // g) * g

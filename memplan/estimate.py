@@ -56,7 +56,8 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
-from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
+from .activations import (FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, packed_rows,
+                          sdpa_masked)
 from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
@@ -302,8 +303,14 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
                 layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
-                (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
+                (_position_ids(plan, r) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
                 RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
+
+
+def _position_ids(plan: TrainPlan, r: Callable[[int], int]) -> int:
+    """The position ids a checkpointed layer keeps as its argument: the model's arange(S)[None] (int64),
+    or none made in the step when the batch brings its own (packing: made by the collator)."""
+    return 0 if plan.packing else r(8 * plan.seq_len)
 
 
 def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -> Step:
@@ -335,7 +342,7 @@ def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -
     return Step(model, plan, static, last, r, T,
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,
                 layers_saved, last.rope_bytes + last.final_norm_bytes + last.head_bytes,
-                (r(8 * plan.seq_len) + last.mask_bytes) if gc else 0, 2 * r(4),
+                (_position_ids(plan, r) + last.mask_bytes) if gc else 0, 2 * r(4),
                 RNG_STATE_BYTES if gc and not cuda else 0,
                 saved, tuple((o[0], o[1]) for o in order), tuple(o[5] for o in order))
 
@@ -1035,7 +1042,7 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     the step, the peak is the largest."""
     plan, notes = check_plan(model, plan)
     cuda = plan.device == "cuda"
-    step = make_step(model, plan, cuda)
+    step = make_step(model, packed_rows(plan), cuda)  # padding-free: the one flattened row the model sees
     ms = moments(step)
     alloc = [m.allocated_bytes for m in ms]
     peak = ms[alloc.index(max(alloc))]  # the first in step order on a tie

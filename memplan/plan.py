@@ -100,6 +100,13 @@ class TrainPlan:
     gradient_checkpointing: bool = True
     use_reentrant: bool = False
     padding: str = "none"
+    #: TRL `packing`: each of the `batch_size` rows holds `seq_len` tokens of several sequences, the
+    #: position ids restarting at each (no attention_mask): SDPA/eager get a block-diagonal mask,
+    #: FlashAttention-2 its varlen path (see `memplan.packing`)
+    packing: bool = False
+    #: TRL `padding_free` / transformers `DataCollatorWithFlattening`: the micro-batch's rows are
+    #: flattened into one row of batch_size x seq_len tokens, position ids restarting per sequence
+    padding_free: bool = False
     optim: str = "paged_adamw_8bit"
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
@@ -222,6 +229,12 @@ class TrainPlan:
             p.append(f"--quant {self.quant} quantizes the base, which --method {self.method} does not do; use --method qlora")
         if self.mixed_precision == "bf16" and self.compute_dtype == "fp16":
             pass  # allowed: HF lets them differ
+        for flag, v in (("--packing", self.packing), ("--padding-free", self.padding_free)):
+            if not isinstance(v, bool):
+                p.append(f"{flag} takes true or false, got {v!r}")
+        if (self.packing or self.padding_free) and self.padding != "none":
+            p.append(f"--padding {self.padding} pads rows that {'--packing' if self.packing else '--padding-free'} "
+                     "leaves unpadded (packed rows carry no attention_mask); use --padding none")
         if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
             p.append("--attn-implementation flash_attention_2 runs only on CUDA GPUs; with --device cpu use sdpa or eager")
         return p
@@ -251,6 +264,9 @@ class TrainPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for k in _OMIT_DEFAULT:  # fields added after the JSON contract was fixed: shown when set
+            if d[k] is False:
+                del d[k]
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
         return d
@@ -261,6 +277,8 @@ class TrainPlan:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
+#: fields `to_dict` leaves out at their default (False), so plans that do not use them keep their JSON
+_OMIT_DEFAULT = ("packing", "padding_free")
 _OTHER_FIELDS = tuple(f for f in _FIELD_NAMES if f not in _SHAPE_FIELDS)
 _other_fields = attrgetter(*_OTHER_FIELDS)
 _SHAPE_FLAGS = ("--batch-size", "--seq-len", "--gradient-accumulation-steps")
@@ -378,6 +396,24 @@ def _from_training_args(args: Any) -> dict[str, Any]:
         out["mixed_precision"] = "no"
     if _get(args, "use_cpu", False):
         out["device"] = "cpu"
+    out.update(packing_fields(_get(args, "packing"), _get(args, "packing_strategy"), _get(args, "padding_free")))
+    return out
+
+
+def packing_fields(packing: Any, strategy: Any, padding_free: Any) -> dict[str, Any]:
+    """The plan fields a TRL SFTConfig's `packing`, `packing_strategy` and `padding_free` set
+    (trl 1.16 trainer/sft_trainer.py SFTTrainer.__init__: `padding_free = args.padding_free or
+    (args.packing and args.packing_strategy in {"bfd", "bfd_split"})`; its collator then flattens the
+    packed rows into one). "wrapped" packing hands the model full rows with an all-ones
+    attention_mask and no position ids: the plain step (packing stays off). Absent keys set nothing."""
+    out: dict[str, Any] = {}
+    strategy = "bfd" if strategy is None else str(strategy)
+    if strategy == "bfd-requeue":  # trl renames it (SFTConfig.__post_init__)
+        strategy = "bfd_split"
+    if packing is not None:
+        out["packing"] = bool(packing) and strategy != "wrapped"
+    if padding_free is not None or packing is not None:
+        out["padding_free"] = bool(padding_free) or (bool(packing) and strategy in ("bfd", "bfd_split"))
     return out
 
 

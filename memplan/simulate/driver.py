@@ -160,7 +160,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
     from .result import SimulateResult
 
     round_to = tracker.round_to
-    with build_patches():
+    with build_patches(packed=plan.packing or plan.padding_free):
         say("building model")
         model = build_meta_model(config, plan)
         with torch.device("meta"):  # LoRA layers born on meta: no real init of ~10^9 numbers

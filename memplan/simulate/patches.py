@@ -2,9 +2,12 @@
 
 All are applied only inside `simulate` and restored afterwards (tests/test_simulate.py checks that).
 
-1. ``transformers.masking_utils.find_packed_sequence_indices`` → None for meta position ids. It asks
-   the data (``.all()``) whether the position ids describe packed sequences; the step feeds one
-   unpacked sequence per row, for which the real function returns None too (`build_patches`).
+1. ``transformers.masking_utils.find_packed_sequence_indices`` on meta position ids. It asks the data
+   (``.all()``) whether the position ids describe packed sequences. Unpacked plans feed one sequence
+   per row, for which the real function returns None: so does the patch. Packed plans (`packing`,
+   `padding_free`: `runtime.step.packed_batch` puts two sequences in every row) get what the real
+   function returns for them, the [B, S] sequence indices, computed by the real function with its
+   data check skipped (``is_tracing`` → True for that call) (`build_patches(packed=...)`).
 7. Optimizers: ``adamw_torch_fused`` needs "meta" in
    ``torch.optim.optimizer._get_fused_kernels_supported_devices`` (`build_patches`); on ``"cuda"``
    AdamW/SGD get ``foreach=True`` (torch's CUDA default; on meta, as on CPU, torch picks the
@@ -56,8 +59,9 @@ def patch_attr(obj, name: str, value) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def build_patches() -> Iterator[None]:
-    """Patches needed while building, adapting and stepping (patches 1 and 7, name2qmap on CPU)."""
+def build_patches(packed: bool = False) -> Iterator[None]:
+    """Patches needed while building, adapting and stepping (patches 1 and 7, name2qmap on CPU);
+    `packed`: the step's batch holds packed sequences (patch 1)."""
     import torch.optim.optimizer as topt
     import transformers.masking_utils as mu
 
@@ -70,7 +74,10 @@ def build_patches() -> Iterator[None]:
 
     def find_packed(position_ids):
         if position_ids is not None and position_ids.is_meta:
-            return None
+            if not packed:
+                return None
+            with patch_attr(mu, "is_tracing", lambda *_: True):  # the real ops, minus the data check
+                return orig_find(position_ids)
         return orig_find(position_ids)
 
     orig_find = mu.find_packed_sequence_indices
