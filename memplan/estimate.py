@@ -849,7 +849,7 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
             f"{model.name}: seq_len {plan.seq_len} reaches attention_chunk_size {chunk}, where the chunked "
             f"layers get a block-diagonal mask the closed form does not model; `memplan simulate {model.name}` "
             "traces it exactly")
-    return (plan.replace(**dict(changes)) if changes else plan), list(notes)
+    return (plan.replace(**dict(changes)) if changes else plan), list(notes) + _packing_notes(plan)
 
 
 @shape_free_cache()
@@ -904,6 +904,31 @@ def _plan_checks(model: ModelSpec, plan: TrainPlan, _unused: bool) -> tuple[tupl
             f"the closed form covers {model.name}'s eager attention with sinks only: `memplan simulate "
             f"{model.name}` traces {plan.attn_implementation}")
     return tuple(changes.items()), tuple(notes)
+
+
+def _packing_notes(plan: TrainPlan) -> list[str]:
+    """What a packed or padding-free plan assumes (activations.packed_rows), and what TRL 1.16 does
+    not check: it documents padding_free for FlashAttention-2/3 but neither warns nor refuses it with
+    SDPA or eager (trl/trainer/sft_trainer.py SFTTrainer.__init__), where transformers then builds a
+    block-diagonal mask over the whole flattened row."""
+    if not (plan.packing or plan.padding_free):
+        return []
+    rows = (f"one flattened row of batch_size x seq_len = {plan.tokens} tokens" if plan.padding_free
+            else f"{plan.batch_size} row(s) of {plan.seq_len} tokens")
+    notes = [f"{'padding-free' if plan.padding_free else 'packed'} batch: {rows}, position ids restarting per "
+             "sequence, no attention_mask; assumed full (every row packed to seq_len) and holding two or more "
+             "sequences -- memory depends on the row shape, not on where the sequence boundaries fall "
+             "(checked on real CPU steps)"]
+    attn = plan.attn_implementation
+    if attn in ("sdpa", "eager"):
+        S = plan.tokens if plan.padding_free else plan.seq_len
+        B = 1 if plan.padding_free else plan.batch_size
+        notes.append(f"{attn} with packed sequences: transformers builds a block-diagonal [{B}, 1, {S}, {S}] mask "
+                     "(masking_utils.find_packed_sequence_indices) and each layer keeps its additive float copy "
+                     "(quadratic in the row length); --attn-implementation flash_attention_2 runs varlen without one"
+                     + ("; TRL documents padding_free for FlashAttention-2/3 only, but neither warns nor refuses "
+                        "it with " + attn if plan.padding_free else ""))
+    return notes
 
 
 #: plan fields the real stack forces for a model (`_moe_checks`), as the flags that set them
