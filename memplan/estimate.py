@@ -56,8 +56,8 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
-from .activations import (FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, packed_rows,
-                          sdpa_masked)
+from .activations import (FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, flash_varlen, layer_trace,
+                          packed_rows, sdpa_masked)
 from .catalogue import load_gpu, resolve_model
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
 from .gpu import GPUSpec, gpu_notes
@@ -328,7 +328,7 @@ def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -
         view = F.kind_view(model, kind == "moe")
         ap = activation_profile(view, plan, cpu=not cuda)
         tr = layer_trace(view, plan, (not cuda, cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
-                                      sdpa_masked(view, plan)))
+                                      sdpa_masked(view, plan), flash_varlen(plan)))
         ev = lambda c: c[0] * T + c[1] * T * S + c[2]  # noqa: E731
         grads = sum(k and F.rounded(rr * cc * dt, rnd) for (rr, cc), dt, k in F._trainable_groups(view, plan)
                     if k == view.num_layers)
@@ -811,6 +811,7 @@ def moments(s: Step) -> tuple[Moment, ...]:
         layers = sorted({i for k in set(kinds) for i in (kinds.index(k), last - kinds[::-1].index(k))},
                         reverse=True)
     for i in dict.fromkeys(layers):
+        first_i = len(out)
         s_i = s
         s = _kind_step(s_i, i)
         lb = layer_backward_state(s, i)
@@ -832,6 +833,10 @@ def moments(s: Step) -> tuple[Moment, ...]:
             mla = mla_attention_backward_moment(s, lb)
             if mla is not None:
                 out.append(mla)
+        if gc and s.ap.nograd_saved:
+            # the recomputed layer's tensors made with grad mode off are temporaries for the tracker
+            x = s.ap.nograd_saved
+            out[first_i:] = [m if m.kind == "recompute" else _plus(m, -x, x) for m in out[first_i:]]
         s = s_i
     out.append(optimizer_moment(s))
     return tuple(out)

@@ -22,6 +22,8 @@ returning a tuple, and peft's forward then fails with "'tuple' object has no att
 
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import importlib.util
 import sys
@@ -156,11 +158,14 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
     from ..runtime.step import StepResult, run_steps
     from .build import build_meta_model
     from .emulation import MetaEmulation
+    from .flash import flash_patches
     from .patches import build_patches, make_meta_optimizer, step_patches
     from .result import SimulateResult
 
     round_to = tracker.round_to
-    with build_patches(packed=plan.packing or plan.padding_free):
+    packed = plan.packing or plan.padding_free
+    with build_patches(packed=packed), (flash_patches(packed, 2 * plan.batch_size)  # packed_batch: 2 per row
+                                        if plan.attn_implementation == "flash_attention_2" else contextlib.nullcontext()):
         say("building model")
         model = build_meta_model(config, plan)
         with torch.device("meta"):  # LoRA layers born on meta: no real init of ~10^9 numbers

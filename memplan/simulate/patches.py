@@ -25,6 +25,11 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
    recomputes. The patch takes that snapshot on meta too; the tracker counts RNG states (it wraps
    ``torch.get_rng_state``) when the CPU is the emulated device (`step_patches`).
 
+13. FlashAttention-2 without the flash-attn package (CUDA only): the availability check skipped and
+   the flash-attn functions transformers imports replaced by autograd Functions that allocate and save
+   what flash-attn 2.x does, fixed-length and varlen (`flash.flash_patches`, entered by the driver for
+   plans with attn_implementation flash_attention_2).
+
 `step_patches` enters, for the steps, the emulation mode (`emulation.MetaEmulation`: patches 2, 3
 and 6) with its autocast stand-ins (``torch.autocast``/``torch.amp.autocast`` accept
 ``device_type="meta"``, ``torch.clear_autocast_cache`` also clears the emulated weight cache, and on
