@@ -250,6 +250,7 @@ class LayerModel:
         self.nope = False  # Llama 4: walk a NoPE layer (no rotary, no qk norm; temperature tuning)
         self.leaf_sid = -1  # the layer input when it is a leaf (a checkpointed layer's recompute)
         self.cast_cache: dict[int, Sym] = {}
+        self.flash_dt = 2  # FlashAttention-2's input dtype (`_flash`)
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -721,6 +722,7 @@ class LayerModel:
             parts = tuple(w.new(T * (h * hd8), t.dt, t.rg) for t, h in zip(parts, heads))
             nograd += parts
         fq, fk, fv = parts
+        self.flash_dt = fq.dt
         out = w.new(T * (m.num_heads * hd8), fq.dt, self.attn_rg)
         lse = w.new(Lin(s=m.num_heads), 4, False)
         rng = w.new(512, 1, False)
@@ -1425,6 +1427,7 @@ class LayerTrace(NamedTuple):
     input_saved: bool = False           # the layer's input is itself in its saved set
     recompute_first: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # layer 0's, when it differs
     nograd: tuple[int, ...] = (0, 0, 0)  # saved bytes made with grad mode off (`Walk.nograd`: FlashAttention-2)
+    flash_dt: int = 2                   # FlashAttention-2's input dtype bytes
 
 
 @shape_free_cache()
@@ -1493,7 +1496,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
                       probs_dt=lm.probs_dt,
                       moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared),
-                      nope_delta=_coef(nope), nograd=_coef(w.nograd_bytes()))
+                      nope_delta=_coef(nope), nograd=_coef(w.nograd_bytes()), flash_dt=lm.flash_dt)
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -1544,6 +1547,7 @@ class ActivationProfile(NamedTuple):
     #: of a layer's saved set, what is made with grad mode off (FlashAttention-2's output, softmax_lse,
     #: rng_state): temporaries for the tracker once a checkpointed recompute has made them
     nograd_saved: int = 0
+    flash_dt: int = 2  # FlashAttention-2: the kernel's input dtype bytes (q/k/v after transformers' cast)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -1640,7 +1644,7 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         moe_stale=sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
         moe_stale_shared=sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))),
         nope_delta=sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))),
-        nograd_saved=sum(c * v for c, v in zip(tr.nograd, (T, BSS, 1))))
+        nograd_saved=sum(c * v for c, v in zip(tr.nograd, (T, BSS, 1))), flash_dt=tr.flash_dt)
 
 
 def _recompute_inflight(model: ModelSpec, plan: TrainPlan, tr: LayerTrace, g: int) -> int:

@@ -35,7 +35,8 @@ Known limitations (NB):
   falls back to it and says so;
 - CUDA: activation tensors inside a layer are not rounded to 512 B (each < 512 B off); the context,
   workspace and allocator-overhead defaults in profiles/gpus are not yet calibrated on hardware;
-  flash-attention backward workspaces and cuBLAS workspaces other than the two handles are not counted;
+  cuBLAS workspaces other than the two handles are not counted; FlashAttention-2 (CUDA-only) is
+  modelled from flash-attn's source and checked against simulate's emulation, not yet on hardware;
 - the gradients in flight while a layer recomputes are measured on CPU steps, not derived;
 - CUDA, at most 1536 tokens: bitsandbytes picks the fused 4-bit kernel or dequantize + F.linear by
   a per-architecture heuristic (backends/cuda/ops.py); assumed fused, as `simulate` assumes;
@@ -270,6 +271,8 @@ class Step(NamedTuple):
     saved_layers: tuple[int, ...] = ()
     layer_kind: tuple[tuple[ModelSpec, ActivationProfile], ...] = ()
     grads_layers: tuple[int, ...] = ()
+    #: FlashAttention-2 varlen: the sequences in the packed row (`runtime.step.packed_batch`: two per row)
+    flash_seqs: int = 0
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -291,10 +294,10 @@ def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
     return ap.nope_delta * sum(1 for rope in model.layer_rope[lo:hi] if not rope)
 
 
-def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
+def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool, flash_seqs: int = 0) -> Step:
     static = static_part(model, plan, cuda)
     if model.layer_kinds:
-        return _mixed_step(model, plan, cuda, static)
+        return _mixed_step(model, plan, cuda, static)._replace(flash_seqs=flash_seqs)
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
@@ -304,7 +307,8 @@ def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
                 layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + ap.head_bytes,  # model_saved
                 (_position_ids(plan, r) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
-                RNG_STATE_BYTES if gc and not cuda else 0)  # rng_state
+                RNG_STATE_BYTES if gc and not cuda else 0,  # rng_state
+                flash_seqs=flash_seqs)
 
 
 def _position_ids(plan: TrainPlan, r: Callable[[int], int]) -> int:
@@ -553,6 +557,39 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     residual = r(T * m.hidden_size * ap.stream_dt) * (2 if s.plan.use_reentrant else 1)
     return s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads, lb.fixed + saved, 0,
                     2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
+
+
+def flash_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """FlashAttention-2: layer i's attention kernel backward (flash-attn 2.x flash_attn_interface.py
+    FlashAttnFunc.backward, csrc/flash_attn/flash_api.cpp mha_bwd / mha_varlen_bwd). Alive: the
+    layer's saved set up to the kernel's saved tensors (o_proj's released), o_proj's and the MLP's
+    LoRA gradients; in flight: the gradient of the attention output (the kernel's dout) and of the
+    residual stream, dq/dk/dv (empty_like q/k/v), softmax_d fp32 [B, H, round128(S)] and dq_accum fp32
+    [B, round128(S), H, hd_r] (varlen: [H, T + 128 n] and [T + 128 n, H, hd_r] for n sequences),
+    hd_r = head_dim rounded up to 32 (<= 128) or 64; GQA: dk/dv expanded to the query heads.
+    NB: not checked on hardware (simulate's emulation allocates the same, memplan/simulate/flash.py);
+    deterministic mode (a zero-filled split dq_accum) not modelled."""
+    if s.plan.attn_implementation != "flash_attention_2":
+        return None
+    i, ap, r, T, m = lb.i, s.ap, s.r, s.tokens, s.model
+    p = s.plan
+    cdt = ap.flash_dt
+    hd = m.head_dim
+    hd8, hd_r = -(-hd // 8) * 8, -(-hd // (32 if hd <= 128 else 64)) * (32 if hd <= 128 else 64)
+    H, Hk = m.num_heads, m.num_kv_heads
+    if flash_varlen(p):
+        rows = T + 128 * max(s.flash_seqs, 1)
+        ws = r(4 * H * rows) + r(4 * rows * H * hd_r)
+    else:
+        sq = -(-p.seq_len // 128) * 128
+        ws = r(4 * p.batch_size * H * sq) + r(4 * p.batch_size * sq * H * hd_r)
+    dqkv = r(T * H * hd8 * cdt) + 2 * r(T * Hk * hd8 * cdt)
+    expanded = 2 * r(T * H * hd8 * cdt) if Hk != H else 0
+    pad = r(T * H * hd8 * cdt) if hd8 != hd else 0  # dout padded (F.pad)
+    saved = ap.attn_saved_first if i == 0 else ap.attn_saved
+    residual = r(T * m.hidden_size * ap.stream_dt) * (2 if p.use_reentrant else 1)
+    return s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads, lb.fixed + saved, 0,
+                    r(T * m.q_dim * cdt) + residual + dqkv + ws + expanded + pad)
 
 
 def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
@@ -829,6 +866,8 @@ def moments(s: Step) -> tuple[Moment, ...]:
             out.append(layer_backward_moment(s, lb))
         if eager:
             out.append(attention_backward_moment(s, lb))
+        elif s.plan.attn_implementation == "flash_attention_2":
+            out.append(flash_attention_backward_moment(s, lb))
         elif s.model.mla is not None:
             mla = mla_attention_backward_moment(s, lb)
             if mla is not None:
@@ -854,7 +893,26 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
             f"{model.name}: seq_len {plan.seq_len} reaches attention_chunk_size {chunk}, where the chunked "
             f"layers get a block-diagonal mask the closed form does not model; `memplan simulate {model.name}` "
             "traces it exactly")
-    return (plan.replace(**dict(changes)) if changes else plan), list(notes) + _packing_notes(plan)
+    return (plan.replace(**dict(changes)) if changes else plan), list(notes) + _packing_notes(plan) + _flash_notes(plan)
+
+
+#: said on every FlashAttention-2 estimate (and simulate result)
+FLASH_NOTE = ("FlashAttention-2 kernels are CUDA-only: modelled from flash-attn's source, checked against simulate's "
+              "emulation, not yet on hardware (terms: activations, temporaries)")
+
+
+def _flash_notes(plan: TrainPlan) -> list[str]:
+    if plan.attn_implementation != "flash_attention_2":
+        return []
+    notes = [FLASH_NOTE]
+    if flash_varlen(packed_rows(plan)):
+        notes.append("FlashAttention-2 varlen (one packed row): its backward workspace grows by 128 rows per sequence; "
+                     f"assumed {2 * plan.batch_size} sequences (two per row of seq_len)")
+    elif plan.packing:
+        notes.append("packing with batch_size > 1 and flash_attention_2: transformers 5.24 runs the varlen kernel only "
+                     "for a batch of one row (_is_packed_sequence), so each packed row runs the fixed-length kernel "
+                     "(sequences attend across their boundaries); use --padding-free for the varlen path")
+    return notes
 
 
 @shape_free_cache()
@@ -1072,7 +1130,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
     the step, the peak is the largest."""
     plan, notes = check_plan(model, plan)
     cuda = plan.device == "cuda"
-    step = make_step(model, packed_rows(plan), cuda)  # padding-free: the one flattened row the model sees
+    # padding-free: the one flattened row the model sees; runtime.step.packed_batch: two sequences per row
+    step = make_step(model, packed_rows(plan), cuda, 2 * plan.batch_size)
     ms = moments(step)
     alloc = [m.allocated_bytes for m in ms]
     peak = ms[alloc.index(max(alloc))]  # the first in step order on a tie

@@ -200,6 +200,9 @@ def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
                 if plan.device == "cuda" else "")]
     if plan.quant == "int8":
         notes.append("LLM.int8 outlier columns assumed absent")
+    if plan.attn_implementation == "flash_attention_2":
+        notes.append("FlashAttention-2 emulated on meta: allocations and saved tensors per flash-attn 2.x's source "
+                     "(memplan/simulate/flash.py), not yet checked on hardware")
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
     if config.get("model_type") in ("llama4", "llama4_text"):  # Llama4TextExperts: no experts interface
         notes.append("Llama 4 experts: every expert runs on all T tokens (bmm over [E, T, .], router scores "
