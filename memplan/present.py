@@ -115,6 +115,10 @@ def _extras(plan: Any) -> list[str]:
         out.append(f"{_get(plan, 'adapter_dtype')} adapters")
     if _get(plan, "padding", "none") not in (None, "none"):
         out.append(f"padded ({_get(plan, 'padding')}, attention_mask)")
+    if _get(plan, "padding_free", False):
+        out.append("padding-free (one flattened row)")
+    elif _get(plan, "packing", False):
+        out.append("packed rows")
     return out
 
 
