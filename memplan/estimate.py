@@ -905,6 +905,10 @@ def _flash_notes(plan: TrainPlan) -> list[str]:
     if plan.attn_implementation != "flash_attention_2":
         return []
     notes = [FLASH_NOTE]
+    if plan.padding != "none":
+        notes.append("flash_attention_2 with a padded batch: transformers unpads q/k/v by the attention_mask (index "
+                     "copies of the real tokens) and pads the output back; not modelled: estimated as the unpadded "
+                     "fixed-length kernel")
     if flash_varlen(packed_rows(plan)):
         notes.append("FlashAttention-2 varlen (one packed row): its backward workspace grows by 128 rows per sequence; "
                      f"assumed {2 * plan.batch_size} sequences (two per row of seq_len)")

@@ -108,3 +108,12 @@ def test_flash_attention_rejected_on_cpu_and_packing_note():
     assert any("fixed-length kernel" in n for n in e.notes)
     v = memplan.estimate("llama-3-8b", attn_implementation="flash_attention_2", padding_free=True, batch_size=3)
     assert any("assumed 6 sequences" in n for n in v.notes)
+
+
+def test_flash_on_a_padded_batch_is_noted_and_simulate_says_it_does_not_emulate_it():
+    from memplan.errors import UnsupportedArchitectureError
+
+    e = memplan.estimate("llama-3.2-1b", attn_implementation="flash_attention_2", padding="longest")
+    assert any("flash_attention_2 with a padded batch" in n and "not modelled" in n for n in e.notes)
+    with pytest.raises(UnsupportedArchitectureError, match="does not emulate FlashAttention-2 on a padded batch"):
+        simulate(config_of("llama-3.2-1b"), TrainPlan(attn_implementation="flash_attention_2", padding="longest"))

@@ -158,11 +158,12 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
     from ..runtime.step import StepResult, run_steps
     from .build import build_meta_model
     from .emulation import MetaEmulation
-    from .flash import flash_patches
+    from .flash import check_flash_plan, flash_patches
     from .patches import build_patches, make_meta_optimizer, step_patches
     from .result import SimulateResult
 
     round_to = tracker.round_to
+    check_flash_plan(plan)
     packed = plan.packing or plan.padding_free
     with build_patches(packed=packed), (flash_patches(packed, 2 * plan.batch_size)  # packed_batch: 2 per row
                                         if plan.attn_implementation == "flash_attention_2" else contextlib.nullcontext()):

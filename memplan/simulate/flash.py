@@ -22,7 +22,8 @@ FlashAttnVarlenFunc; csrc/flash_attn/flash_api.cpp mha_fwd / mha_varlen_fwd / mh
 Also: the availability check of `from_pretrained`/`from_config` (`PreTrainedModel._flash_attn_import_error`)
 is skipped, and on meta `_is_packed_sequence` answers from the plan (a packed batch of one row) and
 `prepare_fa_kwargs_from_position_ids` returns cu_seqlens for `n_seqs` sequences (runtime.step.packed_batch:
-two per row) instead of reading the position ids.
+two per row) instead of reading the position ids. Known limitation: a padded batch (an attention_mask)
+takes transformers' unpad path, which reads the mask's values: not emulated (`check_flash_plan` says so).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedArchitectureError
+from ..plan import TrainPlan
 from .patches import patch_attr
 
 
@@ -127,6 +130,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+
+def check_flash_plan(plan: TrainPlan) -> None:
+    """Refuse, in one line, what the emulation does not cover: FlashAttention-2 on a padded batch."""
+    if plan.attn_implementation == "flash_attention_2" and plan.padding != "none":
+        raise UnsupportedArchitectureError(
+            f"simulate does not emulate FlashAttention-2 on a padded batch yet (--padding {plan.padding}: "
+            "transformers unpads q/k/v by the attention_mask's values); trace it with --padding none or --padding-free")
 
 
 @contextlib.contextmanager
