@@ -62,6 +62,28 @@ def test_estimate_matches_simulate_on_catalogue_shapes(model, plan, device):
         assert FLASH_NOTE in e.notes and any("FlashAttention-2 emulated" in n for n in s.notes)
 
 
+# Where a layer is the peak (the vocabulary cut to 1,024 so the loss stage is small): the walk's saved
+# sets, casts and recompute split, at real widths.
+SMALL_VOCAB = (("vocab_size", 1024),)
+LAYER_CASES = {
+    "llama-3-8b-fa2": ("llama-3-8b", dict(seq_len=512, attn_implementation="flash_attention_2")),
+    "llama-3-8b-padding-free-fa2-dropout0": ("llama-3-8b", dict(seq_len=256, batch_size=2, padding_free=True, lora_dropout=0.0,
+                                                                 attn_implementation="flash_attention_2")),
+    "mistral-7b-fa2-dropout0": ("mistral-7b-v0.1", dict(seq_len=512, lora_dropout=0.0,
+                                                         attn_implementation="flash_attention_2")),
+    "qwen2.5-7b-fa2-reentrant": ("qwen2.5-7b", dict(seq_len=512, use_reentrant=True,
+                                                     attn_implementation="flash_attention_2")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_CASES))
+def test_layer_peaks_with_flash_attention(name):
+    model, kw = LAYER_CASES[name]
+    e, s = run(model, SMALL_VOCAB, tuple(kw.items()), "cuda")
+    assert e.peak.kind in ("dequant", "recompute", "layer_backward", "attention_backward"), e.moment
+    _check(e, s, "cuda")
+
+
 # The kernel's backward (dq/dk/dv, dq_accum, softmax_d, GQA-expanded dk/dv) is the peak where the
 # attention is wide and the MLP and vocabulary small (96 heads of 128, intermediate 512, vocab 1000,
 # no prepare): fixed length and varlen, to the byte.
