@@ -129,8 +129,8 @@ class Walk:
     gone: dict[int, tuple[int, bool]] = field(default_factory=dict)    # sid -> (time freed, inside its frame)
     sizes: dict[int, Lin] = field(default_factory=dict)
     snapshots: list[tuple[tuple[int, ...], Lin]] = field(default_factory=list)  # per moment: live sids, transient
-    #: storages made inside an autograd Function's forward (grad mode off: Liger's kernels): in a
-    #: recompute the tracker counts them as temporaries whatever their lifetime (`split`)
+    #: storages made with grad mode off (inside an autograd.Function's forward: FlashAttention-2's output,
+    #: softmax_lse, rng_state): the tracker counts them as temporaries when a recompute (backward) makes them
     nograd: set[int] = field(default_factory=set)
 
     @contextmanager
@@ -184,6 +184,10 @@ class Walk:
         self.moments.append(self.live_bytes + transient)
         self.snapshots.append((tuple(self.live), Lin.of(transient)))
 
+    def nograd_bytes(self) -> Lin:
+        """Saved bytes made with grad mode off (`nograd`)."""
+        return sum((self.sizes[sid] for sid in self.nograd if sid in self.saved), Lin())
+
     def split(self, limit: int, recompute: bool = False) -> list[tuple[Lin, Lin]]:
         """(live total, temporaries) at each of the first `limit` moments.
 
@@ -193,17 +197,15 @@ class Walk:
         checkpointed recompute stops at its last save (torch raises to stop it; the frames then
         unwind with their tensors still referenced by the traceback), so they count as activations.
         The transient bytes of a `mark` (a dequantized weight, a pow) are temporaries. `recompute`:
-        storages made with grad mode off (`nograd`) are temporaries too (the tracker's rule for
-        tensors made during backward).
+        the moments of a recompute (backward phase), where storages made with grad mode off count as
+        temporaries too (`nograd`).
         """
         out = []
         for k in range(min(limit, len(self.moments))):
             sids, temps = self.snapshots[k]
             for sid in sids:
                 g = self.gone.get(sid)
-                if recompute and sid in self.nograd:
-                    temps = temps + self.sizes[sid]
-                elif g is not None and g[1] and g[0] <= limit:
+                if (g is not None and g[1] and g[0] <= limit) or (recompute and sid in self.nograd):
                     temps = temps + self.sizes[sid]
             out.append((self.moments[k], temps))
         return out
@@ -223,8 +225,9 @@ class LayerModel:
     """Walks one decoder layer of `model` under `plan` (T tokens, B sequences of S)."""
 
     def __init__(self, model: ModelSpec, plan: TrainPlan, walk: Walk, cpu: bool, fused: bool = False,
-                 masked: bool = False):
+                 masked: bool = False, varlen: bool = False):
         self.m, self.p, self.w, self.cpu, self.fused, self.masked = model, plan, walk, cpu, fused, masked
+        self.varlen = varlen  # FlashAttention-2 on a packed row: the varlen path (`_flash`)
         self.T = Lin(t=1)  # tokens, symbolic: the walk is shape-independent
         pr = plan.precision
         self.ac = pr.autocast  # autocast dtype bytes (bf16/fp16 both 2), 0 = off
@@ -250,6 +253,7 @@ class LayerModel:
         self.cast_cache: dict[int, Sym] = {}
         #: Liger's layer kernels the plan switches on for this family (memplan/liger.py `layer_kernels`)
         self.liger = layer_kernels(model, plan)
+        self.flash_dt = 2  # FlashAttention-2's input dtype (`_flash`)
 
     # ---- targets ---------------------------------------------------------------------------------
     def targeted(self, lin: Linear) -> bool:
@@ -506,7 +510,9 @@ class LayerModel:
         if not liger_rope:
             w.drop(*[t for t in (q, k) if t.sid != v.sid])  # a fused qkv output lives on through v
         attn = self.p.attn_implementation
-        if attn == "eager":
+        if attn == "flash_attention_2":
+            out = self._flash(qe, ke, v)
+        elif attn == "eager":
             out = self._eager(qe, ke, v)
         else:
             # SDPA with enable_gqa (no mask, head_dim <= 256) runs on the KV heads; else (a padding mask,
@@ -713,6 +719,53 @@ class LayerModel:
         out = w.new(half * 2, dt, x.rg)
         w.drop(first, second)
         return out
+
+    def _flash(self, q: Sym, k: Sym, v: Sym) -> Sym:
+        """FlashAttention-2 (transformers 5.24 integrations/flash_attention.py and
+        modeling_flash_attention_utils._flash_attention_forward; flash-attn 2.x flash_attn_interface.py
+        and csrc/flash_attn/flash_api.cpp), from the rotary outputs [B, H, S, D] on: transposed views;
+        fp32 q/k/v cast to the autocast dtype (else the load dtype) only when q is fp32
+        (fa_peft_integration_check); no repeat_kv (GQA in the kernel); head_dim padded to a multiple of 8
+        (F.pad copies). The projections are made as [B, S, H, D] and transposed, and the rotary
+        product keeps that layout (elementwise ops follow their first input's strides; the cast too),
+        so transposing back gives contiguous q/k/v: the varlen path's `.contiguous()` copies nothing,
+        `out = empty_like(q)` is contiguous, and the model's `reshape(B, S, -1).contiguous()` is a view
+        (a copy only when head_dim was padded: `out[..., :D]`). Varlen (a packed row of one:
+        `_prepare_from_posids`) saves the cu_seqlens too. Saved: q, k, v, out, softmax_lse fp32
+        [B, H, S] ([H, total] varlen), rng_state (int64 [2]); FA2 is CUDA-only, so the small ones
+        count 512 B each. Checked against simulate's emulation (memplan/simulate/flash.py), whose
+        strides are torch's own."""
+        m, w, T = self.m, self.w, self.T
+        if q.dt == 4:  # the cast happens only for an fp32 query
+            cdt = self.ac or self.p.precision.load
+            qc, kc, vc = (w.cast(t, cdt) for t in (q, k, v))
+        else:
+            qc, kc, vc = q, k, v
+        hd8 = -(-m.head_dim // 8) * 8
+        parts = (qc, kc, vc)
+        nograd = []  # made inside FlashAttnFunc.forward, where grad mode is off
+        if hd8 != m.head_dim:  # F.pad to a multiple of 8
+            heads = (m.num_heads, m.num_kv_heads, m.num_kv_heads)
+            parts = tuple(w.new(T * (h * hd8), t.dt, t.rg) for t, h in zip(parts, heads))
+            nograd += parts
+        fq, fk, fv = parts
+        self.flash_dt = fq.dt
+        out = w.new(T * (m.num_heads * hd8), fq.dt, self.attn_rg)
+        lse = w.new(Lin(s=m.num_heads), 4, False)
+        rng = w.new(512, 1, False)
+        small = [rng] + ([w.new(512, 1, False)] if self.varlen else [])  # rng_state, cu_seqlens (transformers')
+        w.nograd.update(t.sid for t in (*nograd, out, lse, rng))
+        if self.attn_rg:
+            w.save(fq, fk, fv, out, lse, *small)
+            self.saved_at_probs = w.saved_bytes  # alive while the kernel runs backward
+        else:
+            w.drop(fq, fk, fv, lse, *small)
+        w.drop(qc, kc, vc, q, k, v)  # saved ones stay
+        if hd8 == m.head_dim:
+            return out  # contiguous: the reshape is a view
+        ot = w.new(T * m.q_dim, out.dt, out.rg)  # out[..., :D].reshape(B, S, -1).contiguous(): a copy
+        w.drop(out)
+        return ot
 
     def _eager(self, q: Sym, k: Sym, v: Sym) -> Sym:
         """Eager attention (transformers' eager_attention_forward), op by op: q @ k^T, soft-capping,
@@ -1425,20 +1478,24 @@ class LayerTrace(NamedTuple):
     nope_delta: tuple[int, ...] = (0, 0, 0)  # Llama 4: a NoPE layer's saved set minus a RoPE layer's
     input_saved: bool = False           # the layer's input is itself in its saved set
     recompute_first: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # layer 0's, when it differs
+    nograd: tuple[int, ...] = (0, 0, 0)  # saved bytes made with grad mode off (`Walk.nograd`: FlashAttention-2)
+    flash_dt: int = 2                   # FlashAttention-2's input dtype bytes
 
 
 @shape_free_cache()
 def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> LayerTrace:
     """Walk a full layer and layer 0 for `plan` (its batch and sequence length do not matter);
-    `flags` = (cpu, fused, masked): the device, whether 4-bit forwards run the fused kernel (few
-    tokens on CUDA), and whether SDPA gets an attention mask (`sdpa_masked`)."""
-    cpu, fused, masked = flags
+    `flags` = (cpu, fused, masked[, varlen]): the device, whether 4-bit forwards run the fused kernel
+    (few tokens on CUDA), whether SDPA gets an attention mask (`sdpa_masked`), and whether
+    FlashAttention-2 runs varlen (`flash_varlen`)."""
+    cpu, fused, masked, *rest = flags
+    varlen = bool(rest and rest[0])
     a = plan.precision.params  # the residual stream starts as the embedding's output
     # enable_input_require_grads (set with checkpointing) makes the embedding output require grad
     input_grad = plan.gradient_checkpointing or plan.method == "full"
     T = Lin(t=1)
     w = Walk()
-    lm = LayerModel(model, plan, w, cpu, fused, masked)
+    lm = LayerModel(model, plan, w, cpu, fused, masked, varlen)
     cos_dt = 4 if model.arch.rope_fp32 else a  # the rotary cos/sin dtype
     x = w.new(T * model.hidden_size, a, True)
     # the layer input is a leaf that requires grad (autocast caches its casts: `_autocast_cast`) in
@@ -1453,7 +1510,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
         w0, lm0 = w, lm
     else:
         w0 = Walk()
-        lm0 = LayerModel(model, plan, w0, cpu, fused, masked)
+        lm0 = LayerModel(model, plan, w0, cpu, fused, masked, varlen)
         x0 = w0.new(T * model.hidden_size, a, input_grad)
         if leaf_first:
             lm0.leaf_sid = x0.sid
@@ -1468,7 +1525,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
     nope = Lin()
     if model.layer_rope and not all(model.layer_rope):
         wn = Walk()
-        ln = LayerModel(model, plan, wn, cpu, fused, masked)
+        ln = LayerModel(model, plan, wn, cpu, fused, masked, varlen)
         ln.nope = True
         xn = wn.new(T * model.hidden_size, a, True)
         if leaf_rest:
@@ -1491,7 +1548,7 @@ def layer_trace(model: ModelSpec, plan: TrainPlan, flags: tuple[bool, bool]) -> 
                       moe_sw_dt=lm.moe_sw_dt, moe_tail=_coef(lm.moe_tail), moe_act=_coef(lm.moe_act),
                       probs_dt=lm.probs_dt,
                       moe_stale=_coef(lm.moe_stale), moe_stale_shared=_coef(lm.moe_stale_shared),
-                      nope_delta=_coef(nope))
+                      nope_delta=_coef(nope), nograd=_coef(w.nograd_bytes()), flash_dt=lm.flash_dt)
 
 
 def _coef(x: Lin) -> tuple[int, int, int]:
@@ -1512,7 +1569,7 @@ class ActivationProfile(NamedTuple):
     down_out_dt: int          # dtype bytes of down_proj's output (the gradient arriving there)
     input_in_saved: bool      # the layer input is itself saved (fp32 stream: x.to(float32) is x)
     layer_input_bytes: int    # what a checkpointed layer keeps: its input
-    rope_bytes: int           # cos / sin, saved once
+    rope_bytes: int           # cos / sin, saved once (packing: and the batch's position ids)
     final_norm_bytes: int     # final norm's saved input + rsqrt
     head_bytes: int           # lm_head: the autocast copy of a frozen fp32 weight, if any
     lora_weight_copies: int   # autocast's cache of bf16 LoRA weights (2 B per LoRA param)
@@ -1539,6 +1596,10 @@ class ActivationProfile(NamedTuple):
     embed_leaf_bytes: int = 0
     recompute_peak_first: int = -1   # layer 0's recompute when it differs from the others' (else -1)
     recompute_temps_first: int = 0
+    #: of a layer's saved set, what is made with grad mode off (FlashAttention-2's output, softmax_lse,
+    #: rng_state): temporaries for the tracker once a checkpointed recompute has made them
+    nograd_saved: int = 0
+    flash_dt: int = 2  # FlashAttention-2: the kernel's input dtype bytes (q/k/v after transformers' cast)
 
 
 def _peak(cands: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], T: int, BSS: int) -> tuple[int, int]:
@@ -1583,9 +1644,10 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
     B, S = plan.batch_size, plan.seq_len
     T, H, L = B * S, model.hidden_size, model.num_layers
     BSS = T * S
+    rows = B if plan.packing else 1  # position_ids from the batch (packing) or arange(S)[None] (the model)
     # CUDA gemm_4bit: the fused kernel for at most 1536 tokens (bitsandbytes backends/cuda/ops.py)
     tr = layer_trace(model, plan, (cpu, not cpu and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
-                                   sdpa_masked(model, plan)))
+                                   sdpa_masked(model, plan), flash_varlen(plan)))
     pr = plan.precision
     a = pr.params
     g = 1 if cpu else 512
@@ -1605,10 +1667,13 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         # reading x in fp32 without dropout saves it)
         down[0] * T + down[1] * BSS + down[2], tr.prod_dt, tr.down_out_dt, tr.input_saved,
         -(-T * H * a // g) * g,
-        # deepseek_v2, Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (torch.polar)
-        (-(-S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex or model.layer_rope else
-         2 * (-(-S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2) * (4 if model.arch.rope_fp32 else a)
-                // g) * g)),
+        # deepseek_v2, Llama 4: one complex64 freqs_cis [1, S, rope_dim/2] (torch.polar); packed rows
+        # bring their own position_ids [B, S]: cos/sin [B, S, rope_dim] (`rows`)
+        (-(-rows * S * (model.rope_dim // 2) * 8 // g) * g if model.arch.rotary_complex or model.layer_rope else
+         2 * (-(-rows * S * (1 if model.arch.rotary_chunked else 2) * (model.rope_dim // 2)
+                * (4 if model.arch.rope_fp32 else a) // g) * g))
+        # packing: the batch's position_ids [B, S] int64 (the model slices it: alive through the step)
+        + (-(-T * 8 // g) * g if plan.packing else 0),
         # final norm: x.to(float32) (a copy unless fp32) and rsqrt; gemma's (1 + weight.float()) too;
         # Liger's RMSNorm saves its input itself (stream dtype) and RSTD
         (-(-T * H * a // g) * g + -(-T * 4 // g) * g) if "rms_norm" in layer_kernels(model, plan) else
@@ -1632,7 +1697,8 @@ def activation_profile(model: ModelSpec, plan: TrainPlan, cpu: bool) -> Activati
         moe_act=sum(c * v for c, v in zip(tr.moe_act, (T, BSS, 1))),
         moe_stale=sum(c * v for c, v in zip(tr.moe_stale, (T, BSS, 1))),
         moe_stale_shared=sum(c * v for c, v in zip(tr.moe_stale_shared, (T, BSS, 1))),
-        nope_delta=sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))))
+        nope_delta=sum(c * v for c, v in zip(tr.nope_delta, (T, BSS, 1))),
+        nograd_saved=sum(c * v for c, v in zip(tr.nograd, (T, BSS, 1))), flash_dt=tr.flash_dt)
 
 
 def _recompute_inflight(model: ModelSpec, plan: TrainPlan, tr: LayerTrace, g: int) -> int:
@@ -1662,10 +1728,30 @@ def sdpa_masked(model: ModelSpec, plan: TrainPlan) -> bool:
     max_window_layers) are walked as their full-attention layers when unpadded."""
     if plan.attn_implementation != "sdpa":
         return False
-    if plan.padding != "none":
+    if plan.padding != "none" or plan.packing:  # packing: the block-diagonal mask (`packed_rows`)
         return True
     return bool(model.sliding_window) and plan.seq_len >= model.sliding_window and \
         model.attention_types == ("sliding_attention",)
+
+
+def flash_varlen(plan: TrainPlan) -> bool:
+    """Whether FlashAttention-2 takes its varlen path: packed sequences in a batch of one row
+    (transformers 5.24 modeling_flash_attention_utils._is_packed_sequence requires batch size 1; packed
+    rows in a larger batch run the fixed-length kernel over each whole row)."""
+    return plan.attn_implementation == "flash_attention_2" and plan.packing and plan.batch_size == 1
+
+
+def packed_rows(plan: TrainPlan) -> TrainPlan:
+    """The plan as the model sees its batch. `padding_free` (TRL's padding-free collator,
+    transformers' DataCollatorWithFlattening): the batch_size rows flattened into one row of
+    batch_size x seq_len tokens with position ids restarting per sequence -- a packed batch of one
+    row. `packing` rows: [batch_size, seq_len] with restarting position ids (transformers 5.24
+    masking_utils.find_packed_sequence_indices then makes SDPA/eager attention block-diagonal,
+    `sdpa_masked`; FlashAttention-2 runs varlen). NB: every row full (seq_len tokens), holding at least
+    two sequences: the conservative case (one sequence per row gets no mask under SDPA)."""
+    if plan.padding_free:
+        return plan.replace(batch_size=1, seq_len=plan.tokens, padding_free=False, packing=True)
+    return plan
 
 
 def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> int:
@@ -1682,7 +1768,8 @@ def attention_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1) -> 
     attn = plan.attn_implementation
     if attn == "eager":
         return len(model.attention_types) * (-(-B * S * S * plan.precision.params // g) * g)
-    if attn == "sdpa" and plan.padding != "none":  # a padding mask: no type can skip; it varies by row
+    if attn == "sdpa" and (plan.padding != "none" or plan.packing):  # a padding / packed-sequence mask:
+        # no type can skip it; it varies by row
         return len(model.attention_types) * (-(-B * S * S // g) * g)
     if attn == "sdpa" and model.sliding_window and S >= model.sliding_window:
         return -(-S * S // g) * g

@@ -159,6 +159,12 @@ def add_plan_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> N
                    help="batches padded by the collator (to the longest row or to max_length, with an "
                         "attention_mask: transformers then builds [batch x 1 x seq x seq] masks) or none "
                         f"(unpadded or packed rows, no mask) (default {_D.padding})")
+    g.add_argument("--packing", action=bool_flag, default=None,
+                   help="TRL packing: each row holds seq_len tokens of several sequences, position ids restarting "
+                        "at each (SDPA/eager: block-diagonal masks; flash_attention_2: varlen) (default off)")
+    g.add_argument("--padding-free", "--padding_free", action=bool_flag, default=None,
+                   help="TRL padding_free / DataCollatorWithFlattening: the micro-batch flattened into one row of "
+                        "batch x seq_len tokens; meant for --attn-implementation flash_attention_2 (default off)")
     g.add_argument("--mixed-precision", choices=MIXED,
                    help=f"HF Trainer autocast: bf16=True, fp16=True, or no (default {_D.mixed_precision}; "
                         "the HF flags --bf16 and --fp16 also work)")

@@ -38,7 +38,8 @@ Known limitations (NB):
   falls back to it and says so;
 - CUDA: activation tensors inside a layer are not rounded to 512 B (each < 512 B off); the context,
   workspace and allocator-overhead defaults in profiles/gpus are not yet calibrated on hardware;
-  flash-attention backward workspaces and cuBLAS workspaces other than the two handles are not counted;
+  cuBLAS workspaces other than the two handles are not counted; FlashAttention-2 (CUDA-only) is
+  modelled from flash-attn's source and checked against simulate's emulation, not yet on hardware;
 - the gradients in flight while a layer recomputes are measured on CPU steps, not derived;
 - CUDA, at most 1536 tokens: bitsandbytes picks the fused 4-bit kernel or dequantize + F.linear by
   a per-architecture heuristic (backends/cuda/ops.py); assumed fused, as `simulate` assumes;
@@ -67,7 +68,8 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import formulas as F
-from .activations import FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, layer_trace, sdpa_masked
+from .activations import (FUSED_4BIT_MAX_TOKENS, ActivationProfile, activation_profile, flash_varlen, layer_trace,
+                          packed_rows, sdpa_masked)
 from .catalogue import load_gpu, resolve_model
 from .fused_head import sft_head_moments, sft_kept
 from .errors import InvalidSpecError, MemplanError, UnsupportedArchitectureError
@@ -305,6 +307,8 @@ class Step(NamedTuple):
     kept: int = 0
     #: Liger's fused linear cross-entropy replaces lm_head + loss (`flce_forward_moment`)
     flce: bool = False
+    #: FlashAttention-2 varlen: the sequences in the packed row (`runtime.step.packed_batch`: two per row)
+    flash_seqs: int = 0
 
     def moment(self, kind: str, layer: int | None, gradients: int, activations: int, logits: int,
                temporaries: int, detail: str = "") -> Moment:
@@ -326,15 +330,15 @@ def _nope(model: ModelSpec, ap: Any, lo: int, hi: int) -> int:
     return ap.nope_delta * sum(1 for rope in model.layer_rope[lo:hi] if not rope)
 
 
-def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
-    s = _make_step(model, plan, cuda)
+def make_step(model: ModelSpec, plan: TrainPlan, cuda: bool, flash_seqs: int = 0) -> Step:
+    s = _make_step(model, plan, cuda, flash_seqs)
     return s._replace(kept=sft_kept(s)) if plan.trainer == "sft" else s
 
 
-def _make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
+def _make_step(model: ModelSpec, plan: TrainPlan, cuda: bool, flash_seqs: int = 0) -> Step:
     static = static_part(model, plan, cuda)
     if model.layer_kinds:
-        return _mixed_step(model, plan, cuda, static)
+        return _mixed_step(model, plan, cuda, static)._replace(flash_seqs=flash_seqs)
     ap = activation_profile(model, plan, cpu=not cuda)
     r = _round512 if cuda else int
     L, gc = model.num_layers, plan.gradient_checkpointing
@@ -345,8 +349,15 @@ def _make_step(model: ModelSpec, plan: TrainPlan, cuda: bool) -> Step:
     return Step(model, plan, static, ap, r, plan.batch_size * plan.seq_len,  # tokens
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,  # ga_grads
                 layers_saved, ap.rope_bytes + ap.embed_leaf_bytes + ap.final_norm_bytes + head,  # model_saved
-                (r(8 * plan.seq_len) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
-                RNG_STATE_BYTES if gc and not cuda else 0, flce=flce)  # rng_state
+                (_position_ids(plan, r) + ap.mask_bytes) if gc else 0, 2 * r(4),  # layer_args, small
+                RNG_STATE_BYTES if gc and not cuda else 0,  # rng_state
+                flce=flce, flash_seqs=flash_seqs)
+
+
+def _position_ids(plan: TrainPlan, r: Callable[[int], int]) -> int:
+    """The position ids a checkpointed layer keeps as its argument: the model's arange(S)[None] (int64),
+    or none made in the step when the batch brings its own (packing: made by the collator)."""
+    return 0 if plan.packing else r(8 * plan.seq_len)
 
 
 def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -> Step:
@@ -364,7 +375,7 @@ def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -
         view = F.kind_view(model, kind == "moe")
         ap = activation_profile(view, plan, cpu=not cuda)
         tr = layer_trace(view, plan, (not cuda, cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
-                                      sdpa_masked(view, plan)))
+                                      sdpa_masked(view, plan), flash_varlen(plan)))
         ev = lambda c: c[0] * T + c[1] * T * S + c[2]  # noqa: E731
         grads = sum(k and F.rounded(rr * cc * dt, rnd) for (rr, cc), dt, k in F._trainable_groups(view, plan)
                     if k == view.num_layers)
@@ -378,7 +389,7 @@ def _mixed_step(model: ModelSpec, plan: TrainPlan, cuda: bool, static: Static) -
     return Step(model, plan, static, last, r, T,
                 static.gradients if plan.gradient_accumulation_steps > 1 else 0,
                 layers_saved, last.rope_bytes + last.final_norm_bytes + last.head_bytes,
-                (r(8 * plan.seq_len) + last.mask_bytes) if gc else 0, 2 * r(4),
+                (_position_ids(plan, r) + last.mask_bytes) if gc else 0, 2 * r(4),
                 RNG_STATE_BYTES if gc and not cuda else 0,
                 saved, tuple((o[0], o[1]) for o in order), tuple(o[5] for o in order))
 
@@ -662,6 +673,39 @@ def attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
                     2 * ap.probs_bytes + residual + r(T * m.q_dim * ap.stream_dt))
 
 
+def flash_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
+    """FlashAttention-2: layer i's attention kernel backward (flash-attn 2.x flash_attn_interface.py
+    FlashAttnFunc.backward, csrc/flash_attn/flash_api.cpp mha_bwd / mha_varlen_bwd). Alive: the
+    layer's saved set up to the kernel's saved tensors (o_proj's released), o_proj's and the MLP's
+    LoRA gradients; in flight: the gradient of the attention output (the kernel's dout) and of the
+    residual stream, dq/dk/dv (empty_like q/k/v), softmax_d fp32 [B, H, round128(S)] and dq_accum fp32
+    [B, round128(S), H, hd_r] (varlen: [H, T + 128 n] and [T + 128 n, H, hd_r] for n sequences),
+    hd_r = head_dim rounded up to 32 (<= 128) or 64; GQA: dk/dv expanded to the query heads.
+    NB: not checked on hardware (simulate's emulation allocates the same, memplan/simulate/flash.py);
+    deterministic mode (a zero-filled split dq_accum) not modelled."""
+    if s.plan.attn_implementation != "flash_attention_2":
+        return None
+    i, ap, r, T, m = lb.i, s.ap, s.r, s.tokens, s.model
+    p = s.plan
+    cdt = ap.flash_dt
+    hd = m.head_dim
+    hd8, hd_r = -(-hd // 8) * 8, -(-hd // (32 if hd <= 128 else 64)) * (32 if hd <= 128 else 64)
+    H, Hk = m.num_heads, m.num_kv_heads
+    if flash_varlen(p):
+        rows = T + 128 * max(s.flash_seqs, 1)
+        ws = r(4 * H * rows) + r(4 * rows * H * hd_r)
+    else:
+        sq = -(-p.seq_len // 128) * 128
+        ws = r(4 * p.batch_size * H * sq) + r(4 * p.batch_size * sq * H * hd_r)
+    dqkv = r(T * H * hd8 * cdt) + 2 * r(T * Hk * hd8 * cdt)
+    expanded = 2 * r(T * H * hd8 * cdt) if Hk != H else 0
+    pad = r(T * H * hd8 * cdt) if hd8 != hd else 0  # dout padded (F.pad)
+    saved = ap.attn_saved_first if i == 0 else ap.attn_saved
+    residual = r(T * m.hidden_size * ap.stream_dt) * (2 if p.use_reentrant else 1)
+    return s.moment("attention_backward", i, lb.grads + s.static.attn_lora_grads, lb.fixed + saved, 0,
+                    r(T * m.q_dim * cdt) + residual + dqkv + ws + expanded + pad)
+
+
 def mla_attention_backward_moment(s: Step, lb: LayerBackward) -> Moment | None:
     """MLA on the CPU (math SDPA, v head dim != q/k's): layer i's attention core backward once the
     scores' matmul has run backward. Alive: the layer's saved set up to q·scale and k^T·scale (the
@@ -923,6 +967,7 @@ def moments(s: Step) -> tuple[Moment, ...]:
         layers = sorted({i for k in set(kinds) for i in (kinds.index(k), last - kinds[::-1].index(k))},
                         reverse=True)
     for i in dict.fromkeys(layers):
+        first_i = len(out)
         s_i = s
         s = _kind_step(s_i, i)
         lb = layer_backward_state(s, i)
@@ -940,10 +985,16 @@ def moments(s: Step) -> tuple[Moment, ...]:
             out.append(layer_backward_moment(s, lb))
         if eager:
             out.append(attention_backward_moment(s, lb))
+        elif s.plan.attn_implementation == "flash_attention_2":
+            out.append(flash_attention_backward_moment(s, lb))
         elif s.model.mla is not None:
             mla = mla_attention_backward_moment(s, lb)
             if mla is not None:
                 out.append(mla)
+        if gc and s.ap.nograd_saved:
+            # the recomputed layer's tensors made with grad mode off are temporaries for the tracker
+            x = s.ap.nograd_saved
+            out[first_i:] = [m if m.kind == "recompute" else _plus(m, -x, x) for m in out[first_i:]]
         s = s_i
     out.append(optimizer_moment(s))
     return tuple(out)
@@ -961,7 +1012,30 @@ def check_plan(model: ModelSpec, plan: TrainPlan) -> tuple[TrainPlan, list[str]]
             f"{model.name}: seq_len {plan.seq_len} reaches attention_chunk_size {chunk}, where the chunked "
             f"layers get a block-diagonal mask the closed form does not model; `memplan simulate {model.name}` "
             "traces it exactly")
-    return (plan.replace(**dict(changes)) if changes else plan), list(notes)
+    return (plan.replace(**dict(changes)) if changes else plan), list(notes) + _packing_notes(plan) + _flash_notes(plan)
+
+
+#: said on every FlashAttention-2 estimate (and simulate result)
+FLASH_NOTE = ("FlashAttention-2 kernels are CUDA-only: modelled from flash-attn's source, checked against simulate's "
+              "emulation, not yet on hardware (terms: activations, temporaries)")
+
+
+def _flash_notes(plan: TrainPlan) -> list[str]:
+    if plan.attn_implementation != "flash_attention_2":
+        return []
+    notes = [FLASH_NOTE]
+    if plan.padding != "none":
+        notes.append("flash_attention_2 with a padded batch: transformers unpads q/k/v by the attention_mask (index "
+                     "copies of the real tokens) and pads the output back; not modelled: estimated as the unpadded "
+                     "fixed-length kernel")
+    if flash_varlen(packed_rows(plan)):
+        notes.append("FlashAttention-2 varlen (one packed row): its backward workspace grows by 128 rows per sequence; "
+                     f"assumed {2 * plan.batch_size} sequences (two per row of seq_len)")
+    elif plan.packing:
+        notes.append("packing with batch_size > 1 and flash_attention_2: transformers 5.24 runs the varlen kernel only "
+                     "for a batch of one row (_is_packed_sequence), so each packed row runs the fixed-length kernel "
+                     "(sequences attend across their boundaries); use --padding-free for the varlen path")
+    return notes
 
 
 @shape_free_cache()
@@ -1072,6 +1146,31 @@ def _liger_checks(model: ModelSpec, plan: TrainPlan) -> list[str]:
             "Liger's kernels are Triton (GPU only): the logits / activations terms with use_liger_kernel are modelled "
             f"from liger-kernel {RECIPE_VERSIONS['liger-kernel']}'s source and checked against simulate's emulation, "
             "not yet on hardware"]
+
+
+def _packing_notes(plan: TrainPlan) -> list[str]:
+    """What a packed or padding-free plan assumes (activations.packed_rows), and what TRL 1.16 does
+    not check: it documents padding_free for FlashAttention-2/3 but neither warns nor refuses it with
+    SDPA or eager (trl/trainer/sft_trainer.py SFTTrainer.__init__), where transformers then builds a
+    block-diagonal mask over the whole flattened row."""
+    if not (plan.packing or plan.padding_free):
+        return []
+    rows = (f"one flattened row of batch_size x seq_len = {plan.tokens} tokens" if plan.padding_free
+            else f"{plan.batch_size} row(s) of {plan.seq_len} tokens")
+    notes = [f"{'padding-free' if plan.padding_free else 'packed'} batch: {rows}, position ids restarting per "
+             "sequence, no attention_mask; assumed full (every row packed to seq_len) and holding two or more "
+             "sequences -- memory depends on the row shape, not on where the sequence boundaries fall "
+             "(checked on real CPU steps)"]
+    attn = plan.attn_implementation
+    if attn in ("sdpa", "eager"):
+        S = plan.tokens if plan.padding_free else plan.seq_len
+        B = 1 if plan.padding_free else plan.batch_size
+        notes.append(f"{attn} with packed sequences: transformers builds a block-diagonal [{B}, 1, {S}, {S}] mask "
+                     "(masking_utils.find_packed_sequence_indices) and each layer keeps its additive float copy "
+                     "(quadratic in the row length); --attn-implementation flash_attention_2 runs varlen without one"
+                     + ("; TRL documents padding_free for FlashAttention-2/3 only, but neither warns nor refuses "
+                        "it with " + attn if plan.padding_free else ""))
+    return notes
 
 
 #: plan fields the real stack forces for a model (`_moe_checks`), as the flags that set them
@@ -1214,7 +1313,8 @@ def compute(model: ModelSpec, plan: TrainPlan, gpu: GPUSpec | None = None) -> Es
         return compute_distributed(model, plan, gpu)
     plan, notes = check_plan(model, plan)
     cuda = plan.device == "cuda"
-    step = make_step(model, plan, cuda)
+    # padding-free: the one flattened row the model sees; runtime.step.packed_batch: two sequences per row
+    step = make_step(model, packed_rows(plan), cuda, 2 * plan.batch_size)
     ms = moments(step)
     hosts: list[dict[str, int]] = [{}] * len(ms)
     if offloads(plan):

@@ -112,6 +112,13 @@ class TrainPlan:
     gradient_checkpointing: bool = True
     use_reentrant: bool = False
     padding: str = "none"
+    #: TRL `packing`: each of the `batch_size` rows holds `seq_len` tokens of several sequences, the
+    #: position ids restarting at each (no attention_mask): SDPA/eager get a block-diagonal mask,
+    #: FlashAttention-2 its varlen path (see `memplan.packing`)
+    packing: bool = False
+    #: TRL `padding_free` / transformers `DataCollatorWithFlattening`: the micro-batch's rows are
+    #: flattened into one row of batch_size x seq_len tokens, position ids restarting per sequence
+    padding_free: bool = False
     optim: str = "paged_adamw_8bit"
     attn_implementation: str = "sdpa"
     mixed_precision: str = "bf16"
@@ -300,6 +307,12 @@ class TrainPlan:
                     and ("fused_linear_cross_entropy", True) in self.liger_kernel_config:
                 p.append("Liger's fused_linear_cross_entropy is refused by TRL's SFTTrainer (--trainer sft fuses the "
                          "LM head its own way); drop it from --liger-kernels / --liger-kernel-config")
+        for flag, v in (("--packing", self.packing), ("--padding-free", self.padding_free)):
+            if not isinstance(v, bool):
+                p.append(f"{flag} takes true or false, got {v!r}")
+        if (self.packing or self.padding_free) and self.padding != "none":
+            p.append(f"--padding {self.padding} pads rows that {'--packing' if self.packing else '--padding-free'} "
+                     "leaves unpadded (packed rows carry no attention_mask); use --padding none")
         if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
             p.append("--attn-implementation flash_attention_2 runs only on CUDA GPUs; with --device cpu use sdpa or eager")
         p += self._distributed_problems()
@@ -419,8 +432,8 @@ _FIELD_NAMES = tuple(f.name for f in fields(TrainPlan))
 _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 #: fields left out of `to_dict` at their default (recipe options added after the JSON contract), so
 #: that plans (and the JSON, records and golden files made from them) that do not use them read as before
-_OMIT_AT_DEFAULT = ("activation_offloading", "checkpoint_offload", "trainer", "use_liger_kernel",
-                    "liger_kernel_config")
+_OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpoint_offload", "trainer",
+                    "use_liger_kernel", "liger_kernel_config")
 #: the distributed fields (memplan/distributed.py; /work shared spec "dist-fields"), with their defaults
 DIST_FIELDS = _FIELD_NAMES[_FIELD_NAMES.index("num_processes"):]
 _DIST_DEFAULTS = {f.name: f.default for f in fields(TrainPlan) if f.name in DIST_FIELDS}
@@ -550,6 +563,7 @@ def _from_training_args(args: Any) -> dict[str, Any]:
         out["use_liger_kernel"] = bool(_get(args, "use_liger_kernel"))
     if _get(args, "liger_kernel_config"):
         out["liger_kernel_config"] = _get(args, "liger_kernel_config")
+    out.update(packing_fields(_get(args, "packing"), _get(args, "packing_strategy"), _get(args, "padding_free")))
     out.update(_world_from_training_args(args))
     return out
 
@@ -571,6 +585,23 @@ def _world_from_training_args(args: Any) -> dict[str, Any]:
         out.update(f)
     if bucket is not None:
         out["ddp_bucket_cap_mb"] = bucket
+    return out
+
+
+def packing_fields(packing: Any, strategy: Any, padding_free: Any) -> dict[str, Any]:
+    """The plan fields a TRL SFTConfig's `packing`, `packing_strategy` and `padding_free` set
+    (trl 1.16 trainer/sft_trainer.py SFTTrainer.__init__: `padding_free = args.padding_free or
+    (args.packing and args.packing_strategy in {"bfd", "bfd_split"})`; its collator then flattens the
+    packed rows into one). "wrapped" packing hands the model full rows with an all-ones
+    attention_mask and no position ids: the plain step (packing stays off). Absent keys set nothing."""
+    out: dict[str, Any] = {}
+    strategy = "bfd" if strategy is None else str(strategy)
+    if strategy == "bfd-requeue":  # trl renames it (SFTConfig.__post_init__)
+        strategy = "bfd_split"
+    if packing is not None:
+        out["packing"] = bool(packing) and strategy != "wrapped"
+    if padding_free is not None or packing is not None:
+        out["padding_free"] = bool(padding_free) or (bool(packing) and strategy in ("bfd", "bfd_split"))
     return out
 
 

@@ -122,6 +122,10 @@ def _extras(plan: Any) -> list[str]:
         out.append("checkpoint offload")
     if _get(plan, "trainer", "trainer") == "sft":
         out.append("TRL SFTTrainer (fused LM head)")
+    if _get(plan, "padding_free", False):
+        out.append("padding-free (one flattened row)")
+    elif _get(plan, "packing", False):
+        out.append("packed rows")
     w = world_text(plan)
     if w:
         out.append(w)

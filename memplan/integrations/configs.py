@@ -2,7 +2,7 @@
 that `trl sft --config` reads, with ModelConfig's fields), or a transformers `TrainingArguments` JSON.
 
 `read_config(path)` maps every field that changes the memory of a step onto TrainPlan fields and says
-in `notes` what memplan does not model (Liger kernels, packing, offloading, multi-GPU sharding...):
+in `notes` what memplan does not model (Liger kernels, offloading, multi-GPU sharding...):
 nothing that changes memory is dropped silently. JSON needs only the stdlib; YAML needs PyYAML
 (imported lazily: the `config` extra).
 """
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from ..errors import InvalidSpecError, MissingExtraError
 from ..liger import AXOLOTL_KEYS, KERNELS
 from ..optim import OPTIMIZERS
-from ..plan import ATTN, PADDING, fields_from_hf, norm_dtype
+from ..plan import ATTN, PADDING, fields_from_hf, norm_dtype, packing_fields
 
 KINDS = ("axolotl", "trl", "training_args", "accelerate", "deepspeed")
 
@@ -344,8 +344,10 @@ class _Reader:
         packing = self.on("sample_packing")
         if packing:
             out["padding"] = "none"
-            self.note("sample_packing: true packs sequences into rows of sequence_len; packing is not modelled "
-                      "yet: estimated as unpadded rows of sequence_len tokens")
+            out["packing"] = True
+            self.note("sample_packing: true: axolotl's multipack collator fills micro_batch_size rows of "
+                      "sequence_len tokens, position ids restarting per sample; estimated as transformers' packed "
+                      "rows (--packing); axolotl's own attention patches are not traced")
         elif self.on("pad_to_sequence_len"):
             out["padding"] = "max_length"
         else:
@@ -531,11 +533,18 @@ class _Reader:
         if seq is not None:
             out["seq_len"] = seq
         packing, padding_free = self.on("packing"), self.on("padding_free")
+        strategy = d.get("packing_strategy")
+        if strategy is not None and str(strategy) not in ("bfd", "bfd_split", "bfd-requeue", "wrapped"):
+            raise self.bad(f"packing_strategy {strategy!r} is not one of: bfd, bfd_split, wrapped")
         if packing or padding_free:
             out["padding"] = "none"
-            on = " and ".join(k for k, v in (("packing", packing), ("padding_free", padding_free)) if v)
-            self.note(f"{on}: true; packing / padding-free batches are not modelled yet: estimated as "
-                      "unpadded rows of max_length tokens")
+            out.update(packing_fields(packing, strategy, padding_free))
+            if packing and not out["packing"]:
+                self.note("packing_strategy: wrapped: full rows of max_length with an all-ones attention_mask and no "
+                          "position ids (sequences attend across their boundaries): estimated as unpadded rows")
+            elif packing and out["padding_free"] and not padding_free:
+                self.note(f"packing: true with packing_strategy {strategy or 'bfd'}: TRL 1.16 turns padding_free on "
+                          "(its collator flattens the micro-batch into one row)")
         elif kind == "trl":
             out["padding"] = "longest"  # TRL's collator pads each batch to its longest row, with a mask
         if d.get("padding") is not None:

@@ -281,9 +281,32 @@ def make_batch(plan: TrainPlan, vocab_size: int, device: str = "cpu", seed: int 
         mask = torch.ones_like(ids)
         mask[0, plan.seq_len - max(1, plan.seq_len // 8):] = 0
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if plan.packing or plan.padding_free:
+        batch = packed_batch(ids, plan.padding_free)
     if device != "cpu":
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
+
+
+def packed_batch(ids, flatten: bool) -> dict[str, Any]:
+    """The batch TRL's collator hands the model for packed rows `ids` [B, S] (no attention_mask).
+
+    Each row holds two sequences (split at S // 2; one when S == 1) with position ids restarting at
+    each, labels -100 at every sequence start (trl 1.16 DataCollatorForLanguageModeling). `flatten`
+    (padding_free): the rows concatenated into one [1, B*S] row, as its padding-free collator and
+    transformers' DataCollatorWithFlattening do (the flash varlen kwargs are left to the model, which
+    derives them from the position ids). NB: memory depends on the row shape, not on where the
+    boundaries fall (tests/test_packing.py checks two compositions on real steps); two sequences per
+    row is the conservative case: a row holding one sequence gets no packed mask (SDPA then skips it).
+    """
+    B, S = ids.shape
+    pos = torch.arange(S)
+    if S > 1:
+        pos = torch.where(pos < S // 2, pos, pos - S // 2)
+    pos = pos.expand(B, S).contiguous()
+    if flatten:
+        ids, pos = ids.reshape(1, B * S), pos.reshape(1, B * S)
+    return {"input_ids": ids, "position_ids": pos, "labels": ids.masked_fill(pos == 0, -100)}
 
 
 def cpu_step(config: dict[str, Any], plan: TrainPlan, steps: int = 2, seed: int = 0,

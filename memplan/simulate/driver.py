@@ -22,6 +22,8 @@ returning a tuple, and peft's forward then fails with "'tuple' object has no att
 
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import importlib.util
 import sys
@@ -156,11 +158,15 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
     from ..runtime.step import StepResult, run_steps
     from .build import build_meta_model
     from .emulation import MetaEmulation
+    from .flash import check_flash_plan, flash_patches
     from .patches import build_patches, make_meta_optimizer, step_patches
     from .result import SimulateResult
 
     round_to = tracker.round_to
-    with build_patches():
+    check_flash_plan(plan)
+    packed = plan.packing or plan.padding_free
+    with build_patches(packed=packed), (flash_patches(packed, 2 * plan.batch_size)  # packed_batch: 2 per row
+                                        if plan.attn_implementation == "flash_attention_2" else contextlib.nullcontext()):
         say("building model")
         model = build_meta_model(config, plan)
         with torch.device("meta"):  # LoRA layers born on meta: no real init of ~10^9 numbers
@@ -184,7 +190,7 @@ def _simulate(config, spec, plan, steps, tracker, say, full_warmup):
 
 def _liger(model, plan: TrainPlan, tracker):
     """Liger's kernels applied to the model (`runtime.liger.applied`) with their Triton launches stubbed
-    (`simulate.liger`, patch 13); nothing without `use_liger_kernel`."""
+    (`simulate.liger`, patch 14); nothing without `use_liger_kernel`."""
     import contextlib
 
     if not plan.use_liger_kernel:
@@ -223,6 +229,9 @@ def _notes(config: dict[str, Any], plan: TrainPlan, model) -> list[str]:
     if plan.use_liger_kernel:
         notes.append("Liger kernels applied as the HF Trainer applies them; their Triton launches are stubbed on "
                      "meta (what is counted is what Liger's Python wrappers allocate), not yet checked on hardware")
+    if plan.attn_implementation == "flash_attention_2":
+        notes.append("FlashAttention-2 emulated on meta: allocations and saved tensors per flash-attn 2.x's source "
+                     "(memplan/simulate/flash.py), not yet checked on hardware")
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
     if config.get("model_type") in ("llama4", "llama4_text"):  # Llama4TextExperts: no experts interface
         notes.append("Llama 4 experts: every expert runs on all T tokens (bmm over [E, T, .], router scores "

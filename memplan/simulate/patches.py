@@ -2,9 +2,12 @@
 
 All are applied only inside `simulate` and restored afterwards (tests/test_simulate.py checks that).
 
-1. ``transformers.masking_utils.find_packed_sequence_indices`` → None for meta position ids. It asks
-   the data (``.all()``) whether the position ids describe packed sequences; the step feeds one
-   unpacked sequence per row, for which the real function returns None too (`build_patches`).
+1. ``transformers.masking_utils.find_packed_sequence_indices`` on meta position ids. It asks the data
+   (``.all()``) whether the position ids describe packed sequences. Unpacked plans feed one sequence
+   per row, for which the real function returns None: so does the patch. Packed plans (`packing`,
+   `padding_free`: `runtime.step.packed_batch` puts two sequences in every row) get what the real
+   function returns for them, the [B, S] sequence indices, computed by the real function with its
+   data check skipped (``is_tracing`` → True for that call) (`build_patches(packed=...)`).
 7. Optimizers: ``adamw_torch_fused`` needs "meta" in
    ``torch.optim.optimizer._get_fused_kernels_supported_devices`` (`build_patches`); on ``"cuda"``
    AdamW/SGD get ``foreach=True`` (torch's CUDA default; on meta, as on CPU, torch picks the
@@ -17,16 +20,20 @@ All are applied only inside `simulate` and restored afterwards (tests/test_simul
 11. ``transformers.masking_utils.fast_all`` → False for a meta attention mask: whether a padded
    batch's mask is all ones is data; the step pads part of a row whenever the plan pads
    (`runtime.step.run_steps`), so transformers builds the 4-D mask as on a real device (`build_patches`).
-13. TRL's fused LM head on meta (`plan.trainer == "sft"`): see `sft_head`.
 10. ``torch.random.fork_rng(device_type="meta")`` returns at once on meta; on a real device it keeps
    a snapshot of the CPU generator (``torch.get_rng_state()``, 5056 B) while a checkpointed layer
    recomputes. The patch takes that snapshot on meta too; the tracker counts RNG states (it wraps
    ``torch.get_rng_state``) when the CPU is the emulated device (`step_patches`).
 
-13. Liger kernels (plans with ``use_liger_kernel``): Liger applied to the model as the HF Trainer
+13. TRL's fused LM head on meta (`plan.trainer == "sft"`): see `sft_head`.
+14. Liger kernels (plans with ``use_liger_kernel``): Liger applied to the model as the HF Trainer
    applies it (`runtime.liger.applied`, module attributes restored afterwards) and its Triton launches
    stubbed, ``Tensor.item``/``torch.equal`` answered for meta scalars, the loss phase marked at FLCE's
    forward (`simulate.liger.liger_patches`; what, why and which upstream functions are documented there).
+15. FlashAttention-2 without the flash-attn package (CUDA only): the availability check skipped and
+   the flash-attn functions transformers imports replaced by autograd Functions that allocate and save
+   what flash-attn 2.x does, fixed-length and varlen (`flash.flash_patches`, entered by the driver for
+   plans with attn_implementation flash_attention_2).
 
 `step_patches` enters, for the steps, the emulation mode (`emulation.MetaEmulation`: patches 2, 3
 and 6) with its autocast stand-ins (``torch.autocast``/``torch.amp.autocast`` accept
@@ -62,8 +69,9 @@ def patch_attr(obj, name: str, value) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def build_patches() -> Iterator[None]:
-    """Patches needed while building, adapting and stepping (patches 1 and 7, name2qmap on CPU)."""
+def build_patches(packed: bool = False) -> Iterator[None]:
+    """Patches needed while building, adapting and stepping (patches 1 and 7, name2qmap on CPU);
+    `packed`: the step's batch holds packed sequences (patch 1)."""
     import torch.optim.optimizer as topt
     import transformers.masking_utils as mu
 
@@ -76,7 +84,10 @@ def build_patches() -> Iterator[None]:
 
     def find_packed(position_ids):
         if position_ids is not None and position_ids.is_meta:
-            return None
+            if not packed:
+                return None
+            with patch_attr(mu, "is_tracing", lambda *_: True):  # the real ops, minus the data check
+                return orig_find(position_ids)
         return orig_find(position_ids)
 
     orig_find = mu.find_packed_sequence_indices

@@ -168,11 +168,12 @@ def test_trl_unmodelled_techniques_and_defaults(tmp_path):
            "deepspeed": {"zero_optimization": {"stage": 3}}, "torch_compile": True}
     r = read_config(write(tmp_path, "sft.json", json.dumps(cfg)))
     notes = "\n".join(r.notes)
-    for word in ("packing", "padding_free", "use_liger_kernel", "fsdp", "deepspeed",
+    for word in ("use_liger_kernel", "fsdp", "deepspeed",
                  "torch_compile", "does not say the adapter"):
         assert word in notes, word
     assert "offload" not in notes and r.plan_fields["activation_offloading"] is True
     assert r.plan_fields["seq_len"] == 1024 and r.plan_fields["padding"] == "none"
+    assert r.plan_fields["packing"] is True and r.plan_fields["padding_free"] is True  # mapped (issue 11)
     assert r.plan_fields["mixed_precision"] == "bf16"  # SFTConfig: bf16 = not fp16
     r = read_config(write(tmp_path, "sft2.json", json.dumps({"packing": False, "dataset_text_field": "text"})))
     assert r.plan_fields["seq_len"] == 1024 and "SFTConfig's default" in "\n".join(r.notes)
@@ -395,3 +396,52 @@ def test_trl_sfttrainer_keeps_only_liger_layer_kernels(tmp_path, capsys):
     assert main(["estimate", "llama-3-8b", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "refused by TRL" in err and "Traceback" not in err
+# -- packing / padding-free (issue 11): TRL's packing, packing_strategy, padding_free; axolotl's sample_packing
+@pytest.mark.parametrize("cfg, packing, padding_free, note", [
+    # trl 1.16 SFTTrainer: padding_free = padding_free or (packing and strategy in {bfd, bfd_split})
+    ({"packing": True}, True, True, "turns padding_free on"),
+    ({"packing": True, "packing_strategy": "bfd_split"}, True, True, "turns padding_free on"),
+    ({"packing": True, "packing_strategy": "bfd-requeue"}, True, True, "turns padding_free on"),
+    ({"packing": True, "packing_strategy": "wrapped"}, False, False, "wrapped"),
+    ({"packing": True, "packing_strategy": "wrapped", "padding_free": True}, False, True, "wrapped"),
+    ({"padding_free": True}, False, True, None),
+    ({"packing": True, "padding_free": True}, True, True, None),
+])
+def test_trl_packing_fields(tmp_path, cfg, packing, padding_free, note):
+    r = read_config(write(tmp_path, "sft.json", json.dumps({"output_dir": "o", "max_length": 512, **cfg})))
+    assert r.plan_fields.get("packing") == packing and r.plan_fields["padding_free"] is padding_free
+    assert r.plan_fields["padding"] == "none"
+    notes = "\n".join(r.notes)
+    assert (note in notes) if note else "packing" not in notes
+    plan = TrainPlan(**r.plan_fields)  # a valid plan
+    assert plan.padding_free is padding_free
+
+
+def test_trl_packing_off_keeps_padded_rows(tmp_path):
+    r = read_config(write(tmp_path, "sft.json", json.dumps({"output_dir": "o", "max_length": 512, "packing": False,
+                                                             "padding_free": False})))
+    assert "packing" not in r.plan_fields and "padding_free" not in r.plan_fields
+    assert r.plan_fields["padding"] == "longest"
+
+
+def test_trl_bad_packing_strategy_is_one_line_naming_the_field(tmp_path):
+    path = write(tmp_path, "sft.json", json.dumps({"output_dir": "o", "packing": True, "packing_strategy": "ffd"}))
+    with pytest.raises(InvalidSpecError, match="packing_strategy 'ffd' is not one of: bfd, bfd_split, wrapped"):
+        read_config(path)
+
+
+def test_axolotl_sample_packing_and_flash_attention(tmp_path):
+    r = read_config(write(tmp_path, "ax.yml", AXOLOTL + "sample_packing: true\n"))
+    assert r.plan_fields["packing"] is True and r.plan_fields["padding"] == "none"
+    assert r.plan_fields["attn_implementation"] == "flash_attention_2"
+    assert "padding_free" not in r.plan_fields
+    assert any("sample_packing: true" in n and "--packing" in n for n in r.notes)
+    e = memplan.estimate("llama-3.2-1b", config=r)
+    assert e.plan.packing and e.plan.attn_implementation == "flash_attention_2"
+    assert any(n.startswith("packed batch: 2 row(s) of 4096 tokens") for n in e.notes)
+
+
+def test_packing_from_an_sftconfig_like_object():
+    args = {"per_device_train_batch_size": 2, "packing": True, "packing_strategy": "bfd", "padding_free": False}
+    assert plan_from(training_args=args).padding_free is True
+    assert plan_from(training_args={**args, "packing_strategy": "wrapped"}).packing is False
