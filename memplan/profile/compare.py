@@ -62,6 +62,8 @@ def term_table(cmp: dict[str, Any], out: Out, device: str) -> None:
     for t in Term if cmp.get("terms") else ():
         if device == "cpu" and t in (Term.WORKSPACE, Term.ALLOCATOR_OVERHEAD, Term.CUDA_CONTEXT):
             continue
+        if str(t) not in cmp["terms"]:  # comm_buffers: only a distributed run's comparison has it
+            continue
         c = cmp["terms"][str(t)]
         out(f"{str(t):<20} {mib(c['measured']):>14} {mib(c['estimate']):>14} {mib(c['diff_bytes']):>11} "
             f"{pct(c['error_pct']):>9}")
