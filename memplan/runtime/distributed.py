@@ -47,6 +47,10 @@ COMM_BUFFERS = "comm_buffers"
 #: the unsharded (all-gathered) parameters alive at a moment: part of `comm_buffers` in `terms`,
 #: given apart in `comm_detail`
 UNSHARDED = "unsharded_params"
+#: the buffers a collective allocates for its own duration (gloo on CPU; in `comm_detail`)
+GLOO = "gloo_buffers"
+#: the flat all-gather outputs and reduce-scatter inputs/outputs alive at a moment (in `comm_detail`)
+COLLECTIVE = "collective_buffers"
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def _orig_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def fsdp_storage_hooks(tracker) -> Iterator[set[int]]:
+def fsdp_storage_hooks(tracker) -> Iterator[dict[int, str]]:
     """Tell `tracker` about FSDP2's in-place storage resizes and tag FSDP2's collective buffers.
 
     FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param.py `alloc_storage`/`free_storage`) frees
@@ -248,14 +252,16 @@ def fsdp_storage_hooks(tracker) -> Iterator[set[int]]:
     which imports `alloc_storage`) to call `tracker.resized(storage)` after the resize.
 
     Records created inside `foreach_all_gather`, `foreach_all_gather_copy_out` and `foreach_reduce`
-    (_fsdp_collectives.py, as `_fsdp_param_group` calls them) are yielded (their ids), so a caller
-    can label them `comm_buffers` unless they end up gradients or parameters.
+    (_fsdp_collectives.py, as `_fsdp_param_group` calls them) are yielded ({id: UNSHARDED for the
+    per-parameter all-gather outputs made in the copy-out, COLLECTIVE for the flat all-gather output
+    and reduce-scatter buffers}), so a caller can label them `comm_buffers` unless they end up
+    gradients or parameters; resized storages are the unsharded parameters.
     """
     from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
 
     from ..simulate.patches import patch_attr
 
-    comm: set[int] = set()
+    comm: dict[int, str] = {}
 
     def resized(fn):
         def wrapper(tensor):
@@ -263,13 +269,13 @@ def fsdp_storage_hooks(tracker) -> Iterator[set[int]]:
             tracker.resized(tensor.untyped_storage(), tensor)
         return wrapper
 
-    def tagging(fn):
+    def tagging(fn, what):
         def wrapper(*args, **kwargs):
             n = len(tracker.records)
             try:
                 return fn(*args, **kwargs)
             finally:
-                comm.update(id(r) for r in tracker.records[n:])
+                comm.update((id(r), what) for r in tracker.records[n:])
         return wrapper
 
     with contextlib.ExitStack() as stack:
@@ -277,12 +283,18 @@ def fsdp_storage_hooks(tracker) -> Iterator[set[int]]:
         stack.enter_context(patch_attr(_fsdp_param, "alloc_storage", alloc))
         stack.enter_context(patch_attr(_fsdp_param_group, "alloc_storage", alloc))
         stack.enter_context(patch_attr(_fsdp_param, "free_storage", resized(_fsdp_param.free_storage)))
-        for name in ("foreach_all_gather", "foreach_all_gather_copy_out", "foreach_reduce"):
-            stack.enter_context(patch_attr(_fsdp_param_group, name, tagging(getattr(_fsdp_param_group, name))))
+        for name, what in (("foreach_all_gather", COLLECTIVE), ("foreach_all_gather_copy_out", UNSHARDED),
+                           ("foreach_reduce", COLLECTIVE)):
+            stack.enter_context(patch_attr(_fsdp_param_group, name, tagging(getattr(_fsdp_param_group, name), what)))
         yield comm
 
 
-def comm_terms(tracker, at: float, comm: set[int]) -> tuple[dict[str, int], dict[str, int]]:
+def _gloo_buffer(r) -> bool:
+    """A collective's own buffer: kernel workspace seen inside a c10d op (real) or its stand-in (simulate)."""
+    return r.op.startswith(("c10d::", "temp:_allgather", "temp:_reduce_scatter", "temp:allreduce"))
+
+
+def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int], dict[str, int]]:
     """Terms alive at `at` with FSDP's buffers under `comm_buffers`; and the detail of those:
     `unsharded_params` (all-gathered parameters: resized storages and all-gather outputs still held)
     and the rest (flat all-gather / reduce-scatter buffers)."""
@@ -290,14 +302,14 @@ def comm_terms(tracker, at: float, comm: set[int]) -> tuple[dict[str, int], dict
 
     terms = {str(k): 0 for k in Term}
     terms[COMM_BUFFERS] = 0
-    detail = {UNSHARDED: 0, "collective_buffers": 0}
+    detail = {UNSHARDED: 0, COLLECTIVE: 0, GLOO: 0}
     keep = {Term.GRADIENTS, Term.OPTIMIZER_STATE, Term.BASE_WEIGHTS, Term.QUANT_STATE, Term.OTHER_PARAMS,
             Term.ADAPTER_WEIGHTS}
     for r in tracker.alive_at(at):
-        resized = r.op == "resize_"
-        if (id(r) in comm or resized) and r.term not in keep:
+        what = UNSHARDED if r.op == "resize_" else GLOO if _gloo_buffer(r) else comm.get(id(r))
+        if what is not None and r.term not in keep:
             terms[COMM_BUFFERS] += r.nbytes
-            detail[UNSHARDED if resized else "collective_buffers"] += r.nbytes
+            detail[what] += r.nbytes
         else:
             terms[str(r.term or Term.TEMPORARIES)] += r.nbytes
     return terms, detail
@@ -346,6 +358,7 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
     from .classify import param_classifier
     from .load import TORCH_DTYPE, adapt, load_model, text_vocab_size
     from .step import make_optimizer, run_steps
+    from .tracker import OP_MARK
 
     ShardedTracker = sharded_tracker_class()
     t0 = time.perf_counter()
@@ -356,7 +369,9 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
     classify_orig = param_classifier(model)  # the names as before sharding (FSDP2 keeps them)
     model = shard_model(model, world, plan, rank=rank)
     opt = make_optimizer(model, plan)
-    tracker = ShardedTracker(round_to=1, device="cpu")
+    # kernel_workspace: every op runs in a profiler range, so that what a collective allocates inside
+    # (gloo's buffers) can be added from the allocator events after the step (see below)
+    tracker = ShardedTracker(round_to=1, device="cpu", kernel_workspace=instrument)
     tracker.register_model(model, classify_orig)
     static = tracker.live
 
@@ -395,11 +410,20 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
             res, comm = step()
         from .allocator import window_ranges
 
-        events = allocation_events(prof)
+        events = allocation_events(prof, mark=OP_MARK)
+        # the collectives' own buffers (gloo allocates inside c10d ops, below the dispatch mode)
+        n = len(tracker.records)
+        tracker.add_kernel_workspace([e for e in events if e.delta < 0 or any(x.startswith("c10d::") for x in e.scope)])
+        for r in tracker.records[n:]:
+            r.op = "c10d::collective"
+        kept = [(r.nbytes, r.created, r.freed, r.phase) for r in tracker.records[n:] if r.freed > r.created + 0.25]
+        res.peak_bytes, res.peak_phase = tracker.peak, tracker.peak_phase
+        res.phase_peaks = {k: v.bytes for k, v in tracker.phase_peaks.items()}
         wins = window_ranges(prof)
         trace = trace_from_events(events, windows=wins, device="cpu")
         marks = [(ns, name[len(PHASE_MARK):]) for ns, _e, name in _marks(prof)]
         allocator = _allocator_phases(trace, events, marks)
+        allocator["c10d_kept"] = [list(map(str, k)) for k in kept[:10]]
     else:
         res, comm = step()
         allocator = {}
@@ -415,10 +439,10 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
                       seconds=time.perf_counter() - t0)
 
 
-def _top(tracker, at: float, comm: set[int], n: int = 12) -> list[dict[str, Any]]:
+def _top(tracker, at: float, comm: dict[int, str], n: int = 12) -> list[dict[str, Any]]:
     alive = sorted(tracker.alive_at(at), key=lambda r: -r.nbytes)[:n]
     return [{"name": r.name or r.module, "shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes,
-             "term": str(r.term), "op": r.op, "comm": id(r) in comm, "phase": r.phase} for r in alive]
+             "term": str(r.term), "op": r.op, "comm": comm.get(id(r), "resize" if r.op == "resize_" else ""), "phase": r.phase} for r in alive]
 
 
 def _marks(prof):
@@ -450,8 +474,14 @@ def _allocator_phases(trace, events, marks) -> dict[str, Any]:
         live += e.delta
         if start is not None:
             per_phase[phase] = max(per_phase.get(phase, 0), live - start)
+    top = [{"bytes": a.nbytes, "op": a.op, "scope": list(a.scope[:4])} for a in trace.top_at_peak(8)]
+    c10d: dict[str, list[int]] = {}  # what each collective allocates inside (gloo's own buffers)
+    for e in evs:
+        op = next((s for s in e.scope if s.startswith("c10d::")), None)
+        if op is not None and e.delta > 0 and len(c10d.setdefault(op, [])) < 12:
+            c10d[op].append(e.delta)
     return {"peak_above_start": trace.peak_above_start, "phase_above_start": per_phase,
-            "n_events": trace.n_events}
+            "n_events": trace.n_events, "top": top, "c10d_allocs": c10d}
 
 
 # ---- launching the ranks ---------------------------------------------------------------------------

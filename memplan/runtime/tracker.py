@@ -491,11 +491,16 @@ class LiveTensorTracker(TorchDispatchMode):
             if mk is not None:
                 temps = mk(*args, **kwargs)
                 for i in range(len(temps)):
-                    self._track(temps[i].untyped_storage(), temps[i])
+                    rec = self._track(temps[i].untyped_storage(), temps[i])
+                    if rec is not None and not rec.op:
+                        rec.op = f"temp:{func.__name__}"
         if func.namespace == _BNB_NS:
             out = self._run_bnb(func, args, kwargs)
         else:
             fast = self.fast_kernels.get(func)
+            if fast is not None and types and any(t is not torch.Tensor and t is not torch.nn.Parameter
+                                                  for t in types):
+                fast = None  # a tensor subclass (DTensor) computes its own output
             out = fast(args, kwargs) if fast is not None else None
             if out is None:
                 out = func(*args, **kwargs)
