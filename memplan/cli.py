@@ -697,6 +697,8 @@ def profile_data(args: argparse.Namespace) -> Any:
     if args.out is not None:
         folder = args.find_max_batch or args.find_max_seq or not str(args.out).lower().endswith(".json")
         check_out_path("--out", args.out, folder=folder)
+    if (getattr(args, "num_processes", None) or 1) > 1:  # real ranks (memplan.profile.distributed)
+        return _profile_distributed(args, spec, plan)
     from .profile.runner import profile
     from .profile.search import find_max
 
@@ -716,6 +718,26 @@ def profile_data(args: argparse.Namespace) -> Any:
         return find_max(args.model, plan_from_args(args), dimension=dim, steps=args.steps or 2,
                         granularity=args.granularity, max_trials=args.max_trials, out=args.out, **common)
     return profile(args.model, plan_from_args(args), steps=args.steps or 3, out=args.out, **common)
+
+
+def _profile_distributed(args: argparse.Namespace, spec: Any, plan: TrainPlan) -> Any:
+    """`profile --num-processes N`: one run record with every rank (memplan.profile.distributed)."""
+    from .profile.distributed import profile_distributed, world_from_args
+    from .profile.record import write_run
+
+    if args.find_max_batch or args.find_max_seq:
+        raise MemplanError("--find-max-batch/--find-max-seq run on one process; drop --num-processes")
+    progress = None if args.quiet else (lambda msg: print(f"memplan: {msg}", file=sys.stderr, flush=True))
+    run = profile_distributed(spec, plan, world_from_args(args), steps=args.steps or 2, seed=args.seed,
+                              progress=progress)
+    if args.out is not None:
+        write_run(run, args.out)
+    if not args.json:
+        for r in run.ranks:
+            print(f"rank {r['rank']}: peak {r['peak']['allocated_bytes']:,} B ({r['peak']['phase']}); allocator "
+                  f"instrument {r['allocator'].get('peak_above_start', 0):,} B above the step's start, tracker "
+                  f"{r['tracker_above_start']:,} B", file=sys.stderr)
+    return run
 
 
 #: a CPU's effective rate on a QLoRA step (bf16 autocast, 4-bit dequantize): ~1B params x 2048 tokens
@@ -887,6 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and tokens (default 0)")
     p.add_argument("--gpu", metavar="GPU", help="catalogue GPU to estimate against (default: the one detected)")
     p.add_argument("--quiet", action="store_true", help="no progress or status lines on stderr (errors and warnings still print)")
+    from .profile.distributed import add_world_flags
+
+    add_world_flags(p)
     p = command("compare", cmd_compare, "estimate vs measured, term by term, for run records written by profile",
                 model=False, plan=False)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run record files (RUN.json) or folders of them")

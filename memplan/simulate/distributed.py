@@ -25,7 +25,9 @@ D3. The fake process group's collectives leave their output untouched and alloca
     all-gather output (`c10d::_allgather_base_`) and one the size of the reduce-scatter input
     (`c10d::_reduce_scatter_base_`) -- measured with the allocator instrument of real 2-rank steps
     (`runtime.distributed`, `allocator.c10d_allocs`) -- so on "cpu" those ops get that buffer as a kernel
-    temporary (`gloo_temps`, the tracker's `kernel_temps` hook). NCCL writes into the output directly
+    temporary (`gloo_temps`, the tracker's `kernel_temps` hook). NB: gloo's copy of the reduce-scatter
+    input belongs to its Work; it is usually freed as the op returns, but when gloo's worker thread drops
+    the last reference it lives until that thread runs its next collective (a race, seen on real ranks). NCCL writes into the output directly
     (its own buffers are outside torch's allocator): nothing on "cuda".
 """
 
@@ -91,11 +93,7 @@ def gloo_temps() -> dict[str, Any]:
         return [torch.empty_like(output, device="meta")] if output.is_meta else []
 
     def reduce_scatter(output, input, *args, **kwargs):
-        if not input.is_meta:
-            return []
-        copy = torch.empty_like(input, device="meta")
-        input._memplan_gloo_copy = copy  # held, like gloo's, as long as FSDP holds the reduce-scatter input
-        return [copy]
+        return [torch.empty_like(input, device="meta")] if input.is_meta else []
 
     return {"_allgather_base_.default": allgather, "_reduce_scatter_base_.default": reduce_scatter}
 
