@@ -49,6 +49,8 @@ COMM_BUFFERS = "comm_buffers"
 UNSHARDED = "unsharded_params"
 #: the buffers a collective allocates for its own duration (gloo on CPU; in `comm_detail`)
 GLOO = "gloo_buffers"
+#: DDP's gradient buckets (in `comm_detail`)
+DDP_BUCKETS = "ddp_buckets"
 #: the flat all-gather outputs and reduce-scatter inputs/outputs alive at a moment (in `comm_detail`)
 COLLECTIVE = "collective_buffers"
 
@@ -133,8 +135,6 @@ class World:
 def quant_storage(name: str) -> Iterator[None]:
     """`runtime.load.bnb_config` (used by `load_model` and `simulate.build`) gives
     `bnb_4bit_quant_storage=<name>` inside the block."""
-    import torch
-
     from . import load
 
     orig = load.bnb_config
@@ -150,7 +150,6 @@ def quant_storage(name: str) -> Iterator[None]:
         yield
     finally:
         load.bnb_config = orig
-    del torch
 
 
 class _Accel(types.SimpleNamespace):
@@ -185,6 +184,8 @@ def shard_model(model, world: World, plan: Any, rank: int = 0):
     import torch
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
+    if world.kind == "ddp":
+        return wrap_ddp(model, world)
     if world.kind != "fsdp" or world.fsdp_version != 2:
         raise NotImplementedError(f"sharding {world.kind} (fsdp_version {world.fsdp_version}) is not wired yet")
     if world.fsdp_sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
@@ -193,6 +194,55 @@ def shard_model(model, world: World, plan: Any, rank: int = 0):
     acc = _Accel(state=types.SimpleNamespace(fsdp_plugin=plug), is_main_process=rank == 0,
                  mixed_precision=plan.mixed_precision, device=torch.device("cpu"), torch_device_mesh=None)
     return fsdp2_prepare_model(acc, model)
+
+
+def wrap_ddp(model, world: World):
+    """`DistributedDataParallel` as accelerate (MULTI_CPU: `Accelerator.prepare_model`) builds it from the HF
+    Trainer's `DistributedDataParallelKwargs` (transformers 5.24 `Trainer._build_accelerator_args`):
+    `find_unused_parameters=True` for a PeftModel (not a PreTrainedModel), `bucket_cap_mb` when given.
+    The wrapper forwards `get_output_embeddings` (run_steps hooks lm_head) to the model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, find_unused_parameters=True, bucket_cap_mb=world.ddp_bucket_cap_mb)
+    ddp.get_output_embeddings = model.get_output_embeddings
+    return ddp
+
+
+@contextlib.contextmanager
+def ddp_bucket_hook(tracker, model) -> Iterator[None]:
+    """Count DDP's gradient buckets: the Reducer allocates them in C++ at construction (no op reaches the
+    tracker); a comm hook (the default all-reduce, `torch.distributed.algorithms.ddp_comm_hooks.
+    default_hooks.allreduce_hook`) registers each bucket's flat buffer the first time it is reduced."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    if not hasattr(model, "register_comm_hook"):
+        yield
+        return
+    seen: set[int] = set()
+
+    def hook(state, bucket):
+        buf = bucket.buffer()
+        key = id(buf.untyped_storage())
+        if key not in seen:
+            seen.add(key)
+            tracker.register(buf, _term_comm(), f"ddp.bucket{bucket.index()}")
+        if buf.is_meta:  # simulate: the fake group's future has no value; the hook's in-place div_ only
+            import torch
+
+            buf.div_(torch.distributed.get_world_size())
+            fut = torch.futures.Future()
+            fut.set_result(buf)
+            return fut
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, hook)
+    yield
+
+
+def _term_comm():
+    from ..terms import Term
+
+    return Term.WORKSPACE  # relabelled `comm_buffers` by comm_terms (name starts "ddp.bucket")
 
 
 # ---- instrumenting FSDP2 for the live-tensor tracker --------------------------------------------------
@@ -238,7 +288,8 @@ def sharded_tracker_class():
 
 
 def _orig_name(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "")
+    name = name.replace("_checkpoint_wrapped_module.", "")
+    return name[len("module."):] if name.startswith("module.") else name  # DDP's wrapper
 
 
 @contextlib.contextmanager
@@ -302,11 +353,12 @@ def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int]
 
     terms = {str(k): 0 for k in Term}
     terms[COMM_BUFFERS] = 0
-    detail = {UNSHARDED: 0, COLLECTIVE: 0, GLOO: 0}
+    detail = {UNSHARDED: 0, COLLECTIVE: 0, GLOO: 0, DDP_BUCKETS: 0}
     keep = {Term.GRADIENTS, Term.OPTIMIZER_STATE, Term.BASE_WEIGHTS, Term.QUANT_STATE, Term.OTHER_PARAMS,
             Term.ADAPTER_WEIGHTS}
     for r in tracker.alive_at(at):
-        what = UNSHARDED if r.op == "resize_" else GLOO if _gloo_buffer(r) else comm.get(id(r))
+        what = (UNSHARDED if r.op == "resize_" else GLOO if _gloo_buffer(r)
+                else DDP_BUCKETS if r.name.startswith("ddp.bucket") else comm.get(id(r)))
         if what is not None and r.term not in keep:
             terms[COMM_BUFFERS] += r.nbytes
             detail[what] += r.nbytes
@@ -356,7 +408,7 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
 
     from .allocator import allocation_events, trace_from_events, window
     from .classify import param_classifier
-    from .load import TORCH_DTYPE, adapt, load_model, text_vocab_size
+    from .load import adapt, load_model, text_vocab_size
     from .step import make_optimizer, run_steps
     from .tracker import OP_MARK
 
@@ -396,7 +448,7 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
 
     # the step's batch differs per rank (a DistributedSampler's shard); memory does not depend on it
     def step():
-        with fsdp_storage_hooks(tracker) as comm:
+        with fsdp_storage_hooks(tracker) as comm, ddp_bucket_hook(tracker, model):
             res = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="cpu",
                             optimizer=opt, tracker=tracker, seed=seed + rank, progress=progress)
         if state["win"] is not None:
@@ -440,7 +492,6 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
     terms, detail = comm_terms(tracker, tracker.peak_at, comm)
     live0 = state["live0"]
     dist.barrier()
-    del TORCH_DTYPE
     return RankResult(rank=rank, peak_bytes=res.peak_bytes, peak_phase=res.peak_phase, terms=terms,
                       phase_peaks=res.phase_peaks, comm_detail=detail, static_bytes=static, allocator=allocator,
                       tracker_above_start=res.peak_bytes - live0,
@@ -540,12 +591,10 @@ def _lazy_init(rank: int, world_size: int):
         return out
 
     load.adapt = adapt
-    globals_adapt = None
     try:
         yield
     finally:
         load.adapt = orig
-        del globals_adapt
 
 
 def run_ranks(config: dict[str, Any], plan: Any, world: World, steps: int = 2, seed: int = 0,

@@ -20,6 +20,8 @@ D2. FSDP2 takes its device from the mesh (`_fsdp_init._get_device_from_mesh`: "c
 D4. accelerate's `fsdp2_prepare_model` reads `model.state_dict()` (kept for cpu_ram_efficient_loading,
     which it skips for Params4bit models and which the step does not depend on); bitsandbytes' state
     dict calls `.item()`, impossible on meta: the model's `state_dict` returns {} during that call.
+D5. DDP (`strategy="ddp"`): `torch.nn.parallel.distributed._verify_param_shape_across_processes` reads the
+    gathered shapes with `.item()`: a no-op (one traced rank has nothing to compare).
 D3. The fake process group's collectives leave their output untouched and allocate nothing. gloo on
     CPU allocates, inside the collective and for its duration only, a buffer the size of the
     all-gather output (`c10d::_allgather_base_`) and one the size of the reduce-scatter input
@@ -79,6 +81,11 @@ def meta_fsdp_patches() -> Iterator[None]:
     with contextlib.ExitStack() as st:
         st.enter_context(patch_attr(_fsdp_param_group.FSDPParamGroup, "_validate_no_meta_params", lambda self: None))
         st.enter_context(patch_attr(_fully_shard, "_get_device_from_mesh", device_from_mesh))
+        # D5: DDP's constructor checks that every rank has the same parameter shapes (an all-gather of
+        # the shapes read back with .item()): one simulated rank has nothing to compare
+        import torch.nn.parallel.distributed as ddp_mod
+
+        st.enter_context(patch_attr(ddp_mod, "_verify_param_shape_across_processes", lambda *a, **k: None))
         for mod in (_fsdp_param_group, _fsdp_collectives, _fsdp_init, _fsdp_state):
             if hasattr(mod, "_get_device_handle"):
                 st.enter_context(patch_attr(mod, "_get_device_handle", handle(mod._get_device_handle)))
@@ -103,8 +110,8 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
     """Trace rank `rank`'s step of `plan` sharded over `world` on meta; a `runtime.distributed.RankResult`."""
     import torch
 
-    from ..runtime.distributed import RankResult, _top, comm_terms, fsdp_storage_hooks, quant_storage, \
-        shard_model, sharded_tracker_class
+    from ..runtime.distributed import RankResult, _top, comm_terms, ddp_bucket_hook, fsdp_storage_hooks, \
+        quant_storage, shard_model, sharded_tracker_class
     from ..runtime.classify import param_classifier
     from ..runtime.load import adapt, text_vocab_size
     from ..runtime.step import run_steps
@@ -117,6 +124,9 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
 
     _check_extras()
     t0 = time.perf_counter()
+    # DDP: the Reducer rebuilds its buckets after the first backward and the bucket buffers are seen
+    # (ddp_bucket_hook) at the first reduction: trace the warm-up step fully
+    full_warmup = full_warmup or world.kind == "ddp"
     counted = ("meta", "cpu") if plan.device == "cpu" else ("meta",)
     round_to = 512 if plan.device == "cuda" else 1
     temps = {**kernel_temps(plan.device), **(gloo_temps() if plan.device == "cpu" else {})}
@@ -142,16 +152,17 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
             # D4: fsdp2_prepare_model takes `model.state_dict()` for cpu_ram_efficient_loading (off here:
             # it is skipped for Params4bit models, and loading is not the step); on meta bitsandbytes'
             # state dict reads `.item()` of the nested offset, so it is skipped for the call
-            model.state_dict = lambda *a, **k: {}
+            base = model
+            base.state_dict = lambda *a, **k: {}
             try:
                 model = shard_model(model, world, plan, rank=rank)
             finally:
-                del model.state_dict
+                del base.state_dict
             opt = make_meta_optimizer(model, plan, tracker)
             tracker.register_model(model, classify)
             static = tracker.live
             emu = MetaEmulation(plan.device)
-            with fsdp_storage_hooks(tracker) as comm:
+            with fsdp_storage_hooks(tracker) as comm, ddp_bucket_hook(tracker, model):
                 res = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="meta",
                                 round_to=round_to, optimizer=opt, tracker=tracker,
                                 step_context=lambda: step_patches(emu, plan.device), progress=progress,
