@@ -48,14 +48,16 @@ def main(argv=None) -> int:
     plan = TrainPlan(method="qlora", lora_r=16, target_modules="all-linear", seq_len=args.seq_len,
                      gradient_checkpointing=not args.no_gc, device=args.device, optim=args.optim)
     world = World(num_processes=args.ranks, strategy="fsdp", fsdp_sharding_strategy=args.sharding)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = simulate_rank(LLAMA3_70B, plan, world, rank=args.rank)
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"Llama-3-70B shape, QLoRA r=16 all-linear (quant storage {world.quant_storage(plan)}), seq {args.seq_len}, "
           f"checkpointing {'off' if args.no_gc else 'on'}, {args.optim}, FSDP2 {args.sharding} over {args.ranks} "
           f"ranks (rank {args.rank}), device {args.device}")
     print(f"wall            {wall:8.2f} s  simulate (+ {t_imp:.2f} s importing = {wall + t_imp:.2f} s)")
+    print(f"CPU time        {cpu:8.2f} s  (this process; wall is longer on a shared machine)")
     print(f"peak RSS        {rss / GiB:8.2f} GiB")
     print(f"per-rank peak   {res.peak_bytes / GiB:8.2f} GiB  (phase: {res.peak_phase})")
     for term, b in res.terms.items():

@@ -79,7 +79,7 @@ class World:
         if problems:
             from ..errors import InvalidSpecError
 
-            raise InvalidSpecError("; ".join(problems))
+            raise InvalidSpecError("distributed plan", problems)
 
     def problems(self) -> list[str]:
         out = []
