@@ -128,3 +128,17 @@ def test_profile_cli_writes_every_rank(tmp_path):
         assert sim.peak_phase == r["peak"]["phase"]
         for term, b in r["terms"].items():
             assert abs(sim.terms[term] - b) <= TOL * peak, (term, b, sim.terms[term])
+
+
+def test_ddp_qlora_buckets():
+    config, plan = tiny("llama"), plan_of("qlora", False)
+    world = World(num_processes=2, strategy="ddp")
+    real = run_ranks(config, plan, world)
+    sim = simulate_rank(config, plan, world, rank=0)
+    for r in real:
+        assert_instruments_agree(r)
+        assert_simulate_matches(r, sim)
+    # nothing is sharded under DDP; the Reducer's one bucket holds every LoRA gradient (fp32)
+    lora_params = 2 * 16 * (7 * 256 + 2 * 256 + 2 * 128 + 3 * 512)
+    assert real[0].terms["adapter_weights"] == 4 * lora_params
+    assert real[0].comm_detail["ddp_buckets"] == 4 * lora_params
