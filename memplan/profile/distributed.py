@@ -60,7 +60,9 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
                         progress: Callable[[str], None] | None = None) -> MeasuredRun:
     """Run `plan` on `world.num_processes` CPU ranks and return one run record with every rank."""
     from ..runtime.distributed import run_ranks
-    from .runner import _now, model_record, package_versions
+    from datetime import datetime, timezone
+
+    from .runner import model_record, package_versions
 
     if plan.device != "cpu":
         raise MemplanError("distributed profile runs on the CPU (gloo) only here: pass --device cpu")
@@ -69,7 +71,7 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
                            f"not {world.kind} (fsdp_version {world.fsdp_version})")
     if progress is not None:
         progress(f"launching {world.num_processes} ranks (gloo)")
-    created = _now()
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     ranks = run_ranks(dict(spec.config), plan, world, steps=steps, seed=seed)
     busiest = max(ranks, key=lambda r: (r.peak_bytes, -r.rank))
     measured = {"peak": {"phase": busiest.peak_phase, "allocated_bytes": busiest.peak_bytes,

@@ -483,7 +483,7 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
         res.phase_peaks = {k: v.bytes for k, v in tracker.phase_peaks.items()}
         wins = window_ranges(prof)
         trace = trace_from_events(events, windows=wins, device="cpu")
-        marks = [(ns, name[len(PHASE_MARK):]) for ns, _e, name in _marks(prof)]
+        marks = _marks(prof)
         allocator = _allocator_phases(trace, events, marks)
         allocator["c10d_unseen_frees"] = len(unseen)
     else:
@@ -496,23 +496,22 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
                       phase_peaks=res.phase_peaks, comm_detail=detail, static_bytes=static, allocator=allocator,
                       tracker_above_start=res.peak_bytes - live0,
                       tracker_phase_above_start={k: v - live0 for k, v in res.phase_peaks.items()},
-                      top=_top(tracker, tracker.peak_at, comm),
+                      top=top_records(tracker, tracker.peak_at, comm),
                       seconds=time.perf_counter() - t0)
 
 
-def _top(tracker, at: float, comm: dict[int, str], n: int = 12) -> list[dict[str, Any]]:
+def top_records(tracker, at: float, comm: dict[int, str], n: int = 12) -> list[dict[str, Any]]:
     alive = sorted(tracker.alive_at(at), key=lambda r: -r.nbytes)[:n]
     return [{"name": r.name or r.module, "shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes,
              "term": str(r.term), "op": r.op, "comm": comm.get(id(r), "resize" if r.op == "resize_" else ""), "phase": r.phase} for r in alive]
 
 
-def _marks(prof):
-    from torch._C._profiler import _EventType
+def _marks(prof) -> list[tuple[int, str]]:
+    """(start ns, phase) of every phase mark (`set_phase` in `rank_step`), in time order."""
+    from ..terms import Phase
+    from .allocator import window_ranges
 
-    from .allocator import _events, _walk
-
-    return sorted((e.start_time_ns, 0, e.name) for e in _walk(_events(prof))
-                  if e.tag == _EventType.TorchOp and e.name.startswith(PHASE_MARK))
+    return sorted((t0, str(ph)) for ph in Phase for t0, _t1 in window_ranges(prof, name=f"{PHASE_MARK}{ph}"))
 
 
 def _allocator_phases(trace, events, marks) -> dict[str, Any]:

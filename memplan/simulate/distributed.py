@@ -110,19 +110,17 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
     """Trace rank `rank`'s step of `plan` sharded over `world` on meta; a `runtime.distributed.RankResult`."""
     import torch
 
-    from ..runtime.distributed import RankResult, _top, comm_terms, ddp_bucket_hook, fsdp_storage_hooks, \
-        quant_storage, shard_model, sharded_tracker_class
+    from ..runtime.distributed import RankResult, comm_terms, ddp_bucket_hook, fsdp_storage_hooks, \
+        quant_storage, shard_model, sharded_tracker_class, top_records
     from ..runtime.classify import param_classifier
     from ..runtime.load import adapt, text_vocab_size
     from ..runtime.step import run_steps
     from .build import build_meta_model
-    from .driver import _check_extras
     from .emulation import MetaEmulation
     from .fastmeta import FAST_KERNELS
     from .kernels import bnb_impls, kernel_temps
     from .patches import build_patches, make_meta_optimizer, step_patches
 
-    _check_extras()
     t0 = time.perf_counter()
     # DDP: the Reducer rebuilds its buckets after the first backward and the bucket buffers are seen
     # (ddp_bucket_hook) at the first reduction: trace the warm-up step fully
@@ -176,7 +174,7 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
                       phase_peaks=res.phase_peaks, comm_detail=detail, static_bytes=static,
                       tracker_above_start=res.peak_bytes - live0,
                       tracker_phase_above_start={k: v - live0 for k, v in res.phase_peaks.items()},
-                      top=_top(tracker, tracker.peak_at, comm), seconds=time.perf_counter() - t0)
+                      top=top_records(tracker, tracker.peak_at, comm), seconds=time.perf_counter() - t0)
 
 
 def simulate_ranks(config: dict[str, Any], plan: Any, world: Any, steps: int = 2, full_warmup: bool = False,
