@@ -22,6 +22,8 @@ D4. accelerate's `fsdp2_prepare_model` reads `model.state_dict()` (kept for cpu_
     dict calls `.item()`, impossible on meta: the model's `state_dict` returns {} during that call.
 D5. DDP (`strategy="ddp"`): `torch.nn.parallel.distributed._verify_param_shape_across_processes` reads the
     gathered shapes with `.item()`: a no-op (one traced rank has nothing to compare).
+D6. The optimizer steps on the local shards of the DTensor parameters (`local_optimizer`): what a real
+    rank's DTensor dispatch runs, without the sharding propagation that takes minutes on a 70B model.
 D3. The fake process group's collectives leave their output untouched and allocate nothing. gloo on
     CPU allocates, inside the collective and for its duration only, a buffer the size of the
     all-gather output (`c10d::_allgather_base_`) and one the size of the reduce-scatter input
@@ -105,6 +107,50 @@ def gloo_temps() -> dict[str, Any]:
     return {"_allgather_base_.default": allgather, "_reduce_scatter_base_.default": reduce_scatter}
 
 
+def local_optimizer(opt) -> None:
+    """Patch D6: step `opt` on the local shards of its DTensor parameters (in place).
+
+    On a real rank every optimizer op on a DTensor runs the same op on the local shard (pointwise ops on
+    Shard(0) parameters): the memory is the local op's. DTensor's sharding propagation of a foreach /
+    fused op over ~10^3 tensors costs minutes on a 70B model (torch/distributed/tensor/_sharding_prop.py),
+    so the trace runs the optimizer on the local shards directly: the param groups hold each DTensor's
+    `_local_tensor` (a stable object, so the state persists across steps), whose `.grad` is the local
+    shard of the DTensor's gradient during `step()`; `zero_grad` clears the DTensor gradients too.
+    """
+    pairs = []
+    for g in opt.param_groups:
+        locs = []
+        for p in g["params"]:
+            lt = getattr(p, "_local_tensor", None)
+            if lt is None:
+                locs.append(p)
+                continue
+            pairs.append((p, lt))
+            locs.append(lt)
+        g["params"] = locs
+    if not pairs:
+        return
+
+    def pre(_opt, _args, _kwargs):
+        for p, lt in pairs:
+            lt.grad = None if p.grad is None else p.grad._local_tensor
+
+    def post(_opt, _args, _kwargs):
+        for _p, lt in pairs:
+            lt.grad = None
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    zero_grad = opt.zero_grad
+
+    def zero_all(set_to_none: bool = True):
+        zero_grad(set_to_none=set_to_none)
+        for p, _lt in pairs:
+            p.grad = None
+
+    opt.zero_grad = zero_all
+
+
 def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, steps: int = 2,
                   full_warmup: bool = False):
     """Trace rank `rank`'s step of `plan` sharded over `world` on meta; a `runtime.distributed.RankResult`."""
@@ -157,6 +203,7 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
             finally:
                 del base.state_dict
             opt = make_meta_optimizer(model, plan, tracker)
+            local_optimizer(opt)  # D6
             tracker.register_model(model, classify)
             static = tracker.live
             emu = MetaEmulation(plan.device)
