@@ -75,7 +75,7 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
     ranks = run_ranks(dict(spec.config), plan, world, steps=steps, seed=seed)
     busiest = max(ranks, key=lambda r: (r.peak_bytes, -r.rank))
     measured = {"peak": {"phase": busiest.peak_phase, "allocated_bytes": busiest.peak_bytes,
-                         "reserved_bytes": None, "device_bytes": None},
+                         "reserved_bytes": None, "device_bytes": None, "step": steps},
                 "terms": dict(busiest.terms), "phase_peaks": dict(busiest.phase_peaks), "rank": busiest.rank,
                 "instrument": "live-tensor tracker + FSDP2 storage resizes + gloo buffers from allocator events; "
                               "cross-checked per rank with torch.profiler's allocator events"}
