@@ -381,7 +381,8 @@ class RankResult:
     static_bytes: int = 0
     #: torch.profiler's allocator: peak of the last step above what was alive when it began, per phase
     allocator: dict[str, Any] = field(default_factory=dict)
-    #: the tracker's same quantity (peak - live at the last step's start)
+    #: the tracker's same quantity (peak - live at the last step's start), gloo's buffers with their
+    #: observed lifetimes (before `rank_step` counts them for the collective's duration only)
     tracker_above_start: int = 0
     tracker_phase_above_start: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -398,7 +399,8 @@ PHASE_MARK = "memplan.phase:"
 
 def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps: int = 2, seed: int = 0,
               instrument: bool = True) -> RankResult:
-    """The sharded training step of this rank (the process group is initialised already).
+    """The sharded training step of this rank (the caller's `_lazy_init` joins the process group when
+    `adapt` returns, after the model is loaded).
 
     `instrument`: also run torch.profiler (allocator events) around the steps, as the second
     instrument. Both measure the last of `steps` steps.
@@ -471,13 +473,28 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
         for r in added:
             r.op = "c10d::collective"
         # NB: gloo sometimes drops a collective's buffer (the reduce-scatter's copy of its input, held by
-        # the Work) on its worker thread, whose frees the profiler does not follow; such a block (freed in
-        # fact when FSDP drops its reduce-scatter state, as simulate's stand-in is) is left out here
+        # the Work) on its worker thread, whose free the profiler may not see at all: such a block is left
+        # out (both instruments then count it alive since the step it was made in; see below)
         unseen = [r for r in added if r.freed == float("inf")]
         if unseen:
             drop = {id(r) for r in unseen}
             tracker.records = [r for r in tracker.records if id(r) not in drop]
             tracker.peak, tracker.peak_at, tracker.peak_phase, tracker.phase_peaks = before
+            tracker.phase_peaks = dict(before[3])
+            tracker._recompute_peaks()
+        # the raw figures (what the allocator saw) for the cross-check of the two instruments ...
+        raw_peak = tracker.peak
+        raw_phase = {k: v.bytes for k, v in tracker.phase_peaks.items()}
+        # ... then gloo's buffers counted for the collective's duration only. NB: gloo frees its buffer
+        # (held by the Work) on whichever thread drops the last reference: right after the op, or when
+        # its worker thread next runs (on a loaded CPU, up to its next collective): a scheduling race, so
+        # the rank's result counts the deterministic part (simulate does the same)
+        held = [r for r in tracker.records[n:] if r.freed > r.created + 0.25]
+        if held:
+            for r in held:
+                r.freed = r.created + 0.25
+            tracker.peak, tracker.peak_at, tracker.peak_phase, tracker.phase_peaks = before
+            tracker.phase_peaks = dict(before[3])
             tracker._recompute_peaks()
         res.peak_bytes, res.peak_phase = tracker.peak, tracker.peak_phase
         res.phase_peaks = {k: v.bytes for k, v in tracker.phase_peaks.items()}
@@ -486,16 +503,18 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
         marks = _marks(prof)
         allocator = _allocator_phases(trace, events, marks)
         allocator["c10d_unseen_frees"] = len(unseen)
+        allocator["c10d_held_past_op"] = len(held)
     else:
         res, comm = step()
         allocator = {}
+        raw_peak, raw_phase = res.peak_bytes, dict(res.phase_peaks)
     terms, detail = comm_terms(tracker, tracker.peak_at, comm)
     live0 = state["live0"]
     dist.barrier()
     return RankResult(rank=rank, peak_bytes=res.peak_bytes, peak_phase=res.peak_phase, terms=terms,
                       phase_peaks=res.phase_peaks, comm_detail=detail, static_bytes=static, allocator=allocator,
-                      tracker_above_start=res.peak_bytes - live0,
-                      tracker_phase_above_start={k: v - live0 for k, v in res.phase_peaks.items()},
+                      tracker_above_start=raw_peak - live0,
+                      tracker_phase_above_start={k: v - live0 for k, v in raw_phase.items()},
                       top=top_records(tracker, tracker.peak_at, comm),
                       seconds=time.perf_counter() - t0)
 
