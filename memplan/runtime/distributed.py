@@ -484,6 +484,8 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
             tracker._recompute_peaks()
         # the raw figures (what the allocator saw) for the cross-check of the two instruments ...
         raw_peak = tracker.peak
+        # (a gloo buffer made before the last step and still held when it began counts in its start)
+        raw_live0 = state["live0"] + sum(r.nbytes for r in tracker.records[n:] if r.alive_at(tracker._reset_clock))
         raw_phase = {k: v.bytes for k, v in tracker.phase_peaks.items()}
         # ... then gloo's buffers counted for the collective's duration only. NB: gloo frees its buffer
         # (held by the Work) on whichever thread drops the last reference: right after the op, or when
@@ -507,14 +509,13 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
     else:
         res, comm = step()
         allocator = {}
-        raw_peak, raw_phase = res.peak_bytes, dict(res.phase_peaks)
+        raw_peak, raw_phase, raw_live0 = res.peak_bytes, dict(res.phase_peaks), state["live0"]
     terms, detail = comm_terms(tracker, tracker.peak_at, comm)
-    live0 = state["live0"]
     dist.barrier()
     return RankResult(rank=rank, peak_bytes=res.peak_bytes, peak_phase=res.peak_phase, terms=terms,
                       phase_peaks=res.phase_peaks, comm_detail=detail, static_bytes=static, allocator=allocator,
-                      tracker_above_start=raw_peak - live0,
-                      tracker_phase_above_start={k: v - live0 for k, v in raw_phase.items()},
+                      tracker_above_start=raw_peak - raw_live0,
+                      tracker_phase_above_start={k: v - raw_live0 for k, v in raw_phase.items()},
                       top=top_records(tracker, tracker.peak_at, comm),
                       seconds=time.perf_counter() - t0)
 
