@@ -24,7 +24,7 @@ from .headroom import reserve_from_gib
 from .optim import OPTIMIZERS
 from .plan import (ATTN, DEVICES, DTYPES, FSDP_PREFETCH, FSDP_SHARDING, METHODS, MIXED, OFFLOAD_DEVICES, PADDING,
                    QUANT_STORAGE, QUANTS, STRATEGIES, TRAINERS, TrainPlan, plan_from)
-from .present import gib, host_line, pct, plan_dict, plan_lines, rank_lines, reserve_line, share, verdict
+from .present import gib, host_line, pct, plan_dict, plan_lines, rank_lines, reserve_line, share, verdict, world_text
 from .units import GiB
 
 EXIT_OK, EXIT_NO_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -518,11 +518,15 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         spec, plan = None, plan_from_args(args)
     else:
         _warn_plan(spec, plan)
-    _one_device("simulate", plan)
     try:
         from .simulate import simulate
     except ImportError:
         raise MemplanError(SIM_MISSING) from None
+    if plan.is_distributed:
+        if spec is None:
+            raise MemplanError("a distributed simulate needs a model of the closed form's table; drop the "
+                               "distributed flags to trace this one on one device")
+        return _simulate_distributed(spec, plan, args)
     read = getattr(args, "config_read", None)
     if spec is not None:  # SimulateResult.to_dict: the trace, and the estimate beside it
         d = simulate(spec, plan, progress=not args.quiet).to_dict()
@@ -543,6 +547,39 @@ def simulate_data(args: argparse.Namespace) -> dict[str, Any]:
         f"model_type {config['model_type']!r} is outside the closed-form estimator's table: the trace only, "
         "no estimate beside it"]
     return d
+
+
+def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) -> dict[str, Any]:
+    """`simulate --num-processes N --strategy fsdp|ddp`: rank 0's step traced on meta with torch's fake
+    process group (memplan.simulate.distributed), beside the per-rank estimate. FSDP2 pads every
+    parameter's dim 0 to the world size, so every rank holds the same shapes: one rank is traced."""
+    from .runtime.distributed import World
+    from .terms import Term
+    from .simulate.distributed import simulate_rank
+
+    world = World.from_plan(plan)
+    if not (world.kind == "ddp" or (world.kind == "fsdp" and world.fsdp_version == 2
+                                    and world.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP")
+                                    and not world.fsdp_offload_params)):
+        raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
+                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank)")
+    r = simulate_rank(dict(spec.config), plan, world, rank=0)
+    terms = {str(t): 0 for t in Term}
+    terms.update({str(k): int(v) for k, v in r.terms.items()})
+    est = estimate(spec, plan)
+    rank = {"rank": 0, "terms": terms, "peak": {"phase": r.peak_phase, "allocated_bytes": int(r.peak_bytes)}}
+    return {"schema": "memplan.simulate/1", "model": spec.to_dict(), "plan": plan.to_dict(), "device": plan.device,
+            "gpu": None, "terms": terms,
+            "peak": {"phase": r.peak_phase, "allocated_bytes": int(r.peak_bytes), "reserved_bytes": None,
+                     "device_bytes": None},
+            "phase_peaks": {str(k): int(v) for k, v in r.phase_peaks.items()}, "paged_bytes": 0, "fits": None,
+            "headroom_bytes": None, "ranks": [rank],
+            "estimate": {"allocated_bytes": est.allocated_bytes,
+                         "error_pct": round(100 * (est.allocated_bytes / r.peak_bytes - 1), 4) if r.peak_bytes else None},
+            "notes": [f"rank 0 of {world.num_processes} traced on the meta device with torch's fake process group "
+                      f"({r.seconds:.1f} s); every rank holds the same shapes (FSDP2 pads dim 0 to the world size)",
+                      "simulate traces logical bytes; allocator overhead, workspace, CUDA context and NCCL's own "
+                      "buffers are not traced"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -818,10 +855,11 @@ def profile_data(args: argparse.Namespace) -> Any:
         _check_pretrained_source(args.model)
     spec, plan = _check_model_and_plan(args)
     _warn_plan(spec, plan)
-    _one_device("profile", plan)
     if args.out is not None:
         folder = args.find_max_batch or args.find_max_seq or not str(args.out).lower().endswith(".json")
         check_out_path("--out", args.out, folder=folder)
+    if plan.is_distributed:  # real ranks (memplan.profile.distributed)
+        return _profile_distributed(args, spec, plan)
     from .profile.runner import profile
     from .profile.search import find_max
 
@@ -841,6 +879,27 @@ def profile_data(args: argparse.Namespace) -> Any:
         return find_max(args.model, plan_from_args(args), dimension=dim, steps=args.steps or 2,
                         granularity=args.granularity, max_trials=args.max_trials, out=args.out, **common)
     return profile(args.model, plan_from_args(args), steps=args.steps or 3, out=args.out, **common)
+
+
+def _profile_distributed(args: argparse.Namespace, spec: Any, plan: TrainPlan) -> Any:
+    """`profile --num-processes N`: one run record with every rank (memplan.profile.distributed)."""
+    from .profile.distributed import profile_distributed
+    from .runtime.distributed import World
+    from .profile.record import write_run
+
+    if args.find_max_batch or args.find_max_seq:
+        raise MemplanError("--find-max-batch/--find-max-seq run on one process; drop --num-processes")
+    progress = None if args.quiet else (lambda msg: print(f"memplan: {msg}", file=sys.stderr, flush=True))
+    run = profile_distributed(spec, plan, World.from_plan(plan), steps=args.steps or 2, seed=args.seed,
+                              progress=progress)
+    if args.out is not None:
+        write_run(run, args.out)
+    if not args.json:
+        for r in run.ranks:
+            print(f"rank {r['rank']}: peak {r['peak']['allocated_bytes']:,} B ({r['peak']['phase']}); allocator "
+                  f"instrument {r['allocator'].get('peak_above_start', 0):,} B above the step's start, tracker "
+                  f"{r['tracker_above_start']:,} B", file=sys.stderr)
+    return run
 
 
 #: a CPU's effective rate on a QLoRA step (bf16 autocast, 4-bit dequantize): ~1B params x 2048 tokens

@@ -112,6 +112,11 @@ class MeasuredRun:
     created: str = ""
     notes: tuple[str, ...] = ()
     source: str = "memplan profile"
+    #: a distributed run (memplan.profile.distributed): each rank's {"rank", "terms", "peak", ...}; the
+    #: top-level measured peak is the busiest rank's. Empty for one process (the record keeps its shape).
+    ranks: tuple[Mapping[str, Any], ...] = ()
+    #: the distributed fields of the run (runtime.distributed.World), {} for one process
+    world: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -178,6 +183,13 @@ class MeasuredRun:
         return estimate_error(self.estimate, self.measured, self.device)
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._to_dict()
+        if self.ranks:  # only distributed runs: a single-process record keeps its shape
+            d["world"] = _plain(self.world)
+            d["ranks"] = _plain(list(self.ranks))
+        return d
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "run_id": self.run_id,
@@ -213,7 +225,8 @@ class MeasuredRun:
                    gpu=d.get("gpu"), versions=d.get("versions") or {}, steps=int(d.get("steps") or 0),
                    weights=d.get("weights", "random"), seed=int(d.get("seed") or 0), run_id=d.get("run_id", ""),
                    created=d.get("created", ""), notes=tuple(d.get("notes") or ()),
-                   source=d.get("source", "memplan profile"))
+                   source=d.get("source", "memplan profile"), ranks=tuple(d.get("ranks") or ()),
+                   world=d.get("world") or {})
 
 
 def _plain(x: Any) -> Any:

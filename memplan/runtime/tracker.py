@@ -221,6 +221,35 @@ class LiveTensorTracker(TorchDispatchMode):
             self.phase_peaks[self.current_phase] = PhasePeak(self.current_phase, self.live, self.clock)
         return rec
 
+    def resized(self, st: Any, t: torch.Tensor | None = None) -> None:
+        """A tracked storage was resized in place (`untyped_storage().resize_(n)`: FSDP2's
+        `alloc_storage`/`free_storage`, which no op reports): its record ends here and, if the new size
+        is not 0, a record of the new size (op "resize_") begins. A pseudo-op on the clock."""
+        key = id(st)
+        rec = self._by_id.get(key)
+        new = self._size(st.nbytes())
+        if rec is not None and rec.nbytes == new:
+            return
+        self.clock += 1
+        if rec is None:
+            if not new or (self.devices is not None and st.device.type not in self.devices):
+                return
+            self._refs[key] = weakref.ref(st, lambda _r, key=key: self._free(key))
+        else:
+            rec.freed = self.clock
+            self.live -= rec.nbytes
+            if rec.term is not None and not new:  # keep the label for the storage's next size
+                self._by_id[key] = StorageRecord(0, self.clock, self.current_phase, rec.module, rec.shape, rec.dtype,
+                                                 False, -1, term=rec.term, name=rec.name, op="resize_")
+                return
+        self._by_id.pop(key, None)
+        old_term, old_name = (rec.term, rec.name) if rec is not None else (None, "")
+        nrec = self._track(st, t, created=self.clock)
+        if nrec is not None:
+            nrec.op = "resize_"
+            nrec.term, nrec.name = nrec.term or old_term, nrec.name or old_name
+        self._refs[key] = weakref.ref(st, lambda _r, key=key: self._free(key))
+
     def _free(self, key: int) -> None:
         rec = self._by_id.pop(key, None)
         self._refs.pop(key, None)
@@ -484,7 +513,9 @@ class LiveTensorTracker(TorchDispatchMode):
             if mk is not None:
                 temps = mk(*args, **kwargs)
                 for i in range(len(temps)):
-                    self._track(temps[i].untyped_storage(), temps[i])
+                    rec = self._track(temps[i].untyped_storage(), temps[i])
+                    if rec is not None and not rec.op:
+                        rec.op = f"temp:{func.__name__}"
         self._host_op = self._host_depth > 0 and func in HOST_OPS
         if self._host_op and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu":
             flat = [a for a in args if isinstance(a, torch.Tensor)]
@@ -494,6 +525,9 @@ class LiveTensorTracker(TorchDispatchMode):
             out = self._run_bnb(func, args, kwargs)
         else:
             fast = self.fast_kernels.get(func)
+            if fast is not None and types and any(t is not torch.Tensor and t is not torch.nn.Parameter
+                                                  for t in types):
+                fast = None  # a tensor subclass (DTensor) computes its own output
             out = fast(args, kwargs) if fast is not None else None
             if out is None:
                 out = func(*args, **kwargs)
@@ -507,6 +541,7 @@ class LiveTensorTracker(TorchDispatchMode):
             outs = tree_flatten(out)[0]
         for t in outs:
             if isinstance(t, torch.Tensor):
+                t = getattr(t, "_local_tensor", t)  # a DTensor (sharded parameters): its local shard
                 rec = self._track(t.untyped_storage(), t)
                 if rec is not None and not rec.op:
                     rec.op = func.__name__
