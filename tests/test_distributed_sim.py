@@ -1,0 +1,44 @@
+"""Issue 12: the per-rank closed form (memplan.distributed) against simulate's per-rank trace
+(memplan.simulate.distributed: the real FSDP2 engine on meta under torch's fake process group) for 2, 4
+and 8 ranks on real catalogue shapes (7B, 70B; cut to 2 decoder layers: every layer is alike), FULL_SHARD
+with checkpointing and SHARD_GRAD_OP without, CUDA plans. Limit: 1 % per rank on the peak (measured:
+within 2 KiB), 0.01 % of the peak per static term (measured: within 9 KiB, qwen2 on 2 ranks).
+
+CPU plans differ on 2 ranks of a 70B (the estimate 1.2-1.6 % low): gloo copies a collective's output in
+its own buffer while it runs, which NCCL on a GPU does not do in torch's allocator; the estimate models
+the GPU run, the real CPU ranks (tests/test_distributed_real.py) count gloo's copies."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("accelerate")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from memplan import estimate  # noqa: E402
+from memplan.catalogue import resolve_model  # noqa: E402
+from memplan.plan import TrainPlan  # noqa: E402
+from memplan.runtime.distributed import World  # noqa: E402
+from memplan.simulate.distributed import simulate_rank  # noqa: E402
+from memplan.terms import Term  # noqa: E402
+
+CASES = [(m, n, sharding) for m in ("llama-3-8b", "qwen2.5-7b", "llama-3.1-70b") for n in (2, 4, 8)
+         for sharding in ("FULL_SHARD", "SHARD_GRAD_OP")]
+
+
+@pytest.mark.parametrize("model, n, sharding", CASES, ids=[f"{m}-{n}-{s}" for m, n, s in CASES])
+def test_estimate_matches_simulate_per_rank(model, n, sharding):
+    cfg = dict(resolve_model(model).config, num_hidden_layers=2)
+    plan = TrainPlan(seq_len=1024, device="cuda", num_processes=n, strategy="fsdp", fsdp_sharding_strategy=sharding,
+                     gradient_checkpointing=sharding == "FULL_SHARD")
+    sim = simulate_rank(cfg, plan, World.from_plan(plan), rank=0)
+    est = estimate(cfg, plan)
+    assert len(est.ranks) == n
+    r0 = est.ranks[0]
+    allocated = r0.allocated_bytes - r0.terms.get(Term.WORKSPACE, 0)  # simulate has no cuBLAS workspace
+    assert abs(allocated - sim.peak_bytes) <= 0.01 * sim.peak_bytes, (allocated, sim.peak_bytes)
+    assert r0.peak_phase == sim.peak_phase
+    for term in ("base_weights", "quant_state", "other_params", "adapter_weights", "optimizer_state"):
+        assert abs(r0.terms[Term(term)] - sim.terms[term]) <= 1e-4 * sim.peak_bytes, (term, r0.terms[Term(term)], sim.terms[term])
