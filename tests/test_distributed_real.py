@@ -98,7 +98,7 @@ def test_world_fields():
     assert World.from_plan(plan) == World()
     from memplan.errors import MemplanError
 
-    with pytest.raises(MemplanError, match="fsdp_sharding_strategy"):
+    with pytest.raises(MemplanError, match="fsdp-sharding-strategy"):
         World(fsdp_sharding_strategy="full")
 
 

@@ -35,13 +35,9 @@ import os
 import socket
 import time
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Iterator
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed")
-SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
-PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
-QUANT_STORAGE = ("auto", "uint8", "bf16", "fp16", "fp32")
 #: the key of FSDP's collective buffers in per-rank terms (the `comm_buffers` Term of dist-fields.md)
 COMM_BUFFERS = "comm_buffers"
 #: the unsharded (all-gathered) parameters alive at a moment: part of `comm_buffers` in `terms`,
@@ -55,48 +51,13 @@ DDP_BUCKETS = "ddp_buckets"
 COLLECTIVE = "collective_buffers"
 
 
-@dataclass(frozen=True)
-class World:
-    """How many processes and how the model is spread over them (accelerate / TrainingArguments names)."""
-
-    num_processes: int = 1
-    num_machines: int = 1
-    strategy: str = "auto"
-    fsdp_version: int = 2
-    fsdp_sharding_strategy: str = "FULL_SHARD"
-    fsdp_offload_params: bool = False
-    fsdp_backward_prefetch: str = "BACKWARD_PRE"
-    fsdp_use_orig_params: bool = False
-    fsdp_cpu_ram_efficient_loading: bool = True
-    zero_stage: int = 3
-    offload_optimizer_device: str = "none"
-    offload_param_device: str = "none"
-    bnb_4bit_quant_storage: str = "auto"
-    ddp_bucket_cap_mb: int = 25
+class _WorldMethods:
+    """What `World` adds to the distributed fields it takes from `TrainPlan`."""
 
     def __post_init__(self):
-        problems = self.problems()
-        if problems:
-            from ..errors import InvalidSpecError
+        from ..plan import TrainPlan
 
-            raise InvalidSpecError("distributed plan", problems)
-
-    def problems(self) -> list[str]:
-        out = []
-        if not isinstance(self.num_processes, int) or self.num_processes < 1:
-            out.append(f"num_processes must be a positive integer, got {self.num_processes!r}")
-        if self.strategy not in STRATEGIES:
-            out.append(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.fsdp_version not in (1, 2):
-            out.append(f"fsdp_version must be 1 or 2, got {self.fsdp_version!r}")
-        if self.fsdp_sharding_strategy not in SHARDING:
-            out.append(f"fsdp_sharding_strategy must be one of {', '.join(SHARDING)}, got {self.fsdp_sharding_strategy!r}")
-        if self.fsdp_backward_prefetch not in PREFETCH:
-            out.append(f"fsdp_backward_prefetch must be one of {', '.join(PREFETCH)}, got {self.fsdp_backward_prefetch!r}")
-        if self.bnb_4bit_quant_storage not in QUANT_STORAGE:
-            out.append(f"bnb_4bit_quant_storage must be one of {', '.join(QUANT_STORAGE)}, "
-                       f"got {self.bnb_4bit_quant_storage!r}")
-        return out
+        TrainPlan(**self.to_dict())  # the plan's own checks, in the words of the CLI flags
 
     @classmethod
     def from_plan(cls, plan: Any, **overrides) -> "World":
@@ -128,6 +89,18 @@ class World:
             return self.bnb_4bit_quant_storage
         sharded = self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
         return plan.dtype if sharded else "uint8"
+
+
+def _world_fields() -> list[tuple[str, Any, Any]]:
+    from ..plan import DIST_FIELDS, TrainPlan
+
+    return [(f.name, f.type, field(default=f.default)) for f in fields(TrainPlan) if f.name in DIST_FIELDS]
+
+
+#: how many processes and how the model is spread over them: the distributed fields of `TrainPlan`
+#: (accelerate / TrainingArguments names), same names, defaults and checks
+World = make_dataclass("World", _world_fields(), bases=(_WorldMethods,), frozen=True)
+World.__module__ = __name__
 
 
 # ---- building the sharded model ----------------------------------------------------------------------

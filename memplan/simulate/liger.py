@@ -34,22 +34,6 @@ from typing import Iterator
 from .patches import patch_attr
 
 
-@contextlib.contextmanager
-def _patch_class_attr(cls, name: str, value) -> Iterator[None]:
-    """Set `cls.name` in the class's own dict and put back exactly what was there (a staticmethod stays
-    one; an inherited attribute is deleted again)."""
-    missing = object()
-    old = vars(cls).get(name, missing)
-    setattr(cls, name, value)
-    try:
-        yield
-    finally:
-        if old is missing:
-            delattr(cls, name)
-        else:
-            setattr(cls, name, old)
-
-
 def _discover_impls() -> None:
     """Resolve Liger's kernel implementations (liger_kernel.backends.registry `_discover`) before the traced
     step. Discovery is lazy, at an op's first dispatch, and logs each backend it cannot import with the
@@ -102,8 +86,8 @@ def liger_patches(tracker) -> Iterator[None]:
         return orig_forward(ctx, *args, **kwargs)
 
     with contextlib.ExitStack() as st:
-        st.enter_context(_patch_class_attr(KernelInterface, "__getitem__", launcher))
-        st.enter_context(_patch_class_attr(torch.Tensor, "item", item))
+        st.enter_context(patch_attr(KernelInterface, "__getitem__", launcher, own=True))
+        st.enter_context(patch_attr(torch.Tensor, "item", item, own=True))
         st.enter_context(patch_attr(torch, "equal", equal))
-        st.enter_context(_patch_class_attr(LigerFusedLinearCrossEntropyFunction, "forward", staticmethod(forward)))
+        st.enter_context(patch_attr(LigerFusedLinearCrossEntropyFunction, "forward", staticmethod(forward), own=True))
         yield

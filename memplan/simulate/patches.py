@@ -54,10 +54,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @contextlib.contextmanager
-def patch_attr(obj, name: str, value) -> Iterator[None]:
-    """Set `obj.name = value` for the duration of the block (deleted again if it did not exist)."""
+def patch_attr(obj, name: str, value, own: bool = False) -> Iterator[None]:
+    """Set `obj.name = value` for the duration of the block (deleted again if it did not exist).
+    `own`: look only in the object's own dict (a class: an inherited attribute is deleted again, a
+    staticmethod put back as one)."""
     missing = object()
-    old = getattr(obj, name, missing)
+    old = vars(obj).get(name, missing) if own else getattr(obj, name, missing)
     setattr(obj, name, value)
     try:
         yield
