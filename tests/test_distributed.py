@@ -341,7 +341,11 @@ def test_root_forward_frees_the_last_all_gather_and_fp32_gathers_in_place():
     assert world.full(by["lm_head"]) == spec.vocab_size * spec.hidden_size * 2  # bf16 param_dtype
 
 
-@pytest.mark.parametrize("command", ["simulate", "profile"])
-def test_simulate_and_profile_refuse_a_distributed_plan(capsys, command):
-    code, _, err = run(capsys, command, "llama-3.2-1b", "--num-processes", "2", "--strategy", "fsdp")
-    assert code == 2 and "memplan estimate" in err and len(err.strip().splitlines()) == 1
+@pytest.mark.parametrize("command, hint", [("simulate", "memplan estimate"), ("profile", "--device cpu")])
+def test_simulate_and_profile_refuse_what_they_cannot_run(capsys, command, hint):
+    """simulate traces FSDP2 and DDP ranks (tests/test_distributed_sim.py) and profile launches gloo ranks
+    on the CPU (tests/test_distributed_real.py); a ZeRO-3 plan on CUDA is refused in one line naming what
+    to run instead."""
+    pytest.importorskip("torch")
+    code, _, err = run(capsys, command, "llama-3.2-1b", "--num-processes", "2", "--strategy", "deepspeed")
+    assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, err

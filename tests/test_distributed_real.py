@@ -56,6 +56,10 @@ def assert_instruments_agree(r: RankResult) -> None:
     assert abs(r.tracker_above_start - a) <= TOL * r.peak_bytes, (r.rank, r.tracker_above_start, a)
 
 
+#: the other phases' peaks on real gloo ranks: gloo's threads free a collective's buffers at times that
+#: vary with the machine's load (measured: up to 131,072 B, 2 % of these peaks, on a loaded 2-core machine)
+GLOO_PHASE_TOL = 0.03
+
 #: issue 12's limit for the closed form per rank against the real ranks
 EST_TOL = 0.01
 
@@ -83,7 +87,7 @@ def check(arch: str, method: str, sharding: str, gc: bool) -> tuple[list[RankRes
     assert [r.rank for r in real] == [0, 1]
     for r in real:
         assert_instruments_agree(r)
-        assert_simulate_matches(r, sim)
+        assert_simulate_matches(r, sim, other_phase_tol=GLOO_PHASE_TOL)
     assert_estimate_matches(config, plan, world, real)
     return real, sim
 
@@ -157,7 +161,7 @@ def test_ddp_qlora_buckets():
     sim = simulate_rank(config, plan, world, rank=0)
     for r in real:
         assert_instruments_agree(r)
-        assert_simulate_matches(r, sim)
+        assert_simulate_matches(r, sim, other_phase_tol=GLOO_PHASE_TOL)
     assert_estimate_matches(config, plan, world, real)
     # nothing is sharded under DDP; the Reducer's one bucket holds every LoRA gradient (fp32)
     lora_params = 2 * 16 * (7 * 256 + 2 * 256 + 2 * 128 + 3 * 512)

@@ -194,7 +194,7 @@ def test_cuda_emulation_kernels(capture):
     # flash backward workspaces: dq_accum fp32 [B, S128, H, D32] and expanded dk/dv for GQA
     assert [r for r in recs if r.shape == (1, 2048, 8, 32) and r.dtype == "float32"]
     assert len([r for r in recs if r.shape == (1, 2048, 8, 16) and r.dtype == "bfloat16"
-                and r.phase == "backward" and not r.op]) >= 2
+                and r.phase == "backward" and (not r.op or r.op.startswith("temp:"))]) >= 2
     # fused dropout: bool masks, no full-dtype noise
     assert [r for r in recs if r.op == "native_dropout.default" and r.dtype == "bool"]
     assert not [r for r in recs if r.op == "bernoulli_.float"]
