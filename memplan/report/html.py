@@ -51,7 +51,9 @@ ALL_CHARTS = {**CHARTS, **DISTRIBUTED_CHARTS}
 MAX_TABLE_ROWS = 2000
 #: the charts that draw a dashed line at a GPU's memory when it lies within their y range (the breakdown
 #: and methods charts: every GPU of the report; the timeline: the first GPU)
-LINE_CHARTS = ("breakdown", "methods", "timeline", "ranks")
+LINE_CHARTS = ("breakdown", "methods", "timeline")
+#: the distributed charts that draw the first GPU's line (when within their y range)
+DISTRIBUTED_LINE_CHARTS = ("ranks",)
 
 
 def _meta(df: pd.DataFrame) -> dict[str, Any]:
@@ -373,7 +375,7 @@ def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, byt
             continue
         b64 = base64.b64encode(pngs[key]).decode("ascii")
         explain = _EXPLAIN[key]
-        if gpu_lines is not None and key in LINE_CHARTS:
+        if gpu_lines is not None and key in LINE_CHARTS + DISTRIBUTED_LINE_CHARTS:
             names = [first_gpu.name] if key in ("timeline", "ranks") else \
                 [g.name for g in sorted(meta["gpus"].values(), key=lambda g: g.memory_bytes)]
             explain = f"{explain} {gpu_lines_text(gpu_lines.get(key, ()), names)}".strip()

@@ -127,3 +127,11 @@ def test_cli_report_with_distributed_flags(capsys, tmp_path):
     assert rc == 0
     assert (out / "ranks.png").read_bytes().startswith(PNG)
     assert _section((out / "report.html").read_text(encoding="utf-8"), "ranks")
+
+
+def test_report_names_the_gpu_line_the_per_rank_chart_draws(tmp_path):
+    df = sweep(["llama-3.1-70b"], ["rtx-4090"], seq_lens=(2048,), batch_sizes=(1,), progress=False, limits=False,
+               **DIST)
+    res = write_report(df, tmp_path / "r")
+    text = html_mod.unescape(_section(Path(res["html"]).read_text(encoding="utf-8"), "ranks").split("<img")[0])
+    assert "Dashed line: the memory of rtx-4090 (named on the right)." in text
