@@ -132,12 +132,16 @@ def _tokens(n: float, _pos: Any = None) -> str:
     return f"{n:,}"
 
 
-def _legend_terms(fig: Figure, used: Sequence[Term], paged: bool = False, ncol: int = 4) -> None:
-    """The terms' colours under the figure, in as many columns (at most `ncol`) as its width holds."""
+def _legend_terms(fig: Figure, used: Sequence[Term], paged: bool = False, ncol: int = 4,
+                  extra: Sequence[Patch] = ()) -> None:
+    """The terms' colours under the figure, in as many columns (at most `ncol`) as its width holds;
+    `extra`: more entries after the terms (e.g. the host's loading part)."""
     labels = [TERM_LABELS[t] for t in used] + ([_wrap(PAGED_LABEL, 40)] if paged else [])
     handles = [Patch(facecolor=TERM_COLORS[t], label=TERM_LABELS[t]) for t in used]
     if paged:
         handles.append(Patch(facecolor="white", edgecolor="#fd8d3c", hatch="///", label=labels[-1]))
+    handles += list(extra)
+    labels += [h.get_label() for h in extra]
     longest = max((len(line) for lab in labels for line in lab.split("\n")), default=1)
     col_in = (longest * 0.6 * 9 + 40) / 72  # text + handle + spacing, inches
     fits = max(1, int((fig.get_size_inches()[0] - 0.2) / col_in))
@@ -498,4 +502,78 @@ def timeline_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "estim
     ax.set_title(f"{_wrap(what, _chars(width - 0.3, 9))}\n(source: {source}; bold = the peak)", fontsize=9,
                  color="#444444")
     _legend_terms(fig, used, ncol=3)
+    return fit_canvas(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# several GPUs: every rank, and the host RAM of each node
+# ---------------------------------------------------------------------------------------------
+#: the host bar's part that is the model while from_pretrained loads it (memplan.distributed `host`)
+LOADING_LABEL = "model while loading (host RAM)"
+LOADING_COLOR = "#dadaeb"
+
+
+def _host_terms(host: Mapping[str, int]) -> tuple[dict[Term, int], int]:
+    """A node's host RAM (`Estimate.host`: Term values and "loading") as (terms, loading bytes)."""
+    terms = {Term(k): int(v) for k, v in host.items() if k in Term._value2member_map_}
+    return terms, int(host.get("loading", 0))
+
+
+def ranks_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "closed form") -> Figure:
+    """A distributed plan per rank and per node: one stacked bar per rank (its terms at its own peak,
+    `Estimate.ranks`; `comm_buffers` in its colour), the GPU's memory as a dashed line; beside them, on
+    their own scale, one stacked bar per node of host RAM (`Estimate.host`: offloaded state and the
+    model while loading)."""
+    gpu = gpu or e.gpu
+    ranks = list(e.ranks)
+    if not ranks:
+        raise ValueError("ranks_chart needs a distributed plan's estimate (Estimate.ranks is empty)")
+    nodes = max(1, int(getattr(e.plan, "num_machines", 1) or 1))
+    host_terms, loading = _host_terms(e.host)
+    stacks = [r.terms for r in ranks]
+    used = _used_terms(stacks + [host_terms])
+    host_used = [t for t in Term if host_terms.get(t, 0)]
+    width = max(9.0, 0.55 * len(ranks) + 0.7 * nodes + 6.0)
+    fig = Figure(figsize=(width, 5.8), layout="constrained")
+    ax, hax = fig.subplots(1, 2, width_ratios=[max(2.0, len(ranks)), max(1.4, 1.2 * nodes)])
+    x = list(range(len(ranks)))
+    tops = _stack(ax, x, stacks, used, 0.7)
+    ymax = max(tops + [0.1]) * 1.2
+    if gpu is not None and _gib(gpu.memory_bytes) <= 2.5 * ymax:  # as the timeline: unless it squashes the bars
+        ymax = max(ymax, _gib(gpu.memory_bytes) * 1.06)
+    for xi, top in zip(x, tops):
+        ax.annotate(f"{top:.1f}", (xi, top), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+    if gpu is not None:
+        _gpu_lines(ax, [(gpu.name, _gib(gpu.memory_bytes))], ymax)
+    ax.set_ylim(0, ymax)
+    ax.set_xticks(x, [f"rank {r.rank}" for r in ranks], fontsize=8.5,
+                  rotation=45 if len(ranks) > 8 else 0)
+    ax.set_xlabel("GPU of each process (its peak)", fontsize=9)
+    ax.set_ylabel("peak memory on the GPU (GiB)", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    hx = list(range(nodes))
+    htops = _stack(hax, hx, [host_terms] * nodes, host_used, 0.6)
+    if loading:
+        hax.bar(hx, [_gib(loading)] * nodes, 0.6, bottom=htops, facecolor=LOADING_COLOR, edgecolor="#6a51a3",
+                hatch="..", linewidth=0.6)
+    htotal = [t + _gib(loading) for t in htops]
+    for xi, top in zip(hx, htotal):
+        hax.annotate(f"{top:.1f}", (xi, top), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+    hax.set_ylim(0, max(htotal + [0.1]) * 1.2)
+    hax.set_xlim(-0.7, nodes - 0.3)
+    hax.set_xticks(hx, [f"node {i}" for i in hx], fontsize=8.5)
+    hax.set_xlabel("host of each node", fontsize=9)
+    hax.set_ylabel("host (CPU) RAM (GiB)", fontsize=9)
+    hax.spines[["top", "right"]].set_visible(False)
+    p = e.plan
+    what = f"{e.model.name}, {P.plan_brief(p)}"
+    total = f"busiest rank {P.gib(e.device_bytes)} GiB on the device (phase: {e.peak_phase})"
+    if gpu is not None:
+        total += f"; {gpu.name} has {P.gib(gpu.memory_bytes)} GiB"
+    total += f"; host RAM {P.gib(e.host_bytes)} GiB per node"
+    fig.suptitle(f"Several GPUs: each rank's peak and each node's host RAM ({source})\n"
+                 f"{_wrap(what, _chars(width - 0.3, 10.5))}\n{_wrap(total, _chars(width - 0.3, 10.5))}",
+                 fontsize=10.5)
+    extra = [Patch(facecolor=LOADING_COLOR, edgecolor="#6a51a3", hatch="..", label=LOADING_LABEL)] if loading else []
+    _legend_terms(fig, used, ncol=3, extra=extra)
     return fit_canvas(fig)

@@ -43,10 +43,17 @@ CHARTS = {
     "methods": ("methods.png", "QLoRA vs LoRA vs full fine-tuning"),
     "timeline": ("timeline.png", "Memory over one training step"),
 }
+#: charts drawn only when the sweep's plan is distributed (--num-processes / --strategy): id -> (PNG, heading)
+DISTRIBUTED_CHARTS = {
+    "ranks": ("ranks.png", "Several GPUs: per rank and per node"),
+}
+ALL_CHARTS = {**CHARTS, **DISTRIBUTED_CHARTS}
 MAX_TABLE_ROWS = 2000
 #: the charts that draw a dashed line at a GPU's memory when it lies within their y range (the breakdown
 #: and methods charts: every GPU of the report; the timeline: the first GPU)
 LINE_CHARTS = ("breakdown", "methods", "timeline")
+#: the distributed charts that draw the first GPU's line (when within their y range)
+DISTRIBUTED_LINE_CHARTS = ("ranks",)
 
 
 def _meta(df: pd.DataFrame) -> dict[str, Any]:
@@ -169,6 +176,17 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
             continue
         figs["timeline"] = C.timeline_chart(e, first_gpu)
         break
+
+    # several GPUs: every rank of the headline plan and the host RAM per node (a distributed plan only)
+    if hplan.is_distributed:
+        for spec in specs.values():
+            try:
+                e = _closed_form(spec, hplan, first_gpu)
+            except MemplanError:
+                continue
+            if e.ranks:
+                figs["ranks"] = C.ranks_chart(e, first_gpu)
+                break
     return figs
 
 
@@ -300,6 +318,12 @@ _EXPLAIN = {
                "16 bits; full fine-tuning trains every weight, so it also keeps their gradients and optimizer "
                "state. A paged optimizer keeps its state in CUDA managed memory (hatched): it is not counted "
                "against the GPU, and slows training when it pages.",
+    "ranks": "The headline plan of the first model on several GPUs, on the first GPU given: one bar per "
+             "process (rank), its terms at its own peak; the collective buffers (all-gather outputs, "
+             "reduce-scatter and DDP buckets; NCCL's own buffers are outside torch and not counted) have their "
+             "own colour. Ranks differ only where layers split unevenly. Beside them, on their own scale, the "
+             "host (CPU) RAM of each node: the state the node's ranks offload (pinned) and the model while "
+             "from_pretrained loads it. Every rank must fit its GPU and every node its host RAM.",
     "timeline": "The bytes torch has allocated at each moment the estimator checks for the peak of a "
                 "steady-state step (step 2 onwards, optimizer state already created). The highest bar is "
                 "the peak; the device also holds the allocator's cache and the CUDA context.",
@@ -340,19 +364,19 @@ def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, byt
              f"model(s) x {len(meta['gpus'])} GPU(s) x methods {', '.join(meta['methods'])} x LoRA ranks "
              f"{', '.join(map(str, meta['ranks']))} x sequence lengths {', '.join(map(str, meta['seq_lens']))} x "
              f"micro-batches {', '.join(map(str, meta['batch_sizes']))}{speed}.</p>",
-             "<nav>" + "".join(f"<a href='#{k}'>{_esc(v[1])}</a>" for k, v in CHARTS.items() if k in pngs)
+             "<nav>" + "".join(f"<a href='#{k}'>{_esc(v[1])}</a>" for k, v in ALL_CHARTS.items() if k in pngs)
              + "<a href='#rows'>All rows</a><a href='#notes'>How to read this</a></nav>",
              f"<p><b>Headline plan</b> (used where a chart shows one plan): {_esc(plan_text(hplan))}; "
              f"GPU overheads of {_esc(first_gpu.name)} where one GPU is needed. Memory is in GiB (2<sup>30</sup> "
              f"bytes); a plan <i>fits</i> when its peak on the device plus the reserve "
              f"({gib(meta['reserve_bytes'])} GiB) is at most the GPU memory the driver reports.</p>"]
-    for key, (fname, title) in CHARTS.items():
+    for key, (fname, title) in ALL_CHARTS.items():
         if key not in pngs:
             continue
         b64 = base64.b64encode(pngs[key]).decode("ascii")
         explain = _EXPLAIN[key]
-        if gpu_lines is not None and key in LINE_CHARTS:
-            names = [first_gpu.name] if key == "timeline" else \
+        if gpu_lines is not None and key in LINE_CHARTS + DISTRIBUTED_LINE_CHARTS:
+            names = [first_gpu.name] if key in ("timeline", "ranks") else \
                 [g.name for g in sorted(meta["gpus"].values(), key=lambda g: g.memory_bytes)]
             explain = f"{explain} {gpu_lines_text(gpu_lines.get(key, ()), names)}".strip()
         parts.append(f"<section id='{key}'><h2>{_esc(title)}</h2><p>{_esc(explain)}</p>"
@@ -410,7 +434,7 @@ def write_report(df: pd.DataFrame, out: str | Path, *, force: bool = False,
     figs = build_charts(df, meta, timeline)
     pngs = {k: C.to_png(f) for k, f in figs.items()}
     for key, data in pngs.items():
-        p = path / CHARTS[key][0]
+        p = path / ALL_CHARTS[key][0]
         write_bytes_atomic(p, data)
         files.append(str(p))
     csv = path / "sweep.csv"
@@ -430,7 +454,7 @@ def write_report(df: pd.DataFrame, out: str | Path, *, force: bool = False,
         pq = path / "sweep.parquet"
         write_bytes_atomic(pq, buf.getvalue())
         files.append(str(pq))
-    for stale in [png for key, (png, _) in CHARTS.items() if key not in pngs] + \
+    for stale in [png for key, (png, _) in ALL_CHARTS.items() if key not in pngs] + \
             ([] if any(f.endswith("sweep.parquet") for f in files) else ["sweep.parquet"]):
         (path / stale).unlink(missing_ok=True)  # a report file from an earlier --force run, not rewritten now
     html_path = path / "report.html"
