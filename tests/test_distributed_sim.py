@@ -42,3 +42,24 @@ def test_estimate_matches_simulate_per_rank(model, n, sharding):
     assert r0.peak_phase == sim.peak_phase
     for term in ("base_weights", "quant_state", "other_params", "adapter_weights", "optimizer_state"):
         assert abs(r0.terms[Term(term)] - sim.terms[term]) <= 1e-4 * sim.peak_bytes, (term, r0.terms[Term(term)], sim.terms[term])
+
+
+def test_simulate_command_traces_a_rank_beside_the_estimate(tmp_path, capsys):
+    """`memplan simulate --num-processes 2 --strategy fsdp`: rank 0's trace, the per-rank estimate beside it
+    (tiny llama as in tests/test_distributed_real.py: its real ranks peak at 6,822,496 B)."""
+    import json
+
+    from memplan.cli import main
+
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+               max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code = main(["simulate", str(tmp_path / "config.json"), "--device", "cpu", "--batch-size", "2", "--seq-len", "64",
+                 "--num-processes", "2", "--strategy", "fsdp", "--optim", "adamw_torch", "--lora-dropout", "0",
+                 "--no-gradient-checkpointing", "--json", "--quiet"])
+    assert code == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["peak"]["allocated_bytes"] == 6_822_496 and d["peak"]["phase"] == "loss"
+    assert d["ranks"][0]["terms"]["comm_buffers"] > 0
+    assert abs(d["estimate"]["error_pct"]) <= 1.0
