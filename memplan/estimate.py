@@ -206,7 +206,7 @@ class Estimate:
             "paged_bytes": self.paged_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
-            "versions": dict(F.MODELED_VERSIONS, **(RECIPE_VERSIONS if self.plan.use_liger_kernel else {})),
+            "versions": dict(F.MODELED_VERSIONS, **recipe_versions(self.plan)),
             "notes": list(self.notes),
         }
         if dist:
@@ -214,6 +214,13 @@ class Estimate:
         if self.host:
             d["host"] = {"terms": {k: int(v) for k, v in self.host.items()}, "bytes": self.host_bytes}
         return d
+
+
+def recipe_versions(plan: TrainPlan) -> dict[str, str]:
+    """The recipe libraries whose behaviour the plan's estimate models (named only when used): TRL for its
+    SFTTrainer step and activation offloading, liger-kernel for Liger's kernels."""
+    used = {"trl": plan.trainer == "sft" or plan.activation_offloading, "liger-kernel": plan.use_liger_kernel}
+    return {k: v for k, v in RECIPE_VERSIONS.items() if used.get(k)}
 
 
 # ---- the pieces every moment shares ----------------------------------------------------------------
