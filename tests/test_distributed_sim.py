@@ -1,8 +1,8 @@
 """Issue 12: the per-rank closed form (memplan.distributed) against simulate's per-rank trace
 (memplan.simulate.distributed: the real FSDP2 engine on meta under torch's fake process group) for 2, 4
 and 8 ranks on real catalogue shapes (7B, 70B; cut to 2 decoder layers: every layer is alike), FULL_SHARD
-with checkpointing and SHARD_GRAD_OP without, CUDA plans. Limit: 1 % per rank on the peak (measured:
-within 2 KiB), 0.01 % of the peak per static term (measured: within 9 KiB, qwen2 on 2 ranks).
+with checkpointing and SHARD_GRAD_OP without, CUDA plans. Limit: 16 KiB per rank on the peak (README; issue 12 asks
+1 %; measured: within 11 KiB, qwen2 on 2 ranks), 0.01 % of the peak per static term (measured: within 9 KiB, qwen2 on 2 ranks).
 
 CPU plans differ on 2 ranks of a 70B (the estimate 1.2-1.6 % low): gloo copies a collective's output in
 its own buffer while it runs, which NCCL on a GPU does not do in torch's allocator; the estimate models
@@ -38,7 +38,8 @@ def test_estimate_matches_simulate_per_rank(model, n, sharding):
     assert len(est.ranks) == n
     r0 = est.ranks[0]
     allocated = r0.allocated_bytes - r0.terms.get(Term.WORKSPACE, 0)  # simulate has no cuBLAS workspace
-    assert abs(allocated - sim.peak_bytes) <= 0.01 * sim.peak_bytes, (allocated, sim.peak_bytes)
+    # README: within 16 KiB per rank (issue 12's limit is 1 %)
+    assert abs(allocated - sim.peak_bytes) <= 16384, (allocated, sim.peak_bytes)
     assert r0.peak_phase == sim.peak_phase
     for term in ("base_weights", "quant_state", "other_params", "adapter_weights", "optimizer_state"):
         assert abs(r0.terms[Term(term)] - sim.terms[term]) <= 1e-4 * sim.peak_bytes, (term, r0.terms[Term(term)], sim.terms[term])
