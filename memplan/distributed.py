@@ -320,6 +320,24 @@ class _World:
     #: base weights every rank holds whole (FSDP with uint8 4-bit storage: accelerate's ignored_params)
     replicated_base: int = 0
 
+    #: shape-free sums over the units, computed once per estimate (`sums`), not once per moment
+    _sums: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def sums(self) -> dict[str, Any]:
+        """Per-estimate aggregates every rank moment reads: the unsharded inventory by term, every
+        trainable gradient (whole and per-rank shard, and layer 0's shard), the trainable parameters."""
+        if not self._sums:
+            us, rnd, w = self.units, self.rnd, self.w
+            inventory = dict.fromkeys(_PARAM_TERMS, 0)
+            for u in us:
+                _add(inventory, u.bytes(1, rnd, 2))
+            self._sums.update(
+                inventory=inventory, full_grads=sum(u.grads(1, rnd, 2) for u in us), trainable=_trainable(us),
+                layer_units=[u for u in us if u.layer is not None],
+                shard_grads=sum(u.grads(w, rnd, self.version) for u in us),
+                per_layer_shard=sum(u.grads(w, rnd, self.version) for u in us if u.layer == 0))
+        return self._sums
+
     def shard(self, u: Unit) -> dict[Term, int]:
         return u.bytes(self.w, self.rnd, self.version)
 
@@ -460,19 +478,18 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     t[Term.ACTIVATIONS], t[Term.LOGITS], t[Term.TEMPORARIES] = m.activations, m.logits, m.temporaries
     host: dict[Term, int] = {}
     # parameters that are neither in a unit nor a quant state: buffers (rotary inv_freq, embed_scale), replicated
-    inventory = dict.fromkeys(_PARAM_TERMS, 0)
-    for u in us:
-        _add(inventory, u.bytes(1, rnd, 2))
+    agg = world.sums()
+    inventory = agg["inventory"]
     single_plan = single.plan
     buffers = max(0, st[Term.OTHER_PARAMS] - inventory[Term.OTHER_PARAMS]) if s != "deepspeed" else max(
         0, F.other_params_bytes(world.model, single_plan, rnd) - _uncast_other(world))
     t[Term.OTHER_PARAMS] += buffers
     L = world.model.num_layers
-    layer_units = [u for u in us if u.layer is not None]
+    layer_units = agg["layer_units"]
     kind, i = m.kind, m.layer
-    full_grads = sum(u.grads(1, rnd, 2) for u in us)
+    full_grads = agg["full_grads"]
     ga = plan.gradient_accumulation_steps > 1
-    trainable = _trainable(us)
+    trainable = agg["trainable"]
 
     if s == "ddp":
         for k in (Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS, Term.OPTIMIZER_STATE):
@@ -502,8 +519,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         else:
             t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in prefetched)
     # gradients: sharded for the units done, the current layer's in flight unsharded
-    shard_grads = sum(u.grads(w, rnd, world.version) for u in us)
-    per_layer_shard = sum(u.grads(w, rnd, world.version) for u in layer_units if u.layer == 0)
+    shard_grads, per_layer_shard = agg["shard_grads"], agg["per_layer_shard"]
     view_layer = world.view_grads // L if L else 0
     ga_view = world.view_grads if ga else 0
     if kind == "optimizer":
