@@ -167,3 +167,21 @@ def test_ddp_qlora_buckets():
     lora_params = 2 * 16 * (7 * 256 + 2 * 256 + 2 * 128 + 3 * 512)
     assert real[0].terms["adapter_weights"] == 4 * lora_params
     assert real[0].comm_detail["ddp_buckets"] == 4 * lora_params
+
+
+def test_profile_cli_runs_ddp_ranks(tmp_path):
+    """`memplan profile --num-processes 2 --strategy ddp`: the same real ranks as test_ddp_qlora_buckets
+    (10,695,472 B per rank for this plan), in one run record."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny("llama")))
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "memplan", "profile", str(cfg), "--num-processes", "2", "--strategy", "ddp",
+           "--device", "cpu", "--batch-size", "2", "--seq-len", "64", "--optim", "adamw_torch", "--lora-dropout",
+           "0", "--no-gradient-checkpointing", "--out", str(out), "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["world"]["strategy"] == "ddp" and "DistributedDataParallel" in rec["notes"][0]
+    for r in rec["ranks"]:
+        assert abs(r["peak"]["allocated_bytes"] - 10_695_472) <= TOL * 10_695_472, r["peak"]

@@ -41,9 +41,11 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
 
     if plan.device != "cpu":
         raise MemplanError("distributed profile runs on the CPU (gloo) only here: pass --device cpu")
-    if world.kind != "fsdp" or world.fsdp_version != 2:
-        raise MemplanError(f"distributed profile measures FSDP2 (--strategy fsdp --fsdp-version 2) for now, "
-                           f"not {world.kind} (fsdp_version {world.fsdp_version})")
+    if not (world.kind == "ddp" or (world.kind == "fsdp" and world.fsdp_version == 2
+                                    and world.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP")
+                                    and not world.fsdp_offload_params)):
+        raise MemplanError("distributed profile measures FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP "
+                           "ranks for now; for this world use `memplan estimate` (per rank)")
     if progress is not None:
         progress(f"launching {world.num_processes} ranks (gloo)")
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -55,8 +57,11 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
                 "instrument": "live-tensor tracker + FSDP2 storage resizes + gloo buffers from allocator events; "
                               "cross-checked per rank with torch.profiler's allocator events"}
     rid = hashlib.sha1(f"{created}{spec.name}{plan}{world}{os.getpid()}".encode()).hexdigest()[:8]
-    notes = ("distributed CPU run: FSDP2 via accelerate fsdp2_prepare_model, gloo process group; "
-             "`comm_buffers` = unsharded parameters + all-gather/reduce-scatter buffers + gloo's own buffers",)
+    notes = (("distributed CPU run: FSDP2 via accelerate fsdp2_prepare_model, gloo process group; "
+              "`comm_buffers` = unsharded parameters + all-gather/reduce-scatter buffers + gloo's own buffers")
+             if world.kind == "fsdp" else
+             ("distributed CPU run: DistributedDataParallel as the Trainer wraps a PeftModel, gloo process group; "
+              "`comm_buffers` = the reducer's gradient buckets + gloo's own buffers"),)
     return MeasuredRun(model=model_record(spec), plan=plan.to_dict(), device="cpu", status="success",
                        measured=measured, estimate=None, versions=package_versions(), steps=steps, seed=seed,
                        run_id=f"{created.replace('-', '').replace(':', '')}-{rid}", created=created, notes=notes,
