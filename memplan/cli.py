@@ -558,9 +558,7 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
     from .simulate.distributed import simulate_rank
 
     world = World.from_plan(plan)
-    if not (world.kind == "ddp" or (world.kind == "fsdp" and world.fsdp_version == 2
-                                    and world.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP")
-                                    and not world.fsdp_offload_params)):
+    if not world.runnable:
         raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
                            f"{world_text(plan.to_dict())} use `memplan estimate` (per rank)")
     r = simulate_rank(dict(spec.config), plan, world, rank=0)

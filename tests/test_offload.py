@@ -30,10 +30,7 @@ from memplan.runtime.step import cpu_step  # noqa: E402
 from memplan.simulate import simulate  # noqa: E402
 
 from sim_checks import TOL, assert_simulate_matches  # noqa: E402
-
-BASE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+from test_agreement_cpu import BASE  # noqa: E402  the tiny model every real-step agreement test uses
 
 CASES = [
     # (id, config overrides, plan overrides)

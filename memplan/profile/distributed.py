@@ -41,9 +41,7 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
 
     if plan.device != "cpu":
         raise MemplanError("distributed profile runs on the CPU (gloo) only here: pass --device cpu")
-    if not (world.kind == "ddp" or (world.kind == "fsdp" and world.fsdp_version == 2
-                                    and world.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP")
-                                    and not world.fsdp_offload_params)):
+    if not world.runnable:
         raise MemplanError("distributed profile measures FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP "
                            "ranks for now; for this world use `memplan estimate` (per rank)")
     if progress is not None:

@@ -77,6 +77,13 @@ class _WorldMethods:
         return self.strategy
 
     @property
+    def runnable(self) -> bool:
+        """Whether the real ranks (`run_ranks`) and the meta trace (`simulate.distributed`) cover this world:
+        DDP, or FSDP2 FULL_SHARD / SHARD_GRAD_OP without CPU offload."""
+        return self.kind == "ddp" or (self.kind == "fsdp" and self.fsdp_version == 2 and not self.fsdp_offload_params
+                                      and self.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP"))
+
+    @property
     def reshard_after_forward(self) -> bool:
         """FSDP2's `reshard_after_forward` for the sharding strategy (accelerate maps FULL_SHARD to True,
         SHARD_GRAD_OP to False)."""
