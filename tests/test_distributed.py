@@ -349,3 +349,17 @@ def test_simulate_and_profile_refuse_what_they_cannot_run(capsys, command, hint)
     pytest.importorskip("torch")
     code, _, err = run(capsys, command, "llama-3.2-1b", "--num-processes", "2", "--strategy", "deepspeed")
     assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_readme_several_gpus_figures():
+    """README's "Several GPUs" figures, at the two decimals it prints: Qwen2.5-72B at seq 4096 on L40S
+    (recommend's multi_gpu), Llama-3.1-70B on 2 RTX 4090 with FSDP FULL_SHARD and CPU offload."""
+    from memplan.present import gib
+
+    rows = {r["strategy"]: r for r in memplan.recommend("qwen2.5-72b", "l40s", seq_len=4096).to_dict()["multi_gpu"]}
+    fs, off = rows["fsdp FULL_SHARD"], rows["fsdp FULL_SHARD + cpu offload"]
+    assert (fs["num_processes"], gib(fs["device_bytes"]), fs["max_batch_size"], gib(fs["host_bytes"])) == \
+        (2, "39.70", 1, "38.38")
+    assert (gib(off["device_bytes"]), off["max_batch_size"], gib(off["host_bytes"])) == ("17.58", 3, "82.33")
+    e = memplan.estimate("llama-3.1-70b", gpu="rtx-4090", num_processes=2, strategy="fsdp", fsdp_offload_params=True)
+    assert (gib(e.device_bytes), gib(e.host_bytes), gib(e.host["loading"])) == ("10.67", "78.45", "36.80")
