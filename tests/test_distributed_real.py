@@ -53,7 +53,9 @@ def plan_of(method: str, gc: bool) -> TrainPlan:
 def assert_instruments_agree(r: RankResult) -> None:
     """Tracker vs torch.profiler's allocator events, on the last step's peak above its start."""
     a = r.allocator["peak_above_start"]
-    assert abs(r.tracker_above_start - a) <= TOL * r.peak_bytes, (r.rank, r.tracker_above_start, a)
+    # one gloo buffer (131,072 B here) may be freed by gloo's thread between the two instruments' readings
+    # (seen once in a full CI run): the same allowance as the other phases' peaks
+    assert abs(r.tracker_above_start - a) <= GLOO_PHASE_TOL * r.peak_bytes, (r.rank, r.tracker_above_start, a)
 
 
 #: the other phases' peaks on real gloo ranks: gloo's threads free a collective's buffers at times that
