@@ -733,7 +733,9 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
                     f"headroom {gib(c.headroom_bytes)} GiB")
     if r.multi_gpu:
         out("")
-        out(f"on several {g.name} (per strategy, the fewest GPUs that fit; cheapest first at the fewest):")
+        out(f"on several {g.name} (per strategy, the fewest GPUs that fit; at the same count the cheapest first: "
+            "communication a step, then host RAM; FSDP and ZeRO alike in both: the larger micro-batch, then the "
+            "smaller host RAM):")
         for o in r.multi_gpu:
             if o.num_processes is None:
                 out(f"  - {o.strategy}: does not fit on up to 64 GPUs")
@@ -743,6 +745,7 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
             out(f"  - {o.num_processes} x {g.name}, {o.strategy}: {gib(o.device_bytes)} GiB per GPU, micro-batch "
                 f"up to {o.max_batch_size} per GPU, {host}")
             out(f"      {o.flags}")
+            out(f"      cost: {o.cost}")
     out("")
     if r.smallest_gpu:
         s = next(f for f in r.gpus if f.name == r.smallest_gpu)

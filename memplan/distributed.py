@@ -99,8 +99,8 @@ from .plan import DIST_FIELDS, TrainPlan, dtype_bytes
 from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
-           "fewest_gpus", "MultiGPUOption", "LADDER", "GPU_COUNTS", "rank_moments", "loaded_bytes",
-           "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
+           "fewest_gpus", "padding_slack", "MultiGPUOption", "LADDER", "LADDER_COST", "GPU_COUNTS", "rank_moments",
+           "loaded_bytes", "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
@@ -369,8 +369,12 @@ def _optimizer_on(params: list[Param], w: int, plan: TrainPlan, rnd: int, cuda: 
     if flat:
         n = ceil(sum(p.numel for p in params) / w)
         groups = [((n, 1), 4, 1)] if n else []
-    else:
-        groups = [((ceil(p.dim0 / w), p.rest), p.el, 1) for p in params]
+    else:  # alike shards counted once (the layers repeat them): the same sum, one term per shape
+        alike: dict[tuple[tuple[int, int], int], int] = {}
+        for p in params:
+            key = ((ceil(p.dim0 / w), p.rest), p.el)
+            alike[key] = alike.get(key, 0) + 1
+        groups = [(shape, el, k) for (shape, el), k in alike.items()]
     return F.optimizer_state_bytes(None, plan, rnd, cuda=cuda, groups=groups)
 
 
@@ -774,24 +778,58 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
 
 # ---- recommend: the fewest GPUs and the cheapest strategy ---------------------------------------------
 
-#: the strategies `fewest_gpus` tries, cheapest first (speed: DDP keeps everything local; SHARD_GRAD_OP
-#: gathers once per step; FULL_SHARD gathers again in backward; offload moves state over PCIe)
+#: the strategies `fewest_gpus` tries, in the order of what they cost a step beyond one GPU's work
+#: (`LADDER_COST`: communication a step first, then host RAM and PCIe traffic; under QLoRA/LoRA the
+#: trainable bytes, the adapters', are far fewer than the model's)
 LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ddp", {"strategy": "ddp"}),
+    ("deepspeed ZeRO-2", {"strategy": "deepspeed", "zero_stage": 2}),
     ("fsdp SHARD_GRAD_OP", {"strategy": "fsdp", "fsdp_sharding_strategy": "SHARD_GRAD_OP"}),
     ("fsdp FULL_SHARD", {"strategy": "fsdp", "fsdp_sharding_strategy": "FULL_SHARD"}),
+    ("deepspeed ZeRO-3", {"strategy": "deepspeed", "zero_stage": 3}),
+    ("deepspeed ZeRO-3 + offload optimizer", {"strategy": "deepspeed", "zero_stage": 3,
+                                              "offload_optimizer_device": "cpu"}),
     ("fsdp FULL_SHARD + cpu offload", {"strategy": "fsdp", "fsdp_sharding_strategy": "FULL_SHARD",
                                        "fsdp_offload_params": True}),
+    ("deepspeed ZeRO-3 + offload optimizer + params", {"strategy": "deepspeed", "zero_stage": 3,
+                                                       "offload_optimizer_device": "cpu",
+                                                       "offload_param_device": "cpu"}),
 )
+#: per ladder step: (cost tier, what it costs a step). Strategies in one tier cost the same traffic
+#: (FSDP FULL_SHARD and ZeRO-3 both gather every parameter in forward and again in backward and
+#: reduce-scatter the gradients; FSDP's offload_params and ZeRO-3's offload of both move the parameters
+#: over PCIe at every gather); `fewest_gpus` breaks a tie inside a tier (see there).
+LADDER_COST: dict[str, tuple[int, str]] = {
+    "ddp": (0, "all-reduce of the trainable gradients (twice the trainable bytes a step); every rank holds "
+               "everything"),
+    "deepspeed ZeRO-2": (1, "reduce-scatter of the gradients + all-gather of the updated trainable partitions "
+                            "(the same bytes as DDP); gradients and optimizer state sharded, parameters whole"),
+    "fsdp SHARD_GRAD_OP": (2, "+ one all-gather of every parameter a step (all the model's bytes), kept gathered "
+                              "until backward"),
+    "fsdp FULL_SHARD": (3, "two all-gathers of every parameter a step (forward and backward) + "
+                           "reduce-scatter of the gradients"),
+    "deepspeed ZeRO-3": (3, "two all-gathers of every parameter a step (forward and backward) + "
+                            "reduce-scatter of the gradients"),
+    "deepspeed ZeRO-3 + offload optimizer": (4, "as ZeRO-3, + the gradient and master partitions over PCIe "
+                                                "(trainable only) and the optimizer step on the CPU; host RAM"),
+    "fsdp FULL_SHARD + cpu offload": (5, "as FULL_SHARD, + every parameter shard copied over PCIe at each gather, "
+                                         "gradients and optimizer on the CPU; the most host RAM"),
+    "deepspeed ZeRO-3 + offload optimizer + params": (5, "as ZeRO-3 + offload optimizer, + every parameter "
+                                                         "partition fetched over PCIe at each gather; the most "
+                                                         "host RAM"),
+}
 #: GPU counts tried: one node of up to 8, then whole nodes of 8
 GPU_COUNTS = (2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 48, 64)
 GPUS_PER_NODE = 8
+#: the CLI flag of a ladder field (memplan/cli.py add_distributed_flags), when not --field-name
+_FLAGS = {"fsdp_offload_params": "--cpu-offload", "offload_optimizer_device": "--offload-optimizer",
+          "offload_param_device": "--offload-param"}
 
 
 @dataclass(frozen=True)
 class MultiGPUOption:
     """One strategy at the fewest GPUs of the type that fit it: per-rank device bytes at the plan's
-    batch, the largest per-GPU micro-batch, host RAM per node."""
+    batch, the largest per-GPU micro-batch, host RAM per node, and what the strategy costs a step."""
 
     strategy: str
     num_processes: int | None      # None: no count up to the largest tried fits
@@ -801,11 +839,12 @@ class MultiGPUOption:
     max_batch_size: int
     host_bytes: int
     host_fits: bool | None
+    cost: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "num_processes": self.num_processes, "num_machines": self.num_machines,
                 "flags": self.flags, "device_bytes": self.device_bytes, "max_batch_size": self.max_batch_size,
-                "host_bytes": self.host_bytes, "host_fits": self.host_fits}
+                "host_bytes": self.host_bytes, "host_fits": self.host_fits, "cost": self.cost}
 
 
 def world_fields(n: int, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -814,34 +853,66 @@ def world_fields(n: int, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def flags_of(fields: Mapping[str, Any]) -> str:
+    """The `memplan` CLI flags that give `fields` (what `memplan fit ... FLAGS` reads back)."""
     out = []
     for k, v in fields.items():
-        flag = {"fsdp_offload_params": "--cpu-offload"}.get(k, "--" + k.replace("_", "-"))
+        flag = _FLAGS.get(k, "--" + k.replace("_", "-"))
         out.append(flag if v is True else f"{flag} {v}")
     return " ".join(out)
 
 
+def padding_slack(model: ModelSpec, plan: TrainPlan) -> int:
+    """An upper bound on how many bytes more one rank may hold at `plan.num_processes` ranks than at
+    any fewer: only the padding of unsharded (gathered) parameters and gradients grows with the world
+    (FSDP2 pads dim 0 to ceil(dim0 / w) * w rows; FSDP1 a flat parameter, ZeRO a partition, to a multiple
+    of w: under w elements): the padding of every parameter at w, 4 B per element, each rounded. Every
+    shard and partition (ceil(n / w)) shrinks or stays; activations and DDP's and ZeRO's buckets do not
+    depend on w; DDP pads nothing (0). What `fewest_gpus` prunes with (tests/test_recommend_ladder.py
+    checks it against the full scan)."""
+    w = shard_group(plan)
+    if w == 1:
+        return 0
+    rows = plan.world_strategy == "fsdp" and plan.fsdp_version == 2
+    return sum(((ceil(p.dim0 / w) * w - p.dim0) * p.rest if rows else w - 1) * 4 + 512
+               for u in units(model, plan) for p in u.params)
+
+
 def fewest_gpus(device_bytes: Any, fits: Any, plan: TrainPlan, host_of: Any, host_ram_bytes: int | None = None,
-                max_batch: Any = None) -> list[MultiGPUOption]:
+                max_batch: Any = None, hopeless: Any = None) -> list[MultiGPUOption]:
     """For each ladder strategy, the fewest GPUs (GPU_COUNTS) at which `plan` fits on every rank (and the
     host RAM, when given). `device_bytes(plan)`, `fits(plan)`, `host_of(plan)` and `max_batch(plan)` are
-    the caller's estimator (recommend's cached Estimator). Cheapest first at the fewest GPUs."""
+    the caller's estimator (recommend's cached Estimator).
+
+    Order (the first is "the cheapest that fits"): the fewest GPUs; at the same count the lower cost tier
+    (`LADDER_COST`: communication a step, then host RAM and PCIe traffic); inside a tier, where FSDP and
+    ZeRO cost the same traffic (FULL_SHARD and ZeRO-3; FSDP offload and ZeRO-3 offloading both), the
+    larger per-GPU micro-batch, then the smaller host RAM per node, then the fewer device bytes per GPU,
+    then FSDP (torch's own engine, no extra dependency, and its estimate is checked against real ranks
+    here; ZeRO's is not yet). The strategies that fit on no count tried come last, in ladder order.
+
+    `hopeless(plan)`, when given, is asked at the largest count once the fewest did not fit: True means
+    no count can fit (the busiest rank there, less `padding_slack`, is already over the GPU), so the
+    counts are not scanned one by one (what keeps a cold `memplan recommend` under a second)."""
     out: list[MultiGPUOption] = []
     for name, f in LADDER:
         found = None
-        for n in GPU_COUNTS:
+        for k, n in enumerate(GPU_COUNTS):
+            if k == 1 and hopeless is not None and hopeless(plan.replace(**world_fields(GPU_COUNTS[-1], f))):
+                break  # the fewest did not fit, and no count can
             fields = world_fields(n, f)
             p = plan.replace(**fields)
-            host = host_of(p)
-            if fits(p) and (host_ram_bytes is None or host <= host_ram_bytes):
-                found = (n, fields, p, host)
-                break
+            if fits(p):
+                host = host_of(p)
+                if host_ram_bytes is None or host <= host_ram_bytes:
+                    found = (n, fields, p, host)
+                    break
         if found is None:
-            out.append(MultiGPUOption(name, None, 0, flags_of(f), 0, 0, 0, None))
+            out.append(MultiGPUOption(name, None, 0, flags_of(f), 0, 0, 0, None, LADDER_COST[name][1]))
             continue
         n, fields, p, host = found
         out.append(MultiGPUOption(name, n, fields["num_machines"], flags_of(fields), device_bytes(p),
                                   max_batch(p) if max_batch else 0, host,
-                                  None if host_ram_bytes is None else host <= host_ram_bytes))
+                                  None if host_ram_bytes is None else host <= host_ram_bytes, LADDER_COST[name][1]))
     order = {name: i for i, (name, _) in enumerate(LADDER)}
-    return sorted(out, key=lambda o: (o.num_processes is None, o.num_processes or 0, order[o.strategy]))
+    return sorted(out, key=lambda o: (o.num_processes is None, o.num_processes or 0, LADDER_COST[o.strategy][0],
+                                      -o.max_batch_size, o.host_bytes, o.device_bytes, order[o.strategy]))

@@ -583,9 +583,11 @@ def recommend(model: Any, gpu: str | GPUSpec, plan: TrainPlan | None = None, *,
     `memplan fit`: the estimate already includes context, workspace and allocator overhead).
     `simulate_budget`: how many `memplan simulate` traces (seconds each) a model without a closed form
     (mixture-of-experts) may cost; what needs more is skipped and named in the notes.
-    A single-GPU plan that does not fit also gets `multi_gpu`: per strategy (DDP, SHARD_GRAD_OP,
-    FULL_SHARD, + CPU offload) the fewest GPUs of this type that fit every rank (and `host_ram_bytes`
-    per node, when given), with the largest per-GPU micro-batch and the host RAM each needs.
+    A single-GPU plan that does not fit also gets `multi_gpu`: per strategy (DDP, ZeRO-2, SHARD_GRAD_OP,
+    FULL_SHARD, ZeRO-3, ZeRO-3 + offload optimizer, FSDP + CPU offload, ZeRO-3 + both offloads:
+    memplan.distributed LADDER) the fewest GPUs of this type that fit every rank (and `host_ram_bytes`
+    per node, when given), with the largest per-GPU micro-batch and the host RAM each needs; the first
+    is the cheapest that fits (`fewest_gpus` says how ties are broken).
     """
     if gpu is None:
         raise MemplanError("recommend needs a GPU (--gpu NAME); see `memplan gpus`")
@@ -669,14 +671,19 @@ def _multi_gpu(spec: ModelSpec, p: TrainPlan, g: GPUSpec, reserve: int, est: Est
                host_ram_bytes: int | None, notes: list[str]) -> tuple[Any, ...]:
     """The fewest GPUs of type `g` per strategy (memplan.distributed.fewest_gpus), or () with a note
     when the distributed closed form does not cover the model."""
-    from .distributed import fewest_gpus
+    from .distributed import fewest_gpus, padding_slack
 
     def fits(q: TrainPlan) -> bool:
         return Fit.of(est(q), reserve).fits
 
+    limit = fit_limit_bytes(g.memory_bytes, reserve)
+
+    def hopeless(q: TrainPlan) -> bool:  # twice the slack: the allocator overhead is a ratio (< 1) of it
+        return est(q).device_bytes - 2 * padding_slack(spec, est(q).plan) > limit
+
     try:
         opts = fewest_gpus(lambda q: est(q).device_bytes, fits, p, lambda q: est(q).host_bytes, host_ram_bytes,
-                           lambda q: max_batch_size(spec, q, g, reserve, estimator=est)[0])
+                           lambda q: max_batch_size(spec, q, g, reserve, estimator=est)[0], hopeless)
     except UnsupportedArchitectureError as err:
         notes.append(f"several GPUs not searched: {err}")
         return ()
