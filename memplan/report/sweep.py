@@ -11,6 +11,13 @@ make it runnable, `memplan.fit.gpu_fix`); error
 error_kind (the error's class, `MemplanError.error_kind`: "unsupported_architecture",
 "invalid_spec", ...; "" when the row was estimated), which charts and tables classify by.
 
+Several GPUs (`worlds` and/or `strategies`, `memplan report --num-processes 1,2,4,8 --strategy
+fsdp,deepspeed`): every row also has a world: num_processes, num_machines (one node up to 8 GPUs, then
+whole nodes of 8: memplan.distributed.world_fields), strategy (single for one GPU, once per row whatever
+the strategies; else each strategy given) and host_bytes (host RAM per node: offloaded state and loading,
+`Estimate.host_bytes`). device_bytes, fits, headroom_bytes and the limits are then per rank (the busiest);
+fits checks the GPU (the host figure is reported, not checked). Without them the columns stay as above.
+
 NB: a sweep never falls back to simulate (`fallback_simulate=False`): a trace takes seconds, a grid
 has thousands of rows. Rows of a model without a closed form carry the reason instead; `memplan
 recommend` or `memplan.estimate` give such a model its simulate trace.
@@ -48,6 +55,36 @@ COLUMNS = ("model", "gpu", "gpu_memory_bytes", "method", "quant", "lora_r", "seq
     TERM_COLUMNS + ("allocated_bytes", "reserved_bytes", "device_bytes", "paged_bytes", "peak_phase", "fits",
                     "headroom_bytes", "max_batch_size", "max_seq_len", "gpu_note", "gpu_fix", "error",
                     "error_kind")
+
+
+#: the columns a sweep over worlds adds, after batch_size (see the module docstring)
+WORLD_COLUMNS = ("num_processes", "num_machines", "strategy", "host_bytes")
+#: the strategies of a world grid when none is given (each engine at the plan's own knobs)
+DEFAULT_STRATEGIES = ("ddp", "fsdp", "deepspeed")
+WORLD_STRATEGIES = ("ddp", "fsdp", "deepspeed")
+
+
+def world_columns() -> tuple[str, ...]:
+    """COLUMNS with WORLD_COLUMNS after batch_size."""
+    i = COLUMNS.index("batch_size") + 1
+    return COLUMNS[:i] + WORLD_COLUMNS + COLUMNS[i:]
+
+
+def world_grid(worlds: Sequence[int], strategies: Sequence[str]) -> list[dict[str, Any]]:
+    """The plan fields of each (world, strategy) row: one GPU once (strategy single), then every
+    larger world with each strategy (memplan.distributed.world_fields: whole nodes of 8 beyond 8)."""
+    from ..distributed import GPUS_PER_NODE, world_fields
+
+    out: list[dict[str, Any]] = []
+    for n in worlds:
+        if n == 1:
+            out.append({"num_processes": 1, "num_machines": 1, "strategy": "single"})
+            continue
+        if n > GPUS_PER_NODE and n % GPUS_PER_NODE:
+            raise MemplanError(f"--num-processes {n}: beyond one node of {GPUS_PER_NODE} GPUs give whole nodes "
+                               f"(a multiple of {GPUS_PER_NODE}, e.g. {GPUS_PER_NODE * (n // GPUS_PER_NODE + 1)})")
+        out += [world_fields(n, {"strategy": st}) for st in strategies]
+    return out
 
 
 class Progress:
@@ -117,13 +154,16 @@ def grid_plans(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, 
 
 def sweep(models: Any, gpus: Any, methods: Sequence[str] = ("qlora",), seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, ranks: Sequence[int] = DEFAULT_RANKS, *,
-          progress: bool = True, reserve_bytes: int = 0, limits: bool = True, **plan_kwargs: Any) -> pd.DataFrame:
+          progress: bool = True, reserve_bytes: int = 0, limits: bool = True, worlds: Sequence[int] | None = None,
+          strategies: Sequence[str] | None = None, **plan_kwargs: Any) -> pd.DataFrame:
     """Estimate every model x GPU x (method, rank, seq_len, batch_size); one DataFrame row each.
 
     `models`/`gpus`: names (catalogue, hub id, path) or ModelSpec / GPUSpec objects. Other plan fields
     (optim, gradient_checkpointing, ...) come from `plan_kwargs` and apply to every row.
     `reserve_bytes` is kept free on every GPU (fits and headroom_bytes include it).
     `limits=False` skips the max_batch_size / max_seq_len searches (those columns are then <NA>).
+    `worlds` (GPU counts) and `strategies` (ddp, fsdp, deepspeed; default all three) make it a grid over
+    several GPUs too (the module docstring); the other distributed fields come from `plan_kwargs`.
     `df.attrs["memplan"]` keeps the specs, the shared plan fields and the timing for `write_report`.
     """
     t0 = time.perf_counter()
@@ -145,6 +185,19 @@ def sweep(models: Any, gpus: Any, methods: Sequence[str] = ("qlora",), seq_lens:
     if grid:
         raise MemplanError(f"{', '.join(sorted(grid))} are grid dimensions: pass methods, seq_lens, batch_sizes "
                            "or ranks instead")
+    world_rows: list[dict[str, Any]] | None = None
+    if worlds is not None or strategies is not None:
+        both = set(plan_kwargs) & {"num_processes", "num_machines", "strategy"}
+        if both:
+            raise MemplanError(f"{', '.join(sorted(both))} are grid dimensions here: pass worlds and strategies "
+                               "instead")
+        worlds = _ints("worlds", worlds if worlds is not None else (1, 2, 4, 8))
+        strategies = tuple(dict.fromkeys(_as_list(strategies if strategies is not None else DEFAULT_STRATEGIES)))
+        bad = [st for st in strategies if st not in WORLD_STRATEGIES]
+        if bad or not strategies:
+            raise MemplanError(f"strategies: {', '.join(map(repr, bad)) or 'none given'}; give any of "
+                               f"{', '.join(WORLD_STRATEGIES)}")
+        world_rows = world_grid(worlds, strategies)
     specs = {}
     for m in model_list:
         s = resolve_model(m)
@@ -154,25 +207,29 @@ def sweep(models: Any, gpus: Any, methods: Sequence[str] = ("qlora",), seq_lens:
         gs = load_gpu(g)
         gspecs.setdefault(gs.name, gs)
     pairs = grid_plans(methods, ranks)
-    for method, rank in pairs:  # every problem with the shared fields, before any work
-        row_plan(plan_kwargs, method, rank, seq_lens[0], batch_sizes[0])
+    bases = [dict(plan_kwargs, **w) for w in world_rows] if world_rows is not None else [dict(plan_kwargs)]
+    for base in bases:
+        for method, rank in pairs:  # every problem with the shared fields, before any work
+            row_plan(base, method, rank, seq_lens[0], batch_sizes[0])
 
-    total = len(specs) * len(gspecs) * len(pairs) * len(seq_lens) * len(batch_sizes)
+    total = len(specs) * len(gspecs) * len(pairs) * len(bases) * len(seq_lens) * len(batch_sizes)
     bar = Progress(total, enabled=progress)
     rows: list[dict[str, Any]] = []
     try:
         for spec in specs.values():
             for gpu in gspecs.values():
                 limit = fit_limit_bytes(gpu.memory_bytes, reserve_bytes)
-                for method, rank in pairs:
-                    rows += _group(spec, gpu, method, rank, seq_lens, batch_sizes, plan_kwargs, limit,
-                                   reserve_bytes, limits, bar)
+                for base in bases:
+                    for method, rank in pairs:
+                        rows += _group(spec, gpu, method, rank, seq_lens, batch_sizes, base, limit,
+                                       reserve_bytes, limits, bar, world_rows is not None)
     finally:
         bar.close()
-    df = pd.DataFrame.from_records(rows, columns=list(COLUMNS))
-    for c in INT_COLUMNS + ("lora_r",):
+    df = pd.DataFrame.from_records(rows, columns=list(world_columns() if world_rows is not None else COLUMNS))
+    for c in INT_COLUMNS + ("lora_r",) + (("host_bytes",) if world_rows is not None else ()):
         df[c] = df[c].astype("Int64")
-    for c in ("gpu_memory_bytes", "seq_len", "batch_size"):
+    for c in ("gpu_memory_bytes", "seq_len", "batch_size") + (("num_processes", "num_machines")
+                                                              if world_rows is not None else ()):
         df[c] = df[c].astype("int64")
     df["fits"] = df["fits"].astype("boolean")
     seconds = time.perf_counter() - t0
@@ -181,14 +238,18 @@ def sweep(models: Any, gpus: Any, methods: Sequence[str] = ("qlora",), seq_lens:
         "ranks": ranks, "seq_lens": seq_lens, "batch_sizes": batch_sizes, "reserve_bytes": reserve_bytes,
         "seconds": seconds, "rows_per_second": len(df) / seconds if seconds > 0 else float("inf"),
     }
+    if world_rows is not None:
+        df.attrs["memplan"].update(worlds=worlds, strategies=strategies)
     return df
 
 
 def _group(spec: ModelSpec, gpu: GPUSpec, method: str, rank: int | None, seq_lens: Sequence[int],
            batch_sizes: Sequence[int], base: dict[str, Any], limit: int, reserve: int, limits: bool,
-           bar: Progress) -> list[dict[str, Any]]:
-    """The rows of one (model, GPU, method, rank): seq_lens x batch_sizes."""
+           bar: Progress, world: bool = False) -> list[dict[str, Any]]:
+    """The rows of one (model, GPU, method, rank[, world, strategy]): seq_lens x batch_sizes."""
     proto = row_plan(base, method, rank, seq_lens[0], batch_sizes[0])
+    at = ({"num_processes": proto.num_processes, "num_machines": proto.num_machines,
+           "strategy": base["strategy"]} if world else {})
     memo: dict[tuple[int, int], int] = {}
 
     def est(batch: int, seq: int) -> Estimate:
@@ -207,7 +268,8 @@ def _group(spec: ModelSpec, gpu: GPUSpec, method: str, rank: int | None, seq_len
         for batch in batch_sizes:
             row: dict[str, Any] = {"model": spec.name, "gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes,
                                    "method": method, "quant": proto.quant, "lora_r": rank, "seq_len": seq,
-                                   "batch_size": batch, "gpu_note": note, "gpu_fix": fix, "error": "", "error_kind": ""}
+                                   "batch_size": batch, **at, "gpu_note": note, "gpu_fix": fix, "error": "",
+                                   "error_kind": ""}
             try:
                 e = est(batch, seq)
             except MemplanError as err:  # e.g. MoE (no closed form): not estimable at this grid point
@@ -222,6 +284,8 @@ def _group(spec: ModelSpec, gpu: GPUSpec, method: str, rank: int | None, seq_len
             row.update(allocated_bytes=e.allocated_bytes, reserved_bytes=e.reserved_bytes,
                        device_bytes=e.device_bytes, paged_bytes=e.paged_bytes, peak_phase=e.peak_phase,
                        fits=f.fits, headroom_bytes=f.headroom_bytes)
+            if world:
+                row["host_bytes"] = e.host_bytes
             out.append(row)
             bar.update()
     if limits:  # after the rows, so that the grid points give every search a head start
