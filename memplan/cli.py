@@ -402,6 +402,20 @@ def report_data(args: argparse.Namespace) -> dict[str, Any]:
     grids = dict(seq_lens=_int_list("--seq-lens", args.seq_lens, DEFAULT_SEQ_LENS, MAX_SEQ),
                  batch_sizes=_int_list("--batch-sizes", args.batch_sizes, DEFAULT_BATCH_SIZES, MAX_BATCH),
                  ranks=_int_list("--ranks", args.ranks, DEFAULT_RANKS, 65536))
+    worlds = _int_list("--num-processes", args.world_list, (1,), 4096)
+    strategies = _name_list("--strategy", args.strategy_list, ())
+    bad = [st for st in strategies if st not in ("ddp", "fsdp", "deepspeed", "single", "auto")]
+    if bad:
+        raise MemplanError(f"--strategy: unknown strategy {', '.join(map(repr, bad))} (a grid takes ddp, fsdp, "
+                           "deepspeed)")
+    if len(worlds) > 1 or len(strategies) > 1:  # a grid over several GPUs (sweep's worlds / strategies)
+        if set(strategies) & {"single", "auto"}:
+            raise MemplanError("--strategy: a grid over several GPUs takes ddp, fsdp, deepspeed (one GPU is in it "
+                               "with --num-processes 1)")
+        grids.update(worlds=worlds, strategies=strategies or None)
+    else:  # one world: plan fields, as any other command
+        args.num_processes = worlds[0] if args.world_list is not None else None
+        args.strategy = strategies[0] if strategies else None
     plan_from_args(args)  # the plan flags, checked before any work
     specs = [load_model(m) for m in models]  # unknown names fail here, before any work
     gspecs = [load_gpu(g) for g in gpus]
@@ -1046,7 +1060,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GiB to keep free on every GPU (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress or status lines on stderr (errors and warnings still print)")
     p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old name
-    add_plan_flags(p, exclude=("method", "batch_size", "seq_len", "lora_r"))
+    p.add_argument("--num-processes", "--num_processes", dest="world_list", metavar="N,N",
+                   help="comma-separated GPU counts (processes): more than one value (or several --strategy) "
+                        "makes a grid over several GPUs, one row per count and strategy, e.g. 1,2,4,8 (default 1)")
+    p.add_argument("--strategy", "--strategies", dest="strategy_list", metavar="S,S",
+                   help="comma-separated strategies of that grid: ddp, fsdp, deepspeed (default: all three when "
+                        "several counts are given; the knobs --fsdp-sharding-strategy, --zero-stage, ... apply "
+                        "to every row)")
+    add_plan_flags(p, exclude=("method", "batch_size", "seq_len", "lora_r", "num_processes", "strategy"))
     p = command("simulate", cmd_simulate,
                 "exact meta-device trace of a real training step (needs the sim extra: torch, transformers, "
                 "peft, bitsandbytes). " + SIM_COVERS[0].upper() + SIM_COVERS[1:] + ".", config=True)

@@ -577,3 +577,65 @@ def ranks_chart(e: Estimate, gpu: GPUSpec | None = None, source: str = "closed f
     extra = [Patch(facecolor=LOADING_COLOR, edgecolor="#6a51a3", hatch="..", label=LOADING_LABEL)] if loading else []
     _legend_terms(fig, used, ncol=3, extra=extra)
     return fit_canvas(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# several GPUs: per-rank memory against the world size, one line per strategy
+# ---------------------------------------------------------------------------------------------
+#: one colour per strategy of a world grid (the single GPU is the common first point of every line)
+STRATEGY_COLORS = {"ddp": "#7f7f7f", "fsdp": "#1f77b4", "deepspeed": "#d62728"}
+
+
+def worlds_chart(panels: Mapping[tuple[str, str], Mapping[str, Sequence[tuple[int, float, bool]]]],
+                 gpu_gib: Mapping[str, float], subtitle: str, labels: Mapping[str, str] | None = None) -> Figure:
+    """Per-rank peak (GiB) against the number of GPUs, one panel per (model, GPU) and one line per
+    strategy. `panels[(model, gpu)][strategy]` = [(GPUs, busiest rank's device GiB, fits)]: a filled
+    marker where every rank fits the GPU, a hollow one where it does not; `gpu_gib[gpu]`: the GPU's
+    memory, a dashed line in its panel; `labels[strategy]`: its legend text (e.g. "fsdp FULL_SHARD"). The
+    x axis is the swept world sizes, evenly spaced."""
+    keys = list(panels)
+    if not keys:
+        raise ValueError("worlds_chart needs at least one (model, GPU) panel")
+    worlds = sorted({n for k in keys for pts in panels[k].values() for n, _, _ in pts})
+    pos = {n: i for i, n in enumerate(worlds)}
+    nrows, ncols = _grid(len(keys), 3)
+    width = max(8.0, 4.2 * ncols)
+    fig = Figure(figsize=(width, 3.5 * nrows + 1.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    strategies: list[str] = []
+    for ax, key in zip(axes, keys):
+        model, gpu = key
+        ymax = 0.1
+        for st, pts in panels[key].items():
+            pts = sorted(pts)
+            if st not in strategies:
+                strategies.append(st)
+            color = STRATEGY_COLORS.get(st, "#2ca02c")
+            ax.plot([pos[n] for n, _, _ in pts], [g for _, g, _ in pts], "-", color=color, linewidth=1.6, zorder=2)
+            for n, g, ok in pts:
+                ax.plot([pos[n]], [g], "o", color=color, markersize=6, zorder=3,
+                        markerfacecolor=color if ok else "white", markeredgewidth=1.4)
+            ymax = max([ymax] + [g for _, g, _ in pts])
+        ymax *= 1.15
+        mem = gpu_gib.get(gpu)
+        if mem is not None and mem <= 2.5 * ymax:
+            ymax = max(ymax, mem * 1.08)
+        if mem is not None:
+            _gpu_lines(ax, [(gpu, mem)], ymax)
+        ax.set_ylim(0, ymax)
+        ax.set_xlim(-0.4, len(worlds) - 0.6)
+        ax.set_xticks(range(len(worlds)), [str(n) for n in worlds], fontsize=8.5)
+        ax.set_xlabel("GPUs (processes)", fontsize=9)
+        ax.set_ylabel("per-rank peak (GiB)", fontsize=9)
+        ax.set_title(f"{model} on {gpu}", fontsize=9.5)
+        ax.grid(True, axis="y", color="#e5e5e5")
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    handles = [Patch(facecolor=STRATEGY_COLORS.get(st, "#2ca02c"), label=(labels or {}).get(st, st))
+               for st in strategies]
+    handles += [Patch(facecolor="white", edgecolor="#333333", label="hollow marker: does not fit the GPU")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8.5, frameon=False)
+    fig.suptitle("Several GPUs: the busiest rank's peak against the number of GPUs\n"
+                 + _wrap(subtitle, _chars(width - 0.3, 10.5)), fontsize=10.5)
+    return fit_canvas(fig)

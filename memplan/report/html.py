@@ -46,6 +46,7 @@ CHARTS = {
 #: charts drawn only when the sweep's plan is distributed (--num-processes / --strategy): id -> (PNG, heading)
 DISTRIBUTED_CHARTS = {
     "ranks": ("ranks.png", "Several GPUs: per rank and per node"),
+    "worlds": ("worlds.png", "Several GPUs: per-rank memory against the number of GPUs"),
 }
 ALL_CHARTS = {**CHARTS, **DISTRIBUTED_CHARTS}
 MAX_TABLE_ROWS = 2000
@@ -53,7 +54,7 @@ MAX_TABLE_ROWS = 2000
 #: and methods charts: every GPU of the report; the timeline: the first GPU)
 LINE_CHARTS = ("breakdown", "methods", "timeline")
 #: the distributed charts that draw the first GPU's line (when within their y range)
-DISTRIBUTED_LINE_CHARTS = ("ranks",)
+DISTRIBUTED_LINE_CHARTS = ("ranks", "worlds")
 
 
 def _meta(df: pd.DataFrame) -> dict[str, Any]:
@@ -69,6 +70,9 @@ def _meta(df: pd.DataFrame) -> dict[str, Any]:
     m.setdefault("batch_sizes", tuple(int(b) for b in dict.fromkeys(df["batch_size"])))
     m.setdefault("plan_kwargs", {})
     m.setdefault("reserve_bytes", 0)
+    if "num_processes" in df.columns:  # a sweep over worlds (sweep's WORLD_COLUMNS)
+        m.setdefault("worlds", tuple(sorted(int(n) for n in dict.fromkeys(df["num_processes"]))))
+        m.setdefault("strategies", tuple(st for st in dict.fromkeys(df["strategy"]) if st != "single"))
     return m
 
 
@@ -76,14 +80,29 @@ def headline(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The one plan the single-plan charts show (see the module docstring)."""
     methods, ranks, seqs = list(meta["methods"]), list(meta["ranks"]), sorted(meta["seq_lens"])
     method = "qlora" if "qlora" in methods else methods[0]
-    return {"method": method, "rank": None if method == "full" else (16 if 16 in ranks else ranks[0]),
-            "seq_len": 2048 if 2048 in seqs else seqs[len(seqs) // 2],
-            "batch_size": min(meta["batch_sizes"])}
+    h = {"method": method, "rank": None if method == "full" else (16 if 16 in ranks else ranks[0]),
+         "seq_len": 2048 if 2048 in seqs else seqs[len(seqs) // 2],
+         "batch_size": min(meta["batch_sizes"])}
+    if meta.get("worlds"):  # a sweep over worlds: the largest world with the first strategy (one GPU if alone)
+        from ..distributed import world_fields
+
+        n, strategies = max(meta["worlds"]), list(meta.get("strategies") or ())
+        h["world"] = (world_fields(n, {"strategy": strategies[0]}) if n > 1 and strategies else
+                      {"num_processes": 1, "num_machines": 1, "strategy": "single"})
+    return h
+
+
+def headline_plan(meta: Mapping[str, Any], h: Mapping[str, Any]) -> TrainPlan:
+    """The headline plan: the shared plan fields, the headline grid values and (a world grid) world."""
+    return row_plan(dict(meta["plan_kwargs"], **h.get("world", {})), h["method"], h["rank"], h["seq_len"],
+                    h["batch_size"])
 
 
 def _select(df: pd.DataFrame, h: Mapping[str, Any], **extra: Any) -> pd.DataFrame:
     m = (df["method"] == h["method"]) & (df["batch_size"] == h["batch_size"])
     m &= df["lora_r"].isna() if h["rank"] is None else (df["lora_r"] == h["rank"])
+    if h.get("world") and "num_processes" in df.columns:
+        m &= (df["num_processes"] == h["world"]["num_processes"]) & (df["strategy"] == h["world"]["strategy"])
     for k, v in extra.items():
         m &= df[k] == v
     return df[m]
@@ -109,8 +128,8 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
     specs: dict[str, ModelSpec] = meta["models"]
     gpus = sorted(meta["gpus"].values(), key=lambda g: g.memory_bytes)
     first_gpu: GPUSpec = next(iter(meta["gpus"].values()))
-    base = dict(meta["plan_kwargs"])
-    hplan = row_plan(base, h["method"], h["rank"], h["seq_len"], h["batch_size"])
+    base = dict(meta["plan_kwargs"], **h.get("world", {}))
+    hplan = headline_plan(meta, h)
     gpu_lines = [(g.name, g.memory_bytes / GiB) for g in gpus]
     ok = df[df["error"] == ""]
     figs: dict[str, Any] = {}
@@ -176,6 +195,27 @@ def build_charts(df: pd.DataFrame, meta: Mapping[str, Any], timeline: tuple[Any,
             continue
         figs["timeline"] = C.timeline_chart(e, first_gpu)
         break
+
+    # several GPUs: per-rank peak against the number of GPUs, per strategy (a sweep over worlds only)
+    if meta.get("worlds") and "num_processes" in df.columns:
+        panels: dict[tuple[str, str], dict[str, list[tuple[int, float, bool]]]] = {}
+        sel = _select(ok, {**h, "world": None}, seq_len=h["seq_len"])
+        for r in sel.to_dict("records"):
+            pt = (int(r["num_processes"]), int(r["device_bytes"]) / GiB, bool(r["fits"]))
+            lines = panels.setdefault((r["model"], r["gpu"]), {})
+            for st in ([r["strategy"]] if r["strategy"] != "single" else list(meta.get("strategies") or ())):
+                lines.setdefault(st, []).append(pt)  # one GPU: the first point of every strategy's line
+        if panels:
+            one = row_plan(dict(meta["plan_kwargs"]), h["method"], h["rank"], h["seq_len"], h["batch_size"])
+            figs["worlds"] = C.worlds_chart(panels, {g.name: g.memory_bytes / GiB for g in gpus},
+                                            f"{plan_brief(one)}; each strategy at the plan's own knobs; "
+                                            "overheads of each GPU",
+                                            {"ddp": "ddp", "fsdp": f"fsdp {one.fsdp_sharding_strategy}"
+                                             + (" + cpu offload" if one.fsdp_offload_params else ""),
+                                             "deepspeed": f"deepspeed ZeRO-{one.zero_stage}"
+                                             + (" + offload optimizer" if one.offload_optimizer_device == "cpu"
+                                                else "")
+                                             + (" + params" if one.offload_param_device == "cpu" else "")})
 
     # several GPUs: every rank of the headline plan and the host RAM per node (a distributed plan only)
     if hplan.is_distributed:
@@ -278,12 +318,15 @@ def _rows_table(df: pd.DataFrame) -> str:
             ("batch_size", "micro-batch"), ("device_bytes", "peak GiB"), ("headroom_bytes", "headroom GiB"),
             ("fits", "fits"), ("max_batch_size", "max batch"), ("max_seq_len", "max seq len"),
             ("peak_phase", "peak phase")]
+    if "num_processes" in df.columns:  # a sweep over worlds: per rank, and the host RAM per node
+        cols[6:6] = [("num_processes", "GPUs"), ("strategy", "strategy"), ("host_bytes", "host GiB per node")]
+        cols[9] = ("device_bytes", "peak GiB per rank")
     out = ['<table class="rows"><tr>' + "".join(f"<th>{_esc(t)}</th>" for _, t in cols) + "</tr>"]
     for r in df.head(MAX_TABLE_ROWS).to_dict("records"):
         cells = []
         for c, _ in cols:
             v = r[c]
-            if c in ("device_bytes", "headroom_bytes"):
+            if c in ("device_bytes", "headroom_bytes", "host_bytes"):
                 s = _gib_s(v, signed=c == "headroom_bytes")
             elif is_missing(v):
                 s = "–"
@@ -291,7 +334,7 @@ def _rows_table(df: pd.DataFrame) -> str:
                 s = "yes" if v else "no"
             else:
                 s = str(v)
-            cls = ' class="name"' if c in ("model", "gpu", "method", "peak_phase") else ""
+            cls = ' class="name"' if c in ("model", "gpu", "method", "peak_phase", "strategy") else ""
             cells.append(f"<td{cls}>{_esc(s)}</td>")
         dev = "" if is_missing(r["device_bytes"]) else int(r["device_bytes"])
         out.append(f'<tr data-device-bytes="{dev}">' + "".join(cells) + "</tr>")
@@ -324,6 +367,13 @@ _EXPLAIN = {
              "own colour. Ranks differ only where layers split unevenly. Beside them, on their own scale, the "
              "host (CPU) RAM of each node: the state the node's ranks offload (pinned) and the model while "
              "from_pretrained loads it. Every rank must fit its GPU and every node its host RAM.",
+    "worlds": "For each model on each GPU, the peak of the busiest process (rank) as the job is spread over "
+              "more GPUs, one line per strategy (each at the plan's own knobs: sharding strategy, ZeRO stage, "
+              "offload), at the headline plan's method, rank, sequence length and micro-batch. The first point "
+              "is one GPU. A filled marker: every rank fits the GPU; hollow: it does not. DDP keeps the whole "
+              "model on every GPU, so its line stays flat; FSDP and ZeRO-3 shard the weights, so theirs fall "
+              "towards the activations, which every rank keeps for its own micro-batch. The host RAM per node "
+              "of each point is in the rows table and sweep.csv (host_bytes).",
     "timeline": "The bytes torch has allocated at each moment the estimator checks for the peak of a "
                 "steady-state step (step 2 onwards, optimizer state already created). The highest bar is "
                 "the peak; the device also holds the allocator's cache and the CUDA context.",
@@ -352,7 +402,9 @@ def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, byt
     """The page. `gpu_lines`: chart id -> the GPUs whose dashed memory line that chart draws
     (`charts.gpu_lines_drawn`); the page describes the lines of those charts only."""
     h = headline(meta)
-    hplan = row_plan(dict(meta["plan_kwargs"]), h["method"], h["rank"], h["seq_len"], h["batch_size"])
+    hplan = headline_plan(meta, h)
+    worlds = (f" x GPUs {', '.join(map(str, meta['worlds']))} x strategies {', '.join(meta.get('strategies') or ())}"
+              if meta.get("worlds") else "")
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     seconds = meta.get("seconds")
     speed = (f" in {seconds:.1f} s ({len(df) / seconds:,.0f} rows/s)" if seconds else "")
@@ -363,7 +415,7 @@ def build_html(df: pd.DataFrame, meta: Mapping[str, Any], pngs: Mapping[str, byt
              f"<p class='meta'>memplan {__version__}, {now}. {len(df)} configurations: {len(meta['models'])} "
              f"model(s) x {len(meta['gpus'])} GPU(s) x methods {', '.join(meta['methods'])} x LoRA ranks "
              f"{', '.join(map(str, meta['ranks']))} x sequence lengths {', '.join(map(str, meta['seq_lens']))} x "
-             f"micro-batches {', '.join(map(str, meta['batch_sizes']))}{speed}.</p>",
+             f"micro-batches {', '.join(map(str, meta['batch_sizes']))}{worlds}{speed}.</p>",
              "<nav>" + "".join(f"<a href='#{k}'>{_esc(v[1])}</a>" for k, v in ALL_CHARTS.items() if k in pngs)
              + "<a href='#rows'>All rows</a><a href='#notes'>How to read this</a></nav>",
              f"<p><b>Headline plan</b> (used where a chart shows one plan): {_esc(plan_text(hplan))}; "
