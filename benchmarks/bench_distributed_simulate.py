@@ -1,70 +1,82 @@
-"""Benchmark: simulate one rank of a Llama-3-70B FSDP2 FULL_SHARD QLoRA step over 8 ranks, on meta.
+"""Benchmark: what a user runs to trace one rank of an 8-rank FSDP2 QLoRA step of Llama-3.1-70B, timed whole.
 
-The fake process group (torch.testing._internal.distributed.fake_pg) stands in for the 8 ranks; the
-model is sharded by accelerate's own `fsdp2_prepare_model` (memplan.simulate.distributed). Prints wall
-time, peak RSS of this process and the simulated per-rank peak per term. Target: < 60 s.
+Runs, as a child process,
 
-    python benchmarks/bench_distributed_simulate.py [--ranks 8] [--seq-len 4096] [--device cuda]
+    memplan simulate llama-3.1-70b --seq-len 4096 --num-processes 8 --strategy fsdp --json
+
+(imports, model resolution, the fake process group, accelerate's `fsdp2_prepare_model` on meta, the
+traced steps, the per-rank estimate beside it, the JSON) and prints the child's wall time, its peak RSS
+(resource.getrusage(RUSAGE_CHILDREN).ru_maxrss, the largest child: the child is this script's only one)
+and, from its JSON, the traced per-rank peak per term next to the closed form's. Target: < 60 s.
+
+    python benchmarks/bench_distributed_simulate.py [--model llama-3.1-70b] [--ranks 8] [--seq-len 4096]
+        [--strategy fsdp] [--repeat N] [-- extra memplan flags, e.g. --fsdp-sharding-strategy SHARD_GRAD_OP]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_simulate import LLAMA3_70B  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
+
+
+def command(args: argparse.Namespace) -> list[str]:
+    """The user's command line (`memplan` is `python -m memplan` from this checkout)."""
+    return [sys.executable, "-m", "memplan", "simulate", args.model, "--seq-len", str(args.seq_len),
+            "--num-processes", str(args.ranks), "--strategy", args.strategy, "--json", *args.extra]
+
+
+def run_once(cmd: list[str]) -> tuple[float, dict]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):  # 1: the plan does not fit the GPU named (still a result)
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"memplan simulate exited {proc.returncode}")
+    return wall, json.loads(proc.stdout)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.1-70b")
     ap.add_argument("--ranks", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--optim", default="adamw_torch_fused")
-    ap.add_argument("--sharding", default="FULL_SHARD", choices=("FULL_SHARD", "SHARD_GRAD_OP"))
-    ap.add_argument("--no-gc", action="store_true", help="without gradient checkpointing")
+    ap.add_argument("--strategy", default="fsdp", choices=("fsdp", "ddp"))
+    ap.add_argument("--repeat", type=int, default=1, help="runs (the wall time of each is printed)")
+    ap.add_argument("extra", nargs="*", help="more memplan flags, after --")
     args = ap.parse_args(argv)
 
-    t_imp = time.perf_counter()
-    import bitsandbytes  # noqa: F401
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    t_imp = time.perf_counter() - t_imp
-    from memplan.plan import TrainPlan
-    from memplan.runtime.distributed import World
-    from memplan.simulate.distributed import simulate_rank
-
-    plan = TrainPlan(method="qlora", lora_r=16, target_modules="all-linear", seq_len=args.seq_len,
-                     gradient_checkpointing=not args.no_gc, device=args.device, optim=args.optim)
-    world = World(num_processes=args.ranks, strategy="fsdp", fsdp_sharding_strategy=args.sharding)
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = simulate_rank(LLAMA3_70B, plan, world, rank=args.rank)
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"Llama-3-70B shape, QLoRA r=16 all-linear (quant storage {world.quant_storage(plan)}), seq {args.seq_len}, "
-          f"checkpointing {'off' if args.no_gc else 'on'}, {args.optim}, FSDP2 {args.sharding} over {args.ranks} "
-          f"ranks (rank {args.rank}), device {args.device}")
-    print(f"wall            {wall:8.2f} s  simulate (+ {t_imp:.2f} s importing = {wall + t_imp:.2f} s)")
-    print(f"CPU time        {cpu:8.2f} s  (this process; wall is longer on a shared machine)")
-    print(f"peak RSS        {rss / GiB:8.2f} GiB")
-    print(f"per-rank peak   {res.peak_bytes / GiB:8.2f} GiB  (phase: {res.peak_phase})")
-    for term, b in res.terms.items():
+    cmd = command(args)
+    print("$ memplan " + " ".join(cmd[3:]))
+    walls = []
+    for _ in range(args.repeat):
+        wall, d = run_once(cmd)
+        walls.append(wall)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    walls.sort()
+    print(f"wall            {walls[len(walls) // 2]:8.2f} s  (median of {len(walls)}: "
+          + ", ".join(f"{w:.2f}" for w in walls) + "; imports, trace, estimate and JSON: the whole command)")
+    print(f"peak RSS        {rss / GiB:8.2f} GiB  (the child process)")
+    r0 = d["ranks"][0]
+    est = d.get("estimate") or {}
+    print(f"per-rank peak   {d['peak']['allocated_bytes'] / GiB:8.2f} GiB  traced (rank {r0['rank']} of "
+          f"{args.ranks}, phase {d['peak']['phase']}); estimate "
+          + (f"{est['allocated_bytes'] / GiB:.2f} GiB ({est['error_pct']:+.3f} %)" if est else "n/a"))
+    for term, b in d["terms"].items():
         if b:
             print(f"  {term:<18}{b / GiB:10.3f} GiB")
-    print("  comm detail     " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in res.comm_detail.items()) + " GiB")
-    print("phase peaks     " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in res.phase_peaks.items()) + " GiB")
+    print("plan            " + ", ".join(f"{k}={d['plan'][k]}" for k in ("method", "optim", "device",
+                                                                          "fsdp_sharding_strategy")
+                                         if k in d["plan"]))
     return 0
 
 
