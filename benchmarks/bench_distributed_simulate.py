@@ -6,8 +6,8 @@ Runs, as a child process,
 
 (imports, model resolution, the fake process group, accelerate's `fsdp2_prepare_model` on meta, the
 traced steps, the per-rank estimate beside it, the JSON) and prints the child's wall time, its peak RSS
-(resource.getrusage(RUSAGE_CHILDREN).ru_maxrss, the largest child: the child is this script's only one)
-and, from its JSON, the traced per-rank peak per term next to the closed form's. Target: < 60 s.
+(resource.getrusage(RUSAGE_CHILDREN).ru_maxrss, the largest child: the child is this script's only one), its
+CPU time and, from its JSON, the traced per-rank peak per term next to the closed form's. Target: < 60 s.
 
     python benchmarks/bench_distributed_simulate.py [--model llama-3.1-70b] [--ranks 8] [--seq-len 4096]
         [--strategy fsdp] [--repeat N] [-- extra memplan flags, e.g. --fsdp-sharding-strategy SHARD_GRAD_OP]
@@ -61,10 +61,14 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         wall, d = run_once(cmd)
         walls.append(wall)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss = ru.ru_maxrss * 1024  # KiB on Linux
+    cpu = (ru.ru_utime + ru.ru_stime) / len(walls)
     walls.sort()
     print(f"wall            {walls[len(walls) // 2]:8.2f} s  (median of {len(walls)}: "
           + ", ".join(f"{w:.2f}" for w in walls) + "; imports, trace, estimate and JSON: the whole command)")
+    print(f"CPU time        {cpu:8.2f} s  (user + system of the child, mean per run: wall is longer on a "
+          "shared machine)")
     print(f"peak RSS        {rss / GiB:8.2f} GiB  (the child process)")
     r0 = d["ranks"][0]
     est = d.get("estimate") or {}
