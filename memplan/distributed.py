@@ -121,6 +121,12 @@ class Param:
     term: Term
     trainable: bool = False
 
+    def __post_init__(self) -> None:  # hashed once: `_unit_bytes`' cache hashes every parameter of a unit
+        object.__setattr__(self, "_hash", hash((self.dim0, self.rest, self.el, self.term, self.trainable)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def numel(self) -> int:
         return self.dim0 * self.rest
@@ -198,9 +204,15 @@ def _cast(plan: TrainPlan, el: int) -> int:
     return el
 
 
+#: one object per distinct Param (`units`)
+_PARAMS: dict[Param, Param] = {}
+
+
+@lru_cache(maxsize=512)
 def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     """The FSDP units of the model under `plan` (uniform decoder layers), bottom-up: the embedding
-    (unless tied), the layers, the tail (final norm, lm_head, the tied embedding)."""
+    (unless tied), the layers, the tail (final norm, lm_head, the tied embedding). Cached (immutable):
+    the same Param objects then key `_unit_bytes`' cache by identity, not by field-wise equality."""
     if model.layer_kinds or model.vision_params or model.unloaded_vision_params:
         raise UnsupportedArchitectureError(
             f"{model.name}: the distributed closed form covers models whose decoder layers are alike and text-only "
@@ -234,6 +246,7 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
         ad = _cast(plan, pr.adapter)
         layer += [Param(r, c, ad, Term.ADAPTER_WEIGHTS, True)
                   for r, c in F.lora_shapes(model, plan) + F.moe_lora_shapes(model, plan)]
+    layer = [_PARAMS.setdefault(p, p) for p in layer]  # equal parameters are one object: identity, not __eq__
     full = plan.method == "full"
     H, V = model.hidden_size, model.vocab_size
     embed = Param(V, H, params_el, Term.OTHER_PARAMS, full)
