@@ -634,7 +634,7 @@ def worlds_chart(panels: Mapping[tuple[str, str], Mapping[str, Sequence[tuple[in
         ax.set_visible(False)
     handles = [Patch(facecolor=STRATEGY_COLORS.get(st, "#2ca02c"), label=(labels or {}).get(st, st))
                for st in strategies]
-    handles += [Patch(facecolor="white", edgecolor="#333333", label="hollow marker: does not fit the GPU")]
+    handles += [Patch(facecolor="white", edgecolor="#333333", label="hollow: does not fit (or the GPU cannot run the plan)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8.5, frameon=False)
     fig.suptitle("Several GPUs: the busiest rank's peak against the number of GPUs\n"
                  + _wrap(subtitle, _chars(width - 0.3, 10.5)), fontsize=10.5)

@@ -370,7 +370,8 @@ _EXPLAIN = {
     "worlds": "For each model on each GPU, the peak of the busiest process (rank) as the job is spread over "
               "more GPUs, one line per strategy (each at the plan's own knobs: sharding strategy, ZeRO stage, "
               "offload), at the headline plan's method, rank, sequence length and micro-batch. The first point "
-              "is one GPU. A filled marker: every rank fits the GPU; hollow: it does not. DDP keeps the whole "
+              "is one GPU. A filled marker: every rank fits the GPU; hollow: it does not, or the GPU cannot run the "
+              "plan as planned (e.g. bf16 on a T4: see the notes below). DDP keeps the whole "
               "model on every GPU, so its line stays flat; FSDP and ZeRO-3 shard the weights, so theirs fall "
               "towards the activations, which every rank keeps for its own micro-batch. The host RAM per node "
               "of each point is in the rows table and sweep.csv (host_bytes).",
