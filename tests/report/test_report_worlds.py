@@ -87,6 +87,9 @@ def test_worlds_chart_draws_each_rows_bytes(df):
     hollow = [ln for ln in ax.get_lines() if ln.get_marker() == "o" and ln.get_markerfacecolor() == "white"]
     assert len(hollow) == 2 * 2  # one GPU and two GPUs do not fit an RTX 4090, for both strategies
     assert C.gpu_lines_drawn(fig) == ["rtx-4090", "l40s"]
+    w, h = fig.get_size_inches()  # nothing drawn outside the canvas
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    assert box.x0 >= -0.02 and box.y0 >= -0.02 and box.x1 <= w + 0.02 and box.y1 <= h + 0.02
 
 
 def test_report_has_the_worlds_section_and_csv(df, tmp_path):
