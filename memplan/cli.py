@@ -752,7 +752,8 @@ def _recommend_table(r: Any, out: Callable[[str], None]) -> None:
             "smaller host RAM):")
         for o in r.multi_gpu:
             if o.num_processes is None:
-                out(f"  - {o.strategy}: does not fit on up to 64 GPUs")
+                out(f"  - {o.strategy}: does not fit on up to 64 GPUs" +
+                    ("" if r.host_ram_bytes is None else f" with {gib(r.host_ram_bytes)} GiB of host RAM per node"))
                 continue
             host = (f"host RAM {gib(o.host_bytes)} GiB per node" +
                     ("" if o.host_fits is None else " (fits)" if o.host_fits else " (DOES NOT FIT)"))
