@@ -558,7 +558,7 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
     from .simulate.distributed import simulate_rank
 
     world = World.from_plan(plan)
-    if not world.runnable:
+    if not world.traces_meta:
         raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
                            f"{world_text(plan.to_dict())} use `memplan estimate` (per rank)")
     r = simulate_rank(dict(spec.config), plan, world, rank=0)

@@ -100,7 +100,7 @@ from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
            "fewest_gpus", "MultiGPUOption", "LADDER", "GPU_COUNTS", "rank_moments", "loaded_bytes",
-           "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
+           "zero_buckets", "zero_bucket_values", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
@@ -290,12 +290,29 @@ class RankResult:
                          "reserved_bytes": self.reserved_bytes, "device_bytes": self.device_bytes}}
 
 
-def zero_buckets(model: ModelSpec) -> dict[str, int]:
-    """The HF Trainer's "auto" DeepSpeed bucket sizes, in elements (transformers integrations/
-    deepspeed.py `HfTrainerDeepSpeedConfig.trainer_config_finalize`)."""
-    H = model.hidden_size
-    return {"reduce_bucket_size": H * H, "stage3_prefetch_bucket_size": int(0.9 * H * H),
-            "stage3_param_persistence_threshold": 10 * H}
+def zero_buckets(model: ModelSpec, plan: Any = None) -> dict[str, int]:
+    """The DeepSpeed bucket sizes of `plan` for `model`, in elements (`zero_bucket_values`)."""
+    return zero_bucket_values(model.hidden_size, plan)
+
+
+#: DeepSpeed's default stage3_max_live_parameters (deepspeed/runtime/zero/config.py
+#: `DeepSpeedZeroConfig.max_live_parameters`); the HF Trainer fills no "auto" value for it
+ZERO_MAX_LIVE_PARAMETERS = 1_000_000_000
+
+
+def zero_bucket_values(hidden_size: int, plan: Any = None) -> dict[str, int]:
+    """The bucket sizes in elements: the plan's `zero_reduce_bucket_size`, `zero_stage3_prefetch_bucket_size`,
+    `zero_stage3_param_persistence_threshold`, `zero_stage3_max_live_parameters` where set, else the HF
+    Trainer's "auto" values (transformers integrations/deepspeed.py
+    `HfTrainerDeepSpeedConfig.trainer_config_finalize`: H*H, int(0.9*H*H), 10*H) and DeepSpeed's 1e9."""
+    H = hidden_size
+    out = {"reduce_bucket_size": H * H, "stage3_prefetch_bucket_size": int(0.9 * H * H),
+           "stage3_param_persistence_threshold": 10 * H, "stage3_max_live_parameters": ZERO_MAX_LIVE_PARAMETERS}
+    for k in out:
+        v = getattr(plan, f"zero_{k}", "auto") if plan is not None else "auto"
+        if v != "auto":
+            out[k] = int(v)
+    return out
 
 
 @dataclass
@@ -644,7 +661,7 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     """DeepSpeed ZeRO-2 / ZeRO-3 at the moment `m` (see the module docstring)."""
     plan, rnd, w, us = world.plan, world.rnd, world.w, world.units
     stage = plan.zero_stage
-    b = zero_buckets(world.model)
+    b = zero_buckets(world.model, plan)
     kind, i = m.kind, m.layer
     L = world.model.num_layers
     thr = b["stage3_param_persistence_threshold"]
