@@ -688,7 +688,11 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
                 t[Term.COMM_BUFFERS] += whole
     n_tr = sum(p.numel for p in trainable)
     part = ceil(n_tr / w)
-    grad_part = F.rounded(4 * part, rnd) if n_tr else 0
+    # ZeRO-3 keeps the gradient partition in gradient_accumulation_dtype, the 16-bit dtype under bf16/fp16
+    # (deepspeed 0.19.8 runtime/zero/stage3.py: grad_partitions_flat_buffer = torch.zeros(..., dtype=
+    # self.gradient_accumulation_dtype); measured: bf16 on real CPU ranks); ZeRO-2's is fp32 (stage_1_and_2.py)
+    grad_el = 2 if stage == 3 and plan.autocast else 4
+    grad_part = F.rounded(grad_el * part, rnd) if n_tr else 0
     master = F.rounded(4 * part, rnd) if n_tr else 0
     in_flight = 0
     if i is not None and kind != "optimizer":
