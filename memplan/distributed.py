@@ -699,7 +699,10 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
         per_layer = sum(F.rounded(p.numel * p.el, rnd) for u in us if u.layer == 0 for p in u.params if p.trainable)
         in_flight = max(0, m.gradients - (full_grads if ga else 0) - (L - 1 - i) * per_layer)
         in_flight = min(in_flight, per_layer)
-    if stage == 3 or kind == "optimizer" or i is not None or ga:
+    # ZeRO-2 makes its fp32 gradient partition at the step (stage_1_and_2.py `step`: single_grad_partition
+    # from the reduced 16-bit gradients); during backward only the in-flight gradients and the ipg bucket
+    # exist (measured on real CPU ranks: no gradient partition alive at any backward peak)
+    if stage == 3 or kind == "optimizer" or ga:
         grads_held = grad_part
     else:
         grads_held = 0
