@@ -41,13 +41,16 @@ and, for each, swaps the static terms for their per-rank form:
   `reduce_scatter_max_input_buffers` = 1): `comm_buffers`. DDP: every gradient plus the reducer's buckets (`comm_buffers`: the gradients'
   bytes again, `torch/nn/parallel/distributed.py`, gradient_as_bucket_view=False).
 - optimizer state: the plan's optimizer on each rank's shard (FSDP: per-parameter dim-0 shards).
-  DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py): floating parameters cast to
-  the 16-bit dtype (engine.py `_cast_module_mixed_precision`); an fp32 master partition of the
-  trainable parameters (optimizer_state) and an fp32 gradient partition (gradients) per rank;
+  DeepSpeed ZeRO (deepspeed 0.19.8 runtime/zero/stage_1_and_2.py, stage3.py): floating parameters cast
+  to the 16-bit dtype (the engine's `module.bfloat16()`); an fp32 master partition of the trainable
+  parameters (optimizer_state); the gradient partition: ZeRO-2 fp32, made at the step (none during
+  backward), ZeRO-3 in the 16-bit gradient_accumulation_dtype, kept (`grad_partitions_flat_buffer`);
   comm_buffers: the ipg reduce bucket (reduce_bucket_size elements, 16-bit; ZeRO-2 during backward
-  only, ZeRO-3 always) and ZeRO-3's prefetch bucket (stage3_prefetch_bucket_size elements); bucket
-  sizes are the HF Trainer's "auto" values (transformers integrations/deepspeed.py: H*H, 0.9*H*H,
-  persistence threshold 10*H). ZeRO-3 keeps parameters under the persistence threshold whole.
+  only, ZeRO-3 always), ZeRO-3's gathered parameters (`_zero3_gathered`: a unit stays gathered from its
+  forward to its backward while within stage3_max_reuse_distance, 1e9 elements), its persistent
+  parameters (under the persistence threshold) whole and its prefetch bucket; bucket sizes are the
+  plan's `zero_*` fields, "auto" = the HF Trainer's values (transformers integrations/deepspeed.py: H*H,
+  0.9*H*H, persistence threshold 10*H). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
 - offload: FSDP `offload_params` (CPUOffloadPolicy) keeps the parameter shards, the sharded
   gradients and the optimizer on the host; ZeRO `offload_optimizer` the master partition, gradient
   partition and optimizer state; `offload_param` (ZeRO-3) the parameter partitions. `host` is per
@@ -78,8 +81,13 @@ Known limitations (NB):
 - FSDP1 mixed precision (`_mp_shard`, low-precision shard copies) is not modelled: FSDP1 is estimated
   with the plan's dtypes and per-unit flat padding; HYBRID_SHARD shards within a node (ranks per node);
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
-  partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states); ZeRO-2's ipg buffer
-  assumed single (overlap_comm doubles it); not checked on real ranks here (no DeepSpeed CPU run);
+  partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states; not run here); ZeRO-2's ipg
+  buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama hidden 256, 2 layers,
+  bf16): ZeRO-2 LoRA/QLoRA with and without checkpointing within 0.4 % (3 of 4 to 12 B); ZeRO-3 QLoRA
+  -0.01 % (no checkpointing) / -1.15 % (checkpointing), LoRA +2.0 % / -0.8 %: at ZeRO-3's loss:backward
+  peak 66,568 B more activations were measured (a second [B, S, H] 16-bit copy of the final norm's
+  output and the input ids, under DeepSpeed's module hooks; not modelled), and without checkpointing
+  DeepSpeed had released one layer's q/k/v (262,144 B) the reuse rule keeps;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
   covered by the distributed closed form (UnsupportedArchitectureError).
@@ -667,24 +675,24 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     thr = b["stage3_param_persistence_threshold"]
     off_param = stage == 3 and plan.offload_param_device == "cpu"
     off_opt = plan.offload_optimizer_device == "cpu"
-    alive_layers: set[int] = set()
-    if kind == "forward":
-        alive_layers = {L - 1}
-    elif i is not None:
-        alive_layers = {i}
+    gathered_units = _zero3_gathered(world, kind, i, thr, b) if stage == 3 else set()
     for u in us:
         for p in u.params:
             whole = F.rounded(p.numel * p.el, rnd)
-            if stage == 2 or p.numel < thr:
-                t[p.term] += whole  # ZeRO-2: replicated; ZeRO-3: persistent (small) parameters stay whole
+            if stage == 2:
+                t[p.term] += whole  # ZeRO-2: replicated
                 continue
-            part = F.rounded(ceil(p.numel / w) * p.el, rnd)  # partition_numel: ceil(numel / w), padded
+            # ZeRO-3: every parameter partitioned (ds_tensor: ceil(numel / w), padded); the persistent ones
+            # (numel < stage3_param_persistence_threshold) also whole: stage3.py `_post_step` all-gathers them
+            # after every step and they are never released (ds_persist): comm_buffers, like gathered parameters
+            part = F.rounded(ceil(p.numel / w) * p.el, rnd)
             if off_param:
                 host[p.term] = host.get(p.term, 0) + part
             else:
                 t[p.term] += part
-            gathered = u.layer in alive_layers or (u.keep_after_forward and kind == "loss_backward")
-            if gathered:  # the gathered parameter (an all-gather output), as for FSDP
+            if p.numel < thr:
+                t[Term.COMM_BUFFERS] += whole
+            if u.name in gathered_units and p.numel >= thr:  # the gathered parameter (torch.cat of the partitions)
                 t[Term.COMM_BUFFERS] += whole
     n_tr = sum(p.numel for p in trainable)
     part = ceil(n_tr / w)
@@ -722,13 +730,61 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     bucket = F.rounded(min(b["reduce_bucket_size"], max(n_tr, 1)) * 2, rnd) if n_tr else 0
     if stage == 3:
         t[Term.COMM_BUFFERS] += bucket
-        if i is not None and i > 0 and kind != "optimizer":
+        prev = {u.name for u in us if u.layer == (i or 0) - 1}
+        if i is not None and i > 0 and kind != "optimizer" and not prev <= gathered_units:
             nxt = sum(p.numel for u in us if u.layer == i - 1 for p in u.params if p.numel >= thr)
             t[Term.COMM_BUFFERS] += F.rounded(min(b["stage3_prefetch_bucket_size"], nxt) * 2, rnd)
     elif i is not None and kind != "optimizer":
         t[Term.COMM_BUFFERS] += bucket  # ZeRO-2: the ipg buffer lives through backward
     t["host"] = host
     return t
+
+
+#: DeepSpeed's default stage3_max_reuse_distance (deepspeed/runtime/zero/config.py; the HF Trainer's
+#: example ZeRO-3 configs set the same 1e9)
+ZERO_MAX_REUSE_DISTANCE = 1_000_000_000
+
+
+def _zero3_gathered(world: _World, kind: str, i: int | None, thr: int, b: Mapping[str, int]) -> set[str]:
+    """The units whose (non-persistent) parameters ZeRO-3 holds gathered at a moment.
+
+    deepspeed 0.19.8 runtime/zero/partitioned_param_coordinator.py `release_sub_module` /
+    `__params_to_release`: once the step's trace is recorded (from the second step on), a module's
+    parameters are NOT released after it runs when they recur in the trace within
+    `stage3_max_reuse_distance` elements (default 1e9): so a unit that runs in forward stays gathered until
+    its backward when the parameters traced in between (every unit above it, forward and backward, and
+    the tail) are fewer than 1e9 elements; in backward a unit is released after its backward (its next use
+    is the next step). The frozen embedding is not in the backward trace: released after its forward.
+    Measured on 2 real CPU ranks (hidden 256, 2 layers): every decoder layer and the lm_head gathered at
+    loss:backward (with checkpointing the embedding too); NB without checkpointing one layer's q/k/v
+    (262,144 B) were already released there (not modelled: +2 % for LoRA)."""
+    us = world.units
+    layers = sorted({u.layer for u in us if u.layer is not None})
+    if kind == "optimizer" or not layers:
+        return set()
+    L = len(layers)
+    numel = {u.name: sum(p.numel for p in u.params if p.numel >= thr) for u in us}
+    by_layer = {u.layer: u.name for u in us if u.layer is not None}
+    tail = [u.name for u in us if u.layer is None and u.keep_after_forward]
+    tail_numel = sum(numel[n] for n in tail)
+    reuse = ZERO_MAX_REUSE_DISTANCE
+
+    def kept(j: int) -> bool:  # layer j's parameters recur (in its backward) within the reuse distance
+        return 2 * (sum(numel[by_layer[k]] for k in range(j + 1, L)) + tail_numel) < reuse
+
+    # with checkpointing, enable_input_require_grads (peft prepare_model_for_kbit_training, the Trainer's
+    # gradient_checkpointing_enable for a PeftModel) makes the embedding's output need a gradient: the
+    # embedding is in the backward trace and stays gathered like a layer below layer 0
+    embed = [u.name for u in us if u.layer is None and not u.keep_after_forward] \
+        if world.plan.gradient_checkpointing and kept(-1) else []
+    out: set[str] = set(embed)
+    if kind in ("forward", "tail_gather"):  # the last layer's forward: the layers before it that are kept
+        out |= {by_layer[j] for j in range(L - 1) if kept(j)} | {by_layer[L - 1]}
+        return out
+    if i is None:  # the loss: the tail, and every layer kept since its forward
+        return out | {by_layer[j] for j in range(L) if kept(j)} | set(tail)
+    # a layer's backward (or its recompute): that layer and the layers below it kept since forward
+    return out | {by_layer[j] for j in range(i) if kept(j)} | {by_layer[i]}
 
 
 def loaded_bytes(model: ModelSpec, plan: TrainPlan) -> int:
@@ -778,8 +834,16 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                          "(transformers' DeepSpeed-QLoRA guide sets bnb_4bit_quant_storage to the 16-bit dtype): "
                          "use --bnb-4bit-quant-storage bf16")
         notes.append(f"DeepSpeed ZeRO-{p.zero_stage} over {p.num_processes} processes with the HF Trainer's 'auto' "
-                     "bucket sizes; floating parameters are cast to 16-bit, the fp32 master partition is "
-                     "optimizer_state; not checked on real DeepSpeed ranks (no DeepSpeed CPU run here)")
+                     "bucket sizes unless set (zero_* fields); floating parameters are cast to 16-bit, the fp32 "
+                     "master partition is optimizer_state; checked on real 2-rank CPU ranks (ZeRO-2 within 0.4 %, "
+                     "ZeRO-3 within 2 %), not on GPUs")
+        if p.zero_stage == 3:
+            notes.append("ZeRO-3 keeps a layer's parameters gathered from its forward to its backward while the "
+                         "parameters traced in between are under stage3_max_reuse_distance (1e9 elements): "
+                         "comm_buffers")
+        if p.offload_optimizer_device != "none":
+            notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) is estimated, not measured: "
+                         "the host optimizer state and gradient partition are not yet checked on real ranks")
     if p.autocast and s in ("fsdp", "deepspeed"):
         notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"
                      f"{p.autocast}{')' if s == 'fsdp' else ''}: every parameter reaches the compute in {p.autocast}, "

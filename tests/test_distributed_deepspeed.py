@@ -162,14 +162,15 @@ def test_profile_cli_zero2_lora(tmp_path):
         assert abs(e["peak"]["allocated_bytes"] - peak) <= EST_TOL * peak
 
 
-def test_zero3_qlora_checkpointing():
-    """ZeRO-3 + QLoRA (bnb_4bit_quant_storage bf16) with checkpointing on real ranks: every parameter
-    partitioned (ds_tensor), the quant state replicated, the gradient partition in bf16."""
+def test_zero3_qlora():
+    """ZeRO-3 + QLoRA (bnb_4bit_quant_storage bf16) on real ranks: every parameter partitioned (ds_tensor),
+    the quant state replicated, the gradient partition in bf16, every layer and the lm_head gathered at the
+    loss:backward peak (stage3_max_reuse_distance). Measured per rank: 7,233,780 B; closed form -0.01 %."""
     _real_deps()
     from memplan import estimate
     from memplan.runtime.distributed import World, run_ranks
 
-    plan = plan_of("qlora", True)
+    plan = plan_of("qlora", False)
     world = World(num_processes=2, strategy="deepspeed", zero_stage=3)
     real = run_ranks(tiny(), plan, world)
     est = estimate(tiny(), plan.replace(num_processes=2, strategy="deepspeed", zero_stage=3)).ranks[0].to_dict()
@@ -178,13 +179,16 @@ def test_zero3_qlora_checkpointing():
         assert_instruments_agree({"peak": {"allocated_bytes": r.peak_bytes}, "tracker_above_start":
                                   r.tracker_above_start, "allocator": r.allocator})
         t = r.terms
+        assert r.peak_phase == "backward" and abs(r.peak_bytes - 7_233_780) <= 0.001 * r.peak_bytes
         # the packed 4-bit storage (589,824 B as bf16 elements) partitioned over 2 ranks
         assert t["base_weights"] == 589_824 // 2 == est["terms"]["base_weights"]
         assert t["quant_state"] == est["terms"]["quant_state"] > 0
         # LoRA (131,072 fp32 elements, cast to bf16 by DeepSpeed) partitioned: 65,536 x 2 B; its gradient
         # partition in bf16 (stage3.py grad_partitions_flat_buffer, gradient_accumulation_dtype)
-        assert t["adapter_weights"] == 65_536 * 2
+        assert t["adapter_weights"] == 65_536 * 2 == est["terms"]["adapter_weights"]
+        assert t["other_params"] == est["terms"]["other_params"]
         assert t["gradients"] == 65_536 * 2 == est["terms"]["gradients"]
         assert t["optimizer_state"] == 3 * 65_536 * 4 + 4 == est["terms"]["optimizer_state"]
         assert r.comm_detail["ipg_buckets"] == 65_536 * 2
-        assert r.comm_detail["gathered_params"] > 0
+        assert abs(t["comm_buffers"] - est["terms"]["comm_buffers"]) <= 0.02 * r.peak_bytes
+        assert abs(est["peak"]["allocated_bytes"] - r.peak_bytes) <= EST_TOL * r.peak_bytes

@@ -150,7 +150,8 @@ def ds_hooks(tracker, engine=None) -> Iterator[dict[int, str]]:
     """Tag what DeepSpeed makes inside its collectives and buckets during the step: records created in
     ZeRO-3's parameter all-gathers (partitioned_param_coordinator.py
     `PartitionedParameterCoordinator.__all_gather_params`: the gathered parameters and their flat
-    buffers: GATHERED), in the reduce paths (ZeRO-3 stage3.py `__reduce_and_partition_ipg_grads`;
+    buffers: GATHERED; stage3.py `_post_step`: the persistent parameters re-gathered after the step), in the
+    reduce paths (ZeRO-3 stage3.py `__reduce_and_partition_ipg_grads`;
     ZeRO-2 stage_1_and_2.py `reduce_ipg_grads`, `average_tensor`: IPG). Yields {id(record): tag}."""
     from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
     from deepspeed.runtime.zero import stage3, stage_1_and_2
@@ -175,6 +176,8 @@ def ds_hooks(tracker, engine=None) -> Iterator[dict[int, str]]:
                (stage_1_and_2.DeepSpeedZeroOptimizer, "reduce_ipg_grads", IPG),
                (stage_1_and_2.DeepSpeedZeroOptimizer, "average_tensor", IPG),
                (PC, "_PartitionedParameterCoordinator__all_gather_params", GATHERED),
+               # the persistent (small) parameters, all-gathered whole again after every step
+               (stage3.DeepSpeedZeroOptimizer_Stage3, "_post_step", GATHERED),
                # the gathered parameter is made when the handle is waited on (torch.cat of the partitions)
                (pp.AllGatherHandle, "wait", GATHERED), (pp.AllGatherCoalescedHandle, "wait", GATHERED)]
     with contextlib.ExitStack() as stack:
@@ -198,12 +201,12 @@ def register_engine(tracker, engine, classify) -> dict[int, str]:
     state bitsandbytes keeps on each Linear4bit (replicated); buffers; and `static_buffers`. Returns
     {id(record): tag} of the ipg buckets (comm_buffers)."""
     from ..terms import Term
-    from .distributed import _orig_name
+    from .distributed import orig_name
     from .tracker import quant_state_tensors
 
     module = engine.module
     for name, p in module.named_parameters(remove_duplicate=True):
-        term = classify(_orig_name(name), p)
+        term = classify(orig_name(name), p)
         part = getattr(p, "ds_tensor", None)
         if part is not None and part.numel():
             tracker.register(part, term, f"{name}.ds_tensor")

@@ -279,9 +279,13 @@ def sharded_tracker_class():
     return ShardedTracker
 
 
-def _orig_name(name: str) -> str:
+def orig_name(name: str) -> str:
+    """A parameter's name as before wrapping (checkpoint wrappers; DDP's / a DeepSpeed engine's `module.`)."""
     name = name.replace("_checkpoint_wrapped_module.", "")
     return name[len("module."):] if name.startswith("module.") else name  # DDP's wrapper
+
+
+_orig_name = orig_name
 
 
 @contextlib.contextmanager
