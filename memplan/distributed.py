@@ -717,6 +717,10 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     if off_opt:
         host[Term.GRADIENTS] = grad_part
         host[Term.OPTIMIZER_STATE] = master + _cpu_adam(trainable, w, rnd, flat=True)
+        if stage == 2 and n_tr:
+            # stage_1_and_2.py `step` (cpu_offload): the updated fp32 partition is copied to the device through
+            # a 16-bit staging buffer, param_buffer_of_bit16_for_cpu_offload_groups (pinned host; kept)
+            host[Term.COMM_BUFFERS] = host.get(Term.COMM_BUFFERS, 0) + F.rounded(2 * part, 1)
         t[Term.GRADIENTS] = in_flight
         t[Term.OPTIMIZER_STATE] = 0
         if kind == "optimizer":
@@ -734,6 +738,10 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
         if i is not None and i > 0 and kind != "optimizer" and not prev <= gathered_units:
             nxt = sum(p.numel for u in us if u.layer == i - 1 for p in u.params if p.numel >= thr)
             t[Term.COMM_BUFFERS] += F.rounded(min(b["stage3_prefetch_bucket_size"], nxt) * 2, rnd)
+    elif off_opt and n_tr and kind != "optimizer" and (i is not None or kind == "loss_backward"):
+        # ZeRO-2 + offload_optimizer: the ipg buffer (setup_buckets, at the start of engine.backward) is in
+        # _gradient_reduction_buffer_dtype, fp32 here (measured on real CPU ranks: 4 B x reduce_bucket_size)
+        t[Term.COMM_BUFFERS] += F.rounded(min(b["reduce_bucket_size"], n_tr) * 4, rnd)
     elif i is not None and kind != "optimizer":
         t[Term.COMM_BUFFERS] += bucket  # ZeRO-2: the ipg buffer lives through backward
     t["host"] = host
@@ -842,8 +850,9 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                          "parameters traced in between are under stage3_max_reuse_distance (1e9 elements): "
                          "comm_buffers")
         if p.offload_optimizer_device != "none":
-            notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) is estimated, not measured: "
-                         "the host optimizer state and gradient partition are not yet checked on real ranks")
+            notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) steps on the host; checked on "
+                         "real 2-rank CPU ranks for ZeRO-2 (device + host optimizer state to 12 B), not for ZeRO-3 "
+                         "and not on GPUs (pinned host buffers)")
     if p.autocast and s in ("fsdp", "deepspeed"):
         notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"
                      f"{p.autocast}{')' if s == 'fsdp' else ''}: every parameter reaches the compute in {p.autocast}, "

@@ -86,9 +86,8 @@ class _WorldMethods:
     @property
     def runs_real(self) -> bool:
         """Whether the real ranks (`run_ranks`) cover this world: what the meta trace covers, and DeepSpeed
-        ZeRO-2/3 without offload (runtime/deepspeed.py)."""
-        return self.traces_meta or (self.kind == "deepspeed" and self.offload_optimizer_device == "none"
-                                    and self.offload_param_device == "none")
+        ZeRO-2/3 without offload_param (runtime/deepspeed.py; offload_optimizer runs DeepSpeedCPUAdam)."""
+        return self.traces_meta or (self.kind == "deepspeed" and self.offload_param_device == "none")
 
     @property
     def runnable(self) -> bool:
