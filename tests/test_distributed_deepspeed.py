@@ -94,7 +94,8 @@ def test_ds_config_is_the_trainers():
     assert cfg["bf16"] == {"enabled": True} and cfg["train_batch_size"] == 4 and cfg["gradient_clipping"] == 1.0
     assert w.runs_real and not w.traces_meta and not w.runnable
     assert World(num_processes=2, strategy="fsdp").runnable
-    assert not World(num_processes=2, strategy="deepspeed", offload_optimizer_device="cpu").runs_real
+    assert World(num_processes=2, strategy="deepspeed", zero_stage=2, offload_optimizer_device="cpu").runs_real
+    assert not World(num_processes=2, strategy="deepspeed", offload_param_device="cpu").runs_real
     assert w.quant_storage(plan_of("qlora", True)) == "bf16"
     assert World(num_processes=2, strategy="deepspeed", zero_stage=2).quant_storage(plan_of("qlora", True)) == "uint8"
 
