@@ -568,8 +568,9 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
 
     world = World.from_plan(plan)
     if not world.traces_meta:
+        real = " or `memplan profile --device cpu` (real ranks)" if world.runs_real else ""
         raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
-                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank)")
+                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank){real}")
     r = simulate_rank(dict(spec.config), plan, world, rank=0)
     terms = {str(t): 0 for t in Term}
     terms.update({str(k): int(v) for k, v in r.terms.items()})

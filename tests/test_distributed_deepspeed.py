@@ -100,7 +100,7 @@ def test_ds_config_is_the_trainers():
     assert World(num_processes=2, strategy="deepspeed", zero_stage=2).quant_storage(plan_of("qlora", True)) == "uint8"
 
 
-def test_cli_bad_bucket_size_and_simulate_refuses():
+def test_cli_bad_bucket_size_and_simulate_refuses(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "memplan"]
     p = subprocess.run(base + ["estimate", "meta-llama/Llama-3.1-8B", "--num-processes", "2", "--strategy",
@@ -108,6 +108,20 @@ def test_cli_bad_bucket_size_and_simulate_refuses():
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert p.returncode == 2 and "memplan: error:" in p.stderr and "zero-reduce-bucket-size" in p.stderr
     assert "Traceback" not in p.stderr
+    p = subprocess.run(base + ["estimate", "meta-llama/Llama-3.1-8B", "--num-processes", "2", "--strategy",
+                               "deepspeed", "--zero-reduce-bucket-size", "5e8", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["plan"]["zero_reduce_bucket_size"] == 500_000_000 and d["versions"]["deepspeed"] == "0.19.8"
+    pytest.importorskip("torch")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny()))
+    p = subprocess.run(base + ["simulate", str(cfg), "--num-processes", "2", "--strategy", "deepspeed",
+                               "--seq-len", "64", "--batch-size", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 2 and "memplan: error: simulate traces FSDP2" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "memplan profile --device cpu" in p.stderr
 
 
 # ---- real ranks --------------------------------------------------------------------------------------
