@@ -82,12 +82,14 @@ Known limitations (NB):
   with the plan's dtypes and per-unit flat padding; HYBRID_SHARD shards within a node (ranks per node);
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
   partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states; not run here); ZeRO-2's ipg
-  buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama hidden 256, 2 layers,
-  bf16): ZeRO-2 LoRA/QLoRA with and without checkpointing within 0.4 % (3 of 4 to 12 B); ZeRO-3 QLoRA
-  -0.01 % (no checkpointing) / -1.15 % (checkpointing), LoRA +2.0 % / -0.8 %: at ZeRO-3's loss:backward
-  peak 66,568 B more activations were measured (a second [B, S, H] 16-bit copy of the final norm's
-  output and the input ids, under DeepSpeed's module hooks; not modelled), and without checkpointing
-  DeepSpeed had released one layer's q/k/v (262,144 B) the reuse rule keeps;
+  buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama/qwen2/mistral, hidden
+  256, 2 layers, bf16): ZeRO-2 LoRA/QLoRA with and without checkpointing within 0.4 % (4 of 5 to 12 B;
+  offload_optimizer too); ZeRO-3 QLoRA -0.01 % (no checkpointing) / -1.15 % (checkpointing), LoRA
+  +2.0 % / -0.8 %: at ZeRO-3's loss:backward peak 66,568 B more activations were measured (a second
+  [B, S, H] 16-bit copy of the final norm's output and the input ids, under DeepSpeed's module hooks;
+  not modelled), and without checkpointing DeepSpeed had already released one layer's q/k/v (262,144 B
+  in bf16, 65,536 B packed 4-bit) that the reuse rule keeps (for QLoRA the two nearly cancel); ZeRO-3
+  offload is not run here;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
   covered by the distributed closed form (UnsupportedArchitectureError).
