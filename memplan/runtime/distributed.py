@@ -522,7 +522,7 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
                       seconds=time.perf_counter() - t0)
 
 
-def top_records(tracker, at: float, comm: dict[int, str], n: int = int(os.environ.get("MEMPLAN_TOP", "12"))) -> list[dict[str, Any]]:
+def top_records(tracker, at: float, comm: dict[int, str], n: int = 12) -> list[dict[str, Any]]:
     alive = sorted(tracker.alive_at(at), key=lambda r: -r.nbytes)[:n]
     return [{"name": r.name or r.module, "shape": list(r.shape), "dtype": r.dtype, "bytes": r.nbytes,
              "term": str(r.term), "op": r.op, "comm": comm.get(id(r), "resize" if r.op == "resize_" else ""), "phase": r.phase} for r in alive]
