@@ -207,3 +207,27 @@ def test_zero3_qlora():
         assert r.comm_detail["ipg_buckets"] == 65_536 * 2
         assert abs(t["comm_buffers"] - est["terms"]["comm_buffers"]) <= 0.02 * r.peak_bytes
         assert abs(est["peak"]["allocated_bytes"] - r.peak_bytes) <= EST_TOL * r.peak_bytes
+
+
+def test_zero3_lora_checkpointing():
+    """ZeRO-3 + LoRA with checkpointing: every layer, the lm_head and (enable_input_require_grads) the
+    embedding gathered at the loss:backward peak, the persistent parameters whole: comm_buffers to the byte.
+    The closed form is -0.79 % on the peak: 66,568 B more activations on the real ranks (the final RMSNorm's
+    16-bit cast of its input, modeling_llama.py `hidden_states.to(input_dtype)`, [2, 64, 256] bf16, kept
+    under ZeRO-3 only, and an int64 [2, 64] of masking_utils' packed-sequence check), not modelled."""
+    _real_deps()
+    from memplan import estimate
+    from memplan.runtime.distributed import World, run_ranks
+
+    plan = plan_of("lora", True)
+    real = run_ranks(tiny(), plan, World(num_processes=2, strategy="deepspeed", zero_stage=3), instrument=False)
+    est = estimate(tiny(), plan.replace(num_processes=2, strategy="deepspeed", zero_stage=3)).ranks[0].to_dict()
+    for r in real:
+        t, e = r.terms, est["terms"]
+        assert r.peak_phase == "backward" and est["peak"]["moment"] == "loss:backward"
+        for term in ("base_weights", "other_params", "adapter_weights", "gradients", "optimizer_state", "logits",
+                     "comm_buffers"):
+            assert t[term] == e[term], (term, t[term], e[term])
+        assert t["activations"] - e["activations"] == 2 * 64 * 256 * 2 + 2 * 64 * 8 + 8
+        assert t["temporaries"] - e["temporaries"] <= 16
+        assert abs(est["peak"]["allocated_bytes"] - r.peak_bytes) <= EST_TOL * r.peak_bytes
