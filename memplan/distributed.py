@@ -88,8 +88,10 @@ Known limitations (NB):
   +2.0 % / -0.8 %: at ZeRO-3's loss:backward peak 66,568 B more activations were measured (a second
   [B, S, H] 16-bit copy of the final norm's output and the input ids, under DeepSpeed's module hooks;
   not modelled), and without checkpointing DeepSpeed had already released one layer's q/k/v (262,144 B
-  in bf16, 65,536 B packed 4-bit) that the reuse rule keeps (for QLoRA the two nearly cancel); ZeRO-3
-  offload is not run here;
+  in bf16, 65,536 B packed 4-bit) that the reuse rule keeps (for QLoRA the two nearly cancel); ZeRO-3 +
+  offload_optimizer (QLoRA, no checkpointing) measured 7,495,916 B per rank against 7,232,736 B (device +
+  the rank's host share): 262,144 B more buffers in the ipg reduce path (393,216 B against the one 16-bit
+  bucket modelled), not modelled;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
   covered by the distributed closed form (UnsupportedArchitectureError).
@@ -853,8 +855,9 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                          "comm_buffers")
         if p.offload_optimizer_device != "none":
             notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) steps on the host; checked on "
-                         "real 2-rank CPU ranks for ZeRO-2 (device + host optimizer state to 12 B), not for ZeRO-3 "
-                         "and not on GPUs (pinned host buffers)")
+                         "real 2-rank CPU ranks for ZeRO-2 (device + host optimizer state to 12 B); ZeRO-3 measured "
+                         "3.5 % above (buffers of its ipg reduce path, not modelled); not checked on GPUs (pinned "
+                         "host buffers)")
     if p.autocast and s in ("fsdp", "deepspeed"):
         notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"
                      f"{p.autocast}{')' if s == 'fsdp' else ''}: every parameter reaches the compute in {p.autocast}, "
