@@ -221,6 +221,15 @@ def add_distributed_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = (
                    help="DeepSpeed zero_optimization.offload_optimizer.device (default none)")
     g.add_argument("--offload-param", dest="offload_param_device", choices=OFFLOAD_DEVICES,
                    help="DeepSpeed ZeRO-3 zero_optimization.offload_param.device (default none)")
+    for flag, what in (("reduce-bucket-size", "zero_optimization.reduce_bucket_size (auto: hidden^2)"),
+                       ("stage3-prefetch-bucket-size", "zero_optimization.stage3_prefetch_bucket_size "
+                                                       "(auto: 0.9 hidden^2)"),
+                       ("stage3-param-persistence-threshold", "zero_optimization.stage3_param_persistence_threshold "
+                                                              "(auto: 10 hidden)"),
+                       ("stage3-max-live-parameters", "zero_optimization.stage3_max_live_parameters "
+                                                      "(auto: DeepSpeed's 1e9)")):
+        g.add_argument(f"--zero-{flag}", f"--zero_{flag.replace('-', '_')}", metavar="ELEMENTS",
+                       help=f"DeepSpeed {what}: 'auto' or a number of elements (default auto)")
     g.add_argument("--bnb-4bit-quant-storage", "--bnb_4bit_quant_storage", type=str.lower,
                    choices=QUANT_STORAGE + ("bfloat16", "float16", "float32"),
                    help="dtype that holds the packed 4-bit weights: auto (uint8 on one GPU and DDP, the 16-bit "
@@ -572,9 +581,10 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
     from .simulate.distributed import simulate_rank
 
     world = World.from_plan(plan)
-    if not world.runnable:
+    if not world.traces_meta:
+        real = " or `memplan profile --device cpu` (real ranks)" if world.runs_real else ""
         raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
-                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank)")
+                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank){real}")
     r = simulate_rank(dict(spec.config), plan, world, rank=0)
     terms = {str(t): 0 for t in Term}
     terms.update({str(k): int(v) for k, v in r.terms.items()})

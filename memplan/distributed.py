@@ -41,13 +41,16 @@ and, for each, swaps the static terms for their per-rank form:
   `reduce_scatter_max_input_buffers` = 1): `comm_buffers`. DDP: every gradient plus the reducer's buckets (`comm_buffers`: the gradients'
   bytes again, `torch/nn/parallel/distributed.py`, gradient_as_bucket_view=False).
 - optimizer state: the plan's optimizer on each rank's shard (FSDP: per-parameter dim-0 shards).
-  DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py): floating parameters cast to
-  the 16-bit dtype (engine.py `_cast_module_mixed_precision`); an fp32 master partition of the
-  trainable parameters (optimizer_state) and an fp32 gradient partition (gradients) per rank;
+  DeepSpeed ZeRO (deepspeed 0.19.8 runtime/zero/stage_1_and_2.py, stage3.py): floating parameters cast
+  to the 16-bit dtype (the engine's `module.bfloat16()`); an fp32 master partition of the trainable
+  parameters (optimizer_state); the gradient partition: ZeRO-2 fp32, made at the step (none during
+  backward), ZeRO-3 in the 16-bit gradient_accumulation_dtype, kept (`grad_partitions_flat_buffer`);
   comm_buffers: the ipg reduce bucket (reduce_bucket_size elements, 16-bit; ZeRO-2 during backward
-  only, ZeRO-3 always) and ZeRO-3's prefetch bucket (stage3_prefetch_bucket_size elements); bucket
-  sizes are the HF Trainer's "auto" values (transformers integrations/deepspeed.py: H*H, 0.9*H*H,
-  persistence threshold 10*H). ZeRO-3 keeps parameters under the persistence threshold whole.
+  only, ZeRO-3 always), ZeRO-3's gathered parameters (`_zero3_gathered`: a unit stays gathered from its
+  forward to its backward while within stage3_max_reuse_distance, 1e9 elements), its persistent
+  parameters (under the persistence threshold) whole and its prefetch bucket; bucket sizes are the
+  plan's `zero_*` fields, "auto" = the HF Trainer's values (transformers integrations/deepspeed.py: H*H,
+  0.9*H*H, persistence threshold 10*H). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
 - offload: FSDP `offload_params` (CPUOffloadPolicy) keeps the parameter shards, the sharded
   gradients and the optimizer on the host; ZeRO `offload_optimizer` the master partition, gradient
   partition and optimizer state; `offload_param` (ZeRO-3) the parameter partitions. `host` is per
@@ -78,8 +81,17 @@ Known limitations (NB):
 - FSDP1 mixed precision (`_mp_shard`, low-precision shard copies) is not modelled: FSDP1 is estimated
   with the plan's dtypes and per-unit flat padding; HYBRID_SHARD shards within a node (ranks per node);
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
-  partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states); ZeRO-2's ipg buffer
-  assumed single (overlap_comm doubles it); not checked on real ranks here (no DeepSpeed CPU run);
+  partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states; not run here); ZeRO-2's ipg
+  buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama/qwen2/mistral, hidden
+  256, 2 layers, bf16): ZeRO-2 LoRA/QLoRA with and without checkpointing within 0.4 % (4 of 5 to 12 B;
+  offload_optimizer too); ZeRO-3 QLoRA -0.01 % (no checkpointing) / -1.15 % (checkpointing), LoRA
+  +2.0 % / -0.8 %: at ZeRO-3's loss:backward peak 66,568 B more activations were measured (a second
+  [B, S, H] 16-bit copy of the final norm's output and the input ids, under DeepSpeed's module hooks;
+  not modelled), and without checkpointing DeepSpeed had already released one layer's q/k/v (262,144 B
+  in bf16, 65,536 B packed 4-bit) that the reuse rule keeps (for QLoRA the two nearly cancel); ZeRO-3 +
+  offload_optimizer (QLoRA, no checkpointing) measured 7,495,916 B per rank against 7,232,736 B (device +
+  the rank's host share): 262,144 B more buffers in the ipg reduce path (393,216 B against the one 16-bit
+  bucket modelled), not modelled;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
   covered by the distributed closed form (UnsupportedArchitectureError).
@@ -100,7 +112,7 @@ from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
            "fewest_gpus", "padding_slack", "MultiGPUOption", "LADDER", "LADDER_COST", "GPU_COUNTS", "rank_moments",
-           "loaded_bytes", "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
+           "loaded_bytes", "zero_buckets", "zero_bucket_values", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
@@ -303,12 +315,29 @@ class RankResult:
                          "reserved_bytes": self.reserved_bytes, "device_bytes": self.device_bytes}}
 
 
-def zero_buckets(model: ModelSpec) -> dict[str, int]:
-    """The HF Trainer's "auto" DeepSpeed bucket sizes, in elements (transformers integrations/
-    deepspeed.py `HfTrainerDeepSpeedConfig.trainer_config_finalize`)."""
-    H = model.hidden_size
-    return {"reduce_bucket_size": H * H, "stage3_prefetch_bucket_size": int(0.9 * H * H),
-            "stage3_param_persistence_threshold": 10 * H}
+def zero_buckets(model: ModelSpec, plan: Any = None) -> dict[str, int]:
+    """The DeepSpeed bucket sizes of `plan` for `model`, in elements (`zero_bucket_values`)."""
+    return zero_bucket_values(model.hidden_size, plan)
+
+
+#: DeepSpeed's default stage3_max_live_parameters (deepspeed/runtime/zero/config.py
+#: `DeepSpeedZeroConfig.max_live_parameters`); the HF Trainer fills no "auto" value for it
+ZERO_MAX_LIVE_PARAMETERS = 1_000_000_000
+
+
+def zero_bucket_values(hidden_size: int, plan: Any = None) -> dict[str, int]:
+    """The bucket sizes in elements: the plan's `zero_reduce_bucket_size`, `zero_stage3_prefetch_bucket_size`,
+    `zero_stage3_param_persistence_threshold`, `zero_stage3_max_live_parameters` where set, else the HF
+    Trainer's "auto" values (transformers integrations/deepspeed.py
+    `HfTrainerDeepSpeedConfig.trainer_config_finalize`: H*H, int(0.9*H*H), 10*H) and DeepSpeed's 1e9."""
+    H = hidden_size
+    out = {"reduce_bucket_size": H * H, "stage3_prefetch_bucket_size": int(0.9 * H * H),
+           "stage3_param_persistence_threshold": 10 * H, "stage3_max_live_parameters": ZERO_MAX_LIVE_PARAMETERS}
+    for k in out:
+        v = getattr(plan, f"zero_{k}", "auto") if plan is not None else "auto"
+        if v != "auto":
+            out[k] = int(v)
+    return out
 
 
 @dataclass
@@ -661,47 +690,58 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     """DeepSpeed ZeRO-2 / ZeRO-3 at the moment `m` (see the module docstring)."""
     plan, rnd, w, us = world.plan, world.rnd, world.w, world.units
     stage = plan.zero_stage
-    b = zero_buckets(world.model)
+    b = zero_buckets(world.model, plan)
     kind, i = m.kind, m.layer
     L = world.model.num_layers
     thr = b["stage3_param_persistence_threshold"]
     off_param = stage == 3 and plan.offload_param_device == "cpu"
     off_opt = plan.offload_optimizer_device == "cpu"
-    alive_layers: set[int] = set()
-    if kind == "forward":
-        alive_layers = {L - 1}
-    elif i is not None:
-        alive_layers = {i}
+    gathered_units = _zero3_gathered(world, kind, i, thr, b) if stage == 3 else set()
     for u in us:
         for p in u.params:
             whole = F.rounded(p.numel * p.el, rnd)
-            if stage == 2 or p.numel < thr:
-                t[p.term] += whole  # ZeRO-2: replicated; ZeRO-3: persistent (small) parameters stay whole
+            if stage == 2:
+                t[p.term] += whole  # ZeRO-2: replicated
                 continue
-            part = F.rounded(ceil(p.numel / w) * p.el, rnd)  # partition_numel: ceil(numel / w), padded
+            # ZeRO-3: every parameter partitioned (ds_tensor: ceil(numel / w), padded); the persistent ones
+            # (numel < stage3_param_persistence_threshold) also whole: stage3.py `_post_step` all-gathers them
+            # after every step and they are never released (ds_persist): comm_buffers, like gathered parameters
+            part = F.rounded(ceil(p.numel / w) * p.el, rnd)
             if off_param:
                 host[p.term] = host.get(p.term, 0) + part
             else:
                 t[p.term] += part
-            gathered = u.layer in alive_layers or (u.keep_after_forward and kind == "loss_backward")
-            if gathered:  # the gathered parameter (an all-gather output), as for FSDP
+            if p.numel < thr:
+                t[Term.COMM_BUFFERS] += whole
+            if u.name in gathered_units and p.numel >= thr:  # the gathered parameter (torch.cat of the partitions)
                 t[Term.COMM_BUFFERS] += whole
     n_tr = sum(p.numel for p in trainable)
     part = ceil(n_tr / w)
-    grad_part = F.rounded(4 * part, rnd) if n_tr else 0
+    # ZeRO-3 keeps the gradient partition in gradient_accumulation_dtype, the 16-bit dtype under bf16/fp16
+    # (deepspeed 0.19.8 runtime/zero/stage3.py: grad_partitions_flat_buffer = torch.zeros(..., dtype=
+    # self.gradient_accumulation_dtype); measured: bf16 on real CPU ranks); ZeRO-2's is fp32 (stage_1_and_2.py)
+    grad_el = 2 if stage == 3 and plan.autocast else 4
+    grad_part = F.rounded(grad_el * part, rnd) if n_tr else 0
     master = F.rounded(4 * part, rnd) if n_tr else 0
     in_flight = 0
     if i is not None and kind != "optimizer":
         per_layer = sum(F.rounded(p.numel * p.el, rnd) for u in us if u.layer == 0 for p in u.params if p.trainable)
         in_flight = max(0, m.gradients - (full_grads if ga else 0) - (L - 1 - i) * per_layer)
         in_flight = min(in_flight, per_layer)
-    if stage == 3 or kind == "optimizer" or i is not None or ga:
+    # ZeRO-2 makes its fp32 gradient partition at the step (stage_1_and_2.py `step`: single_grad_partition
+    # from the reduced 16-bit gradients); during backward only the in-flight gradients and the ipg bucket
+    # exist (measured on real CPU ranks: no gradient partition alive at any backward peak)
+    if stage == 3 or kind == "optimizer" or ga:
         grads_held = grad_part
     else:
         grads_held = 0
     if off_opt:
         host[Term.GRADIENTS] = grad_part
         host[Term.OPTIMIZER_STATE] = master + _cpu_adam(trainable, w, rnd, flat=True)
+        if stage == 2 and n_tr:
+            # stage_1_and_2.py `step` (cpu_offload): the updated fp32 partition is copied to the device through
+            # a 16-bit staging buffer, param_buffer_of_bit16_for_cpu_offload_groups (pinned host; kept)
+            host[Term.COMM_BUFFERS] = host.get(Term.COMM_BUFFERS, 0) + F.rounded(2 * part, 1)
         t[Term.GRADIENTS] = in_flight
         t[Term.OPTIMIZER_STATE] = 0
         if kind == "optimizer":
@@ -715,13 +755,65 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     bucket = F.rounded(min(b["reduce_bucket_size"], max(n_tr, 1)) * 2, rnd) if n_tr else 0
     if stage == 3:
         t[Term.COMM_BUFFERS] += bucket
-        if i is not None and i > 0 and kind != "optimizer":
+        prev = {u.name for u in us if u.layer == (i or 0) - 1}
+        if i is not None and i > 0 and kind != "optimizer" and not prev <= gathered_units:
             nxt = sum(p.numel for u in us if u.layer == i - 1 for p in u.params if p.numel >= thr)
             t[Term.COMM_BUFFERS] += F.rounded(min(b["stage3_prefetch_bucket_size"], nxt) * 2, rnd)
+    elif off_opt and n_tr and kind != "optimizer" and (i is not None or kind == "loss_backward"):
+        # ZeRO-2 + offload_optimizer: the ipg buffer (setup_buckets, at the start of engine.backward) is in
+        # _gradient_reduction_buffer_dtype, fp32 here (measured on real CPU ranks: 4 B x reduce_bucket_size)
+        t[Term.COMM_BUFFERS] += F.rounded(min(b["reduce_bucket_size"], n_tr) * 4, rnd)
     elif i is not None and kind != "optimizer":
         t[Term.COMM_BUFFERS] += bucket  # ZeRO-2: the ipg buffer lives through backward
     t["host"] = host
     return t
+
+
+#: DeepSpeed's default stage3_max_reuse_distance (deepspeed/runtime/zero/config.py; the HF Trainer's
+#: example ZeRO-3 configs set the same 1e9)
+ZERO_MAX_REUSE_DISTANCE = 1_000_000_000
+
+
+def _zero3_gathered(world: _World, kind: str, i: int | None, thr: int, b: Mapping[str, int]) -> set[str]:
+    """The units whose (non-persistent) parameters ZeRO-3 holds gathered at a moment.
+
+    deepspeed 0.19.8 runtime/zero/partitioned_param_coordinator.py `release_sub_module` /
+    `__params_to_release`: once the step's trace is recorded (from the second step on), a module's
+    parameters are NOT released after it runs when they recur in the trace within
+    `stage3_max_reuse_distance` elements (default 1e9): so a unit that runs in forward stays gathered until
+    its backward when the parameters traced in between (every unit above it, forward and backward, and
+    the tail) are fewer than 1e9 elements; in backward a unit is released after its backward (its next use
+    is the next step). The frozen embedding is not in the backward trace: released after its forward.
+    Measured on 2 real CPU ranks (hidden 256, 2 layers): every decoder layer and the lm_head gathered at
+    loss:backward (with checkpointing the embedding too); NB without checkpointing one layer's q/k/v
+    (262,144 B) were already released there (not modelled: +2 % for LoRA)."""
+    us = world.units
+    layers = sorted({u.layer for u in us if u.layer is not None})
+    if kind == "optimizer" or not layers:
+        return set()
+    L = len(layers)
+    numel = {u.name: sum(p.numel for p in u.params if p.numel >= thr) for u in us}
+    by_layer = {u.layer: u.name for u in us if u.layer is not None}
+    tail = [u.name for u in us if u.layer is None and u.keep_after_forward]
+    tail_numel = sum(numel[n] for n in tail)
+    reuse = ZERO_MAX_REUSE_DISTANCE
+
+    def kept(j: int) -> bool:  # layer j's parameters recur (in its backward) within the reuse distance
+        return 2 * (sum(numel[by_layer[k]] for k in range(j + 1, L)) + tail_numel) < reuse
+
+    # with checkpointing, enable_input_require_grads (peft prepare_model_for_kbit_training, the Trainer's
+    # gradient_checkpointing_enable for a PeftModel) makes the embedding's output need a gradient: the
+    # embedding is in the backward trace and stays gathered like a layer below layer 0
+    embed = [u.name for u in us if u.layer is None and not u.keep_after_forward] \
+        if world.plan.gradient_checkpointing and kept(-1) else []
+    out: set[str] = set(embed)
+    if kind in ("forward", "tail_gather"):  # the last layer's forward: the layers before it that are kept
+        out |= {by_layer[j] for j in range(L - 1) if kept(j)} | {by_layer[L - 1]}
+        return out
+    if i is None:  # the loss: the tail, and every layer kept since its forward
+        return out | {by_layer[j] for j in range(L) if kept(j)} | set(tail)
+    # a layer's backward (or its recompute): that layer and the layers below it kept since forward
+    return out | {by_layer[j] for j in range(i) if kept(j)} | {by_layer[i]}
 
 
 def loaded_bytes(model: ModelSpec, plan: TrainPlan) -> int:
@@ -771,8 +863,18 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                          "(transformers' DeepSpeed-QLoRA guide sets bnb_4bit_quant_storage to the 16-bit dtype): "
                          "use --bnb-4bit-quant-storage bf16")
         notes.append(f"DeepSpeed ZeRO-{p.zero_stage} over {p.num_processes} processes with the HF Trainer's 'auto' "
-                     "bucket sizes; floating parameters are cast to 16-bit, the fp32 master partition is "
-                     "optimizer_state; not checked on real DeepSpeed ranks (no DeepSpeed CPU run here)")
+                     "bucket sizes unless set (zero_* fields); floating parameters are cast to 16-bit, the fp32 "
+                     "master partition is optimizer_state; checked on real 2-rank CPU ranks (ZeRO-2 within 0.4 %, "
+                     "ZeRO-3 within 2 %), not on GPUs")
+        if p.zero_stage == 3:
+            notes.append("ZeRO-3 keeps a layer's parameters gathered from its forward to its backward while the "
+                         "parameters traced in between are under stage3_max_reuse_distance (1e9 elements): "
+                         "comm_buffers")
+        if p.offload_optimizer_device != "none":
+            notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) steps on the host; checked on "
+                         "real 2-rank CPU ranks for ZeRO-2 (device + host optimizer state to 12 B); ZeRO-3 measured "
+                         "3.5 % above (buffers of its ipg reduce path, not modelled); not checked on GPUs (pinned "
+                         "host buffers)")
     if p.autocast and s in ("fsdp", "deepspeed"):
         notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"
                      f"{p.autocast}{')' if s == 'fsdp' else ''}: every parameter reaches the compute in {p.autocast}, "

@@ -218,8 +218,9 @@ class Estimate:
 
 def recipe_versions(plan: TrainPlan) -> dict[str, str]:
     """The recipe libraries whose behaviour the plan's estimate models (named only when used): TRL for its
-    SFTTrainer step and activation offloading, liger-kernel for Liger's kernels."""
-    used = {"trl": plan.trainer == "sft" or plan.activation_offloading, "liger-kernel": plan.use_liger_kernel}
+    SFTTrainer step and activation offloading, liger-kernel for Liger's kernels, deepspeed for ZeRO."""
+    used = {"trl": plan.trainer == "sft" or plan.activation_offloading, "liger-kernel": plan.use_liger_kernel,
+            "deepspeed": plan.world_strategy == "deepspeed"}
     return {k: v for k, v in RECIPE_VERSIONS.items() if used.get(k)}
 
 

@@ -149,6 +149,12 @@ class TrainPlan:
     offload_param_device: str = "none"
     bnb_4bit_quant_storage: str = _AUTO
     ddp_bucket_cap_mb: int = 25
+    #: DeepSpeed zero_optimization bucket sizes, in elements; "auto" = what the HF Trainer fills in
+    #: (reduce H*H, prefetch int(0.9*H*H), persistence 10*H; max_live_parameters: DeepSpeed's 1e9)
+    zero_reduce_bucket_size: int | str = _AUTO
+    zero_stage3_prefetch_bucket_size: int | str = _AUTO
+    zero_stage3_param_persistence_threshold: int | str = _AUTO
+    zero_stage3_max_live_parameters: int | str = _AUTO
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -222,6 +228,8 @@ class TrainPlan:
             set_(k, _FSDP_ENUMS.get(str(getattr(self, k)).upper(), str(getattr(self, k)).upper()))
         for k in ("offload_optimizer_device", "offload_param_device"):
             set_(k, str(getattr(self, k)).lower())
+        for k in ZERO_BUCKET_FIELDS:
+            set_(k, _elements(getattr(self, k)))
         qs = str(self.bnb_4bit_quant_storage).lower()
         set_("bnb_4bit_quant_storage", "uint8" if qs in ("uint8", "torch.uint8") else qs if qs == _AUTO
              else norm_dtype(qs))
@@ -350,14 +358,16 @@ class TrainPlan:
         v = self.ddp_bucket_cap_mb
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
             p.append(f"--ddp-bucket-cap-mb must be a positive number of MiB, got {v!r}")
+        for k in ZERO_BUCKET_FIELDS:
+            v = getattr(self, k)
+            if v != _AUTO and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                p.append(f"--{k.replace('_', '-')} must be 'auto' or a number of elements (an integer >= 0), got {v!r}")
         if self.strategy == "single" and self.num_processes > 1:
             p.append(f"--strategy single runs one process, but --num-processes is {self.num_processes}; use "
                      "--strategy ddp, fsdp or deepspeed (or --num-processes 1)")
         if (self.strategy == "deepspeed" and self.zero_stage == 2 and self.offload_param_device != "none"):
             p.append("--offload-param needs ZeRO stage 3 (DeepSpeed offloads parameters only at stage 3); use "
                      "--zero-stage 3 or drop --offload-param")
-        if self.world_strategy != "single" and self.device == "cpu" and self.strategy == "deepspeed":
-            p.append("--strategy deepspeed with --device cpu is not modelled; estimate the GPU run (--device cuda)")
         return p
 
     @property
@@ -420,7 +430,7 @@ class TrainPlan:
             d["liger_kernel_config"] = dict(self.liger_kernel_config)
         if not self._dist_changed():
             for k in DIST_FIELDS:
-                del d[k]
+                d.pop(k, None)
         return d
 
     @classmethod
@@ -433,7 +443,27 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 #: fields left out of `to_dict` at their default (recipe options added after the JSON contract), so
 #: that plans (and the JSON, records and golden files made from them) that do not use them read as before
 _OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpoint_offload", "trainer",
-                    "use_liger_kernel", "liger_kernel_config")
+                    "use_liger_kernel", "liger_kernel_config", "zero_reduce_bucket_size",
+                    "zero_stage3_prefetch_bucket_size", "zero_stage3_param_persistence_threshold",
+                    "zero_stage3_max_live_parameters")
+#: DeepSpeed's bucket-size fields ("auto" or elements)
+ZERO_BUCKET_FIELDS = _OMIT_AT_DEFAULT[-4:]
+def _elements(v: Any) -> Any:
+    """A DeepSpeed bucket size as given (CLI text, JSON 5e8): "auto", or an int of elements when it is one."""
+    if isinstance(v, str):
+        t = v.strip().lower()
+        if t == _AUTO:
+            return _AUTO
+        try:
+            f = float(t)
+        except ValueError:
+            return v
+        return int(f) if f.is_integer() else v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
 #: the distributed fields (memplan/distributed.py; /work shared spec "dist-fields"), with their defaults
 DIST_FIELDS = _FIELD_NAMES[_FIELD_NAMES.index("num_processes"):]
 _DIST_DEFAULTS = {f.name: f.default for f in fields(TrainPlan) if f.name in DIST_FIELDS}

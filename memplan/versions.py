@@ -11,5 +11,6 @@ MODELED_VERSIONS = {"torch": "2.13", "transformers": "5.24", "peft": "0.21.2", "
 TRANSFORMERS = f"transformers {MODELED_VERSIONS['transformers']}"
 
 #: libraries of the recipes a plan may switch on (TRL's SFTTrainer step and activation offloading, Liger's
-#: kernels), named by an estimate only when its plan uses them; simulate records the installed version
-RECIPE_VERSIONS = {"trl": "1.16", "liger-kernel": "0.8.5"}
+#: kernels, DeepSpeed ZeRO), named by an estimate only when its plan uses them; simulate records the
+#: installed version
+RECIPE_VERSIONS = {"trl": "1.16", "liger-kernel": "0.8.5", "deepspeed": "0.19.8"}

@@ -58,12 +58,12 @@ def test_every_printed_flag_string_reads_back_through_fit(capsys):
         assert code == 0 and d["fits"], (flags, err)
         assert (d["peak"]["device_bytes"], d["host"]["bytes"]) == (r["device_bytes"], r["host_bytes"]), flags
         assert len(d["ranks"]) == r["num_processes"]
-    # the ZeRO rows (measured): per GPU / host RAM per node, GiB
+    # the ZeRO rows (the closed form checked on real ZeRO ranks by test_distributed_deepspeed): per GPU / host RAM per node, GiB
     by = {r["strategy"]: r for r in rows}
     assert [(gib(by[s]["device_bytes"]), gib(by[s]["host_bytes"]), by[s]["max_batch_size"]) for s in
             ("deepspeed ZeRO-3", "deepspeed ZeRO-3 + offload optimizer",
              "deepspeed ZeRO-3 + offload optimizer + params")] == \
-        [("36.69", "76.76", 1), ("35.88", "79.89", 1), ("16.46", "117.62", 3)]
+        [("36.50", "76.76", 1), ("35.89", "79.50", 1), ("16.46", "117.23", 3)]
     assert by["deepspeed ZeRO-2"]["num_processes"] is None  # the 4-bit weights are whole on every rank
     assert "--zero-stage 3 --offload-optimizer cpu --offload-param cpu" in text and "cost: " in text
 

@@ -8,10 +8,11 @@
   `deepspeed_config` with `zero_stage`, `offload_optimizer_device`, `offload_param_device`,
   `deepspeed_config_file`);
 - a DeepSpeed JSON (`zero_optimization.stage`, `offload_optimizer.device`, `offload_param.device`,
-  bucket sizes).
+  reduce_bucket_size / stage3_prefetch_bucket_size / stage3_param_persistence_threshold /
+  stage3_max_live_parameters onto the plan's `zero_*` fields).
 
-Each function returns (plan fields, notes); a note names what is read but not modelled (bucket sizes
-other than the HF Trainer's "auto", ZeRO stage 0/1), never drops it silently.
+Each function returns (plan fields, notes); a note names what is read but not modelled
+(allgather_bucket_size, ZeRO stage 0/1), never drops it silently.
 """
 
 from __future__ import annotations
@@ -137,12 +138,14 @@ def from_deepspeed(cfg: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[
             if dev == "nvme":
                 notes.append(f"zero_optimization.{key}.device nvme: estimated as cpu (host RAM holds the "
                              "pinned buffers; NVMe swap is not modelled)")
-    sizes = {k: z[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                               "stage3_max_live_parameters", "stage3_param_persistence_threshold")
-             if k in z and str(z[k]) != "auto"}
-    if sizes:
-        notes.append("DeepSpeed bucket sizes " + ", ".join(f"{k}={v}" for k, v in sizes.items())
-                     + " are not plan fields yet: estimated with the HF Trainer's 'auto' sizes")
+    for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+              "stage3_max_live_parameters"):  # plan fields zero_<key> ("auto" or elements; JSON 5e8 is a float)
+        if k in z and str(z[k]).lower() != "auto":
+            v = z[k]
+            out[f"zero_{k}"] = int(v) if isinstance(v, float) and v.is_integer() else v
+    if "allgather_bucket_size" in z and str(z["allgather_bucket_size"]) != "auto":
+        notes.append(f"zero_optimization.allgather_bucket_size {z['allgather_bucket_size']} is not modelled "
+                     "(ZeRO-2's parameter all-gather after the step)")
     for key in ("bf16", "fp16"):
         if _truthy((cfg.get(key) or {}).get("enabled", False)):
             out["mixed_precision"] = key

@@ -41,9 +41,10 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
 
     if plan.device != "cpu":
         raise MemplanError("distributed profile runs on the CPU (gloo) only here: pass --device cpu")
-    if not world.runnable:
-        raise MemplanError("distributed profile measures FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP "
-                           "ranks for now; for this world use `memplan estimate` (per rank)")
+    if not world.runs_real:
+        raise MemplanError("distributed profile measures FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload), DDP and "
+                           "DeepSpeed ZeRO-2/3 (no offload) ranks for now; for this world use `memplan estimate` "
+                           "(per rank)")
     if progress is not None:
         progress(f"launching {world.num_processes} ranks (gloo)")
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -58,6 +59,10 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
     notes = (("distributed CPU run: FSDP2 via accelerate fsdp2_prepare_model, gloo process group; "
               "`comm_buffers` = unsharded parameters + all-gather/reduce-scatter buffers + gloo's own buffers")
              if world.kind == "fsdp" else
+             ("distributed CPU run: DeepSpeed ZeRO-%d engine (deepspeed.initialize as the HF Trainer + accelerate "
+              "call it, DS_ACCELERATOR=cpu), gloo process group; `comm_buffers` = ipg reduce buckets + gathered "
+              "ZeRO-3 parameters + gloo's own buffers" % world.zero_stage)
+             if world.kind == "deepspeed" else
              ("distributed CPU run: DistributedDataParallel as the Trainer wraps a PeftModel, gloo process group; "
               "`comm_buffers` = the reducer's gradient buckets + gloo's own buffers"),)
     return MeasuredRun(model=model_record(spec), plan=plan.to_dict(), device="cpu", status="success",

@@ -77,11 +77,22 @@ class _WorldMethods:
         return self.strategy
 
     @property
-    def runnable(self) -> bool:
-        """Whether the real ranks (`run_ranks`) and the meta trace (`simulate.distributed`) cover this world:
-        DDP, or FSDP2 FULL_SHARD / SHARD_GRAD_OP without CPU offload."""
+    def traces_meta(self) -> bool:
+        """Whether the meta trace (`simulate.distributed`) covers this world: DDP, or FSDP2 FULL_SHARD /
+        SHARD_GRAD_OP without CPU offload."""
         return self.kind == "ddp" or (self.kind == "fsdp" and self.fsdp_version == 2 and not self.fsdp_offload_params
                                       and self.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP"))
+
+    @property
+    def runs_real(self) -> bool:
+        """Whether the real ranks (`run_ranks`) cover this world: what the meta trace covers, and DeepSpeed
+        ZeRO-2/3 without offload_param (runtime/deepspeed.py; offload_optimizer runs DeepSpeedCPUAdam)."""
+        return self.traces_meta or (self.kind == "deepspeed" and self.offload_param_device == "none")
+
+    @property
+    def runnable(self) -> bool:
+        """Both the real ranks and the meta trace cover this world (`runs_real` and `traces_meta`)."""
+        return self.runs_real and self.traces_meta
 
     @property
     def reshard_after_forward(self) -> bool:
@@ -267,9 +278,13 @@ def sharded_tracker_class():
     return ShardedTracker
 
 
-def _orig_name(name: str) -> str:
+def orig_name(name: str) -> str:
+    """A parameter's name as before wrapping (checkpoint wrappers; DDP's / a DeepSpeed engine's `module.`)."""
     name = name.replace("_checkpoint_wrapped_module.", "")
     return name[len("module."):] if name.startswith("module.") else name  # DDP's wrapper
+
+
+_orig_name = orig_name
 
 
 @contextlib.contextmanager
@@ -341,7 +356,7 @@ def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int]
                 else DDP_BUCKETS if r.name.startswith("ddp.bucket") else comm.get(id(r)))
         if what is not None and r.term not in keep:
             terms[COMM_BUFFERS] += r.nbytes
-            detail[what] += r.nbytes
+            detail[what] = detail.get(what, 0) + r.nbytes
         else:
             terms[str(r.term or Term.TEMPORARIES)] += r.nbytes
     return terms, detail
@@ -401,8 +416,14 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
         model = load_model(config, plan, device="cpu", seed=seed)
     model = adapt(model, plan)
     classify_orig = param_classifier(model)  # the names as before sharding (FSDP2 keeps them)
-    model = shard_model(model, world, plan, rank=rank)
-    opt = make_optimizer(model, plan)
+    hooks, step_plan, backward = fsdp_storage_hooks, plan, None
+    if world.kind == "deepspeed":  # runtime/deepspeed.py: the engine as the Trainer + accelerate build it
+        from .deepspeed import setup_rank
+
+        model, opt, ShardedTracker, hooks, step_plan, backward = setup_rank(model, world, plan, config, classify_orig)
+    else:
+        model = shard_model(model, world, plan, rank=rank)
+        opt = make_optimizer(model, plan)
     # kernel_workspace: every op runs in a profiler range, so that what a collective allocates inside
     # (gloo's buffers) can be added from the allocator events after the step (see below)
     tracker = ShardedTracker(round_to=1, device="cpu", kernel_workspace=instrument)
@@ -430,9 +451,10 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
 
     # the step's batch differs per rank (a DistributedSampler's shard); memory does not depend on it
     def step():
-        with fsdp_storage_hooks(tracker) as comm, ddp_bucket_hook(tracker, model):
-            res = run_steps(model, plan, vocab_size=text_vocab_size(config), steps=steps, device="cpu",
-                            optimizer=opt, tracker=tracker, seed=seed + rank, progress=progress)
+        with hooks(tracker) as comm, ddp_bucket_hook(tracker, model):
+            comm.update(getattr(tracker, "static_comm", {}))
+            res = run_steps(model, step_plan, vocab_size=text_vocab_size(config), steps=steps, device="cpu",
+                            optimizer=opt, tracker=tracker, seed=seed + rank, progress=progress, backward=backward)
         if state["win"] is not None:
             state["win"].__exit__(None, None, None)
         return res, comm
@@ -558,6 +580,10 @@ def _worker(rank: int, world: World, config, plan, steps, seed, instrument, port
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
+    if world.kind == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world.num_processes),
+                          LOCAL_SIZE=str(world.num_processes))
     try:
         # transformers' save_pretrained (the random checkpoint of load_model) writes config.json on the
         # main process only once a process group exists: load first (in rank_step), then join the group

@@ -61,7 +61,8 @@ def make_optimizer(model, plan: TrainPlan):
 def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: str = "cpu",
               round_to: int = 1, optimizer=None, keep_outputs: bool = False, seed: int = 0,
               tracker: LiveTensorTracker | None = None, step_context=None, progress=None,
-              fast_warmup: bool = False, kernel_workspace: bool = False, offload: Any = None) -> StepResult:
+              fast_warmup: bool = False, kernel_workspace: bool = False, offload: Any = None,
+              backward: Any = None) -> StepResult:
     """Run `steps` training steps under the tracker; return the peak of the last step, per term.
 
     `device="meta"` runs on meta tensors (memplan.simulate): autocast then uses the CPU autocast state
@@ -75,6 +76,8 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
     torch.profiler's allocator events (`LiveTensorTracker.add_kernel_workspace`; term `workspace`).
     `offload`: an `OffloadRecord` to run each micro-batch under TRL's activation offloading
     (`runtime.offload.offload_context`, as `SFTTrainer.training_step` does) and fill with what it packed.
+    `backward(loss)`: runs the backward instead of `loss.backward()` (a DeepSpeed engine's
+    `engine.backward`, as accelerate's `backward` calls it; runtime/deepspeed.py).
     """
     if tracker is None:
         tracker = LiveTensorTracker(round_to=round_to, device=None if device == "meta" else device,
@@ -136,7 +139,10 @@ def run_steps(model, plan: TrainPlan, vocab_size: int, steps: int = 2, device: s
                         if plan.gradient_accumulation_steps > 1:
                             loss = loss / plan.gradient_accumulation_steps  # as Trainer.training_step does
                         tracker.set_phase(Phase.BACKWARD)
-                        loss.backward()
+                        if backward is not None:
+                            backward(loss)
+                        else:
+                            loss.backward()
                         del loss
                         if keep_outputs:
                             del out

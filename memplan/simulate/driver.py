@@ -212,7 +212,8 @@ def versions(plan: TrainPlan | None = None) -> dict[str, str]:
     from ..versions import RECIPE_VERSIONS
 
     out = {}
-    for pkg in (*MODELED_VERSIONS, *(RECIPE_VERSIONS if plan is not None and plan.use_liger_kernel else ())):
+    recipes = [k for k in RECIPE_VERSIONS if k != "deepspeed"]  # simulate does not trace DeepSpeed
+    for pkg in (*MODELED_VERSIONS, *(recipes if plan is not None and plan.use_liger_kernel else ())):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
