@@ -87,9 +87,28 @@ def build_engine(model, optimizer, world: Any, plan: Any, hidden_size: int):
         from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
 
         optimizer = map_pytorch_optim_to_deepspeed(optimizer)
-    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                             config_params=ds_config(world, plan, hidden_size))
+    with _no_shm_comm_op():
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                 config_params=ds_config(world, plan, hidden_size))
     return engine, opt
+
+
+@contextlib.contextmanager
+def _no_shm_comm_op() -> Iterator[None]:
+    """DS1: the CPU accelerator's comm backend JIT-builds a shared-memory all-reduce op at init
+    (deepspeed/comm/torch.py `TorchBackend.__init__` -> `build_shm_op`: about a minute of C++ compile on a
+    fresh machine). Only `inference_all_reduce` (DeepSpeed inference's module_inject) calls it; a training
+    step's collectives go through torch.distributed, and the CUDA accelerator has no such op. So the rank
+    does without it: the same step, no compile."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # (the package's `torch` attribute is torch)
+    orig = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = orig
 
 
 class EngineOptimizer:
