@@ -80,8 +80,7 @@ class _WorldMethods:
     def runnable(self) -> bool:
         """Whether the real ranks (`run_ranks`) and the meta trace (`simulate.distributed`) cover this world:
         DDP, or FSDP2 FULL_SHARD / SHARD_GRAD_OP without CPU offload."""
-        return self.kind == "ddp" or (self.kind == "fsdp" and self.fsdp_version == 2 and not self.fsdp_offload_params
-                                      and self.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP"))
+        return unrunnable(self) is None
 
     @property
     def reshard_after_forward(self) -> bool:
@@ -147,7 +146,9 @@ def fsdp_plugin(world: World, plan: Any):
         if world.fsdp_offload_params:
             from torch.distributed.fsdp import CPUOffloadPolicy
 
-            kw["cpu_offload"] = CPUOffloadPolicy()
+            # accelerate: CPUOffloadPolicy() (pinned). NB: pinning needs a CUDA (accelerator) runtime; a CPU
+            # rank cannot pin (pin_memory raises without one), and pinned or not the bytes are the same
+            kw["cpu_offload"] = CPUOffloadPolicy(pin_memory=plan.device != "cpu")
     else:
         kw["sharding_strategy"] = world.fsdp_sharding_strategy
         kw["backward_prefetch"] = world.fsdp_backward_prefetch
@@ -159,21 +160,101 @@ def fsdp_plugin(world: World, plan: Any):
     return plug
 
 
+def unrunnable(world: World, plan: Any = None) -> str | None:
+    """Why the real ranks cannot run `world` here (one line: why, and what to run instead); None if they can."""
+    if world.kind == "ddp":
+        return None
+    if world.kind != "fsdp":
+        return f"the real ranks run DDP and FSDP only, not {world.kind}"
+    s = world.fsdp_sharding_strategy
+    if world.fsdp_version == 2 and s == "NO_SHARD":
+        return ("FSDP2 has no NO_SHARD (transformers refuses fsdp=no_shard with FSDP2; accelerate to-fsdp2 maps it "
+                "to reshard_after_forward=False, i.e. SHARD_GRAD_OP): use --fsdp-version 1 or --strategy ddp")
+    if world.fsdp_version == 2 and s == "HYBRID_SHARD" and (world.num_machines < 2 or
+                                                            world.num_processes % world.num_machines
+                                                            or world.num_processes // world.num_machines < 2):
+        return ("FSDP2 HYBRID_SHARD needs a 2-D mesh (replicate = --num-machines >= 2, shard = ranks per node >= 2): "
+                "use e.g. --num-processes 4 --num-machines 2")
+    if world.fsdp_version == 1 and s == "HYBRID_SHARD":
+        return ("FSDP1 HYBRID_SHARD on CPU: accelerate passes no device mesh and FSDP1 takes a node's size from the "
+                "device count (1 for CPU), so the CPU ranks cannot form 2 nodes: use --fsdp-version 2 (a 2-D mesh)")
+    return None
+
+
 def shard_model(model, world: World, plan: Any, rank: int = 0):
-    """Shard `model` as `accelerator.prepare` does for FSDP2 (accelerate's `fsdp2_prepare_model`)."""
+    """Shard `model` as `accelerator.prepare` does: FSDP2 (accelerate's `fsdp2_prepare_model`, HYBRID_SHARD on
+    the 2-D mesh of `hsdp_mesh`), FSDP1 (`fsdp1_prepare_model`) or DDP."""
     import torch
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
+    why = unrunnable(world, plan)
+    if why is not None:
+        raise NotImplementedError(why)
     if world.kind == "ddp":
         return wrap_ddp(model, world)
-    if world.kind != "fsdp" or world.fsdp_version != 2:
-        raise NotImplementedError(f"sharding {world.kind} (fsdp_version {world.fsdp_version}) is not wired yet")
-    if world.fsdp_sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        raise NotImplementedError(f"{world.fsdp_sharding_strategy} needs a 2-D device mesh: not wired yet")
+    if world.fsdp_version == 1:
+        return fsdp1_prepare_model(model, world, plan)
     plug = fsdp_plugin(world, plan)
+    mesh = pc = None
+    if world.fsdp_sharding_strategy == "HYBRID_SHARD":
+        mesh, pc = hsdp_mesh(world)
     acc = _Accel(state=types.SimpleNamespace(fsdp_plugin=plug), is_main_process=rank == 0,
-                 mixed_precision=plan.mixed_precision, device=torch.device("cpu"), torch_device_mesh=None)
+                 mixed_precision=plan.mixed_precision, device=torch.device("cpu"), torch_device_mesh=mesh,
+                 parallelism_config=pc)
     return fsdp2_prepare_model(acc, model)
+
+
+def hsdp_mesh(world: World):
+    """FSDP2 HYBRID_SHARD as accelerate builds it: `ParallelismConfig(dp_replicate_size=<nodes>,
+    dp_shard_size=<ranks per node>)` and its `build_device_mesh` (a 2-D mesh ("dp_replicate", "dp_shard"),
+    flattened "dp_shard_cp"); `fsdp2_prepare_model` shards on `mesh[fsdp_dim_names]`
+    (("dp_replicate", "dp_shard_cp")): parameters sharded within a node, replicated across nodes, gradients
+    reduce-scattered within the node then all-reduced across nodes."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    n = world.num_machines
+    pc = ParallelismConfig(dp_replicate_size=n, dp_shard_size=world.num_processes // n)
+    return pc.build_device_mesh("cpu"), pc
+
+
+def fsdp1_prepare_model(model, world: World, plan: Any):
+    """FSDP1 as the HF Trainer + accelerate 1.15 build it (the optimizer is created after the model is
+    wrapped: transformers 5.24 `Trainer._prepare_for_training`, delay_optimizer_creation for FSDP1):
+    `update_fsdp_plugin_peft` (peft's `fsdp_auto_wrap_policy`: decoder layers and every LoRA module are
+    units; QLoRA with a floating quant storage: `set_mixed_precision(<storage dtype>, override=True)`), then
+    `Accelerator.prepare_model`'s `FullyShardedDataParallel(model, sharding_strategy, cpu_offload,
+    auto_wrap_policy, mixed_precision, sync_module_states, backward_prefetch, forward_prefetch,
+    use_orig_params, param_init_fn, ignored_modules, limit_all_gathers, device_id=<cpu>)` and its upcast of
+    trainable flat parameters that are not fp32 (mixed precision on)."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    plug = fsdp_plugin(world, plan)
+    if hasattr(model, "active_peft_config"):
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        plug.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        qc = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        storage = getattr(qc, "bnb_4bit_quant_storage", None)
+        if getattr(model, "quantization_method", None) == "bitsandbytes" and getattr(storage, "is_floating_point",
+                                                                                    False):
+            plug.set_mixed_precision(storage, override=True)
+    plug.set_auto_wrap_policy(model)
+    model = FSDP(model, sharding_strategy=plug.sharding_strategy or plug.reshard_after_forward,
+                 cpu_offload=plug.cpu_offload, auto_wrap_policy=plug.auto_wrap_policy,
+                 mixed_precision=plug.mixed_precision_policy, sync_module_states=plug.sync_module_states,
+                 backward_prefetch=plug.backward_prefetch, forward_prefetch=plug.forward_prefetch,
+                 use_orig_params=plug.use_orig_params, limit_all_gathers=plug.limit_all_gathers,
+                 device_id=torch.device("cpu"))
+    if plan.mixed_precision != "no":
+        for m in FSDP.fsdp_modules(model):
+            if not m._has_params:
+                continue
+            p = m._flat_param
+            if p.dtype != torch.float32 and p.device != torch.device("meta") and p.requires_grad:
+                p.data = p.data.to(torch.float32)
+                m._handle._orig_param_dtype = torch.float32
+    return model
 
 
 def wrap_ddp(model, world: World):
@@ -195,7 +276,9 @@ def ddp_bucket_hook(tracker, model) -> Iterator[None]:
     default_hooks.allreduce_hook`) registers each bucket's flat buffer the first time it is reduced."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    if not hasattr(model, "register_comm_hook"):
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):  # FSDP1 has a register_comm_hook of its own
         yield
         return
     seen: set[int] = set()
