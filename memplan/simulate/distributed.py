@@ -24,6 +24,17 @@ D5. DDP (`strategy="ddp"`): `torch.nn.parallel.distributed._verify_param_shape_a
     gathered shapes with `.item()`: a no-op (one traced rank has nothing to compare).
 D6. The optimizer steps on the local shards of the DTensor parameters (`local_optimizer`): what a real
     rank's DTensor dispatch runs, without the sharding propagation that takes minutes on a 70B model.
+D7. FSDP2 HYBRID_SHARD (a 2-D mesh): `FSDPParamGroup.post_backward` asserts that `foreach_reduce` returned an
+    all-reduce event for a non-CPU device; the meta device's stream (`torch.cpu`'s) records none: the
+    all-reduce event is a stand-in (`_NoEvent`) there. The all-reduce input (the reduce-scatter output in
+    the reduce dtype) is kept in `_all_reduce_state` as on a real rank.
+D8. FSDP2 CPU offload (`fsdp_offload_params`, CPUOffloadPolicy): FSDP2 skips the host copies of meta
+    parameters (`FSDPParam._init_sharded_param`: `offload_to_cpu and not is_meta`) but would copy each
+    sharded gradient to "cpu" (`foreach_reduce`: impossible from meta) and checks the parameters are on
+    CPU (`FSDPParamGroup._validate_cpu_offload_params`, a no-op here): `offload_to_cpu` is cleared on every
+    FSDPParam after sharding (`no_offload`). The trace is then the step a CPU rank runs, where offload moves
+    nothing (device and host are one: `.to("cpu")` returns the tensor itself); a CUDA plan's split between
+    device and host is the estimate's (`host`), not traced.
 D3. The fake process group's collectives leave their output untouched and allocate nothing. gloo on
     CPU allocates, inside the collective and for its duration only, a buffer the size of the
     all-gather output (`c10d::_allgather_base_`) and one the size of the reduce-scatter input
@@ -83,6 +94,19 @@ def meta_fsdp_patches() -> Iterator[None]:
     with contextlib.ExitStack() as st:
         st.enter_context(patch_attr(_fsdp_param_group.FSDPParamGroup, "_validate_no_meta_params", lambda self: None))
         st.enter_context(patch_attr(_fully_shard, "_get_device_from_mesh", device_from_mesh))
+        # D8: offload on meta
+        st.enter_context(patch_attr(_fsdp_param_group.FSDPParamGroup, "_validate_cpu_offload_params",
+                                    lambda self: None))
+        # D7: HSDP's all-reduce event on meta
+        reduce = _fsdp_param_group.foreach_reduce
+
+        def foreach_reduce(*args, **kwargs):
+            out = list(reduce(*args, **kwargs))
+            if out[4] is not None and out[5] is None and out[4].is_meta:
+                out[5] = _NoEvent()
+            return tuple(out)
+
+        st.enter_context(patch_attr(_fsdp_param_group, "foreach_reduce", foreach_reduce))
         # D5: DDP's constructor checks that every rank has the same parameter shapes (an all-gather of
         # the shapes read back with .item()): one simulated rank has nothing to compare
         import torch.nn.parallel.distributed as ddp_mod
@@ -92,6 +116,16 @@ def meta_fsdp_patches() -> Iterator[None]:
             if hasattr(mod, "_get_device_handle"):
                 st.enter_context(patch_attr(mod, "_get_device_handle", handle(mod._get_device_handle)))
         yield
+
+
+class _NoEvent:
+    """Patch D7: a recorded event on the meta device's (no-op) stream."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 def gloo_temps() -> dict[str, Any]:
@@ -105,6 +139,17 @@ def gloo_temps() -> dict[str, Any]:
         return [torch.empty_like(input, device="meta")] if input.is_meta else []
 
     return {"_allgather_base_.default": allgather, "_reduce_scatter_base_.default": reduce_scatter}
+
+
+def no_offload(model) -> None:
+    """Patch D8: FSDP2's parameters on meta do not go to the host (`offload_to_cpu` cleared)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fp in group.fsdp_params if group is not None else ():
+                fp.offload_to_cpu = fp.pin_memory = False
 
 
 def local_optimizer(opt) -> None:
@@ -202,6 +247,8 @@ def simulate_rank(config: dict[str, Any], plan: Any, world: Any, rank: int = 0, 
                 model = shard_model(model, world, plan, rank=rank)
             finally:
                 del base.state_dict
+            if world.kind == "fsdp" and world.fsdp_offload_params:
+                no_offload(model)  # D8
             opt = make_meta_optimizer(model, plan, tracker)
             local_optimizer(opt)  # D6
             tracker.register_model(model, classify)
