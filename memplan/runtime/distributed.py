@@ -323,6 +323,11 @@ def register_sharded_model(tracker, model, classify) -> None:
     from .tracker import quant_state_tensors
 
     for name, p in model.named_parameters(remove_duplicate=True):
+        split = flat_split(name, p, classify)
+        if split is not None:  # FSDP1: one flat parameter per unit, its shard split by term (`split_flat`)
+            tracker.register(p, max(split, key=split.get), name)
+            tracker.flat_split[name] = split
+            continue
         tracker.register(local(p), classify(_orig_name(name), p), name)
     for name, mod in model.named_modules():
         qs = getattr(mod, "quant_state", None) or getattr(getattr(mod, "weight", None), "quant_state", None)
@@ -333,12 +338,54 @@ def register_sharded_model(tracker, model, classify) -> None:
         tracker.register(b, Term.OTHER_PARAMS, name)
 
 
+def flat_split(name: str, p, classify) -> dict | None:
+    """FSDP1 (`use_orig_params=False`): a FlatParameter holds a unit's parameters flattened and concatenated,
+    padded to a multiple of the world size, of which each rank keeps one shard
+    (torch/distributed/fsdp/_flat_param.py FlatParamHandle). Its local shard's bytes by Term: each original
+    parameter's part of the shard (`_shard_param_infos`), classified by its name; the shard's padding
+    (`_shard_numel_padded`) and the alignment padding go to the term of the unit's largest part. None if `p` is
+    not a FlatParameter."""
+    if not hasattr(p, "_shard_param_infos") or not hasattr(p, "_fqns"):  # FlatParameter is an nn.Parameter
+        return None
+    prefix = _orig_name(name)
+    prefix = prefix[:-len("_flat_param")] if prefix.endswith("_flat_param") else prefix
+    el = p.element_size()
+    out: dict = {}
+    for fqn, info in zip(p._fqns, p._shard_param_infos):
+        if info.in_shard:
+            term = classify(prefix + fqn, None)
+            out[term] = out.get(term, 0) + info.numel_in_shard * el
+    top = max(out, key=out.get) if out else None
+    if top is not None:
+        out[top] += p.numel() * el - sum(out.values())
+    return out or None
+
+
+def split_flat(tracker, terms: dict[str, int], at: float) -> None:
+    """Move the bytes of FSDP1's flat parameters alive at `at` from the term they were registered under to
+    their terms by `flat_split` (in place)."""
+    split = getattr(tracker, "flat_split", None)
+    if not split:
+        return
+    for r in tracker.alive_at(at):
+        parts = split.get(r.name) if r.op != "resize_" else None
+        if parts is None or sum(parts.values()) != r.nbytes:
+            continue
+        terms[str(r.term)] -= r.nbytes
+        for t, b in parts.items():
+            terms[str(t)] += b
+
+
 def sharded_tracker_class():
     """`LiveTensorTracker` for a sharded model: DTensor parameters, gradients and optimizer state are
     registered and labelled by their local shard (`local`)."""
     from .tracker import LiveTensorTracker
 
     class ShardedTracker(LiveTensorTracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.flat_split: dict[str, dict] = {}
+
         def register_model(self, model, classify):
             if not self.records:  # registered once, before the steps (run_steps calls it again)
                 register_sharded_model(self, model, classify)
@@ -351,7 +398,7 @@ def sharded_tracker_class():
 
 
 def _orig_name(name: str) -> str:
-    name = name.replace("_checkpoint_wrapped_module.", "")
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
     return name[len("module."):] if name.startswith("module.") else name  # DDP's wrapper
 
 
@@ -393,6 +440,20 @@ def fsdp_storage_hooks(tracker) -> Iterator[dict[int, str]]:
         return wrapper
 
     with contextlib.ExitStack() as stack:
+        # FSDP1 (torch/distributed/fsdp/_flat_param.py): the unsharded flat parameter (`_full_param_padded`)
+        # and the low-precision shard copy (`_mp_shard`, mixed precision) are allocated and freed the same way
+        # (torch.distributed.utils `_alloc_storage` / `_free_storage`, resizing their storage)
+        from torch.distributed.fsdp import _flat_param
+
+        def resized2(fn):
+            def wrapper(tensor, *args):
+                out = fn(tensor, *args)
+                tracker.resized(tensor.untyped_storage(), tensor)
+                return out
+            return wrapper
+
+        stack.enter_context(patch_attr(_flat_param, "_alloc_storage", resized2(_flat_param._alloc_storage)))
+        stack.enter_context(patch_attr(_flat_param, "_free_storage", resized2(_flat_param._free_storage)))
         alloc = resized(_fsdp_param.alloc_storage)
         stack.enter_context(patch_attr(_fsdp_param, "alloc_storage", alloc))
         stack.enter_context(patch_attr(_fsdp_param_group, "alloc_storage", alloc))
@@ -419,7 +480,12 @@ def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int]
     detail = {UNSHARDED: 0, COLLECTIVE: 0, GLOO: 0, DDP_BUCKETS: 0}
     keep = {Term.GRADIENTS, Term.OPTIMIZER_STATE, Term.BASE_WEIGHTS, Term.QUANT_STATE, Term.OTHER_PARAMS,
             Term.ADAPTER_WEIGHTS}
+    flat = getattr(tracker, "flat_split", {})
     for r in tracker.alive_at(at):
+        if r.op == "resize_" and r.name in flat:  # FSDP1's unsharded flat parameter, named after it by `label`
+            terms[COMM_BUFFERS] += r.nbytes
+            detail[UNSHARDED] += r.nbytes
+            continue
         what = (UNSHARDED if r.op == "resize_" else GLOO if _gloo_buffer(r)
                 else DDP_BUCKETS if r.name.startswith("ddp.bucket") else comm.get(id(r)))
         if what is not None and r.term not in keep:
@@ -427,6 +493,7 @@ def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int]
             detail[what] += r.nbytes
         else:
             terms[str(r.term or Term.TEMPORARIES)] += r.nbytes
+    split_flat(tracker, terms, at)
     return terms, detail
 
 

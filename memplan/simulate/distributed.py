@@ -94,6 +94,27 @@ def meta_fsdp_patches() -> Iterator[None]:
     with contextlib.ExitStack() as st:
         st.enter_context(patch_attr(_fsdp_param_group.FSDPParamGroup, "_validate_no_meta_params", lambda self: None))
         st.enter_context(patch_attr(_fully_shard, "_get_device_from_mesh", device_from_mesh))
+        # D9: FSDP1 on meta
+        from torch.distributed.fsdp import _init_utils, _runtime_utils
+
+        st.enter_context(patch_attr(_init_utils, "_need_to_materialize_module", lambda *a, **k: (False, False)))
+        st.enter_context(patch_attr(_runtime_utils, "_check_flat_params_on_expected_device", lambda *a, **k: None))
+        compute_device = _init_utils._get_compute_device
+
+        def get_compute_device(module, ignored_params, *args, **kwargs):
+            p = next(iter(module.parameters()), None)
+            return meta if p is not None and p.is_meta else compute_device(module, ignored_params, *args, **kwargs)
+
+        st.enter_context(patch_attr(_init_utils, "_get_compute_device", get_compute_device))
+        from torch.distributed.fsdp import _common_utils
+
+        handle_cls = _common_utils._FSDPDeviceHandle
+        from_device = handle_cls.from_device.__func__
+
+        def fsdp1_handle(cls, device):
+            return from_device(cls, torch.device("cpu") if device.type == "meta" else device)
+
+        st.enter_context(patch_attr(handle_cls, "from_device", classmethod(fsdp1_handle)))
         # D8: offload on meta
         st.enter_context(patch_attr(_fsdp_param_group.FSDPParamGroup, "_validate_cpu_offload_params",
                                     lambda self: None))
