@@ -518,6 +518,12 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
             t[Term.COMM_BUFFERS] += sum(world.flat(u) for u in us if u.name in prefetched | retained)
         else:
             t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in prefetched)
+    elif world.version == 1 and world.gather_el and i is not None:
+        # FSDP1 NO_SHARD with mixed precision: a unit whose dtype differs from param_dtype computes with a
+        # low-precision copy (`_mp_shard`, FlatParamHandle._use_low_precision_shard), alive around its compute:
+        # the fp32 LoRA units in use (measured: 24,576 B on real 2-rank gloo steps)
+        t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in alive and u.layer is not None and any(
+            p.el != world.gather_el for p in u.params))
     # gradients: sharded for the units done, the current layer's in flight unsharded
     shard_grads, per_layer_shard = agg["shard_grads"], agg["per_layer_shard"]
     view_layer = world.view_grads // L if L else 0
@@ -621,9 +627,12 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
         if after_forward:
             alive |= embed | layers(0, L)
         return alive, pre, kept
-    alive |= names[i] | root  # the root is resharded at the end of backward
+    lora1 = world.version == 1 and any(".lora." in n for n in names[i])
+    alive |= (_fsdp1_in_use(world, names[i]) if lora1 and not after_forward else names[i]) | root
     if after_forward:
         alive |= embed | layers(0, i)
+    elif lora1:
+        pass  # NB: FSDP1's BACKWARD_PRE prefetches the next unit in backward order: a LoRA unit (not counted)
     elif world.version == 2 or p.fsdp_backward_prefetch == "BACKWARD_PRE":
         if i > 0:
             pre |= names[i - 1]
@@ -632,6 +641,19 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     if world.version == 1:
         alive |= keep  # FSDP1's root (embedding, norm, lm_head) stays gathered until the end of backward
     return alive, pre, kept
+
+
+def _fsdp1_in_use(world: _World, layer: set[str]) -> set[str]:
+    """FSDP1 with peft's wrap policy: of a layer's units, the ones gathered while it computes: the layer's
+    frozen unit and one adapted module's lora_A and lora_B units (each LoRA Linear is its own unit,
+    gathered around its own forward / backward and resharded after it): the pair with the largest
+    all-gather (measured on real 2-rank gloo FSDP1 steps: 24,576 B of LoRA gathered in bf16 at the
+    recompute of layer 0 = gate_proj's A + B)."""
+    by = {u.name: u for u in world.units}
+    lora = sorted((n for n in layer if ".lora." in n), key=lambda n: int(n.rsplit(".", 1)[1]))
+    pairs = [lora[k:k + 2] for k in range(0, len(lora), 2)]
+    best = max(pairs, key=lambda pr: sum(world.full(by[n]) for n in pr), default=[])
+    return (layer - set(lora)) | set(best)
 
 
 def _ddp_buckets(trainable: list[Param], plan: TrainPlan, rnd: int) -> int:
