@@ -553,14 +553,15 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
     """`simulate --num-processes N --strategy fsdp|ddp`: rank 0's step traced on meta with torch's fake
     process group (memplan.simulate.distributed), beside the per-rank estimate. FSDP2 pads every
     parameter's dim 0 to the world size, so every rank holds the same shapes: one rank is traced."""
-    from .runtime.distributed import World
+    from .runtime.distributed import World, unrunnable
     from .terms import Term
     from .simulate.distributed import simulate_rank
 
     world = World.from_plan(plan)
-    if not world.runnable:
-        raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
-                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank)")
+    why = unrunnable(world, plan)
+    if why is not None:
+        raise MemplanError(f"simulate cannot trace {world_text(plan.to_dict())}: {why}; or use `memplan estimate` "
+                           "(per rank)")
     r = simulate_rank(dict(spec.config), plan, world, rank=0)
     terms = {str(t): 0 for t in Term}
     terms.update({str(k): int(v) for k, v in r.terms.items()})

@@ -626,6 +626,10 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
         kept |= tail if world.version == 2 and kind != "loss_backward" else set()
         if after_forward:
             alive |= embed | layers(0, L)
+        elif world.version == 1 and kind == "loss_backward" and p.fsdp_backward_prefetch == "BACKWARD_PRE":
+            # FSDP1 prefetches in reverse post-forward order: the root's backward gathers the last layer's
+            # frozen unit (its LoRA units finished their forward before it)
+            pre |= {n for n in names[L - 1] if ".lora." not in n}
         return alive, pre, kept
     lora1 = world.version == 1 and any(".lora." in n for n in names[i])
     alive |= (_fsdp1_in_use(world, names[i]) if lora1 and not after_forward else names[i]) | root
@@ -779,6 +783,14 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
         if p.method == "qlora" and quant_storage_bytes(p) == 1 and p.quant != "int8":
             notes.append("bnb_4bit_quant_storage uint8: accelerate leaves the 4-bit weights out of FSDP sharding "
                          "(ignored_params); they are whole on every rank — use --bnb-4bit-quant-storage bf16")
+        if p.fsdp_version == 1:
+            if p.method == "qlora" and p.prepare:
+                notes.append("FSDP1 flattens a unit's parameters into one flat parameter of one dtype: "
+                             "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail "
+                             "('Must flatten tensors with uniform dtype'); FSDP1-QLoRA runs with --no-prepare")
+            notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
+                         "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
+                         "the even split")
         if p.fsdp_version == 2 and p.fsdp_backward_prefetch != "BACKWARD_PRE":
             notes.append(f"FSDP2 ignores fsdp_backward_prefetch {p.fsdp_backward_prefetch}: it prefetches one unit "
                          "in backward (implicit prefetching)")

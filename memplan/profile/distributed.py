@@ -41,9 +41,11 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
 
     if plan.device != "cpu":
         raise MemplanError("distributed profile runs on the CPU (gloo) only here: pass --device cpu")
-    if not world.runnable:
-        raise MemplanError("distributed profile measures FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP "
-                           "ranks for now; for this world use `memplan estimate` (per rank)")
+    from ..runtime.distributed import unrunnable
+
+    why = unrunnable(world, plan)
+    if why is not None:
+        raise MemplanError(f"distributed profile cannot run this world: {why}; or use `memplan estimate` (per rank)")
     if progress is not None:
         progress(f"launching {world.num_processes} ranks (gloo)")
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
