@@ -35,6 +35,14 @@ D8. FSDP2 CPU offload (`fsdp_offload_params`, CPUOffloadPolicy): FSDP2 skips the
     FSDPParam after sharding (`no_offload`). The trace is then the step a CPU rank runs, where offload moves
     nothing (device and host are one: `.to("cpu")` returns the tensor itself); a CUDA plan's split between
     device and host is the estimate's (`host`), not traced.
+D9. FSDP1 (`fsdp_version=1`, FullyShardedDataParallel) on meta: `_init_utils._need_to_materialize_module`
+    says no (the meta model is not materialised), `_get_compute_device` is "meta" for a meta model (the
+    unsharded flat parameters and low-precision shards are meta tensors), the device handle of "meta" is
+    the CPU's (`_FSDPDeviceHandle.from_device`), `_runtime_utils._check_flat_params_on_expected_device` is a
+    no-op. The warm-up step is traced fully (its fast path left one more tensor per layer saved).
+D10. FSDP1 tells storages apart by `data_ptr()` (`_runtime_utils._catch_all_reshard`,
+    `_flat_param._same_storage`), which is 0 for every meta tensor: frozen units (no post-backward hook) were
+    never resharded at the end of backward. On meta both compare the storages themselves (`_cdata`).
 D3. The fake process group's collectives leave their output untouched and allocate nothing. gloo on
     CPU allocates, inside the collective and for its duration only, a buffer the size of the
     all-gather output (`c10d::_allgather_base_`) and one the size of the reduce-scatter input
@@ -115,6 +123,30 @@ def meta_fsdp_patches() -> Iterator[None]:
             return from_device(cls, torch.device("cpu") if device.type == "meta" else device)
 
         st.enter_context(patch_attr(handle_cls, "from_device", classmethod(fsdp1_handle)))
+        # D10: FSDP1 tells storages apart by data_ptr(), 0 for every meta tensor
+        from torch.distributed.fsdp import _flat_param
+
+        same = _flat_param._same_storage
+
+        def same_storage(a, b):
+            a, b = getattr(a, "_local_tensor", a), getattr(b, "_local_tensor", b)
+            if a.is_meta or b.is_meta:
+                return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+            return same(a, b)
+
+        st.enter_context(patch_attr(_flat_param, "_same_storage", same_storage))
+        catch_all = _runtime_utils._catch_all_reshard
+
+        def catch_all_reshard(state):
+            h = state._handle
+            if h and h.flat_param.is_meta:
+                if same_storage(h.flat_param, h.flat_param._local_shard) and not h._skipped_use_sharded_views:
+                    return
+                _runtime_utils._reshard(state, h, _runtime_utils._should_free_in_backward(state, h))
+                return
+            catch_all(state)
+
+        st.enter_context(patch_attr(_runtime_utils, "_catch_all_reshard", catch_all_reshard))
         # D8: offload on meta
         st.enter_context(patch_attr(_fsdp_param_group.FSDPParamGroup, "_validate_cpu_offload_params",
                                     lambda self: None))
