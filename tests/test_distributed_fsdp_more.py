@@ -138,3 +138,4 @@ def test_worlds_that_cannot_run_say_why():
     assert w1.runnable and "--no-prepare" in unrunnable(w1, qlora)
     assert unrunnable(w1, qlora.replace(prepare=False)) is None
     assert World(num_processes=2, strategy="fsdp", fsdp_offload_params=True).runnable
+    assert "pins" in unrunnable(World(num_processes=2, strategy="fsdp", fsdp_version=1, fsdp_offload_params=True))

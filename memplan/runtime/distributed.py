@@ -81,7 +81,7 @@ class _WorldMethods:
         """Whether the real ranks (`run_ranks`) and the meta trace (`simulate.distributed`) cover this world
         (`unrunnable` says why not; with a plan it also checks the plan: FSDP1-QLoRA needs --no-prepare): DDP,
         FSDP2 FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD (2-D mesh) with or without CPU offload, FSDP1
-        FULL_SHARD / SHARD_GRAD_OP / NO_SHARD with or without CPU offload."""
+        FULL_SHARD / SHARD_GRAD_OP / NO_SHARD without CPU offload."""
         return unrunnable(self) is None
 
     @property
@@ -177,6 +177,9 @@ def unrunnable(world: World, plan: Any = None) -> str | None:
                                                             or world.num_processes // world.num_machines < 2):
         return ("FSDP2 HYBRID_SHARD needs a 2-D mesh (replicate = --num-machines >= 2, shard = ranks per node >= 2): "
                 "use e.g. --num-processes 4 --num-machines 2")
+    if world.fsdp_version == 1 and world.fsdp_offload_params:
+        return ("FSDP1 CPU offload pins its host shards (FlatParamHandle: pin_memory), which needs an accelerator: a "
+                "CPU rank cannot run it ('Cannot access accelerator device'); use --fsdp-version 2 (CPUOffloadPolicy)")
     if world.fsdp_version == 1 and plan is not None and plan.method == "qlora" and plan.prepare:
         return ("FSDP1 flattens a unit's parameters into one flat parameter of one dtype, and "
                 "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail ('Must flatten "
