@@ -788,6 +788,10 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                 notes.append("FSDP1 flattens a unit's parameters into one flat parameter of one dtype: "
                              "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail "
                              "('Must flatten tensors with uniform dtype'); FSDP1-QLoRA runs with --no-prepare")
+            if p.fsdp_use_orig_params:
+                notes.append("FSDP1 use_orig_params: not modelled yet (real 2-rank gloo ranks of a tiny QLoRA plan hold "
+                             "327,680 B more activations than without it: the estimate was 6.3 % low); `memplan "
+                             "simulate` traces it (to the byte of those ranks)")
             notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
                          "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
                          "the even split")
