@@ -75,8 +75,17 @@ NCCL allocates outside torch's allocator), which the closed form does not model.
 Known limitations (NB):
 - the collective library's own buffers (NCCL channels, gloo's) are outside torch's allocator and not
   counted; the all-gather flat buffer of the unit in compute is freed at copy-out and not counted;
-- FSDP1 mixed precision (`_mp_shard`, low-precision shard copies) is not modelled: FSDP1 is estimated
-  with the plan's dtypes and per-unit flat padding; HYBRID_SHARD shards within a node (ranks per node);
+- FSDP1 (checked on real 2-rank gloo steps, tests/test_distributed_fsdp_more.py: FULL_SHARD / SHARD_GRAD_OP /
+  NO_SHARD QLoRA with --no-prepare, within 128 B): flat padding per term (the real flat parameter mixes the
+  packed weights and norms of a layer, so the ranks' base/other split differs by the shard boundary; the
+  sums agree); with peft's units a layer computes with its frozen unit and one module's lora_A/lora_B
+  gathered; the root's backward prefetches the last layer; NO_SHARD's low-precision copies (`_mp_shard`) of
+  the fp32 LoRA units in use are counted; FULL_SHARD's transient `_mp_shard` (freed at the all-gather) is not;
+  `use_orig_params` is not modelled (+327,680 B activations measured on the tiny plan); FSDP1's prefetch at
+  the end of a layer's backward (the layer below gathered while the layer is) is not a moment here (LoRA
+  with checkpointing: -0.6 % against the real step less gloo's copy);
+- HYBRID_SHARD (FSDP2, checked on 2 x 2 real gloo ranks to 4 B) shards within a node (ranks per node) and
+  keeps each reduced unit's all-reduce input until the end of backward;
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
   partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states); ZeRO-2's ipg buffer
   assumed single (overlap_comm doubles it); not checked on real ranks here (no DeepSpeed CPU run);

@@ -23,6 +23,11 @@ model sharded the way the HF Trainer + accelerate 1.15 shard it for FSDP2:
   `fsdp2_switch_optimizer_parameters` leaves after `accelerator.prepare`), and the forward under
   autocast as accelerate's `native_amp` wraps it.
 
+Also (`shard_model`): FSDP2 HYBRID_SHARD on accelerate's `ParallelismConfig` 2-D mesh (`hsdp_mesh`), FSDP2
+CPU offload (CPUOffloadPolicy, unpinned on a CPU rank), FSDP1 as the Trainer + accelerate build it
+(`fsdp1_prepare_model`; its flat parameters split by term per rank: `flat_split`). `unrunnable` says in one
+line why a world cannot run here and what to run instead.
+
 Two instruments per rank (they must agree): the live-tensor tracker (`tracker.LiveTensorTracker`,
 extended here with FSDP2's storage resizes: `fsdp_storage_hooks`) and torch.profiler's CPU allocator
 events (`allocator.allocation_events`), which see every alloc/free including `resize_`.
