@@ -576,7 +576,10 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
             "estimate": {"allocated_bytes": est.allocated_bytes,
                          "error_pct": round(100 * (est.allocated_bytes / r.peak_bytes - 1), 4) if r.peak_bytes else None},
             "notes": [f"rank 0 of {world.num_processes} traced on the meta device with torch's fake process group "
-                      f"({r.seconds:.1f} s); every rank holds the same shapes (FSDP2 pads dim 0 to the world size)",
+                      f"({r.seconds:.1f} s); " + ("every rank holds the same shapes (FSDP2 pads dim 0 to the world size)"
+                                                  if world.kind != "fsdp" or world.fsdp_version == 2 else
+                                                  "FSDP1: every rank holds the same sizes; the terms of a flat "
+                                                  "parameter's shard differ by rank where its boundary falls"),
                       "simulate traces logical bytes; allocator overhead, workspace, CUDA context and NCCL's own "
                       "buffers are not traced"]}
 
