@@ -798,9 +798,11 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                              "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail "
                              "('Must flatten tensors with uniform dtype'); FSDP1-QLoRA runs with --no-prepare")
             if p.fsdp_use_orig_params:
-                notes.append("FSDP1 use_orig_params: not modelled yet (real 2-rank gloo ranks of a tiny QLoRA plan hold "
-                             "327,680 B more activations than without it: the estimate was 6.3 % low); `memplan "
-                             "simulate` traces it (to the byte of those ranks)")
+                notes.append("FSDP1 use_orig_params: not modelled yet: peft casts each adapted module's input to "
+                             "lora_A's dtype as the sharded original parameter shows it (fp32), and FSDP's mixed "
+                             "precision casts it back for the unit: one more 16-bit copy of the input saved per adapted "
+                             "module (real 2-rank gloo ranks of a tiny QLoRA plan: +327,680 B of activations, the "
+                             "estimate 6.3 % low); `memplan simulate` traces it (to the byte of those ranks)")
             notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
                          "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
                          "the even split")
