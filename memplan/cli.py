@@ -210,6 +210,8 @@ def add_distributed_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = (
     g.add_argument("--fsdp-backward-prefetch", "--fsdp_backward_prefetch", type=str.upper, choices=FSDP_PREFETCH,
                    help="FSDP1 backward prefetch (FSDP2 always prefetches one unit) (default BACKWARD_PRE)")
     g.add_argument("--fsdp-use-orig-params", action=bool_flag, default=None, help="FSDP1 use_orig_params")
+    g.add_argument("--fsdp-limit-all-gathers", action=bool_flag, default=None,
+                   help="FSDP1 limit_all_gathers: the rate limiter of in-flight all-gathers (default on)")
     g.add_argument("--fsdp-cpu-ram-efficient-loading", action=bool_flag, default=None,
                    help="load the model on each node's local rank 0 only (host RAM) (default on)")
     g.add_argument("--cpu-offload", action="store_true", default=None,

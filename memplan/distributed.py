@@ -797,6 +797,11 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                 notes.append("FSDP1 flattens a unit's parameters into one flat parameter of one dtype: "
                              "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail "
                              "('Must flatten tensors with uniform dtype'); FSDP1-QLoRA runs with --no-prepare")
+            if not p.fsdp_limit_all_gathers:
+                notes.append("FSDP1 limit_all_gathers off: on a GPU the CPU thread may issue all-gathers ahead of the "
+                             "compute (more units gathered than the current and the prefetched one counted here): "
+                             "not modelled, not checked on GPUs; on CPU ranks it changes nothing (measured: the same "
+                             "peak to the byte)")
             if p.fsdp_use_orig_params:
                 notes.append("FSDP1 use_orig_params: not modelled yet: peft casts each adapted module's input to "
                              "lora_A's dtype as the sharded original parameter shows it (fp32), and FSDP's mixed "
@@ -806,6 +811,8 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
             notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
                          "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
                          "the even split")
+        if p.fsdp_version == 2 and not p.fsdp_limit_all_gathers:
+            notes.append("FSDP2 has no limit_all_gathers (FSDP1's rate limiter): ignored")
         if p.fsdp_version == 2 and p.fsdp_backward_prefetch != "BACKWARD_PRE":
             notes.append(f"FSDP2 ignores fsdp_backward_prefetch {p.fsdp_backward_prefetch}: it prefetches one unit "
                          "in backward (implicit prefetching)")

@@ -149,6 +149,9 @@ class TrainPlan:
     offload_param_device: str = "none"
     bnb_4bit_quant_storage: str = _AUTO
     ddp_bucket_cap_mb: int = 25
+    #: FSDP1's rate limiter (accelerate `fsdp_limit_all_gathers`, FullyShardedDataParallel limit_all_gathers):
+    #: at most two all-gathers in flight ahead of the compute (CUDA); False lets the CPU thread run ahead
+    fsdp_limit_all_gathers: bool = True
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -344,7 +347,8 @@ class TrainPlan:
             p.append(f"--fsdp-version must be 1 or 2, got {self.fsdp_version!r}")
         if self.zero_stage not in (2, 3) or isinstance(self.zero_stage, bool):
             p.append(f"--zero-stage must be 2 or 3 (DeepSpeed ZeRO), got {self.zero_stage!r}")
-        for k in ("fsdp_offload_params", "fsdp_use_orig_params", "fsdp_cpu_ram_efficient_loading"):
+        for k in ("fsdp_offload_params", "fsdp_use_orig_params", "fsdp_cpu_ram_efficient_loading",
+                  "fsdp_limit_all_gathers"):
             if not isinstance(getattr(self, k), bool):
                 p.append(f"{k} must be True or False, got {getattr(self, k)!r}")
         v = self.ddp_bucket_cap_mb
@@ -420,7 +424,7 @@ class TrainPlan:
             d["liger_kernel_config"] = dict(self.liger_kernel_config)
         if not self._dist_changed():
             for k in DIST_FIELDS:
-                del d[k]
+                d.pop(k, None)  # (a distributed field may be left out at its default already)
         return d
 
     @classmethod
@@ -433,7 +437,7 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 #: fields left out of `to_dict` at their default (recipe options added after the JSON contract), so
 #: that plans (and the JSON, records and golden files made from them) that do not use them read as before
 _OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpoint_offload", "trainer",
-                    "use_liger_kernel", "liger_kernel_config")
+                    "use_liger_kernel", "liger_kernel_config", "fsdp_limit_all_gathers")
 #: the distributed fields (memplan/distributed.py; /work shared spec "dist-fields"), with their defaults
 DIST_FIELDS = _FIELD_NAMES[_FIELD_NAMES.index("num_processes"):]
 _DIST_DEFAULTS = {f.name: f.default for f in fields(TrainPlan) if f.name in DIST_FIELDS}

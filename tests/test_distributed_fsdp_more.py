@@ -166,3 +166,28 @@ def test_cuda_offload_host_pieces_match_simulate_shards():
     moved += sim.terms["optimizer_state"]
     allocated = dev.allocated_bytes - dev.terms.get(Term.WORKSPACE, 0)
     assert abs(allocated - (sim.peak_bytes - moved)) <= 16384, (allocated, sim.peak_bytes - moved)
+
+
+def test_fsdp_limit_all_gathers_field():
+    """accelerate's `fsdp_limit_all_gathers` (FSDP1's rate limiter): a plan field (default True, left out of the
+    JSON at its default), read from fsdp_config / accelerate YAML, given to FullyShardedDataParallel. A CPU rank
+    runs synchronously: off, the traced step is the same to the byte (real 2-rank gloo ranks: 4,871,760 B either
+    way); on a GPU it is not modelled, and the notes say so."""
+    from memplan.integrations.world import from_fsdp_args
+    from memplan.plan import TrainPlan
+
+    config, plan = tiny("llama"), plan_of("qlora", True).replace(prepare=False)
+    on = World(num_processes=2, strategy="fsdp", fsdp_version=1)
+    off = World(num_processes=2, strategy="fsdp", fsdp_version=1, fsdp_limit_all_gathers=False)
+    assert simulate_rank(config, plan, off).peak_bytes == simulate_rank(config, plan, on).peak_bytes == 4_871_760
+    p = TrainPlan(num_processes=2, strategy="fsdp", fsdp_version=1)
+    assert "fsdp_limit_all_gathers" not in p.to_dict()
+    assert p.replace(fsdp_limit_all_gathers=False).to_dict()["fsdp_limit_all_gathers"] is False
+    fields, _ = from_fsdp_args(True, {"version": 1, "limit_all_gathers": "false"})
+    assert fields["fsdp_limit_all_gathers"] is False
+    cuda = est_of(config, plan.replace(device="cuda"), off)
+    assert any("limit_all_gathers off" in n for n in cuda.notes)
+    from memplan.errors import MemplanError
+
+    with pytest.raises(MemplanError, match="fsdp_limit_all_gathers"):
+        TrainPlan(fsdp_limit_all_gathers="no")

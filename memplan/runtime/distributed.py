@@ -160,6 +160,7 @@ def fsdp_plugin(world: World, plan: Any):
         kw["sharding_strategy"] = world.fsdp_sharding_strategy
         kw["backward_prefetch"] = world.fsdp_backward_prefetch
         kw["use_orig_params"] = world.fsdp_use_orig_params
+        kw["limit_all_gathers"] = world.fsdp_limit_all_gathers
         kw["cpu_offload"] = world.fsdp_offload_params
     plug = FullyShardedDataParallelPlugin(**kw)
     if plan.mixed_precision != "no":  # AcceleratorState: fsdp_plugin.set_mixed_precision(mixed_precision)
