@@ -1,4 +1,4 @@
-"""Simulate one rank of a sharded (FSDP2) step on the meta device, with torch's fake process group.
+"""Simulate one rank of a sharded (FSDP2, FSDP1, DDP) step on the meta device, with torch's fake process group.
 
 `simulate_rank(config, plan, world, rank)` builds the model on meta as `simulate` does, shards it with
 accelerate's own `fsdp2_prepare_model` (`runtime.distributed.shard_model`) inside a fake process group
@@ -7,7 +7,8 @@ torch/testing/_internal/distributed/fake_pg.py: every collective returns at once
 communicated), then traces the step of `runtime.step.run_steps` under the tracker with FSDP2's
 storage resizes reported (`runtime.distributed.fsdp_storage_hooks`). The real engine does the
 sharding, the padding, the all-gather / reduce-scatter buffers and their lifetimes; memplan patches
-only what the meta device cannot do (patches D1-D3 below, on top of `simulate.patches`):
+only what the meta device cannot do (patches D1-D10 below, on top of `simulate.patches`). FSDP2 HYBRID_SHARD
+traces on accelerate's 2-D mesh over the fake group, FSDP1 through `runtime.distributed.fsdp1_prepare_model`:
 
 D1. ``FSDPParamGroup._validate_no_meta_params`` (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py,
     called from ``lazy_init`` at the first forward) raises for parameters still on meta ("FSDP parameters
