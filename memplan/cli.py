@@ -210,6 +210,8 @@ def add_distributed_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = (
     g.add_argument("--fsdp-backward-prefetch", "--fsdp_backward_prefetch", type=str.upper, choices=FSDP_PREFETCH,
                    help="FSDP1 backward prefetch (FSDP2 always prefetches one unit) (default BACKWARD_PRE)")
     g.add_argument("--fsdp-use-orig-params", action=bool_flag, default=None, help="FSDP1 use_orig_params")
+    g.add_argument("--fsdp-limit-all-gathers", action=bool_flag, default=None,
+                   help="FSDP1 limit_all_gathers: the rate limiter of in-flight all-gathers (default on)")
     g.add_argument("--fsdp-cpu-ram-efficient-loading", action=bool_flag, default=None,
                    help="load the model on each node's local rank 0 only (host RAM) (default on)")
     g.add_argument("--cpu-offload", action="store_true", default=None,
@@ -576,15 +578,15 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
     """`simulate --num-processes N --strategy fsdp|ddp`: rank 0's step traced on meta with torch's fake
     process group (memplan.simulate.distributed), beside the per-rank estimate. FSDP2 pads every
     parameter's dim 0 to the world size, so every rank holds the same shapes: one rank is traced."""
-    from .runtime.distributed import World
+    from .runtime.distributed import World, unrunnable
     from .terms import Term
     from .simulate.distributed import simulate_rank
 
     world = World.from_plan(plan)
-    if not world.traces_meta:
-        real = " or `memplan profile --device cpu` (real ranks)" if world.runs_real else ""
-        raise MemplanError("simulate traces FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload) and DDP ranks; for "
-                           f"{world_text(plan.to_dict())} use `memplan estimate` (per rank){real}")
+    why = unrunnable(world, plan, meta=True)
+    if why is not None:
+        raise MemplanError(f"simulate cannot trace {world_text(plan.to_dict())}: {why}; or use `memplan estimate` "
+                           "(per rank)")
     r = simulate_rank(dict(spec.config), plan, world, rank=0)
     terms = {str(t): 0 for t in Term}
     terms.update({str(k): int(v) for k, v in r.terms.items()})
@@ -599,7 +601,10 @@ def _simulate_distributed(spec: Any, plan: TrainPlan, args: argparse.Namespace) 
             "estimate": {"allocated_bytes": est.allocated_bytes,
                          "error_pct": round(100 * (est.allocated_bytes / r.peak_bytes - 1), 4) if r.peak_bytes else None},
             "notes": [f"rank 0 of {world.num_processes} traced on the meta device with torch's fake process group "
-                      f"({r.seconds:.1f} s); every rank holds the same shapes (FSDP2 pads dim 0 to the world size)",
+                      f"({r.seconds:.1f} s); " + ("every rank holds the same shapes (FSDP2 pads dim 0 to the world size)"
+                                                  if world.kind != "fsdp" or world.fsdp_version == 2 else
+                                                  "FSDP1: every rank holds the same sizes; the terms of a flat "
+                                                  "parameter's shard differ by rank where its boundary falls"),
                       "simulate traces logical bytes; allocator overhead, workspace, CUDA context and NCCL's own "
                       "buffers are not traced"]}
 

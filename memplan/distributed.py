@@ -78,8 +78,17 @@ NCCL allocates outside torch's allocator), which the closed form does not model.
 Known limitations (NB):
 - the collective library's own buffers (NCCL channels, gloo's) are outside torch's allocator and not
   counted; the all-gather flat buffer of the unit in compute is freed at copy-out and not counted;
-- FSDP1 mixed precision (`_mp_shard`, low-precision shard copies) is not modelled: FSDP1 is estimated
-  with the plan's dtypes and per-unit flat padding; HYBRID_SHARD shards within a node (ranks per node);
+- FSDP1 (checked on real 2-rank gloo steps, tests/test_distributed_fsdp_more.py: FULL_SHARD / SHARD_GRAD_OP /
+  NO_SHARD QLoRA with --no-prepare, within 128 B): flat padding per term (the real flat parameter mixes the
+  packed weights and norms of a layer, so the ranks' base/other split differs by the shard boundary; the
+  sums agree); with peft's units a layer computes with its frozen unit and one module's lora_A/lora_B
+  gathered; the root's backward prefetches the last layer; NO_SHARD's low-precision copies (`_mp_shard`) of
+  the fp32 LoRA units in use are counted; FULL_SHARD's transient `_mp_shard` (freed at the all-gather) is not;
+  `use_orig_params` is not modelled (+327,680 B activations measured on the tiny plan); FSDP1's prefetch at
+  the end of a layer's backward (the layer below gathered while the layer is) is not a moment here (LoRA
+  with checkpointing: -0.6 % against the real step less gloo's copy);
+- HYBRID_SHARD (FSDP2, checked on 2 x 2 real gloo ranks to 4 B) shards within a node (ranks per node) and
+  keeps each reduced unit's all-reduce input until the end of backward;
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
   partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states; not run here); ZeRO-2's ipg
   buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama/qwen2/mistral, hidden
@@ -564,6 +573,12 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
             t[Term.COMM_BUFFERS] += sum(world.flat(u) for u in us if u.name in prefetched | retained)
         else:
             t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in prefetched)
+    elif world.version == 1 and world.gather_el and i is not None:
+        # FSDP1 NO_SHARD with mixed precision: a unit whose dtype differs from param_dtype computes with a
+        # low-precision copy (`_mp_shard`, FlatParamHandle._use_low_precision_shard), alive around its compute:
+        # the fp32 LoRA units in use (measured: 24,576 B on real 2-rank gloo steps)
+        t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in alive and u.layer is not None and any(
+            p.el != world.gather_el for p in u.params))
     # gradients: sharded for the units done, the current layer's in flight unsharded
     shard_grads, per_layer_shard = agg["shard_grads"], agg["per_layer_shard"]
     view_layer = world.view_grads // L if L else 0
@@ -582,6 +597,8 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
             t[Term.COMM_BUFFERS] += sum(F.rounded(sum(v for _, v in _unit_bytes(
                 tuple(p for p in u.params if p.trainable), w, 1, 2, True, world.gather_el)), rnd)
                 for u in layer_units if u.layer == i + 1)
+            if plan.fsdp_sharding_strategy == "HYBRID_SHARD" and plan.num_machines > 1:
+                t[Term.COMM_BUFFERS] += _hsdp_all_reduce_inputs(world, [u for u in layer_units if u.layer > i])
     else:
         grads_dev = shard_grads if ga else 0
     if offload:
@@ -595,6 +612,16 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     t[Term.GRADIENTS] = grads_dev
     t["host"] = host
     return t
+
+
+def _hsdp_all_reduce_inputs(world: _World, done: list[Unit]) -> int:
+    """FSDP2 HYBRID_SHARD: each unit reduced so far keeps its all-reduce input (the reduce-scatter output: its
+    trainable gradients' shard in the reduce dtype, padded) until the end of backward
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py `FSDPParamGroup.post_backward`:
+    `_all_reduce_state = AllReduceState(all_reduce_input, ...)`, per group, cleared by the group's next
+    post-backward or `finalize_backward`). Measured on real 2 x 2 gloo ranks (+65,536 B at layer 0)."""
+    return sum(F.rounded(sum(p.shard(world.w) * (world.gather_el or p.el) for p in u.params if p.trainable), world.rnd)
+               for u in done)
 
 
 def _cpu_adam(params: list[Param], w: int, rnd: int, flat: bool) -> int:
@@ -654,10 +681,17 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
         kept |= tail if world.version == 2 and kind != "loss_backward" else set()
         if after_forward:
             alive |= embed | layers(0, L)
+        elif world.version == 1 and kind == "loss_backward" and p.fsdp_backward_prefetch == "BACKWARD_PRE":
+            # FSDP1 prefetches in reverse post-forward order: the root's backward gathers the last layer's
+            # frozen unit (its LoRA units finished their forward before it)
+            pre |= {n for n in names[L - 1] if ".lora." not in n}
         return alive, pre, kept
-    alive |= names[i] | root  # the root is resharded at the end of backward
+    lora1 = world.version == 1 and any(".lora." in n for n in names[i])
+    alive |= (_fsdp1_in_use(world, names[i]) if lora1 and not after_forward else names[i]) | root
     if after_forward:
         alive |= embed | layers(0, i)
+    elif lora1:
+        pass  # NB: FSDP1's BACKWARD_PRE prefetches the next unit in backward order: a LoRA unit (not counted)
     elif world.version == 2 or p.fsdp_backward_prefetch == "BACKWARD_PRE":
         if i > 0:
             pre |= names[i - 1]
@@ -666,6 +700,19 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     if world.version == 1:
         alive |= keep  # FSDP1's root (embedding, norm, lm_head) stays gathered until the end of backward
     return alive, pre, kept
+
+
+def _fsdp1_in_use(world: _World, layer: set[str]) -> set[str]:
+    """FSDP1 with peft's wrap policy: of a layer's units, the ones gathered while it computes: the layer's
+    frozen unit and one adapted module's lora_A and lora_B units (each LoRA Linear is its own unit,
+    gathered around its own forward / backward and resharded after it): the pair with the largest
+    all-gather (measured on real 2-rank gloo FSDP1 steps: 24,576 B of LoRA gathered in bf16 at the
+    recompute of layer 0 = gate_proj's A + B)."""
+    by = {u.name: u for u in world.units}
+    lora = sorted((n for n in layer if ".lora." in n), key=lambda n: int(n.rsplit(".", 1)[1]))
+    pairs = [lora[k:k + 2] for k in range(0, len(lora), 2)]
+    best = max(pairs, key=lambda pr: sum(world.full(by[n]) for n in pr), default=[])
+    return (layer - set(lora)) | set(best)
 
 
 def _ddp_buckets(trainable: list[Param], plan: TrainPlan, rnd: int) -> int:
@@ -854,6 +901,27 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
         if p.method == "qlora" and quant_storage_bytes(p) == 1 and p.quant != "int8":
             notes.append("bnb_4bit_quant_storage uint8: accelerate leaves the 4-bit weights out of FSDP sharding "
                          "(ignored_params); they are whole on every rank — use --bnb-4bit-quant-storage bf16")
+        if p.fsdp_version == 1:
+            if p.method == "qlora" and p.prepare:
+                notes.append("FSDP1 flattens a unit's parameters into one flat parameter of one dtype: "
+                             "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail "
+                             "('Must flatten tensors with uniform dtype'); FSDP1-QLoRA runs with --no-prepare")
+            if not p.fsdp_limit_all_gathers:
+                notes.append("FSDP1 limit_all_gathers off: on a GPU the CPU thread may issue all-gathers ahead of the "
+                             "compute (more units gathered than the current and the prefetched one counted here): "
+                             "not modelled, not checked on GPUs; on CPU ranks it changes nothing (measured: the same "
+                             "peak to the byte)")
+            if p.fsdp_use_orig_params:
+                notes.append("FSDP1 use_orig_params: not modelled yet: peft casts each adapted module's input to "
+                             "lora_A's dtype as the sharded original parameter shows it (fp32), and FSDP's mixed "
+                             "precision casts it back for the unit: one more 16-bit copy of the input saved per adapted "
+                             "module (real 2-rank gloo ranks of a tiny QLoRA plan: +327,680 B of activations, the "
+                             "estimate 6.3 % low); `memplan simulate` traces it (to the byte of those ranks)")
+            notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
+                         "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
+                         "the even split")
+        if p.fsdp_version == 2 and not p.fsdp_limit_all_gathers:
+            notes.append("FSDP2 has no limit_all_gathers (FSDP1's rate limiter): ignored")
         if p.fsdp_version == 2 and p.fsdp_backward_prefetch != "BACKWARD_PRE":
             notes.append(f"FSDP2 ignores fsdp_backward_prefetch {p.fsdp_backward_prefetch}: it prefetches one unit "
                          "in backward (implicit prefetching)")

@@ -155,6 +155,9 @@ class TrainPlan:
     zero_stage3_prefetch_bucket_size: int | str = _AUTO
     zero_stage3_param_persistence_threshold: int | str = _AUTO
     zero_stage3_max_live_parameters: int | str = _AUTO
+    #: FSDP1's rate limiter (accelerate `fsdp_limit_all_gathers`, FullyShardedDataParallel limit_all_gathers):
+    #: at most two all-gathers in flight ahead of the compute (CUDA); False lets the CPU thread run ahead
+    fsdp_limit_all_gathers: bool = True
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -352,7 +355,8 @@ class TrainPlan:
             p.append(f"--fsdp-version must be 1 or 2, got {self.fsdp_version!r}")
         if self.zero_stage not in (2, 3) or isinstance(self.zero_stage, bool):
             p.append(f"--zero-stage must be 2 or 3 (DeepSpeed ZeRO), got {self.zero_stage!r}")
-        for k in ("fsdp_offload_params", "fsdp_use_orig_params", "fsdp_cpu_ram_efficient_loading"):
+        for k in ("fsdp_offload_params", "fsdp_use_orig_params", "fsdp_cpu_ram_efficient_loading",
+                  "fsdp_limit_all_gathers"):
             if not isinstance(getattr(self, k), bool):
                 p.append(f"{k} must be True or False, got {getattr(self, k)!r}")
         v = self.ddp_bucket_cap_mb
@@ -430,7 +434,7 @@ class TrainPlan:
             d["liger_kernel_config"] = dict(self.liger_kernel_config)
         if not self._dist_changed():
             for k in DIST_FIELDS:
-                d.pop(k, None)
+                d.pop(k, None)  # (a distributed field may be left out at its default already)
         return d
 
     @classmethod
@@ -445,9 +449,10 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 _OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpoint_offload", "trainer",
                     "use_liger_kernel", "liger_kernel_config", "zero_reduce_bucket_size",
                     "zero_stage3_prefetch_bucket_size", "zero_stage3_param_persistence_threshold",
-                    "zero_stage3_max_live_parameters")
+                    "zero_stage3_max_live_parameters", "fsdp_limit_all_gathers")
 #: DeepSpeed's bucket-size fields ("auto" or elements)
-ZERO_BUCKET_FIELDS = _OMIT_AT_DEFAULT[-4:]
+ZERO_BUCKET_FIELDS = ("zero_reduce_bucket_size", "zero_stage3_prefetch_bucket_size",
+                      "zero_stage3_param_persistence_threshold", "zero_stage3_max_live_parameters")
 def _elements(v: Any) -> Any:
     """A DeepSpeed bucket size as given (CLI text, JSON 5e8): "auto", or an int of elements when it is one."""
     if isinstance(v, str):

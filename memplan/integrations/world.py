@@ -83,7 +83,7 @@ def _fsdp_config(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     bp = cfg.get("backward_prefetch")
     if bp is not None:
         out["fsdp_backward_prefetch"] = str(bp).upper() if str(bp).lower() not in ("none", "false") else "NO_PREFETCH"
-    for key, field in (("use_orig_params", "fsdp_use_orig_params"),
+    for key, field in (("use_orig_params", "fsdp_use_orig_params"), ("limit_all_gathers", "fsdp_limit_all_gathers"),
                        ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading")):
         if cfg.get(key) is not None:
             out[field] = _truthy(cfg[key])

@@ -41,10 +41,11 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
 
     if plan.device != "cpu":
         raise MemplanError("distributed profile runs on the CPU (gloo) only here: pass --device cpu")
-    if not world.runs_real:
-        raise MemplanError("distributed profile measures FSDP2 (FULL_SHARD, SHARD_GRAD_OP, no offload), DDP and "
-                           "DeepSpeed ZeRO-2/3 (no offload) ranks for now; for this world use `memplan estimate` "
-                           "(per rank)")
+    from ..runtime.distributed import unrunnable
+
+    why = unrunnable(world, plan)
+    if why is not None:
+        raise MemplanError(f"distributed profile cannot run this world: {why}; or use `memplan estimate` (per rank)")
     if progress is not None:
         progress(f"launching {world.num_processes} ranks (gloo)")
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -56,7 +57,12 @@ def profile_distributed(spec: Any, plan: TrainPlan, world: Any, *, steps: int = 
                 "instrument": "live-tensor tracker + FSDP2 storage resizes + gloo buffers from allocator events; "
                               "cross-checked per rank with torch.profiler's allocator events"}
     rid = hashlib.sha1(f"{created}{spec.name}{plan}{world}{os.getpid()}".encode()).hexdigest()[:8]
-    notes = (("distributed CPU run: FSDP2 via accelerate fsdp2_prepare_model, gloo process group; "
+    engine = ("FSDP1 via the Trainer's update_fsdp_plugin_peft + accelerate's FullyShardedDataParallel kwargs"
+              if world.fsdp_version == 1 else "FSDP2 via accelerate fsdp2_prepare_model" + (
+                  " on a 2-D (replicate, shard) mesh" if world.fsdp_sharding_strategy == "HYBRID_SHARD" else "") + (
+                  " with CPUOffloadPolicy (on a CPU rank the host is the device: nothing moves)"
+                  if world.fsdp_offload_params else ""))
+    notes = ((f"distributed CPU run: {engine}, gloo process group; "
               "`comm_buffers` = unsharded parameters + all-gather/reduce-scatter buffers + gloo's own buffers")
              if world.kind == "fsdp" else
              ("distributed CPU run: DeepSpeed ZeRO-%d engine (deepspeed.initialize as the HF Trainer + accelerate "

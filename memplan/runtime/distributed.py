@@ -23,6 +23,11 @@ model sharded the way the HF Trainer + accelerate 1.15 shard it for FSDP2:
   `fsdp2_switch_optimizer_parameters` leaves after `accelerator.prepare`), and the forward under
   autocast as accelerate's `native_amp` wraps it.
 
+Also (`shard_model`): FSDP2 HYBRID_SHARD on accelerate's `ParallelismConfig` 2-D mesh (`hsdp_mesh`), FSDP2
+CPU offload (CPUOffloadPolicy, unpinned on a CPU rank), FSDP1 as the Trainer + accelerate build it
+(`fsdp1_prepare_model`; its flat parameters split by term per rank: `flat_split`). `unrunnable` says in one
+line why a world cannot run here and what to run instead.
+
 Two instruments per rank (they must agree): the live-tensor tracker (`tracker.LiveTensorTracker`,
 extended here with FSDP2's storage resizes: `fsdp_storage_hooks`) and torch.profiler's CPU allocator
 events (`allocator.allocation_events`), which see every alloc/free including `resize_`.
@@ -77,21 +82,21 @@ class _WorldMethods:
         return self.strategy
 
     @property
-    def traces_meta(self) -> bool:
-        """Whether the meta trace (`simulate.distributed`) covers this world: DDP, or FSDP2 FULL_SHARD /
-        SHARD_GRAD_OP without CPU offload."""
-        return self.kind == "ddp" or (self.kind == "fsdp" and self.fsdp_version == 2 and not self.fsdp_offload_params
-                                      and self.fsdp_sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP"))
+    def runs_real(self) -> bool:
+        """Whether the real ranks (`run_ranks`) cover this world (`unrunnable` says why not): DDP, FSDP2
+        FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD (2-D mesh) with or without CPU offload, FSDP1 FULL_SHARD /
+        SHARD_GRAD_OP / NO_SHARD without CPU offload, DeepSpeed ZeRO-2/3 without offload_param."""
+        return unrunnable(self) is None
 
     @property
-    def runs_real(self) -> bool:
-        """Whether the real ranks (`run_ranks`) cover this world: what the meta trace covers, and DeepSpeed
-        ZeRO-2/3 without offload_param (runtime/deepspeed.py; offload_optimizer runs DeepSpeedCPUAdam)."""
-        return self.traces_meta or (self.kind == "deepspeed" and self.offload_param_device == "none")
+    def traces_meta(self) -> bool:
+        """Whether the meta trace (`simulate.distributed`) covers this world: the real ranks' worlds but
+        DeepSpeed's (`unrunnable(..., meta=True)`)."""
+        return unrunnable(self, meta=True) is None
 
     @property
     def runnable(self) -> bool:
-        """Both the real ranks and the meta trace cover this world (`runs_real` and `traces_meta`)."""
+        """Both the real ranks and the meta trace cover this world."""
         return self.runs_real and self.traces_meta
 
     @property
@@ -158,11 +163,14 @@ def fsdp_plugin(world: World, plan: Any):
         if world.fsdp_offload_params:
             from torch.distributed.fsdp import CPUOffloadPolicy
 
-            kw["cpu_offload"] = CPUOffloadPolicy()
+            # accelerate: CPUOffloadPolicy() (pinned). NB: pinning needs a CUDA (accelerator) runtime; a CPU
+            # rank cannot pin (pin_memory raises without one), and pinned or not the bytes are the same
+            kw["cpu_offload"] = CPUOffloadPolicy(pin_memory=plan.device != "cpu")
     else:
         kw["sharding_strategy"] = world.fsdp_sharding_strategy
         kw["backward_prefetch"] = world.fsdp_backward_prefetch
         kw["use_orig_params"] = world.fsdp_use_orig_params
+        kw["limit_all_gathers"] = world.fsdp_limit_all_gathers
         kw["cpu_offload"] = world.fsdp_offload_params
     plug = FullyShardedDataParallelPlugin(**kw)
     if plan.mixed_precision != "no":  # AcceleratorState: fsdp_plugin.set_mixed_precision(mixed_precision)
@@ -170,21 +178,119 @@ def fsdp_plugin(world: World, plan: Any):
     return plug
 
 
+def unrunnable(world: World, plan: Any = None, meta: bool = False) -> str | None:
+    """Why the real ranks (`meta`: the meta trace of `simulate.distributed`) cannot run `world` here (one
+    line: why, and what to run instead); None if they can."""
+    if world.kind == "ddp":
+        return None
+    if world.kind == "deepspeed":
+        if meta:
+            return ("the meta trace covers torch's FSDP and DDP engines, not DeepSpeed's: use `memplan profile "
+                    "--device cpu` (real ranks)")
+        if world.offload_param_device != "none":
+            return ("ZeRO-3 offload_param is not run on CPU ranks here (the parameter partitions would move from "
+                    "host to host): drop --offload-param to measure the rest")
+        if plan is not None and plan.gradient_accumulation_steps != 1:
+            return "DeepSpeed real ranks run one micro-batch a step: use --gradient-accumulation-steps 1"
+        return None
+    if world.kind != "fsdp":
+        return f"the real ranks run DDP, FSDP and DeepSpeed only, not {world.kind}"
+    s = world.fsdp_sharding_strategy
+    if world.fsdp_version == 2 and s == "NO_SHARD":
+        return ("FSDP2 has no NO_SHARD (transformers refuses fsdp=no_shard with FSDP2; accelerate to-fsdp2 maps it "
+                "to reshard_after_forward=False, i.e. SHARD_GRAD_OP): use --fsdp-version 1 or --strategy ddp")
+    if world.fsdp_version == 2 and s == "HYBRID_SHARD" and (world.num_machines < 2 or
+                                                            world.num_processes % world.num_machines
+                                                            or world.num_processes // world.num_machines < 2):
+        return ("FSDP2 HYBRID_SHARD needs a 2-D mesh (replicate = --num-machines >= 2, shard = ranks per node >= 2): "
+                "use e.g. --num-processes 4 --num-machines 2")
+    if world.fsdp_version == 1 and world.fsdp_offload_params:
+        return ("FSDP1 CPU offload pins its host shards (FlatParamHandle: pin_memory), which needs an accelerator: a "
+                "CPU rank cannot run it ('Cannot access accelerator device'); use --fsdp-version 2 (CPUOffloadPolicy)")
+    if world.fsdp_version == 1 and plan is not None and plan.method == "qlora" and plan.prepare:
+        return ("FSDP1 flattens a unit's parameters into one flat parameter of one dtype, and "
+                "prepare_model_for_kbit_training's fp32 norms beside the 16-bit 4-bit storage fail ('Must flatten "
+                "tensors with uniform dtype'): add --no-prepare (as FSDP-QLoRA recipes do) or use --fsdp-version 2")
+    if world.fsdp_version == 1 and s == "HYBRID_SHARD":
+        return ("FSDP1 HYBRID_SHARD on CPU: accelerate passes no device mesh and FSDP1 takes a node's size from the "
+                "device count (1 for CPU), so the CPU ranks cannot form 2 nodes: use --fsdp-version 2 (a 2-D mesh)")
+    return None
+
+
 def shard_model(model, world: World, plan: Any, rank: int = 0):
-    """Shard `model` as `accelerator.prepare` does for FSDP2 (accelerate's `fsdp2_prepare_model`)."""
+    """Shard `model` as `accelerator.prepare` does: FSDP2 (accelerate's `fsdp2_prepare_model`, HYBRID_SHARD on
+    the 2-D mesh of `hsdp_mesh`), FSDP1 (`fsdp1_prepare_model`) or DDP."""
     import torch
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
+    why = unrunnable(world, plan)
+    if why is not None:
+        raise NotImplementedError(why)
     if world.kind == "ddp":
         return wrap_ddp(model, world)
-    if world.kind != "fsdp" or world.fsdp_version != 2:
-        raise NotImplementedError(f"sharding {world.kind} (fsdp_version {world.fsdp_version}) is not wired yet")
-    if world.fsdp_sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        raise NotImplementedError(f"{world.fsdp_sharding_strategy} needs a 2-D device mesh: not wired yet")
+    if world.fsdp_version == 1:
+        return fsdp1_prepare_model(model, world, plan)
     plug = fsdp_plugin(world, plan)
+    mesh = pc = None
+    if world.fsdp_sharding_strategy == "HYBRID_SHARD":
+        mesh, pc = hsdp_mesh(world)
     acc = _Accel(state=types.SimpleNamespace(fsdp_plugin=plug), is_main_process=rank == 0,
-                 mixed_precision=plan.mixed_precision, device=torch.device("cpu"), torch_device_mesh=None)
+                 mixed_precision=plan.mixed_precision, device=torch.device("cpu"), torch_device_mesh=mesh,
+                 parallelism_config=pc)
     return fsdp2_prepare_model(acc, model)
+
+
+def hsdp_mesh(world: World):
+    """FSDP2 HYBRID_SHARD as accelerate builds it: `ParallelismConfig(dp_replicate_size=<nodes>,
+    dp_shard_size=<ranks per node>)` and its `build_device_mesh` (a 2-D mesh ("dp_replicate", "dp_shard"),
+    flattened "dp_shard_cp"); `fsdp2_prepare_model` shards on `mesh[fsdp_dim_names]`
+    (("dp_replicate", "dp_shard_cp")): parameters sharded within a node, replicated across nodes, gradients
+    reduce-scattered within the node then all-reduced across nodes."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    n = world.num_machines
+    pc = ParallelismConfig(dp_replicate_size=n, dp_shard_size=world.num_processes // n)
+    return pc.build_device_mesh("cpu"), pc
+
+
+def fsdp1_prepare_model(model, world: World, plan: Any):
+    """FSDP1 as the HF Trainer + accelerate 1.15 build it (the optimizer is created after the model is
+    wrapped: transformers 5.24 `Trainer._prepare_for_training`, delay_optimizer_creation for FSDP1):
+    `update_fsdp_plugin_peft` (peft's `fsdp_auto_wrap_policy`: decoder layers and every LoRA module are
+    units; QLoRA with a floating quant storage: `set_mixed_precision(<storage dtype>, override=True)`), then
+    `Accelerator.prepare_model`'s `FullyShardedDataParallel(model, sharding_strategy, cpu_offload,
+    auto_wrap_policy, mixed_precision, sync_module_states, backward_prefetch, forward_prefetch,
+    use_orig_params, param_init_fn, ignored_modules, limit_all_gathers, device_id=<cpu>)` and its upcast of
+    trainable flat parameters that are not fp32 (mixed precision on)."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    plug = fsdp_plugin(world, plan)
+    if hasattr(model, "active_peft_config"):
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        plug.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        qc = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        storage = getattr(qc, "bnb_4bit_quant_storage", None)
+        if getattr(model, "quantization_method", None) == "bitsandbytes" and getattr(storage, "is_floating_point",
+                                                                                    False):
+            plug.set_mixed_precision(storage, override=True)
+    plug.set_auto_wrap_policy(model)
+    model = FSDP(model, sharding_strategy=plug.sharding_strategy or plug.reshard_after_forward,
+                 cpu_offload=plug.cpu_offload, auto_wrap_policy=plug.auto_wrap_policy,
+                 mixed_precision=plug.mixed_precision_policy, sync_module_states=plug.sync_module_states,
+                 backward_prefetch=plug.backward_prefetch, forward_prefetch=plug.forward_prefetch,
+                 use_orig_params=plug.use_orig_params, limit_all_gathers=plug.limit_all_gathers,
+                 device_id=torch.device("cpu"))
+    if plan.mixed_precision != "no":
+        for m in FSDP.fsdp_modules(model):
+            if not m._has_params:
+                continue
+            p = m._flat_param
+            if p.dtype != torch.float32 and p.device != torch.device("meta") and p.requires_grad:
+                p.data = p.data.to(torch.float32)
+                m._handle._orig_param_dtype = torch.float32
+    return model
 
 
 def wrap_ddp(model, world: World):
@@ -206,7 +312,9 @@ def ddp_bucket_hook(tracker, model) -> Iterator[None]:
     default_hooks.allreduce_hook`) registers each bucket's flat buffer the first time it is reduced."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    if not hasattr(model, "register_comm_hook"):
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):  # FSDP1 has a register_comm_hook of its own
         yield
         return
     seen: set[int] = set()
@@ -251,6 +359,11 @@ def register_sharded_model(tracker, model, classify) -> None:
     from .tracker import quant_state_tensors
 
     for name, p in model.named_parameters(remove_duplicate=True):
+        split = flat_split(name, p, classify)
+        if split is not None:  # FSDP1: one flat parameter per unit, its shard split by term (`split_flat`)
+            tracker.register(p, max(split, key=split.get), name)
+            tracker.flat_split[name] = split
+            continue
         tracker.register(local(p), classify(_orig_name(name), p), name)
     for name, mod in model.named_modules():
         qs = getattr(mod, "quant_state", None) or getattr(getattr(mod, "weight", None), "quant_state", None)
@@ -261,12 +374,54 @@ def register_sharded_model(tracker, model, classify) -> None:
         tracker.register(b, Term.OTHER_PARAMS, name)
 
 
+def flat_split(name: str, p, classify) -> dict | None:
+    """FSDP1 (`use_orig_params=False`): a FlatParameter holds a unit's parameters flattened and concatenated,
+    padded to a multiple of the world size, of which each rank keeps one shard
+    (torch/distributed/fsdp/_flat_param.py FlatParamHandle). Its local shard's bytes by Term: each original
+    parameter's part of the shard (`_shard_param_infos`), classified by its name; the shard's padding
+    (`_shard_numel_padded`) and the alignment padding go to the term of the unit's largest part. None if `p` is
+    not a FlatParameter."""
+    if not hasattr(p, "_shard_param_infos") or not hasattr(p, "_fqns"):  # FlatParameter is an nn.Parameter
+        return None
+    prefix = _orig_name(name)
+    prefix = prefix[:-len("_flat_param")] if prefix.endswith("_flat_param") else prefix
+    el = p.element_size()
+    out: dict = {}
+    for fqn, info in zip(p._fqns, p._shard_param_infos):
+        if info.in_shard:
+            term = classify(prefix + fqn, None)
+            out[term] = out.get(term, 0) + info.numel_in_shard * el
+    top = max(out, key=out.get) if out else None
+    if top is not None:
+        out[top] += p.numel() * el - sum(out.values())
+    return out or None
+
+
+def split_flat(tracker, terms: dict[str, int], at: float) -> None:
+    """Move the bytes of FSDP1's flat parameters alive at `at` from the term they were registered under to
+    their terms by `flat_split` (in place)."""
+    split = getattr(tracker, "flat_split", None)
+    if not split:
+        return
+    for r in tracker.alive_at(at):
+        parts = split.get(r.name) if r.op != "resize_" else None
+        if parts is None or sum(parts.values()) != r.nbytes:
+            continue
+        terms[str(r.term)] -= r.nbytes
+        for t, b in parts.items():
+            terms[str(t)] += b
+
+
 def sharded_tracker_class():
     """`LiveTensorTracker` for a sharded model: DTensor parameters, gradients and optimizer state are
     registered and labelled by their local shard (`local`)."""
     from .tracker import LiveTensorTracker
 
     class ShardedTracker(LiveTensorTracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.flat_split: dict[str, dict] = {}
+
         def register_model(self, model, classify):
             if not self.records:  # registered once, before the steps (run_steps calls it again)
                 register_sharded_model(self, model, classify)
@@ -279,8 +434,9 @@ def sharded_tracker_class():
 
 
 def orig_name(name: str) -> str:
-    """A parameter's name as before wrapping (checkpoint wrappers; DDP's / a DeepSpeed engine's `module.`)."""
-    name = name.replace("_checkpoint_wrapped_module.", "")
+    """A parameter's name as before wrapping (checkpoint and FSDP1 wrappers; DDP's / a DeepSpeed engine's
+    `module.`)."""
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
     return name[len("module."):] if name.startswith("module.") else name  # DDP's wrapper
 
 
@@ -325,6 +481,20 @@ def fsdp_storage_hooks(tracker) -> Iterator[dict[int, str]]:
         return wrapper
 
     with contextlib.ExitStack() as stack:
+        # FSDP1 (torch/distributed/fsdp/_flat_param.py): the unsharded flat parameter (`_full_param_padded`)
+        # and the low-precision shard copy (`_mp_shard`, mixed precision) are allocated and freed the same way
+        # (torch.distributed.utils `_alloc_storage` / `_free_storage`, resizing their storage)
+        from torch.distributed.fsdp import _flat_param
+
+        def resized2(fn):
+            def wrapper(tensor, *args):
+                out = fn(tensor, *args)
+                tracker.resized(tensor.untyped_storage(), tensor)
+                return out
+            return wrapper
+
+        stack.enter_context(patch_attr(_flat_param, "_alloc_storage", resized2(_flat_param._alloc_storage)))
+        stack.enter_context(patch_attr(_flat_param, "_free_storage", resized2(_flat_param._free_storage)))
         alloc = resized(_fsdp_param.alloc_storage)
         stack.enter_context(patch_attr(_fsdp_param, "alloc_storage", alloc))
         stack.enter_context(patch_attr(_fsdp_param_group, "alloc_storage", alloc))
@@ -351,7 +521,12 @@ def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int]
     detail = {UNSHARDED: 0, COLLECTIVE: 0, GLOO: 0, DDP_BUCKETS: 0}
     keep = {Term.GRADIENTS, Term.OPTIMIZER_STATE, Term.BASE_WEIGHTS, Term.QUANT_STATE, Term.OTHER_PARAMS,
             Term.ADAPTER_WEIGHTS}
+    flat = getattr(tracker, "flat_split", {})
     for r in tracker.alive_at(at):
+        if r.op == "resize_" and r.name in flat:  # FSDP1's unsharded flat parameter, named after it by `label`
+            terms[COMM_BUFFERS] += r.nbytes
+            detail[UNSHARDED] += r.nbytes
+            continue
         what = (UNSHARDED if r.op == "resize_" else GLOO if _gloo_buffer(r)
                 else DDP_BUCKETS if r.name.startswith("ddp.bucket") else comm.get(id(r)))
         if what is not None and r.term not in keep:
@@ -359,6 +534,7 @@ def comm_terms(tracker, at: float, comm: dict[int, str]) -> tuple[dict[str, int]
             detail[what] = detail.get(what, 0) + r.nbytes
         else:
             terms[str(r.term or Term.TEMPORARIES)] += r.nbytes
+    split_flat(tracker, terms, at)
     return terms, detail
 
 
