@@ -100,7 +100,7 @@ from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
            "fewest_gpus", "MultiGPUOption", "LADDER", "GPU_COUNTS", "rank_moments", "loaded_bytes",
-           "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
+           "zero_buckets", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING", "layer_params"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
@@ -198,19 +198,31 @@ def _cast(plan: TrainPlan, el: int) -> int:
     return el
 
 
-def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
-    """The FSDP units of the model under `plan` (uniform decoder layers), bottom-up: the embedding
-    (unless tied), the layers, the tail (final norm, lm_head, the tied embedding)."""
-    if model.layer_kinds or model.vision_params or model.unloaded_vision_params:
-        raise UnsupportedArchitectureError(
-            f"{model.name}: the distributed closed form covers models whose decoder layers are alike and text-only "
-            "checkpoints; estimate one GPU, or wait for distributed simulate")
+def _norm_param(model: ModelSpec, name: str, n: int, el: int, full: bool) -> Param:
+    """One per-layer parameter of `layer_norms` with its real dim 0 (FSDP2 shards dim 0): the router
+    weight [E, H] (Llama4Router, an nn.Linear subclass, counts with the base weights; DeepSeek keeps its
+    router fp32: `_keep_in_fp32_modules_strict`), gpt_oss's expert biases [E, 2I] / [E, H]; the norms,
+    router biases and sinks are 1-D."""
+    moe = model.arch.moe
+    if moe is None or not model.num_experts:
+        return Param(n, 1, el, Term.OTHER_PARAMS, full)
+    E = model.num_experts
+    router = f"{moe.block}.{moe.router_name}.weight"
+    if name not in (router, f"{moe.block}.experts.gate_up_proj_bias", f"{moe.block}.experts.down_proj_bias"):
+        return Param(n, 1, el, Term.OTHER_PARAMS, full)
+    term = Term.BASE_WEIGHTS if name == router and moe.router_is_linear_subclass else Term.OTHER_PARAMS
+    return Param(E, n // E, el, term, full)
+
+
+def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
+    """The parameters of one decoder layer of a model whose layers are alike (or of one layer kind's
+    `formulas.kind_view`): its Linears (packed 4-bit, int8 or floating), biases, norms and routers,
+    the fused experts, and the LoRA tensors peft adds (on the Linears, the router and the experts)."""
     pr = plan.precision
     params_el = _cast(plan, pr.params)
     layer: list[Param] = []
     qlora4 = plan.method == "qlora" and plan.quant != "int8"
-    if plan.method == "qlora":
-        qs = quant_storage_bytes(plan)
+    qs = quant_storage_bytes(plan) if plan.method == "qlora" else 1
     fsdp_ignored = plan.world_strategy == "fsdp" and qlora4 and qs == 1  # accelerate: ignored_params
     for lin in model.layer_linears:
         if fsdp_ignored:
@@ -223,17 +235,43 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
             layer.append(Param(lin.out_features, lin.in_features, params_el, Term.BASE_WEIGHTS,
                                plan.method == "full"))
     bias_el = _cast(plan, pr.compute if qlora4 else pr.params)
-    layer += [Param(lin.out_features, 1, bias_el, Term.OTHER_PARAMS, plan.method == "full")
-              for lin in model.layer_linears if lin.bias]
-    layer += [Param(n, 1, params_el, Term.OTHER_PARAMS, plan.method == "full") for _, n in model.layer_norms]
+    full = plan.method == "full"
+    layer += [Param(lin.out_features, 1, bias_el, Term.OTHER_PARAMS, full) for lin in model.layer_linears if lin.bias]
+    moe = model.arch.moe
+    fp32_router = f"{moe.block}.{moe.router_name}.weight" if moe is not None and moe.router_fp32 else ""
+    layer += [_norm_param(model, name, n, _cast(plan, 4) if name == fp32_router else params_el, full)
+              for name, n in model.layer_norms]
     if model.is_moe:
         E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
-        layer += [Param(E, 2 * I * H, params_el, Term.OTHER_PARAMS, plan.method == "full"),
-                  Param(E, H * I, params_el, Term.OTHER_PARAMS, plan.method == "full")]
+        layer += [Param(E, 2 * I * H, params_el, Term.OTHER_PARAMS, full),
+                  Param(E, H * I, params_el, Term.OTHER_PARAMS, full)]
     if plan.method in ("qlora", "lora"):
         ad = _cast(plan, pr.adapter)
         layer += [Param(r, c, ad, Term.ADAPTER_WEIGHTS, True)
                   for r, c in F.lora_shapes(model, plan) + F.moe_lora_shapes(model, plan)]
+    return tuple(layer)
+
+
+def layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[tuple[Param, ...], ...]:
+    """Every decoder layer's parameters, in order: one tuple shared by all layers when they are alike,
+    else each layer's kind's (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers,
+    Llama 4's interleaved MoE; `formulas.kind_view`)."""
+    if not model.layer_kinds:
+        return (_layer_params(model, plan),) * model.num_layers
+    kinds = {k: _layer_params(F.kind_view(model, k == "moe"), plan) for k in set(model.layer_kinds)}
+    return tuple(kinds[k] for k in model.layer_kinds)
+
+
+def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
+    """The FSDP units of the model under `plan`, bottom-up: the embedding (unless tied), one per decoder
+    layer (accelerate's transformer_based_wrap on `_no_split_modules`: each layer its own kind's
+    parameters where the layers differ), the tail (final norm, lm_head, the tied embedding).
+    Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower)."""
+    if model.vision_params:
+        raise UnsupportedArchitectureError(
+            f"{model.name}: the distributed closed form covers text-only checkpoints; estimate one GPU")
+    params_el = _cast(plan, plan.precision.params)
+    layers = layer_params(model, plan)
     full = plan.method == "full"
     H, V = model.hidden_size, model.vocab_size
     embed = Param(V, H, params_el, Term.OTHER_PARAMS, full)
@@ -244,7 +282,7 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
         out.append(Unit("embed_tokens", (embed,)))
     else:
         tail.insert(0, embed)
-    out += [Unit(f"layers.{i}", tuple(layer), layer=i) for i in range(model.num_layers)]
+    out += [Unit(f"layers.{i}", ps, layer=i) for i, ps in enumerate(layers)]
     if plan.method == "full":  # accelerate's _find_final_norm finds it on a plain model: the tail's
         out.append(Unit("norm+lm_head", (norm, *tail), keep_after_forward=True))
     else:  # a PeftModel hides it (`_find_final_norm` scans model.<base_model_prefix>): it stays in the root
@@ -254,11 +292,11 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     if plan.fsdp_version == 1 and plan.world_strategy == "fsdp":
         # FSDP1 (peft fsdp_auto_wrap_policy): every LoRA Linear is its own unit; embedding, final norm and
         # lm_head stay in the root, which keeps its parameters after forward
-        lora = [p for p in layer if p.term == Term.ADAPTER_WEIGHTS]
-        frozen = tuple(p for p in layer if p.term != Term.ADAPTER_WEIGHTS)
         top = (embed,) if not model.tie_word_embeddings else ()
-        out = [Unit(f"layers.{i}", frozen, layer=i) for i in range(model.num_layers)]
-        out += [Unit(f"layers.{i}.lora.{j}", (p,), layer=i) for i in range(model.num_layers) for j, p in enumerate(lora)]
+        out = [Unit(f"layers.{i}", tuple(p for p in ps if p.term != Term.ADAPTER_WEIGHTS), layer=i)
+               for i, ps in enumerate(layers)]
+        out += [Unit(f"layers.{i}.lora.{j}", (p,), layer=i) for i, ps in enumerate(layers)
+                for j, p in enumerate(p for p in ps if p.term == Term.ADAPTER_WEIGHTS)]
         out.append(Unit("root", top + tuple(tail), keep_after_forward=True, root=True))
     return tuple(out)
 
@@ -319,6 +357,9 @@ class _World:
     view_grads: int = 0
     #: base weights every rank holds whole (FSDP with uint8 4-bit storage: accelerate's ignored_params)
     replicated_base: int = 0
+    #: each layer's gradients in the step each rank computes, where the layers differ (`layer_kinds`);
+    #: () = every layer alike: view_grads / num_layers each
+    view_layer_grads: tuple[int, ...] = ()
 
     #: shape-free sums over the units, computed once per estimate (`sums`), not once per moment
     _sums: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -336,7 +377,22 @@ class _World:
                 layer_units=[u for u in us if u.layer is not None],
                 shard_grads=sum(u.grads(w, rnd, self.version) for u in us),
                 per_layer_shard=sum(u.grads(w, rnd, self.version) for u in us if u.layer == 0))
+            # per decoder layer (they differ where `layer_kinds` mixes dense and MoE layers): the trainable
+            # gradients' per-rank shards and their whole bytes
+            L = self.model.num_layers
+            layer_shard, layer_full = [0] * L, [0] * L
+            for u in self._sums["layer_units"]:
+                layer_shard[u.layer] += u.grads(w, rnd, self.version)
+                layer_full[u.layer] += u.grads(1, rnd, 2)
+            self._sums.update(layer_shard=tuple(layer_shard), layer_full=tuple(layer_full))
         return self._sums
+
+    def view_above(self, i: int) -> int:
+        """The view's gradients of the layers above layer i (done in backward before it)."""
+        L = self.model.num_layers
+        if not self.view_layer_grads:
+            return (L - 1 - i) * (self.view_grads // L if L else 0)
+        return sum(self.view_layer_grads[i + 1:])
 
     def shard(self, u: Unit) -> dict[Term, int]:
         return u.bytes(self.w, self.rnd, self.version)
@@ -383,8 +439,11 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
     DeepSpeed's 16-bit cast, every parameter reaches the compute in 16 bits, so that step is the
     single-device step with 16-bit parameters and adapters (`prepare=False`, `adapter_dtype` = the
     autocast dtype: no fp32 residual stream, no autocast copies of the adapters)."""
-    from .estimate import compute
+    from dataclasses import replace
 
+    from .estimate import compute, static_part
+
+    asked = plan
     single = compute(model, plan.single_device(), gpu)
     plan = single.plan.replace(**{k: getattr(plan, k) for k in DIST_FIELDS})  # with check_plan's changes
     strategy = plan.world_strategy
@@ -392,14 +451,24 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         raise UnsupportedArchitectureError(f"{model.name}: no closed-form moments to shard (simulate-only model)")
     view = single
     cast16 = bool(plan.autocast) and strategy in ("fsdp", "deepspeed")
+    static = single.moments[0].static
+    if cast16 and model.is_moe and asked.prepare and not plan.prepare and plan.device == "cuda":
+        # one GPU: grouped_mm refuses prepare's fp32 experts, so check_plan drops prepare; under FSDP's
+        # mixed precision (param_dtype bf16) and DeepSpeed's cast the experts reach grouped_mm in 16 bits:
+        # prepare runs (its fp32 parameters are what the ranks shard), measured with simulate per rank
+        plan = plan.replace(prepare=True)
+        single = replace(single, plan=single.plan.replace(prepare=True), notes=tuple(
+            n for n in single.notes if not n.startswith(_GROUPED_MM_NOTE)))
+        static = static_part(model, single.plan, True).terms
     if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast):
         view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast), gpu)
     w = shard_group(plan)
     version = plan.fsdp_version if strategy == "fsdp" else 2
     rnd = 512 if plan.device == "cuda" else 1
     world = _World(model, plan, rnd, w, version, units(model, plan),
-                   gather_el=2 if cast16 and strategy == "fsdp" else 0, static=single.moments[0].static,
-                   view_grads=F.gradient_bytes(model, view.plan, rnd))
+                   gather_el=2 if cast16 and strategy == "fsdp" else 0, static=static,
+                   view_grads=F.gradient_bytes(model, view.plan, rnd),
+                   view_layer_grads=_view_layer_grads(model, view.plan, rnd))
     if strategy == "fsdp" and plan.method == "qlora" and plan.quant != "int8" and quant_storage_bytes(plan) == 1:
         world.replicated_base = world.static[Term.BASE_WEIGHTS]
     ms = list(view.moments)
@@ -408,6 +477,23 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         if at is not None:
             ms.insert(at, _tail_gather(ms[at]))
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
+
+
+#: the single-device note of a CUDA MoE plan whose prepare check_plan drops (estimate._moe_checks)
+_GROUPED_MM_NOTE = "grouped_mm on CUDA takes bf16 experts only"
+
+
+def _view_layer_grads(model: ModelSpec, plan: TrainPlan, rnd: int) -> tuple[int, ...]:
+    """Each decoder layer's gradients where the layers differ (as `estimate._mixed_step` sums them: the
+    trainable groups of the layer's kind, `formulas.kind_view`); () when every layer is alike."""
+    if not model.layer_kinds:
+        return ()
+    per_kind = {}
+    for kind in set(model.layer_kinds):
+        view = F.kind_view(model, kind == "moe")
+        per_kind[kind] = sum(F.rounded(r * c * dt, rnd) for (r, c), dt, k in F._trainable_groups(view, plan)
+                             if k == view.num_layers)
+    return tuple(per_kind[k] for k in model.layer_kinds)
 
 
 def _tail_gather(loss: Any) -> Any:
@@ -519,17 +605,15 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         else:
             t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in prefetched)
     # gradients: sharded for the units done, the current layer's in flight unsharded
-    shard_grads, per_layer_shard = agg["shard_grads"], agg["per_layer_shard"]
-    view_layer = world.view_grads // L if L else 0
+    shard_grads, layer_shard = agg["shard_grads"], agg["layer_shard"]
     ga_view = world.view_grads if ga else 0
     if kind == "optimizer":
         grads_dev = shard_grads
         scratch_ratio = shard_grads / full_grads if full_grads else 0
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
     elif i is not None:
-        above = L - 1 - i
-        in_flight = max(0, m.gradients - ga_view - above * view_layer)
-        grads_dev = (shard_grads if ga else above * per_layer_shard) + in_flight
+        in_flight = max(0, m.gradients - ga_view - world.view_above(i))
+        grads_dev = (shard_grads if ga else sum(layer_shard[i + 1:])) + in_flight
         if world.version == 2 and i < L - 1 and not nos:
             # the previous unit's reduce-scatter input, in the reduce dtype (FSDP2 keeps one:
             # reduce_scatter_max_input_buffers; FSDP1 frees it once reduced)
@@ -541,7 +625,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     if offload:
         host[Term.GRADIENTS] = shard_grads
         grads_dev -= min(grads_dev, shard_grads if (ga or kind == "optimizer") else
-                         (L - 1 - (i or 0)) * per_layer_shard if i is not None else 0)
+                         sum(layer_shard[i + 1:]) if i is not None else 0)
         host[Term.OPTIMIZER_STATE] = _optimizer_on(trainable, w, plan, 1, False, False)[0]  # steps on the CPU
     else:
         dev, _ = _optimizer_on(trainable, w, plan, rnd, cuda, False)
@@ -675,9 +759,9 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     master = F.rounded(4 * part, rnd) if n_tr else 0
     in_flight = 0
     if i is not None and kind != "optimizer":
-        per_layer = sum(F.rounded(p.numel * p.el, rnd) for u in us if u.layer == 0 for p in u.params if p.trainable)
-        in_flight = max(0, m.gradients - (full_grads if ga else 0) - (L - 1 - i) * per_layer)
-        in_flight = min(in_flight, per_layer)
+        layer_full = world.sums()["layer_full"]  # each layer's own (mixed dense/MoE layers differ)
+        in_flight = max(0, m.gradients - (full_grads if ga else 0) - sum(layer_full[i + 1:]))
+        in_flight = min(in_flight, layer_full[i])
     if stage == 3 or kind == "optimizer" or i is not None or ga:
         grads_held = grad_part
     else:
