@@ -472,6 +472,8 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
     if strategy == "fsdp" and plan.method == "qlora" and plan.quant != "int8" and quant_storage_bytes(plan) == 1:
         world.replicated_base = world.static[Term.BASE_WEIGHTS]
     ms = list(view.moments)
+    if strategy == "fsdp" and plan.fsdp_sharding_strategy != "NO_SHARD":
+        ms = _layer_forwards(model, view.plan, ms, version == 2) + ms
     if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD":
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
         if at is not None:
@@ -494,6 +496,54 @@ def _view_layer_grads(model: ModelSpec, plan: TrainPlan, rnd: int) -> tuple[int,
         per_kind[kind] = sum(F.rounded(r * c * dt, rnd) for (r, c), dt, k in F._trainable_groups(view, plan)
                              if k == view.num_layers)
     return tuple(per_kind[k] for k in model.layer_kinds)
+
+
+def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: bool) -> list[Any]:
+    """FSDP: the forward of the last layer of each kind (the gathered unit, with FSDP2 its flat all-gather
+    output kept, is that layer's: an MoE layer gathers far more than a dense one), beside the single-device
+    moments. Without checkpointing: every earlier layer's saved set, as `estimate.forward_moment` (the
+    last layer's forward is that moment itself). With checkpointing: the checkpointed inputs of the
+    layers below it and the layer's forward under the checkpoint. NB: a checkpointed forward saves
+    nothing, but its locals and transients are taken as the layer's forward without checkpointing (an
+    upper bound: its saved set is counted). FSDP2 also: the layer's all-gather copy-out (`gather:layer<i>`,
+    before its forward computes: its unsharded parameters, its flat all-gather output and the previous
+    unit's, still kept in `comm_ctx.all_gather_state`), which peaks where one layer's experts are large."""
+    from .activations import packed_rows
+    from .estimate import _kind_step, make_step
+
+    L, gc = model.num_layers, plan.gradient_checkpointing
+    kinds = model.layer_kinds or ("",) * L
+    last = {L - 1 - kinds[::-1].index(k) for k in set(kinds)}
+    # the copy-out of a kind's first layer keeps the unit below's flat output (the embedding's for layer 0)
+    gathers = (last | {kinds.index(k) for k in set(kinds)}) if fsdp2 else set()
+    forwards = last if gc else last - {L - 1}
+    layers = sorted(gathers | forwards)
+    if not layers:
+        return []
+    s = make_step(model, packed_rows(plan), plan.device == "cuda", 2 * plan.batch_size)
+    out = []
+    for i in layers:
+        si = _kind_step(s, i)
+        ap = si.ap
+        if gc:  # the checkpointed inputs of the layers below and the layer's own input
+            earlier = i * ap.layer_input_bytes + si.layer_args
+        elif si.saved_layers:
+            earlier = sum(si.saved_layers[:i])
+        else:
+            earlier = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+        m = si.moment("forward", i, si.ga_grads, earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes
+                      + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
+        if i in gathers:
+            own = ap.layer_input_bytes if gc else 0
+            out.append(m._replace(
+                name=f"forward:gather{i}", kind="layer_gather", description=f"FSDP2's all-gather of layer {i} of {L} "
+                "(its copy-out: the previous unit's flat all-gather output still kept), before its forward",
+                allocated_bytes=m.allocated_bytes - ap.forward_peak + own, activations=m.activations - ap.forward_peak
+                + ap.forward_temps + own, temporaries=0))
+        if i in forwards:
+            out.append(m._replace(name=f"forward:layer{i}", description=f"the forward of layer {i} of {L}"
+                                  + (" (checkpointed)" if gc else ", every earlier layer's activations saved")))
+    return out
 
 
 def _tail_gather(loss: Any) -> Any:
@@ -611,7 +661,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         grads_dev = shard_grads
         scratch_ratio = shard_grads / full_grads if full_grads else 0
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
-    elif i is not None:
+    elif i is not None and kind not in ("forward", "layer_gather"):
         in_flight = max(0, m.gradients - ga_view - world.view_above(i))
         grads_dev = (shard_grads if ga else sum(layer_shard[i + 1:])) + in_flight
         if world.version == 2 and i < L - 1 and not nos:
@@ -675,11 +725,18 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     kept: set[str] = set()
     if kind == "optimizer":
         return alive, pre, kept
-    if kind == "forward":  # the last layer's forward
-        alive |= names[L - 1] | root
-        kept |= {next(iter(sorted(names[L - 1])))} if world.version == 2 else set()
+    if kind == "layer_gather":  # layer i's copy-out: its flat output and the previous unit's kept
+        alive |= names[i] | root
+        kept |= {sorted(names[i])[0]} | ({sorted(names[i - 1])[0]} if i else embed)
         if after_forward:
-            alive |= embed | layers(0, L)
+            alive |= embed | layers(0, i)
+        return alive, pre, kept
+    if kind == "forward":  # layer i's forward (the last layer's, or a layer of another kind)
+        j = L - 1 if i is None else i
+        alive |= names[j] | root
+        kept |= {next(iter(sorted(names[j])))} if world.version == 2 else set()
+        if after_forward:
+            alive |= embed | layers(0, j + 1)
         return alive, pre, kept
     if kind == "tail_gather":  # the tail's copy-out: the last layer's flat output kept, the tail's alive
         alive |= keep
@@ -736,7 +793,7 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     off_opt = plan.offload_optimizer_device == "cpu"
     alive_layers: set[int] = set()
     if kind == "forward":
-        alive_layers = {L - 1}
+        alive_layers = {L - 1 if i is None else i}
     elif i is not None:
         alive_layers = {i}
     for u in us:
