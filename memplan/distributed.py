@@ -13,7 +13,10 @@ and, for each, swaps the static terms for their per-rank form:
   `quant_state` is a module attribute, not a parameter: every rank keeps all of it (bitsandbytes
   nn/modules.py `fix_4bit_weight_quant_state_from_module`). Buffers (rotary inv_freq) are replicated.
 - FSDP units follow accelerate 1.15 (accelerate/utils/fsdp_utils.py `fsdp2_prepare_model`): one unit
-  per decoder layer (TRANSFORMER_BASED_WRAP on `_no_split_modules`), the input embedding (its own
+  per decoder layer (TRANSFORMER_BASED_WRAP on `_no_split_modules`; where the layers differ, `layer_kinds`:
+  DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers, Llama 4's interleaved MoE, each layer's unit
+  holds its kind's parameters, `layer_params`, and every per-layer sum and gathered/prefetched unit is
+  that layer's own; routers shard on their dim 0, [E, H]), the input embedding (its own
   unit unless tied), the tail [lm_head] with reshard_after_forward=False, the root (the final norm:
   `_find_final_norm` does not see through a PeftModel) which keeps its parameters until the end of
   backward. The 4-bit weights shard as elements of `bnb_4bit_quant_storage` (packed
@@ -81,8 +84,15 @@ Known limitations (NB):
   partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states); ZeRO-2's ipg buffer
   assumed single (overlap_comm doubles it); not checked on real ranks here (no DeepSpeed CPU run);
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
-- models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
-  covered by the distributed closed form (UnsupportedArchitectureError).
+- mixed dense/MoE layers: FSDP adds the forward of each kind's last layer and (FSDP2) the all-gather
+  copy-out of each kind's first and last layer (`_layer_forwards`; one MoE layer's gathered experts can
+  dwarf everything else); a checkpointed layer's forward is taken as its forward without checkpointing
+  (an upper bound: +1.29 % on a cut Llama 4 Maverick, tests/test_distributed_mixed.py). CUDA MoE plans keep
+  prepare under FSDP/ZeRO mixed precision (grouped_mm gets 16-bit experts; one GPU must drop it);
+- Gemma 3's multimodal checkpoints are refused (UnsupportedArchitectureError): accelerate's
+  transformer_based_wrap raises on them (a SigLIP class in `_no_split_modules` they do not build), and the
+  tower's never-used LoRA in DDP buckets / ZeRO partitions is not modelled. Llama 4's multimodal
+  checkpoints load as Llama4ForCausalLM (no tower): covered.
 """
 
 from __future__ import annotations
@@ -268,8 +278,18 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     parameters where the layers differ), the tail (final norm, lm_head, the tied embedding).
     Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower)."""
     if model.vision_params:
+        # transformers aggregates the children's `_no_split_modules` (modeling_utils post_init): Gemma3's
+        # gets SigLIP's, whose SiglipMultiheadAttentionPoolingHead Gemma 3 does not build (vision_use_head
+        # False), and accelerate's fsdp2_prepare_auto_wrap_policy raises for a class it cannot find
+        if plan.world_strategy != "fsdp":
+            raise UnsupportedArchitectureError(
+                f"{model.name}: a multimodal checkpoint's vision tower (its LoRA requires grad but never gets a "
+                "gradient) in DDP buckets / ZeRO partitions is not modelled yet; estimate one GPU")
         raise UnsupportedArchitectureError(
-            f"{model.name}: the distributed closed form covers text-only checkpoints; estimate one GPU")
+            f"{model.name}: accelerate 1.15's transformer_based_wrap fails on this multimodal checkpoint (\"Could "
+            "not find the transformer layer class SiglipMultiheadAttentionPoolingHead in the model\": its "
+            "_no_split_modules name SigLIP's pooling head, which it does not build), so FSDP needs "
+            "fsdp_transformer_layer_cls_to_wrap, which memplan does not model yet; estimate one GPU")
     params_el = _cast(plan, plan.precision.params)
     layers = layer_params(model, plan)
     full = plan.method == "full"
