@@ -529,7 +529,7 @@ def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: boo
     before its forward computes: its unsharded parameters, its flat all-gather output and the previous
     unit's, still kept in `comm_ctx.all_gather_state`), which peaks where one layer's experts are large."""
     from .activations import packed_rows
-    from .estimate import _kind_step, make_step
+    from .estimate import make_step
 
     L, gc = model.num_layers, plan.gradient_checkpointing
     kinds = model.layer_kinds or ("",) * L
@@ -543,15 +543,14 @@ def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: boo
     s = make_step(model, packed_rows(plan), plan.device == "cuda", 2 * plan.batch_size)
     out = []
     for i in layers:
-        si = _kind_step(s, i)
-        ap = si.ap
+        ap = s.layer_kind[i][1] if s.layer_kind else s.ap  # layer i's kind's profile
         if gc:  # the checkpointed inputs of the layers below and the layer's own input
-            earlier = i * ap.layer_input_bytes + si.layer_args
-        elif si.saved_layers:
-            earlier = sum(si.saved_layers[:i])
+            earlier = i * ap.layer_input_bytes + s.layer_args
+        elif s.saved_layers:
+            earlier = sum(s.saved_layers[:i])
         else:
             earlier = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
-        m = si.moment("forward", i, si.ga_grads, earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes
+        m = s.moment("forward", i, s.ga_grads, earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes
                       + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
         if i in gathers:
             own = ap.layer_input_bytes if gc else 0
