@@ -89,10 +89,15 @@ Known limitations (NB):
   dwarf everything else); a checkpointed layer's forward is taken as its forward without checkpointing
   (an upper bound: +1.29 % on a cut Llama 4 Maverick, tests/test_distributed_mixed.py). CUDA MoE plans keep
   prepare under FSDP/ZeRO mixed precision (grouped_mm gets 16-bit experts; one GPU must drop it);
-- Gemma 3's multimodal checkpoints are refused (UnsupportedArchitectureError): accelerate's
-  transformer_based_wrap raises on them (a SigLIP class in `_no_split_modules` they do not build), and the
-  tower's never-used LoRA in DDP buckets / ZeRO partitions is not modelled. Llama 4's multimodal
-  checkpoints load as Llama4ForCausalLM (no tower): covered.
+- Gemma 3's multimodal checkpoints: accelerate's default transformer_based_wrap raises on them (a SigLIP
+  class in the aggregated `_no_split_modules` they do not build): refused, unless
+  `fsdp_transformer_layer_cls_to_wrap` names Gemma3DecoderLayer (and optionally SiglipEncoderLayer,
+  SiglipVisionEmbeddings: idle units, never gathered; the rest of the tower and the projector stay in the
+  root, gathered all step: `_vision_units`), FSDP2 only; DDP / ZeRO with the tower (its never-used LoRA in
+  the buckets / partitions) not modelled. Llama 4's multimodal checkpoints load as Llama4ForCausalLM (no
+  tower): covered.
+- FSDP2 with tied embeddings: the tail group [embed, lm_head] is gathered as the embedding runs and stays
+  gathered to the end of backward (no tail all-gather at the end of forward; `_fsdp_alive`).
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ class Unit:
     layer: int | None = None          # the decoder layer it is, None for embed / tail
     keep_after_forward: bool = False  # reshard_after_forward=False (the tail; FSDP1's root)
     root: bool = False                # the root: gathered first in forward, resharded at the end of backward
+    idle: bool = False                # never runs in a text-only step (a vision tower's): never gathered
 
     def bytes(self, w: int, rnd: int, version: int, unsharded: bool = False, gather_el: int = 0) -> dict[Term, int]:
         """Per-term bytes of one rank's shard (or, `unsharded`, of the all-gathered parameters, padded,
@@ -272,12 +278,84 @@ def layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[tuple[Param, ...], 
     return tuple(kinds[k] for k in model.layer_kinds)
 
 
+#: multimodal checkpoints (Gemma3ForConditionalGeneration): the decoder layer class, and the vision tower
+#: classes of its `_no_split_modules` (transformers aggregates the children's) that it builds
+_MM_DECODER = {"gemma3_text": "Gemma3DecoderLayer"}
+_SIGLIP_LAYER, _SIGLIP_EMBED = "SiglipEncoderLayer", "SiglipVisionEmbeddings"
+
+
+def _vision_units(model: ModelSpec, plan: TrainPlan, wrap: tuple[str, ...]) -> tuple[list[Unit], tuple[Param, ...]]:
+    """A multimodal checkpoint's vision tower under `fsdp_transformer_layer_cls_to_wrap` = `wrap`: (its units,
+    never gathered in a text-only step, and the parameters left to the root: the projector, the
+    post-layernorm, and whatever class `wrap` does not name). SigLIP (transformers siglip/modeling_siglip.py):
+    embeddings = patch_embedding Conv2d [C, ch, p, p] + bias and position_embedding [patches, C]; each
+    SiglipEncoderLayer q/k/v/out_proj, fc1, fc2 (nn.Linear with bias: 4-bit under QLoRA, the biases in the
+    parameters' dtype, never cast by a forward) and layer_norm1/2 (weight + bias); Gemma3MultiModalProjector
+    mm_input_projection_weight [C, H] and mm_soft_emb_norm [C]. The tower's LoRA (peft's all-linear adapts
+    it) requires grad but never gets a gradient: no gradient, no optimizer state (`trainable` False)."""
+    if plan.fsdp_version == 1:
+        raise UnsupportedArchitectureError(f"{model.name}: FSDP1 units of a multimodal checkpoint are not modelled; "
+                                           "use --fsdp-version 2")
+    decoder = _MM_DECODER.get(model.model_type, "")
+    unknown = [c for c in wrap if c not in (decoder, _SIGLIP_LAYER, _SIGLIP_EMBED)]
+    if decoder not in wrap or unknown:
+        raise UnsupportedArchitectureError(
+            f"{model.name}: fsdp_transformer_layer_cls_to_wrap {','.join(wrap)}: memplan models units of "
+            f"{decoder} (required) and {_SIGLIP_LAYER}, {_SIGLIP_EMBED} for this checkpoint"
+            + (f", not {','.join(unknown)}" if unknown else ""))
+    pr = plan.precision
+    el = _cast(plan, pr.params)
+    qlora4 = plan.method == "qlora" and plan.quant != "int8"
+    qs = quant_storage_bytes(plan) if plan.method == "qlora" else 1
+    other = model.vision_other_tensors
+    C = other[1]
+    n_layers = (len(other) - 7) // 4
+    per = len(model.vision_linears) // n_layers if n_layers else 0
+    targets = {lin.name for lin in F.vision_lora_targets(model, plan)}
+    ad = _cast(plan, pr.adapter)
+    embed = (Param(C, other[0] // C, el, Term.OTHER_PARAMS), Param(C, 1, el, Term.OTHER_PARAMS),
+             Param(other[2] // C, C, el, Term.OTHER_PARAMS))
+    layers = []
+    for j in range(n_layers):
+        ps: list[Param] = []
+        lins = model.vision_linears[j * per:(j + 1) * per]
+        for lin in lins:
+            if qlora4:
+                if qs != 1 or plan.world_strategy != "fsdp":  # uint8 storage: accelerate's ignored_params
+                    ps.append(Param((lin.numel + 1) // (2 * qs), 1, qs, Term.BASE_WEIGHTS))
+            elif plan.method == "qlora":
+                ps.append(Param(lin.out_features, lin.in_features, 1, Term.BASE_WEIGHTS))
+            else:
+                ps.append(Param(lin.out_features, lin.in_features, el, Term.BASE_WEIGHTS))
+        ps += [Param(lin.out_features, 1, el, Term.OTHER_PARAMS) for lin in lins if lin.bias]
+        ps += [Param(C, 1, el, Term.OTHER_PARAMS)] * 4
+        if plan.method in ("qlora", "lora"):
+            for lin in lins:
+                if lin.name in targets:
+                    ps += [Param(plan.lora_r, lin.in_features, ad, Term.ADAPTER_WEIGHTS),
+                           Param(lin.out_features, plan.lora_r, ad, Term.ADAPTER_WEIGHTS)]
+        layers.append(tuple(ps))
+    tail = (Param(C, 1, el, Term.OTHER_PARAMS), Param(C, 1, el, Term.OTHER_PARAMS),  # post_layernorm
+            Param(C, other[-2] // C, el, Term.OTHER_PARAMS), Param(C, 1, el, Term.OTHER_PARAMS))  # projector
+    out, root = [], list(tail)
+    if _SIGLIP_EMBED in wrap:
+        out.append(Unit("vision.embeddings", embed, idle=True))
+    else:
+        root += embed
+    if _SIGLIP_LAYER in wrap:
+        out += [Unit(f"vision.layers.{j}", ps, idle=True) for j, ps in enumerate(layers)]
+    else:
+        root += [p for ps in layers for p in ps]
+    return out, tuple(root)
+
+
 def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     """The FSDP units of the model under `plan`, bottom-up: the embedding (unless tied), one per decoder
     layer (accelerate's transformer_based_wrap on `_no_split_modules`: each layer its own kind's
     parameters where the layers differ), the tail (final norm, lm_head, the tied embedding).
     Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower)."""
-    if model.vision_params:
+    wrap = plan.fsdp_transformer_layer_cls_to_wrap
+    if model.vision_params and not (plan.world_strategy == "fsdp" and wrap):
         # transformers aggregates the children's `_no_split_modules` (modeling_utils post_init): Gemma3's
         # gets SigLIP's, whose SiglipMultiheadAttentionPoolingHead Gemma 3 does not build (vision_use_head
         # False), and accelerate's fsdp2_prepare_auto_wrap_policy raises for a class it cannot find
@@ -303,11 +381,17 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
     else:
         tail.insert(0, embed)
     out += [Unit(f"layers.{i}", ps, layer=i) for i, ps in enumerate(layers)]
-    if plan.method == "full":  # accelerate's _find_final_norm finds it on a plain model: the tail's
+    vision_root: tuple[Param, ...] = ()
+    if model.vision_params:
+        vision, vision_root = _vision_units(model, plan, wrap)
+        out += vision
+    if plan.method == "full" and not model.vision_params:
+        # accelerate's _find_final_norm finds it on a plain model: the tail's
         out.append(Unit("norm+lm_head", (norm, *tail), keep_after_forward=True))
     else:  # a PeftModel hides it (`_find_final_norm` scans model.<base_model_prefix>): it stays in the root
         out.append(Unit("lm_head", tuple(tail), keep_after_forward=True))
-        out.append(Unit("root", (norm,), keep_after_forward=True, root=True))
+        # (a multimodal model's final norm is under model.language_model: not found either)
+        out.append(Unit("root", (norm, *vision_root), keep_after_forward=True, root=True))
     tail.insert(0, norm)
     if plan.fsdp_version == 1 and plan.world_strategy == "fsdp":
         # FSDP1 (peft fsdp_auto_wrap_policy): every LoRA Linear is its own unit; embedding, final norm and
@@ -494,7 +578,8 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
     ms = list(view.moments)
     if strategy == "fsdp" and plan.fsdp_sharding_strategy != "NO_SHARD":
         ms = _layer_forwards(model, view.plan, ms, version == 2) + ms
-    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD":
+    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD" \
+            and not model.tie_word_embeddings:  # tied: the tail is gathered as the embedding runs (`_fsdp_alive`)
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
         if at is not None:
             ms.insert(at, _tail_gather(ms[at]))
@@ -724,7 +809,25 @@ def _uncast_other(world: _World) -> int:
 def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
                 layer_units: list[Unit]) -> tuple[set[str], set[str], set[str]]:
     """(units gathered at the moment, units prefetched: all-gathered, not yet copied out, units whose
-    flat all-gather output FSDP2 still keeps: the last forward all-gather's)."""
+    flat all-gather output FSDP2 still keeps: the last forward all-gather's).
+
+    FSDP2 with tied embeddings: the tail group [input_embed, lm_head] is gathered as the embedding runs
+    (the first all-gather after the root's) and, reshard_after_forward=False, stays gathered to the end of
+    backward (measured with simulate per rank on Gemma 3: tests/test_distributed_mixed.py)."""
+    alive, pre, kept = _fsdp_alive_untied(world, kind, i, L, layer_units)
+    if kind != "optimizer" and world.version == 2 and world.model.tie_word_embeddings:
+        tops = [u for u in world.units if u.layer is None and not u.idle]
+        tail = {u.name for u in tops if u.keep_after_forward and not u.root}
+        alive |= tail
+        if kind == "layer_gather" and i == 0:
+            kept |= tail  # the tail's all-gather was the one before layer 0's
+        if kind in ("loss_forward", "loss_backward") or (i is None and kind != "tail_gather"):
+            kept -= tail  # its flat output was freed at layer 0's copy-out
+    return alive, pre, kept
+
+
+def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
+                       layer_units: list[Unit]) -> tuple[set[str], set[str], set[str]]:
     p = world.plan
     names: dict[int, set[str]] = {}
     for u in layer_units:
@@ -733,7 +836,7 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     def layers(lo: int, hi: int) -> set[str]:
         return set().union(*(names[j] for j in range(lo, hi)))
 
-    tops = [u for u in world.units if u.layer is None]
+    tops = [u for u in world.units if u.layer is None and not u.idle]
     keep = {u.name for u in tops if u.keep_after_forward}
     root = {u.name for u in tops if u.root}
     tail = keep - root

@@ -149,6 +149,10 @@ class TrainPlan:
     offload_param_device: str = "none"
     bnb_4bit_quant_storage: str = _AUTO
     ddp_bucket_cap_mb: int = 25
+    #: accelerate's `fsdp_transformer_layer_cls_to_wrap` (TrainingArguments fsdp_config
+    #: `transformer_layer_cls_to_wrap`): the classes transformer_based_wrap makes units of; () = the model's
+    #: `_no_split_modules` (memplan.distributed `units`)
+    fsdp_transformer_layer_cls_to_wrap: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -199,6 +203,12 @@ class TrainPlan:
         else:
             tm = tuple(tm)
         set_("target_modules", tm)
+        wrap = self.fsdp_transformer_layer_cls_to_wrap
+        if isinstance(wrap, str):
+            wrap = tuple(t.strip() for t in wrap.split(",") if t.strip())
+        elif isinstance(wrap, (list, tuple)):
+            wrap = tuple(wrap)
+        set_("fsdp_transformer_layer_cls_to_wrap", wrap)
         set_("optim", str(self.optim).lower())
         set_("trainer", {"sfttrainer": "sft", "transformers": "trainer"}.get(str(self.trainer).lower(),
                                                                            str(self.trainer).lower()))
@@ -350,6 +360,10 @@ class TrainPlan:
         v = self.ddp_bucket_cap_mb
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
             p.append(f"--ddp-bucket-cap-mb must be a positive number of MiB, got {v!r}")
+        wrap = self.fsdp_transformer_layer_cls_to_wrap
+        if not isinstance(wrap, tuple) or not all(isinstance(c, str) and c.isidentifier() for c in wrap):
+            p.append(f"--fsdp-transformer-layer-cls-to-wrap must name classes (comma-separated, e.g. "
+                     f"Gemma3DecoderLayer,SiglipEncoderLayer), got {wrap!r}")
         if self.strategy == "single" and self.num_processes > 1:
             p.append(f"--strategy single runs one process, but --num-processes is {self.num_processes}; use "
                      "--strategy ddp, fsdp or deepspeed (or --num-processes 1)")
@@ -420,7 +434,7 @@ class TrainPlan:
             d["liger_kernel_config"] = dict(self.liger_kernel_config)
         if not self._dist_changed():
             for k in DIST_FIELDS:
-                del d[k]
+                d.pop(k, None)  # (those omitted at their default are gone already)
         return d
 
     @classmethod
@@ -433,7 +447,7 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 #: fields left out of `to_dict` at their default (recipe options added after the JSON contract), so
 #: that plans (and the JSON, records and golden files made from them) that do not use them read as before
 _OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpoint_offload", "trainer",
-                    "use_liger_kernel", "liger_kernel_config")
+                    "use_liger_kernel", "liger_kernel_config", "fsdp_transformer_layer_cls_to_wrap")
 #: the distributed fields (memplan/distributed.py; /work shared spec "dist-fields"), with their defaults
 DIST_FIELDS = _FIELD_NAMES[_FIELD_NAMES.index("num_processes"):]
 _DIST_DEFAULTS = {f.name: f.default for f in fields(TrainPlan) if f.name in DIST_FIELDS}

@@ -1,6 +1,7 @@
 """Distributed plans of models whose decoder layers differ (`layer_kinds`: DeepSeek's first_k_dense_replace,
-Qwen's mlp_only_layers, Llama 4 Maverick's interleaved MoE) and of Llama 4's multimodal checkpoints (the
-vision tower is not built): the per-rank closed form (memplan.distributed: one FSDP unit per decoder layer
+Qwen's mlp_only_layers, Llama 4 Maverick's interleaved MoE), of Llama 4's multimodal checkpoints (the
+vision tower is not built) and of Gemma 3's (the tower built, idle: accelerate needs
+fsdp_transformer_layer_cls_to_wrap for them): the per-rank closed form (memplan.distributed: one FSDP unit per decoder layer
 with that layer's kind's parameters) against simulate's per-rank trace (memplan.simulate.distributed: the
 real FSDP2 engine / DDP on meta under torch's fake process group), on catalogue shapes cut to a few
 layers covering both kinds, CUDA plans, QLoRA (bf16 quant storage), rank 0 (padding makes ranks alike).
@@ -14,6 +15,9 @@ Measured (estimate - simulate, rank 0's allocated peak; static terms to the byte
                                                         2 FULL_SHARD +1.29 % (NB below)
   llama-4-scout (2 layers, vision not built)            2 FULL_SHARD 0 B (the layer-1 all-gather copy-out)
   llama-4-maverick 2 DDP                                -1,536 B
+  gemma-3-4b multimodal (2 text + 2 vision layers, fsdp_transformer_layer_cls_to_wrap
+    Gemma3DecoderLayer,SiglipEncoderLayer,SiglipVisionEmbeddings)   2 FULL_SHARD 0 B; 4 SHARD_GRAD_OP 0 B;
+    Gemma3DecoderLayer only (the tower in the root)                 2 FULL_SHARD 0 B
 NB: with checkpointing, an MoE layer's forward under the checkpoint is taken as its forward without
 checkpointing (an upper bound; memplan.distributed `_layer_forwards`): +1.29 % on Maverick FULL_SHARD,
 where that forward (two copies of the layer's 32 GB of gathered experts) is the peak.
@@ -40,6 +44,7 @@ CUTS = {
     "qwen3moe": ("qwen3-30b-a3b", {"num_hidden_layers": 3, "mlp_only_layers": [0]}),
     "maverick": ("llama-4-maverick", {"num_hidden_layers": 3}),
     "scout": ("llama-4-scout", {"num_hidden_layers": 2}),
+    "gemma3mm": ("gemma-3-4b", {"num_hidden_layers": 2}),  # and 2 vision layers
 }
 
 
@@ -51,7 +56,8 @@ def config(key: str) -> dict:
     text = dict(cfg["text_config"])
     L0 = text["num_hidden_layers"]  # per-layer lists (layer_types, no_rope_layers) cut with the layers
     text = {k: v[:cut["num_hidden_layers"]] if isinstance(v, list) and len(v) == L0 else v for k, v in text.items()}
-    return {**cfg, "text_config": {**text, **cut}}
+    vision = {**cfg["vision_config"], "num_hidden_layers": 2} if key == "gemma3mm" else cfg.get("vision_config")
+    return {**cfg, "text_config": {**text, **cut}, "vision_config": vision}
 
 
 def plan(key: str, n: int, sharding: str, **kw) -> TrainPlan:
@@ -89,12 +95,57 @@ def test_one_rank_inventory_is_the_single_device_terms(model, kw):
         assert size["moe"] > 2 * size["dense"]
 
 
-def test_gemma3_multimodal_is_refused_with_the_reason():
+GEMMA3_WRAP = ("Gemma3DecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings")
+
+
+def test_gemma3_multimodal_default_wrap_is_refused_with_accelerates_reason():
     """Gemma 3's multimodal checkpoints: accelerate 1.15's transformer_based_wrap raises on
-    Gemma3ForConditionalGeneration (its `_no_split_modules` name SiglipMultiheadAttentionPoolingHead, which
-    the model does not build: measured with simulate per rank); the closed form says so."""
+    Gemma3ForConditionalGeneration by default (transformers aggregates SigLIP's `_no_split_modules`, which
+    name SiglipMultiheadAttentionPoolingHead, a head Gemma 3 does not build: measured with simulate per
+    rank); the closed form says so and names the flag that makes it run."""
     with pytest.raises(UnsupportedArchitectureError, match="SiglipMultiheadAttentionPoolingHead"):
         units(load_model("gemma-3-4b"), TrainPlan(num_processes=2, strategy="fsdp"))
+    with pytest.raises(UnsupportedArchitectureError, match="required"):
+        units(load_model("gemma-3-4b"), TrainPlan(num_processes=2, strategy="fsdp",
+                                                  fsdp_transformer_layer_cls_to_wrap="SiglipEncoderLayer"))
+
+
+@pytest.mark.parametrize("wrap", [GEMMA3_WRAP, GEMMA3_WRAP[:1]])
+def test_gemma3_multimodal_one_rank_inventory(wrap):
+    """w = 1 with fsdp_transformer_layer_cls_to_wrap: the units (text layers, the vision tower's units or
+    the root) hold the closed form's base weights (the 4-bit vision Linears too) and adapters (the tower's
+    LoRA too), the gradients only the text LoRA's (the tower never runs)."""
+    spec = load_model("gemma-3-4b")
+    p = TrainPlan(device="cpu", num_processes=1, strategy="fsdp", fsdp_transformer_layer_cls_to_wrap=wrap)
+    single = p.single_device()
+    us = units(spec, p)
+    inv = dict.fromkeys((Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS), 0)
+    for u in us:
+        for t, v in u.bytes(1, 1, 2).items():
+            inv[t] += v
+    assert inv[Term.BASE_WEIGHTS] == F.base_weights_bytes(spec, single)
+    assert inv[Term.ADAPTER_WEIGHTS] == F.adapter_weights_bytes(spec, single)
+    buffers = F.other_params_bytes(spec, single) - inv[Term.OTHER_PARAMS]
+    assert buffers == 4 * 2 * 2 * (spec.rope_dim // 2) + 2 + spec.vision_buffer_bytes  # inv_freq, embed_scale, ids
+    assert sum(u.grads(1, 1, 2) for u in us) == F.gradient_bytes(spec, single)
+    assert sum(u.idle for u in us) == (28 if len(wrap) == 3 else 0)  # 27 encoder layers + the embeddings
+
+
+def test_wrap_classes_from_flags_and_configs(tmp_path):
+    from memplan.integrations.world import from_fsdp_args
+
+    assert TrainPlan(fsdp_transformer_layer_cls_to_wrap="A, B").fsdp_transformer_layer_cls_to_wrap == ("A", "B")
+    fields, _ = from_fsdp_args("full_shard auto_wrap", {"transformer_layer_cls_to_wrap": ["Gemma3DecoderLayer"]})
+    assert fields["fsdp_transformer_layer_cls_to_wrap"] == ("Gemma3DecoderLayer",)
+    fields, _ = from_fsdp_args("full_shard", {"fsdp_transformer_layer_cls_to_wrap": "A,B"})
+    assert fields["fsdp_transformer_layer_cls_to_wrap"] == ("A", "B")
+    assert "fsdp_transformer_layer_cls_to_wrap" not in TrainPlan(num_processes=2).to_dict()  # omitted at default
+    from memplan.cli import main
+
+    assert main(["estimate", "gemma-3-4b", "--num-processes", "2", "--strategy", "fsdp", "--json",
+                 "--fsdp-transformer-layer-cls-to-wrap", ",".join(GEMMA3_WRAP)]) == 0
+    assert main(["estimate", "gemma-3-4b", "--num-processes", "2", "--strategy", "fsdp",
+                 "--fsdp-transformer-layer-cls-to-wrap", "not a class"]) == 2
 
 
 # (case, ranks, sharding, plan overrides, peak tolerance as a fraction of the peak)
@@ -109,11 +160,15 @@ SIM_CASES = [
     ("dsv2", 2, "ddp", {"prepare": False}, 1e-5),  # DDP casts nothing: grouped_mm needs bf16 experts
     ("qwen2moe", 8, "FULL_SHARD", {}, 1e-4),  # 60 experts over 8 ranks: the routers pad on dim 0
     ("dsv2", 2, "FULL_SHARD", {"method": "lora", "optim": "adamw_torch"}, 1e-5),
+    # tied embeddings: the tail [embed, lm_head] gathered from the embedding's forward to the end of backward
+    ("gemma3mm", 2, "FULL_SHARD", {"fsdp_transformer_layer_cls_to_wrap": GEMMA3_WRAP}, 1e-6),
+    ("gemma3mm", 4, "SHARD_GRAD_OP", {"fsdp_transformer_layer_cls_to_wrap": GEMMA3_WRAP}, 1e-6),
+    ("gemma3mm", 2, "FULL_SHARD", {"fsdp_transformer_layer_cls_to_wrap": GEMMA3_WRAP[:1]}, 1e-6),  # tower in root
 ]
 
 
 @pytest.mark.parametrize("key, n, sharding, kw, tol", SIM_CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'-'.join(c[3])}" for c in SIM_CASES])
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'-'.join(c[3])}-{k}" for k, c in enumerate(SIM_CASES)])
 def test_estimate_matches_simulate_per_rank(key, n, sharding, kw, tol):
     pytest.importorskip("torch")
     pytest.importorskip("accelerate")
