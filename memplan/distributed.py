@@ -821,8 +821,9 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
         alive |= tail
         if kind == "layer_gather" and i == 0:
             kept |= tail  # the tail's all-gather was the one before layer 0's
-        if kind in ("loss_forward", "loss_backward") or (i is None and kind != "tail_gather"):
-            kept -= tail  # its flat output was freed at layer 0's copy-out
+        if i is None and kind != "tail_gather" and kept & tail:
+            # its flat output was freed at layer 0's copy-out: the last forward all-gather is the last layer's
+            kept = (kept - tail) | {min(u.name for u in layer_units if u.layer == L - 1)}
     return alive, pre, kept
 
 
