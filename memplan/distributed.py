@@ -627,6 +627,11 @@ def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: boo
         return []
     s = make_step(model, packed_rows(plan), plan.device == "cuda", 2 * plan.batch_size)
     out = []
+    if fsdp2:  # the forward's first all-gather after the root's: the embedding's (tied: the tail's)
+        m = s.moment("forward", 0, s.ga_grads, 0, 0, 0)
+        out.append(m._replace(name="forward:gather_embed", kind="embed_gather", layer=None,
+                              description="FSDP2's all-gather of the input embedding (its copy-out: the root's flat "
+                                          "all-gather output still kept), before it runs"))
     for i in layers:
         ap = s.layer_kind[i][1] if s.layer_kind else s.ap  # layer i's kind's profile
         if gc:  # the checkpointed inputs of the layers below and the layer's own input
@@ -821,7 +826,9 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
         alive |= tail
         if kind == "layer_gather" and i == 0:
             kept |= tail  # the tail's all-gather was the one before layer 0's
-        if i is None and kind != "tail_gather" and kept & tail:
+        if kind == "embed_gather":
+            kept |= tail
+        elif i is None and kind != "tail_gather" and kept & tail:
             # its flat output was freed at layer 0's copy-out: the last forward all-gather is the last layer's
             kept = (kept - tail) | {min(u.name for u in layer_units if u.layer == L - 1)}
     return alive, pre, kept
@@ -847,6 +854,10 @@ def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
     pre: set[str] = set()
     kept: set[str] = set()
     if kind == "optimizer":
+        return alive, pre, kept
+    if kind == "embed_gather":  # the embedding's copy-out (tied: the tail's, added by `_fsdp_alive`)
+        alive |= root | embed
+        kept |= root | embed
         return alive, pre, kept
     if kind == "layer_gather":  # layer i's copy-out: its flat output and the previous unit's kept
         alive |= names[i] | root
