@@ -86,8 +86,8 @@ Known limitations (NB):
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - mixed dense/MoE layers: FSDP adds the forward of each kind's last layer and (FSDP2) the all-gather
   copy-out of each kind's first and last layer (`_layer_forwards`; one MoE layer's gathered experts can
-  dwarf everything else); a checkpointed layer's forward is taken as its forward without checkpointing
-  (an upper bound: +1.29 % on a cut Llama 4 Maverick, tests/test_distributed_mixed.py). CUDA MoE plans keep
+  dwarf everything else); a checkpointed layer's forward is the layer walk with nothing saved
+  (`_checkpointed_forward`: +0.62 % on a cut Llama 4 Maverick, tests/test_distributed_mixed.py). CUDA MoE plans keep
   prepare under FSDP/ZeRO mixed precision (grouped_mm gets 16-bit experts; one GPU must drop it);
 - Gemma 3's multimodal checkpoints: accelerate's default transformer_based_wrap raises on them (a SigLIP
   class in the aggregated `_no_split_modules` they do not build): refused, unless
@@ -603,14 +603,36 @@ def _view_layer_grads(model: ModelSpec, plan: TrainPlan, rnd: int) -> tuple[int,
     return tuple(per_kind[k] for k in model.layer_kinds)
 
 
+@lru_cache(maxsize=256)
+def _checkpointed_forward(view: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[tuple[int, int, int], ...]:
+    """The live bytes of one layer's forward under a non-reentrant checkpoint, as (per token, per token x
+    sequence, constant) coefficients at each moment: the layer walk of `activations` (its flags as
+    `estimate` gives them) with nothing kept for backward (the checkpoint's pack hook keeps no tensor),
+    each tensor freed as the layer code releases it. NB the walk releases a saved tensor only where the
+    layer code drops it, so a tensor it takes as saved may be counted a little longer than it lives."""
+    from .activations import FUSED_4BIT_MAX_TOKENS, LayerModel, Lin, Walk, flash_varlen, sdpa_masked
+
+    class Unsaved(Walk):
+        def save(self, *ts: Any) -> None:
+            for t in ts:
+                self.hold(t)
+
+    T = plan.batch_size * plan.seq_len
+    w = Unsaved()
+    lm = LayerModel(view, plan, w, not cuda, cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
+                    sdpa_masked(view, plan), flash_varlen(plan))
+    x = w.new(Lin(t=1) * view.hidden_size, plan.precision.params, True)
+    lm.layer(x, 4 if view.arch.rope_fp32 else plan.precision.params)
+    return tuple((m.t + m.s, m.q, m.c) for m in w.moments)
+
+
 def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: bool) -> list[Any]:
     """FSDP: the forward of the last layer of each kind (the gathered unit, with FSDP2 its flat all-gather
     output kept, is that layer's: an MoE layer gathers far more than a dense one), beside the single-device
     moments. Without checkpointing: every earlier layer's saved set, as `estimate.forward_moment` (the
     last layer's forward is that moment itself). With checkpointing: the checkpointed inputs of the
-    layers below it and the layer's forward under the checkpoint. NB: a checkpointed forward saves
-    nothing, but its locals and transients are taken as the layer's forward without checkpointing (an
-    upper bound: its saved set is counted). FSDP2 also: the layer's all-gather copy-out (`gather:layer<i>`,
+    layers below it and the layer's forward under the checkpoint (`_checkpointed_forward`: nothing
+    saved). FSDP2 also: the layer's all-gather copy-out (`gather:layer<i>`,
     before its forward computes: its unsharded parameters, its flat all-gather output and the previous
     unit's, still kept in `comm_ctx.all_gather_state`), which peaks where one layer's experts are large."""
     from .activations import packed_rows
@@ -640,14 +662,20 @@ def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: boo
             earlier = sum(s.saved_layers[:i])
         else:
             earlier = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+        peak = ap.forward_peak
+        if gc:  # the layer's forward under its checkpoint: its own input and locals, nothing saved
+            p = packed_rows(plan)
+            T, S = p.batch_size * p.seq_len, p.seq_len
+            view = F.kind_view(model, kinds[i] == "moe") if model.layer_kinds else model
+            peak = max(a * T + b * T * S + c for a, b, c in _checkpointed_forward(view, p, p.device == "cuda"))
         m = s.moment("forward", i, s.ga_grads, earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes
-                      + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
+                      + peak - ap.forward_temps, 0, ap.forward_temps)
         if i in gathers:
             own = ap.layer_input_bytes if gc else 0
             out.append(m._replace(
                 name=f"forward:gather{i}", kind="layer_gather", description=f"FSDP2's all-gather of layer {i} of {L} "
                 "(its copy-out: the previous unit's flat all-gather output still kept), before its forward",
-                allocated_bytes=m.allocated_bytes - ap.forward_peak + own, activations=m.activations - ap.forward_peak
+                allocated_bytes=m.allocated_bytes - peak + own, activations=m.activations - peak
                 + ap.forward_temps + own, temporaries=0))
         if i in forwards:
             out.append(m._replace(name=f"forward:layer{i}", description=f"the forward of layer {i} of {L}"

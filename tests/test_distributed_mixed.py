@@ -12,15 +12,16 @@ Measured (estimate - simulate, rank 0's allocated peak; static terms to the byte
                                                         -18,432 B, activations); 4 SHARD_GRAD_OP +484,320 B
   qwen3-30b-a3b (3 layers, mlp_only_layers=[0])         4 FULL_SHARD -1,024 B
   llama-4-maverick (3 layers: dense, MoE, dense)        4 SHARD_GRAD_OP -15,734,784 B (-0.017 %)
-                                                        2 FULL_SHARD +1.29 % (NB below)
+                                                        2 FULL_SHARD +0.62 % (NB below; 4 ranks +0.75 %)
   llama-4-scout (2 layers, vision not built)            2 FULL_SHARD 0 B (the layer-1 all-gather copy-out)
   llama-4-maverick 2 DDP                                -1,536 B
   gemma-3-4b multimodal (2 text + 2 vision layers, fsdp_transformer_layer_cls_to_wrap
     Gemma3DecoderLayer,SiglipEncoderLayer,SiglipVisionEmbeddings)   2 FULL_SHARD 0 B; 4 SHARD_GRAD_OP 0 B;
     Gemma3DecoderLayer only (the tower in the root)                 2 FULL_SHARD 0 B
-NB: with checkpointing, an MoE layer's forward under the checkpoint is taken as its forward without
-checkpointing (an upper bound; memplan.distributed `_layer_forwards`): +1.29 % on Maverick FULL_SHARD,
-where that forward (two copies of the layer's 32 GB of gathered experts) is the peak.
+NB: with checkpointing, an MoE layer's forward under the checkpoint is the layer walk with nothing saved
+(memplan.distributed `_checkpointed_forward`; the walk frees a saved tensor only where the layer code
+drops it): +0.62 % on Maverick FULL_SHARD, where that forward (beside two copies of the layer's 32 GB of
+gathered experts) is the peak (+1.29 % when taken as the forward without checkpointing).
 """
 
 from __future__ import annotations
@@ -197,11 +198,11 @@ def test_estimate_matches_simulate_per_rank(key, n, sharding, kw, tol):
     assert abs(r0.terms[Term.OTHER_PARAMS] - sim.terms["other_params"]) <= 18432
 
 
-def test_checkpointed_moe_forward_is_an_upper_bound():
+def test_checkpointed_moe_forward_within_one_percent():
     """Maverick FULL_SHARD with checkpointing peaks in the MoE layer's forward (its gathered experts twice:
-    the unsharded parameters and the flat all-gather output); the closed form takes that forward's locals
-    as the forward without checkpointing: measured +1.29 % on 2 ranks (+1.56 % on 4), every static and
-    collective term to the byte."""
+    the unsharded parameters and the flat all-gather output); the closed form walks that forward with
+    nothing saved: measured +0.62 % on 2 ranks (+0.75 % on 4), every static and collective term to the
+    byte."""
     pytest.importorskip("torch")
     pytest.importorskip("accelerate")
     from memplan import estimate
@@ -213,7 +214,7 @@ def test_checkpointed_moe_forward_is_an_upper_bound():
     r0 = estimate(cfg, p).ranks[0]
     allocated = r0.allocated_bytes - r0.terms.get(Term.WORKSPACE, 0)
     assert r0.moment == "forward:layer1" and sim.peak_phase == "forward"
-    assert 0 < allocated - sim.peak_bytes <= 0.015 * sim.peak_bytes, (allocated, sim.peak_bytes)
+    assert 0 < allocated - sim.peak_bytes <= 0.0065 * sim.peak_bytes, (allocated, sim.peak_bytes)
     for term in ("base_weights", "quant_state", "other_params", "adapter_weights", "optimizer_state",
                  "comm_buffers"):
         assert r0.terms[Term(term)] == sim.terms[term], term
