@@ -471,7 +471,7 @@ class _World:
     def sums(self) -> dict[str, Any]:
         """Per-estimate aggregates every rank moment reads: the unsharded inventory by term, every
         trainable gradient (whole and per-rank shard, and layer 0's shard), the trainable parameters."""
-        if not self._sums:
+        if "inventory" not in self._sums:
             us, rnd, w = self.units, self.rnd, self.w
             inventory = dict.fromkeys(_PARAM_TERMS, 0)
             for u in us:
@@ -500,6 +500,22 @@ class _World:
 
     def shard(self, u: Unit) -> dict[Term, int]:
         return u.bytes(self.w, self.rnd, self.version)
+
+    def shards(self) -> dict[Term, int]:
+        """Every unit's per-rank shard, by term (once per estimate: every moment holds them)."""
+        if "shards" not in self._sums:
+            total: dict[Term, int] = {}
+            for u in self.units:
+                _add(total, self.shard(u))
+            self._sums["shards"] = total
+        return self._sums["shards"]
+
+    def fsdp_optimizer(self, cuda: bool) -> int:
+        """The device optimizer state of the rank's FSDP shards (once per estimate)."""
+        key = ("fsdp_optimizer", cuda)
+        if key not in self._sums:
+            self._sums[key] = _optimizer_on(self.sums()["trainable"], self.w, self.plan, self.rnd, cuda, False)[0]
+        return self._sums[key]
 
     def full(self, u: Unit) -> int:
         """Bytes of the unit's gathered parameters (the all-gather output, per parameter)."""
@@ -603,7 +619,9 @@ def _view_layer_grads(model: ModelSpec, plan: TrainPlan, rnd: int) -> tuple[int,
     return tuple(per_kind[k] for k in model.layer_kinds)
 
 
-@lru_cache(maxsize=256)
+_CKPT_FORWARD: dict[tuple[Any, ...], tuple[tuple[int, int, int], ...]] = {}
+
+
 def _checkpointed_forward(view: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[tuple[int, int, int], ...]:
     """The live bytes of one layer's forward under a non-reentrant checkpoint, as (per token, per token x
     sequence, constant) coefficients at each moment: the layer walk of `activations` (its flags as
@@ -618,12 +636,19 @@ def _checkpointed_forward(view: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple
                 self.hold(t)
 
     T = plan.batch_size * plan.seq_len
-    w = Unsaved()
-    lm = LayerModel(view, plan, w, not cuda, cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS,
-                    sdpa_masked(view, plan), flash_varlen(plan))
-    x = w.new(Lin(t=1) * view.hidden_size, plan.precision.params, True)
-    lm.layer(x, 4 if view.arch.rope_fp32 else plan.precision.params)
-    return tuple((m.t + m.s, m.q, m.c) for m in w.moments)
+    flags = (cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS, sdpa_masked(view, plan),
+             flash_varlen(plan))
+    key = (view, plan.shape_free_id, cuda, flags)  # the walk is symbolic in the shape
+    hit = _CKPT_FORWARD.get(key)
+    if hit is None:
+        w = Unsaved()
+        lm = LayerModel(view, plan, w, not cuda, *flags)
+        x = w.new(Lin(t=1) * view.hidden_size, plan.precision.params, True)
+        lm.layer(x, 4 if view.arch.rope_fp32 else plan.precision.params)
+        if len(_CKPT_FORWARD) > 512:
+            _CKPT_FORWARD.clear()
+        hit = _CKPT_FORWARD[key] = tuple((m.t + m.s, m.q, m.c) for m in w.moments)
+    return hit
 
 
 def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: bool) -> list[Any]:
@@ -779,8 +804,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     offload = plan.fsdp_offload_params
     nos = plan.fsdp_sharding_strategy == "NO_SHARD"
     alive, prefetched, retained = _fsdp_alive(world, kind, i, L, layer_units)
-    for u in us:
-        _add(host if offload else t, world.shard(u))
+    _add(host if offload else t, world.shards())
     t[Term.BASE_WEIGHTS] += world.replicated_base
     if not nos:
         # gathered parameters (the per-parameter all-gather outputs), and FSDP2's flat all-gather outputs:
@@ -815,7 +839,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
                          sum(layer_shard[i + 1:]) if i is not None else 0)
         host[Term.OPTIMIZER_STATE] = _optimizer_on(trainable, w, plan, 1, False, False)[0]  # steps on the CPU
     else:
-        dev, _ = _optimizer_on(trainable, w, plan, rnd, cuda, False)
+        dev = world.fsdp_optimizer(cuda)
         t[Term.OPTIMIZER_STATE] = dev
     t[Term.GRADIENTS] = grads_dev
     t["host"] = host
