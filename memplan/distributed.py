@@ -594,6 +594,9 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
     ms = list(view.moments)
     if strategy == "fsdp" and plan.fsdp_sharding_strategy != "NO_SHARD":
         ms = _layer_forwards(model, view.plan, ms, version == 2) + ms
+    elif strategy == "deepspeed" and plan.zero_stage == 3 and model.layer_kinds:
+        # ZeRO-3 gathers each layer for its forward too: an MoE layer's forward beside its gathered experts
+        ms = _layer_forwards(model, view.plan, ms, False) + ms
     if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD" \
             and not model.tie_word_embeddings:  # tied: the tail is gathered as the embedding runs (`_fsdp_alive`)
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
