@@ -577,8 +577,12 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         # mixed precision (param_dtype bf16) and DeepSpeed's cast the experts reach grouped_mm in 16 bits:
         # prepare runs (its fp32 parameters are what the ranks shard), measured with simulate per rank
         plan = plan.replace(prepare=True)
-        single = replace(single, plan=single.plan.replace(prepare=True), notes=tuple(
-            n for n in single.notes if not n.startswith(_GROUPED_MM_NOTE)))
+        kept = "fp32 (prepare_model_for_kbit_training upcasts them)"
+        notes = [n.replace("leaves them in the load dtype", f"leaves them {kept}") for n in single.notes
+                 if not n.startswith(_GROUPED_MM_NOTE)]
+        notes.append(f"{strategy}: its mixed precision hands grouped_mm 16-bit experts, so prepare_model_for_kbit_"
+                     "training runs (one GPU would need --no-prepare): each rank shards fp32 experts")
+        single = replace(single, plan=single.plan.replace(prepare=True), notes=tuple(notes))
         static = static_part(model, single.plan, True).terms
     if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast):
         view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast), gpu)

@@ -218,3 +218,20 @@ def test_checkpointed_moe_forward_within_one_percent():
     for term in ("base_weights", "quant_state", "other_params", "adapter_weights", "optimizer_state",
                  "comm_buffers"):
         assert r0.terms[Term(term)] == sim.terms[term], term
+
+
+def test_fsdp_and_zero_keep_prepare_for_cuda_moe():
+    """One GPU: grouped_mm refuses prepare's fp32 experts, so the estimate drops prepare; under FSDP's mixed
+    precision (and DeepSpeed's cast) the experts reach grouped_mm in bf16 and prepare runs: the ranks shard
+    fp32 experts (simulate per rank: other_params to the byte, above)."""
+    from memplan import estimate
+
+    p = TrainPlan(device="cuda", seq_len=512, lora_dropout=0.0)
+    assert not estimate("deepseek-v2-lite", p).plan.prepare
+    for world in ({"strategy": "fsdp"}, {"strategy": "deepspeed"}):
+        est = estimate("deepseek-v2-lite", p.replace(num_processes=2, **world))
+        assert est.plan.prepare
+        assert any("prepare_model_for_kbit_training runs" in n for n in est.notes)
+        assert not any(n.startswith("grouped_mm on CUDA takes bf16 experts only") for n in est.notes)
+    ddp = estimate("deepseek-v2-lite", p.replace(num_processes=2, strategy="ddp"))  # DDP casts nothing
+    assert not ddp.plan.prepare
