@@ -238,6 +238,10 @@ def add_distributed_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = (
                         "load dtype for FSDP/ZeRO, which FSDP-QLoRA needs), uint8, bf16, fp16, fp32")
     g.add_argument("--ddp-bucket-cap-mb", "--ddp_bucket_cap_mb", type=float, metavar="MiB",
                    help="DDP gradient bucket size, TrainingArguments ddp_bucket_cap_mb (default 25)")
+    g.add_argument("--fsdp-transformer-layer-cls-to-wrap", "--fsdp_transformer_layer_cls_to_wrap", metavar="CLASSES",
+                   help="accelerate's fsdp_transformer_layer_cls_to_wrap, comma-separated (default: the model's "
+                        "_no_split_modules); e.g. Gemma3DecoderLayer,SiglipEncoderLayer for Gemma 3's multimodal "
+                        "checkpoints")
 
 
 def _gc_kwargs(text: str) -> bool:

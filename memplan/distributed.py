@@ -13,7 +13,10 @@ and, for each, swaps the static terms for their per-rank form:
   `quant_state` is a module attribute, not a parameter: every rank keeps all of it (bitsandbytes
   nn/modules.py `fix_4bit_weight_quant_state_from_module`). Buffers (rotary inv_freq) are replicated.
 - FSDP units follow accelerate 1.15 (accelerate/utils/fsdp_utils.py `fsdp2_prepare_model`): one unit
-  per decoder layer (TRANSFORMER_BASED_WRAP on `_no_split_modules`), the input embedding (its own
+  per decoder layer (TRANSFORMER_BASED_WRAP on `_no_split_modules`; where the layers differ, `layer_kinds`:
+  DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers, Llama 4's interleaved MoE, each layer's unit
+  holds its kind's parameters, `layer_params`, and every per-layer sum and gathered/prefetched unit is
+  that layer's own; routers shard on their dim 0, [E, H]), the input embedding (its own
   unit unless tied), the tail [lm_head] with reshard_after_forward=False, the root (the final norm:
   `_find_final_norm` does not see through a PeftModel) which keeps its parameters until the end of
   backward. The 4-bit weights shard as elements of `bnb_4bit_quant_storage` (packed
@@ -102,8 +105,20 @@ Known limitations (NB):
   the rank's host share): 262,144 B more buffers in the ipg reduce path (393,216 B against the one 16-bit
   bucket modelled), not modelled;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
-- models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
-  covered by the distributed closed form (UnsupportedArchitectureError).
+- mixed dense/MoE layers: FSDP adds the forward of each kind's last layer and (FSDP2) the all-gather
+  copy-out of each kind's first and last layer (`_layer_forwards`; one MoE layer's gathered experts can
+  dwarf everything else); a checkpointed layer's forward is the layer walk with nothing saved
+  (`_checkpointed_forward`: +0.62 % on a cut Llama 4 Maverick, tests/test_distributed_mixed.py). CUDA MoE plans keep
+  prepare under FSDP/ZeRO mixed precision (grouped_mm gets 16-bit experts; one GPU must drop it);
+- Gemma 3's multimodal checkpoints: accelerate's default transformer_based_wrap raises on them (a SigLIP
+  class in the aggregated `_no_split_modules` they do not build): refused, unless
+  `fsdp_transformer_layer_cls_to_wrap` names Gemma3DecoderLayer (and optionally SiglipEncoderLayer,
+  SiglipVisionEmbeddings: idle units, never gathered; the rest of the tower and the projector stay in the
+  root, gathered all step: `_vision_units`), FSDP2 only; DDP / ZeRO with the tower (its never-used LoRA in
+  the buckets / partitions) not modelled. Llama 4's multimodal checkpoints load as Llama4ForCausalLM (no
+  tower): covered.
+- FSDP2 with tied embeddings: the tail group [embed, lm_head] is gathered as the embedding runs and stays
+  gathered to the end of backward (no tail all-gather at the end of forward; `_fsdp_alive`).
 """
 
 from __future__ import annotations
@@ -121,7 +136,8 @@ from .terms import ALLOCATED_TERMS, Term
 
 __all__ = ["Param", "Unit", "RankResult", "compute_distributed", "shard_group", "units", "quant_storage_bytes",
            "fewest_gpus", "padding_slack", "MultiGPUOption", "LADDER", "LADDER_COST", "GPU_COUNTS", "rank_moments",
-           "loaded_bytes", "zero_buckets", "zero_bucket_values", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING"]
+           "loaded_bytes", "zero_buckets", "zero_bucket_values", "DDP_FIRST_BUCKET_BYTES", "HOST_LOADING",
+           "layer_params"]
 
 #: DDP's first bucket (torch/distributed/distributed_c10d.py `_DEFAULT_FIRST_BUCKET_BYTES`)
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
@@ -166,6 +182,7 @@ class Unit:
     layer: int | None = None          # the decoder layer it is, None for embed / tail
     keep_after_forward: bool = False  # reshard_after_forward=False (the tail; FSDP1's root)
     root: bool = False                # the root: gathered first in forward, resharded at the end of backward
+    idle: bool = False                # never runs in a text-only step (a vision tower's): never gathered
 
     def bytes(self, w: int, rnd: int, version: int, unsharded: bool = False, gather_el: int = 0) -> dict[Term, int]:
         """Per-term bytes of one rank's shard (or, `unsharded`, of the all-gathered parameters, padded,
@@ -225,25 +242,35 @@ def _cast(plan: TrainPlan, el: int) -> int:
     return el
 
 
-#: one object per distinct Param (`units`)
+#: one object per distinct Param (`_layer_params`)
 _PARAMS: dict[Param, Param] = {}
 
 
-@lru_cache(maxsize=512)
-def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
-    """The FSDP units of the model under `plan` (uniform decoder layers), bottom-up: the embedding
-    (unless tied), the layers, the tail (final norm, lm_head, the tied embedding). Cached (immutable):
-    the same Param objects then key `_unit_bytes`' cache by identity, not by field-wise equality."""
-    if model.layer_kinds or model.vision_params or model.unloaded_vision_params:
-        raise UnsupportedArchitectureError(
-            f"{model.name}: the distributed closed form covers models whose decoder layers are alike and text-only "
-            "checkpoints; estimate one GPU, or wait for distributed simulate")
+def _norm_param(model: ModelSpec, name: str, n: int, el: int, full: bool) -> Param:
+    """One per-layer parameter of `layer_norms` with its real dim 0 (FSDP2 shards dim 0): the router
+    weight [E, H] (Llama4Router, an nn.Linear subclass, counts with the base weights; DeepSeek keeps its
+    router fp32: `_keep_in_fp32_modules_strict`), gpt_oss's expert biases [E, 2I] / [E, H]; the norms,
+    router biases and sinks are 1-D."""
+    moe = model.arch.moe
+    if moe is None or not model.num_experts:
+        return Param(n, 1, el, Term.OTHER_PARAMS, full)
+    E = model.num_experts
+    router = f"{moe.block}.{moe.router_name}.weight"
+    if name not in (router, f"{moe.block}.experts.gate_up_proj_bias", f"{moe.block}.experts.down_proj_bias"):
+        return Param(n, 1, el, Term.OTHER_PARAMS, full)
+    term = Term.BASE_WEIGHTS if name == router and moe.router_is_linear_subclass else Term.OTHER_PARAMS
+    return Param(E, n // E, el, term, full)
+
+
+def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
+    """The parameters of one decoder layer of a model whose layers are alike (or of one layer kind's
+    `formulas.kind_view`): its Linears (packed 4-bit, int8 or floating), biases, norms and routers,
+    the fused experts, and the LoRA tensors peft adds (on the Linears, the router and the experts)."""
     pr = plan.precision
     params_el = _cast(plan, pr.params)
     layer: list[Param] = []
     qlora4 = plan.method == "qlora" and plan.quant != "int8"
-    if plan.method == "qlora":
-        qs = quant_storage_bytes(plan)
+    qs = quant_storage_bytes(plan) if plan.method == "qlora" else 1
     fsdp_ignored = plan.world_strategy == "fsdp" and qlora4 and qs == 1  # accelerate: ignored_params
     for lin in model.layer_linears:
         if fsdp_ignored:
@@ -256,18 +283,126 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
             layer.append(Param(lin.out_features, lin.in_features, params_el, Term.BASE_WEIGHTS,
                                plan.method == "full"))
     bias_el = _cast(plan, pr.compute if qlora4 else pr.params)
-    layer += [Param(lin.out_features, 1, bias_el, Term.OTHER_PARAMS, plan.method == "full")
-              for lin in model.layer_linears if lin.bias]
-    layer += [Param(n, 1, params_el, Term.OTHER_PARAMS, plan.method == "full") for _, n in model.layer_norms]
+    full = plan.method == "full"
+    layer += [Param(lin.out_features, 1, bias_el, Term.OTHER_PARAMS, full) for lin in model.layer_linears if lin.bias]
+    moe = model.arch.moe
+    fp32_router = f"{moe.block}.{moe.router_name}.weight" if moe is not None and moe.router_fp32 else ""
+    layer += [_norm_param(model, name, n, _cast(plan, 4) if name == fp32_router else params_el, full)
+              for name, n in model.layer_norms]
     if model.is_moe:
         E, I, H = model.num_experts, model.expert_intermediate_size, model.hidden_size
-        layer += [Param(E, 2 * I * H, params_el, Term.OTHER_PARAMS, plan.method == "full"),
-                  Param(E, H * I, params_el, Term.OTHER_PARAMS, plan.method == "full")]
+        layer += [Param(E, 2 * I * H, params_el, Term.OTHER_PARAMS, full),
+                  Param(E, H * I, params_el, Term.OTHER_PARAMS, full)]
     if plan.method in ("qlora", "lora"):
         ad = _cast(plan, pr.adapter)
         layer += [Param(r, c, ad, Term.ADAPTER_WEIGHTS, True)
                   for r, c in F.lora_shapes(model, plan) + F.moe_lora_shapes(model, plan)]
-    layer = [_PARAMS.setdefault(p, p) for p in layer]  # equal parameters are one object: identity, not __eq__
+    return tuple(_PARAMS.setdefault(p, p) for p in layer)  # equal parameters: one object
+
+
+def layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[tuple[Param, ...], ...]:
+    """Every decoder layer's parameters, in order: one tuple shared by all layers when they are alike,
+    else each layer's kind's (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers,
+    Llama 4's interleaved MoE; `formulas.kind_view`)."""
+    if not model.layer_kinds:
+        return (_layer_params(model, plan),) * model.num_layers
+    kinds = {k: _layer_params(F.kind_view(model, k == "moe"), plan) for k in set(model.layer_kinds)}
+    return tuple(kinds[k] for k in model.layer_kinds)
+
+
+#: multimodal checkpoints (Gemma3ForConditionalGeneration): the decoder layer class, and the vision tower
+#: classes of its `_no_split_modules` (transformers aggregates the children's) that it builds
+_MM_DECODER = {"gemma3_text": "Gemma3DecoderLayer"}
+_SIGLIP_LAYER, _SIGLIP_EMBED = "SiglipEncoderLayer", "SiglipVisionEmbeddings"
+
+
+def _vision_units(model: ModelSpec, plan: TrainPlan, wrap: tuple[str, ...]) -> tuple[list[Unit], tuple[Param, ...]]:
+    """A multimodal checkpoint's vision tower under `fsdp_transformer_layer_cls_to_wrap` = `wrap`: (its units,
+    never gathered in a text-only step, and the parameters left to the root: the projector, the
+    post-layernorm, and whatever class `wrap` does not name). SigLIP (transformers siglip/modeling_siglip.py):
+    embeddings = patch_embedding Conv2d [C, ch, p, p] + bias and position_embedding [patches, C]; each
+    SiglipEncoderLayer q/k/v/out_proj, fc1, fc2 (nn.Linear with bias: 4-bit under QLoRA, the biases in the
+    parameters' dtype, never cast by a forward) and layer_norm1/2 (weight + bias); Gemma3MultiModalProjector
+    mm_input_projection_weight [C, H] and mm_soft_emb_norm [C]. The tower's LoRA (peft's all-linear adapts
+    it) requires grad but never gets a gradient: no gradient, no optimizer state (`trainable` False)."""
+    if plan.fsdp_version == 1:
+        raise UnsupportedArchitectureError(f"{model.name}: FSDP1 units of a multimodal checkpoint are not modelled; "
+                                           "use --fsdp-version 2")
+    decoder = _MM_DECODER.get(model.model_type, "")
+    unknown = [c for c in wrap if c not in (decoder, _SIGLIP_LAYER, _SIGLIP_EMBED)]
+    if decoder not in wrap or unknown:
+        raise UnsupportedArchitectureError(
+            f"{model.name}: fsdp_transformer_layer_cls_to_wrap {','.join(wrap)}: memplan models units of "
+            f"{decoder} (required) and {_SIGLIP_LAYER}, {_SIGLIP_EMBED} for this checkpoint"
+            + (f", not {','.join(unknown)}" if unknown else ""))
+    pr = plan.precision
+    el = _cast(plan, pr.params)
+    qlora4 = plan.method == "qlora" and plan.quant != "int8"
+    qs = quant_storage_bytes(plan) if plan.method == "qlora" else 1
+    other = model.vision_other_tensors
+    C = other[1]
+    n_layers = (len(other) - 7) // 4
+    per = len(model.vision_linears) // n_layers if n_layers else 0
+    targets = {lin.name for lin in F.vision_lora_targets(model, plan)}
+    ad = _cast(plan, pr.adapter)
+    embed = (Param(C, other[0] // C, el, Term.OTHER_PARAMS), Param(C, 1, el, Term.OTHER_PARAMS),
+             Param(other[2] // C, C, el, Term.OTHER_PARAMS))
+    layers = []
+    for j in range(n_layers):
+        ps: list[Param] = []
+        lins = model.vision_linears[j * per:(j + 1) * per]
+        for lin in lins:
+            if qlora4:
+                if qs != 1 or plan.world_strategy != "fsdp":  # uint8 storage: accelerate's ignored_params
+                    ps.append(Param((lin.numel + 1) // (2 * qs), 1, qs, Term.BASE_WEIGHTS))
+            elif plan.method == "qlora":
+                ps.append(Param(lin.out_features, lin.in_features, 1, Term.BASE_WEIGHTS))
+            else:
+                ps.append(Param(lin.out_features, lin.in_features, el, Term.BASE_WEIGHTS))
+        ps += [Param(lin.out_features, 1, el, Term.OTHER_PARAMS) for lin in lins if lin.bias]
+        ps += [Param(C, 1, el, Term.OTHER_PARAMS)] * 4
+        if plan.method in ("qlora", "lora"):
+            for lin in lins:
+                if lin.name in targets:
+                    ps += [Param(plan.lora_r, lin.in_features, ad, Term.ADAPTER_WEIGHTS),
+                           Param(lin.out_features, plan.lora_r, ad, Term.ADAPTER_WEIGHTS)]
+        layers.append(tuple(ps))
+    tail = (Param(C, 1, el, Term.OTHER_PARAMS), Param(C, 1, el, Term.OTHER_PARAMS),  # post_layernorm
+            Param(C, other[-2] // C, el, Term.OTHER_PARAMS), Param(C, 1, el, Term.OTHER_PARAMS))  # projector
+    out, root = [], list(tail)
+    if _SIGLIP_EMBED in wrap:
+        out.append(Unit("vision.embeddings", embed, idle=True))
+    else:
+        root += embed
+    if _SIGLIP_LAYER in wrap:
+        out += [Unit(f"vision.layers.{j}", ps, idle=True) for j, ps in enumerate(layers)]
+    else:
+        root += [p for ps in layers for p in ps]
+    return out, tuple(root)
+
+
+@lru_cache(maxsize=512)
+def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
+    """The FSDP units of the model under `plan`, bottom-up: the embedding (unless tied), one per decoder
+    layer (accelerate's transformer_based_wrap on `_no_split_modules`: each layer its own kind's
+    parameters where the layers differ), the tail (final norm, lm_head, the tied embedding).
+    Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower)."""
+    wrap = plan.fsdp_transformer_layer_cls_to_wrap
+    if model.vision_params and not (plan.world_strategy == "fsdp" and wrap):
+        # transformers aggregates the children's `_no_split_modules` (modeling_utils post_init): Gemma3's
+        # gets SigLIP's, whose SiglipMultiheadAttentionPoolingHead Gemma 3 does not build (vision_use_head
+        # False), and accelerate's fsdp2_prepare_auto_wrap_policy raises for a class it cannot find
+        if plan.world_strategy != "fsdp":
+            raise UnsupportedArchitectureError(
+                f"{model.name}: a multimodal checkpoint's vision tower (its LoRA requires grad but never gets a "
+                "gradient) in DDP buckets / ZeRO partitions is not modelled yet; estimate one GPU")
+        raise UnsupportedArchitectureError(
+            f"{model.name}: accelerate 1.15's transformer_based_wrap fails on this multimodal checkpoint (\"Could "
+            "not find the transformer layer class SiglipMultiheadAttentionPoolingHead in the model\": its "
+            "_no_split_modules name SigLIP's pooling head, which it does not build), so FSDP needs "
+            "fsdp_transformer_layer_cls_to_wrap, which memplan does not model yet; estimate one GPU")
+    params_el = _cast(plan, plan.precision.params)
+    layers = layer_params(model, plan)
     full = plan.method == "full"
     H, V = model.hidden_size, model.vocab_size
     embed = Param(V, H, params_el, Term.OTHER_PARAMS, full)
@@ -278,21 +413,27 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
         out.append(Unit("embed_tokens", (embed,)))
     else:
         tail.insert(0, embed)
-    out += [Unit(f"layers.{i}", tuple(layer), layer=i) for i in range(model.num_layers)]
-    if plan.method == "full":  # accelerate's _find_final_norm finds it on a plain model: the tail's
+    out += [Unit(f"layers.{i}", ps, layer=i) for i, ps in enumerate(layers)]
+    vision_root: tuple[Param, ...] = ()
+    if model.vision_params:
+        vision, vision_root = _vision_units(model, plan, wrap)
+        out += vision
+    if plan.method == "full" and not model.vision_params:
+        # accelerate's _find_final_norm finds it on a plain model: the tail's
         out.append(Unit("norm+lm_head", (norm, *tail), keep_after_forward=True))
     else:  # a PeftModel hides it (`_find_final_norm` scans model.<base_model_prefix>): it stays in the root
         out.append(Unit("lm_head", tuple(tail), keep_after_forward=True))
-        out.append(Unit("root", (norm,), keep_after_forward=True, root=True))
+        # (a multimodal model's final norm is under model.language_model: not found either)
+        out.append(Unit("root", (norm, *vision_root), keep_after_forward=True, root=True))
     tail.insert(0, norm)
     if plan.fsdp_version == 1 and plan.world_strategy == "fsdp":
         # FSDP1 (peft fsdp_auto_wrap_policy): every LoRA Linear is its own unit; embedding, final norm and
         # lm_head stay in the root, which keeps its parameters after forward
-        lora = [p for p in layer if p.term == Term.ADAPTER_WEIGHTS]
-        frozen = tuple(p for p in layer if p.term != Term.ADAPTER_WEIGHTS)
         top = (embed,) if not model.tie_word_embeddings else ()
-        out = [Unit(f"layers.{i}", frozen, layer=i) for i in range(model.num_layers)]
-        out += [Unit(f"layers.{i}.lora.{j}", (p,), layer=i) for i in range(model.num_layers) for j, p in enumerate(lora)]
+        out = [Unit(f"layers.{i}", tuple(p for p in ps if p.term != Term.ADAPTER_WEIGHTS), layer=i)
+               for i, ps in enumerate(layers)]
+        out += [Unit(f"layers.{i}.lora.{j}", (p,), layer=i) for i, ps in enumerate(layers)
+                for j, p in enumerate(p for p in ps if p.term == Term.ADAPTER_WEIGHTS)]
         out.append(Unit("root", top + tuple(tail), keep_after_forward=True, root=True))
     return tuple(out)
 
@@ -370,6 +511,9 @@ class _World:
     view_grads: int = 0
     #: base weights every rank holds whole (FSDP with uint8 4-bit storage: accelerate's ignored_params)
     replicated_base: int = 0
+    #: each layer's gradients in the step each rank computes, where the layers differ (`layer_kinds`);
+    #: () = every layer alike: view_grads / num_layers each
+    view_layer_grads: tuple[int, ...] = ()
 
     #: shape-free sums over the units, computed once per estimate (`sums`), not once per moment
     _sums: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -377,7 +521,7 @@ class _World:
     def sums(self) -> dict[str, Any]:
         """Per-estimate aggregates every rank moment reads: the unsharded inventory by term, every
         trainable gradient (whole and per-rank shard, and layer 0's shard), the trainable parameters."""
-        if not self._sums:
+        if "inventory" not in self._sums:
             us, rnd, w = self.units, self.rnd, self.w
             inventory = dict.fromkeys(_PARAM_TERMS, 0)
             for u in us:
@@ -387,10 +531,41 @@ class _World:
                 layer_units=[u for u in us if u.layer is not None],
                 shard_grads=sum(u.grads(w, rnd, self.version) for u in us),
                 per_layer_shard=sum(u.grads(w, rnd, self.version) for u in us if u.layer == 0))
+            # per decoder layer (they differ where `layer_kinds` mixes dense and MoE layers): the trainable
+            # gradients' per-rank shards and their whole bytes
+            L = self.model.num_layers
+            layer_shard, layer_full = [0] * L, [0] * L
+            for u in self._sums["layer_units"]:
+                layer_shard[u.layer] += u.grads(w, rnd, self.version)
+                layer_full[u.layer] += u.grads(1, rnd, 2)
+            self._sums.update(layer_shard=tuple(layer_shard), layer_full=tuple(layer_full))
         return self._sums
+
+    def view_above(self, i: int) -> int:
+        """The view's gradients of the layers above layer i (done in backward before it)."""
+        L = self.model.num_layers
+        if not self.view_layer_grads:
+            return (L - 1 - i) * (self.view_grads // L if L else 0)
+        return sum(self.view_layer_grads[i + 1:])
 
     def shard(self, u: Unit) -> dict[Term, int]:
         return u.bytes(self.w, self.rnd, self.version)
+
+    def shards(self) -> dict[Term, int]:
+        """Every unit's per-rank shard, by term (once per estimate: every moment holds them)."""
+        if "shards" not in self._sums:
+            total: dict[Term, int] = {}
+            for u in self.units:
+                _add(total, self.shard(u))
+            self._sums["shards"] = total
+        return self._sums["shards"]
+
+    def fsdp_optimizer(self, cuda: bool) -> int:
+        """The device optimizer state of the rank's FSDP shards (once per estimate)."""
+        key = ("fsdp_optimizer", cuda)
+        if key not in self._sums:
+            self._sums[key] = _optimizer_on(self.sums()["trainable"], self.w, self.plan, self.rnd, cuda, False)[0]
+        return self._sums[key]
 
     def full(self, u: Unit) -> int:
         """Bytes of the unit's gathered parameters (the all-gather output, per parameter)."""
@@ -438,8 +613,11 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
     DeepSpeed's 16-bit cast, every parameter reaches the compute in 16 bits, so that step is the
     single-device step with 16-bit parameters and adapters (`prepare=False`, `adapter_dtype` = the
     autocast dtype: no fp32 residual stream, no autocast copies of the adapters)."""
-    from .estimate import compute
+    from dataclasses import replace
 
+    from .estimate import compute, static_part
+
+    asked = plan
     single = compute(model, plan.single_device(), gpu)
     plan = single.plan.replace(**{k: getattr(plan, k) for k in DIST_FIELDS})  # with check_plan's changes
     strategy = plan.world_strategy
@@ -447,22 +625,148 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         raise UnsupportedArchitectureError(f"{model.name}: no closed-form moments to shard (simulate-only model)")
     view = single
     cast16 = bool(plan.autocast) and strategy in ("fsdp", "deepspeed")
+    static = single.moments[0].static
+    if cast16 and model.is_moe and asked.prepare and not plan.prepare and plan.device == "cuda":
+        # one GPU: grouped_mm refuses prepare's fp32 experts, so check_plan drops prepare; under FSDP's
+        # mixed precision (param_dtype bf16) and DeepSpeed's cast the experts reach grouped_mm in 16 bits:
+        # prepare runs (its fp32 parameters are what the ranks shard), measured with simulate per rank
+        plan = plan.replace(prepare=True)
+        kept = "fp32 (prepare_model_for_kbit_training upcasts them)"
+        notes = [n.replace("leaves them in the load dtype", f"leaves them {kept}") for n in single.notes
+                 if not n.startswith(_GROUPED_MM_NOTE)]
+        notes.append(f"{strategy}: its mixed precision hands grouped_mm 16-bit experts, so prepare_model_for_kbit_"
+                     "training runs (one GPU would need --no-prepare): each rank shards fp32 experts")
+        single = replace(single, plan=single.plan.replace(prepare=True), notes=tuple(notes))
+        static = static_part(model, single.plan, True).terms
     if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast):
         view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast), gpu)
     w = shard_group(plan)
     version = plan.fsdp_version if strategy == "fsdp" else 2
     rnd = 512 if plan.device == "cuda" else 1
     world = _World(model, plan, rnd, w, version, units(model, plan),
-                   gather_el=2 if cast16 and strategy == "fsdp" else 0, static=single.moments[0].static,
-                   view_grads=F.gradient_bytes(model, view.plan, rnd))
+                   gather_el=2 if cast16 and strategy == "fsdp" else 0, static=static,
+                   view_grads=F.gradient_bytes(model, view.plan, rnd),
+                   view_layer_grads=_view_layer_grads(model, view.plan, rnd))
     if strategy == "fsdp" and plan.method == "qlora" and plan.quant != "int8" and quant_storage_bytes(plan) == 1:
         world.replicated_base = world.static[Term.BASE_WEIGHTS]
     ms = list(view.moments)
-    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD":
+    if strategy == "fsdp" and plan.fsdp_sharding_strategy != "NO_SHARD":
+        ms = _layer_forwards(model, view.plan, ms, version == 2) + ms
+    elif strategy == "deepspeed" and plan.zero_stage == 3 and model.layer_kinds:
+        # ZeRO-3 gathers each layer for its forward too: an MoE layer's forward beside its gathered experts
+        ms = _layer_forwards(model, view.plan, ms, False) + ms
+    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD" \
+            and not model.tie_word_embeddings:  # tied: the tail is gathered as the embedding runs (`_fsdp_alive`)
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
         if at is not None:
             ms.insert(at, _tail_gather(ms[at]))
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
+
+
+#: the single-device note of a CUDA MoE plan whose prepare check_plan drops (estimate._moe_checks)
+_GROUPED_MM_NOTE = "grouped_mm on CUDA takes bf16 experts only"
+
+
+def _view_layer_grads(model: ModelSpec, plan: TrainPlan, rnd: int) -> tuple[int, ...]:
+    """Each decoder layer's gradients where the layers differ (as `estimate._mixed_step` sums them: the
+    trainable groups of the layer's kind, `formulas.kind_view`); () when every layer is alike."""
+    if not model.layer_kinds:
+        return ()
+    per_kind = {}
+    for kind in set(model.layer_kinds):
+        view = F.kind_view(model, kind == "moe")
+        per_kind[kind] = sum(F.rounded(r * c * dt, rnd) for (r, c), dt, k in F._trainable_groups(view, plan)
+                             if k == view.num_layers)
+    return tuple(per_kind[k] for k in model.layer_kinds)
+
+
+_CKPT_FORWARD: dict[tuple[Any, ...], tuple[tuple[int, int, int], ...]] = {}
+
+
+def _checkpointed_forward(view: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple[tuple[int, int, int], ...]:
+    """The live bytes of one layer's forward under a non-reentrant checkpoint, as (per token, per token x
+    sequence, constant) coefficients at each moment: the layer walk of `activations` (its flags as
+    `estimate` gives them) with nothing kept for backward (the checkpoint's pack hook keeps no tensor),
+    each tensor freed as the layer code releases it. NB the walk releases a saved tensor only where the
+    layer code drops it, so a tensor it takes as saved may be counted a little longer than it lives."""
+    from .activations import FUSED_4BIT_MAX_TOKENS, LayerModel, Lin, Walk, flash_varlen, sdpa_masked
+
+    class Unsaved(Walk):
+        def save(self, *ts: Any) -> None:
+            for t in ts:
+                self.hold(t)
+
+    T = plan.batch_size * plan.seq_len
+    flags = (cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS, sdpa_masked(view, plan),
+             flash_varlen(plan))
+    key = (view, plan.shape_free_id, cuda, flags)  # the walk is symbolic in the shape
+    hit = _CKPT_FORWARD.get(key)
+    if hit is None:
+        w = Unsaved()
+        lm = LayerModel(view, plan, w, not cuda, *flags)
+        x = w.new(Lin(t=1) * view.hidden_size, plan.precision.params, True)
+        lm.layer(x, 4 if view.arch.rope_fp32 else plan.precision.params)
+        if len(_CKPT_FORWARD) > 512:
+            _CKPT_FORWARD.clear()
+        hit = _CKPT_FORWARD[key] = tuple((m.t + m.s, m.q, m.c) for m in w.moments)
+    return hit
+
+
+def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: bool) -> list[Any]:
+    """FSDP: the forward of the last layer of each kind (the gathered unit, with FSDP2 its flat all-gather
+    output kept, is that layer's: an MoE layer gathers far more than a dense one), beside the single-device
+    moments. Without checkpointing: every earlier layer's saved set, as `estimate.forward_moment` (the
+    last layer's forward is that moment itself). With checkpointing: the checkpointed inputs of the
+    layers below it and the layer's forward under the checkpoint (`_checkpointed_forward`: nothing
+    saved). FSDP2 also: the layer's all-gather copy-out (`gather:layer<i>`,
+    before its forward computes: its unsharded parameters, its flat all-gather output and the previous
+    unit's, still kept in `comm_ctx.all_gather_state`), which peaks where one layer's experts are large."""
+    from .activations import packed_rows
+    from .estimate import make_step
+
+    L, gc = model.num_layers, plan.gradient_checkpointing
+    kinds = model.layer_kinds or ("",) * L
+    last = {L - 1 - kinds[::-1].index(k) for k in set(kinds)}
+    # the copy-out of a kind's first layer keeps the unit below's flat output (the embedding's for layer 0)
+    gathers = (last | {kinds.index(k) for k in set(kinds)}) if fsdp2 else set()
+    forwards = last if gc else last - {L - 1}
+    layers = sorted(gathers | forwards)
+    if not layers:
+        return []
+    s = make_step(model, packed_rows(plan), plan.device == "cuda", 2 * plan.batch_size)
+    out = []
+    if fsdp2:  # the forward's first all-gather after the root's: the embedding's (tied: the tail's)
+        m = s.moment("forward", 0, s.ga_grads, 0, 0, 0)
+        out.append(m._replace(name="forward:gather_embed", kind="embed_gather", layer=None,
+                              description="FSDP2's all-gather of the input embedding (its copy-out: the root's flat "
+                                          "all-gather output still kept), before it runs"))
+    for i in layers:
+        ap = s.layer_kind[i][1] if s.layer_kind else s.ap  # layer i's kind's profile
+        if gc:  # the checkpointed inputs of the layers below and the layer's own input
+            earlier = i * ap.layer_input_bytes + s.layer_args
+        elif s.saved_layers:
+            earlier = sum(s.saved_layers[:i])
+        else:
+            earlier = ap.first_layer_bytes + (i - 1) * ap.layer_bytes if i else 0
+        peak = ap.forward_peak
+        if gc:  # the layer's forward under its checkpoint: its own input and locals, nothing saved
+            p = packed_rows(plan)
+            T, S = p.batch_size * p.seq_len, p.seq_len
+            view = F.kind_view(model, kinds[i] == "moe") if model.layer_kinds else model
+            peak = max(a * T + b * T * S + c for a, b, c in _checkpointed_forward(view, p, p.device == "cuda"))
+        m = s.moment("forward", i, s.ga_grads, earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes
+                      + peak - ap.forward_temps, 0, ap.forward_temps)
+        if i in gathers:
+            own = ap.layer_input_bytes if gc else 0
+            out.append(m._replace(
+                name=f"forward:gather{i}", kind="layer_gather", description=f"FSDP2's all-gather of layer {i} of {L} "
+                "(its copy-out: the previous unit's flat all-gather output still kept), before its forward",
+                allocated_bytes=m.allocated_bytes - peak + own, activations=m.activations - peak
+                + ap.forward_temps + own, temporaries=0))
+        if i in forwards:
+            out.append(m._replace(name=f"forward:layer{i}", description=f"the forward of layer {i} of {L}"
+                                  + (" (checkpointed)" if gc else ", every earlier layer's activations saved")))
+    return out
 
 
 def _tail_gather(loss: Any) -> Any:
@@ -561,8 +865,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     offload = plan.fsdp_offload_params
     nos = plan.fsdp_sharding_strategy == "NO_SHARD"
     alive, prefetched, retained = _fsdp_alive(world, kind, i, L, layer_units)
-    for u in us:
-        _add(host if offload else t, world.shard(u))
+    _add(host if offload else t, world.shards())
     t[Term.BASE_WEIGHTS] += world.replicated_base
     if not nos:
         # gathered parameters (the per-parameter all-gather outputs), and FSDP2's flat all-gather outputs:
@@ -580,17 +883,15 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in alive and u.layer is not None and any(
             p.el != world.gather_el for p in u.params))
     # gradients: sharded for the units done, the current layer's in flight unsharded
-    shard_grads, per_layer_shard = agg["shard_grads"], agg["per_layer_shard"]
-    view_layer = world.view_grads // L if L else 0
+    shard_grads, layer_shard = agg["shard_grads"], agg["layer_shard"]
     ga_view = world.view_grads if ga else 0
     if kind == "optimizer":
         grads_dev = shard_grads
         scratch_ratio = shard_grads / full_grads if full_grads else 0
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
-    elif i is not None:
-        above = L - 1 - i
-        in_flight = max(0, m.gradients - ga_view - above * view_layer)
-        grads_dev = (shard_grads if ga else above * per_layer_shard) + in_flight
+    elif i is not None and kind not in ("forward", "layer_gather"):
+        in_flight = max(0, m.gradients - ga_view - world.view_above(i))
+        grads_dev = (shard_grads if ga else sum(layer_shard[i + 1:])) + in_flight
         if world.version == 2 and i < L - 1 and not nos:
             # the previous unit's reduce-scatter input, in the reduce dtype (FSDP2 keeps one:
             # reduce_scatter_max_input_buffers; FSDP1 frees it once reduced)
@@ -604,10 +905,10 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     if offload:
         host[Term.GRADIENTS] = shard_grads
         grads_dev -= min(grads_dev, shard_grads if (ga or kind == "optimizer") else
-                         (L - 1 - (i or 0)) * per_layer_shard if i is not None else 0)
+                         sum(layer_shard[i + 1:]) if i is not None else 0)
         host[Term.OPTIMIZER_STATE] = _optimizer_on(trainable, w, plan, 1, False, False)[0]  # steps on the CPU
     else:
-        dev, _ = _optimizer_on(trainable, w, plan, rnd, cuda, False)
+        dev = world.fsdp_optimizer(cuda)
         t[Term.OPTIMIZER_STATE] = dev
     t[Term.GRADIENTS] = grads_dev
     t["host"] = host
@@ -644,7 +945,28 @@ def _uncast_other(world: _World) -> int:
 def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
                 layer_units: list[Unit]) -> tuple[set[str], set[str], set[str]]:
     """(units gathered at the moment, units prefetched: all-gathered, not yet copied out, units whose
-    flat all-gather output FSDP2 still keeps: the last forward all-gather's)."""
+    flat all-gather output FSDP2 still keeps: the last forward all-gather's).
+
+    FSDP2 with tied embeddings: the tail group [input_embed, lm_head] is gathered as the embedding runs
+    (the first all-gather after the root's) and, reshard_after_forward=False, stays gathered to the end of
+    backward (measured with simulate per rank on Gemma 3: tests/test_distributed_mixed.py)."""
+    alive, pre, kept = _fsdp_alive_untied(world, kind, i, L, layer_units)
+    if kind != "optimizer" and world.version == 2 and world.model.tie_word_embeddings:
+        tops = [u for u in world.units if u.layer is None and not u.idle]
+        tail = {u.name for u in tops if u.keep_after_forward and not u.root}
+        alive |= tail
+        if kind == "layer_gather" and i == 0:
+            kept |= tail  # the tail's all-gather was the one before layer 0's
+        if kind == "embed_gather":
+            kept |= tail
+        elif i is None and kind != "tail_gather" and kept & tail:
+            # its flat output was freed at layer 0's copy-out: the last forward all-gather is the last layer's
+            kept = (kept - tail) | {min(u.name for u in layer_units if u.layer == L - 1)}
+    return alive, pre, kept
+
+
+def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
+                       layer_units: list[Unit]) -> tuple[set[str], set[str], set[str]]:
     p = world.plan
     names: dict[int, set[str]] = {}
     for u in layer_units:
@@ -653,7 +975,7 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     def layers(lo: int, hi: int) -> set[str]:
         return set().union(*(names[j] for j in range(lo, hi)))
 
-    tops = [u for u in world.units if u.layer is None]
+    tops = [u for u in world.units if u.layer is None and not u.idle]
     keep = {u.name for u in tops if u.keep_after_forward}
     root = {u.name for u in tops if u.root}
     tail = keep - root
@@ -664,11 +986,22 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     kept: set[str] = set()
     if kind == "optimizer":
         return alive, pre, kept
-    if kind == "forward":  # the last layer's forward
-        alive |= names[L - 1] | root
-        kept |= {next(iter(sorted(names[L - 1])))} if world.version == 2 else set()
+    if kind == "embed_gather":  # the embedding's copy-out (tied: the tail's, added by `_fsdp_alive`)
+        alive |= root | embed
+        kept |= root | embed
+        return alive, pre, kept
+    if kind == "layer_gather":  # layer i's copy-out: its flat output and the previous unit's kept
+        alive |= names[i] | root
+        kept |= {sorted(names[i])[0]} | ({sorted(names[i - 1])[0]} if i else embed)
         if after_forward:
-            alive |= embed | layers(0, L)
+            alive |= embed | layers(0, i)
+        return alive, pre, kept
+    if kind == "forward":  # layer i's forward (the last layer's, or a layer of another kind)
+        j = L - 1 if i is None else i
+        alive |= names[j] | root
+        kept |= {next(iter(sorted(names[j])))} if world.version == 2 else set()
+        if after_forward:
+            alive |= embed | layers(0, j + 1)
         return alive, pre, kept
     if kind == "tail_gather":  # the tail's copy-out: the last layer's flat output kept, the tail's alive
         alive |= keep
@@ -739,7 +1072,6 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     stage = plan.zero_stage
     b = zero_buckets(world.model, plan)
     kind, i = m.kind, m.layer
-    L = world.model.num_layers
     thr = b["stage3_param_persistence_threshold"]
     off_param = stage == 3 and plan.offload_param_device == "cpu"
     off_opt = plan.offload_optimizer_device == "cpu"
@@ -772,9 +1104,9 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     master = F.rounded(4 * part, rnd) if n_tr else 0
     in_flight = 0
     if i is not None and kind != "optimizer":
-        per_layer = sum(F.rounded(p.numel * p.el, rnd) for u in us if u.layer == 0 for p in u.params if p.trainable)
-        in_flight = max(0, m.gradients - (full_grads if ga else 0) - (L - 1 - i) * per_layer)
-        in_flight = min(in_flight, per_layer)
+        layer_full = world.sums()["layer_full"]  # each layer's own (mixed dense/MoE layers differ)
+        in_flight = max(0, m.gradients - (full_grads if ga else 0) - sum(layer_full[i + 1:]))
+        in_flight = min(in_flight, layer_full[i])
     # ZeRO-2 makes its fp32 gradient partition at the step (stage_1_and_2.py `step`: single_grad_partition
     # from the reduced 16-bit gradients); during backward only the in-flight gradients and the ipg bucket
     # exist (measured on real CPU ranks: no gradient partition alive at any backward peak)
@@ -854,8 +1186,9 @@ def _zero3_gathered(world: _World, kind: str, i: int | None, thr: int, b: Mappin
     embed = [u.name for u in us if u.layer is None and not u.keep_after_forward] \
         if world.plan.gradient_checkpointing and kept(-1) else []
     out: set[str] = set(embed)
-    if kind in ("forward", "tail_gather"):  # the last layer's forward: the layers before it that are kept
-        out |= {by_layer[j] for j in range(L - 1) if kept(j)} | {by_layer[L - 1]}
+    if kind in ("forward", "tail_gather"):  # a layer's forward (the last's unless named): the layers before it kept
+        top = L - 1 if i is None or kind == "tail_gather" else i
+        out |= {by_layer[j] for j in range(top) if kept(j)} | {by_layer[top]}
         return out
     if i is None:  # the loss: the tail, and every layer kept since its forward
         return out | {by_layer[j] for j in range(L) if kept(j)} | set(tail)

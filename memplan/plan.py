@@ -158,6 +158,10 @@ class TrainPlan:
     #: FSDP1's rate limiter (accelerate `fsdp_limit_all_gathers`, FullyShardedDataParallel limit_all_gathers):
     #: at most two all-gathers in flight ahead of the compute (CUDA); False lets the CPU thread run ahead
     fsdp_limit_all_gathers: bool = True
+    #: accelerate's `fsdp_transformer_layer_cls_to_wrap` (TrainingArguments fsdp_config
+    #: `transformer_layer_cls_to_wrap`): the classes transformer_based_wrap makes units of; () = the model's
+    #: `_no_split_modules` (memplan.distributed `units`)
+    fsdp_transformer_layer_cls_to_wrap: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         given = _other_fields(self)
@@ -208,6 +212,12 @@ class TrainPlan:
         else:
             tm = tuple(tm)
         set_("target_modules", tm)
+        wrap = self.fsdp_transformer_layer_cls_to_wrap
+        if isinstance(wrap, str):
+            wrap = tuple(t.strip() for t in wrap.split(",") if t.strip())
+        elif isinstance(wrap, (list, tuple)):
+            wrap = tuple(wrap)
+        set_("fsdp_transformer_layer_cls_to_wrap", wrap)
         set_("optim", str(self.optim).lower())
         set_("trainer", {"sfttrainer": "sft", "transformers": "trainer"}.get(str(self.trainer).lower(),
                                                                            str(self.trainer).lower()))
@@ -366,6 +376,10 @@ class TrainPlan:
             v = getattr(self, k)
             if v != _AUTO and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 p.append(f"--{k.replace('_', '-')} must be 'auto' or a number of elements (an integer >= 0), got {v!r}")
+        wrap = self.fsdp_transformer_layer_cls_to_wrap
+        if not isinstance(wrap, tuple) or not all(isinstance(c, str) and c.isidentifier() for c in wrap):
+            p.append(f"--fsdp-transformer-layer-cls-to-wrap must name classes (comma-separated, e.g. "
+                     f"Gemma3DecoderLayer,SiglipEncoderLayer), got {wrap!r}")
         if self.strategy == "single" and self.num_processes > 1:
             p.append(f"--strategy single runs one process, but --num-processes is {self.num_processes}; use "
                      "--strategy ddp, fsdp or deepspeed (or --num-processes 1)")
@@ -434,7 +448,7 @@ class TrainPlan:
             d["liger_kernel_config"] = dict(self.liger_kernel_config)
         if not self._dist_changed():
             for k in DIST_FIELDS:
-                d.pop(k, None)  # (a distributed field may be left out at its default already)
+                d.pop(k, None)  # (those omitted at their default are gone already)
         return d
 
     @classmethod
@@ -449,7 +463,8 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainPlan)}
 _OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpoint_offload", "trainer",
                     "use_liger_kernel", "liger_kernel_config", "zero_reduce_bucket_size",
                     "zero_stage3_prefetch_bucket_size", "zero_stage3_param_persistence_threshold",
-                    "zero_stage3_max_live_parameters", "fsdp_limit_all_gathers")
+                    "zero_stage3_max_live_parameters", "fsdp_limit_all_gathers",
+                    "fsdp_transformer_layer_cls_to_wrap")
 #: DeepSpeed's bucket-size fields ("auto" or elements)
 ZERO_BUCKET_FIELDS = ("zero_reduce_bucket_size", "zero_stage3_prefetch_bucket_size",
                       "zero_stage3_param_persistence_threshold", "zero_stage3_max_live_parameters")

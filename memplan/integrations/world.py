@@ -87,6 +87,10 @@ def _fsdp_config(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
                        ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading")):
         if cfg.get(key) is not None:
             out[field] = _truthy(cfg[key])
+    wrap = cfg.get("transformer_layer_cls_to_wrap")
+    if wrap:  # accelerate: a comma-separated string; TrainingArguments fsdp_config: a list
+        out["fsdp_transformer_layer_cls_to_wrap"] = (tuple(wrap) if isinstance(wrap, (list, tuple)) else
+                                                     tuple(c.strip() for c in str(wrap).split(",") if c.strip()))
     if _truthy(cfg.get("activation_checkpointing", False)):
         out["gradient_checkpointing"] = True
         notes.append("fsdp_config activation_checkpointing: FSDP's own checkpointing, estimated as the HF "

@@ -158,6 +158,8 @@ def fsdp_plugin(world: World, plan: Any):
 
     kw: dict[str, Any] = dict(fsdp_version=world.fsdp_version, auto_wrap_policy="transformer_based_wrap",
                               cpu_ram_efficient_loading=False)
+    if world.fsdp_transformer_layer_cls_to_wrap:
+        kw["transformer_cls_names_to_wrap"] = list(world.fsdp_transformer_layer_cls_to_wrap)
     if world.fsdp_version == 2:
         kw["reshard_after_forward"] = world.reshard_after_forward
         if world.fsdp_offload_params:
