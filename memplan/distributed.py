@@ -84,7 +84,8 @@ Known limitations (NB):
   sums agree); with peft's units a layer computes with its frozen unit and one module's lora_A/lora_B
   gathered; the root's backward prefetches the last layer; NO_SHARD's low-precision copies (`_mp_shard`) of
   the fp32 LoRA units in use are counted; FULL_SHARD's transient `_mp_shard` (freed at the all-gather) is not;
-  `use_orig_params` is not modelled (+327,680 B activations measured on the tiny plan); FSDP1's prefetch at
+  `use_orig_params`: one saved 16-bit copy of each adapted module's input (activations; within 128 B of the
+  real ranks with and without checkpointing, +327,680 / +524,288 B on the tiny plan); FSDP1's prefetch at
   the end of a layer's backward (the layer below gathered while the layer is) is not a moment here (LoRA
   with checkpointing: -0.6 % against the real step less gloo's copy);
 - HYBRID_SHARD (FSDP2, checked on 2 x 2 real gloo ranks to 4 B) shards within a node (ranks per node) and
@@ -447,8 +448,9 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         raise UnsupportedArchitectureError(f"{model.name}: no closed-form moments to shard (simulate-only model)")
     view = single
     cast16 = bool(plan.autocast) and strategy in ("fsdp", "deepspeed")
-    if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast):
-        view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast), gpu)
+    orig = _fsdp1_orig_params(plan)
+    if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast or orig):
+        view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast, **orig), gpu)
     w = shard_group(plan)
     version = plan.fsdp_version if strategy == "fsdp" else 2
     rnd = 512 if plan.device == "cuda" else 1
@@ -463,6 +465,17 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         if at is not None:
             ms.insert(at, _tail_gather(ms[at]))
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
+
+
+def _fsdp1_orig_params(plan: TrainPlan) -> dict[str, Any]:
+    """The fields that tell the layer walk (`activations.LayerModel`) a rank computes under FSDP1 with
+    use_orig_params: every adapted module saves its own 16-bit cast of its input (peft's cast to the fp32 of the
+    sharded original lora_A weight, FSDP's cast back to param_dtype); {} otherwise. The view plan is a
+    single-device plan: these two fields are its only distributed ones."""
+    if plan.world_strategy == "fsdp" and plan.fsdp_version == 1 and plan.fsdp_use_orig_params and \
+            plan.method in ("qlora", "lora"):
+        return {"fsdp_version": 1, "fsdp_use_orig_params": True}
+    return {}
 
 
 def _tail_gather(loss: Any) -> Any:
@@ -911,12 +924,11 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                              "compute (more units gathered than the current and the prefetched one counted here): "
                              "not modelled, not checked on GPUs; on CPU ranks it changes nothing (measured: the same "
                              "peak to the byte)")
-            if p.fsdp_use_orig_params:
-                notes.append("FSDP1 use_orig_params: not modelled yet: peft casts each adapted module's input to "
-                             "lora_A's dtype as the sharded original parameter shows it (fp32), and FSDP's mixed "
-                             "precision casts it back for the unit: one more 16-bit copy of the input saved per adapted "
-                             "module (real 2-rank gloo ranks of a tiny QLoRA plan: +327,680 B of activations, the "
-                             "estimate 6.3 % low); `memplan simulate` traces it (to the byte of those ranks)")
+            if p.fsdp_use_orig_params and p.method in ("qlora", "lora"):
+                notes.append("FSDP1 use_orig_params: each adapted module saves its own 16-bit copy of its input (peft "
+                             "casts it to the dtype of the sharded original lora_A weight, FSDP's mixed precision "
+                             "back): in the activations (real 2-rank gloo ranks of a tiny QLoRA plan: +327,680 B with "
+                             "checkpointing, +524,288 B without; the estimate within 128 B of them)")
             notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
                          "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
                          "the even split")
