@@ -464,6 +464,8 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
         if at is not None:
             ms.insert(at, _tail_gather(ms[at]))
+    if _fsdp1_layer_end(plan, world.units):
+        ms = _with_layer_ends(model, view, ms)
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
 
 
@@ -476,6 +478,53 @@ def _fsdp1_orig_params(plan: TrainPlan) -> dict[str, Any]:
             plan.method in ("qlora", "lora"):
         return {"fsdp_version": 1, "fsdp_use_orig_params": True}
     return {}
+
+
+def _fsdp1_layer_end(plan: TrainPlan, us: tuple[Unit, ...]) -> bool:
+    """Whether FSDP1 gathers the layer below while a layer's backward ends (`_with_layer_ends`): peft's units
+    (LoRA Linears their own units), FULL_SHARD / HYBRID_SHARD, a backward prefetch, two layers or more."""
+    return (plan.world_strategy == "fsdp" and plan.fsdp_version == 1 and plan.fsdp_backward_prefetch != "NO_PREFETCH"
+            and plan.fsdp_sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD")
+            and any(".lora." in u.name for u in us)
+            and max((u.layer or 0) for u in us) >= 1)
+
+
+def _with_layer_ends(model: ModelSpec, view: Any, ms: list[Any]) -> list[Any]:
+    """FSDP1's prefetch at the end of a layer's backward, as a moment per layer i >= 1 (the last and layer 1):
+    `layer_end:i`, the backward of layer i's input norm, with layer i-1's frozen unit gathered beside layer i's.
+
+    Why: FSDP1 prefetches the handle before the current one in post-forward order
+    (torch/distributed/fsdp/_runtime_utils.py `_prefetch_handle`, _exec_order_utils.py
+    `get_handle_to_backward_prefetch`): with peft's units that is layer i's first LoRA unit (q_proj.lora_A) ->
+    layer i-1's frozen unit, at that unit's pre-backward (BACKWARD_PRE) or post-backward (BACKWARD_POST); layer
+    i's frozen unit has no gradient, so it reshards only when the gradient of its input is made
+    (`_post_backward_reshard_only_hook`): both are gathered through layer i's input norm backward.
+
+    Alive then (the single-device step each rank computes): the activations below layer i (`layer_backward_state`'s
+    `fixed`: the checkpointed inputs or the saved sets of the layers below, rotary, ids, its own input) and the
+    input norm's fp32 copy of the layer input [T, H] (RMSNorm's `hidden_states.to(torch.float32)`, saved by pow
+    and mul); in flight: the residual stream's gradient [T, H] and five fp32 [T, H] of the RMSNorm backward
+    (pow, mul, div, mul, mul). Layer i's LoRA gradients are reduced (`_rank_terms`). NB measured on the meta trace
+    of FSDP1 ranks (llama RMSNorm, tests/test_distributed_fsdp1_more.py); other norms not checked."""
+    from .estimate import layer_backward_state, make_step
+
+    s = make_step(model, view.plan, view.plan.device == "cuda")
+    L, T, H = model.num_layers, s.tokens, model.hidden_size
+    out = list(ms)
+    for i in sorted({L - 1, 1}, reverse=True):
+        lb = layer_backward_state(s, i)
+        fp32 = s.r(T * H * 4)
+        acts, temps = lb.fixed + fp32, 5 * fp32 + s.r(T * H * s.ap.stream_dt)
+        tmpl = next(m for m in ms if m.layer == i)
+        m = tmpl._replace(name=f"layer_end:{i}", kind="layer_end", phase="backward", layer=i,
+                          description=f"the end of layer {i}'s backward (its input norm): FSDP1 has prefetched "
+                                      f"layer {i - 1}'s frozen unit, layer {i}'s still gathered",
+                          allocated_bytes=tmpl.allocated_bytes - tmpl.gradients - tmpl.activations - tmpl.logits
+                          - tmpl.temporaries + lb.grads + acts + temps,
+                          gradients=lb.grads, activations=acts, logits=0, temporaries=temps)
+        at = max(k for k, mm in enumerate(out) if mm.layer == i) + 1
+        out.insert(at, m)
+    return out
 
 
 def _tail_gather(loss: Any) -> Any:
@@ -600,6 +649,8 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         grads_dev = shard_grads
         scratch_ratio = shard_grads / full_grads if full_grads else 0
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
+    elif kind == "layer_end":  # layer i's gradients reduced (FSDP1 frees each unit's once reduce-scattered)
+        grads_dev = shard_grads if ga else (L - i) * per_layer_shard
     elif i is not None:
         above = L - 1 - i
         in_flight = max(0, m.gradients - ga_view - above * view_layer)
@@ -699,8 +750,11 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
             # frozen unit (its LoRA units finished their forward before it)
             pre |= {n for n in names[L - 1] if ".lora." not in n}
         return alive, pre, kept
+    if kind == "layer_end":  # FSDP1 (`_with_layer_ends`): layer i's frozen unit and layer i-1's prefetched one
+        frozen = {n for n in names[i] if ".lora." not in n}
+        return alive | frozen | keep, {n for n in names[i - 1] if ".lora." not in n}, kept
     lora1 = world.version == 1 and any(".lora." in n for n in names[i])
-    alive |= (_fsdp1_in_use(world, names[i]) if lora1 and not after_forward else names[i]) | root
+    alive |= (_fsdp1_in_use(world, names[i], kind) if lora1 and not after_forward else names[i]) | root
     if after_forward:
         alive |= embed | layers(0, i)
     elif lora1:
@@ -715,15 +769,23 @@ def _fsdp_alive(world: _World, kind: str, i: int | None, L: int,
     return alive, pre, kept
 
 
-def _fsdp1_in_use(world: _World, layer: set[str]) -> set[str]:
+def _fsdp1_in_use(world: _World, layer: set[str], kind: str = "") -> set[str]:
     """FSDP1 with peft's wrap policy: of a layer's units, the ones gathered while it computes: the layer's
-    frozen unit and one adapted module's lora_A and lora_B units (each LoRA Linear is its own unit,
-    gathered around its own forward / backward and resharded after it): the pair with the largest
-    all-gather (measured on real 2-rank gloo FSDP1 steps: 24,576 B of LoRA gathered in bf16 at the
-    recompute of layer 0 = gate_proj's A + B)."""
+    frozen unit and, with BACKWARD_PRE, one adapted module's lora_A and lora_B units (each LoRA Linear is its
+    own unit, gathered around its own forward / backward and resharded after it; lora_B's pre-backward
+    prefetches lora_A): the pair with the largest all-gather (measured on real 2-rank gloo FSDP1 steps: 24,576 B
+    of LoRA gathered in bf16 at the recompute of layer 0). BACKWARD_POST / NO_PREFETCH (meta trace, 2 ranks):
+    the recompute stops in the last adapted module's lora_B, the only LoRA unit gathered then (8,192 B); in the
+    MLP backward none with NO_PREFETCH; BACKWARD_POST's prefetch after lora_A's backward is taken as the pair
+    (NB: not the peak of any plan measured)."""
     by = {u.name: u for u in world.units}
     lora = sorted((n for n in layer if ".lora." in n), key=lambda n: int(n.rsplit(".", 1)[1]))
     pairs = [lora[k:k + 2] for k in range(0, len(lora), 2)]
+    prefetch = world.plan.fsdp_backward_prefetch
+    if prefetch != "BACKWARD_PRE" and kind == "recompute":
+        return (layer - set(lora)) | set(lora[-1:])
+    if prefetch == "NO_PREFETCH":
+        return layer - set(lora)
     best = max(pairs, key=lambda pr: sum(world.full(by[n]) for n in pr), default=[])
     return (layer - set(lora)) | set(best)
 
