@@ -515,14 +515,14 @@ def _with_layer_ends(model: ModelSpec, view: Any, ms: list[Any]) -> list[Any]:
         lb = layer_backward_state(s, i)
         fp32 = s.r(T * H * 4)
         acts, temps = lb.fixed + fp32, 5 * fp32 + s.r(T * H * s.ap.stream_dt)
-        tmpl = next(m for m in ms if m.layer == i)
+        tmpl = next(m for m in ms if m.layer is not None)  # the static terms: every moment's
         m = tmpl._replace(name=f"layer_end:{i}", kind="layer_end", phase="backward", layer=i,
                           description=f"the end of layer {i}'s backward (its input norm): FSDP1 has prefetched "
                                       f"layer {i - 1}'s frozen unit, layer {i}'s still gathered",
                           allocated_bytes=tmpl.allocated_bytes - tmpl.gradients - tmpl.activations - tmpl.logits
                           - tmpl.temporaries + lb.grads + acts + temps,
                           gradients=lb.grads, activations=acts, logits=0, temporaries=temps)
-        at = max(k for k, mm in enumerate(out) if mm.layer == i) + 1
+        at = max((k for k, mm in enumerate(out) if mm.layer is not None and mm.layer >= i), default=-1) + 1
         out.insert(at, m)
     return out
 
