@@ -86,8 +86,10 @@ Known limitations (NB):
   the fp32 LoRA units in use are counted; FULL_SHARD's transient `_mp_shard` (freed at the all-gather) is not;
   `use_orig_params`: one saved 16-bit copy of each adapted module's input (activations; within 128 B of the
   real ranks with and without checkpointing, +327,680 / +524,288 B on the tiny plan); FSDP1's prefetch at
-  the end of a layer's backward (the layer below gathered while the layer is) is not a moment here (LoRA
-  with checkpointing: -0.6 % against the real step less gloo's copy);
+  the end of a layer's backward (`layer_end:i`: the frozen layer below gathered while the layer's input norm
+  runs backward; BACKWARD_PRE and BACKWARD_POST) is a moment (tests/test_distributed_fsdp1_more.py: the three
+  prefetch values, LoRA and QLoRA, every term but the base/other split to the byte of simulate per rank);
+  its temporaries are llama's RMSNorm backward (other norms not checked);
 - HYBRID_SHARD (FSDP2, checked on 2 x 2 real gloo ranks to 4 B) shards within a node (ranks per node) and
   keeps each reduced unit's all-reduce input until the end of backward;
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
