@@ -144,3 +144,20 @@ def test_catalogue_shapes_per_rank(model, n, method, gc):
         assert r0.terms[Term(term)] == sim.terms[term], term
     for term in ("base_weights", "other_params", "activations", "temporaries"):
         assert abs(r0.terms[Term(term)] - sim.terms[term]) <= 1e-4 * sim.peak_bytes, term
+
+
+def test_lora_backward_post_real_ranks_and_gpu_step(monkeypatch):
+    """Real 2-rank gloo ranks (LoRA, no checkpointing, BACKWARD_POST): simulate per rank to the byte (8,536,056 B:
+    layer 0's frozen unit all-gathered after q_proj.lora_A's backward, gloo's copy of it (1,180,672 B) alive beside
+    both frozen layers); the GPU step (no gloo copy) peaks later, at layer 1's input norm backward (`layer_end:1`,
+    7,879,160 B), which the estimate gives per term."""
+    from test_distributed_fsdp_more import real_and_sim
+
+    config, plan = tiny("llama"), plan_of("lora", False)
+    world = world1(fsdp_backward_prefetch="BACKWARD_POST")
+    real, sims = real_and_sim(config, plan, world)
+    assert [r.peak_bytes for r in real] == [8_536_056, 8_536_056]
+    assert real[0].comm_detail["gloo_buffers"] == 1_180_672
+    monkeypatch.setattr(sim_dist, "gloo_temps", lambda: {})
+    sim, est = assert_terms(config, plan, world)
+    assert sim.peak_bytes == 7_879_160 and est.moment == "layer_end:1"
