@@ -669,7 +669,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         grads_dev = shard_grads if ga else 0
     if offload:
         host[Term.GRADIENTS] = shard_grads
-        grads_dev -= min(grads_dev, shard_grads if (ga or kind == "optimizer") else
+        grads_dev -= min(grads_dev, shard_grads if (ga or kind in ("optimizer", "layer_end")) else
                          (L - 1 - (i or 0)) * per_layer_shard if i is not None else 0)
         host[Term.OPTIMIZER_STATE] = _optimizer_on(trainable, w, plan, 1, False, False)[0]  # steps on the CPU
     else:
