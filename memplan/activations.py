@@ -238,6 +238,10 @@ class LayerModel:
         self.adapter_dt = pr.adapter
         self.r = plan.lora_r
         self.dropout = plan.lora_dropout if plan.method in ("qlora", "lora") else 0.0
+        #: FSDP1 use_orig_params (a rank's step, `distributed.rank_moments`): peft reads lora_A's dtype off the
+        #: sharded fp32 original parameter (`_cast_input_dtype`), FSDP's mixed precision casts the input back
+        self.orig_params = (plan.fsdp_use_orig_params and plan.fsdp_version == 1
+                            and plan.method in ("qlora", "lora"))
         self.lins = {l.name.rsplit(".", 1)[-1]: l for l in model.layer_linears}
         self.targets = {lin.name for lin in lora_targets(model, plan)}
         self.down_saved, self.prod_dt, self.saved_before_down = Lin(), 0, Lin()
@@ -386,6 +390,16 @@ class LayerModel:
         conv = not self.quantized or not ac or self.cpu
         mm_dt = ac or self.adapter_dt  # dtype of the LoRA matmuls and their outputs
         xa = w.cast(x, self.adapter_dt) if conv else x
+        if conv and self.orig_params:
+            # FSDP1 use_orig_params: peft's `_cast_input_dtype(x, lora_A.weight.dtype)` (tuners/lora/bnb.py
+            # Linear4bit.forward, layer.py Linear.forward) reads lora_A's dtype while lora_A (its own FSDP unit under
+            # peft's wrap policy) is resharded and its original parameter is a view of the fp32 shard
+            # (torch/distributed/fsdp/_flat_param.py FlatParamHandle._use_sharded_views); lora_A's pre-forward
+            # (_runtime_utils._pre_forward, mixed precision) computes in param_dtype. NB measured, not derived: each
+            # adapted module then saves its own new 16-bit copy of its input (no longer shared by q/k/v, gate/up),
+            # and no fp32 copy is alive at any peak (meta trace = real 2-rank gloo ranks; with an fp32 copy alive
+            # until the forward returns the recompute peak would be 127,104 B above them)
+            xa = w.new(x.numel, mm_dt if ac else self.adapter_dt, x.rg)
         if self.dropout > 0:
             with w.frame():
                 d = self._dropout(xa)

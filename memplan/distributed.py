@@ -87,9 +87,12 @@ Known limitations (NB):
   sums agree); with peft's units a layer computes with its frozen unit and one module's lora_A/lora_B
   gathered; the root's backward prefetches the last layer; NO_SHARD's low-precision copies (`_mp_shard`) of
   the fp32 LoRA units in use are counted; FULL_SHARD's transient `_mp_shard` (freed at the all-gather) is not;
-  `use_orig_params` is not modelled (+327,680 B activations measured on the tiny plan); FSDP1's prefetch at
-  the end of a layer's backward (the layer below gathered while the layer is) is not a moment here (LoRA
-  with checkpointing: -0.6 % against the real step less gloo's copy);
+  `use_orig_params`: one saved 16-bit copy of each adapted module's input (activations; within 128 B of the
+  real ranks with and without checkpointing, +327,680 / +524,288 B on the tiny plan); FSDP1's prefetch at
+  the end of a layer's backward (`layer_end:i`: the frozen layer below gathered while the layer's input norm
+  runs backward; BACKWARD_PRE and BACKWARD_POST) is a moment (tests/test_distributed_fsdp1_more.py: the three
+  prefetch values, LoRA and QLoRA, every term but the base/other split to the byte of simulate per rank);
+  its temporaries are llama's RMSNorm backward (other norms not checked);
 - HYBRID_SHARD (FSDP2, checked on 2 x 2 real gloo ranks to 4 B) shards within a node (ranks per node) and
   keeps each reduced unit's all-reduce input until the end of backward;
 - DeepSpeed: bitsandbytes 8-bit / paged optimizers wrapped by ZeRO are estimated on the fp32 flat
@@ -529,8 +532,7 @@ class _World:
             self._sums.update(
                 inventory=inventory, full_grads=sum(u.grads(1, rnd, 2) for u in us), trainable=_trainable(us),
                 layer_units=[u for u in us if u.layer is not None],
-                shard_grads=sum(u.grads(w, rnd, self.version) for u in us),
-                per_layer_shard=sum(u.grads(w, rnd, self.version) for u in us if u.layer == 0))
+                shard_grads=sum(u.grads(w, rnd, self.version) for u in us))
             # per decoder layer (they differ where `layer_kinds` mixes dense and MoE layers): the trainable
             # gradients' per-rank shards and their whole bytes
             L = self.model.num_layers
@@ -638,8 +640,9 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
                      "training runs (one GPU would need --no-prepare): each rank shards fp32 experts")
         single = replace(single, plan=single.plan.replace(prepare=True), notes=tuple(notes))
         static = static_part(model, single.plan, True).terms
-    if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast):
-        view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast), gpu)
+    orig = _fsdp1_orig_params(plan)
+    if cast16 and (single.plan.prepare or single.plan.adapter_dtype != plan.autocast or orig):
+        view = compute(model, single.plan.replace(prepare=False, adapter_dtype=plan.autocast, **orig), gpu)
     w = shard_group(plan)
     version = plan.fsdp_version if strategy == "fsdp" else 2
     rnd = 512 if plan.device == "cuda" else 1
@@ -660,6 +663,8 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
         if at is not None:
             ms.insert(at, _tail_gather(ms[at]))
+    if _fsdp1_layer_end(plan, world.units):
+        ms = _with_layer_ends(model, view, ms)
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
 
 
@@ -766,6 +771,64 @@ def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: boo
         if i in forwards:
             out.append(m._replace(name=f"forward:layer{i}", description=f"the forward of layer {i} of {L}"
                                   + (" (checkpointed)" if gc else ", every earlier layer's activations saved")))
+    return out
+
+
+def _fsdp1_orig_params(plan: TrainPlan) -> dict[str, Any]:
+    """The fields that tell the layer walk (`activations.LayerModel`) a rank computes under FSDP1 with
+    use_orig_params: every adapted module saves its own 16-bit cast of its input (peft's cast to the fp32 of the
+    sharded original lora_A weight, FSDP's cast back to param_dtype); {} otherwise. The view plan is a
+    single-device plan: these two fields are its only distributed ones."""
+    if plan.world_strategy == "fsdp" and plan.fsdp_version == 1 and plan.fsdp_use_orig_params and \
+            plan.method in ("qlora", "lora"):
+        return {"fsdp_version": 1, "fsdp_use_orig_params": True}
+    return {}
+
+
+def _fsdp1_layer_end(plan: TrainPlan, us: tuple[Unit, ...]) -> bool:
+    """Whether FSDP1 gathers the layer below while a layer's backward ends (`_with_layer_ends`): peft's units
+    (LoRA Linears their own units), FULL_SHARD / HYBRID_SHARD, a backward prefetch, two layers or more."""
+    return (plan.world_strategy == "fsdp" and plan.fsdp_version == 1 and plan.fsdp_backward_prefetch != "NO_PREFETCH"
+            and plan.fsdp_sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD")
+            and any(".lora." in u.name for u in us)
+            and max((u.layer or 0) for u in us) >= 1)
+
+
+def _with_layer_ends(model: ModelSpec, view: Any, ms: list[Any]) -> list[Any]:
+    """FSDP1's prefetch at the end of a layer's backward, as a moment per layer i >= 1 (the last and layer 1):
+    `layer_end:i`, the backward of layer i's input norm, with layer i-1's frozen unit gathered beside layer i's.
+
+    Why: FSDP1 prefetches the handle before the current one in post-forward order
+    (torch/distributed/fsdp/_runtime_utils.py `_prefetch_handle`, _exec_order_utils.py
+    `get_handle_to_backward_prefetch`): with peft's units that is layer i's first LoRA unit (q_proj.lora_A) ->
+    layer i-1's frozen unit, at that unit's pre-backward (BACKWARD_PRE) or post-backward (BACKWARD_POST); layer
+    i's frozen unit has no gradient, so it reshards only when the gradient of its input is made
+    (`_post_backward_reshard_only_hook`): both are gathered through layer i's input norm backward.
+
+    Alive then (the single-device step each rank computes): the activations below layer i (`layer_backward_state`'s
+    `fixed`: the checkpointed inputs or the saved sets of the layers below, rotary, ids, its own input) and the
+    input norm's fp32 copy of the layer input [T, H] (RMSNorm's `hidden_states.to(torch.float32)`, saved by pow
+    and mul); in flight: the residual stream's gradient [T, H] and five fp32 [T, H] of the RMSNorm backward
+    (pow, mul, div, mul, mul). Layer i's LoRA gradients are reduced (`_rank_terms`). NB measured on the meta trace
+    of FSDP1 ranks (llama RMSNorm, tests/test_distributed_fsdp1_more.py); other norms not checked."""
+    from .estimate import layer_backward_state, make_step
+
+    s = make_step(model, view.plan, view.plan.device == "cuda")
+    L, T, H = model.num_layers, s.tokens, model.hidden_size
+    out = list(ms)
+    for i in sorted({L - 1, 1}, reverse=True):
+        lb = layer_backward_state(s, i)
+        fp32 = s.r(T * H * 4)
+        acts, temps = lb.fixed + fp32, 5 * fp32 + s.r(T * H * s.ap.stream_dt)
+        tmpl = next(m for m in ms if m.layer is not None)  # the static terms: every moment's
+        m = tmpl._replace(name=f"layer_end:{i}", kind="layer_end", phase="backward", layer=i,
+                          description=f"the end of layer {i}'s backward (its input norm): FSDP1 has prefetched "
+                                      f"layer {i - 1}'s frozen unit, layer {i}'s still gathered",
+                          allocated_bytes=tmpl.allocated_bytes - tmpl.gradients - tmpl.activations - tmpl.logits
+                          - tmpl.temporaries + lb.grads + acts + temps,
+                          gradients=lb.grads, activations=acts, logits=0, temporaries=temps)
+        at = max((k for k, mm in enumerate(out) if mm.layer is not None and mm.layer >= i), default=-1) + 1
+        out.insert(at, m)
     return out
 
 
@@ -889,6 +952,8 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         grads_dev = shard_grads
         scratch_ratio = shard_grads / full_grads if full_grads else 0
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
+    elif kind == "layer_end":  # layer i's gradients reduced (FSDP1 frees each unit's once reduce-scattered)
+        grads_dev = shard_grads if ga else sum(layer_shard[i:])
     elif i is not None and kind not in ("forward", "layer_gather"):
         in_flight = max(0, m.gradients - ga_view - world.view_above(i))
         grads_dev = (shard_grads if ga else sum(layer_shard[i + 1:])) + in_flight
@@ -904,7 +969,7 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         grads_dev = shard_grads if ga else 0
     if offload:
         host[Term.GRADIENTS] = shard_grads
-        grads_dev -= min(grads_dev, shard_grads if (ga or kind == "optimizer") else
+        grads_dev -= min(grads_dev, shard_grads if (ga or kind in ("optimizer", "layer_end")) else
                          sum(layer_shard[i + 1:]) if i is not None else 0)
         host[Term.OPTIMIZER_STATE] = _optimizer_on(trainable, w, plan, 1, False, False)[0]  # steps on the CPU
     else:
@@ -1019,8 +1084,11 @@ def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
             # frozen unit (its LoRA units finished their forward before it)
             pre |= {n for n in names[L - 1] if ".lora." not in n}
         return alive, pre, kept
+    if kind == "layer_end":  # FSDP1 (`_with_layer_ends`): layer i's frozen unit and layer i-1's prefetched one
+        frozen = {n for n in names[i] if ".lora." not in n}
+        return alive | frozen | keep, {n for n in names[i - 1] if ".lora." not in n}, kept
     lora1 = world.version == 1 and any(".lora." in n for n in names[i])
-    alive |= (_fsdp1_in_use(world, names[i]) if lora1 and not after_forward else names[i]) | root
+    alive |= (_fsdp1_in_use(world, names[i], kind) if lora1 and not after_forward else names[i]) | root
     if after_forward:
         alive |= embed | layers(0, i)
     elif lora1:
@@ -1035,15 +1103,23 @@ def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
     return alive, pre, kept
 
 
-def _fsdp1_in_use(world: _World, layer: set[str]) -> set[str]:
+def _fsdp1_in_use(world: _World, layer: set[str], kind: str = "") -> set[str]:
     """FSDP1 with peft's wrap policy: of a layer's units, the ones gathered while it computes: the layer's
-    frozen unit and one adapted module's lora_A and lora_B units (each LoRA Linear is its own unit,
-    gathered around its own forward / backward and resharded after it): the pair with the largest
-    all-gather (measured on real 2-rank gloo FSDP1 steps: 24,576 B of LoRA gathered in bf16 at the
-    recompute of layer 0 = gate_proj's A + B)."""
+    frozen unit and, with BACKWARD_PRE, one adapted module's lora_A and lora_B units (each LoRA Linear is its
+    own unit, gathered around its own forward / backward and resharded after it; lora_B's pre-backward
+    prefetches lora_A): the pair with the largest all-gather (measured on real 2-rank gloo FSDP1 steps: 24,576 B
+    of LoRA gathered in bf16 at the recompute of layer 0). BACKWARD_POST / NO_PREFETCH (meta trace, 2 ranks):
+    the recompute stops in the last adapted module's lora_B, the only LoRA unit gathered then (8,192 B); in the
+    MLP backward none with NO_PREFETCH; BACKWARD_POST's prefetch after lora_A's backward is taken as the pair
+    (NB: not the peak of any plan measured)."""
     by = {u.name: u for u in world.units}
     lora = sorted((n for n in layer if ".lora." in n), key=lambda n: int(n.rsplit(".", 1)[1]))
     pairs = [lora[k:k + 2] for k in range(0, len(lora), 2)]
+    prefetch = world.plan.fsdp_backward_prefetch
+    if prefetch != "BACKWARD_PRE" and kind == "recompute":
+        return (layer - set(lora)) | set(lora[-1:])
+    if prefetch == "NO_PREFETCH":
+        return layer - set(lora)
     best = max(pairs, key=lambda pr: sum(world.full(by[n]) for n in pr), default=[])
     return (layer - set(lora)) | set(best)
 
@@ -1244,12 +1320,11 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                              "compute (more units gathered than the current and the prefetched one counted here): "
                              "not modelled, not checked on GPUs; on CPU ranks it changes nothing (measured: the same "
                              "peak to the byte)")
-            if p.fsdp_use_orig_params:
-                notes.append("FSDP1 use_orig_params: not modelled yet: peft casts each adapted module's input to "
-                             "lora_A's dtype as the sharded original parameter shows it (fp32), and FSDP's mixed "
-                             "precision casts it back for the unit: one more 16-bit copy of the input saved per adapted "
-                             "module (real 2-rank gloo ranks of a tiny QLoRA plan: +327,680 B of activations, the "
-                             "estimate 6.3 % low); `memplan simulate` traces it (to the byte of those ranks)")
+            if p.fsdp_use_orig_params and p.method in ("qlora", "lora"):
+                notes.append("FSDP1 use_orig_params: each adapted module saves its own 16-bit copy of its input (peft "
+                             "casts it to the dtype of the sharded original lora_A weight, FSDP's mixed precision "
+                             "back): in the activations (real 2-rank gloo ranks of a tiny QLoRA plan: +327,680 B with "
+                             "checkpointing, +524,288 B without; the estimate within 128 B of them)")
             notes.append("FSDP1: the flat parameter's shard splits base weights and norms by rank (rank 0 holds the "
                          "first half of each unit's flat parameter); per rank totals are equal, the terms shown are "
                          "the even split")
