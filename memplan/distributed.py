@@ -785,6 +785,8 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     if off_opt:
         host[Term.GRADIENTS] = grad_part
         host[Term.OPTIMIZER_STATE] = master + _cpu_adam(trainable, w, rnd, flat=True)
+        if stage == 3 and n_tr:
+            host[Term.GRADIENTS] += zero3_offload_fp32_grad(part)
         if stage == 2 and n_tr:
             # stage_1_and_2.py `step` (cpu_offload): the updated fp32 partition is copied to the device through
             # a 16-bit staging buffer, param_buffer_of_bit16_for_cpu_offload_groups (pinned host; kept)
@@ -812,8 +814,101 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
         t[Term.COMM_BUFFERS] += F.rounded(min(b["reduce_bucket_size"], n_tr) * 4, rnd)
     elif i is not None and kind != "optimizer":
         t[Term.COMM_BUFFERS] += bucket  # ZeRO-2: the ipg buffer lives through backward
+    if stage == 3:
+        t[Term.COMM_BUFFERS] -= zero3_released_inputs(world, m, gathered_units, thr)
+        t[Term.ACTIVATIONS] += zero3_saved_head_input(world, m) + zero3_input_ids(world, m) + \
+            zero3_backward_scalars(world, m)
     t["host"] = host
     return t
+
+
+#: the decoder-layer Linears that read the layer's (normed) input: the attention's input projections
+#: (llama/qwen2/mistral q/k/v, fused qkv, DeepSeek MLA's down-projections)
+_INPUT_SIDE = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack",
+                         "q_a_proj", "kv_a_proj_with_mqa"})
+
+
+def zero3_released_inputs(world: _World, m: Any, gathered: set[str], thr: int) -> int:
+    """Bytes of gathered parameters ZeRO-3 has already released at `m` although their layer is counted
+    gathered (`_zero3_gathered`): layer 0's input projections (q/k/v base weights) without checkpointing.
+
+    deepspeed 0.19.8 runtime/zero/parameter_offload.py `_register_deepspeed_module`: a module enters the
+    backward trace through `_pre_backward_module_hook` (PreBackwardFunctionForModule applied to its outputs),
+    whose backward runs only for an output that requires grad. Without checkpointing nothing makes the
+    embedding's output need a gradient (enable_input_require_grads is called with checkpointing only), so
+    layer 0's frozen q/k/v (input: the embedding's output through the frozen input norm) produce outputs
+    without grad: they are in the forward trace only, and partitioned_param_coordinator.py
+    `__params_to_release` (no recurrence in `__submodule_order[step_id:]`) releases them right after their
+    forward: gathered only during layer 0's forward. Their LoRA A/B (trainable) stay in the trace.
+    Measured on 2 real CPU ranks (hidden 256): 262,144 B (bf16) / 65,536 B (packed 4-bit) less at loss:backward.
+    NB the frozen biases of these projections (small, usually persistent) are left as gathered."""
+    plan, model = world.plan, world.model
+    L = model.num_layers
+    if plan.gradient_checkpointing or plan.method == "full" or "layers.0" not in gathered:
+        return 0
+    if m.kind in ("forward", "tail_gather") and L == 1:
+        return 0  # layer 0's forward itself: its q/k/v are gathered
+    params_el = _cast(plan, plan.precision.params)
+    qlora4 = plan.method == "qlora" and plan.quant != "int8"
+    qs = quant_storage_bytes(plan) if plan.method == "qlora" else 0
+    total = 0
+    for lin in model.layer_linears:
+        if lin.name.rsplit(".", 1)[-1] not in _INPUT_SIDE:
+            continue
+        n, el = ((lin.numel + 1) // (2 * qs), qs) if qlora4 else (lin.numel, 1 if plan.method == "qlora" else params_el)
+        if n >= thr:
+            total += F.rounded(n * el, world.rnd)
+    return total
+
+
+def zero3_saved_head_input(world: _World, m: Any) -> int:
+    """ZeRO-3's memory-efficient linear keeps the frozen lm_head's input (the final norm's output,
+    [B, S, H] in the compute dtype) from the lm_head's forward to its backward: the loss moments.
+
+    deepspeed 0.19.8 runtime/zero/partition_parameters.py `Init.__init__(module=...)` (what
+    `deepspeed.initialize` uses to partition an existing module) calls `_enable_mem_efficient_linear`
+    (zero_optimization.memory_efficient_linear, default True): torch.nn.functional.linear becomes
+    runtime/zero/linear.py `zero3_linear_wrap`, whose `LinearFunctionForZeroStage3.setup_context` saves input
+    and weight for backward unconditionally. For a LoRA/QLoRA plan every adapted Linear's input is saved
+    by its lora_A anyway (the same tensor, dropout 0); the frozen lm_head's input is saved only here.
+    The 4-bit base layers (bnb matmul_4bit) do not go through it. Measured on 2 real CPU ranks: +65,536 B
+    ([2, 64, 256] bf16) at loss:backward. NB a partial `target_modules` leaves frozen layer Linears whose
+    input is saved the same way (not modelled); Liger's fused linear cross entropy bypasses F.linear."""
+    plan = world.plan
+    if m.kind not in ("loss_forward", "loss_backward") or plan.method == "full":
+        return 0
+    el = dtype_bytes(plan.autocast) if plan.autocast else plan.precision.compute
+    return F.rounded(plan.batch_size * plan.seq_len * world.model.hidden_size * el, world.rnd)
+
+
+def zero3_input_ids(world: _World, m: Any) -> int:
+    """The input ids ([B, S] int64) under ZeRO-3: parameter_offload.py `_post_backward_module_hook` (a forward
+    pre-hook on every module) replaces each module's tensor inputs by `PostBackwardFunctionModule.apply`
+    (`input.detach()`), so the embedding runs on a tensor made on the batch's storage: the step holds it
+    from the embedding's forward on (the batch is alive until the step ends). Single-device and the other
+    strategies never make a tensor on it (the batch is the data loader's). Measured: +1,024 B ([2, 64])."""
+    if m.kind == "optimizer":
+        return 0
+    p = world.plan
+    return F.rounded(p.batch_size * p.seq_len * 8, world.rnd)
+
+
+def zero3_backward_scalars(world: _World, m: Any) -> int:
+    """`DeepSpeedEngine.backward` (runtime/engine.py) runs backward from `loss / gradient_accumulation_steps`
+    and then the optimizer's `scale_if_loss` (loss * loss_scale): two fp32 scalars alive through backward.
+    Measured on ZeRO-3 CPU ranks: +8 B."""
+    return 2 * F.rounded(4, world.rnd) if m.phase == "backward" else 0
+
+
+def zero3_offload_fp32_grad(part: int) -> int:
+    """ZeRO-3 + offload_optimizer: the fp32 gradient of the offloaded master partition (pinned host, kept).
+
+    deepspeed 0.19.8 runtime/zero/stage3.py `_create_fp32_partitions` -> optimizer-state setup: with
+    offload_optimizer, `fp32_partitioned_groups_flat[i].grad = torch.zeros(num_elements, dtype=fp32,
+    device=cpu)` (pinned), filled at the boundary by `_offload_grad_partition_at_boundary` from the 16-bit
+    gradient partition: 4 B per element of the rank's partition, beside the 16-bit partition
+    (grad_partitions_flat_buffer, pinned too). Measured on 2 real CPU ranks: 262,144 B (65,536 fp32)."""
+    return 4 * part
 
 
 #: DeepSpeed's default stage3_max_reuse_distance (deepspeed/runtime/zero/config.py; the HF Trainer's
