@@ -50,7 +50,11 @@ and, for each, swaps the static terms for their per-rank form:
   forward to its backward while within stage3_max_reuse_distance, 1e9 elements), its persistent
   parameters (under the persistence threshold) whole and its prefetch bucket; bucket sizes are the
   plan's `zero_*` fields, "auto" = the HF Trainer's values (transformers integrations/deepspeed.py: H*H,
-  0.9*H*H, persistence threshold 10*H). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
+  0.9*H*H, persistence threshold 10*H). ZeRO-3 also: modules outside the backward trace released after
+  their forward (`zero3_released_inputs`), the frozen lm_head's input saved by its memory-efficient linear
+  (`zero3_saved_head_input`), the input ids detached by its module hooks (`zero3_input_ids`),
+  engine.backward's scalars, and with offload_optimizer the fp32 master gradient on the host
+  (`zero3_offload_fp32_grad`). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
 - offload: FSDP `offload_params` (CPUOffloadPolicy) keeps the parameter shards, the sharded
   gradients and the optimizer on the host; ZeRO `offload_optimizer` the master partition, gradient
   partition and optimizer state; `offload_param` (ZeRO-3) the parameter partitions. `host` is per
@@ -93,14 +97,13 @@ Known limitations (NB):
   partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states; not run here); ZeRO-2's ipg
   buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama/qwen2/mistral, hidden
   256, 2 layers, bf16): ZeRO-2 LoRA/QLoRA with and without checkpointing within 0.4 % (4 of 5 to 12 B;
-  offload_optimizer too); ZeRO-3 QLoRA -0.01 % (no checkpointing) / -1.15 % (checkpointing), LoRA
-  +2.0 % / -0.8 %: at ZeRO-3's loss:backward peak 66,568 B more activations were measured (a second
-  [B, S, H] 16-bit copy of the final norm's output and the input ids, under DeepSpeed's module hooks;
-  not modelled), and without checkpointing DeepSpeed had already released one layer's q/k/v (262,144 B
-  in bf16, 65,536 B packed 4-bit) that the reuse rule keeps (for QLoRA the two nearly cancel); ZeRO-3 +
-  offload_optimizer (QLoRA, no checkpointing) measured 7,495,916 B per rank against 7,232,736 B (device +
-  the rank's host share): 262,144 B more buffers in the ipg reduce path (393,216 B against the one 16-bit
-  bucket modelled), not modelled;
+  offload_optimizer too); ZeRO-3 (llama QLoRA/LoRA with and without checkpointing, 2 layers seq 64; qwen2
+  LoRA 3 layers seq 128 with and without checkpointing, qwen2 QLoRA seq 128, mistral QLoRA 3 layers and
+  LoRA seq 128 with checkpointing; llama QLoRA + offload_optimizer: device + the rank's host share) every
+  rank's peak 8 B under the real one (4 B with offload): ZeRO-3 keeps the previous step's unscaled grad
+  norm (stage3.py `_global_grad_norm`, a float64 scalar on the CPU ranks), not modelled (its dtype on CUDA
+  not measured); every other term to the byte. NB frozen layer Linears outside a partial `target_modules`
+  also have their inputs saved by ZeRO-3's linear (not modelled); ZeRO-3 offload_param is not run here;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
   covered by the distributed closed form (UnsupportedArchitectureError).
@@ -927,8 +930,8 @@ def _zero3_gathered(world: _World, kind: str, i: int | None, thr: int, b: Mappin
     the tail) are fewer than 1e9 elements; in backward a unit is released after its backward (its next use
     is the next step). The frozen embedding is not in the backward trace: released after its forward.
     Measured on 2 real CPU ranks (hidden 256, 2 layers): every decoder layer and the lm_head gathered at
-    loss:backward (with checkpointing the embedding too); NB without checkpointing one layer's q/k/v
-    (262,144 B) were already released there (not modelled: +2 % for LoRA)."""
+    loss:backward (with checkpointing the embedding too); without checkpointing layer 0's q/k/v are not
+    in the backward trace and already released there (`zero3_released_inputs` takes them off)."""
     us = world.units
     layers = sorted({u.layer for u in us if u.layer is not None})
     if kind == "optimizer" or not layers:
@@ -1028,15 +1031,17 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
         notes.append(f"DeepSpeed ZeRO-{p.zero_stage} over {p.num_processes} processes with the HF Trainer's 'auto' "
                      "bucket sizes unless set (zero_* fields); floating parameters are cast to 16-bit, the fp32 "
                      "master partition is optimizer_state; checked on real 2-rank CPU ranks (ZeRO-2 within 0.4 %, "
-                     "ZeRO-3 within 2 %), not on GPUs")
+                     "ZeRO-3 within 8 B), not on GPUs")
         if p.zero_stage == 3:
             notes.append("ZeRO-3 keeps a layer's parameters gathered from its forward to its backward while the "
                          "parameters traced in between are under stage3_max_reuse_distance (1e9 elements): "
-                         "comm_buffers")
+                         "comm_buffers; modules outside the backward trace (without checkpointing layer 0's "
+                         "frozen q/k/v) are released after their forward; its memory-efficient linear saves the "
+                         "frozen lm_head's input (activations, until the loss backward)")
         if p.offload_optimizer_device != "none":
             notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) steps on the host; checked on "
-                         "real 2-rank CPU ranks for ZeRO-2 (device + host optimizer state to 12 B); ZeRO-3 measured "
-                         "3.5 % above (buffers of its ipg reduce path, not modelled); not checked on GPUs (pinned "
+                         "real 2-rank CPU ranks (device + host: ZeRO-2 to 12 B, ZeRO-3 to 4 B, its host gradients "
+                         "the 16-bit partition and the fp32 master's gradient); not checked on GPUs (pinned "
                          "host buffers)")
     if p.autocast and s in ("fsdp", "deepspeed"):
         notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"
