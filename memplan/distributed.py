@@ -876,10 +876,16 @@ def zero3_saved_head_input(world: _World, m: Any) -> int:
     by its lora_A anyway (the same tensor, dropout 0); the frozen lm_head's input is saved only here.
     The 4-bit base layers (bnb matmul_4bit) do not go through it. Measured on 2 real CPU ranks: +65,536 B
     ([2, 64, 256] bf16) at loss:backward. NB a partial `target_modules` leaves frozen layer Linears whose
-    input is saved the same way (not modelled); Liger's fused linear cross entropy bypasses F.linear."""
+    input is saved the same way (not modelled); Liger's fused linear cross entropy bypasses F.linear
+    (nothing added; not checked on real ranks: its Triton kernels do not run on the CPU)."""
+    from .liger import liger_kernels
+
     plan = world.plan
     if m.kind not in ("loss_forward", "loss_backward") or plan.method == "full":
         return 0
+    if "fused_linear_cross_entropy" in liger_kernels(world.model.model_type, plan.use_liger_kernel,
+                                                     plan.liger_kernel_config):
+        return 0  # Liger's FLCE runs the lm_head in its own kernel (no F.linear); NB not run on ZeRO-3 ranks
     el = dtype_bytes(plan.autocast) if plan.autocast else plan.precision.compute
     return F.rounded(plan.batch_size * plan.seq_len * world.model.hidden_size * el, world.rnd)
 
