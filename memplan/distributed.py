@@ -806,7 +806,10 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
             t[Term.TEMPORARIES] = int(m.temporaries * (grad_part / full_grads)) if full_grads else 0
     bucket = F.rounded(min(b["reduce_bucket_size"], max(n_tr, 1)) * 2, rnd) if n_tr else 0
     if stage == 3:
-        t[Term.COMM_BUFFERS] += bucket
+        # ZeRO-3's ipg buffer is reduce_bucket_size elements whatever the trainable count (stage3.py
+        # `__init__`: bucket.buffer = torch.empty(self.reduce_bucket_size, ...) per communication dtype, with
+        # contiguous_gradients; measured: 131,072 B with 57,344 trainable elements)
+        t[Term.COMM_BUFFERS] += F.rounded(b["reduce_bucket_size"] * 2, rnd) if n_tr else 0
         prev = {u.name for u in us if u.layer == (i or 0) - 1}
         if i is not None and i > 0 and kind != "optimizer" and not prev <= gathered_units:
             nxt = sum(p.numel for u in us if u.layer == i - 1 for p in u.params if p.numel >= thr)
