@@ -52,7 +52,8 @@ and, for each, swaps the static terms for their per-rank form:
   plan's `zero_*` fields, "auto" = the HF Trainer's values (transformers integrations/deepspeed.py: H*H,
   0.9*H*H, persistence threshold 10*H). ZeRO-3 also: modules outside the backward trace released after
   their forward (`zero3_released_inputs`), the frozen lm_head's input saved by its memory-efficient linear
-  (`zero3_saved_head_input`), the input ids detached by its module hooks (`zero3_input_ids`),
+  (`zero3_saved_head_input`; with LoRA on part of the Linears the unadapted ones' inputs too,
+  `zero3_unadapted_inputs`), the input ids detached by its module hooks (`zero3_input_ids`),
   engine.backward's scalars, and with offload_optimizer the fp32 master gradient on the host
   (`zero3_offload_fp32_grad`). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
 - offload: FSDP `offload_params` (CPUOffloadPolicy) keeps the parameter shards, the sharded
@@ -102,8 +103,8 @@ Known limitations (NB):
   LoRA seq 128 with checkpointing; llama QLoRA + offload_optimizer: device + the rank's host share) every
   rank's peak 8 B under the real one (4 B with offload): ZeRO-3 keeps the previous step's unscaled grad
   norm (stage3.py `_global_grad_norm`, a float64 scalar on the CPU ranks), not modelled (its dtype on CUDA
-  not measured); every other term to the byte. NB frozen layer Linears outside a partial `target_modules`
-  also have their inputs saved by ZeRO-3's linear (not modelled); ZeRO-3 offload_param is not run here;
+  not measured); every other term to the byte; also LoRA / QLoRA on q_proj/v_proj only (the unadapted
+  Linears' inputs, `zero3_unadapted_inputs`) to 8 B at the peak. ZeRO-3 offload_param is not run here;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - models whose layers differ (mixed dense/MoE `layer_kinds`) and multimodal checkpoints are not
   covered by the distributed closed form (UnsupportedArchitectureError).
@@ -823,7 +824,7 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     if stage == 3:
         t[Term.COMM_BUFFERS] -= zero3_released_inputs(world, m, gathered_units, thr)
         t[Term.ACTIVATIONS] += zero3_saved_head_input(world, m) + zero3_input_ids(world, m) + \
-            zero3_backward_scalars(world, m)
+            zero3_backward_scalars(world, m) + zero3_unadapted_inputs(world, m)
     t["host"] = host
     return t
 
@@ -878,9 +879,8 @@ def zero3_saved_head_input(world: _World, m: Any) -> int:
     and weight for backward unconditionally. For a LoRA/QLoRA plan every adapted Linear's input is saved
     by its lora_A anyway (the same tensor, dropout 0); the frozen lm_head's input is saved only here.
     The 4-bit base layers (bnb matmul_4bit) do not go through it. Measured on 2 real CPU ranks: +65,536 B
-    ([2, 64, 256] bf16) at loss:backward. NB a partial `target_modules` leaves frozen layer Linears whose
-    input is saved the same way (not modelled: -4.6 % measured with LoRA on q_proj/v_proj only, a note
-    says so); Liger's fused linear cross entropy bypasses F.linear
+    ([2, 64, 256] bf16) at loss:backward. A partial `target_modules` leaves frozen layer Linears whose
+    input is saved the same way (`zero3_unadapted_inputs`); Liger's fused linear cross entropy bypasses F.linear
     (nothing added; not checked on real ranks: its Triton kernels do not run on the CPU)."""
     from .liger import liger_kernels
 
@@ -892,6 +892,40 @@ def zero3_saved_head_input(world: _World, m: Any) -> int:
         return 0  # Liger's FLCE runs the lm_head in its own kernel (no F.linear); NB not run on ZeRO-3 ranks
     el = dtype_bytes(plan.autocast) if plan.autocast else plan.precision.compute
     return F.rounded(plan.batch_size * plan.seq_len * world.model.hidden_size * el, world.rnd)
+
+
+#: decoder-layer Linears that read one input tensor together (llama/qwen2/mistral names); o_proj reads the
+#: attention output, which SDPA saves for its own backward
+_SHARED_INPUTS = (frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
+                  frozenset({"down_proj"}))
+
+
+def zero3_unadapted_inputs(world: _World, m: Any) -> int:
+    """LoRA on part of the layer Linears: ZeRO-3's linear (`zero3_saved_head_input`) saves the input of every
+    frozen Linear whose input needs a gradient; it is extra where no adapted Linear reads the same tensor
+    (q/k/v: the input norm's output, gate/up: the post-attention norm's output, [B, S, H]; down: the MLP
+    product, [B, S, I]). Without checkpointing every layer's are alive from its forward to its backward
+    (layer 0's q/k/v input needs no gradient then); with checkpointing only the recomputed layer's. Measured
+    on real CPU ranks (llama LoRA on q_proj/v_proj, no checkpointing): +393,216 B at loss:backward (2 layers
+    x (65,536 + 131,072)). NB counted whole at the start of a layer's backward and at the last layer's
+    forward; families with other Linear names are not covered (nothing added). QLoRA's 4-bit layers do not
+    go through F.linear: nothing."""
+    plan, model = world.plan, world.model
+    if plan.method != "lora" or m.kind == "optimizer":
+        return 0
+    targets = {lin.name.rsplit(".", 1)[-1] for lin in F.lora_targets(model, plan)}
+    ins = {lin.name.rsplit(".", 1)[-1]: lin.in_features for lin in model.layer_linears}
+    el = dtype_bytes(plan.autocast) if plan.autocast else plan.precision.compute
+    per = [F.rounded(plan.batch_size * plan.seq_len * ins[next(iter(g & ins.keys()))] * el, world.rnd)
+           if (g & ins.keys()) and not (g & targets) else 0 for g in _SHARED_INPUTS]
+    layer, layer0 = sum(per), sum(per[1:])
+    if not layer:
+        return 0
+    L, i = model.num_layers, m.layer
+    if plan.gradient_checkpointing:  # only the layer being recomputed / back-propagated
+        return layer if i is not None and m.phase == "backward" else 0
+    alive = L if i is None else (i + 1)  # layers 0..i (loss: all of them)
+    return layer0 + (alive - 1) * layer if alive else 0
 
 
 def zero3_input_ids(world: _World, m: Any) -> int:
@@ -1050,9 +1084,8 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
                          "frozen lm_head's input (activations, until the loss backward)")
             if p.method == "lora" and len(F.lora_targets(world.model, p)) < len(world.model.layer_linears):
                 notes.append("ZeRO-3 with LoRA on part of the layer Linears: its memory-efficient linear also "
-                             "saves the inputs of the frozen, unadapted Linears; not modelled (activations low: "
-                             "-4.6 % per rank measured with q_proj/v_proj targets on real CPU ranks; QLoRA's 4-bit "
-                             "layers do not go through it)")
+                             "saves the inputs of the frozen, unadapted Linears (activations; checked at the peak "
+                             "on real CPU ranks with q_proj/v_proj targets, without checkpointing)")
         if p.offload_optimizer_device != "none":
             notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) steps on the host; checked on "
                          "real 2-rank CPU ranks (device + host: ZeRO-2 to 12 B, ZeRO-3 to 4 B, its host gradients "
