@@ -53,7 +53,12 @@ and, for each, swaps the static terms for their per-rank form:
   forward to its backward while within stage3_max_reuse_distance, 1e9 elements), its persistent
   parameters (under the persistence threshold) whole and its prefetch bucket; bucket sizes are the
   plan's `zero_*` fields, "auto" = the HF Trainer's values (transformers integrations/deepspeed.py: H*H,
-  0.9*H*H, persistence threshold 10*H). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
+  0.9*H*H, persistence threshold 10*H). ZeRO-3 also: modules outside the backward trace released after
+  their forward (`zero3_released_inputs`), the frozen lm_head's input saved by its memory-efficient linear
+  (`zero3_saved_head_input`; with LoRA on part of the Linears the unadapted ones' inputs too,
+  `zero3_unadapted_inputs`), the input ids detached by its module hooks (`zero3_input_ids`),
+  engine.backward's scalars, and with offload_optimizer the fp32 master gradient on the host
+  (`zero3_offload_fp32_grad`). Checked on real 2-rank CPU ranks (tests/test_distributed_deepspeed.py).
 - offload: FSDP `offload_params` (CPUOffloadPolicy) keeps the parameter shards, the sharded
   gradients and the optimizer on the host; ZeRO `offload_optimizer` the master partition, gradient
   partition and optimizer state; `offload_param` (ZeRO-3) the parameter partitions. `host` is per
@@ -99,14 +104,13 @@ Known limitations (NB):
   partition; the offloaded optimizer is DeepSpeedCPUAdam (fp32, two states; not run here); ZeRO-2's ipg
   buffer assumed single (overlap_comm doubles it). Real 2-rank CPU ranks (llama/qwen2/mistral, hidden
   256, 2 layers, bf16): ZeRO-2 LoRA/QLoRA with and without checkpointing within 0.4 % (4 of 5 to 12 B;
-  offload_optimizer too); ZeRO-3 QLoRA -0.01 % (no checkpointing) / -1.15 % (checkpointing), LoRA
-  +2.0 % / -0.8 %: at ZeRO-3's loss:backward peak 66,568 B more activations were measured (a second
-  [B, S, H] 16-bit copy of the final norm's output and the input ids, under DeepSpeed's module hooks;
-  not modelled), and without checkpointing DeepSpeed had already released one layer's q/k/v (262,144 B
-  in bf16, 65,536 B packed 4-bit) that the reuse rule keeps (for QLoRA the two nearly cancel); ZeRO-3 +
-  offload_optimizer (QLoRA, no checkpointing) measured 7,495,916 B per rank against 7,232,736 B (device +
-  the rank's host share): 262,144 B more buffers in the ipg reduce path (393,216 B against the one 16-bit
-  bucket modelled), not modelled;
+  offload_optimizer too); ZeRO-3 (llama QLoRA/LoRA with and without checkpointing, 2 layers seq 64; qwen2
+  LoRA 3 layers seq 128 with and without checkpointing, qwen2 QLoRA seq 128, mistral QLoRA 3 layers and
+  LoRA seq 128 with checkpointing; llama QLoRA + offload_optimizer: device + the rank's host share) every
+  rank's peak 8 B under the real one (4 B with offload): ZeRO-3 keeps the previous step's unscaled grad
+  norm (stage3.py `_global_grad_norm`, a float64 scalar on the CPU ranks), not modelled (its dtype on CUDA
+  not measured); every other term to the byte; also LoRA / QLoRA on q_proj/v_proj only (the unadapted
+  Linears' inputs, `zero3_unadapted_inputs`) to 8 B at the peak. ZeRO-3 offload_param is not run here;
 - gradient accumulation: gradients are reduced every micro-batch (no `no_sync`), so they stay sharded;
 - mixed dense/MoE layers: FSDP adds the forward of each kind's last layer and (FSDP2) the all-gather
   copy-out of each kind's first and last layer (`_layer_forwards`; one MoE layer's gathered experts can
@@ -1193,6 +1197,8 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
     if off_opt:
         host[Term.GRADIENTS] = grad_part
         host[Term.OPTIMIZER_STATE] = master + _cpu_adam(trainable, w, rnd, flat=True)
+        if stage == 3 and n_tr:
+            host[Term.GRADIENTS] += zero3_offload_fp32_grad(part)
         if stage == 2 and n_tr:
             # stage_1_and_2.py `step` (cpu_offload): the updated fp32 partition is copied to the device through
             # a 16-bit staging buffer, param_buffer_of_bit16_for_cpu_offload_groups (pinned host; kept)
@@ -1209,7 +1215,10 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
             t[Term.TEMPORARIES] = int(m.temporaries * (grad_part / full_grads)) if full_grads else 0
     bucket = F.rounded(min(b["reduce_bucket_size"], max(n_tr, 1)) * 2, rnd) if n_tr else 0
     if stage == 3:
-        t[Term.COMM_BUFFERS] += bucket
+        # ZeRO-3's ipg buffer is reduce_bucket_size elements whatever the trainable count (stage3.py
+        # `__init__`: bucket.buffer = torch.empty(self.reduce_bucket_size, ...) per communication dtype, with
+        # contiguous_gradients; measured: 131,072 B with 57,344 trainable elements)
+        t[Term.COMM_BUFFERS] += F.rounded(b["reduce_bucket_size"] * 2, rnd) if n_tr else 0
         prev = {u.name for u in us if u.layer == (i or 0) - 1}
         if i is not None and i > 0 and kind != "optimizer" and not prev <= gathered_units:
             nxt = sum(p.numel for u in us if u.layer == i - 1 for p in u.params if p.numel >= thr)
@@ -1220,8 +1229,141 @@ def _zero(world: _World, m: Any, t: dict[Any, int], host: dict[Term, int], train
         t[Term.COMM_BUFFERS] += F.rounded(min(b["reduce_bucket_size"], n_tr) * 4, rnd)
     elif i is not None and kind != "optimizer":
         t[Term.COMM_BUFFERS] += bucket  # ZeRO-2: the ipg buffer lives through backward
+    if stage == 3:
+        t[Term.COMM_BUFFERS] -= zero3_released_inputs(world, m, gathered_units, thr)
+        t[Term.ACTIVATIONS] += zero3_saved_head_input(world, m) + zero3_input_ids(world, m) + \
+            zero3_backward_scalars(world, m) + zero3_unadapted_inputs(world, m)
     t["host"] = host
     return t
+
+
+#: the decoder-layer Linears that read the layer's (normed) input: the attention's input projections
+#: (llama/qwen2/mistral q/k/v, fused qkv, DeepSeek MLA's down-projections)
+_INPUT_SIDE = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack",
+                         "q_a_proj", "kv_a_proj_with_mqa"})
+
+
+def zero3_released_inputs(world: _World, m: Any, gathered: set[str], thr: int) -> int:
+    """Bytes of gathered parameters ZeRO-3 has already released at `m` although their layer is counted
+    gathered (`_zero3_gathered`): layer 0's input projections (q/k/v base weights) without checkpointing.
+
+    deepspeed 0.19.8 runtime/zero/parameter_offload.py `_register_deepspeed_module`: a module enters the
+    backward trace through `_pre_backward_module_hook` (PreBackwardFunctionForModule applied to its outputs),
+    whose backward runs only for an output that requires grad. Without checkpointing nothing makes the
+    embedding's output need a gradient (enable_input_require_grads is called with checkpointing only), so
+    layer 0's frozen q/k/v (input: the embedding's output through the frozen input norm) produce outputs
+    without grad: they are in the forward trace only, and partitioned_param_coordinator.py
+    `__params_to_release` (no recurrence in `__submodule_order[step_id:]`) releases them right after their
+    forward: gathered only during layer 0's forward. Their LoRA A/B (trainable) stay in the trace.
+    Measured on 2 real CPU ranks (hidden 256): 262,144 B (bf16) / 65,536 B (packed 4-bit) less at loss:backward.
+    NB the frozen biases of these projections (small, usually persistent) are left as gathered."""
+    plan, model = world.plan, world.model
+    L = model.num_layers
+    if plan.gradient_checkpointing or plan.method == "full" or "layers.0" not in gathered:
+        return 0
+    if m.kind in ("forward", "tail_gather") and L == 1:
+        return 0  # layer 0's forward itself: its q/k/v are gathered
+    params_el = _cast(plan, plan.precision.params)
+    qlora4 = plan.method == "qlora" and plan.quant != "int8"
+    qs = quant_storage_bytes(plan) if plan.method == "qlora" else 0
+    total = 0
+    for lin in model.layer_linears:
+        if lin.name.rsplit(".", 1)[-1] not in _INPUT_SIDE:
+            continue
+        n, el = ((lin.numel + 1) // (2 * qs), qs) if qlora4 else (lin.numel, 1 if plan.method == "qlora" else params_el)
+        if n >= thr:
+            total += F.rounded(n * el, world.rnd)
+    return total
+
+
+def zero3_saved_head_input(world: _World, m: Any) -> int:
+    """ZeRO-3's memory-efficient linear keeps the frozen lm_head's input (the final norm's output,
+    [B, S, H] in the compute dtype) from the lm_head's forward to its backward: the loss moments.
+
+    deepspeed 0.19.8 runtime/zero/partition_parameters.py `Init.__init__(module=...)` (what
+    `deepspeed.initialize` uses to partition an existing module) calls `_enable_mem_efficient_linear`
+    (zero_optimization.memory_efficient_linear, default True): torch.nn.functional.linear becomes
+    runtime/zero/linear.py `zero3_linear_wrap`, whose `LinearFunctionForZeroStage3.setup_context` saves input
+    and weight for backward unconditionally. For a LoRA/QLoRA plan every adapted Linear's input is saved
+    by its lora_A anyway (the same tensor, dropout 0); the frozen lm_head's input is saved only here.
+    The 4-bit base layers (bnb matmul_4bit) do not go through it. Measured on 2 real CPU ranks: +65,536 B
+    ([2, 64, 256] bf16) at loss:backward. A partial `target_modules` leaves frozen layer Linears whose
+    input is saved the same way (`zero3_unadapted_inputs`); Liger's fused linear cross entropy bypasses F.linear
+    (nothing added; not checked on real ranks: its Triton kernels do not run on the CPU)."""
+    from .liger import liger_kernels
+
+    plan = world.plan
+    if m.kind not in ("loss_forward", "loss_backward") or plan.method == "full":
+        return 0
+    if "fused_linear_cross_entropy" in liger_kernels(world.model.model_type, plan.use_liger_kernel,
+                                                     plan.liger_kernel_config):
+        return 0  # Liger's FLCE runs the lm_head in its own kernel (no F.linear); NB not run on ZeRO-3 ranks
+    el = dtype_bytes(plan.autocast) if plan.autocast else plan.precision.compute
+    return F.rounded(plan.batch_size * plan.seq_len * world.model.hidden_size * el, world.rnd)
+
+
+#: decoder-layer Linears that read one input tensor together (llama/qwen2/mistral names); o_proj reads the
+#: attention output, which SDPA saves for its own backward
+_SHARED_INPUTS = (frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
+                  frozenset({"down_proj"}))
+
+
+def zero3_unadapted_inputs(world: _World, m: Any) -> int:
+    """LoRA on part of the layer Linears: ZeRO-3's linear (`zero3_saved_head_input`) saves the input of every
+    frozen Linear whose input needs a gradient; it is extra where no adapted Linear reads the same tensor
+    (q/k/v: the input norm's output, gate/up: the post-attention norm's output, [B, S, H]; down: the MLP
+    product, [B, S, I]). Without checkpointing every layer's are alive from its forward to its backward
+    (layer 0's q/k/v input needs no gradient then); with checkpointing only the recomputed layer's. Measured
+    on real CPU ranks (llama LoRA on q_proj/v_proj, no checkpointing): +393,216 B at loss:backward (2 layers
+    x (65,536 + 131,072)). NB counted whole at the start of a layer's backward and at the last layer's
+    forward; families with other Linear names are not covered (nothing added). QLoRA's 4-bit layers do not
+    go through F.linear: nothing."""
+    plan, model = world.plan, world.model
+    if plan.method != "lora" or m.kind == "optimizer":
+        return 0
+    targets = {lin.name.rsplit(".", 1)[-1] for lin in F.lora_targets(model, plan)}
+    ins = {lin.name.rsplit(".", 1)[-1]: lin.in_features for lin in model.layer_linears}
+    el = dtype_bytes(plan.autocast) if plan.autocast else plan.precision.compute
+    per = [F.rounded(plan.batch_size * plan.seq_len * ins[next(iter(g & ins.keys()))] * el, world.rnd)
+           if (g & ins.keys()) and not (g & targets) else 0 for g in _SHARED_INPUTS]
+    layer, layer0 = sum(per), sum(per[1:])
+    if not layer:
+        return 0
+    L, i = model.num_layers, m.layer
+    if plan.gradient_checkpointing:  # only the layer being recomputed / back-propagated
+        return layer if i is not None and m.phase == "backward" else 0
+    alive = L if i is None else (i + 1)  # layers 0..i (loss: all of them)
+    return layer0 + (alive - 1) * layer if alive else 0
+
+
+def zero3_input_ids(world: _World, m: Any) -> int:
+    """The input ids ([B, S] int64) under ZeRO-3: parameter_offload.py `_post_backward_module_hook` (a forward
+    pre-hook on every module) replaces each module's tensor inputs by `PostBackwardFunctionModule.apply`
+    (`input.detach()`), so the embedding runs on a tensor made on the batch's storage: the step holds it
+    from the embedding's forward on (the batch is alive until the step ends). Single-device and the other
+    strategies never make a tensor on it (the batch is the data loader's). Measured: +1,024 B ([2, 64])."""
+    if m.kind == "optimizer":
+        return 0
+    p = world.plan
+    return F.rounded(p.batch_size * p.seq_len * 8, world.rnd)
+
+
+def zero3_backward_scalars(world: _World, m: Any) -> int:
+    """`DeepSpeedEngine.backward` (runtime/engine.py) runs backward from `loss / gradient_accumulation_steps`
+    and then the optimizer's `scale_if_loss` (loss * loss_scale): two fp32 scalars alive through backward.
+    Measured on ZeRO-3 CPU ranks: +8 B."""
+    return 2 * F.rounded(4, world.rnd) if m.phase == "backward" else 0
+
+
+def zero3_offload_fp32_grad(part: int) -> int:
+    """ZeRO-3 + offload_optimizer: the fp32 gradient of the offloaded master partition (pinned host, kept).
+
+    deepspeed 0.19.8 runtime/zero/stage3.py `_create_fp32_partitions` -> optimizer-state setup: with
+    offload_optimizer, `fp32_partitioned_groups_flat[i].grad = torch.zeros(num_elements, dtype=fp32,
+    device=cpu)` (pinned), filled at the boundary by `_offload_grad_partition_at_boundary` from the 16-bit
+    gradient partition: 4 B per element of the rank's partition, beside the 16-bit partition
+    (grad_partitions_flat_buffer, pinned too). Measured on 2 real CPU ranks: 262,144 B (65,536 fp32)."""
+    return 4 * part
 
 
 #: DeepSpeed's default stage3_max_reuse_distance (deepspeed/runtime/zero/config.py; the HF Trainer's
@@ -1240,8 +1382,8 @@ def _zero3_gathered(world: _World, kind: str, i: int | None, thr: int, b: Mappin
     the tail) are fewer than 1e9 elements; in backward a unit is released after its backward (its next use
     is the next step). The frozen embedding is not in the backward trace: released after its forward.
     Measured on 2 real CPU ranks (hidden 256, 2 layers): every decoder layer and the lm_head gathered at
-    loss:backward (with checkpointing the embedding too); NB without checkpointing one layer's q/k/v
-    (262,144 B) were already released there (not modelled: +2 % for LoRA)."""
+    loss:backward (with checkpointing the embedding too); without checkpointing layer 0's q/k/v are not
+    in the backward trace and already released there (`zero3_released_inputs` takes them off)."""
     us = world.units
     layers = sorted({u.layer for u in us if u.layer is not None})
     if kind == "optimizer" or not layers:
@@ -1341,15 +1483,21 @@ def _notes(world: _World, terms: Mapping[Term, int], host: Mapping[str, int]) ->
         notes.append(f"DeepSpeed ZeRO-{p.zero_stage} over {p.num_processes} processes with the HF Trainer's 'auto' "
                      "bucket sizes unless set (zero_* fields); floating parameters are cast to 16-bit, the fp32 "
                      "master partition is optimizer_state; checked on real 2-rank CPU ranks (ZeRO-2 within 0.4 %, "
-                     "ZeRO-3 within 2 %), not on GPUs")
+                     "ZeRO-3 within 8 B), not on GPUs")
         if p.zero_stage == 3:
             notes.append("ZeRO-3 keeps a layer's parameters gathered from its forward to its backward while the "
                          "parameters traced in between are under stage3_max_reuse_distance (1e9 elements): "
-                         "comm_buffers")
+                         "comm_buffers; modules outside the backward trace (without checkpointing layer 0's "
+                         "frozen q/k/v) are released after their forward; its memory-efficient linear saves the "
+                         "frozen lm_head's input (activations, until the loss backward)")
+            if p.method == "lora" and len(F.lora_targets(world.model, p)) < len(world.model.layer_linears):
+                notes.append("ZeRO-3 with LoRA on part of the layer Linears: its memory-efficient linear also "
+                             "saves the inputs of the frozen, unadapted Linears (activations; checked at the peak "
+                             "on real CPU ranks with q_proj/v_proj targets, without checkpointing)")
         if p.offload_optimizer_device != "none":
             notes.append("offload_optimizer: DeepSpeedCPUAdam (a JIT-built C++ op) steps on the host; checked on "
-                         "real 2-rank CPU ranks for ZeRO-2 (device + host optimizer state to 12 B); ZeRO-3 measured "
-                         "3.5 % above (buffers of its ipg reduce path, not modelled); not checked on GPUs (pinned "
+                         "real 2-rank CPU ranks (device + host: ZeRO-2 to 12 B, ZeRO-3 to 4 B, its host gradients "
+                         "the 16-bit partition and the fp32 master's gradient); not checked on GPUs (pinned "
                          "host buffers)")
     if p.autocast and s in ("fsdp", "deepspeed"):
         notes.append(f"{'FSDP mixed precision (param_dtype ' if s == 'fsdp' else 'DeepSpeed casts parameters to '}"

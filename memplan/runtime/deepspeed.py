@@ -157,6 +157,10 @@ def static_buffers(engine) -> list[tuple[str, Any, str]]:
     add("single_partition_of_fp32_groups", Term.OPTIMIZER_STATE)  # ZeRO-1/2 master
     add("fp32_partitioned_groups_flat", Term.OPTIMIZER_STATE)  # ZeRO-3 master
     add("grad_partitions_flat_buffer", Term.GRADIENTS)  # ZeRO-3
+    if getattr(opt, "offload_optimizer", False):  # ZeRO-3 offload: the fp32 master's gradient (pinned, kept)
+        for k, g in enumerate(getattr(opt, "fp32_partitioned_groups_flat", None) or []):
+            if isinstance(getattr(g, "grad", None), torch.Tensor) and g.grad.numel():
+                out.append((f"zero.fp32_partitioned_groups_flat.{k}.grad", g.grad, Term.GRADIENTS))
     add("param_buffer_of_bit16_for_cpu_offload_groups", "comm")  # ZeRO-2 offload: 16-bit staging, made at the step
     for dtype, bucket in (getattr(opt, "ipg_buckets", None) or {}).items():  # ZeRO-3: one flat buffer per dtype
         for k, t in enumerate(_flat(bucket.buffer)):  # ZeRO-2: a list, made at the first backward
