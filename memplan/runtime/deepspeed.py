@@ -225,8 +225,7 @@ def register_engine(tracker, engine, classify) -> dict[int, str]:
     state bitsandbytes keeps on each Linear4bit (replicated); buffers; and `static_buffers`. Returns
     {id(record): tag} of the ipg buckets (comm_buffers)."""
     from ..terms import Term
-    from .distributed import orig_name
-    from .tracker import quant_state_tensors
+    from .distributed import orig_name, register_state_and_buffers
 
     module = engine.module
     for name, p in module.named_parameters(remove_duplicate=True):
@@ -236,13 +235,7 @@ def register_engine(tracker, engine, classify) -> dict[int, str]:
             tracker.register(part, term, f"{name}.ds_tensor")
         if p.numel():
             tracker.register(p.data, term, name)
-    for name, mod in module.named_modules():
-        qs = getattr(mod, "quant_state", None) or getattr(getattr(mod, "weight", None), "quant_state", None)
-        if qs is not None:
-            for qname, qt in quant_state_tensors(qs):
-                tracker.register(qt, Term.QUANT_STATE, f"{name}.weight.{qname}")
-    for name, b in module.named_buffers(remove_duplicate=True):
-        tracker.register(b, Term.OTHER_PARAMS, name)
+    register_state_and_buffers(tracker, module)
     comm: dict[int, str] = {}
     for name, t, term in static_buffers(engine):
         if term == "comm":

@@ -357,9 +357,6 @@ def register_sharded_model(tracker, model, classify) -> None:
     """`LiveTensorTracker.register_model` for a sharded model: the local shard of every DTensor
     parameter, the quant state that bitsandbytes keeps on each Linear4bit (replicated: FSDP2 shards
     parameters only), buffers."""
-    from ..terms import Term
-    from .tracker import quant_state_tensors
-
     for name, p in model.named_parameters(remove_duplicate=True):
         split = flat_split(name, p, classify)
         if split is not None:  # FSDP1: one flat parameter per unit, its shard split by term (`split_flat`)
@@ -367,6 +364,16 @@ def register_sharded_model(tracker, model, classify) -> None:
             tracker.flat_split[name] = split
             continue
         tracker.register(local(p), classify(_orig_name(name), p), name)
+    register_state_and_buffers(tracker, model)
+
+
+def register_state_and_buffers(tracker, model) -> None:
+    """Register what every rank holds whole beside its parameter shards: the quant state bitsandbytes keeps
+    on each Linear4bit (a module attribute, not a parameter: FSDP and ZeRO shard parameters only) and the
+    module buffers."""
+    from ..terms import Term
+    from .tracker import quant_state_tensors
+
     for name, mod in model.named_modules():
         qs = getattr(mod, "quant_state", None) or getattr(getattr(mod, "weight", None), "quant_state", None)
         if qs is not None:
