@@ -650,8 +650,6 @@ def _table(d: dict[str, Any], out: Callable[[str], None], reserve_bytes: int = 0
         out(f"{'headroom':<20} {gib(d['headroom_bytes']):>9} GiB  -> {d.get('verdict_text') or verdict(d['fits'])}")
     if d.get("paged_bytes"):
         out(f"{'paged (managed mem)':<20} {gib(d['paged_bytes']):>9} GiB  paged optimizer state, outside the allocator")
-    if d.get("host"):
-        out(host_line(d["host"]["terms"]))
     if d.get("estimate"):
         e = d["estimate"]
         out(f"{'closed-form estimate':<20} {gib(e['allocated_bytes']):>9} GiB  "
