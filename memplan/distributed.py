@@ -86,7 +86,7 @@ NCCL allocates outside torch's allocator), which the closed form does not model.
 Known limitations (NB):
 - the collective library's own buffers (NCCL channels, gloo's) are outside torch's allocator and not
   counted; the all-gather flat buffer of the unit in compute is freed at copy-out and not counted;
-- FSDP1 (checked on real 2-rank gloo steps, tests/test_distributed_fsdp_more.py: FULL_SHARD / SHARD_GRAD_OP /
+- FSDP1 (checked on real 2-rank gloo steps, tests/test_distributed_worlds.py: FULL_SHARD / SHARD_GRAD_OP /
   NO_SHARD QLoRA with --no-prepare, within 128 B): flat padding per term (the real flat parameter mixes the
   packed weights and norms of a layer, so the ranks' base/other split differs by the shard boundary; the
   sums agree); with peft's units a layer computes with its frozen unit and one module's lora_A/lora_B
@@ -95,7 +95,7 @@ Known limitations (NB):
   `use_orig_params`: one saved 16-bit copy of each adapted module's input (activations; within 128 B of the
   real ranks with and without checkpointing, +327,680 / +524,288 B on the tiny plan); FSDP1's prefetch at
   the end of a layer's backward (`layer_end:i`: the frozen layer below gathered while the layer's input norm
-  runs backward; BACKWARD_PRE and BACKWARD_POST) is a moment (tests/test_distributed_fsdp1_more.py: the three
+  runs backward; BACKWARD_PRE and BACKWARD_POST) is a moment (tests/test_distributed_fsdp1.py: the three
   prefetch values, LoRA and QLoRA, every term but the base/other split to the byte of simulate per rank);
   its temporaries are llama's RMSNorm backward (other norms not checked);
 - HYBRID_SHARD (FSDP2, checked on 2 x 2 real gloo ranks to 4 B) shards within a node (ranks per node) and
@@ -814,7 +814,7 @@ def _with_layer_ends(model: ModelSpec, view: Any, ms: list[Any]) -> list[Any]:
     input norm's fp32 copy of the layer input [T, H] (RMSNorm's `hidden_states.to(torch.float32)`, saved by pow
     and mul); in flight: the residual stream's gradient [T, H] and five fp32 [T, H] of the RMSNorm backward
     (pow, mul, div, mul, mul). Layer i's LoRA gradients are reduced (`_rank_terms`). NB measured on the meta trace
-    of FSDP1 ranks (llama RMSNorm, tests/test_distributed_fsdp1_more.py); other norms not checked."""
+    of FSDP1 ranks (llama RMSNorm, tests/test_distributed_fsdp1.py); other norms not checked."""
     from .estimate import layer_backward_state, make_step
 
     s = make_step(model, view.plan, view.plan.device == "cuda")

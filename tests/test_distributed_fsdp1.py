@@ -1,5 +1,5 @@
 """FSDP1's closed form term by term against simulate per rank (the real FullyShardedDataParallel on meta under
-torch's fake process group, which matches real 2-rank gloo ranks to the byte: tests/test_distributed_fsdp_more.py):
+torch's fake process group, which matches real 2-rank gloo ranks to the byte: tests/test_distributed_worlds.py):
 use_orig_params, LoRA (the GPU-equivalent step: gloo's in-collective copies left out), the three backward prefetch
 values, and catalogue shapes on 2/4/8 ranks.
 
@@ -151,7 +151,7 @@ def test_lora_backward_post_real_ranks_and_gpu_step(monkeypatch):
     layer 0's frozen unit all-gathered after q_proj.lora_A's backward, gloo's copy of it (1,180,672 B) alive beside
     both frozen layers); the GPU step (no gloo copy) peaks later, at layer 1's input norm backward (`layer_end:1`,
     7,879,160 B), which the estimate gives per term."""
-    from test_distributed_fsdp_more import real_and_sim
+    from test_distributed_worlds import real_and_sim
 
     config, plan = tiny("llama"), plan_of("lora", False)
     world = world1(fsdp_backward_prefetch="BACKWARD_POST")
