@@ -269,10 +269,27 @@ def _norm_param(model: ModelSpec, name: str, n: int, el: int, full: bool) -> Par
     return Param(E, n // E, el, term, full)
 
 
-def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
+def bias_el(plan: TrainPlan, single: bool = False) -> int:
+    """Bytes per element of a decoder Linear's bias as the rank stores it. One GPU (and DDP, ZeRO: the
+    module's own bias runs the forward): a 4-bit Linear's is cast to the input dtype in place on its first
+    forward (bitsandbytes nn/modules.py `Linear4bit.forward`: `self.bias.data = self.bias.data.to(x.dtype)`),
+    the compute dtype, as `formulas.other_params_bytes` counts it. FSDP (1 and 2): the forward runs on the
+    gathered copy (FSDP2's unsharded parameter, FSDP1's flat-parameter view), so the rank's shard keeps
+    its stored dtype: fp32 after prepare_model_for_kbit_training, else the load dtype (measured with
+    simulate per rank: qwen2.5-7b, qwen1.5-moe other_params to the byte). `single`: the single-device
+    dtype (the inventory the replicated buffers are computed from)."""
+    pr = plan.precision
+    qlora4 = plan.method == "qlora" and plan.quant != "int8"
+    if qlora4 and (single or plan.world_strategy != "fsdp"):
+        return _cast(plan, pr.compute)
+    return _cast(plan, pr.params)
+
+
+def _layer_params(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[Param, ...]:
     """The parameters of one decoder layer of a model whose layers are alike (or of one layer kind's
     `formulas.kind_view`): its Linears (packed 4-bit, int8 or floating), biases, norms and routers,
-    the fused experts, and the LoRA tensors peft adds (on the Linears, the router and the experts)."""
+    the fused experts, and the LoRA tensors peft adds (on the Linears, the router and the experts);
+    `single`: the biases in their single-device dtype (`bias_el`)."""
     pr = plan.precision
     params_el = _cast(plan, pr.params)
     layer: list[Param] = []
@@ -289,9 +306,9 @@ def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
         else:
             layer.append(Param(lin.out_features, lin.in_features, params_el, Term.BASE_WEIGHTS,
                                plan.method == "full"))
-    bias_el = _cast(plan, pr.compute if qlora4 else pr.params)
+    b_el = bias_el(plan, single)
     full = plan.method == "full"
-    layer += [Param(lin.out_features, 1, bias_el, Term.OTHER_PARAMS, full) for lin in model.layer_linears if lin.bias]
+    layer += [Param(lin.out_features, 1, b_el, Term.OTHER_PARAMS, full) for lin in model.layer_linears if lin.bias]
     moe = model.arch.moe
     fp32_router = f"{moe.block}.{moe.router_name}.weight" if moe is not None and moe.router_fp32 else ""
     layer += [_norm_param(model, name, n, _cast(plan, 4) if name == fp32_router else params_el, full)
@@ -307,13 +324,13 @@ def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
     return tuple(_PARAMS.setdefault(p, p) for p in layer)  # equal parameters: one object
 
 
-def layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[tuple[Param, ...], ...]:
+def layer_params(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[tuple[Param, ...], ...]:
     """Every decoder layer's parameters, in order: one tuple shared by all layers when they are alike,
     else each layer's kind's (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers,
     Llama 4's interleaved MoE; `formulas.kind_view`)."""
     if not model.layer_kinds:
-        return (_layer_params(model, plan),) * model.num_layers
-    kinds = {k: _layer_params(F.kind_view(model, k == "moe"), plan) for k in set(model.layer_kinds)}
+        return (_layer_params(model, plan, single),) * model.num_layers
+    kinds = {k: _layer_params(F.kind_view(model, k == "moe"), plan, single) for k in set(model.layer_kinds)}
     return tuple(kinds[k] for k in model.layer_kinds)
 
 
@@ -389,11 +406,12 @@ def _vision_units(model: ModelSpec, plan: TrainPlan, wrap: tuple[str, ...]) -> t
 
 
 @lru_cache(maxsize=512)
-def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
+def units(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[Unit, ...]:
     """The FSDP units of the model under `plan`, bottom-up: the embedding (unless tied), one per decoder
     layer (accelerate's transformer_based_wrap on `_no_split_modules`: each layer its own kind's
     parameters where the layers differ), the tail (final norm, lm_head, the tied embedding).
-    Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower)."""
+    Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower).
+    `single`: the decoder Linears' biases in their single-device dtype (`bias_el`)."""
     wrap = plan.fsdp_transformer_layer_cls_to_wrap
     if model.vision_params and not (plan.world_strategy == "fsdp" and wrap):
         # transformers aggregates the children's `_no_split_modules` (modeling_utils post_init): Gemma3's
@@ -409,7 +427,7 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
             "_no_split_modules name SigLIP's pooling head, which it does not build), so FSDP needs "
             "fsdp_transformer_layer_cls_to_wrap, which memplan does not model yet; estimate one GPU")
     params_el = _cast(plan, plan.precision.params)
-    layers = layer_params(model, plan)
+    layers = layer_params(model, plan, single)
     full = plan.method == "full"
     H, V = model.hidden_size, model.vocab_size
     embed = Param(V, H, params_el, Term.OTHER_PARAMS, full)
@@ -546,6 +564,17 @@ class _World:
                 layer_full[u.layer] += u.grads(1, rnd, 2)
             self._sums.update(layer_shard=tuple(layer_shard), layer_full=tuple(layer_full))
         return self._sums
+
+    def single_other(self) -> int:
+        """OTHER_PARAMS of the units at w = 1 in the single-device dtypes (`bias_el`): what the single-device
+        static holds of them (the rest of its other_params are the replicated buffers)."""
+        if "single_other" not in self._sums:
+            if bias_el(self.plan, True) == bias_el(self.plan):
+                self._sums["single_other"] = self.sums()["inventory"][Term.OTHER_PARAMS]
+            else:
+                self._sums["single_other"] = sum(u.bytes(1, self.rnd, 2)[Term.OTHER_PARAMS]
+                                                 for u in units(self.model, self.plan, single=True))
+        return self._sums["single_other"]
 
     def view_above(self, i: int) -> int:
         """The view's gradients of the layers above layer i (done in backward before it)."""
@@ -905,9 +934,9 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     host: dict[Term, int] = {}
     # parameters that are neither in a unit nor a quant state: buffers (rotary inv_freq, embed_scale), replicated
     agg = world.sums()
-    inventory = agg["inventory"]
     single_plan = single.plan
-    buffers = max(0, st[Term.OTHER_PARAMS] - inventory[Term.OTHER_PARAMS]) if s != "deepspeed" else max(
+    # (the single-device static minus the units' inventory in the single-device dtypes: FSDP's biases differ)
+    buffers = max(0, st[Term.OTHER_PARAMS] - world.single_other()) if s != "deepspeed" else max(
         0, F.other_params_bytes(world.model, single_plan, rnd) - _uncast_other(world))
     t[Term.OTHER_PARAMS] += buffers
     L = world.model.num_layers
@@ -1006,7 +1035,7 @@ def _uncast_other(world: _World) -> int:
     """OTHER_PARAMS of the units in the plan's own dtypes (before DeepSpeed's cast), w = 1."""
     total = 0
     plan = world.plan.replace(strategy="fsdp")  # the same inventory, no DeepSpeed cast
-    for u in units(world.model, plan):
+    for u in units(world.model, plan, single=True):
         total += u.bytes(1, world.rnd, 2)[Term.OTHER_PARAMS]
     return total
 
