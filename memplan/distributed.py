@@ -32,7 +32,10 @@ and, for each, swaps the static terms for their per-rank form:
   all-gather output, held in `_all_gather_result` until its pre-backward; FSDP1 BACKWARD_PRE: gathered;
   BACKWARD_POST / NO_PREFETCH: none). FSDP2 also keeps the last forward all-gather's flat output
   (`comm_ctx.all_gather_state`, until the next copy-out or the end of the root's forward,
-  `FSDPState._post_forward`): the tail's during the loss forward. SHARD_GRAD_OP
+  `FSDPState._post_forward`): the tail's during the loss forward. With mixed precision FSDP2 also has
+  `forward:lm_head` (lm_head's 16-bit output, the tail gathered: dense models' forward phase peak) and,
+  FULL_SHARD / HYBRID_SHARD, `backward:gather_last` (the tail's pre-backward prefetch of the last layer: its
+  cast all-gather input and flat output beside the 16-bit logits' gradient, `_cast_input`). SHARD_GRAD_OP
   (reshard_after_forward=False): every layer stays gathered from its forward until its backward.
   NO_SHARD: nothing gathered.
 - the step each rank computes: under that mixed precision (and DeepSpeed's 16-bit cast) every
@@ -269,10 +272,27 @@ def _norm_param(model: ModelSpec, name: str, n: int, el: int, full: bool) -> Par
     return Param(E, n // E, el, term, full)
 
 
-def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
+def bias_el(plan: TrainPlan, single: bool = False) -> int:
+    """Bytes per element of a decoder Linear's bias as the rank stores it. One GPU (and DDP, ZeRO: the
+    module's own bias runs the forward): a 4-bit Linear's is cast to the input dtype in place on its first
+    forward (bitsandbytes nn/modules.py `Linear4bit.forward`: `self.bias.data = self.bias.data.to(x.dtype)`),
+    the compute dtype, as `formulas.other_params_bytes` counts it. FSDP (1 and 2): the forward runs on the
+    gathered copy (FSDP2's unsharded parameter, FSDP1's flat-parameter view), so the rank's shard keeps
+    its stored dtype: fp32 after prepare_model_for_kbit_training, else the load dtype (measured with
+    simulate per rank: qwen2.5-7b, qwen1.5-moe other_params to the byte). `single`: the single-device
+    dtype (the inventory the replicated buffers are computed from)."""
+    pr = plan.precision
+    qlora4 = plan.method == "qlora" and plan.quant != "int8"
+    if qlora4 and (single or plan.world_strategy != "fsdp"):
+        return _cast(plan, pr.compute)
+    return _cast(plan, pr.params)
+
+
+def _layer_params(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[Param, ...]:
     """The parameters of one decoder layer of a model whose layers are alike (or of one layer kind's
     `formulas.kind_view`): its Linears (packed 4-bit, int8 or floating), biases, norms and routers,
-    the fused experts, and the LoRA tensors peft adds (on the Linears, the router and the experts)."""
+    the fused experts, and the LoRA tensors peft adds (on the Linears, the router and the experts);
+    `single`: the biases in their single-device dtype (`bias_el`)."""
     pr = plan.precision
     params_el = _cast(plan, pr.params)
     layer: list[Param] = []
@@ -289,9 +309,9 @@ def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
         else:
             layer.append(Param(lin.out_features, lin.in_features, params_el, Term.BASE_WEIGHTS,
                                plan.method == "full"))
-    bias_el = _cast(plan, pr.compute if qlora4 else pr.params)
+    b_el = bias_el(plan, single)
     full = plan.method == "full"
-    layer += [Param(lin.out_features, 1, bias_el, Term.OTHER_PARAMS, full) for lin in model.layer_linears if lin.bias]
+    layer += [Param(lin.out_features, 1, b_el, Term.OTHER_PARAMS, full) for lin in model.layer_linears if lin.bias]
     moe = model.arch.moe
     fp32_router = f"{moe.block}.{moe.router_name}.weight" if moe is not None and moe.router_fp32 else ""
     layer += [_norm_param(model, name, n, _cast(plan, 4) if name == fp32_router else params_el, full)
@@ -307,13 +327,13 @@ def _layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[Param, ...]:
     return tuple(_PARAMS.setdefault(p, p) for p in layer)  # equal parameters: one object
 
 
-def layer_params(model: ModelSpec, plan: TrainPlan) -> tuple[tuple[Param, ...], ...]:
+def layer_params(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[tuple[Param, ...], ...]:
     """Every decoder layer's parameters, in order: one tuple shared by all layers when they are alike,
     else each layer's kind's (`layer_kinds`: DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers,
     Llama 4's interleaved MoE; `formulas.kind_view`)."""
     if not model.layer_kinds:
-        return (_layer_params(model, plan),) * model.num_layers
-    kinds = {k: _layer_params(F.kind_view(model, k == "moe"), plan) for k in set(model.layer_kinds)}
+        return (_layer_params(model, plan, single),) * model.num_layers
+    kinds = {k: _layer_params(F.kind_view(model, k == "moe"), plan, single) for k in set(model.layer_kinds)}
     return tuple(kinds[k] for k in model.layer_kinds)
 
 
@@ -389,11 +409,12 @@ def _vision_units(model: ModelSpec, plan: TrainPlan, wrap: tuple[str, ...]) -> t
 
 
 @lru_cache(maxsize=512)
-def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
+def units(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[Unit, ...]:
     """The FSDP units of the model under `plan`, bottom-up: the embedding (unless tied), one per decoder
     layer (accelerate's transformer_based_wrap on `_no_split_modules`: each layer its own kind's
     parameters where the layers differ), the tail (final norm, lm_head, the tied embedding).
-    Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower)."""
+    Llama 4's multimodal checkpoints build Llama4ForCausalLM (`unloaded_vision_params`: no tower).
+    `single`: the decoder Linears' biases in their single-device dtype (`bias_el`)."""
     wrap = plan.fsdp_transformer_layer_cls_to_wrap
     if model.vision_params and not (plan.world_strategy == "fsdp" and wrap):
         # transformers aggregates the children's `_no_split_modules` (modeling_utils post_init): Gemma3's
@@ -409,7 +430,7 @@ def units(model: ModelSpec, plan: TrainPlan) -> tuple[Unit, ...]:
             "_no_split_modules name SigLIP's pooling head, which it does not build), so FSDP needs "
             "fsdp_transformer_layer_cls_to_wrap, which memplan does not model yet; estimate one GPU")
     params_el = _cast(plan, plan.precision.params)
-    layers = layer_params(model, plan)
+    layers = layer_params(model, plan, single)
     full = plan.method == "full"
     H, V = model.hidden_size, model.vocab_size
     embed = Param(V, H, params_el, Term.OTHER_PARAMS, full)
@@ -547,6 +568,17 @@ class _World:
             self._sums.update(layer_shard=tuple(layer_shard), layer_full=tuple(layer_full))
         return self._sums
 
+    def single_other(self) -> int:
+        """OTHER_PARAMS of the units at w = 1 in the single-device dtypes (`bias_el`): what the single-device
+        static holds of them (the rest of its other_params are the replicated buffers)."""
+        if "single_other" not in self._sums:
+            if bias_el(self.plan, True) == bias_el(self.plan):
+                self._sums["single_other"] = self.sums()["inventory"][Term.OTHER_PARAMS]
+            else:
+                self._sums["single_other"] = sum(u.bytes(1, self.rnd, 2)[Term.OTHER_PARAMS]
+                                                 for u in units(self.model, self.plan, single=True))
+        return self._sums["single_other"]
+
     def view_above(self, i: int) -> int:
         """The view's gradients of the layers above layer i (done in backward before it)."""
         L = self.model.num_layers
@@ -666,7 +698,16 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
             and not model.tie_word_embeddings:  # tied: the tail is gathered as the embedding runs (`_fsdp_alive`)
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
         if at is not None:
-            ms.insert(at, _tail_gather(ms[at]))
+            ms.insert(at, _tail_gather(ms[at], view.plan, rnd))
+    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy != "NO_SHARD" and world.gather_el:
+        at = next((k for k, m in enumerate(ms) if m.kind == "loss_forward"), None)
+        if at is not None and not model.final_logit_softcapping:
+            ms.insert(at, _lm_head_forward(ms[at], model, view.plan, rnd))
+    if strategy == "fsdp" and version == 2 and plan.fsdp_sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD") \
+            and world.gather_el and model.num_layers:
+        at = next((k for k, m in enumerate(ms) if m.kind == "loss_backward"), None)
+        if at is not None:
+            ms.insert(at + 1, _backward_gather(ms[at], model, view.plan, rnd))
     if _fsdp1_layer_end(plan, world.units):
         ms = _with_layer_ends(model, view, ms)
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
@@ -836,16 +877,74 @@ def _with_layer_ends(model: ModelSpec, view: Any, ms: list[Any]) -> list[Any]:
     return out
 
 
-def _tail_gather(loss: Any) -> Any:
+def _loss_only(plan: TrainPlan, rnd: int) -> int:
+    """What the loss moment's activations hold that the forward has not made yet: the shifted labels ([B, S+1]
+    int64, padded by one) and the loss with its gradient seed (`estimate.loss_forward_moment`)."""
+    from .activations import packed_rows
+
+    p = packed_rows(plan)
+    return F.rounded(8 * p.batch_size * (p.seq_len + 1), rnd) + 2 * F.rounded(4, rnd)
+
+
+def _tail_gather(loss: Any, plan: TrainPlan, rnd: int) -> Any:
     """FSDP2's last all-gather of the forward: the tail's (lm_head) copy-out, with the previous unit's flat
     output still kept and the tail's own flat output alive (`wait_for_unshard` frees the previous one
-    after the copy-out): the saved activations of the whole forward, no logits yet. NB the activations are
-    the loss moment's (the final norm's output included)."""
+    after the copy-out): the saved activations of the whole forward (the final norm's output included), no
+    logits, labels or loss yet (`_loss_only`; measured with simulate per rank: the forward phase peak of a
+    70B, to the byte)."""
+    acts = loss.activations - _loss_only(plan, rnd)
     return loss._replace(name="forward:tail_gather", kind="tail_gather", phase="forward",
                          description="the end of forward: FSDP2 all-gathers the tail (lm_head), the previous "
                                      "unit's all-gather output still kept",
-                         allocated_bytes=loss.allocated_bytes - loss.logits - loss.temporaries, logits=0,
-                         temporaries=0)
+                         allocated_bytes=loss.allocated_bytes - loss.logits - loss.temporaries - loss.activations
+                         + acts, logits=0, temporaries=0, activations=acts)
+
+
+def _lm_head_forward(loss: Any, model: ModelSpec, plan: TrainPlan, rnd: int) -> Any:
+    """FSDP2 with mixed precision: the end of forward, lm_head's 16-bit output computed with the tail gathered
+    (its unsharded parameters and its flat all-gather output, kept until the root's forward returns): the
+    loss moment before the loss computes (no fp32 copy or log-softmax yet, neither the shifted labels nor
+    the loss and its gradient seed). Measured with simulate per rank (the forward phase peak of dense
+    untied models)."""
+    from .activations import packed_rows
+
+    p = packed_rows(plan)
+    tv = p.batch_size * p.seq_len * model.vocab_size
+    logits = F.rounded(plan.precision.logits * tv, rnd)
+    acts = loss.activations - _loss_only(plan, rnd)
+    return loss._replace(name="forward:lm_head", kind="lm_head_forward", phase="forward",
+                         description="the end of forward: lm_head's output, the tail gathered",
+                         allocated_bytes=loss.allocated_bytes - loss.logits - loss.temporaries - loss.activations
+                         + logits + acts, logits=logits, activations=acts, temporaries=0)
+
+
+def _backward_gather(loss: Any, model: ModelSpec, plan: TrainPlan, rnd: int) -> Any:
+    """FSDP2 FULL_SHARD / HYBRID_SHARD with mixed precision: the start of backward, where the tail's
+    pre-backward prefetches the last layer (torch/distributed/fsdp/_fully_shard/_fsdp_state.py
+    `_pre_backward` -> `_backward_prefetch`): its all-gather (`foreach_all_gather`: the rank's shard of every
+    parameter not in param_dtype cast into one input buffer, and the flat output) while the logits' gradient
+    (16-bit, the log-softmax's fp32 buffers freed) waits for lm_head's backward. Measured with simulate per
+    rank (qwen1.5-moe, 3 layers, 2 ranks: the backward phase peak, a 1.6 GB MoE layer)."""
+    from .activations import packed_rows
+
+    p = packed_rows(plan)
+    tv = p.batch_size * p.seq_len * model.vocab_size
+    fp32 = 3 * F.rounded(4 * tv, rnd)  # the loss backward's log-softmax output, its gradient, the logits' gradient
+    logits = loss.logits - fp32 + F.rounded(plan.precision.logits * tv, rnd)
+    return loss._replace(name="backward:gather_last", kind="backward_gather", phase="backward",
+                         description="the start of backward: FSDP2 all-gathers the last layer (its cast input and "
+                                     "flat output) beside the tail and the logits' gradient",
+                         allocated_bytes=loss.allocated_bytes - loss.logits + logits, logits=logits)
+
+
+def _cast_input(world: _World, u: Unit) -> int:
+    """FSDP2's all-gather input buffer of unit `u` under mixed precision: the rank's (padded) shard of each
+    parameter whose dtype is not param_dtype, cast to it in one buffer (`foreach_all_gather`,
+    `FSDPParam.all_gather_inputs`); freed once the all-gather has run."""
+    el = world.gather_el
+    if not el:
+        return 0
+    return F.rounded(sum(p.shard(world.w) * el for p in u.params if p.el != el), world.rnd)
 
 
 def compute_distributed(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> Any:
@@ -905,9 +1004,9 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     host: dict[Term, int] = {}
     # parameters that are neither in a unit nor a quant state: buffers (rotary inv_freq, embed_scale), replicated
     agg = world.sums()
-    inventory = agg["inventory"]
     single_plan = single.plan
-    buffers = max(0, st[Term.OTHER_PARAMS] - inventory[Term.OTHER_PARAMS]) if s != "deepspeed" else max(
+    # (the single-device static minus the units' inventory in the single-device dtypes: FSDP's biases differ)
+    buffers = max(0, st[Term.OTHER_PARAMS] - world.single_other()) if s != "deepspeed" else max(
         0, F.other_params_bytes(world.model, single_plan, rnd) - _uncast_other(world))
     t[Term.OTHER_PARAMS] += buffers
     L = world.model.num_layers
@@ -941,6 +1040,9 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in alive)
         if world.version == 2:
             t[Term.COMM_BUFFERS] += sum(world.flat(u) for u in us if u.name in prefetched | retained)
+            if kind == "backward_gather":  # the last layer's all-gather: its cast input and flat output
+                t[Term.COMM_BUFFERS] += sum(world.flat(u) + _cast_input(world, u) for u in layer_units
+                                            if u.layer == L - 1)
         else:
             t[Term.COMM_BUFFERS] += sum(world.full(u) for u in us if u.name in prefetched)
     elif world.version == 1 and world.gather_el and i is not None:
@@ -1006,7 +1108,7 @@ def _uncast_other(world: _World) -> int:
     """OTHER_PARAMS of the units in the plan's own dtypes (before DeepSpeed's cast), w = 1."""
     total = 0
     plan = world.plan.replace(strategy="fsdp")  # the same inventory, no DeepSpeed cast
-    for u in units(world.model, plan):
+    for u in units(world.model, plan, single=True):
         total += u.bytes(1, world.rnd, 2)[Term.OTHER_PARAMS]
     return total
 
@@ -1080,7 +1182,7 @@ def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
         return alive, pre, kept
     if i is None:  # the loss: the tail (and the root) gathered; the tail's flat output kept until the root's
         alive |= keep  # forward returns (FSDPState._post_forward of the forward root frees all_gather_state)
-        kept |= tail if world.version == 2 and kind != "loss_backward" else set()
+        kept |= tail if world.version == 2 and kind not in ("loss_backward", "backward_gather") else set()
         if after_forward:
             alive |= embed | layers(0, L)
         elif world.version == 1 and kind == "loss_backward" and p.fsdp_backward_prefetch == "BACKWARD_PRE":

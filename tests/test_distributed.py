@@ -48,11 +48,18 @@ def test_worked_example():
     assert u.bytes(3, 1, 1)[Term.ADAPTER_WEIGHTS] == ceil(1024 / 3) * 4
 
 
+#: bytes per element of a decoder Linear's bias in an FSDP rank's shard: the stored dtype (fp32 after
+#: prepare_model_for_kbit_training, else the bf16 load dtype); one GPU: bf16 (bnb's Linear4bit casts it in place)
+FSDP_BIAS_EL = {"qlora-bf16-storage": 4, "lora": 2, "qlora-noprep": 2}
+
+
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 @pytest.mark.parametrize("model", MODELS)
 def test_one_rank_inventory_is_the_single_device_terms(model, plan_name):
     """w = 1: the units hold exactly the base weights and adapters of the closed form, and the other
-    parameters up to the replicated buffers (rotary inv_freq, embed_scale)."""
+    parameters up to the replicated buffers (rotary inv_freq, embed_scale) and the biases' dtype: an FSDP
+    rank's shard keeps the stored bias dtype, one GPU's bias is cast to bf16 by its first forward
+    (bitsandbytes Linear4bit.forward on the module's own bias; under FSDP it runs on the gathered copy)."""
     spec = load_model(model)
     plan = TrainPlan(device="cpu", num_processes=1, strategy="fsdp", **PLANS[plan_name])
     single = plan.single_device()
@@ -62,7 +69,11 @@ def test_one_rank_inventory_is_the_single_device_terms(model, plan_name):
             inv[t] += v
     assert inv[Term.BASE_WEIGHTS] == F.base_weights_bytes(spec, single)
     assert inv[Term.ADAPTER_WEIGHTS] == F.adapter_weights_bytes(spec, single)
-    buffers = F.other_params_bytes(spec, single) - inv[Term.OTHER_PARAMS]
+    single_other = sum(u.bytes(1, 1, 2)[Term.OTHER_PARAMS] for u in units(spec, plan, single=True))
+    biases = spec.num_layers * sum(lin.out_features for lin in spec.layer_linears if lin.bias)
+    assert (biases > 0) == (model == "qwen2.5-7b")  # q/k/v biases
+    assert inv[Term.OTHER_PARAMS] - single_other == biases * (FSDP_BIAS_EL[plan_name] - 2)
+    buffers = F.other_params_bytes(spec, single) - single_other
     assert 0 <= buffers <= 4 * spec.rope_dim * 4 + 4  # inv_freq buffers (+ embed_scale)
     assert sum(u.grads(1, 1, 2) for u in units(spec, plan)) == F.gradient_bytes(spec, single)
 

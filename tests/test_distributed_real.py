@@ -129,6 +129,13 @@ def test_qwen2_qlora_full_shard_no_checkpointing():
     # (FSDPParamGroup.wait_for_unshard: comm_ctx.all_gather_state): lm_head's, at the loss peak
     assert real[0].peak_phase == "loss"
     assert real[0].comm_detail["collective_buffers"] >= 1000 * 256 * 2
+    # the q/k/v biases keep prepare's fp32 in each rank's shard (bnb casts the gathered copy): other_params
+    # to the byte, 1,028,864 B per rank (1,027,840 B when counted in the single-device bf16)
+    from memplan import estimate
+
+    est = estimate(tiny("qwen2"), plan_of("qlora", False).replace(num_processes=2, strategy="fsdp"))
+    for r, er in zip(real, est.ranks):
+        assert er.to_dict()["terms"]["other_params"] == r.terms["other_params"] == 1_028_864
 
 
 def gpu_equivalent(config: dict, plan: TrainPlan, world: World, monkeypatch) -> RankResult:
