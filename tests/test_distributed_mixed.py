@@ -72,6 +72,21 @@ def plan(key: str, n: int, sharding: str, **kw) -> TrainPlan:
     return TrainPlan(**{**fields, **kw})
 
 
+def one_rank_inventory(spec, p: TrainPlan) -> tuple[tuple, int]:
+    """w = 1: the units hold exactly the closed form's base weights, adapters and gradients; returns the
+    units and the other parameters the single-device terms have beyond them (the replicated buffers)."""
+    single = p.single_device()
+    us = units(spec, p)
+    inv = dict.fromkeys((Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS), 0)
+    for u in us:
+        for t, v in u.bytes(1, 1, 2).items():
+            inv[t] += v
+    assert inv[Term.BASE_WEIGHTS] == F.base_weights_bytes(spec, single)
+    assert inv[Term.ADAPTER_WEIGHTS] == F.adapter_weights_bytes(spec, single)
+    assert sum(u.grads(1, 1, 2) for u in us) == F.gradient_bytes(spec, single)
+    return us, F.other_params_bytes(spec, single) - inv[Term.OTHER_PARAMS]
+
+
 @pytest.mark.parametrize("model, kw", [("deepseek-v2-lite", {}), ("llama-4-maverick", {"target_modules": LLAMA4_TARGETS}),
                                        ("deepseek-v3", {}), ("llama-4-scout", {"target_modules": LLAMA4_TARGETS}),
                                        ("deepseek-v2-lite", {"method": "lora", "optim": "adamw_torch"})])
@@ -79,19 +94,9 @@ def test_one_rank_inventory_is_the_single_device_terms(model, kw):
     """w = 1: the units of a mixed dense/MoE model hold exactly the closed form's base weights and adapters
     and its other parameters up to the replicated buffers; the dense and MoE layers' units differ."""
     spec = load_model(model)
-    p = TrainPlan(device="cpu", num_processes=1, strategy="fsdp", prepare=False, **kw)
-    single = p.single_device()
-    inv = dict.fromkeys((Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS), 0)
-    us = units(spec, p)
-    for u in us:
-        for t, v in u.bytes(1, 1, 2).items():
-            inv[t] += v
-    assert inv[Term.BASE_WEIGHTS] == F.base_weights_bytes(spec, single)
-    assert inv[Term.ADAPTER_WEIGHTS] == F.adapter_weights_bytes(spec, single)
-    buffers = F.other_params_bytes(spec, single) - inv[Term.OTHER_PARAMS]
+    us, buffers = one_rank_inventory(spec, TrainPlan(device="cpu", num_processes=1, strategy="fsdp", prepare=False, **kw))
     # rotary inv_freq (+ DeepSeek-V3's fp32 e_score_correction_bias per MoE layer)
     assert 0 <= buffers <= 4 * spec.rope_dim * 4 + 4 * spec.num_moe_layers * spec.num_experts
-    assert sum(u.grads(1, 1, 2) for u in us) == F.gradient_bytes(spec, single)
     if spec.layer_kinds:
         size = {k: sum(u.bytes(1, 1, 2).values()) for u in us if u.layer is not None
                 for k in [spec.layer_kinds[u.layer]]}
@@ -119,18 +124,9 @@ def test_gemma3_multimodal_one_rank_inventory(wrap):
     the root) hold the closed form's base weights (the 4-bit vision Linears too) and adapters (the tower's
     LoRA too), the gradients only the text LoRA's (the tower never runs)."""
     spec = load_model("gemma-3-4b")
-    p = TrainPlan(device="cpu", num_processes=1, strategy="fsdp", fsdp_transformer_layer_cls_to_wrap=wrap)
-    single = p.single_device()
-    us = units(spec, p)
-    inv = dict.fromkeys((Term.BASE_WEIGHTS, Term.OTHER_PARAMS, Term.ADAPTER_WEIGHTS), 0)
-    for u in us:
-        for t, v in u.bytes(1, 1, 2).items():
-            inv[t] += v
-    assert inv[Term.BASE_WEIGHTS] == F.base_weights_bytes(spec, single)
-    assert inv[Term.ADAPTER_WEIGHTS] == F.adapter_weights_bytes(spec, single)
-    buffers = F.other_params_bytes(spec, single) - inv[Term.OTHER_PARAMS]
+    us, buffers = one_rank_inventory(spec, TrainPlan(device="cpu", num_processes=1, strategy="fsdp",
+                                                     fsdp_transformer_layer_cls_to_wrap=wrap))
     assert buffers == 4 * 2 * 2 * (spec.rope_dim // 2) + 2 + spec.vision_buffer_bytes  # inv_freq, embed_scale, ids
-    assert sum(u.grads(1, 1, 2) for u in us) == F.gradient_bytes(spec, single)
     assert sum(u.idle for u in us) == (28 if len(wrap) == 3 else 0)  # 27 encoder layers + the embeddings
 
 

@@ -181,17 +181,12 @@ def ds_hooks(tracker, engine=None) -> Iterator[dict[int, str]]:
     from deepspeed.runtime.zero import stage3, stage_1_and_2
 
     from ..simulate.patches import patch_attr
+    from .distributed import tag_records
 
     comm: dict[int, str] = {}
 
     def tagging(fn, what):
-        def wrapper(*args, **kwargs):
-            n = len(tracker.records)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                comm.update((id(r), what) for r in tracker.records[n:] if id(r) not in comm)
-        return wrapper
+        return tag_records(tracker, comm, fn, what)
 
     from deepspeed.runtime.zero import partition_parameters as pp
 

@@ -452,6 +452,18 @@ def orig_name(name: str) -> str:
 _orig_name = orig_name
 
 
+def tag_records(tracker, comm: dict[int, str], fn, what: str):
+    """`fn` wrapped so that the tracker's records created while it runs are tagged `what` in `comm`
+    ({id(record): tag}; a record tagged by an inner wrapped call keeps its tag)."""
+    def wrapper(*args, **kwargs):
+        n = len(tracker.records)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            comm.update((id(r), what) for r in tracker.records[n:] if id(r) not in comm)
+    return wrapper
+
+
 @contextlib.contextmanager
 def fsdp_storage_hooks(tracker) -> Iterator[dict[int, str]]:
     """Tell `tracker` about FSDP2's in-place storage resizes and tag FSDP2's collective buffers.
@@ -481,13 +493,7 @@ def fsdp_storage_hooks(tracker) -> Iterator[dict[int, str]]:
         return wrapper
 
     def tagging(fn, what):
-        def wrapper(*args, **kwargs):
-            n = len(tracker.records)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                comm.update((id(r), what) for r in tracker.records[n:])
-        return wrapper
+        return tag_records(tracker, comm, fn, what)
 
     with contextlib.ExitStack() as stack:
         # FSDP1 (torch/distributed/fsdp/_flat_param.py): the unsharded flat parameter (`_full_param_padded`)
