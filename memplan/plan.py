@@ -468,6 +468,8 @@ _OMIT_AT_DEFAULT = ("packing", "padding_free", "activation_offloading", "checkpo
 #: DeepSpeed's bucket-size fields ("auto" or elements)
 ZERO_BUCKET_FIELDS = ("zero_reduce_bucket_size", "zero_stage3_prefetch_bucket_size",
                       "zero_stage3_param_persistence_threshold", "zero_stage3_max_live_parameters")
+
+
 def _elements(v: Any) -> Any:
     """A DeepSpeed bucket size as given (CLI text, JSON 5e8): "auto", or an int of elements when it is one."""
     if isinstance(v, str):

@@ -260,11 +260,12 @@ def engine_tracker_class():
 
 def setup_rank(model, world: Any, plan: Any, config: dict[str, Any], classify):
     """(engine, optimizer for run_steps, tracker class, step hooks, plan for run_steps, backward) of one rank."""
-    from .load import text_vocab_size  # noqa: F401  (same import order as rank_step)
+    from .distributed import unrunnable
     from .step import make_optimizer
 
-    if plan.gradient_accumulation_steps != 1:
-        raise NotImplementedError("DeepSpeed real ranks: gradient_accumulation_steps > 1 is not wired yet")
+    why = unrunnable(world, plan)
+    if why is not None:
+        raise NotImplementedError(why)
     hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
     opt = make_optimizer(model, plan)  # Trainer.create_optimizer, before deepspeed.initialize
     engine, _ = build_engine(model, opt, world, plan, hidden)

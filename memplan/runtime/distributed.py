@@ -363,7 +363,7 @@ def register_sharded_model(tracker, model, classify) -> None:
             tracker.register(p, max(split, key=split.get), name)
             tracker.flat_split[name] = split
             continue
-        tracker.register(local(p), classify(_orig_name(name), p), name)
+        tracker.register(local(p), classify(orig_name(name), p), name)
     register_state_and_buffers(tracker, model)
 
 
@@ -392,7 +392,7 @@ def flat_split(name: str, p, classify) -> dict | None:
     not a FlatParameter."""
     if not hasattr(p, "_shard_param_infos") or not hasattr(p, "_fqns"):  # FlatParameter is an nn.Parameter
         return None
-    prefix = _orig_name(name)
+    prefix = orig_name(name)
     prefix = prefix[:-len("_flat_param")] if prefix.endswith("_flat_param") else prefix
     el = p.element_size()
     out: dict = {}
@@ -447,9 +447,6 @@ def orig_name(name: str) -> str:
     `module.`)."""
     name = name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
     return name[len("module."):] if name.startswith("module.") else name  # DDP's wrapper
-
-
-_orig_name = orig_name
 
 
 def tag_records(tracker, comm: dict[int, str], fn, what: str):

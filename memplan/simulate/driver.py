@@ -205,15 +205,16 @@ def _liger(model, plan: TrainPlan, tracker):
 
 
 def versions(plan: TrainPlan | None = None) -> dict[str, str]:
-    """Installed versions of the libraries whose behaviour the trace follows (those the estimate models,
-    and liger-kernel when the plan uses it)."""
+    """Installed versions of the libraries whose behaviour the trace follows: those the estimate models,
+    and the recipe libraries the plan uses (`estimate.recipe_versions`: TRL, liger-kernel; not deepspeed,
+    which simulate does not trace)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from ..versions import RECIPE_VERSIONS
+    from ..estimate import recipe_versions
 
     out = {}
-    recipes = [k for k in RECIPE_VERSIONS if k != "deepspeed"]  # simulate does not trace DeepSpeed
-    for pkg in (*MODELED_VERSIONS, *(recipes if plan is not None and plan.use_liger_kernel else ())):
+    recipes = [k for k in recipe_versions(plan) if k != "deepspeed"] if plan is not None else []
+    for pkg in (*MODELED_VERSIONS, *recipes):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
