@@ -1,5 +1,6 @@
-"""The check every simulate-vs-real-CPU-step test makes: DESIGN.md's limit, simulate within 0.1 % of
-the real step's peak live bytes -- on the peak, its phase, every term and every phase peak."""
+"""The checks every simulate-vs-real-CPU-step test makes: DESIGN.md's limit, simulate within 0.1 % of
+the real step's peak live bytes -- on the peak, its phase, every term and every phase peak; and a real
+rank's two instruments against each other."""
 
 from __future__ import annotations
 
@@ -19,3 +20,19 @@ def assert_simulate_matches(real, sim, tol: float = TOL, other_phase_tol: float 
     for phase, b in real.phase_peaks.items():
         limit = tol if other_phase_tol is None or phase == real.peak_phase else other_phase_tol
         assert abs(sim.phase_peaks[phase] - b) <= limit * peak, (phase, b, sim.phase_peaks[phase])
+
+
+def assert_instruments_agree(r) -> None:
+    """A real rank's two instruments (memplan.runtime.distributed.RankResult, or its run-record dict): the
+    live-tensor tracker (with every kernel's and collective's internal buffers from the allocator events)
+    and torch.profiler's allocator events agree on the last step's peak above its start within 0.1 %, but
+    for the blocks whose free the profiler did not report (`allocator.unseen_free_bytes`: gloo's worker
+    thread drops a collective's Work; runtime.allocator.with_unseen_frees places the free before its
+    address is handed out again, the tracker where the storage's weakref fires). Measured: 96 to 112 B
+    apart on every world here; once in ~20 loaded runs of HSDP, 65,440 B with 196,608 B of unseen frees."""
+    if isinstance(r, dict):
+        peak, tracker, allocator = r["peak"]["allocated_bytes"], r["tracker_above_start"], r["allocator"]
+    else:
+        peak, tracker, allocator = r.peak_bytes, r.tracker_above_start, r.allocator
+    diff = allocator["peak_above_start"] - tracker
+    assert abs(diff) <= TOL * peak + allocator["unseen_free_bytes"], (diff, allocator["unseen_free_bytes"], peak)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from memplan.plan import TrainPlan
+from sim_checks import assert_instruments_agree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,12 +137,6 @@ def _real_deps():
         pytest.skip("torch.distributed with gloo is not available")
 
 
-def assert_instruments_agree(r: dict) -> None:
-    """Tracker vs torch.profiler's allocator events (last step's peak above its start), within 0.1 %."""
-    peak = r["peak"]["allocated_bytes"]
-    assert abs(r["tracker_above_start"] - r["allocator"]["peak_above_start"]) <= 0.001 * peak, r
-
-
 def test_profile_cli_zero2_lora(tmp_path):
     """`memplan profile --strategy deepspeed --zero-stage 2`: one record, both ranks; ZeRO-2 + LoRA without
     checkpointing. Measured per rank: 8,278,808 B at loss:backward; the closed form 8,278,796 B (-12 B)."""
@@ -195,8 +190,7 @@ def test_zero3_qlora():
     est = estimate(tiny(), plan.replace(num_processes=2, strategy="deepspeed", zero_stage=3)).ranks[0].to_dict()
     assert [r.rank for r in real] == [0, 1]
     for r in real:
-        assert_instruments_agree({"peak": {"allocated_bytes": r.peak_bytes}, "tracker_above_start":
-                                  r.tracker_above_start, "allocator": r.allocator})
+        assert_instruments_agree(r)
         t, e = r.terms, est["terms"]
         assert r.peak_phase == "backward" and r.peak_bytes == 7_233_780 and est["peak"]["moment"] == "loss:backward"
         # the packed 4-bit storage (589,824 B as bf16 elements) partitioned over 2 ranks

@@ -27,8 +27,8 @@ import torch.distributed as dist  # noqa: E402
 from memplan import estimate  # noqa: E402
 from memplan.runtime.distributed import World, run_ranks, unrunnable  # noqa: E402
 from memplan.simulate.distributed import simulate_rank  # noqa: E402
-from sim_checks import TOL, assert_simulate_matches  # noqa: E402
-from test_distributed_real import EST_TOL, GLOO_PHASE_TOL, assert_estimate_matches, assert_instruments_agree, \
+from sim_checks import TOL, assert_instruments_agree, assert_simulate_matches  # noqa: E402
+from test_distributed_real import EST_TOL, GLOO_PHASE_TOL, assert_estimate_matches, \
     plan_of, tiny  # noqa: E402
 
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover

@@ -45,6 +45,7 @@ Known limitations (NB):
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -209,6 +210,46 @@ def window_ranges(prof, name: str = WINDOW, roots=None) -> list[tuple[int, int]]
 
     return sorted((e.start_time_ns, e.end_time_ns) for e in _walk(_events(prof) if roots is None else roots)
                   if e.tag == _EventType.TorchOp and e.name == name)
+
+
+#: the scope of a free that `with_unseen_frees` infers
+UNSEEN_FREE = "memplan.unseen_free"
+
+
+def with_unseen_frees(events: list[AllocEvent], op_ranges: list[tuple[int, int, str]] = ()) -> list[AllocEvent]:
+    """`events` plus the frees the profiler did not report, in time order.
+
+    A block freed on a thread the profiler does not follow (gloo's worker drops a collective's Work and
+    with it the reduce-scatter's copy of its input) has no free event: read as is, it stays alive to the
+    end. When the allocator hands the same address out again, that block was freed before: its free is
+    put just before the op (`op_ranges`, e.g. `mark_ranges(prof, OP_MARK)`) that made the new allocation,
+    or just before the allocation outside any op. A block never handed out again stays alive (NB: both
+    instruments then count it to the end of the profile).
+    """
+    starts = [r[0] for r in op_ranges]
+    open_: dict[tuple[str, int], AllocEvent] = {}
+    added = []
+    for e in events:
+        key = (e.device, e.ptr)
+        if e.delta > 0:
+            old = open_.get(key)
+            if old is not None:
+                i = bisect.bisect_right(starts, e.ns) - 1
+                ns = op_ranges[i][0] - 1 if i >= 0 and e.ns < op_ranges[i][1] else e.ns - 1
+                added.append(AllocEvent(max(ns, old.ns), e.seq, e.ptr, -old.delta, e.device, (UNSEEN_FREE,)))
+            open_[key] = e
+        else:
+            open_.pop(key, None)
+    return sorted(events + added, key=lambda a: (a.ns, a.seq)) if added else events
+
+
+def mark_ranges(prof, prefix: str, roots=None) -> list[tuple[int, int, str]]:
+    """(start_ns, end_ns, name) of every `record_function` range whose name starts with `prefix`, in time
+    order (e.g. the tracker's per-op ranges: which op ran at a given time on the main thread)."""
+    from torch._C._profiler import _EventType
+
+    return sorted((e.start_time_ns, e.end_time_ns, e.name) for e in _walk(_events(prof) if roots is None else roots)
+                  if e.tag == _EventType.TorchOp and e.name.startswith(prefix))
 
 
 def trace_from_events(events: list[AllocEvent], windows: list[tuple[int, int]] = (),

@@ -565,7 +565,8 @@ class RankResult:
     #: torch.profiler's allocator: peak of the last step above what was alive when it began, per phase
     allocator: dict[str, Any] = field(default_factory=dict)
     #: the tracker's same quantity (peak - live at the last step's start), gloo's buffers with their
-    #: observed lifetimes (before `rank_step` counts them for the collective's duration only)
+    #: observed lifetimes (before `rank_step` counts them for the collective's duration only) and every
+    #: kernel's internal buffers (oneDNN's in a CPU bf16 mm; left out of the rank's peak and terms)
     tracker_above_start: int = 0
     tracker_phase_above_start: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -652,42 +653,48 @@ def rank_step(rank: int, world: World, config: dict[str, Any], plan: Any, steps:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
             res, comm = step()
-        from .allocator import window_ranges
+        from .allocator import mark_ranges, window_ranges, with_unseen_frees
 
-        events = allocation_events(prof, mark=OP_MARK)
-        # the collectives' own buffers (gloo allocates inside c10d ops, below the dispatch mode)
+        ops = mark_ranges(prof, OP_MARK)
+        events = with_unseen_frees(allocation_events(prof, mark=OP_MARK), ops)
         n = len(tracker.records)
         before = (tracker.peak, tracker.peak_at, tracker.peak_phase, dict(tracker.phase_peaks))
-        tracker.add_kernel_workspace([e for e in events if e.delta < 0 or any(x.startswith("c10d::") for x in e.scope)])
-        added = tracker.records[n:]
-        for r in added:
-            r.op = "c10d::collective"
-        # NB: gloo sometimes drops a collective's buffer (the reduce-scatter's copy of its input, held by
-        # the Work) on its worker thread, whose free the profiler may not see at all: such a block is left
-        # out (both instruments then count it alive since the step it was made in; see below)
-        unseen = [r for r in added if r.freed == float("inf")]
-        if unseen:
-            drop = {id(r) for r in unseen}
+
+        def keep(records) -> None:  # the tracker's records without the added ones not in `records`
+            drop = {id(r) for r in tracker.records[n:]} - {id(r) for r in records}
             tracker.records = [r for r in tracker.records if id(r) not in drop]
-            tracker.peak, tracker.peak_at, tracker.peak_phase, tracker.phase_peaks = before
+            tracker.peak, tracker.peak_at, tracker.peak_phase = before[:3]
             tracker.phase_peaks = dict(before[3])
             tracker._recompute_peaks()
+
+        # the collectives' own buffers (gloo allocates inside c10d ops, below the dispatch mode), then every
+        # other kernel's internal buffers (oneDNN's inside a CPU bf16 mm): the latter for the cross-check
+        # of the two instruments only (the rank's result, like simulate's, leaves kernels' workspace out)
+        in_c10d = [any(x.startswith("c10d::") for x in e.scope) for e in events]
+        tracker.add_kernel_workspace([e for e, c in zip(events, in_c10d) if e.delta < 0 or c], op_ranges=ops)
+        gloo = tracker.records[n:]
+        for r in gloo:
+            r.op = "c10d::collective"
+        tracker.add_kernel_workspace([e for e, c in zip(events, in_c10d) if not c], op_ranges=ops)
+        # NB: gloo sometimes drops a collective's buffer (the reduce-scatter's copy of its input, held by
+        # the Work) on its worker thread, whose free the profiler does not see: with_unseen_frees puts it
+        # before the next allocation at that address; a block never handed out again stays alive to the
+        # end for the allocator and in the raw figures below; the rank's result leaves it out
+        unseen = [r for r in gloo if r.freed == float("inf")]
+        gloo = [r for r in gloo if r.freed != float("inf")]
         # the raw figures (what the allocator saw) for the cross-check of the two instruments ...
         raw_peak = tracker.peak
-        # (a gloo buffer made before the last step and still held when it began counts in its start)
+        # (a buffer made before the last step and still held when it began counts in its start)
         raw_live0 = state["live0"] + sum(r.nbytes for r in tracker.records[n:] if r.alive_at(tracker._reset_clock))
         raw_phase = {k: v.bytes for k, v in tracker.phase_peaks.items()}
-        # ... then gloo's buffers counted for the collective's duration only. NB: gloo frees its buffer
+        # ... then gloo's buffers only, counted for the collective's duration only. NB: gloo frees its buffer
         # (held by the Work) on whichever thread drops the last reference: right after the op, or when
         # its worker thread next runs (on a loaded CPU, up to its next collective): a scheduling race, so
         # the rank's result counts the deterministic part (simulate does the same)
-        held = [r for r in tracker.records[n:] if r.freed > r.created + 0.25]
-        if held:
-            for r in held:
-                r.freed = r.created + 0.25
-            tracker.peak, tracker.peak_at, tracker.peak_phase, tracker.phase_peaks = before
-            tracker.phase_peaks = dict(before[3])
-            tracker._recompute_peaks()
+        held = [r for r in gloo if r.freed > r.created + 0.25]
+        for r in held:
+            r.freed = r.created + 0.25
+        keep(gloo)
         res.peak_bytes, res.peak_phase = tracker.peak, tracker.peak_phase
         res.phase_peaks = {k: v.bytes for k, v in tracker.phase_peaks.items()}
         wins = window_ranges(prof)
@@ -726,6 +733,8 @@ def _marks(prof) -> list[tuple[int, str]]:
 
 def _allocator_phases(trace, events, marks) -> dict[str, Any]:
     """The allocator's peak above the window's start, overall and per phase (phases from the marks)."""
+    from .allocator import UNSEEN_FREE
+
     evs = [e for e in events if e.device == "cpu"]
     live = 0
     start = None
@@ -750,7 +759,10 @@ def _allocator_phases(trace, events, marks) -> dict[str, Any]:
         op = next((s for s in e.scope if s.startswith("c10d::")), None)
         if op is not None and e.delta > 0 and len(c10d.setdefault(op, [])) < 12:
             c10d[op].append(e.delta)
-    return {"peak_above_start": trace.peak_above_start, "phase_above_start": per_phase,
+    # frees the profiler did not report (allocator.with_unseen_frees): the only bytes the two instruments
+    # may place differently (the tracker learns of a storage's end from its weakref, on whichever thread)
+    unseen = sum(-e.delta for e in evs if e.scope[:1] == (UNSEEN_FREE,) and w0 <= e.ns <= w1)
+    return {"peak_above_start": trace.peak_above_start, "phase_above_start": per_phase, "unseen_free_bytes": unseen,
             "n_events": trace.n_events, "top": top, "c10d_allocs": c10d}
 
 

@@ -48,10 +48,11 @@ in C++ outside any op (a few 8-byte scalars per step) are not seen; a storage re
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -392,7 +393,7 @@ class LiveTensorTracker(TorchDispatchMode):
             yield
         self.add_kernel_workspace(allocation_events(prof, mark=OP_MARK))
 
-    def add_kernel_workspace(self, events: Iterable[Any]) -> int:
+    def add_kernel_workspace(self, events: Iterable[Any], op_ranges: Sequence[tuple[int, int, str]] = ()) -> int:
         """Count the buffers kernels allocate below the Python dispatch key; return how many were added.
 
         A kernel's internal buffers (oneDNN's scratchpad and packed operands inside a CPU bf16 `mm`,
@@ -406,12 +407,18 @@ class LiveTensorTracker(TorchDispatchMode):
         still holds at its return without being one of its tracked outputs (a persistent workspace)
         becomes a `Term.WORKSPACE` record until the allocator frees it. Then the peaks are recomputed.
 
+        A free made outside any op (on another thread: gloo's worker frees a collective's buffer when it
+        drops the Work) happens after the last op whose range began before it; `op_ranges` (the
+        `OP_MARK<clock>` ranges, `allocator.mark_ranges(prof, OP_MARK)`) names that op, and whether the free
+        fell inside it. Without them, the op of the last event inside an op stands in for it.
+
         NB: allocations outside any op (e.g. a tensor built in C++ by Python code) are not added.
         """
         dev = self.devices
         per_op: dict[int, list[Any]] = {}
         frees: dict[int, list[tuple[int, int]]] = {}  # ptr -> [(ns, clock of the op it happened in or after)]
         last_clock = -1
+        starts = [r[0] for r in op_ranges]
         for e in events:
             if dev is not None and e.device not in dev:
                 continue
@@ -420,7 +427,12 @@ class LiveTensorTracker(TorchDispatchMode):
                 last_clock = c
                 per_op.setdefault(c, []).append(e)
             if e.delta < 0:
-                frees.setdefault(e.ptr, []).append((e.ns, last_clock if c is None else c, c is not None))
+                if c is None and starts:  # the op running, or last run, on the main thread at that time
+                    i = bisect.bisect_right(starts, e.ns) - 1
+                    at = (int(op_ranges[i][2][len(OP_MARK):]), e.ns < op_ranges[i][1]) if i >= 0 else (-1, False)
+                else:
+                    at = (last_clock if c is None else c, c is not None)
+                frees.setdefault(e.ptr, []).append((e.ns, *at))
         tracked = {(r.ptr, r.created) for r in self.records if r.created >= 0}
         added = []
         for c, evs in per_op.items():

@@ -148,6 +148,51 @@ def test_allocator_peak_counts_frees_and_windows():
     assert {a.nbytes for a in tr.top_at_peak()} == {300_000, 200_000}
 
 
+def test_unseen_frees_are_placed_before_the_op_that_reuses_the_address():
+    """A block freed on a thread the profiler does not follow (gloo's worker) has no free event; its address
+    handed out again proves it was freed: `with_unseen_frees` frees it just before the op that reused it."""
+    from memplan.runtime.allocator import UNSEEN_FREE, AllocEvent, trace_from_events, with_unseen_frees
+    from memplan.runtime.tracker import OP_MARK
+
+    ev = [AllocEvent(10, 0, 0xA, 4096, "cpu", ("c10d::_reduce_scatter_base_",), f"{OP_MARK}1"),  # never freed
+          AllocEvent(20, 1, 0xB, 100, "cpu", ("aten::mm",), f"{OP_MARK}2"),
+          AllocEvent(25, 2, 0xB, -100, "cpu", ("aten::mm",), f"{OP_MARK}2"),
+          AllocEvent(40, 3, 0xB, 300, "cpu", ("aten::add",), f"{OP_MARK}3"),  # reuses B after its free: as is
+          AllocEvent(60, 4, 0xA, 2048, "cpu", ("aten::empty",), f"{OP_MARK}4"),  # reuses A: A was freed
+          AllocEvent(70, 5, 0xC, 64, "cpu", (), "")]  # never reused: stays alive
+    ops = [(5, 15, f"{OP_MARK}1"), (18, 30, f"{OP_MARK}2"), (35, 45, f"{OP_MARK}3"), (55, 65, f"{OP_MARK}4")]
+    out = with_unseen_frees(ev, ops)
+    added = [e for e in out if e.scope == (UNSEEN_FREE,)]
+    assert [(e.ns, e.ptr, e.delta) for e in added] == [(54, 0xA, -4096)]  # before op 4 began
+    assert out.index(added[0]) == out.index(ev[4]) - 1
+    assert trace_from_events(out).end_bytes == 300 + 2048 + 64
+    assert trace_from_events(ev).end_bytes == 4096 + 300 + 2048 + 64  # read as is: A alive to the end
+    assert with_unseen_frees(ev[1:4], ops) == ev[1:4]  # nothing unseen: the same events
+
+
+def test_kernel_workspace_places_frees_outside_ops_by_the_op_ranges():
+    """A free outside any op (another thread's) ends the block after the op running then, per the op ranges:
+    without them, after the op of the last event seen inside an op (which may be long before)."""
+    from memplan.runtime.allocator import AllocEvent
+    from memplan.runtime.tracker import OP_MARK
+
+    def freed_at(op_ranges):
+        t = LiveTensorTracker(device="cpu", kernel_workspace=True)
+        with t:  # ops 1..6 on the tracker's clock
+            for _ in range(6):
+                torch.zeros(1)
+        n = len(t.records)
+        ev = [AllocEvent(10, 0, 0xA, 8192, "cpu", ("aten::clone", "c10d::_reduce_scatter_base_"), f"{OP_MARK}2"),
+              AllocEvent(48, 1, 0xA, -8192, "cpu", (), "")]  # freed on gloo's thread while op 4 runs
+        assert t.add_kernel_workspace(ev, op_ranges=op_ranges) == 1
+        return t.records[n].created, t.records[n].freed
+
+    ops = [(10 * c, 10 * c + 9, f"{OP_MARK}{c}") for c in range(1, 7)]
+    assert freed_at(ops) == (2, 4.75)  # inside op 4
+    assert freed_at([(a, b - 8, m) for a, b, m in ops]) == (2, 4.5)  # after op 4 had returned
+    assert freed_at(()) == (2, 2.5)  # the last op-marked event was op 2's
+
+
 def test_rng_state_patch_is_scoped():
     orig = torch.get_rng_state
     t = LiveTensorTracker(device="cpu")
