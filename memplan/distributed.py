@@ -427,8 +427,8 @@ def units(model: ModelSpec, plan: TrainPlan, single: bool = False) -> tuple[Unit
         raise UnsupportedArchitectureError(
             f"{model.name}: accelerate 1.15's transformer_based_wrap fails on this multimodal checkpoint (\"Could "
             "not find the transformer layer class SiglipMultiheadAttentionPoolingHead in the model\": its "
-            "_no_split_modules name SigLIP's pooling head, which it does not build), so FSDP needs "
-            "fsdp_transformer_layer_cls_to_wrap, which memplan does not model yet; estimate one GPU")
+            "_no_split_modules name SigLIP's pooling head, which it does not build): name the layers to wrap, "
+            f"e.g. --fsdp-transformer-layer-cls-to-wrap {_MM_DECODER.get(model.model_type, 'Gemma3DecoderLayer')}")
     params_el = _cast(plan, plan.precision.params)
     layers = layer_params(model, plan, single)
     full = plan.method == "full"

@@ -111,8 +111,9 @@ def test_gemma3_multimodal_default_wrap_is_refused_with_accelerates_reason():
     Gemma3ForConditionalGeneration by default (transformers aggregates SigLIP's `_no_split_modules`, which
     name SiglipMultiheadAttentionPoolingHead, a head Gemma 3 does not build: measured with simulate per
     rank); the closed form says so and names the flag that makes it run."""
-    with pytest.raises(UnsupportedArchitectureError, match="SiglipMultiheadAttentionPoolingHead"):
+    with pytest.raises(UnsupportedArchitectureError, match="SiglipMultiheadAttentionPoolingHead") as e:
         units(load_model("gemma-3-4b"), TrainPlan(num_processes=2, strategy="fsdp"))
+    assert str(e.value).endswith("--fsdp-transformer-layer-cls-to-wrap Gemma3DecoderLayer")
     with pytest.raises(UnsupportedArchitectureError, match="required"):
         units(load_model("gemma-3-4b"), TrainPlan(num_processes=2, strategy="fsdp",
                                                   fsdp_transformer_layer_cls_to_wrap="SiglipEncoderLayer"))
