@@ -35,7 +35,10 @@ and, for each, swaps the static terms for their per-rank form:
   `FSDPState._post_forward`): the tail's during the loss forward. With mixed precision FSDP2 also has
   `forward:lm_head` (lm_head's 16-bit output, the tail gathered: dense models' forward phase peak) and,
   FULL_SHARD / HYBRID_SHARD, `backward:gather_last` (the tail's pre-backward prefetch of the last layer: its
-  cast all-gather input and flat output beside the 16-bit logits' gradient, `_cast_input`). SHARD_GRAD_OP
+  cast all-gather input and flat output beside the 16-bit logits' gradient, `_cast_input`). FSDP2 FULL_SHARD /
+  HYBRID_SHARD, the embedding its own unit in the backward: `backward:gather_embed` (after layer 0's backward,
+  the prefetched embedding copied out: its flat all-gather output and unsharded parameters both alive, every
+  gradient reduced; a large vocabulary's backward phase peak, `_embed_backward_gather`). SHARD_GRAD_OP
   (reshard_after_forward=False): every layer stays gathered from its forward until its backward.
   NO_SHARD: nothing gathered.
 - the step each rank computes: under that mixed precision (and DeepSpeed's 16-bit cast) every
@@ -708,6 +711,9 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_backward"), None)
         if at is not None:
             ms.insert(at + 1, _backward_gather(ms[at], model, view.plan, rnd))
+    if _embed_regathered(plan, world.units):
+        at = max((k for k, m in enumerate(ms) if m.phase == "backward"), default=len(ms) - 1) + 1
+        ms.insert(at, _embed_backward_gather(model, view, ms))
     if _fsdp1_layer_end(plan, world.units):
         ms = _with_layer_ends(model, view, ms)
     return single, world, [(m, _rank_terms(world, m, single, world.notes)) for m in ms]
@@ -937,6 +943,54 @@ def _backward_gather(loss: Any, model: ModelSpec, plan: TrainPlan, rnd: int) -> 
                          allocated_bytes=loss.allocated_bytes - loss.logits + logits, logits=logits)
 
 
+def _embed_regathered(plan: TrainPlan, us: tuple[Unit, ...]) -> bool:
+    """Whether FSDP2 all-gathers the input embedding again at the end of backward (`_embed_backward_gather`):
+    FULL_SHARD / HYBRID_SHARD (SHARD_GRAD_OP keeps it gathered from its forward), the embedding its own unit
+    (untied: a tied one is in the tail group, gathered to the end of backward), and in the backward graph:
+    enable_input_require_grads makes its output require grad (checkpointing or prepare_model_for_kbit_training,
+    as `_fsdp_alive_untied` prefetches it)."""
+    return (plan.world_strategy == "fsdp" and plan.fsdp_version == 2
+            and plan.fsdp_sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD")
+            and (plan.gradient_checkpointing or plan.prepare)
+            and any(u.layer is not None for u in us)
+            and any(u.layer is None and not u.keep_after_forward and not u.root and not u.idle for u in us))
+
+
+def _embed_backward_gather(model: ModelSpec, view: Any, ms: list[Any]) -> Any:
+    """FSDP2 FULL_SHARD / HYBRID_SHARD: the end of backward, the input embedding's copy-out
+    (`_embed_regathered`). Layer 0's pre-backward prefetched the embedding (torch/distributed/fsdp/_fully_shard/
+    _fsdp_state.py `_pre_backward` -> `_backward_prefetch`: its flat all-gather output, `_all_gather_result`);
+    once layer 0's backward has made the gradient of the embedding's output, the pre-backward hook FSDP
+    registered on that output (`_register_pre_backward_hook`) runs the embedding's `FSDPParamGroup.pre_backward`
+    -> `unshard` -> `wait_for_unshard`: `foreach_all_gather_copy_out` copies the flat output into the unsharded
+    parameters (resized to full), both alive until the flat output is freed after the copy-out. The frozen
+    embedding makes no weight gradient; its post_backward reshards it. With a large vocabulary (a 70B's
+    embedding: 2 x 2.1 GB) this is the backward phase's peak.
+
+    Alive then (measured with simulate per rank: llama-3.1-70b, 2 layers, 2 / 4 / 8 ranks, to the byte): every
+    layer's gradients reduced to their shards, layer 0's reduce-scatter input kept (`_rank_terms`), the root
+    gathered; activations: the embedding's output, a leaf made to require grad by enable_input_require_grads
+    and held by its AccumulateGrad node until backward ends (`embed_leaf_bytes` where layer 0's input is a
+    copy of it), the loss and its gradient seed (and, reentrant checkpointing, every layer's CPU RNG state);
+    in flight: the gradient of the embedding's output [T, H] in the stream's dtype."""
+    from .estimate import make_step
+
+    s = make_step(model, view.plan, view.plan.device == "cuda")
+    ap, T, H = s.ap, s.tokens, model.hidden_size
+    grad = s.r(T * H * ap.stream_dt)
+    leaf = ap.embed_leaf_bytes or grad
+    rng = model.num_layers * s.rng_state if view.plan.gradient_checkpointing and view.plan.use_reentrant else 0
+    acts = leaf + s.small + s.kept + rng
+    grads = s.static.gradients
+    tmpl = next(m for m in ms if m.layer is not None)  # the static terms: every moment's
+    return tmpl._replace(name="backward:gather_embed", kind="embed_backward_gather", phase="backward", layer=None,
+                         description="the end of backward: FSDP2 copies the prefetched input embedding out of its "
+                                     "all-gather output (both alive), every layer's gradients reduced",
+                         allocated_bytes=tmpl.allocated_bytes - tmpl.gradients - tmpl.activations - tmpl.logits
+                         - tmpl.temporaries + grads + acts + grad,
+                         gradients=grads, activations=acts, logits=0, temporaries=grad)
+
+
 def _cast_input(world: _World, u: Unit) -> int:
     """FSDP2's all-gather input buffer of unit `u` under mixed precision: the rank's (padded) shard of each
     parameter whose dtype is not param_dtype, cast to it in one buffer (`foreach_all_gather`,
@@ -1060,23 +1114,26 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
         t[Term.TEMPORARIES] = int(m.temporaries * scratch_ratio) if not offload else 0
     elif kind == "layer_end":  # layer i's gradients reduced (FSDP1 frees each unit's once reduce-scattered)
         grads_dev = shard_grads if ga else sum(layer_shard[i:])
+    elif kind == "embed_backward_gather":  # every layer's gradients reduced, layer 0's reduce-scatter input kept
+        grads_dev = shard_grads
+        t[Term.COMM_BUFFERS] += _reduce_scatter_input(world, [u for u in layer_units if u.layer == 0])
+        if plan.fsdp_sharding_strategy == "HYBRID_SHARD" and plan.num_machines > 1:
+            t[Term.COMM_BUFFERS] += _hsdp_all_reduce_inputs(world, layer_units)
     elif i is not None and kind not in ("forward", "layer_gather"):
         in_flight = max(0, m.gradients - ga_view - world.view_above(i))
         grads_dev = (shard_grads if ga else sum(layer_shard[i + 1:])) + in_flight
         if world.version == 2 and i < L - 1 and not nos:
             # the previous unit's reduce-scatter input, in the reduce dtype (FSDP2 keeps one:
             # reduce_scatter_max_input_buffers; FSDP1 frees it once reduced)
-            t[Term.COMM_BUFFERS] += sum(F.rounded(sum(v for _, v in _unit_bytes(
-                tuple(p for p in u.params if p.trainable), w, 1, 2, True, world.gather_el)), rnd)
-                for u in layer_units if u.layer == i + 1)
+            t[Term.COMM_BUFFERS] += _reduce_scatter_input(world, [u for u in layer_units if u.layer == i + 1])
             if plan.fsdp_sharding_strategy == "HYBRID_SHARD" and plan.num_machines > 1:
                 t[Term.COMM_BUFFERS] += _hsdp_all_reduce_inputs(world, [u for u in layer_units if u.layer > i])
     else:
         grads_dev = shard_grads if ga else 0
     if offload:
         host[Term.GRADIENTS] = shard_grads
-        grads_dev -= min(grads_dev, shard_grads if (ga or kind in ("optimizer", "layer_end")) else
-                         sum(layer_shard[i + 1:]) if i is not None else 0)
+        reduced = ga or kind in ("optimizer", "layer_end", "embed_backward_gather")
+        grads_dev -= min(grads_dev, shard_grads if reduced else sum(layer_shard[i + 1:]) if i is not None else 0)
         host[Term.OPTIMIZER_STATE] = _optimizer_on(trainable, w, plan, 1, False, False)[0]  # steps on the CPU
     else:
         dev = world.fsdp_optimizer(cuda)
@@ -1084,6 +1141,15 @@ def _rank_terms(world: _World, m: Any, single: Any, notes: list[str]) -> dict[An
     t[Term.GRADIENTS] = grads_dev
     t["host"] = host
     return t
+
+
+def _reduce_scatter_input(world: _World, done: list[Unit]) -> int:
+    """FSDP2's reduce-scatter input of the units `done` (one decoder layer's): their unsharded trainable
+    gradients in the reduce dtype, one padded buffer, kept until the next unit's reduce-scatter
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py `FSDPParamGroup.post_backward`:
+    `reduce_scatter_state`; FSDP1 frees it once reduced)."""
+    return sum(F.rounded(sum(v for _, v in _unit_bytes(tuple(p for p in u.params if p.trainable), world.w, 1, 2,
+                                                      True, world.gather_el)), world.rnd) for u in done)
 
 
 def _hsdp_all_reduce_inputs(world: _World, done: list[Unit]) -> int:
@@ -1190,6 +1256,8 @@ def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
             # frozen unit (its LoRA units finished their forward before it)
             pre |= {n for n in names[L - 1] if ".lora." not in n}
         return alive, pre, kept
+    if kind == "embed_backward_gather":  # the embedding's copy-out (`_embed_backward_gather`): its flat
+        return root | embed, set(embed), kept  # all-gather output (prefetched) and its unsharded parameters
     if kind == "layer_end":  # FSDP1 (`_with_layer_ends`): layer i's frozen unit and layer i-1's prefetched one
         frozen = {n for n in names[i] if ".lora." not in n}
         return alive | frozen | keep, {n for n in names[i - 1] if ".lora." not in n}, kept
