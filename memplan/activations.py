@@ -653,8 +653,7 @@ class LayerModel:
             lse = w.new(Lin(s=nh), 4, False)
             if rg:
                 w.save(qc, kc, vc, oc, lse, *fmask)
-            else:
-                w.drop(lse, *fmask)
+            w.drop(lse, *fmask)  # saved ones stay (a checkpointed forward saves none: gone at once)
         w.drop(*{qc, kc, vc} - {qs, ks, vs})
         w.drop(qs, ks, kv)
         if self.masked:
@@ -1001,7 +1000,9 @@ class LayerModel:
                     if m.norm_topk_prob:
                         ssum = w.new(T, 4, rg)
                         if rg:
-                            w.save(ssum, w.new(T * k, 4, False))  # div_ saves the sum and a clone of the values
+                            clone = w.new(T * k, 4, False)
+                            w.save(ssum, clone)  # div_ saves the sum and a clone of the values
+                            w.drop(clone)  # only autograd keeps it
                         w.drop(ssum)
                     if moe.scores_cast:  # Qwen: router_top_value.to(router_logits.dtype)
                         sc = w.cast(vals, logits.dt)
@@ -1042,6 +1043,7 @@ class LayerModel:
                         w.save(pk)
                     if rg:
                         w.save(perm)
+                    w.drop(pk)  # `perm // num_top_k`, the index's argument: only autograd keeps it
                     hin = w.new(S, 4, False)  # histc's input: the ids as float on CPU, int32 on CUDA
                     hist = w.new(E, 4, False)
                     offs = w.new(E, 4, False)
@@ -1186,7 +1188,9 @@ class LayerModel:
             den = w.new(T, vals.dt, rg)
             w.drop(ssum)
             if rg:
-                w.save(den, w.new(T * k, vals.dt, False))  # div_ saves the sum and a clone of the values
+                clone = w.new(T * k, vals.dt, False)
+                w.save(den, clone)  # div_ saves the sum and a clone of the values
+                w.drop(clone)  # only autograd keeps it
             w.drop(den)
         out = w.new(T * k, vals.dt, rg)  # * routed_scaling_factor
         w.drop(vals, sc)

@@ -121,7 +121,9 @@ Known limitations (NB):
 - mixed dense/MoE layers: FSDP adds the forward of each kind's last layer and (FSDP2) the all-gather
   copy-out of each kind's first and last layer (`_layer_forwards`; one MoE layer's gathered experts can
   dwarf everything else); a checkpointed layer's forward is the layer walk with nothing saved
-  (`_checkpointed_forward`: +0.62 % on a cut Llama 4 Maverick, tests/test_distributed_mixed.py). CUDA MoE plans keep
+  (`_checkpointed_forward`, its input held by the caller: `checkpointed_input_held`; +0.63 % on a cut Llama 4
+  Maverick, every phase within 1,280 B on cut deepseek-v2-lite / qwen3-30b-a3b FULL_SHARD,
+  tests/test_distributed_mixed.py). CUDA MoE plans keep
   prepare under FSDP/ZeRO mixed precision (grouped_mm gets 16-bit experts; one GPU must drop it);
 - Gemma 3's multimodal checkpoints: accelerate's default transformer_based_wrap raises on them (a SigLIP
   class in the aggregated `_no_split_modules` they do not build): refused, unless
@@ -743,14 +745,22 @@ def _checkpointed_forward(view: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple
     """The live bytes of one layer's forward under a non-reentrant checkpoint, as (per token, per token x
     sequence, constant) coefficients at each moment: the layer walk of `activations` (its flags as
     `estimate` gives them) with nothing kept for backward (the checkpoint's pack hook keeps no tensor),
-    each tensor freed as the layer code releases it. NB the walk releases a saved tensor only where the
-    layer code drops it, so a tensor it takes as saved may be counted a little longer than it lives."""
+    each tensor freed as the layer code releases it (what only autograd keeps -- perm // k, the router's
+    div_ clone, the logsumexp -- the layer walk saves and drops at once: gone here). NB the walk
+    releases a saved tensor only where the layer code drops it, so a tensor it takes as saved may be
+    counted a little longer than it lives. The layer's input lives through the whole walk
+    (`checkpointed_input_held`)."""
     from .activations import FUSED_4BIT_MAX_TOKENS, LayerModel, Lin, Walk, flash_varlen, sdpa_masked
 
     class Unsaved(Walk):
+        held: frozenset = frozenset()  # what the caller references for the whole layer call
+
         def save(self, *ts: Any) -> None:
             for t in ts:
                 self.hold(t)
+
+        def drop(self, *ts: Any) -> None:
+            super().drop(*(t for t in ts if t.sid not in self.held))
 
     T = plan.batch_size * plan.seq_len
     flags = (cuda and plan.method == "qlora" and T <= FUSED_4BIT_MAX_TOKENS, sdpa_masked(view, plan),
@@ -761,11 +771,27 @@ def _checkpointed_forward(view: ModelSpec, plan: TrainPlan, cuda: bool) -> tuple
         w = Unsaved()
         lm = LayerModel(view, plan, w, not cuda, *flags)
         x = w.new(Lin(t=1) * view.hidden_size, plan.precision.params, True)
+        w.held = frozenset({x.sid}) if checkpointed_input_held(plan) else frozenset()
         lm.layer(x, 4 if view.arch.rope_fp32 else plan.precision.params)
         if len(_CKPT_FORWARD) > 512:
             _CKPT_FORWARD.clear()
         hit = _CKPT_FORWARD[key] = tuple((m.t + m.s, m.q, m.c) for m in w.moments)
     return hit
+
+
+def checkpointed_input_held(plan: TrainPlan) -> bool:
+    """Whether a checkpointed layer's input (the residual stream entering it, T x H in 16 bits) stays
+    alive through that layer's whole forward, past the residual add where the layer code drops its own
+    reference: the decoder loop of every transformers model (5.x, e.g. DeepseekV2Model.forward:
+    `for decoder_layer in self.layers: hidden_states = decoder_layer(hidden_states, ...)`) rebinds
+    `hidden_states` only when the call returns, and `GradientCheckpointingLayer.__call__` hands it to
+    torch.utils.checkpoint (non-reentrant: `_checkpoint_without_reentrant_generator` keeps the args for
+    the recompute; reentrant: `CheckpointFunction` saves them), so the walk with nothing saved
+    (`_checkpointed_forward`) must not free it. Without checkpointing the layer's norm saves the input
+    anyway. Measured with simulate per rank (FSDP2 FULL_SHARD, 3 cut layers): the forward phase of
+    deepseek-v2-lite / qwen3-30b-a3b peaks inside the last MoE layer's experts, and read -2,040,320 /
+    -2,048,000 B (the input's 2,097,152 B missing) before."""
+    return bool(plan.gradient_checkpointing)
 
 
 def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: bool) -> list[Any]:
