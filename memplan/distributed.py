@@ -837,14 +837,14 @@ def _layer_forwards(model: ModelSpec, plan: TrainPlan, ms: list[Any], fsdp2: boo
             view = F.kind_view(model, kinds[i] == "moe") if model.layer_kinds else model
             peak = max(a * T + b * T * S + c for a, b, c in _checkpointed_forward(view, p, p.device == "cuda"))
         m = s.moment("forward", i, s.ga_grads, earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes
-                      + peak - ap.forward_temps, 0, ap.forward_temps)
+                      + peak - ap.forward_temps, 0, ap.forward_temps + ap.forward_masks)
         if i in gathers:
             own = ap.layer_input_bytes if gc else 0
             out.append(m._replace(
                 name=f"forward:gather{i}", kind="layer_gather", description=f"FSDP2's all-gather of layer {i} of {L} "
                 "(its copy-out: the previous unit's flat all-gather output still kept), before its forward",
                 allocated_bytes=m.allocated_bytes - peak + own, activations=m.activations - peak
-                + ap.forward_temps + own, temporaries=0))
+                + ap.forward_temps + own, temporaries=ap.forward_masks))
         if i in forwards:
             out.append(m._replace(name=f"forward:layer{i}", description=f"the forward of layer {i} of {L}"
                                   + (" (checkpointed)" if gc else ", every earlier layer's activations saved")))

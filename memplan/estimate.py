@@ -504,7 +504,8 @@ def forward_moment(s: Step) -> Moment:
     if s.saved_layers:
         earlier = sum(s.saved_layers[:-1])
     return s.moment("forward", L - 1, s.ga_grads,
-                    earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0, ap.forward_temps)
+                    earlier + ap.rope_bytes + ap.embed_leaf_bytes + ap.mask_bytes + ap.forward_peak - ap.forward_temps, 0,
+                    ap.forward_temps + ap.forward_masks)
 
 
 def _softcap_bytes(s: Step) -> int:
