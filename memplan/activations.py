@@ -1786,7 +1786,7 @@ def unused_forward_masks(model: ModelSpec, plan: TrainPlan, granularity: int = 1
     freed: a temporary; never a layer argument, so not kept for backward under checkpointing).
     Measured with simulate per rank (cut qwen1.5-moe-a2.7b, FSDP2 FULL_SHARD, seq 512): the forward
     phase read -262,144 B without it. FlashAttention-2 builds none."""
-    if model.model_type != "qwen2_moe" or "sliding_attention" in model.attention_types:
+    if not model.arch.unused_sliding_mask or "sliding_attention" in model.attention_types:
         return 0  # with sliding layers the mask is a layer argument (`attention_masks`)
     B, S, g = plan.batch_size, plan.seq_len, granularity
     attn = plan.attn_implementation

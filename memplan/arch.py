@@ -158,6 +158,8 @@ class Arch:
     multipliers: granite's scalar multiplications, each a fresh tensor: `inputs_embeds *
     embedding_multiplier`, `residual + out * residual_multiplier` after attention and after the MLP,
     `logits / logits_scaling` (attention_multiplier is SDPA's `scale`, no tensor).
+    unused_sliding_mask: the model's forward builds a "sliding_attention" mask for every config, which no
+    layer takes when none slides (Qwen2MoeModel.forward; `activations.unused_forward_masks`).
     """
 
     model_type: str
@@ -198,6 +200,7 @@ class Arch:
     norm_cast_last: bool = False
     multipliers: bool = False
     rope_fp32: bool = False
+    unused_sliding_mask: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -256,7 +259,7 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
     # expert MLP + an nn.Linear(H, 1) sigmoid gate; `mlp_only_layers` / `decoder_sparse_step` make dense layers
     Arch("qwen2_moe", _SRC.format("qwen2_moe"), qkv_bias=True, o_bias=False, qkv_bias_key="qkv_bias",
          sliding="layer_types",
-         default_layer_types="qwen2_moe",
+         default_layer_types="qwen2_moe", unused_sliding_mask=True,
          moe=MoELayout("num_experts", "num_experts_per_tok", expert_intermediate_key="moe_intermediate_size",
                        shared_expert_key="shared_expert_intermediate_size", shared_expert_gate=True,
                        norm_topk_key="norm_topk_prob", scores_cast=True,
