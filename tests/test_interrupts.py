@@ -75,15 +75,21 @@ def test_ctrl_c_in_a_long_native_call_exits_promptly(tmp_path):
         "c.simulate_data = stuck\n"
         "sys.exit(c.main(['simulate', 'llama-3.2-1b']))\n")
     flag = tmp_path / "started"
+    # SIGINT as a terminal gives it: a shell's background job (`cmd &`, nohup) starts with it ignored, and a
+    # child inherits that; the child must never outlive the test (it backtracks for minutes)
     p = subprocess.Popen([sys.executable, "-c", script, str(flag)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    t0 = time.time()
-    while not flag.exists() and time.time() - t0 < 30:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGINT)
-    t1 = time.time()
-    out, err = p.communicate(timeout=30)
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        t0 = time.time()
+        while not flag.exists() and time.time() - t0 < 60:
+            time.sleep(0.05)
+        assert flag.exists(), "the child never reached the long native call"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        t1 = time.time()
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
     assert p.returncode == 130 and err == "memplan: interrupted\n" and out == ""
     assert time.time() - t1 < cli.INTERRUPT_GRACE_S + 5
     assert os.environ is not None
