@@ -77,7 +77,7 @@ def test_test_command_is_what_ci_runs():
     assert ci[-1] == readme[2]
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
     section = _section("Run the tests")
-    assert "CI here" in section and "local disk" in section and "11.5 to 14 minutes on 2 CPU cores" in section
+    assert "CI here" in section and "local disk" in section and "9 to 14 minutes on 2 CPU cores" in section
 
 
 def test_python_api_examples_are_split_core_first():
