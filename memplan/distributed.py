@@ -35,7 +35,9 @@ and, for each, swaps the static terms for their per-rank form:
   `FSDPState._post_forward`): the tail's during the loss forward. With mixed precision FSDP2 also has
   `forward:lm_head` (lm_head's 16-bit output, the tail gathered: dense models' forward phase peak) and,
   FULL_SHARD / HYBRID_SHARD, `backward:gather_last` (the tail's pre-backward prefetch of the last layer: its
-  cast all-gather input and flat output beside the 16-bit logits' gradient, `_cast_input`). FSDP2 FULL_SHARD /
+  cast all-gather input and flat output beside the 16-bit logits' gradient, `_cast_input`), then
+  `backward:copy_out_last` (the last layer's copy-out: its flat output and padded unsharded parameters both
+  alive, the tail resharded; a large MoE layer's backward phase peak from 4 ranks on, `_backward_copy_out`). FSDP2 FULL_SHARD /
   HYBRID_SHARD, the embedding its own unit in the backward: `backward:gather_embed` (after layer 0's backward,
   the prefetched embedding copied out: its flat all-gather output and unsharded parameters both alive, every
   gradient reduced; a large vocabulary's backward phase peak, `_embed_backward_gather`). SHARD_GRAD_OP
@@ -713,6 +715,7 @@ def rank_moments(model: ModelSpec, plan: TrainPlan, gpu: Any = None) -> tuple[An
         at = next((k for k, m in enumerate(ms) if m.kind == "loss_backward"), None)
         if at is not None:
             ms.insert(at + 1, _backward_gather(ms[at], model, view.plan, rnd))
+            ms.insert(at + 2, _backward_copy_out(model, view, ms[at + 1]))
     if _embed_regathered(plan, world.units):
         at = max((k for k, m in enumerate(ms) if m.phase == "backward"), default=len(ms) - 1) + 1
         ms.insert(at, _embed_backward_gather(model, view, ms))
@@ -967,6 +970,37 @@ def _backward_gather(loss: Any, model: ModelSpec, plan: TrainPlan, rnd: int) -> 
                          description="the start of backward: FSDP2 all-gathers the last layer (its cast input and "
                                      "flat output) beside the tail and the logits' gradient",
                          allocated_bytes=loss.allocated_bytes - loss.logits + logits, logits=logits)
+
+
+def _backward_copy_out(model: ModelSpec, view: Any, gather: Any) -> Any:
+    """FSDP2 FULL_SHARD / HYBRID_SHARD: the last layer's copy-out at the start of backward. The tail's
+    pre-backward prefetched the last layer (`_backward_gather`: its flat all-gather output,
+    `_all_gather_result`); once lm_head's and the final norm's backward have run (the tail resharded by its
+    post_backward, the logits' gradient freed), the layer's pre-backward (torch/distributed/fsdp/_fully_shard/
+    _fsdp_state.py `_pre_backward` -> _fsdp_param_group.py `FSDPParamGroup.pre_backward` -> `unshard` ->
+    `wait_for_unshard`) runs `foreach_all_gather_copy_out` (_fsdp_collectives.py): the unsharded parameters
+    are resized to their padded full size (`FSDPParam.alloc_all_gather_outputs`: the shard padded on dim 0
+    times the world) beside the flat output, both alive until the flat output is freed. The cast input is
+    freed by then, so this outgrows `backward:gather_last` as the world grows (the cast input, 1/w of the
+    layer, shrinks while the copy-out's two copies do not): the backward phase's peak for a large MoE layer
+    from 4 ranks on (measured with simulate per rank, qwen1.5-moe 3 layers: tests/test_distributed_mixed.py).
+
+    Alive then: the layers' saved inputs (checkpointed) and what the model keeps (rope, the embedding's leaf,
+    layer arguments, the loss); in flight: the gradient of the last layer's output [T, H] in the stream's
+    dtype; no layer's gradient yet (accumulated ones, with gradient accumulation, as the loss's)."""
+    from .estimate import make_step
+
+    s = make_step(model, view.plan, view.plan.device == "cuda")
+    ap, T, H = s.ap, s.tokens, model.hidden_size
+    grad = s.r(T * H * ap.stream_dt)
+    acts = (s.layers_saved + ap.rope_bytes + ap.embed_leaf_bytes + s.layer_args + s.small
+            + model.num_layers * s.rng_state + s.kept)
+    return gather._replace(name="backward:copy_out_last", kind="backward_copy_out", phase="backward",
+                           description="the start of backward: FSDP2 copies the prefetched last layer out of its "
+                                       "all-gather output (both alive), the tail resharded",
+                           allocated_bytes=gather.allocated_bytes - gather.activations - gather.logits
+                           - gather.temporaries + acts + grad,
+                           activations=acts, logits=0, temporaries=grad)
 
 
 def _embed_regathered(plan: TrainPlan, us: tuple[Unit, ...]) -> bool:
@@ -1276,6 +1310,8 @@ def _fsdp_alive_untied(world: _World, kind: str, i: int | None, L: int,
         if after_forward:
             alive |= embed | layers(0, L)
         return alive, pre, kept
+    if kind == "backward_copy_out":  # the last layer's copy-out (`_backward_copy_out`): its flat all-gather
+        return names[L - 1] | root, set(), {sorted(names[L - 1])[0]}  # output and its unsharded parameters
     if i is None:  # the loss: the tail (and the root) gathered; the tail's flat output kept until the root's
         alive |= keep  # forward returns (FSDPState._post_forward of the forward root frees all_gather_state)
         kept |= tail if world.version == 2 and kind not in ("loss_backward", "backward_gather") else set()
